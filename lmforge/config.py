@@ -1,0 +1,128 @@
+"""Model configurations: dataclasses that read and write Hugging Face-shaped `config.json`."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from lmforge.utils import atomic_write_text
+
+POSITION_KINDS = ("learned", "sinusoidal", "rotary")
+
+
+@dataclass
+class GPTConfig:
+    """A decoder-only Transformer. Field names are GPT-2's `config.json` keys where they exist.
+
+    The defaults are GPT-2-shaped (learned positions, tanh GELU, biases, pre-norm with a final
+    LayerNorm, tied embeddings), so a GPT-2 checkpoint loads unchanged.
+    """
+
+    vocab_size: int = 8192
+    n_positions: int = 256  # context length
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    n_inner: int | None = None  # feed-forward width; None = 4 * n_embd
+    activation_function: str = "gelu_new"
+    dropout: float = 0.0  # residual, embedding and attention dropout
+    bias: bool = True
+    position_embedding: str = "learned"  # learned | sinusoidal | rotary
+    rope_theta: float = 10000.0
+    norm_position: str = "pre"  # pre (GPT-2) | post (GPT-1)
+    layer_norm_epsilon: float = 1e-5
+    tie_word_embeddings: bool = True
+    initializer_range: float = 0.02
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # unknown config.json keys, kept on save
+
+    model_type: ClassVar[str] = "gpt2"
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.position_embedding not in POSITION_KINDS:
+            raise ValueError(f"position_embedding must be one of {POSITION_KINDS}, got {self.position_embedding!r}")
+        if self.norm_position not in ("pre", "post"):
+            raise ValueError(f"norm_position must be 'pre' or 'post', got {self.norm_position!r}")
+        if self.position_embedding == "rotary" and (self.n_embd // self.n_head) % 2:
+            raise ValueError("rotary positions need an even head size (n_embd / n_head)")
+        for name in ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def context_length(self) -> int:
+        return self.n_positions
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def ffn_dim(self) -> int:
+        return self.n_inner or 4 * self.n_embd
+
+    def is_gpt2_compatible(self) -> bool:
+        """True when Hugging Face's GPT2LMHeadModel can load this model unchanged."""
+        return (self.position_embedding == "learned" and self.bias and self.norm_position == "pre"
+                and self.activation_function in ("gelu_new", "gelu", "relu", "gelu_pytorch_tanh", "silu"))
+
+    # ---- JSON in Hugging Face's shape -------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        gpt2 = self.is_gpt2_compatible()
+        out: dict[str, Any] = dict(self.extra)
+        out.update({
+            "model_type": "gpt2" if gpt2 else "lmforge-gpt",
+            "architectures": ["GPT2LMHeadModel" if gpt2 else "GPTForCausalLM"],
+            **d,
+            "n_ctx": self.n_positions,
+            "resid_pdrop": self.dropout, "embd_pdrop": self.dropout, "attn_pdrop": self.dropout,
+        })
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GPTConfig":
+        d = dict(d)
+        model_type = d.pop("model_type", "gpt2")
+        if model_type not in ("gpt2", "lmforge-gpt"):
+            raise ValueError(f"config has model_type {model_type!r}; GPTConfig reads 'gpt2' or 'lmforge-gpt'")
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        if "dropout" not in d and "resid_pdrop" in d:
+            d["dropout"] = d["resid_pdrop"]
+        if "bias" not in d:
+            d["bias"] = True  # GPT-2 always has biases
+        for drop in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "n_ctx", "architectures"):
+            d.pop(drop, None)
+        known = {k: v for k, v in d.items() if k in names}
+        extra = {k: v for k, v in d.items() if k not in names}
+        return cls(**known, extra=extra)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        path = Path(directory) / "config.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        return path
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> "GPTConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no config.json at {path}: a model directory needs config.json "
+                                    "(written by save_pretrained)")
+        try:
+            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); re-save the model with save_pretrained") from None
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> "GPTConfig":
+        return cls.from_json_file(Path(directory) / "config.json")

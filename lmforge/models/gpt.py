@@ -1,0 +1,221 @@
+"""GPT: a decoder-only Transformer trained to maximise sum_i log P(x_i | x_<i).
+
+    ids (B, T) -> token embedding + position encoding -> n_layer causal blocks -> ln_f -> lm_head
+    -> logits (B, T, vocab)
+
+With the default `GPTConfig` it is exactly GPT-2-shaped, so Hugging Face GPT-2 weights load
+one to one (see `lmforge.hub`).
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import Tensor, nn
+
+from lmforge.config import GPTConfig
+from lmforge.models.outputs import BaseModelOutput, CausalLMOutput
+from lmforge.nn import (AttentionMask, KVCache, LearnedPositionalEmbedding, RotaryEmbedding,
+                        SinusoidalPositionalEmbedding, TransformerBlock, layer_norm)
+
+
+def causal_lm_loss(logits: Tensor, labels: Tensor, num_items_in_batch: int | Tensor | None = None) -> Tensor:
+    """Next-token cross-entropy; the shift happens here.
+
+    logits: (B, T, V). labels: (B, T), usually the input ids, or (B, T + 1) for a block of
+    context + 1 tokens, so that all T positions are scored. Position t is scored against
+    labels[:, t + 1]; -100 is ignored. The mean is over scored tokens, or the sum divided by
+    `num_items_in_batch` (for exact gradient accumulation over unevenly padded batches).
+    Labels that are all -100 give a loss of 0, never NaN.
+    """
+    B, T, V = logits.shape
+    target = labels[:, 1:]  # (B, L - 1)
+    if target.size(1) < T:  # pad the target rather than copying the (large) logits
+        target = F.pad(target, (0, T - target.size(1)), value=-100)
+    elif target.size(1) > T:
+        raise ValueError(f"labels have {labels.size(1)} positions for {T} logits; expected {T} or {T + 1}")
+    loss_sum = F.cross_entropy(logits.reshape(B * T, V).float(), target.reshape(B * T),
+                               ignore_index=-100, reduction="sum")
+    if num_items_in_batch is None:
+        num_items_in_batch = (target != -100).sum().clamp(min=1)
+    return loss_sum / num_items_in_batch
+
+
+class GPTModel(nn.Module):
+    """The GPT trunk: embeddings and blocks, returning the final hidden states (B, T, C)."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.wte = nn.Embedding(c.vocab_size, c.n_embd)
+        self.wpe: nn.Module | None = None
+        rotary = None
+        if c.position_embedding == "learned":
+            self.wpe = LearnedPositionalEmbedding(c.n_positions, c.n_embd)
+        elif c.position_embedding == "sinusoidal":
+            self.wpe = SinusoidalPositionalEmbedding(c.n_positions, c.n_embd)
+        else:
+            rotary = RotaryEmbedding(c.head_dim, c.n_positions, c.rope_theta)
+        self.drop = nn.Dropout(c.dropout)
+        self.h = nn.ModuleList(
+            TransformerBlock(c.n_embd, c.n_head, c.ffn_dim, c.activation_function, c.bias, c.dropout,
+                             norm_position=c.norm_position, eps=c.layer_norm_epsilon, rotary=rotary)
+            for _ in range(c.n_layer))
+        # pre-norm needs a final norm; post-norm blocks already end in one
+        self.ln_f = layer_norm(c.n_embd, c.layer_norm_epsilon, c.bias) if c.norm_position == "pre" else nn.Identity()
+        self.gradient_checkpointing = False
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
+                past_key_values: KVCache | None = None, output_attentions: bool = False,
+                output_hidden_states: bool = False) -> BaseModelOutput:
+        B, T = input_ids.shape
+        past = past_key_values.length if past_key_values is not None else 0
+        if past + T > self.config.n_positions:
+            raise ValueError(f"sequence of {past + T} tokens is longer than the model's context of "
+                             f"{self.config.n_positions}; truncate the input (e.g. truncation=True, "
+                             f"max_length={self.config.n_positions})")
+        if attention_mask is not None and attention_mask.size(1) != past + T:
+            raise ValueError(f"attention_mask covers {attention_mask.size(1)} positions, expected {past + T} "
+                             "(past + new tokens)")
+        if position_ids is None:
+            if attention_mask is not None and not bool(attention_mask.all()):
+                # left padding: real tokens are numbered from 0 in each row
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+            else:
+                position_ids = torch.arange(past, past + T, device=input_ids.device)[None].expand(B, T)
+        x = self.wte(input_ids)  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(position_ids)
+        x = self.drop(x)
+        mask = AttentionMask.build(attention_mask, T, past + T, causal=True)
+        hidden: list[Tensor] = []
+        attentions: list[Tensor] = []
+        for i, block in enumerate(self.h):
+            if output_hidden_states:
+                hidden.append(x)
+            if self.gradient_checkpointing and self.training:
+                x, w = torch.utils.checkpoint.checkpoint(block, x, mask, position_ids, None, i, output_attentions,
+                                                         use_reentrant=False)
+            else:
+                x, w = block(x, mask, position_ids, past_key_values, i, output_attentions)
+            if output_attentions:
+                attentions.append(w)
+        x = self.ln_f(x)
+        if output_hidden_states:
+            hidden.append(x)
+        if past_key_values is not None:
+            past_key_values.advance(T)
+        return BaseModelOutput(x, past_key_values, tuple(hidden) if output_hidden_states else None,
+                               tuple(attentions) if output_attentions else None)
+
+
+class GPTForCausalLM(nn.Module):
+    """GPT with a language-model head; `labels` give the causal-LM loss (shifted inside)."""
+
+    config_class = GPTConfig
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = GPTModel(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer) so the residual stream's
+        # variance does not grow with depth
+        for name, p in self.named_parameters():
+            if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=config.initializer_range / math.sqrt(2 * config.n_layer))
+        if config.tie_word_embeddings:
+            self.tie_weights()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def tie_weights(self) -> None:
+        """Share the input embedding and the output projection (one tensor, one gradient)."""
+        self.lm_head.weight = self.transformer.wte.weight
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.transformer.wte
+
+    def gradient_checkpointing_enable(self) -> None:
+        self.transformer.gradient_checkpointing = True
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
+                labels: Tensor | None = None, past_key_values: KVCache | None = None, use_cache: bool = False,
+                output_attentions: bool = False, output_hidden_states: bool = False, logits_to_keep: int = 0,
+                num_items_in_batch: int | Tensor | None = None, **kwargs: Any) -> CausalLMOutput:
+        """input_ids (B, T) -> logits (B, T, V) (only the last `logits_to_keep` positions if > 0)."""
+        if kwargs:
+            raise TypeError(f"unexpected arguments for GPTForCausalLM.forward: {sorted(kwargs)}")
+        if use_cache and past_key_values is None:
+            past_key_values = self.allocate_cache(input_ids.size(0), self.config.n_positions)
+        out = self.transformer(input_ids, attention_mask, position_ids, past_key_values, output_attentions,
+                               output_hidden_states)
+        h = out.last_hidden_state
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        logits = self.lm_head(h)  # (B, T, V)
+        loss = causal_lm_loss(logits, labels, num_items_in_batch) if labels is not None else None
+        return CausalLMOutput(loss, logits, out.past_key_values, out.hidden_states, out.attentions)
+
+    def allocate_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """A preallocated KV cache for `batch_size` sequences of up to `max_len` tokens."""
+        c = self.config
+        return KVCache(c.n_layer, batch_size, c.n_head, min(max_len, c.n_positions), c.head_dim,
+                       dtype=self.dtype, device=self.device)
+
+    @torch.inference_mode()
+    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
+        """Prompt followed by new tokens; see `lmforge.generation.generate` for the options."""
+        from lmforge.generation import generate
+
+        return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
+
+    # ---- sizes, for MFU ---------------------------------------------------------------------
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
+        if exclude_embeddings and isinstance(self.transformer.wpe, LearnedPositionalEmbedding):
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward): 6N + 12 * L * C * T (PaLM appendix B)."""
+        c = self.config
+        T = seq_len or c.n_positions
+        return 6 * self.num_parameters(exclude_embeddings=True) + 12 * c.n_layer * c.n_embd * T
+
+    # ---- checkpoints (Hugging Face layout) --------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike, tokenizer: Any = None) -> None:
+        """Write config.json + model.safetensors (Hugging Face GPT-2 names) [+ tokenizer files]."""
+        from lmforge.hub import save_pretrained
+
+        save_pretrained(self, directory, tokenizer=tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> "GPTForCausalLM":
+        """Load a directory written by `save_pretrained` (or a Hugging Face GPT-2 directory)."""
+        from lmforge.hub import load_pretrained
+
+        return load_pretrained(cls, path, **kwargs)

@@ -1,0 +1,36 @@
+"""Output dataclasses returned by every model (Hugging Face-shaped: `.loss`, `.logits`, ...)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from torch import Tensor
+
+
+class ModelOutput:
+    """Attribute access plus `out["logits"]` and tuple-style `out[0]` over the fields that are set."""
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)
+
+    def __getitem__(self, key: int | str) -> Any:
+        if isinstance(key, str):
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+
+@dataclass
+class BaseModelOutput(ModelOutput):
+    last_hidden_state: Tensor
+    past_key_values: Any = None
+    hidden_states: tuple[Tensor, ...] | None = None
+    attentions: tuple[Tensor, ...] | None = None
+
+
+@dataclass
+class CausalLMOutput(ModelOutput):
+    loss: Tensor | None = None
+    logits: Tensor | None = None
+    past_key_values: Any = None  # a lmforge.nn.KVCache when use_cache=True
+    hidden_states: tuple[Tensor, ...] | None = None
+    attentions: tuple[Tensor, ...] | None = None

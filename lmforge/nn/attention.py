@@ -1,0 +1,157 @@
+"""Attention: the textbook formula, masks, a preallocated KV cache, and multi-head attention.
+
+`reference_attention` is softmax(QK^T / sqrt(d_k)) V written out literally: tests prove the fast
+path equal to it, and it returns the attention weights for attention maps. `MultiHeadAttention`
+runs on `torch.nn.functional.scaled_dot_product_attention` (flash / memory-efficient kernels).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmforge.nn.positions import RotaryEmbedding
+
+
+def reference_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """softmax(Q K^T / sqrt(d_k)) V.
+
+    q: (..., Tq, d_k), k: (..., Tk, d_k), v: (..., Tk, d_v); mask: bool, broadcastable to
+    (..., Tq, Tk), True where a query may attend. A query row with no allowed key gets zero
+    weights and a zero output (not NaN). Returns (output (..., Tq, d_v), weights (..., Tq, Tk)).
+    """
+    d_k = q.size(-1)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(d_k)  # (..., Tq, Tk)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    if mask is not None:  # fully masked rows: softmax of all -inf is NaN; they attend to nothing
+        weights = weights.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
+    return weights @ v, weights
+
+
+def causal_mask(q_len: int, k_len: int, device: torch.device | None = None) -> Tensor:
+    """(Tq, Tk) bool: the queries are the last Tq of Tk positions; each sees itself and the past."""
+    return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(diagonal=k_len - q_len)
+
+
+@dataclass
+class AttentionMask:
+    """What every layer of one forward pass may attend to, built once per forward.
+
+    allowed: (B or 1, 1, Tq, Tk) bool, True = may attend; None = no mask beyond `is_causal`.
+    is_causal: let SDPA apply its own causal mask (fast path; only with allowed=None, Tq == Tk).
+    empty_rows: (B, 1, Tq, 1) bool for query rows with no allowed key (e.g. left padding); their
+        output is set to zero. None when there are none.
+    """
+
+    allowed: Tensor | None = None
+    is_causal: bool = False
+    empty_rows: Tensor | None = None
+
+    @classmethod
+    def build(cls, padding_mask: Tensor | None, q_len: int, k_len: int, causal: bool) -> "AttentionMask":
+        """padding_mask: (B, Tk) with 1 for real tokens and 0 for padding (or None)."""
+        if padding_mask is None or bool(padding_mask.all()):
+            if not causal or q_len == 1:
+                return cls()
+            if q_len == k_len:
+                return cls(is_causal=True)
+            return cls(allowed=causal_mask(q_len, k_len, getattr(padding_mask, "device", None))[None, None])
+        allowed = padding_mask.bool()[:, None, None, :]  # (B, 1, 1, Tk)
+        if causal:
+            allowed = allowed & causal_mask(q_len, k_len, padding_mask.device)  # (B, 1, Tq, Tk)
+        else:
+            allowed = allowed.expand(-1, 1, q_len, -1)
+        empty = ~allowed.any(dim=-1, keepdim=True)  # (B, 1, Tq, 1)
+        if bool(empty.any()):
+            # Let empty rows attend everywhere (keeps SDPA finite); their output is zeroed later.
+            return cls(allowed=allowed | empty, empty_rows=empty)
+        return cls(allowed=allowed)
+
+    def as_bool(self, q_len: int, k_len: int, device: torch.device) -> Tensor | None:
+        """The mask as one explicit bool tensor (for the reference path); None = attend everywhere."""
+        mask = self.allowed
+        if self.is_causal:
+            mask = causal_mask(q_len, k_len, device)[None, None]
+        if mask is not None and self.empty_rows is not None:
+            mask = mask & ~self.empty_rows
+        return mask
+
+
+class KVCache:
+    """Preallocated keys and values for all layers: (n_layer, B, H, max_len, head_dim).
+
+    `length` positions are filled. Each layer writes its new keys/values at [length, length + T)
+    and reads [0, length + T); the model calls `advance(T)` once the whole forward is done.
+    """
+
+    def __init__(self, n_layer: int, batch_size: int, n_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        shape = (n_layer, batch_size, n_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k, v (B, H, T, hs) for `layer`; return all keys/values so far (B, H, length+T, hs)."""
+        start, end = self.length, self.length + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache is full: {end} positions needed, {self.max_len} allocated")
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep batch rows `index` (for beam search or dropping finished rows)."""
+        self.k = self.k[:, index]
+        self.v = self.v[:, index]
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention with W^Q, W^K, W^V (fused into one `qkv` projection) and W^O (`proj`)."""
+
+    def __init__(self, d_model: int, n_heads: int, bias: bool = True, dropout: float = 0.0,
+                 rotary: RotaryEmbedding | None = None) -> None:
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)  # [W^Q; W^K; W^V]
+        self.proj = nn.Linear(d_model, d_model, bias=bias)  # W^O
+        self.dropout = dropout
+        self.rotary = rotary
+
+    def forward(self, x: Tensor, mask: AttentionMask, position_ids: Tensor | None = None,
+                cache: KVCache | None = None, layer_idx: int = 0,
+                output_attentions: bool = False) -> tuple[Tensor, Tensor | None]:
+        """x: (B, T, C) -> (B, T, C), and the (B, H, T, Tk) weights if output_attentions."""
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hs)
+        k = k.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        if self.rotary is not None:
+            q, k = self.rotary(q, position_ids), self.rotary(k, position_ids)
+        if cache is not None:
+            k, v = cache.update(layer_idx, k, v)  # (B, H, Tk, hs)
+        weights = None
+        if output_attentions:
+            y, weights = reference_attention(q, k, v, mask.as_bool(T, k.size(2), x.device))
+            if self.training and self.dropout:
+                y = F.dropout(weights, self.dropout) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.allowed,
+                                               dropout_p=self.dropout if self.training else 0.0,
+                                               is_causal=mask.is_causal)
+            if mask.empty_rows is not None:
+                y = y.masked_fill(mask.empty_rows, 0.0)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.proj(y), weights

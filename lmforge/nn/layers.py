@@ -1,0 +1,82 @@
+"""Feed-forward network, layer norm and the Transformer block (pre-norm or post-norm)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmforge.nn.attention import AttentionMask, KVCache, MultiHeadAttention
+from lmforge.nn.positions import RotaryEmbedding
+
+# Activation names follow Hugging Face's config values, so configs map one to one.
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu": F.gelu,  # exact (erf) GELU, as in BERT
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's tanh approximation
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+def get_activation(name: str) -> Callable[[Tensor], Tensor]:
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}") from None
+
+
+def layer_norm(dim: int, eps: float = 1e-5, bias: bool = True) -> nn.LayerNorm:
+    """LayerNorm with an optional bias (GPT-2/BERT have one; some modern models drop it)."""
+    return nn.LayerNorm(dim, eps=eps, bias=bias)
+
+
+class FeedForward(nn.Module):
+    """Position-wise MLP: proj(act(fc(x))), d_model -> d_ff -> d_model."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str = "gelu_new", bias: bool = True,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d_model, d_ff, bias=bias)
+        self.proj = nn.Linear(d_ff, d_model, bias=bias)
+        self.act = get_activation(activation)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, T, C) -> (B, T, C)
+        return self.dropout(self.proj(self.act(self.fc(x))))
+
+
+class TransformerBlock(nn.Module):
+    """Attention + feed-forward with residuals.
+
+    pre-norm (GPT-2):  x = x + attn(ln_1(x));  x = x + mlp(ln_2(x))
+    post-norm (BERT, original Transformer):  x = ln_1(x + attn(x));  x = ln_2(x + mlp(x))
+    """
+
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, activation: str = "gelu_new",
+                 bias: bool = True, dropout: float = 0.0, attn_dropout: float | None = None,
+                 norm_position: str = "pre", eps: float = 1e-5,
+                 rotary: RotaryEmbedding | None = None) -> None:
+        super().__init__()
+        if norm_position not in ("pre", "post"):
+            raise ValueError(f"norm_position must be 'pre' or 'post', got {norm_position!r}")
+        self.pre_norm = norm_position == "pre"
+        self.ln_1 = layer_norm(d_model, eps, bias)
+        self.attn = MultiHeadAttention(d_model, n_heads, bias, dropout if attn_dropout is None else attn_dropout,
+                                       rotary)
+        self.ln_2 = layer_norm(d_model, eps, bias)
+        self.mlp = FeedForward(d_model, d_ff, activation, bias, dropout)
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, mask: AttentionMask, position_ids: Tensor | None = None,
+                cache: KVCache | None = None, layer_idx: int = 0,
+                output_attentions: bool = False) -> tuple[Tensor, Tensor | None]:
+        if self.pre_norm:
+            a, weights = self.attn(self.ln_1(x), mask, position_ids, cache, layer_idx, output_attentions)
+            x = x + self.resid_dropout(a)
+            x = x + self.mlp(self.ln_2(x))
+        else:
+            a, weights = self.attn(x, mask, position_ids, cache, layer_idx, output_attentions)
+            x = self.ln_1(x + self.resid_dropout(a))
+            x = self.ln_2(x + self.mlp(x))
+        return x, weights
