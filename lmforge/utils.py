@@ -71,3 +71,31 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     return torch.device(device)
+
+
+def matmul_peak_flops(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                      seconds: float = 0.3) -> float:
+    """FLOP/s of a large square matmul on `device`: the denominator of MFU, measured, not assumed."""
+    import time
+
+    device = torch.device(device)
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(3):
+        a @ b
+    sync()
+    reps, start = 0, time.perf_counter()
+    while True:
+        a @ b
+        reps += 1
+        if reps % 4 == 0:
+            sync()
+            if time.perf_counter() - start > seconds:
+                break
+    return 2 * n**3 * reps / (time.perf_counter() - start)

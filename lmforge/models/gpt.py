@@ -180,6 +180,11 @@ class GPTForCausalLM(nn.Module):
         loss = causal_lm_loss(logits, labels, num_items_in_batch) if labels is not None else None
         return CausalLMOutput(loss, logits, out.past_key_values, out.hidden_states, out.attentions)
 
+    @staticmethod
+    def num_loss_items(labels: Tensor) -> Tensor:
+        """How many positions `labels` scores (the shift drops the first label of each row)."""
+        return (labels[:, 1:] != -100).sum()
+
     def allocate_cache(self, batch_size: int, max_len: int) -> KVCache:
         """A preallocated KV cache for `batch_size` sequences of up to `max_len` tokens."""
         c = self.config

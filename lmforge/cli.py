@@ -1,0 +1,159 @@
+"""The `lmforge` command: thin subcommands over the Python API.
+
+    lmforge pretrain [RECIPE] [--data PATH ...] [--out DIR] [--max-steps N] [--seed S] [--resume] [--set k=v ...]
+    lmforge generate MODEL_DIR PROMPT [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] ...
+    lmforge tokenizer train SOURCE ... --vocab-size N --out DIR
+
+A user error prints one line naming the problem and exits with status 2 (`--debug` shows the traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Callable, Sequence
+
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, TypeError)
+
+
+def _add_generation_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
+    g.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default 0.8)")
+    g.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0 = off)")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with mass >= p")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1.0)")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when TEXT is generated (repeatable)")
+    g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+
+
+def cmd_pretrain(a: argparse.Namespace) -> int:
+    from lmforge.training.pretrain import apply_overrides, load_recipe, pretrain
+
+    recipe = load_recipe(a.recipe)
+    overrides = list(a.set)
+    if a.data:
+        recipe["data"] = a.data
+    if a.out:
+        recipe["out"] = a.out
+    if a.max_steps is not None:
+        overrides.append(f"training.max_steps={a.max_steps}")
+    if a.seed is not None:
+        overrides.append(f"training.seed={a.seed}")
+    if a.no_sample:
+        recipe.pop("sample", None)
+    recipe = apply_overrides(recipe, overrides)
+    metrics = pretrain(recipe, resume=a.resume, device=a.device)
+    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}))
+    return 0
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    import torch
+
+    from lmforge.generation import stream
+    from lmforge.models.gpt import GPTForCausalLM
+    from lmforge.tokenizer import Tokenizer
+    from lmforge.utils import resolve_device
+
+    model = GPTForCausalLM.from_pretrained(a.model_dir, device=resolve_device(a.device))
+    tokenizer = Tokenizer.from_pretrained(a.model_dir)
+    prompt = a.prompt if a.prompt != "-" else sys.stdin.read()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    opts: dict[str, Any] = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, do_sample=a.temperature > 0,
+                                top_k=a.top_k or None, top_p=a.top_p, repetition_penalty=a.repetition_penalty,
+                                stop=a.stop, seed=a.seed)
+    out = sys.stdout
+    out.write(prompt)
+    out.flush()
+    for piece in stream(model, tokenizer, prompt, **opts):
+        out.write(piece)
+        out.flush()
+    out.write("\n")
+    return 0
+
+
+def cmd_tokenizer_train(a: argparse.Namespace) -> int:
+    from lmforge.data import iter_documents
+    from lmforge.tokenizer import Tokenizer
+
+    tok = Tokenizer.train_bpe(iterator=iter_documents(a.sources), vocab_size=a.vocab_size,
+                              min_frequency=a.min_frequency, show_progress=True)
+    files = tok.save_pretrained(a.out)
+    print(f"lmforge: byte-level BPE with {len(tok)} tokens -> {', '.join(map(str, files))}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmforge", description="Train, load and sample Transformer language models.")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+
+    p = sub.add_parser("pretrain", parents=[common], help="pretrain a GPT on a corpus (default: bundled Shakespeare)",
+                       description="Pretrain a GPT from a recipe (lmforge/configs/*.yaml or a YAML file). "
+                                   "With no arguments: the 'shakespeare' recipe on the bundled corpus.")
+    p.add_argument("recipe", nargs="?", default="shakespeare", help="recipe name or YAML path (default: shakespeare)")
+    p.add_argument("--data", nargs="+", metavar="PATH",
+                   help="corpus: .txt/.jsonl files, folders, or bundled names (shakespeare, zh_poems, sanguo)")
+    p.add_argument("--out", metavar="DIR", help="output directory (model, checkpoints, metrics.jsonl)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps")
+    p.add_argument("--seed", type=int, help="random seed (same seed, same run)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps or auto (default: the recipe's, auto)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a recipe value, e.g. --set model.n_layer=2 --set training.learning_rate=1e-3")
+    p.add_argument("--no-sample", action="store_true", help="skip the sample printed after training")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("generate", parents=[common], help="continue a prompt with a trained model (streams)",
+                       description="Stream a continuation of PROMPT from the model in MODEL_DIR.")
+    p.add_argument("model_dir", help="a model directory (config.json, model.safetensors, tokenizer.json)")
+    p.add_argument("prompt", help="text to continue ('-' reads standard input)")
+    _add_generation_options(p)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default cpu)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="action", metavar="ACTION")
+    p.required = True
+    t = p.add_parser("train", parents=[common], help="train a byte-level BPE tokenizer",
+                     description="Train a byte-level BPE tokenizer on text and save tokenizer.json.")
+    t.add_argument("sources", nargs="+", help=".txt/.jsonl files, folders, or bundled corpus names")
+    t.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size incl. special tokens")
+    t.add_argument("--min-frequency", type=int, default=2, help="minimum pair count for a merge")
+    t.add_argument("--out", required=True, metavar="DIR", help="directory for tokenizer.json and its config")
+    t.set_defaults(func=cmd_tokenizer_train)
+    return parser
+
+
+def _version() -> str:
+    from lmforge import __version__
+
+    return f"lmforge {__version__}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = a.func
+    try:
+        return func(a)
+    except KeyboardInterrupt as e:
+        print(f"\nlmforge: {e or 'interrupted'}", file=sys.stderr)
+        return 130
+    except USER_ERRORS as e:
+        if getattr(a, "debug", False):
+            raise
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"lmforge {a.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""AdamW with the usual no-decay groups, and the warmup + cosine learning-rate schedule."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lmforge.training.args import TrainingArguments
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices of Linear layers only: biases, norms and embeddings are not decayed."""
+    no_decay: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, (nn.Embedding, nn.LayerNorm)):
+            no_decay.update(id(p) for p in module.parameters(recurse=False))
+    decay, rest, seen = [], [], set()
+    for p in model.parameters():  # parameters() yields a tied tensor once
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (rest if p.dim() < 2 or id(p) in no_decay else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, args: TrainingArguments) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.learning_rate,
+                             betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+
+
+def lr_factor(step: int, args: TrainingArguments) -> float:
+    """Multiplier of the peak learning rate at optimizer step `step` (0-based)."""
+    warmup = args.warmup
+    if step < warmup:
+        return (step + 1) / warmup
+    if args.lr_scheduler_type == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, args.max_steps - warmup))
+    floor = args.min_lr_ratio
+    if args.lr_scheduler_type == "linear":
+        return 1.0 - (1.0 - floor) * progress
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainingArguments) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, args))
