@@ -5,5 +5,6 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
 BIN="${VIRTUAL_ENV:-${CONDA_PREFIX:-.venv}}/bin"
-"$BIN/lmforge" pretrain shakespeare --out runs/shakespeare "$@"
+# --resume: a second run continues (or just re-samples) instead of refusing to overwrite the first
+"$BIN/lmforge" pretrain shakespeare --out runs/shakespeare --resume "$@"
 "$BIN/lmforge" generate runs/shakespeare "JULIET:" --max-new-tokens 120 --seed 0
