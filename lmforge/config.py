@@ -102,6 +102,12 @@ class GPTConfig:
             d["bias"] = True  # GPT-2 always has biases
         for drop in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "n_ctx", "architectures"):
             d.pop(drop, None)
+        # GPT-2 attention variants lmforge does not implement: refuse rather than load a different model
+        for key, default in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                             ("reorder_and_upcast_attn", False), ("add_cross_attention", False)):
+            if d.get(key, default) != default:
+                raise ValueError(f"config.json sets {key}={d[key]!r}, which lmforge's GPT does not support "
+                                 f"(only {key}={default!r})")
         known = {k: v for k, v in d.items() if k in names}
         extra = {k: v for k, v in d.items() if k not in names}
         return cls(**known, extra=extra)

@@ -192,8 +192,9 @@ def generate(model: Any, input_ids: Tensor, attention_mask: Tensor | None = None
     """
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
+        attention_mask = attention_mask[None] if attention_mask is not None else None
     tokens = []
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: the returned ids must be usable in training code
         for token in iter_generate(model, input_ids, attention_mask, generation_config, tokenizer, generator,
                                    use_cache, **kwargs):
             tokens.append(token)
@@ -252,7 +253,7 @@ def stream(model: Any, tokenizer: Any, prompt: str, **kwargs: Any) -> Iterator[s
     decoder = IncrementalDecoder(tokenizer)
     eos = kwargs.get("eos_token_id", getattr(model.config, "eos_token_id", None))
     pending = ""
-    with torch.inference_mode():
+    with torch.no_grad():
         tokens = iter_generate(model, input_ids, tokenizer=tokenizer, **kwargs)
         for token in _chain(tokens):
             piece = decoder.flush() if token is None else ("" if int(token[0]) == eos else decoder.push(int(token[0])))

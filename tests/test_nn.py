@@ -1,0 +1,424 @@
+"""Tests for lmforge.nn: the attention formula and its fast path, masks, KV cache, position
+encodings, feed-forward, LayerNorm and the pre-/post-norm Transformer block.
+
+References are hand computations (explicit loops, the `math` module) and plain PyTorch ops."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmforge.nn import (AttentionMask, FeedForward, KVCache, LearnedPositionalEmbedding, MultiHeadAttention,
+                        RotaryEmbedding, SinusoidalPositionalEmbedding, TransformerBlock, causal_mask,
+                        get_activation, layer_norm, reference_attention, sinusoidal_table)
+
+
+# ---------------------------------------------------------------------------------- helpers
+def hand_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed=None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v for 2-D q (Tq, d), k (Tk, d), v (Tk, dv), with Python loops and
+    `math` only. A query row with no allowed key gives a zero row."""
+    Tq, d = q.shape
+    Tk, dv = v.shape
+    out = torch.zeros(Tq, dv, dtype=torch.float64)
+    for i in range(Tq):
+        keys = [j for j in range(Tk) if allowed is None or bool(allowed[i][j])]
+        if not keys:
+            continue
+        scores = {j: sum(float(q[i, c]) * float(k[j, c]) for c in range(d)) / math.sqrt(d) for j in keys}
+        top = max(scores.values())
+        exp = {j: math.exp(s - top) for j, s in scores.items()}
+        z = sum(exp.values())
+        for c in range(dv):
+            out[i, c] = sum(exp[j] / z * float(v[j, c]) for j in keys)
+    return out
+
+
+def manual_layer_norm(x: torch.Tensor, ln: torch.nn.LayerNorm) -> torch.Tensor:
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)  # biased variance, as in LayerNorm
+    y = (x - mean) / torch.sqrt(var + ln.eps) * ln.weight
+    return y + ln.bias if ln.bias is not None else y
+
+
+def qkv(B=2, H=2, T=5, d=4, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(B, H, T, d, generator=g, dtype=dtype) for _ in range(3))
+
+
+# ---------------------------------------------------------------------------------- reference attention
+def test_reference_attention_equals_hand_computation():
+    q, k, v = qkv(B=1, H=1, T=4, d=3)
+    v = torch.randn(1, 1, 4, 5, generator=torch.Generator().manual_seed(9), dtype=torch.float64)  # d_v != d_k
+    out, weights = reference_attention(q, k, v)
+    assert out.shape == (1, 1, 4, 5) and weights.shape == (1, 1, 4, 4)
+    torch.testing.assert_close(out[0, 0], hand_attention(q[0, 0], k[0, 0], v[0, 0]), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(1, 1, 4, dtype=torch.float64))
+
+
+def test_reference_attention_tiny_example_by_hand():
+    # one query, two keys: scores (1*1 + 0*0)/sqrt(2) and (1*0 + 0*1)/sqrt(2)
+    q = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    k = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    v = torch.tensor([[10.0], [20.0]], dtype=torch.float64)
+    w0 = math.exp(1 / math.sqrt(2)) / (math.exp(1 / math.sqrt(2)) + 1.0)
+    out, weights = reference_attention(q, k, v)
+    torch.testing.assert_close(weights, torch.tensor([[w0, 1 - w0]], dtype=torch.float64))
+    torch.testing.assert_close(out, torch.tensor([[10 * w0 + 20 * (1 - w0)]], dtype=torch.float64))
+
+
+def test_reference_attention_with_mask_and_empty_row():
+    q, k, v = qkv(B=1, H=1, T=4, d=3, seed=1)
+    allowed = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 1]], dtype=torch.bool)
+    out, weights = reference_attention(q, k, v, allowed)
+    torch.testing.assert_close(out[0, 0], hand_attention(q[0, 0], k[0, 0], v[0, 0], allowed.tolist()))
+    assert not out.isnan().any() and not weights.isnan().any()
+    assert torch.equal(out[0, 0, 1], torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(weights[0, 0, 1], torch.zeros(4, dtype=torch.float64))
+    assert torch.all(weights[0, 0][~allowed] == 0)
+
+
+# ---------------------------------------------------------------------------------- masks
+def test_causal_mask_values():
+    assert causal_mask(3, 3).tolist() == [[True, False, False], [True, True, False], [True, True, True]]
+    # the 2 queries are positions 2 and 3 of 4
+    assert causal_mask(2, 4).tolist() == [[True, True, True, False], [True, True, True, True]]
+    assert causal_mask(1, 5).tolist() == [[True] * 5]
+    assert causal_mask(3, 3).dtype == torch.bool
+
+
+def test_attention_mask_build_without_padding():
+    plain = AttentionMask.build(None, 4, 4, causal=False)
+    assert plain.allowed is None and not plain.is_causal and plain.empty_rows is None
+    assert plain.as_bool(4, 4, torch.device("cpu")) is None
+
+    causal = AttentionMask.build(None, 4, 4, causal=True)
+    assert causal.allowed is None and causal.is_causal and causal.empty_rows is None
+    assert torch.equal(causal.as_bool(4, 4, torch.device("cpu")), causal_mask(4, 4)[None, None])
+
+    one_query = AttentionMask.build(None, 1, 6, causal=True)  # decoding step: sees everything
+    assert one_query.allowed is None and not one_query.is_causal
+
+    chunk = AttentionMask.build(None, 2, 5, causal=True)  # 2 new tokens after 3 cached ones
+    assert not chunk.is_causal
+    assert chunk.allowed.shape == (1, 1, 2, 5)
+    assert chunk.allowed[0, 0].tolist() == [[True, True, True, True, False], [True] * 5]
+
+    all_real = AttentionMask.build(torch.ones(2, 4, dtype=torch.long), 4, 4, causal=True)
+    assert all_real.allowed is None and all_real.is_causal
+
+
+def test_attention_mask_build_with_padding():
+    pad = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1]])
+    m = AttentionMask.build(pad, 4, 4, causal=False)
+    assert m.allowed.shape == (2, 1, 4, 4) and not m.is_causal and m.empty_rows is None
+    for b in range(2):
+        for i in range(4):
+            assert m.allowed[b, 0, i].tolist() == pad[b].bool().tolist()
+
+    m = AttentionMask.build(pad, 4, 4, causal=True)
+    # left-padded row 1: query 0 is padding and sees only itself (padding) -> an empty row
+    assert m.empty_rows is not None and m.empty_rows.shape == (2, 1, 4, 1)
+    assert m.empty_rows[:, 0, :, 0].tolist() == [[False] * 4, [True, False, False, False]]
+    expected = [[[True, False, False, False], [True, True, False, False], [True, True, True, False],
+                 [True, True, True, False]],
+                [[False, False, False, False], [False, True, False, False], [False, True, True, False],
+                 [False, True, True, True]]]
+    assert m.as_bool(4, 4, torch.device("cpu"))[:, 0].tolist() == expected
+    # the fast path lets the empty row attend everywhere (finite), the output is zeroed later
+    assert m.allowed[1, 0, 0].tolist() == [True] * 4
+
+    m = AttentionMask.build(torch.tensor([[1, 1, 0, 1]]), 1, 4, causal=True)  # one decoding step
+    assert m.allowed[0, 0].tolist() == [[True, True, False, True]] and m.empty_rows is None
+
+
+# ---------------------------------------------------------------------------------- multi-head attention
+@pytest.fixture()
+def mha() -> MultiHeadAttention:
+    torch.manual_seed(0)
+    m = MultiHeadAttention(32, 4).eval()
+    with torch.no_grad():  # non-zero biases, so a wrong bias split would show
+        m.qkv.bias.normal_()
+        m.proj.bias.normal_()
+    return m
+
+
+PADDINGS = {
+    "right": torch.tensor([[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1, 0]]),
+    "left": torch.tensor([[1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1, 1]]),
+}
+
+
+@pytest.mark.parametrize("padding", [None, "right", "left"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_mha_fast_path_equals_reference(mha, padding, causal):
+    x = torch.randn(3, 7, 32, generator=torch.Generator().manual_seed(1))
+    pad = PADDINGS[padding] if padding else None
+    mask = AttentionMask.build(pad, 7, 7, causal=causal)
+    fast, no_weights = mha(x, mask)
+    ref, weights = mha(x, mask, output_attentions=True)
+    assert no_weights is None and weights.shape == (3, 4, 7, 7)
+    assert fast.shape == (3, 7, 32)
+    torch.testing.assert_close(fast, ref, rtol=0, atol=1e-5)
+    # and the reference path is the formula, head by head
+    q, k, v = mha.qkv(x).split(32, dim=2)
+    heads = lambda t: t.view(3, 7, 4, 8).transpose(1, 2)  # noqa: E731
+    q, k, v = heads(q), heads(k), heads(v)
+    allowed = torch.ones(3, 7, 7, dtype=torch.bool)
+    if pad is not None:
+        allowed &= pad.bool()[:, None, :]
+    if causal:
+        allowed &= torch.ones(7, 7, dtype=torch.bool).tril()
+    for b in range(3):
+        y = torch.cat([hand_attention(q[b, h].detach(), k[b, h].detach(), v[b, h].detach(), allowed[b])
+                       for h in range(4)], dim=1)  # (T, C), heads concatenated
+        expected = y.float() @ mha.proj.weight.T + mha.proj.bias
+        torch.testing.assert_close(ref[b], expected, rtol=0, atol=1e-5)
+
+
+def test_mha_output_attentions_weights_respect_mask(mha):
+    x = torch.randn(3, 7, 32, generator=torch.Generator().manual_seed(2))
+    pad = PADDINGS["left"]
+    _, w = mha(x, AttentionMask.build(pad, 7, 7, causal=True), output_attentions=True)
+    allowed = pad.bool()[:, None, None, :] & torch.ones(7, 7, dtype=torch.bool).tril()
+    assert torch.all(w[~allowed.expand_as(w)] == 0)
+    row_sums = w.sum(-1)
+    has_key = allowed.any(-1).expand_as(row_sums)
+    torch.testing.assert_close(row_sums[has_key], torch.ones(int(has_key.sum())))
+    assert torch.all(row_sums[~has_key] == 0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_fully_masked_rows_give_zeros_and_finite_gradients(mha, causal):
+    # row 1 is all padding; with causal=True the left padding of row 2 also makes empty rows
+    pad = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 0, 0, 0], [0, 0, 1, 1, 1]])
+    mask = AttentionMask.build(pad, 5, 5, causal=causal)
+    assert mask.empty_rows is not None
+    for output_attentions in (False, True):
+        x = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(3), requires_grad=True)
+        mha.zero_grad()
+        y, _ = mha(x, mask, output_attentions=output_attentions)
+        assert not y.isnan().any()
+        # a query with nothing to attend to outputs zero, so its result is just W^O's bias
+        for b, i in [(1, 0), (1, 4)] + ([(2, 0), (2, 1)] if causal else []):
+            torch.testing.assert_close(y[b, i], mha.proj.bias.detach())
+        (y ** 2).sum().backward()
+        assert torch.isfinite(x.grad).all()
+        assert all(torch.isfinite(p.grad).all() for p in mha.parameters())
+        assert torch.all(x.grad[1] == 0)  # an all-padding row influences nothing
+
+
+def test_mha_with_kv_cache_equals_full_causal_pass(mha):
+    x = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(4))
+    full, _ = mha(x, AttentionMask.build(None, 6, 6, causal=True))
+    cache = KVCache(n_layer=1, batch_size=2, n_heads=4, max_len=6, head_dim=8)
+    prefix, _ = mha(x[:, :4], AttentionMask.build(None, 4, 4, causal=True), cache=cache)
+    cache.advance(4)
+    steps = [prefix]
+    for t in (4, 5):
+        y, _ = mha(x[:, t:t + 1], AttentionMask.build(None, 1, t + 1, causal=True), cache=cache)
+        cache.advance(1)
+        steps.append(y)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
+
+
+def test_mha_rejects_indivisible_width():
+    with pytest.raises(ValueError, match=r"d_model \(30\) must be divisible by n_heads \(4\)"):
+        MultiHeadAttention(30, 4)
+
+
+# ---------------------------------------------------------------------------------- KV cache
+def test_kv_cache_update_and_advance():
+    cache = KVCache(n_layer=2, batch_size=2, n_heads=3, max_len=5, head_dim=4)
+    assert cache.k.shape == (2, 2, 3, 5, 4) and cache.length == 0
+    k1, v1 = torch.randn(2, 3, 3, 4), torch.randn(2, 3, 3, 4)
+    k, v = cache.update(0, k1, v1)
+    assert torch.equal(k, k1) and torch.equal(v, v1)
+    assert cache.length == 0  # update does not move the write position; advance does
+    k_other, _ = cache.update(1, -k1, -v1)  # the other layer writes at the same positions
+    assert torch.equal(k_other, -k1)
+    cache.advance(3)
+    assert cache.length == 3
+    k2, v2 = torch.randn(2, 3, 2, 4), torch.randn(2, 3, 2, 4)
+    k, v = cache.update(0, k2, v2)
+    assert k.shape == (2, 3, 5, 4)
+    assert torch.equal(k, torch.cat([k1, k2], dim=2)) and torch.equal(v, torch.cat([v1, v2], dim=2))
+    assert torch.equal(cache.k[1, :, :, :3], -k1)  # layer 1 untouched by layer 0's write
+
+
+def test_kv_cache_full_error():
+    cache = KVCache(n_layer=1, batch_size=1, n_heads=1, max_len=4, head_dim=2)
+    cache.update(0, torch.zeros(1, 1, 3, 2), torch.zeros(1, 1, 3, 2))
+    cache.advance(3)
+    with pytest.raises(ValueError, match="KV cache is full: 5 positions needed, 4 allocated"):
+        cache.update(0, torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2))
+    k, _ = cache.update(0, torch.ones(1, 1, 1, 2), torch.ones(1, 1, 1, 2))  # exactly full is fine
+    assert k.shape == (1, 1, 4, 2)
+
+
+def test_kv_cache_reorder_keeps_rows():
+    cache = KVCache(n_layer=1, batch_size=3, n_heads=1, max_len=2, head_dim=1)
+    cache.update(0, torch.tensor([1.0, 2.0, 3.0]).view(3, 1, 1, 1), torch.zeros(3, 1, 1, 1))
+    cache.reorder(torch.tensor([2, 0]))
+    assert cache.k[0, :, 0, 0, 0].tolist() == [3.0, 1.0]
+
+
+# ---------------------------------------------------------------------------------- positions
+@pytest.mark.parametrize("dim", [6, 7])
+def test_sinusoidal_table_matches_formula(dim):
+    table = sinusoidal_table(50, dim)
+    assert table.shape == (50, dim) and table.dtype == torch.float32
+    for pos in (0, 1, 7, 49):
+        for i in range((dim + 1) // 2):
+            angle = pos / 10000 ** (2 * i / dim)
+            assert table[pos, 2 * i].item() == pytest.approx(math.sin(angle), abs=1e-7)
+            if 2 * i + 1 < dim:
+                assert table[pos, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-7)
+    if dim == 7:  # the last column of an odd width is a sine
+        assert table[3, 6].item() == pytest.approx(math.sin(3 / 10000 ** (6 / 7)), abs=1e-7)
+
+
+def test_sinusoidal_embedding_looks_up_positions():
+    emb = SinusoidalPositionalEmbedding(16, 8)
+    assert list(emb.parameters()) == []
+    assert "table" not in emb.state_dict()  # fixed, not saved
+    ids = torch.tensor([[0, 3, 15], [2, 2, 1]])
+    out = emb(ids)
+    assert out.shape == (2, 3, 8)
+    assert out[0, 1, 0].item() == pytest.approx(math.sin(3.0), abs=1e-7)
+    assert out[1, 2, 3].item() == pytest.approx(math.cos(1 / 10000 ** (2 / 8)), abs=1e-7)
+
+
+def test_learned_positions_look_up_rows():
+    torch.manual_seed(0)
+    emb = LearnedPositionalEmbedding(10, 4)
+    ids = torch.tensor([[0, 9, 4]])
+    assert torch.equal(emb(ids), emb.weight[ids])
+    assert emb.weight.requires_grad and emb.num_positions == 10
+
+
+def test_rotary_rotates_pairs_by_hand():
+    rope = RotaryEmbedding(head_dim=4, max_positions=8)
+    x = torch.zeros(1, 1, 8, 4)
+    x[0, 0, 5] = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    out = rope(x, torch.arange(8))
+    p = 5
+    # pair (0, 2) turns by p * 10000^0, pair (1, 3) by p * 10000^(-2/4)
+    a0, a1 = p * 1.0, p / 100.0
+    expected = [1 * math.cos(a0) - 3 * math.sin(a0), 2 * math.cos(a1) - 4 * math.sin(a1),
+                3 * math.cos(a0) + 1 * math.sin(a0), 4 * math.cos(a1) + 2 * math.sin(a1)]
+    assert out[0, 0, 5].tolist() == pytest.approx(expected, abs=1e-6)
+    assert torch.all(out[0, 0, :5] == 0) and torch.all(out[0, 0, 6:] == 0)
+    # position 0 is the identity
+    x0 = torch.randn(1, 1, 1, 4)
+    torch.testing.assert_close(rope(x0, torch.tensor([0])), x0)
+
+
+def test_rotary_dot_products_depend_only_on_offset():
+    rope = RotaryEmbedding(head_dim=8, max_positions=64)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(8, generator=g), torch.randn(8, generator=g)
+
+    def score(m: int, n: int) -> float:
+        qm = rope(q.view(1, 1, 1, 8), torch.tensor([[m]]))
+        kn = rope(k.view(1, 1, 1, 8), torch.tensor([[n]]))
+        return float((qm * kn).sum())
+
+    for offset in (0, 3, 11):
+        values = [score(n + offset, n) for n in (0, 5, 20, 40)]
+        assert values == pytest.approx([values[0]] * 4, abs=1e-4)
+    assert abs(score(3, 0) - score(11, 0)) > 1e-3  # but it does depend on the offset
+    # rotation keeps the norm
+    r = rope(q.view(1, 1, 1, 8), torch.tensor([[13]]))
+    assert float(r.norm()) == pytest.approx(float(q.norm()), rel=1e-6)
+
+
+def test_rotary_batched_positions_and_odd_head_dim():
+    rope = RotaryEmbedding(head_dim=4, max_positions=16)
+    x = torch.randn(2, 3, 5, 4)
+    pos = torch.tensor([[0, 1, 2, 3, 4], [0, 0, 0, 1, 2]])  # (B, T), e.g. left padding
+    out = rope(x, pos)
+    for b in range(2):
+        torch.testing.assert_close(out[b:b + 1], rope(x[b:b + 1], pos[b]))
+    with pytest.raises(ValueError, match="even head dimension"):
+        RotaryEmbedding(head_dim=5, max_positions=8)
+
+
+# ---------------------------------------------------------------------------------- layers
+def test_activations_match_torch():
+    x = torch.linspace(-4, 4, 41)
+    torch.testing.assert_close(get_activation("gelu_new")(x),
+                               0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3))))
+    torch.testing.assert_close(get_activation("gelu")(x), 0.5 * x * (1 + torch.erf(x / math.sqrt(2))))
+    torch.testing.assert_close(get_activation("relu")(x), x.clamp(min=0))
+    with pytest.raises(ValueError, match="unknown activation 'swishy'"):
+        get_activation("swishy")
+
+
+@pytest.mark.parametrize("activation", ["gelu_new", "relu"])
+def test_feed_forward_formula(activation):
+    torch.manual_seed(0)
+    ff = FeedForward(8, 24, activation=activation)
+    x = torch.randn(2, 3, 8)
+    act = {"gelu_new": lambda t: F.gelu(t, approximate="tanh"), "relu": torch.relu}[activation]
+    h = act(x @ ff.fc.weight.T + ff.fc.bias)
+    torch.testing.assert_close(ff(x), h @ ff.proj.weight.T + ff.proj.bias)
+    assert ff.fc.weight.shape == (24, 8) and ff.proj.weight.shape == (8, 24)
+
+
+def test_layer_norm_without_bias():
+    ln = layer_norm(8, bias=False)
+    assert ln.bias is None
+    assert [n for n, _ in ln.named_parameters()] == ["weight"]
+    with torch.no_grad():
+        ln.weight.copy_(torch.arange(1.0, 9.0))
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(ln(x), manual_layer_norm(x, ln))
+    assert {n for n, _ in layer_norm(8).named_parameters()} == {"weight", "bias"}
+    block = TransformerBlock(16, 2, 32, bias=False)
+    assert not [n for n, _ in block.named_parameters() if n.endswith("bias")]
+
+
+def _block_pair():
+    torch.manual_seed(0)
+    pre = TransformerBlock(16, 2, 64, norm_position="pre").eval()
+    with torch.no_grad():  # non-trivial norms, so ln_1 and ln_2 are told apart
+        for p in pre.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    post = TransformerBlock(16, 2, 64, norm_position="post").eval()
+    post.load_state_dict(pre.state_dict())
+    return pre, post
+
+
+def test_transformer_block_pre_and_post_norm_formulas():
+    pre, post = _block_pair()
+    x = torch.randn(2, 5, 16)
+    mask = AttentionMask.build(None, 5, 5, causal=True)
+
+    def attn(block, h):
+        return block.attn(h, mask)[0]
+
+    h = x + attn(pre, manual_layer_norm(x, pre.ln_1))
+    expected_pre = h + pre.mlp(manual_layer_norm(h, pre.ln_2))
+    out_pre, _ = pre(x, mask)
+    torch.testing.assert_close(out_pre, expected_pre)
+
+    h = manual_layer_norm(x + attn(post, x), post.ln_1)
+    expected_post = manual_layer_norm(h + post.mlp(h), post.ln_2)
+    out_post, _ = post(x, mask)
+    torch.testing.assert_close(out_post, expected_post)
+
+    assert (out_pre - out_post).abs().max() > 0.1  # same weights, different wiring
+    with pytest.raises(ValueError, match="norm_position must be 'pre' or 'post'"):
+        TransformerBlock(16, 2, 64, norm_position="sandwich")
+
+
+def test_transformer_block_returns_attention_weights():
+    pre, _ = _block_pair()
+    x = torch.randn(1, 4, 16)
+    out, w = pre(x, AttentionMask.build(None, 4, 4, causal=True), output_attentions=True)
+    assert w.shape == (1, 2, 4, 4)
+    assert torch.all(w.triu(diagonal=1) == 0)
+    torch.testing.assert_close(out, pre(x, AttentionMask.build(None, 4, 4, causal=True))[0], rtol=0, atol=1e-5)
