@@ -21,6 +21,7 @@ from lmforge.config import GPTConfig
 from lmforge.models.outputs import BaseModelOutput, CausalLMOutput
 from lmforge.nn import (AttentionMask, KVCache, LearnedPositionalEmbedding, RotaryEmbedding,
                         SinusoidalPositionalEmbedding, TransformerBlock, layer_norm)
+from lmforge.nn.layers import dropout
 
 
 def causal_lm_loss(logits: Tensor, labels: Tensor, num_items_in_batch: int | Tensor | None = None) -> Tensor:
@@ -61,7 +62,6 @@ class GPTModel(nn.Module):
             self.wpe = SinusoidalPositionalEmbedding(c.n_positions, c.n_embd)
         else:
             rotary = RotaryEmbedding(c.head_dim, c.n_positions, c.rope_theta)
-        self.drop = nn.Dropout(c.dropout)
         self.h = nn.ModuleList(
             TransformerBlock(c.n_embd, c.n_head, c.ffn_dim, c.activation_function, c.bias, c.dropout,
                              norm_position=c.norm_position, eps=c.layer_norm_epsilon, rotary=rotary)
@@ -91,7 +91,7 @@ class GPTModel(nn.Module):
         x = self.wte(input_ids)  # (B, T, C)
         if self.wpe is not None:
             x = x + self.wpe(position_ids)
-        x = self.drop(x)
+        x = dropout(x, self.config.dropout, self.training)
         mask = AttentionMask.build(attention_mask, T, past + T, causal=True)
         hidden: list[Tensor] = []
         attentions: list[Tensor] = []

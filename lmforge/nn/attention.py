@@ -96,15 +96,21 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
         self.length = 0
+        self._split()
+
+    def _split(self) -> None:
+        self._k = [self.k[i] for i in range(self.k.size(0))]  # per-layer views (B, H, max_len, hs)
+        self._v = [self.v[i] for i in range(self.v.size(0))]
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store k, v (B, H, T, hs) for `layer`; return all keys/values so far (B, H, length+T, hs)."""
         start, end = self.length, self.length + k.size(2)
         if end > self.max_len:
             raise ValueError(f"KV cache is full: {end} positions needed, {self.max_len} allocated")
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        k_all, v_all = self._k[layer], self._v[layer]
+        k_all[:, :, start:end] = k
+        v_all[:, :, start:end] = v
+        return k_all[:, :, :end], v_all[:, :, :end]
 
     def advance(self, n: int) -> None:
         self.length += n
@@ -113,6 +119,7 @@ class KVCache:
         """Keep batch rows `index` (for beam search or dropping finished rows)."""
         self.k = self.k[:, index]
         self.v = self.v[:, index]
+        self._split()
 
 
 class MultiHeadAttention(nn.Module):

@@ -26,6 +26,11 @@ def get_activation(name: str) -> Callable[[Tensor], Tensor]:
         raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}") from None
 
 
+def dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """F.dropout, skipped entirely when it would do nothing (saves a call per use when decoding)."""
+    return F.dropout(x, p, True) if training and p > 0 else x
+
+
 def layer_norm(dim: int, eps: float = 1e-5, bias: bool = True) -> nn.LayerNorm:
     """LayerNorm with an optional bias (GPT-2/BERT have one; some modern models drop it)."""
     return nn.LayerNorm(dim, eps=eps, bias=bias)
@@ -40,10 +45,10 @@ class FeedForward(nn.Module):
         self.fc = nn.Linear(d_model, d_ff, bias=bias)
         self.proj = nn.Linear(d_ff, d_model, bias=bias)
         self.act = get_activation(activation)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout
 
     def forward(self, x: Tensor) -> Tensor:  # (B, T, C) -> (B, T, C)
-        return self.dropout(self.proj(self.act(self.fc(x))))
+        return dropout(self.proj(self.act(self.fc(x))), self.dropout, self.training)
 
 
 class TransformerBlock(nn.Module):
@@ -66,17 +71,17 @@ class TransformerBlock(nn.Module):
                                        rotary)
         self.ln_2 = layer_norm(d_model, eps, bias)
         self.mlp = FeedForward(d_model, d_ff, activation, bias, dropout)
-        self.resid_dropout = nn.Dropout(dropout)
+        self.dropout = dropout
 
     def forward(self, x: Tensor, mask: AttentionMask, position_ids: Tensor | None = None,
                 cache: KVCache | None = None, layer_idx: int = 0,
                 output_attentions: bool = False) -> tuple[Tensor, Tensor | None]:
         if self.pre_norm:
             a, weights = self.attn(self.ln_1(x), mask, position_ids, cache, layer_idx, output_attentions)
-            x = x + self.resid_dropout(a)
+            x = x + dropout(a, self.dropout, self.training)
             x = x + self.mlp(self.ln_2(x))
         else:
             a, weights = self.attn(x, mask, position_ids, cache, layer_idx, output_attentions)
-            x = self.ln_1(x + self.resid_dropout(a))
+            x = self.ln_1(x + dropout(a, self.dropout, self.training))
             x = self.ln_2(x + self.mlp(x))
         return x, weights
