@@ -57,7 +57,11 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from lmforge.tokenizer import Tokenizer
     from lmforge.utils import resolve_device
 
-    model = GPTForCausalLM.from_pretrained(a.model_dir, device=resolve_device(a.device))
+    try:
+        device = resolve_device(a.device)
+    except RuntimeError:
+        raise ValueError(f"--device {a.device!r} is not a torch device; use cpu, cuda, cuda:1, mps or auto") from None
+    model = GPTForCausalLM.from_pretrained(a.model_dir, device=device)
     tokenizer = Tokenizer.from_pretrained(a.model_dir)
     prompt = a.prompt if a.prompt != "-" else sys.stdin.read()
     if a.threads:

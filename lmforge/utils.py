@@ -37,6 +37,8 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it is renamed to `final` (replacing it).
 
     A crash inside the block leaves only a `.tmp-*` directory behind, never a half-written `final`.
+    Replacing an existing `final` moves it aside to `.old-*` first; `recover_directory` puts it back
+    if a crash hit between the two renames.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -55,6 +57,17 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def recover_directory(final: str | os.PathLike) -> None:
+    """Undo an interrupted replacement by `atomic_directory`: restore `.old-<name>-*` if `final` is
+    missing, and delete leftovers otherwise."""
+    final = Path(final)
+    for old in sorted(final.parent.glob(f".old-{final.name}-*")):
+        if not final.exists():
+            os.replace(old, final)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def set_seed(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices)."""
     random.seed(seed)
@@ -70,7 +83,10 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda, cuda:N, mps or auto") from None
 
 
 def matmul_peak_flops(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
@@ -80,8 +96,9 @@ def matmul_peak_flops(device: torch.device | str = "cpu", dtype: torch.dtype = t
 
     device = torch.device(device)
     n = 4096 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    gen = torch.Generator(device=device).manual_seed(0)  # leaves the global RNG streams alone
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
 
     def sync() -> None:
         if device.type == "cuda":

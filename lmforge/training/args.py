@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,11 +51,25 @@ class TrainingArguments:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ValueError(f"TrainingArguments.{name} must be a positive integer or None, got {value!r}")
+        for name in ("learning_rate", "min_lr_ratio", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
+                     "warmup_ratio", "max_grad_norm", "peak_flops"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or math.isnan(value)):
+                raise ValueError(f"TrainingArguments.{name} must be a number, got {value!r}"
+                                 + (" (in YAML write 1.0e-3, not 1e-3)" if isinstance(value, str) else ""))
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.adam_epsilon <= 0:
+            raise ValueError(f"adam_epsilon must be > 0, got {self.adam_epsilon}")
         if self.lr_scheduler_type not in SCHEDULERS:
             raise ValueError(f"lr_scheduler_type must be one of {SCHEDULERS}, got {self.lr_scheduler_type!r}")
-        if self.warmup_steps < 0 or not 0.0 <= self.warmup_ratio < 1.0:
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0 or not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError("warmup_steps must be >= 0 and warmup_ratio in [0, 1)")
         if self.warmup_steps and self.warmup_ratio:
             raise ValueError("set warmup_steps or warmup_ratio, not both")
@@ -62,6 +77,18 @@ class TrainingArguments:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
+        if self.peak_flops is not None and self.peak_flops <= 0:
+            raise ValueError(f"peak_flops must be > 0 or None (measure it), got {self.peak_flops}")
+        if not isinstance(self.dataloader_num_workers, int) or self.dataloader_num_workers < 0:
+            raise ValueError(f"dataloader_num_workers must be an integer >= 0, got {self.dataloader_num_workers!r}")
+        if self.device != "auto":
+            import torch
+
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise ValueError(f"device {self.device!r} is not a torch device; use cpu, cuda, cuda:1, mps "
+                                 "or auto") from None
         unknown = set(self.report_to) - {"jsonl", "none"}
         if unknown:
             raise ValueError(f"report_to: unknown destination(s) {sorted(unknown)}; use 'jsonl' or 'none'")

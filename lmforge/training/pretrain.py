@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,21 @@ import yaml
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 SECTIONS = {"description", "data", "out", "val_fraction", "tokenizer", "model", "training", "sample"}
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML's safe loader, but `1e-3` is a float (YAML 1.1 wants `1.0e-3`; nobody writes that)."""
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*)?(?:\.[\d_]*)?[eE][-+]?\d+$|^[-+]?(?:\d[\d_]*\.[\d_]*|\.[\d_]+)$"
+               r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."))
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def available_recipes() -> list[str]:
@@ -29,7 +45,7 @@ def load_recipe(name_or_path: str) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"no recipe {name_or_path!r}: not a file, and not one of the bundled recipes "
                                 f"{available_recipes()}")
-    recipe = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    recipe = _yaml(path.read_text(encoding="utf-8")) or {}
     if not isinstance(recipe, dict):
         raise ValueError(f"recipe {path} must be a YAML mapping of sections {sorted(SECTIONS)}")
     unknown = set(recipe) - SECTIONS
@@ -49,9 +65,11 @@ def apply_overrides(recipe: dict[str, Any], overrides: list[str]) -> dict[str, A
         *parents, leaf = key.split(".")
         if parents and parents[0] not in SECTIONS or not parents and leaf not in SECTIONS:
             raise ValueError(f"override {item!r}: unknown section; known: {sorted(SECTIONS)}")
-        for p in parents:
+        for i, p in enumerate(parents):
             node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(raw)
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {'.'.join(parents[:i + 1])} is {node!r}, not a section of keys")
+        node[leaf] = _yaml(raw)
     return recipe
 
 
@@ -68,7 +86,8 @@ def unigram_loss(train_path: Path, val_path: Path, dtype: str, vocab_size: int) 
 def pretrain(recipe: dict[str, Any], resume: bool = False, device: str | None = None) -> dict[str, Any]:
     """Run a pretraining recipe end to end; returns the final metrics and the output directory."""
     from lmforge.config import GPTConfig
-    from lmforge.data import RandomBlockDataset, SequentialBlockDataset, iter_documents, prepare_corpus
+    from lmforge.data import (RandomBlockDataset, SequentialBlockDataset, iter_documents, prepare_corpus,
+                              resolve_sources)
     from lmforge.models.gpt import GPTForCausalLM
     from lmforge.tokenizer import Tokenizer
     from lmforge.training.args import TrainingArguments
@@ -77,6 +96,7 @@ def pretrain(recipe: dict[str, Any], resume: bool = False, device: str | None = 
 
     sources = recipe.get("data") or ["shakespeare"]
     sources = [sources] if isinstance(sources, str) else list(sources)
+    resolve_sources(sources)  # a missing file fails here, before any work
     out = Path(recipe.get("out") or "runs/lmforge")
     training = dict(recipe.get("training") or {})
     training["output_dir"] = str(out)
@@ -101,13 +121,14 @@ def pretrain(recipe: dict[str, Any], resume: bool = False, device: str | None = 
         print(f"lmforge: training a byte-level BPE tokenizer (vocab {vocab}) on {', '.join(map(str, sources))}")
         tokenizer = Tokenizer.train_bpe(iterator=iter_documents(sources), vocab_size=vocab,
                                         min_frequency=int(tok_opts.get("min_frequency", 2)))
+    model_opts = dict(recipe.get("model") or {})
+    config = GPTConfig(**{**model_opts, "vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
+                          "bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id})
+    tokenizer.model_max_length = config.n_positions  # so truncation=True fits the model's context
     tokenizer.save_pretrained(out)
 
     meta = prepare_corpus(sources, tokenizer, out / "data", val_fraction=float(recipe.get("val_fraction", 0.05)),
                           seed=args.seed)
-    model_opts = dict(recipe.get("model") or {})
-    config = GPTConfig(**{**model_opts, "vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
-                          "bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id})
     model = GPTForCausalLM(config)
     block = config.n_positions
     n_samples = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps

@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lmforge.training.args import TrainingArguments
 from lmforge.training.optim import build_optimizer, build_scheduler
-from lmforge.utils import atomic_directory, atomic_write_text, matmul_peak_flops, resolve_device, set_seed
+from lmforge.utils import (atomic_directory, atomic_write_text, matmul_peak_flops, recover_directory, resolve_device,
+                           set_seed)
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_NAME = "trainer_state.json"
@@ -113,6 +114,12 @@ class Trainer:
         if len(self.train_dataset) == 0:
             raise ValueError("the training dataset is empty")
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.output_dir.glob(".tmp-checkpoint-*"):  # a save cut short by a crash
+            shutil.rmtree(stale, ignore_errors=True)
+        for old in self.output_dir.glob(".old-checkpoint-*"):  # a re-save cut short between its renames
+            recover_directory(self.output_dir / old.name[len(".old-"):].rsplit("-", 1)[0])
+        if self._peak_flops is None:  # measured before seeding: its random matrices must not shift the RNG streams
+            self._peak_flops = matmul_peak_flops(self.device, torch.bfloat16 if args.bf16 else torch.float32)
         set_seed(args.seed)
         if resume_from_checkpoint:
             path = (self.latest_checkpoint() if resume_from_checkpoint is True else Path(resume_from_checkpoint))
@@ -122,8 +129,6 @@ class Trainer:
                 self._load_checkpoint(path)
                 print(f"lmforge: resumed from {path} at step {self.state.global_step}")
         self._trim_metrics(self.state.global_step)
-        if self._peak_flops is None:
-            self._peak_flops = matmul_peak_flops(self.device, torch.bfloat16 if args.bf16 else torch.float32)
         for cb in self.callbacks:
             cb.on_train_begin(self)
 
@@ -196,9 +201,8 @@ class Trainer:
                     loss = model(**batch).loss / len(micro)
             loss.backward()
             total += loss.detach()
-        grad_norm = float("nan")
-        if args.max_grad_norm is not None:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm))
+        # max_norm=inf measures the norm without clipping (and keeps NaN out of metrics.jsonl)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf))
         loss_value = float(total)
         if math.isfinite(loss_value):
             self.optimizer.step()
@@ -216,8 +220,13 @@ class Trainer:
                              shuffle=not isinstance(ds, RandomBlockDataset), seed=self.args.seed)
         loader = DataLoader(ds, batch_size=self.args.per_device_train_batch_size, sampler=sampler,
                             collate_fn=self.collate, num_workers=self.args.dataloader_num_workers,
-                            pin_memory=self.device.type == "cuda")
+                            pin_memory=self.device.type == "cuda", generator=self._loader_generator())
         return iter(loader)
+
+    def _loader_generator(self) -> torch.Generator:
+        """A DataLoader's own generator: starting its iterator then leaves the global RNG (dropout) untouched,
+        so a resumed run draws the same dropout masks as an uninterrupted one."""
+        return torch.Generator().manual_seed(self.args.seed)
 
     # ---- evaluation --------------------------------------------------------------------------
     @torch.no_grad()
@@ -228,7 +237,8 @@ class Trainer:
             raise ValueError("evaluate() needs an eval_dataset")
         was_training = self.model.training
         self.model.eval()
-        loader = DataLoader(ds, batch_size=self.args.per_device_eval_batch_size, collate_fn=self.collate)
+        loader = DataLoader(ds, batch_size=self.args.per_device_eval_batch_size, collate_fn=self.collate,
+                            generator=self._loader_generator())
         count = getattr(self.model, "num_loss_items", None)
         loss_sum, items = 0.0, 0
         for i, batch in enumerate(loader):
@@ -272,8 +282,8 @@ class Trainer:
 
     def log(self, logs: dict[str, Any]) -> None:
         """Record metrics: trainer state, metrics.jsonl and callbacks."""
-        entry = {"step": self.state.global_step, **{k: (round(v, 6) if isinstance(v, float) else v)
-                                                     for k, v in logs.items()}}
+        entry = {"step": self.state.global_step, **{k: (float(f"{v:.7g}") if isinstance(v, float) else v)
+                                                     for k, v in logs.items()}}  # 7 significant digits
         self.state.log_history.append(entry)
         if "jsonl" in self.args.report_to:
             self.output_dir.mkdir(parents=True, exist_ok=True)
