@@ -106,6 +106,9 @@ def _options(generation_config: GenerationConfig | None, kwargs: dict[str, Any],
         setattr(cfg, key, value)
     if cfg.stop is None:
         cfg.stop = []
+    if not cfg.do_sample and (cfg.temperature not in (0, 1.0) or cfg.top_k or cfg.top_p is not None):
+        warnings.warn("temperature/top_k/top_p only take effect with do_sample=True; decoding greedily",
+                      stacklevel=4)
     if cfg.eos_token_id is None:
         cfg.eos_token_id = getattr(model.config, "eos_token_id", None)
     if cfg.pad_token_id is None:
