@@ -66,9 +66,10 @@ def cmd_generate(a: argparse.Namespace) -> int:
     prompt = a.prompt if a.prompt != "-" else sys.stdin.read()
     if a.threads:
         torch.set_num_threads(a.threads)
-    opts: dict[str, Any] = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, do_sample=a.temperature > 0,
-                                top_k=a.top_k or None, top_p=a.top_p, repetition_penalty=a.repetition_penalty,
-                                stop=a.stop, seed=a.seed)
+    sample = a.temperature > 0  # --temperature 0 means greedy decoding
+    opts: dict[str, Any] = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, do_sample=sample,
+                                top_k=(a.top_k or None) if sample else None, top_p=a.top_p if sample else None,
+                                repetition_penalty=a.repetition_penalty, stop=a.stop, seed=a.seed)
     out = sys.stdout
     out.write(prompt)
     out.flush()
