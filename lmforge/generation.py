@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -156,6 +156,7 @@ def iter_generate(model: Any, input_ids: Tensor, attention_mask: Tensor | None =
         mask = torch.ones(B, T + max_new, dtype=attention_mask.dtype, device=input_ids.device)
         mask[:, :T] = attention_mask
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    can_finish = bool(len(eos_ids)) or stopper is not None  # else every row runs to max_new_tokens
     cache: KVCache | None = model.allocate_cache(B, T + max_new) if use_cache else None
 
     logits = model(input_ids, attention_mask=attention_mask, past_key_values=cache, logits_to_keep=1).logits[:, -1]
@@ -167,15 +168,19 @@ def iter_generate(model: Any, input_ids: Tensor, attention_mask: Tensor | None =
             token = logits.argmax(dim=-1)
         else:
             token = sample_next_token(logits, cfg.temperature, cfg.top_k, cfg.top_p, generator)
-        token = token.masked_fill(finished, pad)
+        if can_finish:
+            token = token.masked_fill(finished, pad)
         seq[:, cur] = token
         yield token
-        if len(eos_ids):
-            finished |= torch.isin(token, eos_ids)
-        if stopper is not None:
-            finished |= stopper.hit(seq[:, T:cur + 1])
-        if step == max_new - 1 or bool(finished.all()):
+        if step == max_new - 1:
             return
+        if can_finish:
+            if len(eos_ids):
+                finished |= torch.isin(token, eos_ids)
+            if stopper is not None:
+                finished |= stopper.hit(seq[:, T:cur + 1])
+            if bool(finished.all()):
+                return
         m = mask[:, :cur + 1] if mask is not None else None
         if cache is not None:
             logits = model(token[:, None], attention_mask=m, past_key_values=cache).logits[:, -1]
@@ -197,7 +202,7 @@ def generate(model: Any, input_ids: Tensor, attention_mask: Tensor | None = None
         input_ids = input_ids[None]
         attention_mask = attention_mask[None] if attention_mask is not None else None
     tokens = []
-    with torch.no_grad():  # not inference_mode: the returned ids must be usable in training code
+    with torch.inference_mode():
         for token in iter_generate(model, input_ids, attention_mask, generation_config, tokenizer, generator,
                                    use_cache, **kwargs):
             tokens.append(token)
@@ -205,6 +210,7 @@ def generate(model: Any, input_ids: Tensor, attention_mask: Tensor | None = None
                 streamer(token)
     if not tokens:
         return input_ids
+    # concatenated outside inference mode: the result is an ordinary tensor, usable in training code
     return torch.cat([input_ids, torch.stack(tokens, dim=1)], dim=1)
 
 
@@ -256,27 +262,26 @@ def stream(model: Any, tokenizer: Any, prompt: str, **kwargs: Any) -> Iterator[s
     decoder = IncrementalDecoder(tokenizer)
     eos = kwargs.get("eos_token_id", getattr(model.config, "eos_token_id", None))
     pending = ""
-    with torch.no_grad():
-        tokens = iter_generate(model, input_ids, tokenizer=tokenizer, **kwargs)
-        for token in _chain(tokens):
-            piece = decoder.flush() if token is None else ("" if int(token[0]) == eos else decoder.push(int(token[0])))
-            pending += piece
-            cut = min((pending.find(s) for s in stop if s in pending), default=-1)
-            if cut >= 0:
-                if cut:
-                    yield pending[:cut]
-                return
-            keep = _partial_stop_suffix(pending, stop)
-            if len(pending) > keep:
-                yield pending[:len(pending) - keep]
-                pending = pending[len(pending) - keep:]
+    tokens = iter_generate(model, input_ids, tokenizer=tokenizer, **kwargs)
+    while True:
+        # inference mode only while the model runs: the caller's loop body is not inside it
+        with torch.inference_mode():
+            token = next(tokens, None)
+        piece = decoder.flush() if token is None else ("" if int(token[0]) == eos else decoder.push(int(token[0])))
+        pending += piece
+        cut = min((pending.find(s) for s in stop if s in pending), default=-1)
+        if cut >= 0:
+            if cut:
+                yield pending[:cut]
+            return
+        if token is None:
+            break
+        keep = _partial_stop_suffix(pending, stop)
+        if len(pending) > keep:
+            yield pending[:len(pending) - keep]
+            pending = pending[len(pending) - keep:]
     if pending:
         yield pending
-
-
-def _chain(tokens: Iterable[Tensor]) -> Iterator[Tensor | None]:
-    yield from tokens
-    yield None  # end marker: flush the decoder
 
 
 def _partial_stop_suffix(text: str, stop: list[str]) -> int:

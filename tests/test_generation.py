@@ -393,3 +393,10 @@ def test_generated_ids_are_ordinary_tensors(model):
     loss.backward()  # usable for training on generated text
     assert torch.isfinite(loss)
     model.zero_grad(set_to_none=True)
+
+
+def test_stream_does_not_leak_inference_mode_to_the_caller(tok):
+    model = GPTForCausalLM(GPTConfig(vocab_size=len(tok), n_positions=32, n_layer=1, n_head=2, n_embd=16)).eval()
+    for _ in stream(model, tok, "hello", max_new_tokens=3):
+        assert not torch.is_inference_mode_enabled()
+        assert torch.is_grad_enabled()

@@ -191,7 +191,6 @@ class GPTForCausalLM(nn.Module):
         return KVCache(c.n_layer, batch_size, c.n_head, min(max_len, c.n_positions), c.head_dim,
                        dtype=self.dtype, device=self.device)
 
-    @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
         """Prompt followed by new tokens; see `lmforge.generation.generate` for the options."""
         from lmforge.generation import generate

@@ -141,10 +141,8 @@ class MultiHeadAttention(nn.Module):
                 output_attentions: bool = False) -> tuple[Tensor, Tensor | None]:
         """x: (B, T, C) -> (B, T, C), and the (B, H, T, Tk) weights if output_attentions."""
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hs)
-        k = k.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, hs), views into qkv
         if self.rotary is not None:
             q, k = self.rotary(q, position_ids), self.rotary(k, position_ids)
         if cache is not None:
