@@ -124,7 +124,7 @@ class Trainer:
         if resume_from_checkpoint:
             path = (self.latest_checkpoint() if resume_from_checkpoint is True else Path(resume_from_checkpoint))
             if path is None:
-                print(f"lmforge: no checkpoint in {self.output_dir} to resume from; starting from step 0")
+                print(f"lmforge: no checkpoint in {self.output_dir} yet; starting a new run")
             else:
                 self._load_checkpoint(path)
                 print(f"lmforge: resumed from {path} at step {self.state.global_step}")
