@@ -21,8 +21,8 @@ import torch  # noqa: E402
 
 import torch.nn.functional as F  # noqa: E402
 
-from common import (LoadMonitor, Samples, build_pair, machine_info, print_json, print_table,  # noqa: E402
-                    set_threads, wait_for_quiet)
+from common import (LoadMonitor, Samples, build_pair, print_json, print_table, start_run,  # noqa: E402
+                    wait_for_quiet)
 
 
 def decode_gemm_floor_ms(model: torch.nn.Module, batch: int, seconds: float = 0.5) -> float:
@@ -65,11 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.wait_quiet = args.wait_quiet or 0
     args.wait_quiet = 120 if args.wait_quiet is None else args.wait_quiet
 
-    set_threads(args.threads)
-    info = machine_info(args.threads)
-    print(f"# {info['cpu']} | {info['cpus']} CPUs | torch {info['torch']} ({info['isa']}) | "
-          f"transformers {info['transformers']} | threads {args.threads} | lmforge {info['lmforge_commit']}")
-
+    info = start_run(args.threads)
     ours, hf, config = build_pair(args.seed)
     ours.eval()
     hf.eval()

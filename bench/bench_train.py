@@ -22,8 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import (LoadMonitor, Samples, build_pair, linear_gemm_seconds, machine_info, matmul_probe,  # noqa: E402
-                    measure_peak, print_json, print_table, set_threads, wait_for_quiet)
+from common import (LoadMonitor, Samples, build_pair, linear_gemm_seconds, matmul_probe, start_run,  # noqa: E402
+                    measure_peak, print_json, print_table, wait_for_quiet)
 
 
 def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.AdamW:
@@ -76,11 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.batch = args.batch or 8
     args.wait_quiet = 120 if args.wait_quiet is None else args.wait_quiet
 
-    set_threads(args.threads)
-    info = machine_info(args.threads)
-    print(f"# {info['cpu']} | {info['cpus']} CPUs | torch {info['torch']} ({info['isa']}) | "
-          f"transformers {info['transformers']} | threads {args.threads} | lmforge {info['lmforge_commit']}")
-
+    info = start_run(args.threads)
     ours, hf, config = build_pair(args.seed)
     ours.train()
     hf.train()

@@ -207,6 +207,15 @@ class Samples:
         return f"{min(self.values):.4g}..{max(self.values):.4g}"
 
 
+def start_run(threads: int) -> dict[str, Any]:
+    """Set the thread count and print the one-line machine header every benchmark starts with."""
+    set_threads(threads)
+    info = machine_info(threads)
+    print(f"# {info['cpu']} | {info['cpus']} CPUs | torch {info['torch']} ({info['isa']}) | "
+          f"transformers {info['transformers']} | threads {threads} | lmforge {info['lmforge_commit']}")
+    return info
+
+
 def machine_info(threads: int) -> dict[str, Any]:
     import transformers
 

@@ -18,7 +18,8 @@ USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryEr
 
 def _add_generation_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation")
-    g.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
+    g.add_argument("--max-new-tokens", type=int, default=None,
+                   help="tokens to generate (default: 200, or what the model's context leaves after the prompt)")
     g.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default 0.8)")
     g.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0 = off)")
     g.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with mass >= p")
@@ -67,7 +68,10 @@ def cmd_generate(a: argparse.Namespace) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     sample = a.temperature > 0  # --temperature 0 means greedy decoding
-    opts: dict[str, Any] = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, do_sample=sample,
+    max_new = a.max_new_tokens
+    if max_new is None:  # the default never runs past the context (an explicit value warns if it would)
+        max_new = max(0, min(200, model.config.n_positions - len(tokenizer.encode(prompt))))
+    opts: dict[str, Any] = dict(max_new_tokens=max_new, temperature=a.temperature, do_sample=sample,
                                 top_k=(a.top_k or None) if sample else None, top_p=a.top_p if sample else None,
                                 repetition_penalty=a.repetition_penalty, stop=a.stop, seed=a.seed)
     out = sys.stdout

@@ -20,7 +20,6 @@ import gzip
 import json
 import lzma
 import os
-import tempfile
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -28,6 +27,8 @@ from typing import Any, Union
 
 from tokenizers import AddedToken, Encoding, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as BackendTokenizer
+
+from lmforge.utils import atomic_write_text
 
 __all__ = ["Tokenizer", "BatchEncoding", "SPECIAL_TOKEN_ROLES", "NO_MAX_LENGTH"]
 
@@ -309,7 +310,7 @@ class Tokenizer:
         }
         written = []
         for name, text in files.items():
-            _atomic_write_text(directory / name, text)
+            atomic_write_text(directory / name, text)
             written.append(str(directory / name))
         return written
 
@@ -725,24 +726,6 @@ def _infer_special_tokens(backend: BackendTokenizer) -> tuple[dict[str, str], li
         if unk in additional:
             additional.remove(unk)
     return roles, additional
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file in the same directory and ``os.replace``, so readers never see a
-    half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def _as_text_list(text: Any, name: str) -> list[str]:

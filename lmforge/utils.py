@@ -7,10 +7,10 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-import numpy as np
-import torch
+if TYPE_CHECKING:  # torch and numpy are imported where used: file helpers stay light to import
+    import torch
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -70,6 +70,9 @@ def recover_directory(final: str | os.PathLike) -> None:
 
 def set_seed(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices)."""
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -77,6 +80,8 @@ def set_seed(seed: int) -> None:
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """'auto'/None picks CUDA, then MPS, then CPU."""
+    import torch
+
     if device is None or device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -89,12 +94,15 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
         raise ValueError(f"unknown device {device!r}; use cpu, cuda, cuda:N, mps or auto") from None
 
 
-def matmul_peak_flops(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+def matmul_peak_flops(device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
                       seconds: float = 0.3) -> float:
     """FLOP/s of a large square matmul on `device`: the denominator of MFU, measured, not assumed."""
     import time
 
+    import torch
+
     device = torch.device(device)
+    dtype = dtype or torch.float32
     n = 4096 if device.type == "cuda" else 1024
     gen = torch.Generator(device=device).manual_seed(0)  # leaves the global RNG streams alone
     a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)

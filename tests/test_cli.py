@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -50,13 +51,7 @@ def run_main(argv: list[str]) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Any:
-    """Tiny models gain nothing from more threads; one avoids spinning on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +125,19 @@ def test_generate_continues_the_prompt_reproducibly(trained: dict[str, Any]) -> 
     assert generate("--seed", "2") != first
     greedy = generate("--temperature", "0", "--seed", "1")
     assert generate("--temperature", "0", "--seed", "7") == greedy  # greedy ignores the seed
+
+
+def test_generate_default_length_stays_inside_the_context(trained: dict[str, Any]) -> None:
+    tok = Tokenizer.from_pretrained(trained["out"])
+    prompt = "The quick brown fox"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an explicit --max-new-tokens past the context would warn
+        code, stdout, stderr = run_main(["generate", str(trained["out"]), prompt, "--temperature", "0"])
+    assert code == 0, stderr
+    # the model's context is 32 tokens: the default fills what the prompt leaves, and no more
+    assert len(tok.encode(stdout.rstrip("\n"))) <= 32
+    with pytest.warns(UserWarning, match="past the model's context"):
+        run_main(["generate", str(trained["out"]), prompt, "--max-new-tokens", "100"])
 
 
 def test_resume_continues_to_the_new_max_steps(trained: dict[str, Any], tmp_path: Path,

@@ -41,13 +41,7 @@ CHECKPOINT_FILES = {"config.json", "model.safetensors", "tokenizer.json", "optim
                     "trainer_state.json"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Any:
-    """Tiny models gain nothing from more threads; one avoids spinning on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
