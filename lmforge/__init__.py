@@ -20,12 +20,26 @@ _EXPORTS = {
     "sample_next_token": "lmforge.generation",
     "TrainingArguments": "lmforge.training.args",
     "Trainer": "lmforge.training.trainer",
+    "AutoConfig": "lmforge.auto",
+    "AutoTokenizer": "lmforge.auto",
+    "AutoModelForCausalLM": "lmforge.auto",
+}
+# Hugging Face's names for the same classes, so a script needs only its import line changed.
+_ALIASES = {
+    "GPT2Config": ("lmforge.config", "GPTConfig"),
+    "GPT2LMHeadModel": ("lmforge.models.gpt", "GPTForCausalLM"),
+    "GPT2Tokenizer": ("lmforge.tokenizer", "Tokenizer"),
+    "GPT2TokenizerFast": ("lmforge.tokenizer", "Tokenizer"),
+    "PreTrainedTokenizerFast": ("lmforge.tokenizer", "Tokenizer"),
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = sorted(_EXPORTS) + sorted(_ALIASES) + ["__version__"]
 
 
 def __getattr__(name: str) -> Any:
+    if name in _ALIASES:
+        module, target = _ALIASES[name]
+        return getattr(importlib.import_module(module), target)
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'lmforge' has no attribute {name!r}")

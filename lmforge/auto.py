@@ -1,0 +1,95 @@
+"""Auto classes and Hugging Face's familiar names: dispatch on `model_type` in config.json.
+
+    from lmforge import AutoTokenizer, AutoModelForCausalLM   # was: from transformers import ...
+    tok = AutoTokenizer.from_pretrained("runs/shakespeare")
+    model = AutoModelForCausalLM.from_pretrained("runs/shakespeare")
+
+Families register here; BERT's entries come with the BERT model.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from typing import Any
+
+# model_type in config.json -> "module:Class"
+CONFIGS = {"gpt2": "lmforge.config:GPTConfig", "lmforge-gpt": "lmforge.config:GPTConfig"}
+CAUSAL_LM = {"gpt2": "lmforge.models.gpt:GPTForCausalLM", "lmforge-gpt": "lmforge.models.gpt:GPTForCausalLM"}
+
+
+def _load(target: str) -> Any:
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def model_type_of(name_or_path: str | os.PathLike) -> str:
+    """The `model_type` of a model directory (or cached model id)."""
+    from lmforge.hub import resolve_model_dir
+
+    directory = resolve_model_dir(name_or_path)
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{directory / 'config.json'} is not valid JSON ({e})") from None
+    model_type = config.get("model_type")
+    if not model_type:
+        raise ValueError(f"{directory / 'config.json'} has no model_type; lmforge cannot tell which model it is")
+    return model_type
+
+
+def _dispatch(table: dict[str, str], model_type: str, what: str) -> Any:
+    try:
+        return _load(table[model_type])
+    except KeyError:
+        raise ValueError(f"model_type {model_type!r} is not supported by {what}; lmforge supports "
+                         f"{sorted(table)}") from None
+
+
+class AutoConfig:
+    """`AutoConfig.from_pretrained(path)` -> the config class that matches model_type."""
+
+    @staticmethod
+    def from_pretrained(name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
+        from lmforge.hub import resolve_model_dir
+
+        cls = _dispatch(CONFIGS, model_type_of(name_or_path), "AutoConfig")
+        config = cls.from_pretrained(resolve_model_dir(name_or_path))
+        for key, value in kwargs.items():
+            if not hasattr(config, key):
+                raise TypeError(f"{cls.__name__} has no option {key!r}")
+            setattr(config, key, value)
+        return config
+
+
+class AutoTokenizer:
+    """`AutoTokenizer.from_pretrained(path)` -> lmforge's Tokenizer for the directory's files."""
+
+    @staticmethod
+    def from_pretrained(name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
+        from pathlib import Path
+
+        from lmforge.hub import resolve_model_dir
+        from lmforge.tokenizer import Tokenizer
+
+        local = Path(name_or_path).expanduser()  # a tokenizer-only folder has no config.json
+        tokenizer = Tokenizer.from_pretrained(local if local.exists() else resolve_model_dir(name_or_path))
+        for key in ("padding_side", "model_max_length"):
+            if key in kwargs:
+                setattr(tokenizer, key, kwargs.pop(key))
+        if kwargs:
+            raise TypeError(f"AutoTokenizer.from_pretrained got unknown option(s) {sorted(kwargs)}")
+        return tokenizer
+
+
+class AutoModelForCausalLM:
+    """`AutoModelForCausalLM.from_pretrained(path)` / `.from_config(config)` for decoder models."""
+
+    @staticmethod
+    def from_pretrained(name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
+        cls = _dispatch(CAUSAL_LM, model_type_of(name_or_path), "AutoModelForCausalLM")
+        return cls.from_pretrained(name_or_path, **kwargs)
+
+    @staticmethod
+    def from_config(config: Any) -> Any:
+        return _dispatch(CAUSAL_LM, type(config).model_type, "AutoModelForCausalLM")(config)
