@@ -3,6 +3,7 @@
     lmforge pretrain [RECIPE] [--data PATH ...] [--out DIR] [--max-steps N] [--seed S] [--resume] [--set k=v ...]
     lmforge generate MODEL_DIR PROMPT [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] ...
     lmforge tokenizer train SOURCE ... --vocab-size N --out DIR
+    lmforge convert SOURCE OUT [--dtype bfloat16]
 
 A user error prints one line naming the problem and exits with status 2 (`--debug` shows the traceback).
 """
@@ -84,6 +85,40 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+
+def cmd_convert(a: argparse.Namespace) -> int:
+    """Load a Hugging Face (or lmforge) checkpoint and write it again: another dtype, a clean layout."""
+    import torch
+
+    from lmforge.auto import AutoModelForCausalLM
+    from lmforge.hub import GPT2_KEYS, read_weights, resolve_model_dir
+    from lmforge.tokenizer import Tokenizer
+
+    source = resolve_model_dir(a.source)
+    state, weights_file = read_weights(source)
+    model = AutoModelForCausalLM.from_pretrained(source)
+    print(f"lmforge convert: {weights_file} ({len(state)} tensors) -> {type(model).__name__}")
+    for rule in GPT2_KEYS:  # what each Hugging Face name became inside lmforge
+        hits = sum(1 for name in state if rule.match(name, ours=False) or rule.match("transformer." + name, ours=False))
+        if hits:
+            note = " (transposed: Conv1D -> Linear)" if rule.transpose else ""
+            print(f"  {rule.theirs:44s} -> {rule.ours}{note}  x{hits}")
+    dtype = DTYPES[a.dtype]
+    model.to(getattr(torch, dtype))
+    model.config.extra["torch_dtype"] = dtype
+    try:
+        tokenizer = Tokenizer.from_pretrained(source)
+    except FileNotFoundError:
+        tokenizer = None
+        print("  (no tokenizer files in the source; only the model is written)")
+    model.save_pretrained(a.out, tokenizer=tokenizer)
+    print(f"lmforge convert: wrote {a.out} ({dtype}); it loads with lmforge and with transformers")
+    return 0
+
+
 def cmd_tokenizer_train(a: argparse.Namespace) -> int:
     from lmforge.data import iter_documents
     from lmforge.tokenizer import Tokenizer
@@ -128,6 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("convert", parents=[common], help="re-write a Hugging Face / lmforge checkpoint (e.g. dtype)",
+                       description="Load SOURCE (a Hugging Face GPT-2 or lmforge directory, or a cached model id) "
+                                   "and write it to OUT as config.json + model.safetensors + tokenizer files, "
+                                   "printing how the parameter names were mapped.")
+    p.add_argument("source", help="model directory or cached model id")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight dtype to write (default float32)")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="action", metavar="ACTION")
     p.required = True

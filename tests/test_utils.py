@@ -65,3 +65,15 @@ def test_recipe_numbers_in_either_spelling(tmp_path: Path) -> None:
     assert training == {"learning_rate": 0.001, "weight_decay": 0.01, "max_steps": 10}
     over = apply_overrides({}, ["training.learning_rate=3e-4", "model.n_layer=2", "data=[a, b]"])
     assert over == {"training": {"learning_rate": 0.0003}, "model": {"n_layer": 2}, "data": ["a", "b"]}
+
+
+def test_written_files_and_folders_get_the_usual_permissions(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "f.json", "{}")
+        with atomic_directory(tmp_path / "checkpoint-1") as d:
+            (d / "x").write_text("1")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "checkpoint-1").stat().st_mode & 0o777 == 0o755
