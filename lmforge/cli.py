@@ -55,16 +55,14 @@ def cmd_generate(a: argparse.Namespace) -> int:
     import torch
 
     from lmforge.generation import stream
+    from lmforge.hub import resolve_model_dir
     from lmforge.models.gpt import GPTForCausalLM
     from lmforge.tokenizer import Tokenizer
     from lmforge.utils import resolve_device
 
-    try:
-        device = resolve_device(a.device)
-    except RuntimeError:
-        raise ValueError(f"--device {a.device!r} is not a torch device; use cpu, cuda, cuda:1, mps or auto") from None
-    model = GPTForCausalLM.from_pretrained(a.model_dir, device=device)
-    tokenizer = Tokenizer.from_pretrained(a.model_dir)
+    model_dir = resolve_model_dir(a.model_dir)  # a folder, or a model id in the local Hugging Face cache
+    model = GPTForCausalLM.from_pretrained(model_dir, device=resolve_device(a.device))  # bad device: ValueError
+    tokenizer = Tokenizer.from_pretrained(model_dir)
     prompt = a.prompt if a.prompt != "-" else sys.stdin.read()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -99,7 +97,7 @@ def cmd_convert(a: argparse.Namespace) -> int:
 
     source = resolve_model_dir(a.source)
     state, weights_file = read_weights(source)
-    model = AutoModelForCausalLM.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     print(f"lmforge convert: {weights_file} ({len(state)} tensors) -> {type(model).__name__}")
     for rule in GPT2_KEYS:  # what each Hugging Face name became inside lmforge
         hits = sum(1 for name in state if rule.match(name, ours=False) or rule.match("transformer." + name, ours=False))
@@ -108,7 +106,6 @@ def cmd_convert(a: argparse.Namespace) -> int:
             print(f"  {rule.theirs:44s} -> {rule.ours}{note}  x{hits}")
     dtype = DTYPES[a.dtype]
     model.to(getattr(torch, dtype))
-    model.config.extra["torch_dtype"] = dtype
     try:
         tokenizer = Tokenizer.from_pretrained(source)
     except FileNotFoundError:

@@ -1,7 +1,8 @@
 """Checkpoints in Hugging Face's layout: resolve a path, map parameter names, load and save.
 
-A model directory holds `config.json`, `model.safetensors` (Hugging Face parameter names) and the
-tokenizer files. Conversion between lmforge's module names and Hugging Face's is one declarative
+A model directory holds `config.json`, `model.safetensors` (Hugging Face parameter names; or shards
+listed in `model.safetensors.index.json`) and the tokenizer files. A model id ("gpt2", "org/name") is
+found offline in the local Hugging Face cache; nothing here ever uses the network. Conversion between lmforge's module names and Hugging Face's is one declarative
 key map per family, checked for count and shape in both directions.
 """
 from __future__ import annotations
@@ -16,10 +17,14 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from lmforge.utils import atomic_write_bytes
+from lmforge.utils import atomic_write_bytes, atomic_write_text
 
 WEIGHTS_NAME = "model.safetensors"
 LEGACY_WEIGHTS_NAME = "pytorch_model.bin"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+LEGACY_WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
+SHARD_NAME = "model-{:05d}-of-{:05d}.safetensors"  # Hugging Face's shard names, numbered from 1
+_SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 
 
 @dataclass(frozen=True)
@@ -141,38 +146,191 @@ def read_safetensors(path: Path) -> dict[str, Tensor]:
                          "checkpoint") from None
 
 
+def _present(path: Path) -> bool:
+    """Whether `path` is a readable file; a symlink into a missing Hugging Face cache blob is an error,
+    not "absent", so that an incomplete download is reported as such instead of as some other file."""
+    if path.is_file():
+        return True
+    if path.is_symlink():
+        raise FileNotFoundError(f"{path} is a link to {os.readlink(path)}, which does not exist: the Hugging Face "
+                                "cache is incomplete (interrupted download or a deleted blob); download the model "
+                                "again, or copy a complete model folder and pass its path")
+    return False
+
+
+def _read_pickle(path: Path) -> dict[str, Tensor]:
+    """A pytorch_model*.bin loaded with weights_only=True: a pickle that would run code is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refuses anything that would run code
+        raise ValueError(f"refused to load {path}: it is not a plain tensor file ({type(e).__name__}). "
+                         "Convert it to model.safetensors from a trusted environment.") from None
+
+
+def read_sharded(index_path: Path, reader: Callable[[Path], dict[str, Tensor]]) -> dict[str, Tensor]:
+    """All shards listed in a Hugging Face `*.index.json` ({"metadata": ..., "weight_map": {tensor: shard}})
+    merged into one state dict, each shard read by `reader` (so a damaged shard is named)."""
+    directory = index_path.parent
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{index_path} is not valid JSON ({e}); re-download or re-save the checkpoint") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if (not isinstance(weight_map, dict) or not weight_map
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items())):
+        raise ValueError(f"{index_path} has no usable weight_map (tensor name -> shard file name); it is not a "
+                         "sharded-checkpoint index. Re-download or re-save the checkpoint")
+    shards = sorted(set(weight_map.values()))
+    outside = [s for s in shards if Path(s).is_absolute() or ".." in Path(s).parts]
+    if outside:
+        raise ValueError(f"{index_path} names shard files outside its folder ({outside[:3]}); refusing to read "
+                         "them. Shards must be file names next to the index")
+    missing = [s for s in shards if not _present(directory / s)]
+    if missing:
+        raise FileNotFoundError(f"{index_path.name} lists shard(s) {missing} that are not in {directory}: the "
+                                "checkpoint is incomplete. Download or copy the missing file(s) next to the index")
+    state: dict[str, Tensor] = {}
+    for shard in shards:
+        state.update(reader(directory / shard))
+    absent = [k for k in weight_map if k not in state]
+    if absent:
+        raise ValueError(f"{index_path} maps {absent[:5]} to shards that do not contain them; the index and the "
+                         "shards come from different saves. Re-download or re-save the checkpoint")
+    return state
+
+
 def read_weights(directory: Path) -> tuple[dict[str, Tensor], Path]:
-    """model.safetensors, else pytorch_model.bin loaded with weights_only=True (never executes code)."""
+    """The directory's weights as one state dict, and the file they came from (the index when sharded).
+
+    Looked for in transformers' order: model.safetensors, model.safetensors.index.json (+ shards),
+    pytorch_model.bin, pytorch_model.bin.index.json (+ shards); pickles load with weights_only=True
+    (never executes code).
+    """
+    directory = Path(directory)
     st = directory / WEIGHTS_NAME
-    if st.is_file():
+    if _present(st):
         return read_safetensors(st), st
+    st_index = directory / WEIGHTS_INDEX_NAME
+    if _present(st_index):
+        return read_sharded(st_index, read_safetensors), st_index
     legacy = directory / LEGACY_WEIGHTS_NAME
-    if legacy.is_file():
-        try:
-            return torch.load(legacy, map_location="cpu", weights_only=True), legacy
-        except Exception as e:  # weights_only refuses anything that would run code
-            raise ValueError(f"refused to load {legacy}: it is not a plain tensor file ({type(e).__name__}). "
-                             "Convert it to model.safetensors from a trusted environment.") from None
-    raise FileNotFoundError(f"no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in {directory}; "
-                            "a model directory is written by save_pretrained / `lmforge pretrain`")
+    if _present(legacy):
+        return _read_pickle(legacy), legacy
+    legacy_index = directory / LEGACY_WEIGHTS_INDEX_NAME
+    if _present(legacy_index):
+        return read_sharded(legacy_index, _read_pickle), legacy_index
+    raise FileNotFoundError(f"no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in {directory}, nor a sharded "
+                            f"{WEIGHTS_INDEX_NAME} / {LEGACY_WEIGHTS_INDEX_NAME}; a model directory is written "
+                            "by save_pretrained / `lmforge pretrain`")
 
 
-def resolve_model_dir(path: str | os.PathLike) -> Path:
-    """A local model directory holding config.json (the Hugging Face cache comes with the hub issue)."""
-    directory = Path(path).expanduser()
-    if not directory.is_dir():
+# ---------------------------------------------------------------------------------- the Hugging Face cache
+def hf_cache_dir() -> Path:
+    """Where huggingface_hub keeps downloads, by its own rules: $HF_HUB_CACHE (or the older
+    $HUGGINGFACE_HUB_CACHE), else $HF_HOME/hub, else $XDG_CACHE_HOME/huggingface/hub, else
+    ~/.cache/huggingface/hub."""
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return Path(os.path.expandvars(os.environ[var])).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.path.expandvars(os.environ["HF_HOME"])).expanduser() / "hub"
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "huggingface" / "hub"
+    return Path("~/.cache/huggingface/hub").expanduser()
+
+
+_ID_PART = re.compile(r"\w(?:[\w.-]{0,94}\w)?")
+
+
+def is_repo_id(name: str) -> bool:
+    """Whether `name` has the shape of a Hub model id ("gpt2", "org/name"), by the Hub's own rules."""
+    parts = name.split("/")
+    return (len(parts) in (1, 2) and all(_ID_PART.fullmatch(p) for p in parts)
+            and "--" not in name and ".." not in name)
+
+
+def _snapshot_names(snapshots: Path) -> list[str]:
+    return sorted(p.name for p in snapshots.iterdir() if p.is_dir()) if snapshots.is_dir() else []
+
+
+def cached_snapshot(repo_id: str, revision: str | None = None,
+                    cache_dir: str | os.PathLike | None = None) -> Path:
+    """The snapshot folder of a model in the local Hugging Face cache; never touches the network.
+
+    `revision`: a branch or tag recorded under `refs/` (default "main") or a commit hash. With no
+    revision and no `refs/main`, the only snapshot is used; several are ambiguous and an error.
+    """
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else hf_cache_dir()
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    get = (f"download them where a network exists with `huggingface-cli download {repo_id}` (or "
+           f"huggingface_hub.snapshot_download({repo_id!r})) into this cache, or copy the model folder "
+           "here and pass its path")
+    if not repo.is_dir():
+        raise FileNotFoundError(f"{repo_id!r} is not a local directory and is not in the Hugging Face cache "
+                                f"(looked in {repo}; the cache is $HF_HUB_CACHE, else $HF_HOME/hub, else "
+                                f"~/.cache/huggingface/hub). lmforge never downloads: {get}")
+    snapshots = repo / "snapshots"
+    names = _snapshot_names(snapshots)
+    if not names:
+        raise FileNotFoundError(f"{repo} is in the Hugging Face cache but holds no snapshot (nothing in "
+                                f"{snapshots}): the download was interrupted or cleaned up. To get the files, {get}")
+    if revision is not None and (not revision or Path(revision).is_absolute() or ".." in Path(revision).parts):
+        raise ValueError(f"revision {revision!r} is not a branch, tag or commit name")
+    wanted = revision or "main"
+    ref = repo / "refs" / wanted
+    if ref.is_file():
+        commit = ref.read_text(encoding="utf-8").strip()
+        if (snapshots / commit).is_dir():
+            return snapshots / commit
+        raise FileNotFoundError(f"{ref} points at commit {commit!r}, but {snapshots / commit} does not exist "
+                                f"(snapshots there: {names}): the cache is incomplete. To get the files, {get}")
+    if (snapshots / wanted).is_dir():
+        return snapshots / wanted
+    if revision is None:
+        if len(names) == 1:
+            return snapshots / names[0]
+        raise FileNotFoundError(f"{repo} has several snapshots {names} and no refs/main to choose between them; "
+                                "pass revision=<one of them> (or a branch name recorded under refs/)")
+    refs = sorted(str(p.relative_to(repo / "refs")) for p in (repo / "refs").rglob("*") if p.is_file()) \
+        if (repo / "refs").is_dir() else []
+    raise FileNotFoundError(f"revision {revision!r} of {repo_id!r} is not in the Hugging Face cache at {repo} "
+                            f"(branches/tags under refs/: {refs}; snapshots: {names}). Pass one of those, or "
+                            f"download it where a network exists with `huggingface-cli download {repo_id} "
+                            f"--revision {revision}`")
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike, revision: str | None = None,
+                      cache_dir: str | os.PathLike | None = None) -> Path:
+    """The folder holding config.json for a local directory or, offline, a model id ("gpt2",
+    "org/name") in the local Hugging Face cache. A local path that exists always wins."""
+    directory = Path(name_or_path).expanduser()
+    if directory.exists():
+        if revision is not None:
+            raise ValueError(f"revision={revision!r} applies to Hugging Face cache ids, but {directory} is a local "
+                             "path; drop revision= or pass the model id")
+    elif is_repo_id(str(name_or_path)):
+        directory = cached_snapshot(str(name_or_path), revision, cache_dir)
+    else:
         raise FileNotFoundError(f"model directory {directory} does not exist; pass the folder written by "
-                                "save_pretrained or `lmforge pretrain --out`")
-    if not (directory / "config.json").is_file():
+                                "save_pretrained or `lmforge pretrain --out`, or a Hugging Face model id "
+                                "(\"gpt2\", \"org/name\") that is in the local cache")
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} is a file, not a model directory; pass the folder that holds "
+                                "config.json and the weights")
+    if not _present(directory / "config.json"):
         raise FileNotFoundError(f"{directory} has no config.json; it is not a model directory "
                                 "(expected config.json + model.safetensors)")
     return directory
 
 
-def load_pretrained(cls: type, path: str | os.PathLike, dtype: torch.dtype | None = None,
-                    device: str | torch.device | None = None, **config_overrides: Any) -> Any:
-    """Build `cls` from a directory's config.json and fill it from its weights."""
-    directory = resolve_model_dir(path)
+def load_pretrained(cls: type, path: str | os.PathLike, dtype: torch.dtype | str | None = None,
+                    device: str | torch.device | None = None, revision: str | None = None,
+                    cache_dir: str | os.PathLike | None = None, **config_overrides: Any) -> Any:
+    """Build `cls` from a directory's (or cached model id's) config.json and fill it from its weights.
+
+    dtype: None or "auto" keeps the dtype recorded in config.json (float32 when none is); a torch
+    dtype or its name converts."""
+    directory = resolve_model_dir(path, revision=revision, cache_dir=cache_dir)
     config = cls.config_class.from_pretrained(directory)
     for key, value in config_overrides.items():
         if not hasattr(config, key):
@@ -184,20 +342,99 @@ def load_pretrained(cls: type, path: str | os.PathLike, dtype: torch.dtype | Non
     if config.tie_word_embeddings:
         model.tie_weights()
     model.eval()
+    if dtype is None or dtype == "auto":  # the dtype the checkpoint was saved in, as transformers 5 does
+        dtype = _saved_dtype(config)
+    elif isinstance(dtype, str):
+        dtype = _torch_dtype(dtype, "dtype argument")
     if dtype is not None or device is not None:
         model.to(device=device, dtype=dtype)
     return model
 
 
-def save_pretrained(model: nn.Module, directory: str | os.PathLike, tokenizer: Any = None) -> Path:
-    """config.json + model.safetensors (+ tokenizer files), each file written atomically."""
+def _torch_dtype(name: str, where: str) -> torch.dtype:
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(f"{where}: {name!r} is not a floating-point torch dtype (e.g. float32, bfloat16)")
+    return value
+
+
+def _saved_dtype(config: Any) -> torch.dtype | None:
+    """`torch_dtype` / `dtype` recorded in config.json (None when absent: float32)."""
+    extra = getattr(config, "extra", {})
+    name = extra.get("dtype") or extra.get("torch_dtype")
+    return _torch_dtype(name, "config.json dtype") if isinstance(name, str) else None
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string as transformers takes it: "500MB", "2GB" (powers of 10), "1GiB"
+    (powers of 2); a lower-case "b" ("5Gb") means bits."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        if size > 0:
+            return size
+    elif isinstance(size, str):
+        m = re.fullmatch(r"\s*(\d+)\s*([KMG])(i?)([Bb])\s*", size, flags=re.IGNORECASE)
+        if m:
+            digits, prefix, binary, unit = m.groups()
+            scale = (2 ** 10 if binary else 10 ** 3) ** ("KMG".index(prefix.upper()) + 1)
+            value = int(digits) * scale
+            if value > 0:
+                return value // 8 if unit == "b" and not binary else value
+    raise ValueError(f"max_shard_size={size!r} is not a size; give bytes as a positive int or a string such as "
+                     "'500MB', '2GB' or '1GiB'")
+
+
+def _split_shards(state: dict[str, Tensor], limit: int) -> list[dict[str, Tensor]]:
+    """Tensors in order, a new shard whenever the next would overflow `limit` (transformers' rule:
+    a tensor larger than the limit gets a shard of its own)."""
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    return shards
+
+
+def save_pretrained(model: nn.Module, directory: str | os.PathLike, tokenizer: Any = None,
+                    max_shard_size: int | str | None = None) -> Path:
+    """config.json + model.safetensors (+ tokenizer files), each file written atomically.
+
+    With `max_shard_size` (bytes, or "500MB" / "1GiB") weights larger than that are split into
+    Hugging Face's model-00001-of-0000N.safetensors + model.safetensors.index.json. Weight files of an
+    earlier save into the same folder that this save does not use are removed afterwards, so that no
+    loader picks up stale weights (a single model.safetensors would win over a new index).
+    """
     from safetensors.torch import save
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    model.config.extra.update(dtype=dtype, torch_dtype=dtype)  # loaders restore it (transformers 5: "dtype")
     model.config.save(directory)
     state = {k: v.detach().to("cpu").contiguous() for k, v in to_hf_state_dict(model).items()}
-    atomic_write_bytes(directory / WEIGHTS_NAME, save(state, metadata={"format": "pt"}))
+    shards = [state] if max_shard_size is None else _split_shards(state, parse_size(max_shard_size))
+    if len(shards) == 1:
+        atomic_write_bytes(directory / WEIGHTS_NAME, save(state, metadata={"format": "pt"}))
+        written = {WEIGHTS_NAME}
+    else:
+        weight_map: dict[str, str] = {}
+        for i, shard in enumerate(shards, 1):
+            name = SHARD_NAME.format(i, len(shards))
+            atomic_write_bytes(directory / name, save(shard, metadata={"format": "pt"}))
+            weight_map.update(dict.fromkeys(shard, name))
+        index = {"metadata": {"total_parameters": sum(t.numel() for t in state.values()),
+                              "total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                 "weight_map": dict(sorted(weight_map.items()))}
+        atomic_write_text(directory / WEIGHTS_INDEX_NAME, json.dumps(index, indent=2) + "\n")
+        written = {WEIGHTS_INDEX_NAME, *weight_map.values()}
+    # the index before its shards: at every moment the files a loader would pick are consistent
+    old_shards = sorted(p.name for p in directory.iterdir() if _SHARD_RE.match(p.name))
+    for name in (WEIGHTS_NAME, WEIGHTS_INDEX_NAME, *old_shards):
+        if name not in written:
+            (directory / name).unlink(missing_ok=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     return directory

@@ -211,11 +211,13 @@ class GPTForCausalLM(nn.Module):
         return 6 * self.num_parameters(exclude_embeddings=True) + 12 * c.n_layer * c.n_embd * T
 
     # ---- checkpoints (Hugging Face layout) --------------------------------------------------
-    def save_pretrained(self, directory: str | os.PathLike, tokenizer: Any = None) -> None:
-        """Write config.json + model.safetensors (Hugging Face GPT-2 names) [+ tokenizer files]."""
+    def save_pretrained(self, directory: str | os.PathLike, tokenizer: Any = None,
+                        max_shard_size: int | str | None = None) -> None:
+        """Write config.json + model.safetensors (Hugging Face GPT-2 names) [+ tokenizer files];
+        `max_shard_size` (e.g. "2GB") splits the weights into shards with an index, as transformers does."""
         from lmforge.hub import save_pretrained
 
-        save_pretrained(self, directory, tokenizer=tokenizer)
+        save_pretrained(self, directory, tokenizer=tokenizer, max_shard_size=max_shard_size)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> "GPTForCausalLM":
