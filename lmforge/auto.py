@@ -67,13 +67,9 @@ class AutoTokenizer:
 
     @staticmethod
     def from_pretrained(name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
-        from pathlib import Path
-
-        from lmforge.hub import resolve_model_dir
         from lmforge.tokenizer import Tokenizer
 
-        local = Path(name_or_path).expanduser()  # a tokenizer-only folder has no config.json
-        tokenizer = Tokenizer.from_pretrained(local if local.exists() else resolve_model_dir(name_or_path))
+        tokenizer = Tokenizer.from_pretrained(name_or_path)  # a folder or a cached model id
         for key in ("padding_side", "model_max_length"):
             if key in kwargs:
                 setattr(tokenizer, key, kwargs.pop(key))

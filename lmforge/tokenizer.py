@@ -5,7 +5,9 @@ things the backend does not know: which token plays which role (eos, pad, ...), 
 side and the model's maximum length. The backend does the heavy lifting (training, fast
 batched encoding, decoding); this module adds the ``__call__`` API that models and trainers
 expect (padding, truncation, attention masks, tensors) and a ``save_pretrained`` layout that
-``transformers.AutoTokenizer`` can load.
+``transformers.AutoTokenizer`` can load. ``from_pretrained`` reads that layout, and also GPT-2's
+legacy ``vocab.json`` + ``merges.txt`` (checkpoints without a ``tokenizer.json``), building the
+same byte-level BPE as transformers' ``GPT2Tokenizer`` does.
 
 Training recipes are classmethods that build a backend and hand it to the constructor, so
 adding another recipe (e.g. a BERT WordPiece one) needs no change to the rest of the class:
@@ -51,6 +53,15 @@ NO_MAX_LENGTH = int(1e30)
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
+# GPT-2's legacy ("slow") tokenizer files, loaded when a directory has no tokenizer.json
+VOCAB_FILE = "vocab.json"
+MERGES_FILE = "merges.txt"
+ADDED_TOKENS_FILE = "added_tokens.json"
+#: GPT-2's one special token: bos, eos and unk unless a config says otherwise.
+GPT2_SPECIAL_TOKEN = "<|endoftext|>"
+# tokenizer_class values (tokenizer_config.json) whose vocab.json + merges.txt mean GPT-2's
+# byte-level BPE; other classes (RoBERTa, GPT-1, ...) read the same files differently
+_GPT2_TOKENIZER_CLASSES = ("GPT2Tokenizer", "GPT2TokenizerFast")
 
 # Well-known special token strings -> the roles they play; used only when a tokenizer.json is
 # loaded without a tokenizer_config.json telling us the roles explicitly.
@@ -204,10 +215,15 @@ class Tokenizer:
         return cls(backend, roles, additional_special_tokens=special_tokens[2:])
 
     @staticmethod
-    def _byte_level_bpe_backend() -> BackendTokenizer:
-        """An untrained GPT-2-style byte-level BPE pipeline (no normalizer: lossless)."""
-        backend = BackendTokenizer(models.BPE())
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    def _byte_level_bpe_backend(
+        model: models.BPE | None = None, add_prefix_space: bool = False
+    ) -> BackendTokenizer:
+        """A GPT-2-style byte-level BPE pipeline (no normalizer: lossless) around ``model``
+        (default: an untrained BPE, for training)."""
+        backend = BackendTokenizer(models.BPE() if model is None else model)
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(
+            add_prefix_space=add_prefix_space, use_regex=True
+        )
         backend.decoder = decoders.ByteLevel()
         # trim_offsets=False: a token's offsets include its leading space, so the offsets of
         # consecutive tokens tile the input text.
@@ -232,54 +248,133 @@ class Tokenizer:
     @classmethod
     def from_pretrained(cls, path: PathLike) -> Tokenizer:
         """Load from a directory written by :meth:`save_pretrained` (or by Hugging Face), or
-        from a path to its ``tokenizer.json``.
+        from a path to a file in it (its ``tokenizer.json``, or ``vocab.json``).
 
         Special tokens, ``padding_side`` and ``model_max_length`` come from
         ``tokenizer_config.json`` / ``special_tokens_map.json`` next to ``tokenizer.json``
         when present; otherwise roles are inferred as in :meth:`from_file`.
+
+        A directory without ``tokenizer.json`` but with GPT-2's legacy ``vocab.json`` +
+        ``merges.txt`` (as in the original ``gpt2`` checkpoint) loads as the byte-level BPE
+        tokenizer Hugging Face's ``GPT2Tokenizer`` builds from them: same ids, same special
+        tokens (see :meth:`_from_gpt2_files`). ``tokenizer.json`` wins when both are present.
         """
-        path = Path(path)
+        path = Path(path).expanduser()
+        if not path.exists() and _looks_like_model_id(str(path)):
+            from lmforge.hub import cached_snapshot  # a model id in the local Hugging Face cache
+
+            path = cached_snapshot(str(path))
         if path.is_dir():
             tokenizer_file, directory = path / TOKENIZER_FILE, path
             if not tokenizer_file.is_file():
-                raise FileNotFoundError(
-                    f"no {TOKENIZER_FILE} in directory {str(path)!r} (looked for "
-                    f"{str(tokenizer_file)!r}); expected a directory written by "
-                    "Tokenizer.save_pretrained (slow-tokenizer vocab/merges files are not "
-                    "supported)"
-                )
+                return cls._from_gpt2_files(path)
+        elif path.is_file() and path.name in (VOCAB_FILE, MERGES_FILE):
+            return cls._from_gpt2_files(path.parent)
         elif path.is_file():
             tokenizer_file, directory = path, path.parent
         else:
             raise FileNotFoundError(
                 f"tokenizer path not found: {str(path)!r}; expected a directory containing "
-                f"{TOKENIZER_FILE} (as written by Tokenizer.save_pretrained) or the path of a "
-                f"{TOKENIZER_FILE} file"
+                f"{TOKENIZER_FILE} (as written by Tokenizer.save_pretrained) or GPT-2's "
+                f"{VOCAB_FILE} + {MERGES_FILE}, or the path of a {TOKENIZER_FILE} file"
             )
         backend = _load_backend(tokenizer_file)
         config = _read_json(directory / CONFIG_FILE)
         token_map = _read_json(directory / SPECIAL_TOKENS_MAP_FILE)
-        roles: dict[str, str | None] = {}
-        for source in (token_map, config):  # tokenizer_config.json wins
-            for role in SPECIAL_TOKEN_ROLES:
-                if role in source:
-                    roles[role] = _token_content(source[role])
-        additional = [
-            _token_content(t)
-            for t in config.get(
-                "additional_special_tokens", token_map.get("additional_special_tokens", [])
-            )
-        ]
+        roles, additional = _configured_special_tokens(config, token_map)  # the config wins
         if not roles and not additional:
             roles, additional = _infer_special_tokens(backend)
-        kwargs: dict[str, Any] = {}
-        if "model_max_length" in config:
-            kwargs["model_max_length"] = int(config["model_max_length"])
-        if "padding_side" in config:
-            kwargs["padding_side"] = config["padding_side"]
-        if "model_input_names" in config:
-            kwargs["model_input_names"] = config["model_input_names"]
-        return cls(backend, roles, additional_special_tokens=additional, **kwargs)
+        return cls(
+            backend,
+            {role: _token_content(token) for role, token in roles.items()},
+            additional_special_tokens=[_token_content(t) for t in additional],
+            **_config_settings(config),
+        )
+
+    @classmethod
+    def _from_gpt2_files(cls, directory: Path) -> Tokenizer:
+        """Build the byte-level BPE tokenizer of a GPT-2-style directory without tokenizer.json.
+
+        Mirrors what ``transformers``' ``GPT2Tokenizer`` makes of the same files, so ids match:
+        GPT-2's regex pre-tokenizer (a prefix space only if ``tokenizer_config.json`` sets
+        ``add_prefix_space``), byte-level decoder, no unknown token in the model; bos, eos and
+        unk default to ``<|endoftext|>``, pad to none. Every special token and every token of
+        ``added_tokens.json`` (or of the config's ``added_tokens_decoder``) becomes an added
+        token, so it is matched as a whole in the text; one missing from vocab.json gets the
+        next free id, in Hugging Face's order. ``add_bos_token`` / ``add_eos_token`` in the
+        config make ``__call__`` add them, as Hugging Face does.
+        """
+        vocab_path, merges_path = directory / VOCAB_FILE, directory / MERGES_FILE
+        found = [p.name for p in (vocab_path, merges_path) if p.is_file()]
+        if len(found) < 2:
+            if found:
+                other = MERGES_FILE if found[0] == VOCAB_FILE else VOCAB_FILE
+                what = f"it has {found[0]} but no {other}"
+            else:
+                what = f"no {VOCAB_FILE} + {MERGES_FILE} either"
+            present = sorted(p.name for p in directory.iterdir())
+            listing = ", ".join(present[:12]) + (", ..." if len(present) > 12 else "")
+            raise FileNotFoundError(
+                f"no {TOKENIZER_FILE} in directory {str(directory)!r}, and {what} (files "
+                f"there: {listing or 'none'}); expected {TOKENIZER_FILE} (as written by "
+                f"Tokenizer.save_pretrained or transformers), or GPT-2's legacy {VOCAB_FILE} + "
+                f"{MERGES_FILE} (byte-level BPE) with optional {CONFIG_FILE}, "
+                f"{SPECIAL_TOKENS_MAP_FILE} and {ADDED_TOKENS_FILE}"
+            )
+        config = _read_json(directory / CONFIG_FILE)
+        _check_gpt2_tokenizer_class(config, directory / CONFIG_FILE)
+        vocab = _read_gpt2_vocab(vocab_path)
+        merges = _read_gpt2_merges(merges_path, vocab)
+        backend = cls._byte_level_bpe_backend(
+            models.BPE(vocab=vocab, merges=merges),
+            add_prefix_space=bool(config.get("add_prefix_space", False)),
+        )
+
+        # as in transformers: special_tokens_map.json overrides the config, unless the config
+        # has an added_tokens_decoder (a transformers >= 4.34 save), which makes it ignored
+        token_map = {}
+        if "added_tokens_decoder" not in config:
+            token_map = _read_json(directory / SPECIAL_TOKENS_MAP_FILE)
+        roles, additional = _configured_special_tokens(token_map, config)
+        for role in ("bos_token", "eos_token", "unk_token"):  # GPT2Tokenizer's defaults
+            roles.setdefault(role, GPT2_SPECIAL_TOKEN)
+        special = {_token_content(t) for t in [*roles.values(), *additional]} - {None}
+        declared, source = _declared_added_tokens(config, directory, special)
+        # Hugging Face adds, in this order and skipping repeats: the declared added tokens (by
+        # id), the role tokens (in role order), the additional special tokens. A token already
+        # in vocab.json keeps its id; a new one gets the next free id.
+        to_add: dict[str, AddedToken] = {}
+        for _, token in declared:
+            to_add.setdefault(token.content, token)
+        for token in [roles.get(r) for r in SPECIAL_TOKEN_ROLES] + list(additional):
+            if token is not None:
+                added = _added_token(token, special=True)
+                to_add.setdefault(added.content, added)
+        backend.add_tokens(list(to_add.values()))
+        for index, token in declared:
+            got = backend.token_to_id(token.content)
+            if got != index:
+                raise ValueError(
+                    f"{str(source)!r} gives token {token.content!r} id {index}, but with "
+                    f"{VOCAB_FILE} it gets id {got}: the files do not belong together; fix the "
+                    "id in the file (added tokens follow the vocabulary: the first has id "
+                    f"{len(vocab)}) or remove the entry"
+                )
+
+        add_bos = bool(config.get("add_bos_token", False)) and roles.get("bos_token") is not None
+        add_eos = bool(config.get("add_eos_token", False)) and roles.get("eos_token") is not None
+        if add_bos or add_eos:
+            backend.post_processor = _bos_eos_template(
+                backend,
+                _token_content(roles["bos_token"]) if add_bos else None,
+                _token_content(roles["eos_token"]) if add_eos else None,
+            )
+        return cls(
+            backend,
+            {role: _token_content(token) for role, token in roles.items()},
+            additional_special_tokens=[_token_content(t) for t in additional],
+            **_config_settings(config),
+        )
 
     def save_pretrained(self, directory: PathLike) -> list[str]:
         """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json``
@@ -692,11 +787,179 @@ def _load_backend(path: Path) -> BackendTokenizer:
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(
+            f"{str(path)!r} is not valid UTF-8 JSON ({err}); fix or remove the file"
+        ) from None
     if not isinstance(data, dict):
         raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(data).__name__}")
     return data
+
+
+def _config_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The constructor settings a ``tokenizer_config.json`` may carry."""
+    settings: dict[str, Any] = {}
+    if "model_max_length" in config:
+        settings["model_max_length"] = int(config["model_max_length"])
+    if "padding_side" in config:
+        settings["padding_side"] = config["padding_side"]
+    if "model_input_names" in config:
+        settings["model_input_names"] = config["model_input_names"]
+    return settings
+
+
+def _configured_special_tokens(
+    first: Mapping[str, Any], second: Mapping[str, Any]
+) -> tuple[dict[str, Any], list[Any]]:
+    """``({role: token}, additional)`` as written in two JSON files (tokenizer_config.json,
+    special_tokens_map.json; str, None or Hugging Face AddedToken dicts), ``first`` winning."""
+    roles: dict[str, Any] = {}
+    for source in (second, first):
+        for role in SPECIAL_TOKEN_ROLES:
+            if role in source:
+                roles[role] = source[role]
+    for key in ("additional_special_tokens", "extra_special_tokens"):  # transformers 5 name
+        for source in (first, second):
+            if isinstance(source.get(key), list):
+                return roles, list(source[key])
+    return roles, []
+
+
+def _check_gpt2_tokenizer_class(config: Mapping[str, Any], path: Path) -> None:
+    """Refuse configs naming a tokenizer that reads vocab.json + merges.txt unlike GPT-2's
+    (RoBERTa adds <s>...</s>, GPT-1 uses </w> word ends): they would load with wrong ids."""
+    name = config.get("tokenizer_class")
+    if name is not None and name not in _GPT2_TOKENIZER_CLASSES:
+        raise ValueError(
+            f"{str(path)!r} names tokenizer_class {name!r}, but without a {TOKENIZER_FILE} only "
+            f"GPT-2's byte-level BPE ({' / '.join(_GPT2_TOKENIZER_CLASSES)}) can be loaded from "
+            f"{VOCAB_FILE} + {MERGES_FILE}; write a {TOKENIZER_FILE} once with transformers "
+            "(AutoTokenizer.from_pretrained(dir).save_pretrained(dir)) and load that"
+        )
+
+
+def _read_gpt2_vocab(path: Path) -> dict[str, int]:
+    """GPT-2's ``vocab.json`` ({token: id}), checked: ids 0..N-1 each used once and all 256
+    byte-level symbols present (else text could not be encoded, and the file is not GPT-2's
+    kind of vocabulary at all)."""
+    hint = "expected GPT-2's vocab.json: one JSON object mapping each token to its id"
+    try:
+        vocab = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{str(path)!r} is not valid UTF-8 JSON ({err}); {hint}") from None
+    if not isinstance(vocab, dict):
+        raise ValueError(f"{str(path)!r} holds a JSON {type(vocab).__name__}; {hint}")
+    for token, index in vocab.items():
+        if type(index) is not int or index < 0:
+            raise ValueError(
+                f"{str(path)!r} gives token {token!r} the id {index!r}; {hint} (an integer >= 0)"
+            )
+    ids = sorted(vocab.values())
+    for expected, index in enumerate(ids):
+        if index != expected:
+            problem = f"{index} is used twice" if index < expected else f"{expected} is unused"
+            raise ValueError(
+                f"{str(path)!r} is not a complete vocabulary: id {problem}; ids must be "
+                f"0..{len(ids) - 1}, each given to exactly one token"
+            )
+    missing = [c for c in pre_tokenizers.ByteLevel.alphabet() if c not in vocab]
+    if missing:
+        raise ValueError(
+            f"{str(path)!r} lacks {len(missing)} of the 256 byte-level symbols (e.g. "
+            f"{sorted(missing)[:5]}), so it is not a GPT-2-style byte-level BPE vocabulary and "
+            f"text with those bytes could not be encoded; load the model's {TOKENIZER_FILE} "
+            "instead, or add the missing symbols"
+        )
+    return vocab
+
+
+def _read_gpt2_merges(path: Path, vocab: Mapping[str, int]) -> list[tuple[str, str]]:
+    """GPT-2's ``merges.txt``: an optional ``#version`` line, then one merge per line, two
+    tokens separated by one space, highest priority first; each part and their concatenation
+    must be in ``vocab``."""
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            text = f.read()
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{str(path)!r} is not UTF-8 text ({err}); expected GPT-2's merges.txt"
+        ) from None
+    merges: list[tuple[str, str]] = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
+        if not line or line.startswith("#version"):  # the header, as tokenizers skips it
+            continue
+        parts = line.split(" ")
+        if len(parts) != 2:
+            raise ValueError(
+                f"{str(path)!r} line {number}: {line!r} is not a merge; after the '#version' "
+                "header each line must be two tokens separated by one space, e.g. 'Ġ t'"
+            )
+        for token in (*parts, parts[0] + parts[1]):
+            if token not in vocab:
+                raise ValueError(
+                    f"{str(path)!r} line {number}: merge {line!r} needs {token!r}, which is not "
+                    f"in {VOCAB_FILE}; use the {VOCAB_FILE} saved together with these merges"
+                )
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
+def _added_token(value: Any, special: bool) -> AddedToken:
+    """An ``AddedToken`` from a str or a Hugging Face AddedToken dict, keeping the dict's flags
+    (lstrip/rstrip change which spaces the token swallows, hence the ids)."""
+    if isinstance(value, str):
+        return AddedToken(value, special=special, normalized=not special)
+    content = _token_content(value)
+    flags = {k: bool(value[k]) for k in ("single_word", "lstrip", "rstrip") if k in value}
+    return AddedToken(
+        content, special=special, normalized=bool(value.get("normalized", not special)), **flags
+    )
+
+
+def _declared_added_tokens(
+    config: Mapping[str, Any], directory: Path, special: set[str]
+) -> tuple[list[tuple[int, AddedToken]], Path]:
+    """Tokens with explicit ids, sorted by id, and the file that declares them: the config's
+    ``added_tokens_decoder`` ({id: AddedToken dict}) if present, as Hugging Face then ignores
+    ``added_tokens.json``; else ``added_tokens.json`` ({token: id}; a token there is special
+    if a role or additional special token names it)."""
+    if "added_tokens_decoder" in config:
+        source, entries = directory / CONFIG_FILE, config["added_tokens_decoder"]
+        expected = "added_tokens_decoder must map each id to {'content': token, ...}"
+        raw = list(entries.items()) if isinstance(entries, dict) else [(None, entries)]
+    else:
+        source = directory / ADDED_TOKENS_FILE
+        expected = f"{ADDED_TOKENS_FILE} must map each token to its id (an integer >= 0)"
+        raw = [(index, token) for token, index in _read_json(source).items()]
+    declared: list[tuple[int, AddedToken]] = []
+    for index, value in raw:
+        content = value.get("content") if isinstance(value, dict) else value
+        if not isinstance(content, str) or isinstance(index, bool) or not str(index).isdigit():
+            raise ValueError(f"{str(source)!r}: cannot read entry {index!r}: {value!r}; {expected}")
+        if isinstance(value, dict):
+            is_special = bool(value.get("special", False))
+        else:
+            is_special = content in special
+        declared.append((int(index), _added_token(value, special=is_special)))
+    return sorted(declared, key=lambda item: item[0]), source
+
+
+def _bos_eos_template(
+    backend: BackendTokenizer, bos: str | None, eos: str | None
+) -> processors.TemplateProcessing:
+    """The post-processor Hugging Face builds for ``add_bos_token`` / ``add_eos_token``:
+    ``bos A eos`` for one sequence, ``bos A eos bos B eos`` for a pair."""
+    # pieces as a list (not one space-separated string): a token may contain spaces
+    single = [*([f"{bos}:0"] if bos else []), "$A:0", *([f"{eos}:0"] if eos else [])]
+    second = [*([f"{bos}:1"] if bos else []), "$B:1", *([f"{eos}:1"] if eos else [])]
+    tokens = {t: backend.token_to_id(t) for t in (bos, eos) if t is not None}
+    return processors.TemplateProcessing(
+        single=single, pair=single + second, special_tokens=list(tokens.items())
+    )
 
 
 def _token_content(value: Any) -> str | None:
@@ -824,3 +1087,10 @@ def _to_tensor(rows: list[list[Any]], key: str, kind: str) -> Any:
     if not rows or max(lengths) == 0:
         array = array.reshape(len(rows), 0, *((2,) if key == "offset_mapping" else ()))
     return array
+
+
+def _looks_like_model_id(name: str) -> bool:
+    """"gpt2" or "org/name" (no path separators beyond one slash, no file suffix)."""
+    from lmforge.hub import is_repo_id
+
+    return is_repo_id(name) and not name.endswith((".json", ".txt"))

@@ -365,3 +365,21 @@ def test_saved_dtype_is_restored_on_load(tmp_path):
     assert GPTForCausalLM.from_pretrained(tmp_path, dtype="float32").dtype == torch.float32
     with pytest.raises(ValueError, match="not a floating-point torch dtype"):
         GPTForCausalLM.from_pretrained(tmp_path, dtype="int8")
+
+
+def test_tokenizer_from_a_cached_model_id(tmp_path, monkeypatch):
+    from lmforge import AutoTokenizer, Tokenizer
+
+    tok = Tokenizer.train_bpe(iterator=["床前明月光 hello world"] * 20, vocab_size=280)
+    snapshot = tmp_path / "hub" / "models--org--tok" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    tok.save_pretrained(snapshot)
+    (tmp_path / "hub" / "models--org--tok" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--tok" / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    loaded = Tokenizer.from_pretrained("org/tok")
+    assert loaded.encode("床前明月光") == tok.encode("床前明月光")
+    with pytest.raises(FileNotFoundError, match="download"):
+        Tokenizer.from_pretrained("org/missing")
+    assert AutoTokenizer.from_pretrained("org/tok").encode("hello") == tok.encode("hello")
