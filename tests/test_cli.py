@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import DOCS
 
 from lmforge import __version__
 from lmforge.cli import main
@@ -22,13 +23,6 @@ from lmforge.config import GPTConfig
 from lmforge.data import CorpusError
 from lmforge.tokenizer import Tokenizer
 
-DOCS = [
-    "The quick brown fox jumps over the lazy dog. The dog sleeps in the sun all day long.",
-    "To be, or not to be, that is the question: whether tis nobler in the mind to suffer.",
-    "Shall I compare thee to a summer's day? Thou art more lovely and more temperate.",
-    "All the world's a stage, and all the men and women merely players; they have exits.",
-    "Now is the winter of our discontent made glorious summer by this sun of York.",
-] * 6
 # a tiny model and a short run, all through --set
 TINY = ["--device", "cpu", "--seed", "0",
         "--set", "model.n_layer=1", "--set", "model.n_head=2", "--set", "model.n_embd=32",

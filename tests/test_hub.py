@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import hf_gpt2
 from safetensors import safe_open
-from transformers import GPT2Config, GPT2LMHeadModel  # test-only oracle
+from transformers import GPT2LMHeadModel  # test-only oracle
 
 from lmforge.config import GPTConfig
 from lmforge.hub import load_hf_state_dict, read_weights, to_hf_state_dict
@@ -41,14 +42,7 @@ def saved(tmp_path) -> tuple[GPTForCausalLM, Path]:
 
 
 def hf_model(seed: int = 0) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=V, n_positions=16, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0,
-                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-    hf = GPT2LMHeadModel(cfg).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return hf
+    return hf_gpt2(V, seed)
 
 
 IDS = torch.tensor([[1, 5, 9, 33, 2, 96, 0, 7]])

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import hf_gpt2
 from huggingface_hub import scan_cache_dir, snapshot_download  # test-only oracle for the cache layout
 from transformers import GPT2Config, GPT2LMHeadModel  # test-only oracle for sharded files
 
@@ -40,14 +41,7 @@ def tiny_model(seed: int = 0) -> GPTForCausalLM:
 
 
 def hf_model(seed: int = 0) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=V, n_positions=16, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0,
-                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-    hf = GPT2LMHeadModel(cfg).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return hf
+    return hf_gpt2(V, seed)
 
 
 def cache_model(cache: Path, repo_id: str, source: Path, commit: str, ref: str | None = "main") -> Path:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers import DOCS
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import Dataset
@@ -29,13 +30,6 @@ from lmforge.training.optim import build_optimizer, build_scheduler, lr_factor, 
 from lmforge.training.pretrain import apply_overrides, load_recipe, pretrain, unigram_loss
 from lmforge.utils import set_seed
 
-DOCS = [
-    "The quick brown fox jumps over the lazy dog. The dog sleeps in the sun all day long.",
-    "To be, or not to be, that is the question: whether tis nobler in the mind to suffer.",
-    "Shall I compare thee to a summer's day? Thou art more lovely and more temperate.",
-    "All the world's a stage, and all the men and women merely players; they have exits.",
-    "Now is the winter of our discontent made glorious summer by this sun of York.",
-] * 6
 BLOCK = 32
 CHECKPOINT_FILES = {"config.json", "model.safetensors", "tokenizer.json", "optimizer.pt", "rng_state.pt",
                     "trainer_state.json"}
