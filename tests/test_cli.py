@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import DOCS
 
+from helpers import DOCS
 from lmforge import __version__
 from lmforge.cli import main
 from lmforge.config import GPTConfig

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import hf_gpt2
 from safetensors import safe_open
 from transformers import GPT2LMHeadModel  # test-only oracle
 
+from helpers import hf_gpt2
 from lmforge.config import GPTConfig
 from lmforge.hub import load_hf_state_dict, read_weights, to_hf_state_dict
 from lmforge.models.gpt import GPTForCausalLM

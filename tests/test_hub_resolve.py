@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import hf_gpt2
 from huggingface_hub import scan_cache_dir, snapshot_download  # test-only oracle for the cache layout
-from transformers import GPT2Config, GPT2LMHeadModel  # test-only oracle for sharded files
+from transformers import GPT2LMHeadModel  # test-only oracle for sharded files
 
 import lmforge.hub
+from helpers import hf_gpt2
 from lmforge.config import GPTConfig
 from lmforge.hub import (LEGACY_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME, hf_cache_dir, is_repo_id, parse_size,
                          read_weights, resolve_model_dir, save_pretrained)

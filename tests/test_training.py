@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers import DOCS
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import Dataset
 
+from helpers import DOCS
 from lmforge.config import GPTConfig
 from lmforge.data import RandomBlockDataset, SequentialBlockDataset, prepare_corpus
 from lmforge.models.gpt import GPTForCausalLM
