@@ -13,8 +13,10 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "GPTConfig": "lmforge.config",
     "GPTForCausalLM": "lmforge.models.gpt",
+    "GPTForSequenceClassification": "lmforge.models.gpt",
     "GPTModel": "lmforge.models.gpt",
     "CausalLMOutput": "lmforge.models.gpt",
+    "SequenceClassifierOutput": "lmforge.models.outputs",
     "Tokenizer": "lmforge.tokenizer",
     "GenerationConfig": "lmforge.generation",
     "sample_next_token": "lmforge.generation",
@@ -23,11 +25,13 @@ _EXPORTS = {
     "AutoConfig": "lmforge.auto",
     "AutoTokenizer": "lmforge.auto",
     "AutoModelForCausalLM": "lmforge.auto",
+    "AutoModelForSequenceClassification": "lmforge.auto",
 }
 # Hugging Face's names for the same classes, so a script needs only its import line changed.
 _ALIASES = {
     "GPT2Config": ("lmforge.config", "GPTConfig"),
     "GPT2LMHeadModel": ("lmforge.models.gpt", "GPTForCausalLM"),
+    "GPT2ForSequenceClassification": ("lmforge.models.gpt", "GPTForSequenceClassification"),
     "GPT2Tokenizer": ("lmforge.tokenizer", "Tokenizer"),
     "GPT2TokenizerFast": ("lmforge.tokenizer", "Tokenizer"),
     "PreTrainedTokenizerFast": ("lmforge.tokenizer", "Tokenizer"),

@@ -16,6 +16,8 @@ from typing import Any
 # model_type in config.json -> "module:Class"
 CONFIGS = {"gpt2": "lmforge.config:GPTConfig", "lmforge-gpt": "lmforge.config:GPTConfig"}
 CAUSAL_LM = {"gpt2": "lmforge.models.gpt:GPTForCausalLM", "lmforge-gpt": "lmforge.models.gpt:GPTForCausalLM"}
+SEQUENCE_CLASSIFICATION = {"gpt2": "lmforge.models.gpt:GPTForSequenceClassification",
+                           "lmforge-gpt": "lmforge.models.gpt:GPTForSequenceClassification"}
 
 
 def _load(target: str) -> Any:
@@ -55,11 +57,10 @@ class AutoConfig:
 
         cls = _dispatch(CONFIGS, model_type_of(name_or_path), "AutoConfig")
         config = cls.from_pretrained(resolve_model_dir(name_or_path))
-        for key, value in kwargs.items():
+        for key in kwargs:
             if not hasattr(config, key):
                 raise TypeError(f"{cls.__name__} has no option {key!r}")
-            setattr(config, key, value)
-        return config
+        return config.updated(**kwargs) if kwargs else config  # num_labels=3 brings a 3-entry label map
 
 
 class AutoTokenizer:
@@ -89,3 +90,18 @@ class AutoModelForCausalLM:
     @staticmethod
     def from_config(config: Any) -> Any:
         return _dispatch(CAUSAL_LM, type(config).model_type, "AutoModelForCausalLM")(config)
+
+
+class AutoModelForSequenceClassification:
+    """`AutoModelForSequenceClassification.from_pretrained(path, num_labels=3)`: a classifier on the
+    directory's trunk (its head is freshly initialised, with a warning, when the checkpoint has none or
+    one of another size)."""
+
+    @staticmethod
+    def from_pretrained(name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
+        cls = _dispatch(SEQUENCE_CLASSIFICATION, model_type_of(name_or_path), "AutoModelForSequenceClassification")
+        return cls.from_pretrained(name_or_path, **kwargs)
+
+    @staticmethod
+    def from_config(config: Any) -> Any:
+        return _dispatch(SEQUENCE_CLASSIFICATION, type(config).model_type, "AutoModelForSequenceClassification")(config)

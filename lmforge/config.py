@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 from lmforge.utils import atomic_write_text
 
 POSITION_KINDS = ("learned", "sinusoidal", "rotary")
+PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
 
 
 @dataclass
@@ -39,6 +40,12 @@ class GPTConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
+    # sequence classification (GPTForSequenceClassification); as in Hugging Face, the label map is
+    # what config.json stores and num_labels follows it. None = from id2label, else 2.
+    num_labels: int | None = None
+    id2label: dict[int, str] | None = None  # None = {i: "LABEL_i"}; JSON keys are strings, ints here
+    label2id: dict[str, int] | None = None  # None = the inverse of id2label
+    problem_type: str | None = None  # regression | single_label_classification | multi_label_classification
     extra: dict[str, Any] = field(default_factory=dict)  # unknown config.json keys, kept on save
 
     model_type: ClassVar[str] = "gpt2"
@@ -57,6 +64,45 @@ class GPTConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        self._check_labels()
+
+    def _check_labels(self) -> None:
+        """Fill num_labels / id2label / label2id from whichever was given, and check they agree."""
+        if self.id2label is not None:
+            self.id2label = {int(k): str(v) for k, v in self.id2label.items()}  # JSON keys are strings
+            if self.num_labels is not None and self.num_labels != len(self.id2label):
+                raise ValueError(f"num_labels={self.num_labels} but id2label has {len(self.id2label)} entries; "
+                                 "pass one of them, or make them agree")
+            self.num_labels = len(self.id2label)
+        else:
+            self.num_labels = 2 if self.num_labels is None else self.num_labels
+            self.id2label = {i: f"LABEL_{i}" for i in range(self.num_labels)}
+        if self.num_labels <= 0:
+            raise ValueError(f"num_labels must be positive, got {self.num_labels}")
+        if self.label2id is None:
+            self.label2id = {label: i for i, label in self.id2label.items()}
+        else:
+            self.label2id = {str(k): int(v) for k, v in self.label2id.items()}
+        if self.problem_type not in PROBLEM_TYPES:
+            raise ValueError(f"problem_type must be one of {PROBLEM_TYPES}, got {self.problem_type!r}")
+        if self.problem_type == "single_label_classification" and self.num_labels == 1:
+            raise ValueError("problem_type='single_label_classification' needs num_labels > 1; use num_labels=2 "
+                             "for binary classification, or problem_type='regression' for one output")
+
+    def updated(self, **overrides: Any) -> "GPTConfig":
+        """A copy with `overrides` applied and checked again, as `from_pretrained(path, **overrides)` wants:
+        a new `num_labels` replaces the label map with LABEL_0..N-1 (unless `id2label` is given too), and a
+        new `id2label` brings its inverse `label2id`."""
+        unknown = [k for k in overrides if k not in {f.name for f in dataclasses.fields(self)}]
+        if unknown:
+            raise TypeError(f"GPTConfig has no option(s) {unknown}")
+        if "id2label" in overrides:
+            overrides.setdefault("num_labels", None)
+            overrides.setdefault("label2id", None)
+        elif overrides.get("num_labels") not in (None, self.num_labels):
+            overrides.update(id2label=None, label2id=None)
+        overrides.setdefault("extra", dict(self.extra))  # the copy does not share the original's dict
+        return dataclasses.replace(self, **overrides)
 
     @property
     def context_length(self) -> int:
@@ -76,13 +122,19 @@ class GPTConfig:
                 and self.activation_function in ("gelu_new", "gelu", "relu", "gelu_pytorch_tanh", "silu"))
 
     # ---- JSON in Hugging Face's shape -------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+    def to_dict(self, architecture: tuple[str, str] = ("GPT2LMHeadModel", "GPTForCausalLM")) -> dict[str, Any]:
+        """config.json's content. `architecture`: the saved model's (Hugging Face, lmforge) class names;
+        the Hugging Face one is written when transformers can load the model. num_labels is not written:
+        as in Hugging Face it is len(id2label)."""
+        if len(self.id2label or {}) != self.num_labels:
+            raise ValueError(f"num_labels={self.num_labels} but id2label has {len(self.id2label or {})} entries; "
+                             "build the config with config.updated(num_labels=...) so the label map follows")
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("extra", "num_labels")}
         gpt2 = self.is_gpt2_compatible()
         out: dict[str, Any] = dict(self.extra)
         out.update({
             "model_type": "gpt2" if gpt2 else "lmforge-gpt",
-            "architectures": ["GPT2LMHeadModel" if gpt2 else "GPTForCausalLM"],
+            "architectures": [architecture[0] if gpt2 else architecture[1]],
             **d,
             "n_ctx": self.n_positions,
             "resid_pdrop": self.dropout, "embd_pdrop": self.dropout, "attn_pdrop": self.dropout,
@@ -102,6 +154,8 @@ class GPTConfig:
             d["bias"] = True  # GPT-2 always has biases
         for drop in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "n_ctx", "architectures"):
             d.pop(drop, None)
+        if d.get("id2label") is not None:
+            d.pop("num_labels", None)  # the label map wins, as in Hugging Face
         # GPT-2 attention variants lmforge does not implement: refuse rather than load a different model
         for key, default in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
                              ("reorder_and_upcast_attn", False), ("add_cross_attention", False)):
@@ -112,10 +166,11 @@ class GPTConfig:
         extra = {k: v for k, v in d.items() if k not in names}
         return cls(**known, extra=extra)
 
-    def save(self, directory: str | os.PathLike) -> Path:
+    def save(self, directory: str | os.PathLike,
+             architecture: tuple[str, str] = ("GPT2LMHeadModel", "GPTForCausalLM")) -> Path:
         path = Path(directory) / "config.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        atomic_write_text(path, json.dumps(self.to_dict(architecture), indent=2, ensure_ascii=False) + "\n")
         return path
 
     @classmethod

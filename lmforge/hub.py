@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -68,8 +69,26 @@ GPT2_KEYS: list[KeyRule] = [
     KeyRule("lm_head.weight", "lm_head.weight"),
 ]
 
+# GPT2ForSequenceClassification: the same trunk under "transformer.", and a bias-free linear "score" head.
+GPT2_CLS_KEYS: list[KeyRule] = [r for r in GPT2_KEYS if r.ours.startswith("transformer.")] + [
+    KeyRule("score.weight", "score.weight"),
+]
+
 # Non-parameter entries found in some Hugging Face GPT-2 files (old causal-mask buffers).
 GPT2_IGNORED = re.compile(r".*\.attn\.(bias|masked_bias)$")
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one model class maps to Hugging Face files. `task_head`: our names of a task head that a
+    checkpoint may lack or have in another size (e.g. a causal-LM checkpoint loaded into a classifier):
+    it is freshly initialised, with a warning. `other_heads`: Hugging Face names of other tasks' heads
+    that are left out, with a warning (the trunk is what the two models share)."""
+
+    rules: list[KeyRule]
+    ignored: re.Pattern[str]
+    task_head: tuple[str, ...] = ()
+    other_heads: tuple[str, ...] = ()
 
 
 def _convert(state: dict[str, Tensor], rules: list[KeyRule], to_hf: bool) -> tuple[dict[str, Tensor], list[str]]:
@@ -87,17 +106,19 @@ def _convert(state: dict[str, Tensor], rules: list[KeyRule], to_hf: bool) -> tup
     return out, unmatched
 
 
-def _family(model: nn.Module) -> tuple[list[KeyRule], re.Pattern[str]]:
-    from lmforge.models.gpt import GPTForCausalLM
+def _family(model: nn.Module) -> Family:
+    from lmforge.models.gpt import GPTForCausalLM, GPTForSequenceClassification
 
     if isinstance(model, GPTForCausalLM):
-        return GPT2_KEYS, GPT2_IGNORED
+        return Family(GPT2_KEYS, GPT2_IGNORED, other_heads=("score.weight",))
+    if isinstance(model, GPTForSequenceClassification):
+        return Family(GPT2_CLS_KEYS, GPT2_IGNORED, task_head=("score.weight",), other_heads=("lm_head.weight",))
     raise TypeError(f"no Hugging Face key map for {type(model).__name__}")
 
 
 def to_hf_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The model's parameters under Hugging Face names (tied output weights left out, as HF does)."""
-    rules, _ = _family(model)
+    rules = _family(model).rules
     state = model.state_dict()
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
@@ -108,30 +129,50 @@ def to_hf_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 
 def load_hf_state_dict(model: nn.Module, hf_state: dict[str, Tensor], source: str = "checkpoint") -> None:
-    """Copy Hugging Face-named tensors into `model`, checking names, count and shapes."""
-    rules, ignored = _family(model)
-    hf_state = {k: v for k, v in hf_state.items() if not ignored.match(k)}
+    """Copy Hugging Face-named tensors into `model`, checking names, count and shapes.
+
+    The trunk must match exactly. A task head the checkpoint lacks or sizes differently is freshly
+    initialised (normal, std initializer_range) and another task's head is left out, each with a warning.
+    """
+    family = _family(model)
+    hf_state = {k: v for k, v in hf_state.items() if not family.ignored.match(k)}
     # Base-model files (GPT2Model) have no "transformer." prefix.
     if hf_state and not any(k.startswith("transformer.") for k in hf_state):
         hf_state = {("transformer." + k): v for k, v in hf_state.items()}
-    ours, unexpected = _convert(hf_state, rules, to_hf=False)
+    left_out = [k for k in hf_state if k in family.other_heads]
+    hf_state = {k: v for k, v in hf_state.items() if k not in family.other_heads}
+    ours, unexpected = _convert(hf_state, family.rules, to_hf=False)
     expected = model.state_dict()
     tied = getattr(model.config, "tie_word_embeddings", False)
     if tied:
         ours.pop("lm_head.weight", None)  # the output layer is the embedding
-    missing = [k for k in expected if k not in ours and not (tied and k == "lm_head.weight")]
+    fresh = [k for k in family.task_head if k not in ours or ours[k].shape != expected[k].shape]
+    missing = [k for k in expected
+               if k not in ours and k not in fresh and not (tied and k == "lm_head.weight")]
     extra = [k for k in ours if k not in expected]
     if missing or unexpected or extra:
         raise ValueError(f"{source} does not match the model: missing {missing[:5]}"
                          f"{' ...' if len(missing) > 5 else ''}, unexpected {(unexpected + extra)[:5]}. "
                          "Check that config.json belongs to these weights.")
     for name, tensor in ours.items():
-        if tensor.shape != expected[name].shape:
+        if name not in fresh and tensor.shape != expected[name].shape:
             raise ValueError(f"{source}: {name} has shape {tuple(tensor.shape)}, the config expects "
                              f"{tuple(expected[name].shape)}; config.json and the weights disagree")
+    model_name = type(model).__name__
+    if left_out:
+        warnings.warn(f"{source} holds {left_out}, the head of another task, which {model_name} does not use; "
+                      "only the shared trunk was loaded", stacklevel=3)
+    std = model.config.initializer_range
+    for head in fresh:
+        found = f"has {head} of shape {tuple(ours[head].shape)}" if head in ours else f"has no {head}"
+        warnings.warn(f"{source} {found}: {model_name}'s head {head} of shape {tuple(expected[head].shape)} is "
+                      f"freshly initialised (normal, std {std}); train it before use", stacklevel=3)
     with torch.no_grad():
         for name, tensor in ours.items():
-            expected[name].copy_(tensor)
+            if name not in fresh:
+                expected[name].copy_(tensor)
+        for head in fresh:
+            nn.init.normal_(expected[head], mean=0.0, std=std)
 
 
 def read_safetensors(path: Path) -> dict[str, Tensor]:
@@ -332,14 +373,15 @@ def load_pretrained(cls: type, path: str | os.PathLike, dtype: torch.dtype | str
     dtype or its name converts."""
     directory = resolve_model_dir(path, revision=revision, cache_dir=cache_dir)
     config = cls.config_class.from_pretrained(directory)
-    for key, value in config_overrides.items():
+    for key in config_overrides:
         if not hasattr(config, key):
             raise TypeError(f"{cls.__name__}.from_pretrained got an unknown option {key!r}")
-        setattr(config, key, value)
+    if config_overrides:  # e.g. num_labels=3: the label map follows, and the whole config is checked again
+        config = config.updated(**config_overrides)
     model = cls(config)
     state, source = read_weights(directory)
     load_hf_state_dict(model, state, str(source))
-    if config.tie_word_embeddings:
+    if config.tie_word_embeddings and hasattr(model, "tie_weights"):
         model.tie_weights()
     model.eval()
     if dtype is None or dtype == "auto":  # the dtype the checkpoint was saved in, as transformers 5 does
@@ -413,7 +455,8 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, tokenizer: A
     directory.mkdir(parents=True, exist_ok=True)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     model.config.extra.update(dtype=dtype, torch_dtype=dtype)  # loaders restore it (transformers 5: "dtype")
-    model.config.save(directory)
+    cls = type(model)  # config.json's "architectures" names the class that was saved
+    model.config.save(directory, architecture=(getattr(cls, "hf_architecture", cls.__name__), cls.__name__))
     state = {k: v.detach().to("cpu").contiguous() for k, v in to_hf_state_dict(model).items()}
     shards = [state] if max_shard_size is None else _split_shards(state, parse_size(max_shard_size))
     if len(shards) == 1:

@@ -18,7 +18,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from lmforge.config import GPTConfig
-from lmforge.models.outputs import BaseModelOutput, CausalLMOutput
+from lmforge.models.outputs import BaseModelOutput, CausalLMOutput, SequenceClassifierOutput
 from lmforge.nn import (AttentionMask, KVCache, LearnedPositionalEmbedding, RotaryEmbedding,
                         SinusoidalPositionalEmbedding, TransformerBlock, layer_norm)
 from lmforge.nn.layers import dropout
@@ -114,27 +114,12 @@ class GPTModel(nn.Module):
                                tuple(attentions) if output_attentions else None)
 
 
-class GPTForCausalLM(nn.Module):
-    """GPT with a language-model head; `labels` give the causal-LM loss (shifted inside)."""
-
-    config_class = GPTConfig
-
-    def __init__(self, config: GPTConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.transformer = GPTModel(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.apply(self._init_weights)
-        # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer) so the residual stream's
-        # variance does not grow with depth
-        for name, p in self.named_parameters():
-            if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=config.initializer_range / math.sqrt(2 * config.n_layer))
-        if config.tie_word_embeddings:
-            self.tie_weights()
-
-    def _init_weights(self, module: nn.Module) -> None:
-        std = self.config.initializer_range
+def init_gpt_weights(model: nn.Module, config: GPTConfig) -> None:
+    """GPT-2's initialisation: Linear and Embedding weights ~ N(0, initializer_range), biases 0,
+    LayerNorm 1/0; the residual projections get std / sqrt(2 * n_layer) so the residual stream's
+    variance does not grow with depth."""
+    std = config.initializer_range
+    for module in model.modules():
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if getattr(module, "bias", None) is not None:
@@ -143,6 +128,25 @@ class GPTForCausalLM(nn.Module):
             nn.init.ones_(module.weight)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
+    for name, p in model.named_parameters():
+        if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
+            nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * config.n_layer))
+
+
+class GPTForCausalLM(nn.Module):
+    """GPT with a language-model head; `labels` give the causal-LM loss (shifted inside)."""
+
+    config_class = GPTConfig
+    hf_architecture = "GPT2LMHeadModel"  # written to config.json's "architectures"
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = GPTModel(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        init_gpt_weights(self, config)
+        if config.tie_word_embeddings:
+            self.tie_weights()
 
     def tie_weights(self) -> None:
         """Share the input embedding and the output projection (one tensor, one gradient)."""
@@ -222,6 +226,117 @@ class GPTForCausalLM(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> "GPTForCausalLM":
         """Load a directory written by `save_pretrained` (or a Hugging Face GPT-2 directory)."""
+        from lmforge.hub import load_pretrained
+
+        return load_pretrained(cls, path, **kwargs)
+
+
+def sequence_classification_loss(logits: Tensor, labels: Tensor, problem_type: str | None) -> Tensor:
+    """Hugging Face's loss for sequence classifiers. logits: (B, N). problem_type None is inferred as
+    transformers does: N == 1 -> "regression" (MSE); integer labels (B,) -> "single_label_classification"
+    (cross-entropy, -100 ignored); otherwise "multi_label_classification" (float multi-hot (B, N), BCE
+    with logits)."""
+    num_labels = logits.size(-1)
+    if problem_type is None:
+        if num_labels == 1:
+            problem_type = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            problem_type = "single_label_classification"
+        else:
+            problem_type = "multi_label_classification"
+    if problem_type == "regression":
+        labels = labels.to(logits.dtype)
+        if num_labels == 1:
+            return F.mse_loss(logits.squeeze(), labels.squeeze())
+        return F.mse_loss(logits, labels)
+    if problem_type == "single_label_classification":
+        return F.cross_entropy(logits.view(-1, num_labels), labels.view(-1), ignore_index=-100)
+    if problem_type == "multi_label_classification":
+        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+    raise ValueError(f"unknown problem_type {problem_type!r}; use 'regression', 'single_label_classification' "
+                     "or 'multi_label_classification'")
+
+
+class GPTForSequenceClassification(nn.Module):
+    """GPT with a linear head on the last real token of each row (Hugging Face's
+    GPT2ForSequenceClassification): input_ids (B, T) -> logits (B, num_labels).
+
+    The causal mask means only the last token has seen the whole text, so it is the one pooled: the
+    rightmost token that is not `config.pad_token_id` (left or right padding alike). Without a pad
+    token only batches of one row can be told apart, and the last position is used.
+    """
+
+    config_class = GPTConfig
+    hf_architecture = "GPT2ForSequenceClassification"
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = GPTModel(config)
+        self.score = nn.Linear(config.n_embd, config.num_labels, bias=False)
+        init_gpt_weights(self, config)
+
+    @property
+    def num_labels(self) -> int:
+        return self.score.out_features
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.transformer.wte
+
+    def gradient_checkpointing_enable(self) -> None:
+        self.transformer.gradient_checkpointing = True
+
+    @property
+    def device(self) -> torch.device:
+        return self.score.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.score.weight.dtype
+
+    def last_token_index(self, input_ids: Tensor) -> Tensor:
+        """(B,) position of the last non-padding token of each row; 0 for a row that is all padding
+        (transformers' rule, kept so that logits match)."""
+        B, T = input_ids.shape
+        pad = self.config.pad_token_id
+        if pad is None:
+            if B != 1:
+                raise ValueError(f"a batch of {B} rows needs config.pad_token_id to find each row's last token; "
+                                 "set it (e.g. model.config.pad_token_id = tokenizer.pad_token_id) or pass one "
+                                 "row at a time")
+            return torch.full((B,), T - 1, dtype=torch.long, device=input_ids.device)
+        non_pad = (input_ids != pad).int()  # (B, T)
+        positions = torch.arange(T, device=input_ids.device, dtype=torch.int)
+        return (positions * non_pad).argmax(-1)  # the rightmost real token
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
+                labels: Tensor | None = None, output_attentions: bool = False, output_hidden_states: bool = False,
+                **kwargs: Any) -> SequenceClassifierOutput:
+        """input_ids (B, T) -> logits (B, num_labels); `labels` ((B,) class ids, (B,) or (B, N) floats
+        for regression, (B, N) multi-hot floats) give the loss for `config.problem_type`."""
+        if kwargs:
+            raise TypeError(f"unexpected arguments for GPTForSequenceClassification.forward: {sorted(kwargs)}")
+        out = self.transformer(input_ids, attention_mask, position_ids, None, output_attentions, output_hidden_states)
+        rows = torch.arange(input_ids.size(0), device=input_ids.device)
+        pooled = out.last_hidden_state[rows, self.last_token_index(input_ids)]  # (B, C)
+        logits = self.score(pooled)  # (B, num_labels)
+        loss = sequence_classification_loss(logits, labels, self.config.problem_type) if labels is not None else None
+        return SequenceClassifierOutput(loss, logits, out.hidden_states, out.attentions)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def save_pretrained(self, directory: str | os.PathLike, tokenizer: Any = None,
+                        max_shard_size: int | str | None = None) -> None:
+        """config.json (architectures: GPT2ForSequenceClassification) + model.safetensors [+ tokenizer]."""
+        from lmforge.hub import save_pretrained
+
+        save_pretrained(self, directory, tokenizer=tokenizer, max_shard_size=max_shard_size)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> "GPTForSequenceClassification":
+        """Load a classifier directory, or a GPT-2 / causal-LM one with a fresh head (a warning says so);
+        `num_labels=` / `id2label=` set the head's size (a checkpoint head of another size is replaced)."""
         from lmforge.hub import load_pretrained
 
         return load_pretrained(cls, path, **kwargs)

@@ -34,3 +34,11 @@ class CausalLMOutput(ModelOutput):
     past_key_values: Any = None  # a lmforge.nn.KVCache when use_cache=True
     hidden_states: tuple[Tensor, ...] | None = None
     attentions: tuple[Tensor, ...] | None = None
+
+
+@dataclass
+class SequenceClassifierOutput(ModelOutput):
+    loss: Tensor | None = None
+    logits: Tensor | None = None  # (B, num_labels)
+    hidden_states: tuple[Tensor, ...] | None = None
+    attentions: tuple[Tensor, ...] | None = None
