@@ -79,29 +79,29 @@ class AutoTokenizer:
         return tokenizer
 
 
-class AutoModelForCausalLM:
+class _AutoModel:
+    """Picks the class for a task from `model_type`; subclasses name their table."""
+
+    table: dict[str, str] = {}
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
+        return _dispatch(cls.table, model_type_of(name_or_path), cls.__name__).from_pretrained(name_or_path, **kwargs)
+
+    @classmethod
+    def from_config(cls, config: Any) -> Any:
+        return _dispatch(cls.table, type(config).model_type, cls.__name__)(config)
+
+
+class AutoModelForCausalLM(_AutoModel):
     """`AutoModelForCausalLM.from_pretrained(path)` / `.from_config(config)` for decoder models."""
 
-    @staticmethod
-    def from_pretrained(name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
-        cls = _dispatch(CAUSAL_LM, model_type_of(name_or_path), "AutoModelForCausalLM")
-        return cls.from_pretrained(name_or_path, **kwargs)
-
-    @staticmethod
-    def from_config(config: Any) -> Any:
-        return _dispatch(CAUSAL_LM, type(config).model_type, "AutoModelForCausalLM")(config)
+    table = CAUSAL_LM
 
 
-class AutoModelForSequenceClassification:
+class AutoModelForSequenceClassification(_AutoModel):
     """`AutoModelForSequenceClassification.from_pretrained(path, num_labels=3)`: a classifier on the
     directory's trunk (its head is freshly initialised, with a warning, when the checkpoint has none or
     one of another size)."""
 
-    @staticmethod
-    def from_pretrained(name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
-        cls = _dispatch(SEQUENCE_CLASSIFICATION, model_type_of(name_or_path), "AutoModelForSequenceClassification")
-        return cls.from_pretrained(name_or_path, **kwargs)
-
-    @staticmethod
-    def from_config(config: Any) -> Any:
-        return _dispatch(SEQUENCE_CLASSIFICATION, type(config).model_type, "AutoModelForSequenceClassification")(config)
+    table = SEQUENCE_CLASSIFICATION

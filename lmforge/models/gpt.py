@@ -133,10 +133,55 @@ def init_gpt_weights(model: nn.Module, config: GPTConfig) -> None:
             nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * config.n_layer))
 
 
-class GPTForCausalLM(nn.Module):
-    """GPT with a language-model head; `labels` give the causal-LM loss (shifted inside)."""
+class GPTPreTrainedModel(nn.Module):
+    """What every GPT model class shares: the config, device and dtype, checkpoints in Hugging Face's
+    layout (`save_pretrained` / `from_pretrained`), gradient checkpointing."""
 
     config_class = GPTConfig
+    hf_architecture = "GPT2Model"  # written to config.json's "architectures"
+    transformer: GPTModel
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.transformer.wte
+
+    def gradient_checkpointing_enable(self) -> None:
+        self.transformer.gradient_checkpointing = True
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.wte.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.wte.weight.dtype
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
+        if exclude_embeddings and isinstance(self.transformer.wpe, LearnedPositionalEmbedding):
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def save_pretrained(self, directory: str | os.PathLike, tokenizer: Any = None,
+                        max_shard_size: int | str | None = None) -> None:
+        """Write config.json + model.safetensors (Hugging Face GPT-2 names) [+ tokenizer files];
+        `max_shard_size` (e.g. "2GB") splits the weights into shards with an index, as transformers does."""
+        from lmforge.hub import save_pretrained
+
+        save_pretrained(self, directory, tokenizer=tokenizer, max_shard_size=max_shard_size)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> Any:
+        """Load a directory written by `save_pretrained`, a Hugging Face GPT-2 directory, or a model id
+        from the local Hugging Face cache. A head the checkpoint lacks (or has in another size, e.g.
+        `num_labels=`) is freshly initialised, with a warning."""
+        from lmforge.hub import load_pretrained
+
+        return load_pretrained(cls, path, **kwargs)
+
+
+class GPTForCausalLM(GPTPreTrainedModel):
+    """GPT with a language-model head; `labels` give the causal-LM loss (shifted inside)."""
+
     hf_architecture = "GPT2LMHeadModel"  # written to config.json's "architectures"
 
     def __init__(self, config: GPTConfig) -> None:
@@ -151,20 +196,6 @@ class GPTForCausalLM(nn.Module):
     def tie_weights(self) -> None:
         """Share the input embedding and the output projection (one tensor, one gradient)."""
         self.lm_head.weight = self.transformer.wte.weight
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.transformer.wte
-
-    def gradient_checkpointing_enable(self) -> None:
-        self.transformer.gradient_checkpointing = True
-
-    @property
-    def device(self) -> torch.device:
-        return self.lm_head.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
                 labels: Tensor | None = None, past_key_values: KVCache | None = None, use_cache: bool = False,
@@ -202,33 +233,12 @@ class GPTForCausalLM(nn.Module):
         return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
 
     # ---- sizes, for MFU ---------------------------------------------------------------------
-    def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
-        if exclude_embeddings and isinstance(self.transformer.wpe, LearnedPositionalEmbedding):
-            n -= self.transformer.wpe.weight.numel()
-        return n
-
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token (forward + backward): 6N + 12 * L * C * T (PaLM appendix B)."""
         c = self.config
         T = seq_len or c.n_positions
         return 6 * self.num_parameters(exclude_embeddings=True) + 12 * c.n_layer * c.n_embd * T
 
-    # ---- checkpoints (Hugging Face layout) --------------------------------------------------
-    def save_pretrained(self, directory: str | os.PathLike, tokenizer: Any = None,
-                        max_shard_size: int | str | None = None) -> None:
-        """Write config.json + model.safetensors (Hugging Face GPT-2 names) [+ tokenizer files];
-        `max_shard_size` (e.g. "2GB") splits the weights into shards with an index, as transformers does."""
-        from lmforge.hub import save_pretrained
-
-        save_pretrained(self, directory, tokenizer=tokenizer, max_shard_size=max_shard_size)
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> "GPTForCausalLM":
-        """Load a directory written by `save_pretrained` (or a Hugging Face GPT-2 directory)."""
-        from lmforge.hub import load_pretrained
-
-        return load_pretrained(cls, path, **kwargs)
 
 
 def sequence_classification_loss(logits: Tensor, labels: Tensor, problem_type: str | None) -> Tensor:
@@ -257,7 +267,7 @@ def sequence_classification_loss(logits: Tensor, labels: Tensor, problem_type: s
                      "or 'multi_label_classification'")
 
 
-class GPTForSequenceClassification(nn.Module):
+class GPTForSequenceClassification(GPTPreTrainedModel):
     """GPT with a linear head on the last real token of each row (Hugging Face's
     GPT2ForSequenceClassification): input_ids (B, T) -> logits (B, num_labels).
 
@@ -266,7 +276,6 @@ class GPTForSequenceClassification(nn.Module):
     token only batches of one row can be told apart, and the last position is used.
     """
 
-    config_class = GPTConfig
     hf_architecture = "GPT2ForSequenceClassification"
 
     def __init__(self, config: GPTConfig) -> None:
@@ -279,20 +288,6 @@ class GPTForSequenceClassification(nn.Module):
     @property
     def num_labels(self) -> int:
         return self.score.out_features
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.transformer.wte
-
-    def gradient_checkpointing_enable(self) -> None:
-        self.transformer.gradient_checkpointing = True
-
-    @property
-    def device(self) -> torch.device:
-        return self.score.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.score.weight.dtype
 
     def last_token_index(self, input_ids: Tensor) -> Tensor:
         """(B,) position of the last non-padding token of each row; 0 for a row that is all padding
@@ -322,21 +317,3 @@ class GPTForSequenceClassification(nn.Module):
         logits = self.score(pooled)  # (B, num_labels)
         loss = sequence_classification_loss(logits, labels, self.config.problem_type) if labels is not None else None
         return SequenceClassifierOutput(loss, logits, out.hidden_states, out.attentions)
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    def save_pretrained(self, directory: str | os.PathLike, tokenizer: Any = None,
-                        max_shard_size: int | str | None = None) -> None:
-        """config.json (architectures: GPT2ForSequenceClassification) + model.safetensors [+ tokenizer]."""
-        from lmforge.hub import save_pretrained
-
-        save_pretrained(self, directory, tokenizer=tokenizer, max_shard_size=max_shard_size)
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> "GPTForSequenceClassification":
-        """Load a classifier directory, or a GPT-2 / causal-LM one with a fresh head (a warning says so);
-        `num_labels=` / `id2label=` set the head's size (a checkpoint head of another size is replaced)."""
-        from lmforge.hub import load_pretrained
-
-        return load_pretrained(cls, path, **kwargs)
