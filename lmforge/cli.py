@@ -31,9 +31,12 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_pretrain(a: argparse.Namespace) -> int:
-    from lmforge.training.pretrain import apply_overrides, load_recipe, pretrain
+    from lmforge.training.pretrain import apply_overrides, load_recipe, pretrain, saved_recipe
 
-    recipe = load_recipe(a.recipe)
+    recipe = None
+    if a.resume and a.recipe is None:  # continue a run with the recipe it was started with
+        recipe = saved_recipe(a.out or load_recipe("shakespeare").get("out") or "runs/lmforge")
+    recipe = recipe or load_recipe(a.recipe or "shakespeare")
     overrides = list(a.set)
     if a.data:
         recipe["data"] = a.data
@@ -139,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", parents=[common], help="pretrain a GPT on a corpus (default: bundled Shakespeare)",
                        description="Pretrain a GPT from a recipe (lmforge/configs/*.yaml or a YAML file). "
                                    "With no arguments: the 'shakespeare' recipe on the bundled corpus.")
-    p.add_argument("recipe", nargs="?", default="shakespeare", help="recipe name or YAML path (default: shakespeare)")
+    p.add_argument("recipe", nargs="?", default=None,
+                   help="recipe name or YAML path (default: shakespeare; with --resume, the run's own recipe)")
     p.add_argument("--data", nargs="+", metavar="PATH",
                    help="corpus: .txt/.jsonl files, folders, or bundled names (shakespeare, zh_poems, sanguo)")
     p.add_argument("--out", metavar="DIR", help="output directory (model, checkpoints, metrics.jsonl)")

@@ -154,6 +154,19 @@ def test_resume_continues_to_the_new_max_steps(trained: dict[str, Any], tmp_path
     assert steps == sorted(steps) and steps[0] == 5 and steps[-1] == 6
 
 
+def test_resume_without_flags_reuses_the_runs_own_recipe(trained: dict[str, Any], tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    shutil.copytree(trained["out"], out)
+    data_before = (out / "data" / "train.bin").read_bytes()
+    # no --data, no --set: the tiny model and the custom corpus come from out/recipe.json
+    code, stdout, stderr = run_main(["pretrain", "--out", str(out), "--resume", "--max-steps", "5"])
+    assert code == 0, stderr
+    assert f"resumed from {out / 'checkpoint-4'} at step 4" in stdout
+    assert (out / "data" / "train.bin").read_bytes() == data_before  # not re-tokenized from Shakespeare
+    assert json.loads((out / "checkpoint-5" / "trainer_state.json").read_text())["global_step"] == 5
+    assert GPTConfig.from_pretrained(out).n_embd == 32
+
+
 def test_tokenizer_train(corpus_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "tok"
     code, stdout, stderr = run_main(["tokenizer", "train", str(corpus_file), "--vocab-size", "300", "--out", str(out)])

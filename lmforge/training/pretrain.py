@@ -6,6 +6,7 @@ A recipe is a dict (YAML in `lmforge/configs/`) with sections `data`, `out`, `to
 from __future__ import annotations
 
 import copy
+import json
 import math
 import re
 from pathlib import Path
@@ -14,7 +15,10 @@ from typing import Any
 import numpy as np
 import yaml
 
+from lmforge.utils import atomic_write_text
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+RECIPE_FILE = "recipe.json"  # the effective recipe, saved in the run's folder so --resume can reuse it
 SECTIONS = {"description", "data", "out", "val_fraction", "tokenizer", "model", "training", "sample"}
 
 
@@ -31,6 +35,14 @@ _RecipeLoader.add_implicit_resolver(
 
 def _yaml(text: str) -> Any:
     return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def saved_recipe(out: str | Path) -> dict[str, Any] | None:
+    """The recipe a run in `out` was started with (written there as recipe.json), or None."""
+    path = Path(out) / RECIPE_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def available_recipes() -> list[str]:
@@ -109,6 +121,7 @@ def pretrain(recipe: dict[str, Any], resume: bool = False, device: str | None = 
         raise ValueError(f"{out} already holds a training run ({Trainer.checkpoints(trainer_probe)[-1].name}); "
                          "pass --resume to continue it, or --out NEW_DIR for a new run")
     out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / RECIPE_FILE, json.dumps(recipe, indent=2, ensure_ascii=False) + "\n")
     set_seed(args.seed)
 
     tok_opts = dict(recipe.get("tokenizer") or {})
