@@ -171,8 +171,9 @@ class Trainer:
         metrics: dict[str, float] = {}
         if self.eval_dataset is not None and not (args.eval_steps and self.state.global_step % args.eval_steps == 0):
             metrics = self.evaluate()
-        elif self.eval_dataset is not None:
-            metrics = {k: v for k, v in self.state.log_history[-1].items() if k.startswith("eval_")}
+        elif self.eval_dataset is not None:  # evaluated at the last step already: report that evaluation
+            last = next((h for h in reversed(self.state.log_history) if "eval_loss" in h), {})
+            metrics = {k: v for k, v in last.items() if k.startswith("eval_")}
         if not (args.save_steps and self.state.global_step % args.save_steps == 0):
             self.save_checkpoint()
         self.save_model()
