@@ -26,6 +26,21 @@ _EXPORTS = {
     "AutoTokenizer": "lmforge.auto",
     "AutoModelForCausalLM": "lmforge.auto",
     "AutoModelForSequenceClassification": "lmforge.auto",
+    "AutoModel": "lmforge.auto",
+    "AutoModelForMaskedLM": "lmforge.auto",
+    "AutoModelForPreTraining": "lmforge.auto",
+    "AutoModelForTokenClassification": "lmforge.auto",
+    "AutoModelForQuestionAnswering": "lmforge.auto",
+    "BertConfig": "lmforge.config",
+    "BertModel": "lmforge.models.bert",
+    "BertForMaskedLM": "lmforge.models.bert",
+    "BertForPreTraining": "lmforge.models.bert",
+    "BertForSequenceClassification": "lmforge.models.bert",
+    "BertForTokenClassification": "lmforge.models.bert",
+    "BertForQuestionAnswering": "lmforge.models.bert",
+    "MaskedLMOutput": "lmforge.models.outputs",
+    "TokenClassifierOutput": "lmforge.models.outputs",
+    "QuestionAnsweringModelOutput": "lmforge.models.outputs",
 }
 # Hugging Face's names for the same classes, so a script needs only its import line changed.
 _ALIASES = {

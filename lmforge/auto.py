@@ -4,7 +4,7 @@
     tok = AutoTokenizer.from_pretrained("runs/shakespeare")
     model = AutoModelForCausalLM.from_pretrained("runs/shakespeare")
 
-Families register here; BERT's entries come with the BERT model.
+Families register here, one entry per table.
 """
 from __future__ import annotations
 
@@ -14,10 +14,17 @@ import os
 from typing import Any
 
 # model_type in config.json -> "module:Class"
-CONFIGS = {"gpt2": "lmforge.config:GPTConfig", "lmforge-gpt": "lmforge.config:GPTConfig"}
+CONFIGS = {"gpt2": "lmforge.config:GPTConfig", "lmforge-gpt": "lmforge.config:GPTConfig",
+           "bert": "lmforge.config:BertConfig"}
 CAUSAL_LM = {"gpt2": "lmforge.models.gpt:GPTForCausalLM", "lmforge-gpt": "lmforge.models.gpt:GPTForCausalLM"}
 SEQUENCE_CLASSIFICATION = {"gpt2": "lmforge.models.gpt:GPTForSequenceClassification",
-                           "lmforge-gpt": "lmforge.models.gpt:GPTForSequenceClassification"}
+                           "lmforge-gpt": "lmforge.models.gpt:GPTForSequenceClassification",
+                           "bert": "lmforge.models.bert:BertForSequenceClassification"}
+BASE_MODEL = {"bert": "lmforge.models.bert:BertModel"}
+MASKED_LM = {"bert": "lmforge.models.bert:BertForMaskedLM"}
+PRETRAINING = {"bert": "lmforge.models.bert:BertForPreTraining"}
+TOKEN_CLASSIFICATION = {"bert": "lmforge.models.bert:BertForTokenClassification"}
+QUESTION_ANSWERING = {"bert": "lmforge.models.bert:BertForQuestionAnswering"}
 
 
 def _load(target: str) -> Any:
@@ -105,3 +112,33 @@ class AutoModelForSequenceClassification(_AutoModel):
     one of another size)."""
 
     table = SEQUENCE_CLASSIFICATION
+
+
+class AutoModel(_AutoModel):
+    """`AutoModel.from_pretrained(path)`: the bare trunk (hidden states; BERT's pooled output too)."""
+
+    table = BASE_MODEL
+
+
+class AutoModelForMaskedLM(_AutoModel):
+    """`AutoModelForMaskedLM.from_pretrained(path)` for fill-in-the-mask encoders."""
+
+    table = MASKED_LM
+
+
+class AutoModelForPreTraining(_AutoModel):
+    """`AutoModelForPreTraining.from_pretrained(path)`: the model with its pretraining heads."""
+
+    table = PRETRAINING
+
+
+class AutoModelForTokenClassification(_AutoModel):
+    """`AutoModelForTokenClassification.from_pretrained(path, num_labels=9)`: a label per token."""
+
+    table = TOKEN_CLASSIFICATION
+
+
+class AutoModelForQuestionAnswering(_AutoModel):
+    """`AutoModelForQuestionAnswering.from_pretrained(path)`: answer-span start/end logits."""
+
+    table = QUESTION_ANSWERING

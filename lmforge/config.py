@@ -14,8 +14,82 @@ POSITION_KINDS = ("learned", "sinusoidal", "rotary")
 PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
 
 
+class _HFConfig:
+    """What every config shares: the sequence-classification label map (num_labels / id2label /
+    label2id / problem_type, as Hugging Face keeps them), `updated`, and config.json files.
+    Subclasses are dataclasses with those fields, an `extra` dict, `to_dict` and `from_dict`."""
+
+    num_labels: int | None
+    id2label: dict[int, str] | None
+    label2id: dict[str, int] | None
+    problem_type: str | None
+    extra: dict[str, Any]
+
+    def _check_labels(self) -> None:
+        """Fill num_labels / id2label / label2id from whichever was given, and check they agree."""
+        if self.id2label is not None:
+            self.id2label = {int(k): str(v) for k, v in self.id2label.items()}  # JSON keys are strings
+            if self.num_labels is not None and self.num_labels != len(self.id2label):
+                raise ValueError(f"num_labels={self.num_labels} but id2label has {len(self.id2label)} entries; "
+                                 "pass one of them, or make them agree")
+            self.num_labels = len(self.id2label)
+        else:
+            self.num_labels = 2 if self.num_labels is None else self.num_labels
+            self.id2label = {i: f"LABEL_{i}" for i in range(self.num_labels)}
+        if self.num_labels <= 0:
+            raise ValueError(f"num_labels must be positive, got {self.num_labels}")
+        if self.label2id is None:
+            self.label2id = {label: i for i, label in self.id2label.items()}
+        else:
+            self.label2id = {str(k): int(v) for k, v in self.label2id.items()}
+        if self.problem_type not in PROBLEM_TYPES:
+            raise ValueError(f"problem_type must be one of {PROBLEM_TYPES}, got {self.problem_type!r}")
+        if self.problem_type == "single_label_classification" and self.num_labels == 1:
+            raise ValueError("problem_type='single_label_classification' needs num_labels > 1; use num_labels=2 "
+                             "for binary classification, or problem_type='regression' for one output")
+
+    def updated(self, **overrides: Any) -> Any:
+        """A copy with `overrides` applied and checked again, as `from_pretrained(path, **overrides)` wants:
+        a new `num_labels` replaces the label map with LABEL_0..N-1 (unless `id2label` is given too), and a
+        new `id2label` brings its inverse `label2id`."""
+        unknown = [k for k in overrides if k not in {f.name for f in dataclasses.fields(self)}]
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no option(s) {unknown}")
+        if "id2label" in overrides:
+            overrides.setdefault("num_labels", None)
+            overrides.setdefault("label2id", None)
+        elif overrides.get("num_labels") not in (None, self.num_labels):
+            overrides.update(id2label=None, label2id=None)
+        overrides.setdefault("extra", dict(self.extra))  # the copy does not share the original's dict
+        return dataclasses.replace(self, **overrides)
+
+    def save(self, directory: str | os.PathLike, architecture: tuple[str, str] | None = None) -> Path:
+        """Write config.json; `architecture`: the saved model's (Hugging Face, lmforge) class names
+        (None: the config's default)."""
+        path = Path(directory) / "config.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        content = self.to_dict(architecture) if architecture else self.to_dict()  # type: ignore[attr-defined]
+        atomic_write_text(path, json.dumps(content, indent=2, ensure_ascii=False) + "\n")
+        return path
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> Any:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no config.json at {path}: a model directory needs config.json "
+                                    "(written by save_pretrained)")
+        try:
+            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); re-save the model with save_pretrained") from None
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> Any:
+        return cls.from_json_file(Path(directory) / "config.json")
+
+
 @dataclass
-class GPTConfig:
+class GPTConfig(_HFConfig):
     """A decoder-only Transformer. Field names are GPT-2's `config.json` keys where they exist.
 
     The defaults are GPT-2-shaped (learned positions, tanh GELU, biases, pre-norm with a final
@@ -65,44 +139,6 @@ class GPTConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         self._check_labels()
-
-    def _check_labels(self) -> None:
-        """Fill num_labels / id2label / label2id from whichever was given, and check they agree."""
-        if self.id2label is not None:
-            self.id2label = {int(k): str(v) for k, v in self.id2label.items()}  # JSON keys are strings
-            if self.num_labels is not None and self.num_labels != len(self.id2label):
-                raise ValueError(f"num_labels={self.num_labels} but id2label has {len(self.id2label)} entries; "
-                                 "pass one of them, or make them agree")
-            self.num_labels = len(self.id2label)
-        else:
-            self.num_labels = 2 if self.num_labels is None else self.num_labels
-            self.id2label = {i: f"LABEL_{i}" for i in range(self.num_labels)}
-        if self.num_labels <= 0:
-            raise ValueError(f"num_labels must be positive, got {self.num_labels}")
-        if self.label2id is None:
-            self.label2id = {label: i for i, label in self.id2label.items()}
-        else:
-            self.label2id = {str(k): int(v) for k, v in self.label2id.items()}
-        if self.problem_type not in PROBLEM_TYPES:
-            raise ValueError(f"problem_type must be one of {PROBLEM_TYPES}, got {self.problem_type!r}")
-        if self.problem_type == "single_label_classification" and self.num_labels == 1:
-            raise ValueError("problem_type='single_label_classification' needs num_labels > 1; use num_labels=2 "
-                             "for binary classification, or problem_type='regression' for one output")
-
-    def updated(self, **overrides: Any) -> "GPTConfig":
-        """A copy with `overrides` applied and checked again, as `from_pretrained(path, **overrides)` wants:
-        a new `num_labels` replaces the label map with LABEL_0..N-1 (unless `id2label` is given too), and a
-        new `id2label` brings its inverse `label2id`."""
-        unknown = [k for k in overrides if k not in {f.name for f in dataclasses.fields(self)}]
-        if unknown:
-            raise TypeError(f"GPTConfig has no option(s) {unknown}")
-        if "id2label" in overrides:
-            overrides.setdefault("num_labels", None)
-            overrides.setdefault("label2id", None)
-        elif overrides.get("num_labels") not in (None, self.num_labels):
-            overrides.update(id2label=None, label2id=None)
-        overrides.setdefault("extra", dict(self.extra))  # the copy does not share the original's dict
-        return dataclasses.replace(self, **overrides)
 
     @property
     def context_length(self) -> int:
@@ -166,24 +202,79 @@ class GPTConfig:
         extra = {k: v for k, v in d.items() if k not in names}
         return cls(**known, extra=extra)
 
-    def save(self, directory: str | os.PathLike,
-             architecture: tuple[str, str] = ("GPT2LMHeadModel", "GPTForCausalLM")) -> Path:
-        path = Path(directory) / "config.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(self.to_dict(architecture), indent=2, ensure_ascii=False) + "\n")
-        return path
+
+@dataclass
+class BertConfig(_HFConfig):
+    """A bidirectional encoder (BERT). Field names are Hugging Face's BertConfig keys, and the
+    defaults are bert-base's, so a BERT checkpoint's config.json reads unchanged."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"  # exact (erf) GELU
+    hidden_dropout_prob: float = 0.1  # embeddings, residual branches, feed-forward
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2  # segments A / B (token_type_ids)
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+    pad_token_id: int | None = 0
+    classifier_dropout: float | None = None  # None = hidden_dropout_prob
+    tie_word_embeddings: bool = True  # the MLM decoder is the word embedding
+    num_labels: int | None = None
+    id2label: dict[int, str] | None = None
+    label2id: dict[str, int] | None = None
+    problem_type: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # unknown config.json keys, kept on save
+
+    model_type: ClassVar[str] = "bert"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                     "max_position_embeddings", "type_vocab_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                             f"({self.num_attention_heads})")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):
+            p = getattr(self, name)
+            if p is not None and not 0.0 <= p < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {p}")
+        self._check_labels()
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def to_dict(self, architecture: tuple[str, str] = ("BertForMaskedLM", "BertForMaskedLM")) -> dict[str, Any]:
+        """config.json's content, as Hugging Face's BertConfig writes it (num_labels follows id2label)."""
+        if len(self.id2label or {}) != self.num_labels:
+            raise ValueError(f"num_labels={self.num_labels} but id2label has {len(self.id2label or {})} entries; "
+                             "build the config with config.updated(num_labels=...) so the label map follows")
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("extra", "num_labels")}
+        out: dict[str, Any] = dict(self.extra)
+        out.update({"model_type": "bert", "architectures": [architecture[0]], **d})
+        return out
 
     @classmethod
-    def from_json_file(cls, path: str | os.PathLike) -> "GPTConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no config.json at {path}: a model directory needs config.json "
-                                    "(written by save_pretrained)")
-        try:
-            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON ({e}); re-save the model with save_pretrained") from None
-
-    @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> "GPTConfig":
-        return cls.from_json_file(Path(directory) / "config.json")
+    def from_dict(cls, d: dict[str, Any]) -> "BertConfig":
+        d = dict(d)
+        model_type = d.pop("model_type", "bert")
+        if model_type != "bert":
+            raise ValueError(f"config has model_type {model_type!r}; BertConfig reads 'bert'")
+        d.pop("architectures", None)
+        if d.get("id2label") is not None:
+            d.pop("num_labels", None)  # the label map wins, as in Hugging Face
+        # BERT variants lmforge does not implement: refuse rather than load a different model
+        for key, default in (("position_embedding_type", "absolute"), ("is_decoder", False),
+                             ("add_cross_attention", False)):
+            if d.get(key, default) != default:
+                raise ValueError(f"config.json sets {key}={d[key]!r}, which lmforge's BERT does not support "
+                                 f"(only {key}={default!r})")
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in d.items() if k in names}
+        extra = {k: v for k, v in d.items() if k not in names}
+        return cls(**known, extra=extra)

@@ -31,22 +31,45 @@ _SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 @dataclass(frozen=True)
 class KeyRule:
     """lmforge name <-> Hugging Face name; `{i}` stands for a layer number. `transpose`: GPT-2's
-    Conv1D stores (in, out) where nn.Linear stores (out, in)."""
+    Conv1D stores (in, out) where nn.Linear stores (out, in). `parts`: the values of `{part}` in the
+    Hugging Face name; one lmforge tensor is those tensors concatenated along dim 0 (BERT's separate
+    query, key and value are lmforge's fused `qkv`)."""
 
     ours: str
     theirs: str
     transpose: bool = False
+    parts: tuple[str, ...] = ()
 
     def _regex(self, pattern: str) -> re.Pattern[str]:
-        return re.compile("^" + re.escape(pattern).replace(r"\{i\}", r"(\d+)") + "$")
+        regex = re.escape(pattern).replace(r"\{i\}", r"(?P<i>\d+)")
+        regex = regex.replace(r"\{part\}", "(?P<part>" + "|".join(map(re.escape, self.parts)) + ")")
+        return re.compile("^" + regex + "$")
 
-    def match(self, name: str, ours: bool) -> str | None:
-        """The name on the other side, or None if `name` is not covered by this rule."""
-        m = self._regex(self.ours if ours else self.theirs).match(name)
+    def to_hf(self, name: str) -> list[str] | None:
+        """The Hugging Face name(s) of lmforge tensor `name` (one per part), or None if not covered."""
+        m = self._regex(self.ours).match(name)
         if m is None:
             return None
-        target = self.theirs if ours else self.ours
-        return target.replace("{i}", m.group(1)) if m.groups() else target
+        target = self.theirs.replace("{i}", m.group("i")) if "i" in m.groupdict() else self.theirs
+        return [target.replace("{part}", part) for part in self.parts] if self.parts else [target]
+
+    def match(self, name: str, ours: bool) -> str | None:
+        """The name on the other side, or None if `name` is not covered by this rule (a fused
+        tensor's Hugging Face names are joined with " + ")."""
+        if ours:
+            names = self.to_hf(name)
+            return None if names is None else " + ".join(names)
+        hit = self.from_hf(name)
+        return None if hit is None else hit[0]
+
+    def from_hf(self, name: str) -> tuple[str, int] | None:
+        """(lmforge name, index of the part) for Hugging Face tensor `name`, or None if not covered."""
+        m = self._regex(self.theirs).match(name)
+        if m is None:
+            return None
+        groups = m.groupdict()
+        target = self.ours.replace("{i}", groups["i"]) if "i" in groups else self.ours
+        return target, self.parts.index(groups["part"]) if self.parts else 0
 
 
 GPT2_KEYS: list[KeyRule] = [
@@ -78,77 +101,208 @@ GPT2_CLS_KEYS: list[KeyRule] = [r for r in GPT2_KEYS if r.ours.startswith("trans
 GPT2_IGNORED = re.compile(r".*\.attn\.(bias|masked_bias)$")
 
 
+def bert_trunk_keys(prefix: str) -> list[KeyRule]:
+    """BERT's trunk under `prefix` on both sides ("bert." in head models, "" in a bare BertModel)."""
+    pairs = [  # (lmforge, Hugging Face) module names, each with .weight and .bias
+        ("embeddings.ln", "embeddings.LayerNorm"),
+        ("layers.{i}.attn.proj", "encoder.layer.{i}.attention.output.dense"),
+        ("layers.{i}.ln_1", "encoder.layer.{i}.attention.output.LayerNorm"),
+        ("layers.{i}.mlp.fc", "encoder.layer.{i}.intermediate.dense"),
+        ("layers.{i}.mlp.proj", "encoder.layer.{i}.output.dense"),
+        ("layers.{i}.ln_2", "encoder.layer.{i}.output.LayerNorm"),
+        ("pooler", "pooler.dense"),
+    ]
+    embeddings = ("word_embeddings", "position_embeddings", "token_type_embeddings")
+    return ([KeyRule(f"{prefix}embeddings.{e}.weight", f"{prefix}embeddings.{e}.weight") for e in embeddings]
+            + [KeyRule(f"{prefix}layers.{{i}}.attn.qkv.{p}", f"{prefix}encoder.layer.{{i}}.attention.self.{{part}}.{p}",
+                       parts=("query", "key", "value")) for p in ("weight", "bias")]
+            + [KeyRule(f"{prefix}{ours}.{p}", f"{prefix}{theirs}.{p}") for ours, theirs in pairs
+               for p in ("weight", "bias")])
+
+
+def _bert_head(ours: str, theirs: str) -> list[KeyRule]:
+    return [KeyRule(f"{ours}.{p}", f"{theirs}.{p}") for p in ("weight", "bias")]
+
+
+BERT_MLM_HEAD_KEYS: list[KeyRule] = [
+    *_bert_head("lm_head.dense", "cls.predictions.transform.dense"),
+    *_bert_head("lm_head.ln", "cls.predictions.transform.LayerNorm"),
+    KeyRule("lm_head.decoder.weight", "cls.predictions.decoder.weight"),  # tied to the word embedding
+    KeyRule("lm_head.decoder.bias", "cls.predictions.bias"),
+]
+BERT_HEADS = ("cls.", "classifier.", "qa_outputs.")  # Hugging Face name prefixes of BERT's task heads
+# Buffers some Hugging Face BERT files hold (position ids; no parameters).
+BERT_IGNORED = re.compile(r"^(bert\.)?embeddings\.(position_ids|token_type_ids)$")
+# Older names, renamed on load: TF-era LayerNorm gamma/beta; the decoder bias, a tie of cls.predictions.bias.
+BERT_ALIASES = ((r"^(.*)LayerNorm\.gamma$", r"\1LayerNorm.weight"), (r"^(.*)LayerNorm\.beta$", r"\1LayerNorm.bias"),
+                (r"^cls\.predictions\.decoder\.bias$", "cls.predictions.bias"))
+
+
 @dataclass(frozen=True)
 class Family:
     """How one model class maps to Hugging Face files. `task_head`: our names of a task head that a
     checkpoint may lack or have in another size (e.g. a causal-LM checkpoint loaded into a classifier):
-    it is freshly initialised, with a warning. `other_heads`: Hugging Face names of other tasks' heads
-    that are left out, with a warning (the trunk is what the two models share)."""
+    it is freshly initialised, with a warning. `other_heads`: Hugging Face names (or name prefixes) of
+    other tasks' heads that are left out, with a warning (the trunk is what the two models share).
+    `prefix`: the trunk's Hugging Face prefix; a base-model file without it is read as the trunk, and
+    when `base` (the model is the bare trunk) a head model's file has it stripped. `tied`: our names
+    of outputs that are the input embedding under `tie_word_embeddings` (not saved, not required).
+    `aliases`: (regex, replacement) renames of older Hugging Face names, applied on load."""
 
     rules: list[KeyRule]
     ignored: re.Pattern[str]
     task_head: tuple[str, ...] = ()
     other_heads: tuple[str, ...] = ()
+    prefix: str = "transformer."
+    base: bool = False
+    tied: tuple[str, ...] = ()
+    aliases: tuple[tuple[str, str], ...] = ()
 
 
 def _convert(state: dict[str, Tensor], rules: list[KeyRule], to_hf: bool) -> tuple[dict[str, Tensor], list[str]]:
-    """Rename (and transpose) every tensor; returns (converted, names no rule covers)."""
+    """Rename (transpose; split or concatenate fused parts) every tensor; returns (converted, names no
+    rule covers, and the parts of fused tensors whose other parts are absent)."""
     out: dict[str, Tensor] = {}
     unmatched: list[str] = []
+    fused: dict[str, tuple[KeyRule, dict[int, tuple[str, Tensor]]]] = {}  # our name -> parts found
     for name, tensor in state.items():
         for rule in rules:
-            target = rule.match(name, ours=to_hf)
-            if target is not None:
-                out[target] = tensor.t().contiguous() if rule.transpose else tensor
+            if to_hf:
+                targets = rule.to_hf(name)
+                if targets is None:
+                    continue
+                tensor = tensor.t().contiguous() if rule.transpose else tensor
+                if len(targets) == 1:
+                    out[targets[0]] = tensor
+                else:  # separate tensors that do not share storage (safetensors refuses shared ones)
+                    out.update(zip(targets, (t.clone() for t in tensor.chunk(len(targets), dim=0))))
                 break
+            hit = rule.from_hf(name)
+            if hit is None:
+                continue
+            target, part = hit
+            tensor = tensor.t().contiguous() if rule.transpose else tensor
+            if rule.parts:
+                fused.setdefault(target, (rule, {}))[1][part] = (name, tensor)
+            else:
+                out[target] = tensor
+            break
         else:
             unmatched.append(name)
+    for target, (rule, found) in fused.items():
+        names = [found[k][0] for k in sorted(found)]
+        if len(found) < len(rule.parts):
+            absent = [p for k, p in enumerate(rule.parts) if k not in found]
+            unmatched.extend(f"{n} (its {'/'.join(absent)} part(s) are absent)" for n in names)
+            continue
+        tensors = [found[k][1] for k in range(len(rule.parts))]
+        if len({t.shape for t in tensors}) > 1:
+            raise ValueError(f"{names} have shapes {[tuple(t.shape) for t in tensors]}; they must agree to form "
+                             f"{target}. The checkpoint is damaged or not a BERT-style checkpoint")
+        out[target] = torch.cat(tensors, dim=0)
     return out, unmatched
 
 
 def _family(model: nn.Module) -> Family:
+    from lmforge.models import bert
     from lmforge.models.gpt import GPTForCausalLM, GPTForSequenceClassification
 
     if isinstance(model, GPTForCausalLM):
-        return Family(GPT2_KEYS, GPT2_IGNORED, other_heads=("score.weight",))
+        return Family(GPT2_KEYS, GPT2_IGNORED, other_heads=("score.weight",), tied=("lm_head.weight",))
     if isinstance(model, GPTForSequenceClassification):
         return Family(GPT2_CLS_KEYS, GPT2_IGNORED, task_head=("score.weight",), other_heads=("lm_head.weight",))
+    if isinstance(model, bert.BertModel):
+        return Family(bert_trunk_keys(""), BERT_IGNORED, task_head=("pooler.weight", "pooler.bias"),
+                      other_heads=BERT_HEADS, prefix="bert.", base=True, aliases=BERT_ALIASES)
+    pooler, classifier = ("bert.pooler.weight", "bert.pooler.bias"), ("classifier.weight", "classifier.bias")
+    mlm = tuple(r.ours for r in BERT_MLM_HEAD_KEYS if r.ours != "lm_head.decoder.weight")
+    heads = {  # class: (head rules, task_head (our names), other tasks' heads (Hugging Face prefixes))
+        bert.BertForMaskedLM: (BERT_MLM_HEAD_KEYS, mlm, ("cls.seq_relationship.", "classifier.", "qa_outputs.")),
+        bert.BertForPreTraining: (BERT_MLM_HEAD_KEYS + _bert_head("nsp", "cls.seq_relationship"),
+                                  pooler + mlm + ("nsp.weight", "nsp.bias"), ("classifier.", "qa_outputs.")),
+        bert.BertForSequenceClassification: (_bert_head("classifier", "classifier"), pooler + classifier,
+                                             ("cls.", "qa_outputs.")),
+        bert.BertForTokenClassification: (_bert_head("classifier", "classifier"), classifier,
+                                          ("cls.", "qa_outputs.")),
+        bert.BertForQuestionAnswering: (_bert_head("qa_outputs", "qa_outputs"),
+                                        ("qa_outputs.weight", "qa_outputs.bias"),
+                                        ("cls.", "classifier.")),
+    }
+    for cls, (head_rules, task_head, others) in heads.items():
+        if isinstance(model, cls):
+            rules = bert_trunk_keys("bert.")
+            if model.bert.pooler is None:  # token-level heads have no pooler: a checkpoint's is left out
+                rules = [r for r in rules if not r.ours.startswith("bert.pooler.")]
+                others += ("bert.pooler.",)
+            tied = ("lm_head.decoder.weight",) if isinstance(model, bert._MaskedLMMixin) else ()
+            return Family(rules + head_rules, BERT_IGNORED, task_head=task_head, other_heads=others, prefix="bert.",
+                          tied=tied, aliases=BERT_ALIASES)
     raise TypeError(f"no Hugging Face key map for {type(model).__name__}")
 
 
 def to_hf_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The model's parameters under Hugging Face names (tied output weights left out, as HF does)."""
-    rules = _family(model).rules
+    family = _family(model)
     state = model.state_dict()
     if getattr(model.config, "tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)
-    converted, unmatched = _convert(state, rules, to_hf=True)
+        for name in family.tied:
+            state.pop(name, None)
+    converted, unmatched = _convert(state, family.rules, to_hf=True)
     if unmatched:
         raise RuntimeError(f"key map has no rule for {unmatched[:5]} (lmforge bug: add a KeyRule)")
     return converted
+
+
+def _apply_aliases(hf_state: dict[str, Tensor], aliases: tuple[tuple[str, str], ...],
+                   source: str) -> dict[str, Tensor]:
+    """Rename older Hugging Face names; an alias of a tensor that is also present must equal it."""
+    out: dict[str, Tensor] = {}
+    renamed: dict[str, Tensor] = {}
+    for name, tensor in hf_state.items():
+        new = name
+        for pattern, replacement in aliases:
+            new = re.sub(pattern, replacement, new)
+        (renamed if new != name else out)[new] = tensor
+    for name, tensor in renamed.items():
+        if name in out and not torch.equal(out[name], tensor):
+            raise ValueError(f"{source} holds {name} twice (under an older name too) with different values; "
+                             "the checkpoint is inconsistent")
+        out.setdefault(name, tensor)
+    return out
+
+
+def _normalise_prefix(hf_state: dict[str, Tensor], family: Family) -> dict[str, Tensor]:
+    """Base-model files have no trunk prefix; a bare trunk model reads a head model's trunk."""
+    prefix = family.prefix
+    if family.base:
+        if any(k.startswith(prefix) for k in hf_state):
+            return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in hf_state.items()}
+        return hf_state
+    if hf_state and not any(k.startswith(prefix) for k in hf_state):
+        return {(prefix + k): v for k, v in hf_state.items()}
+    return hf_state
 
 
 def load_hf_state_dict(model: nn.Module, hf_state: dict[str, Tensor], source: str = "checkpoint") -> None:
     """Copy Hugging Face-named tensors into `model`, checking names, count and shapes.
 
     The trunk must match exactly. A task head the checkpoint lacks or sizes differently is freshly
-    initialised (normal, std initializer_range) and another task's head is left out, each with a warning.
+    initialised (weights normal with std initializer_range, biases zero) and another task's head is left
+    out, each with a warning.
     """
     family = _family(model)
+    hf_state = _apply_aliases(hf_state, family.aliases, source) if family.aliases else hf_state
     hf_state = {k: v for k, v in hf_state.items() if not family.ignored.match(k)}
-    # Base-model files (GPT2Model) have no "transformer." prefix.
-    if hf_state and not any(k.startswith("transformer.") for k in hf_state):
-        hf_state = {("transformer." + k): v for k, v in hf_state.items()}
-    left_out = [k for k in hf_state if k in family.other_heads]
-    hf_state = {k: v for k, v in hf_state.items() if k not in family.other_heads}
+    hf_state = _normalise_prefix(hf_state, family)
+    left_out = [k for k in hf_state if any(k.startswith(h) for h in family.other_heads)]
+    hf_state = {k: v for k, v in hf_state.items() if k not in left_out}
     ours, unexpected = _convert(hf_state, family.rules, to_hf=False)
     expected = model.state_dict()
-    tied = getattr(model.config, "tie_word_embeddings", False)
-    if tied:
-        ours.pop("lm_head.weight", None)  # the output layer is the embedding
+    tied = family.tied if getattr(model.config, "tie_word_embeddings", False) else ()
+    for name in tied:
+        ours.pop(name, None)  # the output layer is the embedding
     fresh = [k for k in family.task_head if k not in ours or ours[k].shape != expected[k].shape]
-    missing = [k for k in expected
-               if k not in ours and k not in fresh and not (tied and k == "lm_head.weight")]
+    missing = [k for k in expected if k not in ours and k not in fresh and k not in tied]
     extra = [k for k in ours if k not in expected]
     if missing or unexpected or extra:
         raise ValueError(f"{source} does not match the model: missing {missing[:5]}"
@@ -160,19 +314,27 @@ def load_hf_state_dict(model: nn.Module, hf_state: dict[str, Tensor], source: st
                              f"{tuple(expected[name].shape)}; config.json and the weights disagree")
     model_name = type(model).__name__
     if left_out:
-        warnings.warn(f"{source} holds {left_out}, the head of another task, which {model_name} does not use; "
-                      "only the shared trunk was loaded", stacklevel=3)
+        warnings.warn(f"{source} holds {left_out[:6]}{' ...' if len(left_out) > 6 else ''}, the head of another "
+                      f"task, which {model_name} does not use; only the shared trunk was loaded", stacklevel=3)
     std = model.config.initializer_range
+    layer_norm = {h for h in fresh if isinstance(model.get_submodule(h.rsplit(".", 1)[0]), nn.LayerNorm)}
     for head in fresh:
         found = f"has {head} of shape {tuple(ours[head].shape)}" if head in ours else f"has no {head}"
+        init = ("ones" if head in layer_norm and head.endswith(".weight")
+                else "zeros" if head.endswith(".bias") else f"normal, std {std}")
         warnings.warn(f"{source} {found}: {model_name}'s head {head} of shape {tuple(expected[head].shape)} is "
-                      f"freshly initialised (normal, std {std}); train it before use", stacklevel=3)
+                      f"freshly initialised ({init}); train it before use", stacklevel=3)
     with torch.no_grad():
         for name, tensor in ours.items():
             if name not in fresh:
                 expected[name].copy_(tensor)
         for head in fresh:
-            nn.init.normal_(expected[head], mean=0.0, std=std)
+            if head in layer_norm and head.endswith(".weight"):
+                nn.init.ones_(expected[head])
+            elif head.endswith(".bias"):
+                nn.init.zeros_(expected[head])
+            else:
+                nn.init.normal_(expected[head], mean=0.0, std=std)
 
 
 def read_safetensors(path: Path) -> dict[str, Tensor]:

@@ -1,1 +1,1 @@
-"""Model families: one readable file each (gpt.py; bert.py to come)."""
+"""Model families: one readable file each (gpt.py, bert.py)."""

@@ -1,0 +1,397 @@
+"""BERT: a bidirectional encoder pretrained to fill in masked tokens (and, originally, to tell whether
+sentence B follows sentence A).
+
+    ids (B, T) + segments -> word + position + token-type embeddings -> LayerNorm -> N post-norm
+    blocks, every token attending to every real token -> hidden states (B, T, C)
+    -> heads: masked-LM logits (B, T, V); pooled first token ([CLS]) -> sentence classes;
+    per-token classes; answer-span start/end logits
+
+With the default `BertConfig` it is bert-base-shaped, and Hugging Face BERT checkpoints load one to
+one (see `lmforge.hub`). The blocks are the same `TransformerBlock` as GPT's, with norm_position="post"
+and no causal mask.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import Tensor, nn
+
+from lmforge.config import BertConfig
+from lmforge.models.gpt import sequence_classification_loss
+from lmforge.models.outputs import (BaseModelOutputWithPooling, MaskedLMOutput, PreTrainingOutput,
+                                    QuestionAnsweringModelOutput, SequenceClassifierOutput, TokenClassifierOutput)
+from lmforge.nn import AttentionMask, LearnedPositionalEmbedding, TransformerBlock, get_activation, layer_norm
+from lmforge.nn.layers import dropout
+
+
+def masked_lm_loss(logits: Tensor, labels: Tensor, num_items_in_batch: int | Tensor | None = None) -> Tensor:
+    """Cross-entropy at the positions whose label is not -100 (no shift: BERT predicts the token at the
+    position itself). logits (..., V), labels (...). Mean over scored positions, or the sum divided by
+    `num_items_in_batch`; all -100 gives 0, never NaN."""
+    V = logits.size(-1)
+    labels = labels.reshape(-1)
+    loss_sum = F.cross_entropy(logits.reshape(-1, V).float(), labels, ignore_index=-100, reduction="sum")
+    if num_items_in_batch is None:
+        num_items_in_batch = (labels != -100).sum().clamp(min=1)
+    return loss_sum / num_items_in_batch
+
+
+class BertEmbeddings(nn.Module):
+    """word + position + token type (segment A/B) embeddings, then LayerNorm and dropout."""
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        c = config
+        # padding_idx: the pad row gets no gradient, as in Hugging Face's BERT
+        self.word_embeddings = nn.Embedding(c.vocab_size, c.hidden_size, padding_idx=c.pad_token_id)
+        self.position_embeddings = LearnedPositionalEmbedding(c.max_position_embeddings, c.hidden_size)
+        self.token_type_embeddings = nn.Embedding(c.type_vocab_size, c.hidden_size)
+        self.ln = layer_norm(c.hidden_size, c.layer_norm_eps)
+        self.dropout = c.hidden_dropout_prob
+
+    def forward(self, input_ids: Tensor, token_type_ids: Tensor, position_ids: Tensor) -> Tensor:
+        x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
+        x = x + self.position_embeddings(position_ids)
+        return dropout(self.ln(x), self.dropout, self.training)  # (B, T, C)
+
+
+class _Checkpoints:
+    """save_pretrained / from_pretrained in Hugging Face's layout, for BertModel and every head."""
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # type: ignore[attr-defined]  # tied: counted once
+
+    def save_pretrained(self, directory: str | os.PathLike, tokenizer: Any = None,
+                        max_shard_size: int | str | None = None) -> None:
+        """Write config.json + model.safetensors under Hugging Face BERT names [+ tokenizer files]."""
+        from lmforge.hub import save_pretrained
+
+        save_pretrained(self, directory, tokenizer=tokenizer, max_shard_size=max_shard_size)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> Any:
+        """Load a directory written by `save_pretrained`, a Hugging Face BERT directory (any BERT class's:
+        the trunk is shared), or a cached model id. A head or pooler the checkpoint lacks (or has in
+        another size, e.g. `num_labels=`) is freshly initialised, with a warning."""
+        from lmforge.hub import load_pretrained
+
+        return load_pretrained(cls, path, **kwargs)
+
+
+class BertModel(_Checkpoints, nn.Module):
+    """The BERT trunk: embeddings and post-norm blocks (B, T, C), plus the pooler tanh(W h_[CLS] + b)
+    (B, C) when `add_pooling_layer`. Also a model of its own: `BertModel.from_pretrained` loads a
+    Hugging Face BertModel checkpoint (e.g. a sentence-transformers encoder) or any BERT head's trunk."""
+
+    config_class = BertConfig
+    hf_architecture = "BertModel"
+
+    def __init__(self, config: BertConfig, add_pooling_layer: bool = True) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.embeddings = BertEmbeddings(c)
+        self.layers = nn.ModuleList(
+            TransformerBlock(c.hidden_size, c.num_attention_heads, c.intermediate_size, c.hidden_act, bias=True,
+                             dropout=c.hidden_dropout_prob, attn_dropout=c.attention_probs_dropout_prob,
+                             norm_position="post", eps=c.layer_norm_eps)
+            for _ in range(c.num_hidden_layers))
+        self.pooler = nn.Linear(c.hidden_size, c.hidden_size) if add_pooling_layer else None
+        self.gradient_checkpointing = False
+        init_bert_weights(self, config)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
+                position_ids: Tensor | None = None, output_attentions: bool = False,
+                output_hidden_states: bool = False) -> BaseModelOutputWithPooling:
+        """input_ids (B, T); attention_mask (B, T) 1 = real token, 0 = padding; token_type_ids (B, T)
+        segment ids (default 0); position_ids (B, T) (default 0..T-1, as BERT was trained)."""
+        B, T = input_ids.shape
+        if T > self.config.max_position_embeddings:
+            raise ValueError(f"sequence of {T} tokens is longer than the model's {self.config.max_position_embeddings} "
+                             f"positions; truncate the input (e.g. truncation=True, "
+                             f"max_length={self.config.max_position_embeddings})")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, T)}")
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device)[None].expand(B, T)
+        x = self.embeddings(input_ids, token_type_ids, position_ids)
+        mask = AttentionMask.build(attention_mask, T, T, causal=False)  # padding keys hidden from every query
+        hidden: list[Tensor] = []
+        attentions: list[Tensor] = []
+        for i, block in enumerate(self.layers):
+            if output_hidden_states:
+                hidden.append(x)
+            if self.gradient_checkpointing and self.training:
+                x, w = torch.utils.checkpoint.checkpoint(block, x, mask, None, None, i, output_attentions,
+                                                         use_reentrant=False)
+            else:
+                x, w = block(x, mask, None, None, i, output_attentions)
+            if output_attentions:
+                attentions.append(w)
+        if output_hidden_states:
+            hidden.append(x)
+        pooled = torch.tanh(self.pooler(x[:, 0])) if self.pooler is not None else None
+        return BaseModelOutputWithPooling(x, pooled, tuple(hidden) if output_hidden_states else None,
+                                          tuple(attentions) if output_attentions else None)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.word_embeddings
+
+    def gradient_checkpointing_enable(self) -> None:
+        self.gradient_checkpointing = True
+
+    @property
+    def device(self) -> torch.device:
+        return self.embeddings.word_embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embeddings.word_embeddings.weight.dtype
+
+
+def init_bert_weights(model: nn.Module, config: BertConfig) -> None:
+    """BERT's initialisation: Linear and Embedding weights ~ N(0, initializer_range), biases 0 (the
+    padding row of the word embedding too), LayerNorm 1/0."""
+    std = config.initializer_range
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+class BertPreTrainedModel(_Checkpoints, nn.Module):
+    """What every BERT head class shares: the trunk under `bert`, config, device and dtype,
+    checkpoints in Hugging Face's layout, gradient checkpointing."""
+
+    config_class = BertConfig
+    hf_architecture = "BertModel"
+    bert: BertModel
+
+    def __init__(self, config: BertConfig, add_pooling_layer: bool) -> None:
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config, add_pooling_layer)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.bert.get_input_embeddings()
+
+    def gradient_checkpointing_enable(self) -> None:
+        self.bert.gradient_checkpointing = True
+
+    @property
+    def device(self) -> torch.device:
+        return self.bert.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.bert.dtype
+
+    def _classifier_dropout(self) -> float:
+        c = self.config
+        return c.hidden_dropout_prob if c.classifier_dropout is None else c.classifier_dropout
+
+
+class BertLMHead(nn.Module):
+    """The masked-LM head: dense + activation + LayerNorm, then the decoder to the vocabulary, whose
+    weight is the word embedding (tied) and which has a bias of its own."""
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.act = get_activation(config.hidden_act)
+        self.ln = layer_norm(config.hidden_size, config.layer_norm_eps)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
+
+    def forward(self, h: Tensor) -> Tensor:  # (..., C) -> (..., V)
+        return self.decoder(self.ln(self.act(self.dense(h))))
+
+
+class _MaskedLMMixin:
+    """The MLM head's use, shared by BertForMaskedLM and BertForPreTraining."""
+
+    config: BertConfig
+    bert: BertModel
+    lm_head: BertLMHead
+    training: bool
+
+    def tie_weights(self) -> None:
+        """Share the word embedding and the decoder weight (one tensor, one gradient)."""
+        self.lm_head.decoder.weight = self.bert.embeddings.word_embeddings.weight
+
+    def _mlm(self, h: Tensor, labels: Tensor | None,
+             num_items_in_batch: int | Tensor | None) -> tuple[Tensor | None, Tensor]:
+        """(loss, logits). Training with labels: the vocabulary projection (the costliest matmul) runs only
+        at the scored positions, and logits are (N, V) for those N positions in order; otherwise (B, T, V)."""
+        if labels is not None and self.training:
+            keep = labels != -100
+            logits = self.lm_head(h[keep])  # (N, V)
+            return masked_lm_loss(logits, labels[keep], num_items_in_batch), logits
+        logits = self.lm_head(h)  # (B, T, V)
+        loss = masked_lm_loss(logits, labels, num_items_in_batch) if labels is not None else None
+        return loss, logits
+
+    @staticmethod
+    def num_loss_items(labels: Tensor) -> Tensor:
+        """How many positions `labels` scores (for exact gradient accumulation)."""
+        return (labels != -100).sum()
+
+
+class BertForMaskedLM(_MaskedLMMixin, BertPreTrainedModel):
+    """BERT with the masked-LM head: input_ids (B, T) -> logits (B, T, V). `labels` (B, T): the original
+    token at masked positions, -100 elsewhere (ignored)."""
+
+    hf_architecture = "BertForMaskedLM"
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__(config, add_pooling_layer=False)
+        self.lm_head = BertLMHead(config)
+        init_bert_weights(self.lm_head, config)  # the trunk initialised itself
+        if config.tie_word_embeddings:
+            self.tie_weights()
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
+                position_ids: Tensor | None = None, labels: Tensor | None = None, output_attentions: bool = False,
+                output_hidden_states: bool = False, num_items_in_batch: int | Tensor | None = None,
+                **kwargs: Any) -> MaskedLMOutput:
+        if kwargs:
+            raise TypeError(f"unexpected arguments for BertForMaskedLM.forward: {sorted(kwargs)}")
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_attentions,
+                        output_hidden_states)
+        loss, logits = self._mlm(out.last_hidden_state, labels, num_items_in_batch)
+        return MaskedLMOutput(loss, logits, out.hidden_states, out.attentions)
+
+
+class BertForPreTraining(_MaskedLMMixin, BertPreTrainedModel):
+    """BERT's pretraining heads: masked LM on every position and next-sentence prediction on the pooled
+    [CLS] (0 = B follows A, 1 = B is random). The loss is the sum of the two losses that are given."""
+
+    hf_architecture = "BertForPreTraining"
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__(config, add_pooling_layer=True)
+        self.lm_head = BertLMHead(config)
+        self.nsp = nn.Linear(config.hidden_size, 2)
+        init_bert_weights(self.lm_head, config)
+        init_bert_weights(self.nsp, config)  # the trunk initialised itself
+        if config.tie_word_embeddings:
+            self.tie_weights()
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
+                position_ids: Tensor | None = None, labels: Tensor | None = None,
+                next_sentence_label: Tensor | None = None, output_attentions: bool = False,
+                output_hidden_states: bool = False, num_items_in_batch: int | Tensor | None = None,
+                **kwargs: Any) -> PreTrainingOutput:
+        if kwargs:
+            raise TypeError(f"unexpected arguments for BertForPreTraining.forward: {sorted(kwargs)}")
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_attentions,
+                        output_hidden_states)
+        mlm_loss, logits = self._mlm(out.last_hidden_state, labels, num_items_in_batch)
+        nsp_logits = self.nsp(out.pooler_output)  # (B, 2)
+        loss = mlm_loss
+        if next_sentence_label is not None:
+            nsp_loss = F.cross_entropy(nsp_logits.view(-1, 2), next_sentence_label.view(-1))
+            loss = nsp_loss if loss is None else loss + nsp_loss
+        return PreTrainingOutput(loss, logits, nsp_logits, out.hidden_states, out.attentions)
+
+
+class BertForSequenceClassification(BertPreTrainedModel):
+    """BERT with dropout + a linear classifier on the pooled [CLS] token: input_ids (B, T) -> logits
+    (B, num_labels). The loss follows `config.problem_type` (inferred as transformers does)."""
+
+    hf_architecture = "BertForSequenceClassification"
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__(config, add_pooling_layer=True)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        init_bert_weights(self.classifier, config)  # the trunk initialised itself
+
+    @property
+    def num_labels(self) -> int:
+        return self.classifier.out_features
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
+                position_ids: Tensor | None = None, labels: Tensor | None = None, output_attentions: bool = False,
+                output_hidden_states: bool = False, **kwargs: Any) -> SequenceClassifierOutput:
+        if kwargs:
+            raise TypeError(f"unexpected arguments for BertForSequenceClassification.forward: {sorted(kwargs)}")
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_attentions,
+                        output_hidden_states)
+        logits = self.classifier(dropout(out.pooler_output, self._classifier_dropout(), self.training))
+        loss = sequence_classification_loss(logits, labels, self.config.problem_type) if labels is not None else None
+        return SequenceClassifierOutput(loss, logits, out.hidden_states, out.attentions)
+
+
+class BertForTokenClassification(BertPreTrainedModel):
+    """BERT with dropout + a linear classifier on every token (e.g. named entities): logits
+    (B, T, num_labels); `labels` (B, T) class ids, -100 ignored."""
+
+    hf_architecture = "BertForTokenClassification"
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__(config, add_pooling_layer=False)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        init_bert_weights(self.classifier, config)  # the trunk initialised itself
+
+    @property
+    def num_labels(self) -> int:
+        return self.classifier.out_features
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
+                position_ids: Tensor | None = None, labels: Tensor | None = None, output_attentions: bool = False,
+                output_hidden_states: bool = False, **kwargs: Any) -> TokenClassifierOutput:
+        if kwargs:
+            raise TypeError(f"unexpected arguments for BertForTokenClassification.forward: {sorted(kwargs)}")
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_attentions,
+                        output_hidden_states)
+        logits = self.classifier(dropout(out.last_hidden_state, self._classifier_dropout(), self.training))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.reshape(-1, self.num_labels), labels.reshape(-1), ignore_index=-100)
+        return TokenClassifierOutput(loss, logits, out.hidden_states, out.attentions)
+
+
+class BertForQuestionAnswering(BertPreTrainedModel):
+    """BERT for extractive question answering: a linear layer gives each token a start and an end
+    logit, (B, T) each. The loss is the mean of the start and end cross-entropies; positions outside the
+    input are clamped to T and ignored, as transformers does."""
+
+    hf_architecture = "BertForQuestionAnswering"
+
+    def __init__(self, config: BertConfig) -> None:
+        if config.num_labels != 2:  # transformers sizes qa_outputs by num_labels, so a saved model must say 2
+            raise ValueError(f"BertForQuestionAnswering has two outputs per token (start, end) and needs "
+                             f"num_labels=2, got {config.num_labels}; pass num_labels=2")
+        super().__init__(config, add_pooling_layer=False)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        init_bert_weights(self.qa_outputs, config)  # the trunk initialised itself
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
+                position_ids: Tensor | None = None, start_positions: Tensor | None = None,
+                end_positions: Tensor | None = None, output_attentions: bool = False,
+                output_hidden_states: bool = False, **kwargs: Any) -> QuestionAnsweringModelOutput:
+        if kwargs:
+            raise TypeError(f"unexpected arguments for BertForQuestionAnswering.forward: {sorted(kwargs)}")
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_attentions,
+                        output_hidden_states)
+        start_logits, end_logits = self.qa_outputs(out.last_hidden_state).unbind(-1)  # (B, T) each
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            T = start_logits.size(1)  # out-of-range positions become T, which is ignored
+            start = start_positions.reshape(-1).clamp(0, T)
+            end = end_positions.reshape(-1).clamp(0, T)
+            loss = (F.cross_entropy(start_logits, start, ignore_index=T)
+                    + F.cross_entropy(end_logits, end, ignore_index=T)) / 2
+        return QuestionAnsweringModelOutput(loss, start_logits, end_logits, out.hidden_states, out.attentions)
