@@ -12,20 +12,19 @@ and no causal mask.
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from lmforge.config import BertConfig
+from lmforge.models.base import PreTrainedModel
 from lmforge.models.gpt import sequence_classification_loss
 from lmforge.models.outputs import (BaseModelOutputWithPooling, MaskedLMOutput, PreTrainingOutput,
                                     QuestionAnsweringModelOutput, SequenceClassifierOutput, TokenClassifierOutput)
 from lmforge.nn import AttentionMask, LearnedPositionalEmbedding, TransformerBlock, get_activation, layer_norm
-from lmforge.nn.layers import dropout
+from lmforge.nn.layers import dropout, run_blocks
 
 
 def masked_lm_loss(logits: Tensor, labels: Tensor, num_items_in_batch: int | Tensor | None = None) -> Tensor:
@@ -59,30 +58,7 @@ class BertEmbeddings(nn.Module):
         return dropout(self.ln(x), self.dropout, self.training)  # (B, T, C)
 
 
-class _Checkpoints:
-    """save_pretrained / from_pretrained in Hugging Face's layout, for BertModel and every head."""
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())  # type: ignore[attr-defined]  # tied: counted once
-
-    def save_pretrained(self, directory: str | os.PathLike, tokenizer: Any = None,
-                        max_shard_size: int | str | None = None) -> None:
-        """Write config.json + model.safetensors under Hugging Face BERT names [+ tokenizer files]."""
-        from lmforge.hub import save_pretrained
-
-        save_pretrained(self, directory, tokenizer=tokenizer, max_shard_size=max_shard_size)  # type: ignore[arg-type]
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> Any:
-        """Load a directory written by `save_pretrained`, a Hugging Face BERT directory (any BERT class's:
-        the trunk is shared), or a cached model id. A head or pooler the checkpoint lacks (or has in
-        another size, e.g. `num_labels=`) is freshly initialised, with a warning."""
-        from lmforge.hub import load_pretrained
-
-        return load_pretrained(cls, path, **kwargs)
-
-
-class BertModel(_Checkpoints, nn.Module):
+class BertModel(PreTrainedModel):
     """The BERT trunk: embeddings and post-norm blocks (B, T, C), plus the pooler tanh(W h_[CLS] + b)
     (B, C) when `add_pooling_layer`. Also a model of its own: `BertModel.from_pretrained` loads a
     Hugging Face BertModel checkpoint (e.g. a sentence-transformers encoder) or any BERT head's trunk."""
@@ -122,18 +98,9 @@ class BertModel(_Checkpoints, nn.Module):
             position_ids = torch.arange(T, device=input_ids.device)[None].expand(B, T)
         x = self.embeddings(input_ids, token_type_ids, position_ids)
         mask = AttentionMask.build(attention_mask, T, T, causal=False)  # padding keys hidden from every query
-        hidden: list[Tensor] = []
-        attentions: list[Tensor] = []
-        for i, block in enumerate(self.layers):
-            if output_hidden_states:
-                hidden.append(x)
-            if self.gradient_checkpointing and self.training:
-                x, w = torch.utils.checkpoint.checkpoint(block, x, mask, None, None, i, output_attentions,
-                                                         use_reentrant=False)
-            else:
-                x, w = block(x, mask, None, None, i, output_attentions)
-            if output_attentions:
-                attentions.append(w)
+        x, hidden, attentions = run_blocks(self.layers, x, mask, output_attentions=output_attentions,
+                                           output_hidden_states=output_hidden_states,
+                                           checkpointing=self.gradient_checkpointing and self.training)
         if output_hidden_states:
             hidden.append(x)
         pooled = torch.tanh(self.pooler(x[:, 0])) if self.pooler is not None else None
@@ -145,14 +112,6 @@ class BertModel(_Checkpoints, nn.Module):
 
     def gradient_checkpointing_enable(self) -> None:
         self.gradient_checkpointing = True
-
-    @property
-    def device(self) -> torch.device:
-        return self.embeddings.word_embeddings.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.embeddings.word_embeddings.weight.dtype
 
 
 def init_bert_weights(model: nn.Module, config: BertConfig) -> None:
@@ -172,7 +131,7 @@ def init_bert_weights(model: nn.Module, config: BertConfig) -> None:
             nn.init.zeros_(module.bias)
 
 
-class BertPreTrainedModel(_Checkpoints, nn.Module):
+class BertPreTrainedModel(PreTrainedModel):
     """What every BERT head class shares: the trunk under `bert`, config, device and dtype,
     checkpoints in Hugging Face's layout, gradient checkpointing."""
 
@@ -190,14 +149,6 @@ class BertPreTrainedModel(_Checkpoints, nn.Module):
 
     def gradient_checkpointing_enable(self) -> None:
         self.bert.gradient_checkpointing = True
-
-    @property
-    def device(self) -> torch.device:
-        return self.bert.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.bert.dtype
 
     def _classifier_dropout(self) -> float:
         c = self.config

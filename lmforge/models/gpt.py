@@ -9,19 +9,18 @@ one to one (see `lmforge.hub`).
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from lmforge.config import GPTConfig
+from lmforge.models.base import PreTrainedModel
 from lmforge.models.outputs import BaseModelOutput, CausalLMOutput, SequenceClassifierOutput
 from lmforge.nn import (AttentionMask, KVCache, LearnedPositionalEmbedding, RotaryEmbedding,
                         SinusoidalPositionalEmbedding, TransformerBlock, layer_norm)
-from lmforge.nn.layers import dropout
+from lmforge.nn.layers import dropout, run_blocks
 
 
 def causal_lm_loss(logits: Tensor, labels: Tensor, num_items_in_batch: int | Tensor | None = None) -> Tensor:
@@ -93,18 +92,8 @@ class GPTModel(nn.Module):
             x = x + self.wpe(position_ids)
         x = dropout(x, self.config.dropout, self.training)
         mask = AttentionMask.build(attention_mask, T, past + T, causal=True)
-        hidden: list[Tensor] = []
-        attentions: list[Tensor] = []
-        for i, block in enumerate(self.h):
-            if output_hidden_states:
-                hidden.append(x)
-            if self.gradient_checkpointing and self.training:
-                x, w = torch.utils.checkpoint.checkpoint(block, x, mask, position_ids, None, i, output_attentions,
-                                                         use_reentrant=False)
-            else:
-                x, w = block(x, mask, position_ids, past_key_values, i, output_attentions)
-            if output_attentions:
-                attentions.append(w)
+        x, hidden, attentions = run_blocks(self.h, x, mask, position_ids, past_key_values, output_attentions,
+                                           output_hidden_states, self.gradient_checkpointing and self.training)
         x = self.ln_f(x)
         if output_hidden_states:
             hidden.append(x)
@@ -133,12 +122,11 @@ def init_gpt_weights(model: nn.Module, config: GPTConfig) -> None:
             nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * config.n_layer))
 
 
-class GPTPreTrainedModel(nn.Module):
-    """What every GPT model class shares: the config, device and dtype, checkpoints in Hugging Face's
-    layout (`save_pretrained` / `from_pretrained`), gradient checkpointing."""
+class GPTPreTrainedModel(PreTrainedModel):
+    """What every GPT model class shares: the trunk under `transformer`, gradient checkpointing, sizes."""
 
     config_class = GPTConfig
-    hf_architecture = "GPT2Model"  # written to config.json's "architectures"
+    hf_architecture = "GPT2Model"
     transformer: GPTModel
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -147,36 +135,11 @@ class GPTPreTrainedModel(nn.Module):
     def gradient_checkpointing_enable(self) -> None:
         self.transformer.gradient_checkpointing = True
 
-    @property
-    def device(self) -> torch.device:
-        return self.transformer.wte.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.transformer.wte.weight.dtype
-
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
+        n = super().num_parameters()
         if exclude_embeddings and isinstance(self.transformer.wpe, LearnedPositionalEmbedding):
             n -= self.transformer.wpe.weight.numel()
         return n
-
-    def save_pretrained(self, directory: str | os.PathLike, tokenizer: Any = None,
-                        max_shard_size: int | str | None = None) -> None:
-        """Write config.json + model.safetensors (Hugging Face GPT-2 names) [+ tokenizer files];
-        `max_shard_size` (e.g. "2GB") splits the weights into shards with an index, as transformers does."""
-        from lmforge.hub import save_pretrained
-
-        save_pretrained(self, directory, tokenizer=tokenizer, max_shard_size=max_shard_size)
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> Any:
-        """Load a directory written by `save_pretrained`, a Hugging Face GPT-2 directory, or a model id
-        from the local Hugging Face cache. A head the checkpoint lacks (or has in another size, e.g.
-        `num_labels=`) is freshly initialised, with a warning."""
-        from lmforge.hub import load_pretrained
-
-        return load_pretrained(cls, path, **kwargs)
 
 
 class GPTForCausalLM(GPTPreTrainedModel):

@@ -1,7 +1,9 @@
 """Feed-forward network, layer norm and the Transformer block (pre-norm or post-norm)."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
+
+import torch.utils.checkpoint
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -85,3 +87,24 @@ class TransformerBlock(nn.Module):
             x = self.ln_1(x + dropout(a, self.dropout, self.training))
             x = self.ln_2(x + self.mlp(x))
         return x, weights
+
+
+def run_blocks(blocks: Sequence[TransformerBlock], x: Tensor, mask: AttentionMask, position_ids: Tensor | None = None,
+               cache: KVCache | None = None, output_attentions: bool = False, output_hidden_states: bool = False,
+               checkpointing: bool = False) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """Apply the blocks in order: (output, the input of every block if output_hidden_states, every
+    block's attention weights if output_attentions). `checkpointing` recomputes activations in the
+    backward pass instead of keeping them (training only; no KV cache then)."""
+    hidden: list[Tensor] = []
+    attentions: list[Tensor] = []
+    for i, block in enumerate(blocks):
+        if output_hidden_states:
+            hidden.append(x)
+        if checkpointing:
+            x, w = torch.utils.checkpoint.checkpoint(block, x, mask, position_ids, None, i, output_attentions,
+                                                     use_reentrant=False)
+        else:
+            x, w = block(x, mask, position_ids, cache, i, output_attentions)
+        if output_attentions:
+            attentions.append(w)
+    return x, hidden, attentions

@@ -1,0 +1,45 @@
+"""What every model class shares: checkpoints in Hugging Face's layout, device, dtype, size."""
+from __future__ import annotations
+
+import os
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+class PreTrainedModel(nn.Module):
+    """Base of every lmforge model: `save_pretrained` / `from_pretrained` (through `lmforge.hub`),
+    `device`, `dtype`, `num_parameters`. Subclasses set `config_class` and `hf_architecture` (the
+    class name written to config.json's "architectures")."""
+
+    config_class: ClassVar[type]
+    hf_architecture: ClassVar[str]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # a tied tensor is counted once
+
+    def save_pretrained(self, directory: str | os.PathLike, tokenizer: Any = None,
+                        max_shard_size: int | str | None = None) -> None:
+        """Write config.json + model.safetensors under Hugging Face's parameter names [+ tokenizer files];
+        `max_shard_size` (e.g. "2GB") splits the weights into shards with an index, as transformers does."""
+        from lmforge.hub import save_pretrained
+
+        save_pretrained(self, directory, tokenizer=tokenizer, max_shard_size=max_shard_size)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> Any:
+        """Load a directory written by `save_pretrained`, a Hugging Face directory of the same family, or
+        a model id from the local Hugging Face cache. A head the checkpoint lacks (or has in another size,
+        e.g. `num_labels=`) is freshly initialised, with a warning; `dtype=`, `device=` as in transformers."""
+        from lmforge.hub import load_pretrained
+
+        return load_pretrained(cls, path, **kwargs)
