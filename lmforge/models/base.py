@@ -8,6 +8,23 @@ import torch
 from torch import nn
 
 
+def init_normal(model: nn.Module, std: float) -> None:
+    """The GPT-2 / BERT initialisation: Linear and Embedding weights ~ N(0, std), biases 0 (and an
+    embedding's padding row), LayerNorm weight 1 and bias 0."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
 class PreTrainedModel(nn.Module):
     """Base of every lmforge model: `save_pretrained` / `from_pretrained` (through `lmforge.hub`),
     `device`, `dtype`, `num_parameters`. Subclasses set `config_class` and `hf_architecture` (the

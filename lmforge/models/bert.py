@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.config import BertConfig
-from lmforge.models.base import PreTrainedModel
+from lmforge.models.base import PreTrainedModel, init_normal
 from lmforge.models.gpt import sequence_classification_loss
 from lmforge.models.outputs import (BaseModelOutputWithPooling, MaskedLMOutput, PreTrainingOutput,
                                     QuestionAnsweringModelOutput, SequenceClassifierOutput, TokenClassifierOutput)
@@ -117,18 +117,7 @@ class BertModel(PreTrainedModel):
 def init_bert_weights(model: nn.Module, config: BertConfig) -> None:
     """BERT's initialisation: Linear and Embedding weights ~ N(0, initializer_range), biases 0 (the
     padding row of the word embedding too), LayerNorm 1/0."""
-    std = config.initializer_range
-    for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
-            if isinstance(module, nn.Embedding) and module.padding_idx is not None:
-                with torch.no_grad():
-                    module.weight[module.padding_idx].zero_()
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+    init_normal(model, config.initializer_range)
 
 
 class BertPreTrainedModel(PreTrainedModel):

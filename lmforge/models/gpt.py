@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.config import GPTConfig
-from lmforge.models.base import PreTrainedModel
+from lmforge.models.base import PreTrainedModel, init_normal
 from lmforge.models.outputs import BaseModelOutput, CausalLMOutput, SequenceClassifierOutput
 from lmforge.nn import (AttentionMask, KVCache, LearnedPositionalEmbedding, RotaryEmbedding,
                         SinusoidalPositionalEmbedding, TransformerBlock, layer_norm)
@@ -108,15 +108,7 @@ def init_gpt_weights(model: nn.Module, config: GPTConfig) -> None:
     LayerNorm 1/0; the residual projections get std / sqrt(2 * n_layer) so the residual stream's
     variance does not grow with depth."""
     std = config.initializer_range
-    for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
+    init_normal(model, std)
     for name, p in model.named_parameters():
         if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
             nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * config.n_layer))
