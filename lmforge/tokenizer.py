@@ -808,6 +808,9 @@ def _config_settings(config: Mapping[str, Any]) -> dict[str, Any]:
         settings["padding_side"] = config["padding_side"]
     if "model_input_names" in config:
         settings["model_input_names"] = config["model_input_names"]
+    elif str(config.get("tokenizer_class", "")).startswith("Bert"):
+        # BERT-family tokenizers return segment ids too, as transformers' BertTokenizer does
+        settings["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"]
     return settings
 
 
