@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any, Callable, Sequence
 
@@ -94,18 +95,23 @@ def cmd_convert(a: argparse.Namespace) -> int:
     """Load a Hugging Face (or lmforge) checkpoint and write it again: another dtype, a clean layout."""
     import torch
 
+    import lmforge
     from lmforge.auto import AutoModelForCausalLM
-    from lmforge.hub import GPT2_KEYS, read_weights, resolve_model_dir
+    from lmforge.hub import _family, read_config_dict, read_weights, resolve_model_dir
     from lmforge.tokenizer import Tokenizer
 
     source = resolve_model_dir(a.source)
     state, weights_file = read_weights(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    architecture = (read_config_dict(source).get("architectures") or [""])[0]
+    cls = getattr(lmforge, architecture, None) if architecture else None  # lmforge exports HF's class names
+    model = (cls or AutoModelForCausalLM).from_pretrained(source, dtype=torch.float32)
     print(f"lmforge convert: {weights_file} ({len(state)} tensors) -> {type(model).__name__}")
-    for rule in GPT2_KEYS:  # what each Hugging Face name became inside lmforge
-        hits = sum(1 for name in state if rule.match(name, ours=False) or rule.match("transformer." + name, ours=False))
+    family = _family(model)
+    for rule in family.rules:  # what each Hugging Face name became inside lmforge
+        hits = sum(1 for name in state if rule.from_hf(name) or rule.from_hf(family.prefix + name))
         if hits:
             note = " (transposed: Conv1D -> Linear)" if rule.transpose else ""
+            note += f" (joined: {', '.join(rule.parts)})" if rule.parts else ""
             print(f"  {rule.theirs:44s} -> {rule.ours}{note}  x{hits}")
     dtype = DTYPES[a.dtype]
     model.to(getattr(torch, dtype))
@@ -198,6 +204,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = a.func
     try:
         return func(a)
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps Python's exit-time flush quiet
+        return 0
     except KeyboardInterrupt as e:
         print(f"\nlmforge: {e or 'interrupted'}", file=sys.stderr)
         return 130

@@ -60,3 +60,22 @@ def test_convert_back_to_float32_is_exact(hf_dir: Path, tmp_path: Path) -> None:
 def test_convert_errors_are_one_line(tmp_path: Path) -> None:
     code, _, stderr = run(["convert", str(tmp_path / "missing"), str(tmp_path / "out")])
     assert code == 2 and stderr.count("\n") == 1 and "does not exist" in stderr
+
+
+def test_convert_a_bert_checkpoint(tmp_path: Path) -> None:
+    from transformers import BertConfig as HFBertConfig
+    from transformers import BertForSequenceClassification as HFBert
+
+    from lmforge import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    hf = HFBert(HFBertConfig(vocab_size=90, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                             intermediate_size=64, max_position_embeddings=40, num_labels=3)).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    code, stdout, stderr = run(["convert", str(tmp_path / "hf"), str(tmp_path / "out")])
+    assert code == 0, stderr
+    assert "-> BertForSequenceClassification" in stdout and "(joined: query, key, value)" in stdout
+    ids = torch.randint(0, 90, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(BertForSequenceClassification.from_pretrained(tmp_path / "out")(ids).logits,
+                              hf(ids).logits, atol=1e-5)
