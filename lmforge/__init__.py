@@ -49,6 +49,8 @@ _ALIASES = {
     "GPT2ForSequenceClassification": ("lmforge.models.gpt", "GPTForSequenceClassification"),
     "GPT2Tokenizer": ("lmforge.tokenizer", "Tokenizer"),
     "GPT2TokenizerFast": ("lmforge.tokenizer", "Tokenizer"),
+    "BertTokenizer": ("lmforge.tokenizer", "Tokenizer"),
+    "BertTokenizerFast": ("lmforge.tokenizer", "Tokenizer"),
     "PreTrainedTokenizerFast": ("lmforge.tokenizer", "Tokenizer"),
 }
 

@@ -5,9 +5,10 @@ things the backend does not know: which token plays which role (eos, pad, ...), 
 side and the model's maximum length. The backend does the heavy lifting (training, fast
 batched encoding, decoding); this module adds the ``__call__`` API that models and trainers
 expect (padding, truncation, attention masks, tensors) and a ``save_pretrained`` layout that
-``transformers.AutoTokenizer`` can load. ``from_pretrained`` reads that layout, and also GPT-2's
-legacy ``vocab.json`` + ``merges.txt`` (checkpoints without a ``tokenizer.json``), building the
-same byte-level BPE as transformers' ``GPT2Tokenizer`` does.
+``transformers.AutoTokenizer`` can load. ``from_pretrained`` reads that layout, and also the
+legacy files of checkpoints without a ``tokenizer.json``: GPT-2's ``vocab.json`` + ``merges.txt``
+(the same byte-level BPE as transformers' ``GPT2Tokenizer``) and BERT's ``vocab.txt`` (the same
+WordPiece as transformers' ``BertTokenizer``).
 
 Training recipes are classmethods that build a backend and hand it to the constructor, so
 adding another recipe (e.g. a BERT WordPiece one) needs no change to the rest of the class:
@@ -27,7 +28,16 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
 
-from tokenizers import AddedToken, Encoding, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import (
+    AddedToken,
+    Encoding,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 from tokenizers import Tokenizer as BackendTokenizer
 
 from lmforge.utils import atomic_write_text
@@ -62,6 +72,19 @@ GPT2_SPECIAL_TOKEN = "<|endoftext|>"
 # tokenizer_class values (tokenizer_config.json) whose vocab.json + merges.txt mean GPT-2's
 # byte-level BPE; other classes (RoBERTa, GPT-1, ...) read the same files differently
 _GPT2_TOKENIZER_CLASSES = ("GPT2Tokenizer", "GPT2TokenizerFast")
+# BERT's legacy ("slow") vocabulary: one WordPiece token per line, the line number is its id
+BERT_VOCAB_FILE = "vocab.txt"
+# tokenizer_class values whose vocab.txt means BERT's WordPiece with [CLS] A [SEP] [B [SEP]]
+_BERT_TOKENIZER_CLASSES = ("BertTokenizer", "BertTokenizerFast")
+#: BERT's special tokens by role: the defaults of transformers' ``BertTokenizer``.
+BERT_SPECIAL_TOKENS = {
+    "unk_token": "[UNK]",
+    "sep_token": "[SEP]",
+    "pad_token": "[PAD]",
+    "cls_token": "[CLS]",
+    "mask_token": "[MASK]",
+}
+_BERT_INPUT_NAMES = ("input_ids", "token_type_ids", "attention_mask")
 
 # Well-known special token strings -> the roles they play; used only when a tokenizer.json is
 # loaded without a tokenizer_config.json telling us the roles explicitly.
@@ -248,7 +271,7 @@ class Tokenizer:
     @classmethod
     def from_pretrained(cls, path: PathLike) -> Tokenizer:
         """Load from a directory written by :meth:`save_pretrained` (or by Hugging Face), or
-        from a path to a file in it (its ``tokenizer.json``, or ``vocab.json``).
+        from a path to a file in it (its ``tokenizer.json``, ``vocab.json`` or ``vocab.txt``).
 
         Special tokens, ``padding_side`` and ``model_max_length`` come from
         ``tokenizer_config.json`` / ``special_tokens_map.json`` next to ``tokenizer.json``
@@ -257,7 +280,9 @@ class Tokenizer:
         A directory without ``tokenizer.json`` but with GPT-2's legacy ``vocab.json`` +
         ``merges.txt`` (as in the original ``gpt2`` checkpoint) loads as the byte-level BPE
         tokenizer Hugging Face's ``GPT2Tokenizer`` builds from them: same ids, same special
-        tokens (see :meth:`_from_gpt2_files`). ``tokenizer.json`` wins when both are present.
+        tokens (see :meth:`_from_gpt2_files`). One with BERT's ``vocab.txt`` instead loads as
+        the WordPiece tokenizer of transformers' ``BertTokenizer`` (see :meth:`_from_bert_files`).
+        ``tokenizer.json`` wins when present.
         """
         path = Path(path).expanduser()
         if not path.exists() and _looks_like_model_id(str(path)):
@@ -267,16 +292,19 @@ class Tokenizer:
         if path.is_dir():
             tokenizer_file, directory = path / TOKENIZER_FILE, path
             if not tokenizer_file.is_file():
-                return cls._from_gpt2_files(path)
+                return cls._from_legacy_files(path)
         elif path.is_file() and path.name in (VOCAB_FILE, MERGES_FILE):
             return cls._from_gpt2_files(path.parent)
+        elif path.is_file() and path.name == BERT_VOCAB_FILE:
+            return cls._from_bert_files(path.parent)
         elif path.is_file():
             tokenizer_file, directory = path, path.parent
         else:
             raise FileNotFoundError(
                 f"tokenizer path not found: {str(path)!r}; expected a directory containing "
-                f"{TOKENIZER_FILE} (as written by Tokenizer.save_pretrained) or GPT-2's "
-                f"{VOCAB_FILE} + {MERGES_FILE}, or the path of a {TOKENIZER_FILE} file"
+                f"{TOKENIZER_FILE} (as written by Tokenizer.save_pretrained), BERT's "
+                f"{BERT_VOCAB_FILE} or GPT-2's {VOCAB_FILE} + {MERGES_FILE}, or the path of a "
+                f"{TOKENIZER_FILE} file"
             )
         backend = _load_backend(tokenizer_file)
         config = _read_json(directory / CONFIG_FILE)
@@ -289,6 +317,89 @@ class Tokenizer:
             {role: _token_content(token) for role, token in roles.items()},
             additional_special_tokens=[_token_content(t) for t in additional],
             **_config_settings(config),
+        )
+
+    @classmethod
+    def _from_legacy_files(cls, directory: Path) -> Tokenizer:
+        """Load a directory without tokenizer.json from BERT's vocab.txt or GPT-2's vocab.json
+        + merges.txt; when both kinds are there, the config's ``tokenizer_class`` decides."""
+        has_bert = (directory / BERT_VOCAB_FILE).is_file()
+        has_gpt2 = (directory / VOCAB_FILE).is_file() or (directory / MERGES_FILE).is_file()
+        if has_bert and has_gpt2:
+            config = _read_json(directory / CONFIG_FILE)
+            if str(config.get("tokenizer_class", "")) in _BERT_TOKENIZER_CLASSES:
+                return cls._from_bert_files(directory)
+            return cls._from_gpt2_files(directory)
+        if has_bert:
+            return cls._from_bert_files(directory)
+        return cls._from_gpt2_files(directory)  # raises, listing what was expected
+
+    @classmethod
+    def _from_bert_files(cls, directory: Path) -> Tokenizer:
+        """Build the WordPiece tokenizer of a BERT-style directory without tokenizer.json.
+
+        Mirrors what ``transformers``' ``BertTokenizer`` makes of ``vocab.txt`` (+ optional
+        ``tokenizer_config.json`` / ``special_tokens_map.json``), so ids match: WordPiece over
+        the vocabulary (unknown token ``unk_token``, ``##`` continuation, words longer than 100
+        characters become unknown), BERT's normalizer (clean text, spaces around CJK characters
+        when ``tokenize_chinese_chars``, lowercase when ``do_lower_case``, accents stripped when
+        ``strip_accents`` or, if that is unset, when lowercasing), BERT's pre-tokenizer, the
+        ``[CLS] A [SEP]`` / ``[CLS] A [SEP] B [SEP]`` post-processor with segment ids 0/1 and the
+        ``##``-joining decoder. Special tokens default to [UNK] [SEP] [PAD] [CLS] [MASK]; one
+        missing from vocab.txt gets the next free id. ``__call__`` returns ``token_type_ids``.
+        """
+        vocab_path, config_path = directory / BERT_VOCAB_FILE, directory / CONFIG_FILE
+        config = _read_json(config_path)
+        _check_bert_tokenizer_class(config, config_path)
+        vocab = _read_bert_vocab(vocab_path)
+        # as in transformers (and _from_gpt2_files): special_tokens_map.json overrides the
+        # config unless the config has an added_tokens_decoder
+        token_map = {}
+        if "added_tokens_decoder" not in config:
+            token_map = _read_json(directory / SPECIAL_TOKENS_MAP_FILE)
+        roles, additional = _configured_special_tokens(token_map, config)
+        for role, token in BERT_SPECIAL_TOKENS.items():
+            roles.setdefault(role, token)
+        cls_token, sep_token = _token_content(roles["cls_token"]), _token_content(roles["sep_token"])
+        if cls_token is None or sep_token is None:
+            raise ValueError(
+                f"{str(config_path)!r} sets cls_token or sep_token to null, but BERT's inputs "
+                "are [CLS] A [SEP] (B [SEP]); give both tokens (e.g. \"[CLS]\" and \"[SEP]\") "
+                "or remove the null entries to use those defaults"
+            )
+        unk_token = _token_content(roles["unk_token"]) or BERT_SPECIAL_TOKENS["unk_token"]
+
+        backend = BackendTokenizer(
+            models.WordPiece(
+                vocab,
+                unk_token=unk_token,
+                continuing_subword_prefix="##",
+                max_input_chars_per_word=100,
+            )
+        )
+        backend.normalizer = normalizers.BertNormalizer(
+            clean_text=True,
+            handle_chinese_chars=bool(config.get("tokenize_chinese_chars", True)),
+            strip_accents=config.get("strip_accents"),  # None: follow lowercase, as BERT does
+            lowercase=bool(config.get("do_lower_case", True)),
+        )
+        backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        backend.decoder = decoders.WordPiece(prefix="##")
+        _add_legacy_added_tokens(
+            backend, config, directory, roles, additional, len(vocab), BERT_VOCAB_FILE
+        )
+        backend.post_processor = processors.TemplateProcessing(
+            single=[f"{cls_token}:0", "$A:0", f"{sep_token}:0"],
+            pair=[f"{cls_token}:0", "$A:0", f"{sep_token}:0", "$B:1", f"{sep_token}:1"],
+            special_tokens=[
+                (t, backend.token_to_id(t)) for t in dict.fromkeys((cls_token, sep_token))
+            ],
+        )
+        return cls(
+            backend,
+            {role: _token_content(token) for role, token in roles.items()},
+            additional_special_tokens=[_token_content(t) for t in additional],
+            **{"model_input_names": list(_BERT_INPUT_NAMES), **_config_settings(config)},
         )
 
     @classmethod
@@ -311,15 +422,18 @@ class Tokenizer:
                 other = MERGES_FILE if found[0] == VOCAB_FILE else VOCAB_FILE
                 what = f"it has {found[0]} but no {other}"
             else:
-                what = f"no {VOCAB_FILE} + {MERGES_FILE} either"
+                what = (
+                    f"no {BERT_VOCAB_FILE} (BERT) or {VOCAB_FILE} + {MERGES_FILE} (GPT-2) either"
+                )
             present = sorted(p.name for p in directory.iterdir())
             listing = ", ".join(present[:12]) + (", ..." if len(present) > 12 else "")
             raise FileNotFoundError(
                 f"no {TOKENIZER_FILE} in directory {str(directory)!r}, and {what} (files "
                 f"there: {listing or 'none'}); expected {TOKENIZER_FILE} (as written by "
-                f"Tokenizer.save_pretrained or transformers), or GPT-2's legacy {VOCAB_FILE} + "
-                f"{MERGES_FILE} (byte-level BPE) with optional {CONFIG_FILE}, "
-                f"{SPECIAL_TOKENS_MAP_FILE} and {ADDED_TOKENS_FILE}"
+                f"Tokenizer.save_pretrained or transformers), or the legacy files: BERT's "
+                f"{BERT_VOCAB_FILE} (WordPiece) or GPT-2's {VOCAB_FILE} + {MERGES_FILE} "
+                f"(byte-level BPE), with optional {CONFIG_FILE}, {SPECIAL_TOKENS_MAP_FILE} and "
+                f"{ADDED_TOKENS_FILE}"
             )
         config = _read_json(directory / CONFIG_FILE)
         _check_gpt2_tokenizer_class(config, directory / CONFIG_FILE)
@@ -338,28 +452,9 @@ class Tokenizer:
         roles, additional = _configured_special_tokens(token_map, config)
         for role in ("bos_token", "eos_token", "unk_token"):  # GPT2Tokenizer's defaults
             roles.setdefault(role, GPT2_SPECIAL_TOKEN)
-        special = {_token_content(t) for t in [*roles.values(), *additional]} - {None}
-        declared, source = _declared_added_tokens(config, directory, special)
-        # Hugging Face adds, in this order and skipping repeats: the declared added tokens (by
-        # id), the role tokens (in role order), the additional special tokens. A token already
-        # in vocab.json keeps its id; a new one gets the next free id.
-        to_add: dict[str, AddedToken] = {}
-        for _, token in declared:
-            to_add.setdefault(token.content, token)
-        for token in [roles.get(r) for r in SPECIAL_TOKEN_ROLES] + list(additional):
-            if token is not None:
-                added = _added_token(token, special=True)
-                to_add.setdefault(added.content, added)
-        backend.add_tokens(list(to_add.values()))
-        for index, token in declared:
-            got = backend.token_to_id(token.content)
-            if got != index:
-                raise ValueError(
-                    f"{str(source)!r} gives token {token.content!r} id {index}, but with "
-                    f"{VOCAB_FILE} it gets id {got}: the files do not belong together; fix the "
-                    "id in the file (added tokens follow the vocabulary: the first has id "
-                    f"{len(vocab)}) or remove the entry"
-                )
+        _add_legacy_added_tokens(
+            backend, config, directory, roles, additional, len(vocab), VOCAB_FILE
+        )
 
         add_bos = bool(config.get("add_bos_token", False)) and roles.get("bos_token") is not None
         add_eos = bool(config.get("add_eos_token", False)) and roles.get("eos_token") is not None
@@ -662,7 +757,9 @@ class Tokenizer:
     def decode(self, ids: Any, skip_special_tokens: bool = False) -> str:
         """Text for one sequence of ids (list, 1-D torch tensor or numpy array).
 
-        Lossless: no clean-up of tokenization spaces, so ``decode(encode(s)) == s``.
+        Byte-level BPE decoding is lossless (no clean-up of tokenization spaces), so
+        ``decode(encode(s)) == s``; WordPiece (BERT) joins "##" pieces as transformers does, which
+        cannot restore case, accents or spacing removed by its normaliser.
         """
         id_list = self._check_ids(_as_id_list(ids, what="decode"))
         if skip_special_tokens:
@@ -844,6 +941,39 @@ def _check_gpt2_tokenizer_class(config: Mapping[str, Any], path: Path) -> None:
         )
 
 
+def _check_bert_tokenizer_class(config: Mapping[str, Any], path: Path) -> None:
+    """Refuse configs naming a tokenizer that reads vocab.txt unlike BERT's (other special
+    tokens or templates, e.g. MPNet's <s>...</s>): they would load with wrong ids."""
+    name = config.get("tokenizer_class")
+    if name is not None and name not in _BERT_TOKENIZER_CLASSES:
+        raise ValueError(
+            f"{str(path)!r} names tokenizer_class {name!r}, but without a {TOKENIZER_FILE} only "
+            f"BERT's WordPiece ({' / '.join(_BERT_TOKENIZER_CLASSES)}) can be loaded from "
+            f"{BERT_VOCAB_FILE}; write a {TOKENIZER_FILE} once with transformers "
+            "(AutoTokenizer.from_pretrained(dir).save_pretrained(dir)) and load that"
+        )
+
+
+def _read_bert_vocab(path: Path) -> dict[str, int]:
+    """BERT's ``vocab.txt``: token ``i`` is line ``i`` (line ends stripped, a repeated token
+    keeps its last line), read exactly as transformers' ``load_vocab`` does."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{str(path)!r} is not UTF-8 text ({err}); expected BERT's vocab.txt, one token per "
+            "line"
+        ) from None
+    vocab = {line.rstrip("\n"): index for index, line in enumerate(lines)}
+    if not vocab:
+        raise ValueError(
+            f"{str(path)!r} is empty; expected BERT's vocab.txt, one token per line (the "
+            "line number is the id)"
+        )
+    return vocab
+
+
 def _read_gpt2_vocab(path: Path) -> dict[str, int]:
     """GPT-2's ``vocab.json`` ({token: id}), checked: ids 0..N-1 each used once and all 256
     byte-level symbols present (else text could not be encoded, and the file is not GPT-2's
@@ -949,6 +1079,42 @@ def _declared_added_tokens(
             is_special = content in special
         declared.append((int(index), _added_token(value, special=is_special)))
     return sorted(declared, key=lambda item: item[0]), source
+
+
+def _add_legacy_added_tokens(
+    backend: BackendTokenizer,
+    config: Mapping[str, Any],
+    directory: Path,
+    roles: Mapping[str, Any],
+    additional: Sequence[Any],
+    vocab_size: int,
+    vocab_file: str,
+) -> None:
+    """Add the special tokens and declared added tokens of a legacy (no tokenizer.json)
+    directory to ``backend`` the way transformers does, so each is matched whole in the text
+    and gets Hugging Face's id; refuse declared ids that the vocabulary contradicts."""
+    special = {_token_content(t) for t in [*roles.values(), *additional]} - {None}
+    declared, source = _declared_added_tokens(config, directory, special)
+    # Hugging Face adds, in this order and skipping repeats: the declared added tokens (by
+    # id), the role tokens (in role order), the additional special tokens. A token already
+    # in the vocabulary keeps its id; a new one gets the next free id.
+    to_add: dict[str, AddedToken] = {}
+    for _, token in declared:
+        to_add.setdefault(token.content, token)
+    for token in [roles.get(r) for r in SPECIAL_TOKEN_ROLES] + list(additional):
+        if token is not None:
+            added = _added_token(token, special=True)
+            to_add.setdefault(added.content, added)
+    backend.add_tokens(list(to_add.values()))
+    for index, token in declared:
+        got = backend.token_to_id(token.content)
+        if got != index:
+            raise ValueError(
+                f"{str(source)!r} gives token {token.content!r} id {index}, but with "
+                f"{vocab_file} it gets id {got}: the files do not belong together; fix the "
+                "id in the file (added tokens follow the vocabulary: the first has id "
+                f"{vocab_size}) or remove the entry"
+            )
 
 
 def _bos_eos_template(

@@ -351,7 +351,7 @@ def test_missing_files(trained: Tokenizer, tmp_path) -> None:
     message = str(err.value)
     assert "empty_dir" in message and "no tokenizer.json" in message
     assert "expected tokenizer.json" in message and "vocab.json + merges.txt" in message
-    assert "vocab.txt" not in message  # BERT's WordPiece is not supported (yet)
+    assert "vocab.txt" in message  # BERT's WordPiece vocabulary is accepted too
 
     only_vocab = write_legacy(tmp_path / "only_vocab", trained)
     (only_vocab / "merges.txt").unlink()
