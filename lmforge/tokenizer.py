@@ -237,6 +237,73 @@ class Tokenizer:
             roles["pad_token"] = special_tokens[1]
         return cls(backend, roles, additional_special_tokens=special_tokens[2:])
 
+    @classmethod
+    def train_wordpiece(
+        cls,
+        files: PathLike | Sequence[PathLike] | None = None,
+        iterator: Iterable[str] | None = None,
+        vocab_size: int = 30522,
+        min_frequency: int = 2,
+        lowercase: bool = True,
+        strip_accents: bool | None = None,
+        special_tokens: Sequence[str] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"),
+        show_progress: bool = False,
+    ) -> Tokenizer:
+        """Train a BERT-style WordPiece tokenizer on text files or an iterator of strings.
+
+        The pipeline is the one :meth:`from_pretrained` builds for BERT's ``vocab.txt``, so a
+        trained tokenizer behaves like ``BertTokenizer``: BERT's normalizer (clean text, every
+        CJK character its own word, lowercasing if ``lowercase``, accents stripped when
+        ``strip_accents`` or, if None, when lowercasing), BERT's pre-tokenizer, WordPiece with
+        ``##`` continuation pieces (a word it cannot spell becomes the unknown token, in place),
+        ``[CLS] A [SEP]`` / ``[CLS] A [SEP] B [SEP]`` with segment ids 0/1, and ``__call__``
+        returning ``token_type_ids``.
+
+        ``special_tokens`` take ids 0, 1, ... and play, in order, the roles pad, unk, cls, sep
+        and mask; any further ones are additional special tokens.
+        """
+        special_tokens = list(special_tokens)
+        role_names = ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token")
+        if len(special_tokens) < len(role_names):
+            raise ValueError(
+                f"special_tokens={special_tokens} is too short: WordPiece training needs the "
+                f"{len(role_names)} BERT tokens in the order pad, unk, cls, sep, mask, e.g. "
+                '("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")'
+            )
+        if len(set(special_tokens)) != len(special_tokens):
+            raise ValueError(f"special_tokens has duplicates: {special_tokens}; list each once")
+        if vocab_size < len(special_tokens):
+            raise ValueError(
+                f"vocab_size={vocab_size} is smaller than the {len(special_tokens)} special "
+                "tokens; use a larger vocab_size"
+            )
+        roles = dict(zip(role_names, special_tokens))
+        backend = _bert_wordpiece_backend(
+            models.WordPiece(
+                unk_token=roles["unk_token"],
+                continuing_subword_prefix="##",
+                max_input_chars_per_word=100,
+            ),
+            lowercase=lowercase,
+            strip_accents=strip_accents,
+            handle_chinese_chars=True,
+        )
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=[AddedToken(t, special=True, normalized=False) for t in special_tokens],
+            continuing_subword_prefix="##",
+            show_progress=show_progress,
+        )
+        _train_backend(backend, trainer, files, iterator)
+        backend.post_processor = _bert_template(backend, roles["cls_token"], roles["sep_token"])
+        return cls(
+            backend,
+            roles,
+            additional_special_tokens=special_tokens[len(role_names):],
+            model_input_names=list(_BERT_INPUT_NAMES),
+        )
+
     @staticmethod
     def _byte_level_bpe_backend(
         model: models.BPE | None = None, add_prefix_space: bool = False
@@ -369,32 +436,21 @@ class Tokenizer:
             )
         unk_token = _token_content(roles["unk_token"]) or BERT_SPECIAL_TOKENS["unk_token"]
 
-        backend = BackendTokenizer(
+        backend = _bert_wordpiece_backend(
             models.WordPiece(
                 vocab,
                 unk_token=unk_token,
                 continuing_subword_prefix="##",
                 max_input_chars_per_word=100,
-            )
-        )
-        backend.normalizer = normalizers.BertNormalizer(
-            clean_text=True,
-            handle_chinese_chars=bool(config.get("tokenize_chinese_chars", True)),
-            strip_accents=config.get("strip_accents"),  # None: follow lowercase, as BERT does
+            ),
             lowercase=bool(config.get("do_lower_case", True)),
+            strip_accents=config.get("strip_accents"),  # None: follow lowercase, as BERT does
+            handle_chinese_chars=bool(config.get("tokenize_chinese_chars", True)),
         )
-        backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        backend.decoder = decoders.WordPiece(prefix="##")
         _add_legacy_added_tokens(
             backend, config, directory, roles, additional, len(vocab), BERT_VOCAB_FILE
         )
-        backend.post_processor = processors.TemplateProcessing(
-            single=[f"{cls_token}:0", "$A:0", f"{sep_token}:0"],
-            pair=[f"{cls_token}:0", "$A:0", f"{sep_token}:0", "$B:1", f"{sep_token}:1"],
-            special_tokens=[
-                (t, backend.token_to_id(t)) for t in dict.fromkeys((cls_token, sep_token))
-            ],
-        )
+        backend.post_processor = _bert_template(backend, cls_token, sep_token)
         return cls(
             backend,
             {role: _token_content(token) for role, token in roles.items()},
@@ -1115,6 +1171,43 @@ def _add_legacy_added_tokens(
                 "id in the file (added tokens follow the vocabulary: the first has id "
                 f"{vocab_size}) or remove the entry"
             )
+
+
+def _bert_wordpiece_backend(
+    model: models.WordPiece,
+    *,
+    lowercase: bool,
+    strip_accents: bool | None,
+    handle_chinese_chars: bool,
+) -> BackendTokenizer:
+    """BERT's pipeline around a WordPiece ``model``: clean-text normalizer (spaces around CJK
+    characters, optional lowercasing; accents stripped when ``strip_accents`` or, if None,
+    when lowercasing), BERT's pre-tokenizer and the ``##``-joining decoder. The post-processor
+    is set by the caller (:func:`_bert_template`) once the special tokens have ids."""
+    backend = BackendTokenizer(model)
+    backend.normalizer = normalizers.BertNormalizer(
+        clean_text=True,
+        handle_chinese_chars=handle_chinese_chars,
+        strip_accents=strip_accents,
+        lowercase=lowercase,
+    )
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece(prefix="##")
+    return backend
+
+
+def _bert_template(
+    backend: BackendTokenizer, cls_token: str, sep_token: str
+) -> processors.TemplateProcessing:
+    """BERT's post-processor: ``[CLS] A [SEP]`` and ``[CLS] A [SEP] B [SEP]``, segment ids 0
+    for the first part and 1 for ``B [SEP]``."""
+    return processors.TemplateProcessing(
+        single=[f"{cls_token}:0", "$A:0", f"{sep_token}:0"],
+        pair=[f"{cls_token}:0", "$A:0", f"{sep_token}:0", "$B:1", f"{sep_token}:1"],
+        special_tokens=[
+            (t, backend.token_to_id(t)) for t in dict.fromkeys((cls_token, sep_token))
+        ],
+    )
 
 
 def _bos_eos_template(

@@ -6,7 +6,8 @@
     val = SequentialBlockDataset(meta.val_path, block_size=256)
 
 Modules: corpus.py (sources and documents), prepare.py (tokenize to .bin + meta.json),
-blocks.py (datasets over the .bin files), hashing.py (counter-based hash), corpora/ (bundled text).
+blocks.py (datasets over the .bin files), mlm.py (BERT masking and
+next-sentence pairs), hashing.py (counter-based hash), corpora/ (bundled text).
 Names are imported on first use, so `import lmforge.data` does not load torch.
 """
 
@@ -30,6 +31,8 @@ _EXPORTS = {
     "tokenizer_fingerprint": "lmforge.data.prepare",
     "RandomBlockDataset": "lmforge.data.blocks",
     "SequentialBlockDataset": "lmforge.data.blocks",
+    "MLMCollator": "lmforge.data.mlm",
+    "nsp_pairs": "lmforge.data.mlm",
 }
 
 __all__ = sorted(_EXPORTS)
