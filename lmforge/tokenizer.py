@@ -19,6 +19,7 @@ the backend's post-processor.
 from __future__ import annotations
 
 import bz2
+import contextlib
 import gzip
 import json
 import lzma
@@ -772,22 +773,33 @@ class Tokenizer:
                 out[key] = rows if is_batch else rows[0]
         return out
 
+    @contextlib.contextmanager
+    def truncating(
+        self, max_length: int, stride: int = 0, strategy: str = "longest_first"
+    ) -> Iterator[BackendTokenizer]:
+        """The backend with its truncation switched on (and overflowing chunks kept `stride`
+        tokens apart) for the ``with`` block only. Truncation is a backend-wide setting, so the
+        block holds this tokenizer's lock: other threads wait rather than see it."""
+        with self._lock:
+            self._backend.enable_truncation(max_length, stride=stride, strategy=strategy)
+            try:
+                yield self._backend
+            finally:
+                self._backend.no_truncation()
+
     def _encode_truncated(
         self, inputs: list[Any], limit: int, strategy: str, add_special_tokens: bool
     ) -> list[Encoding]:
         """Encode with the backend's truncation (applied before special tokens are added, so
         they always survive) switched on for this call only."""
-        with self._lock:
-            self._backend.enable_truncation(limit, strategy=strategy)
+        with self.truncating(limit, strategy=strategy) as backend:
             try:
-                return self._backend.encode_batch(inputs, add_special_tokens=add_special_tokens)
+                return backend.encode_batch(inputs, add_special_tokens=add_special_tokens)
             except Exception as err:  # the backend raises a bare Exception
                 raise ValueError(
                     f"cannot truncate to max_length={limit} with truncation={strategy!r}: {err}; "
                     "use truncation='longest_first' or a larger max_length"
                 ) from None
-            finally:
-                self._backend.no_truncation()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

@@ -7,7 +7,8 @@
 
 Modules: corpus.py (sources and documents), prepare.py (tokenize to .bin + meta.json),
 blocks.py (datasets over the .bin files), mlm.py (BERT masking and
-next-sentence pairs), hashing.py (counter-based hash), corpora/ (bundled text).
+next-sentence pairs), finetune.py (classification, CoNLL token tags, SQuAD QA),
+hashing.py (counter-based hash), corpora/ (bundled text).
 Names are imported on first use, so `import lmforge.data` does not load torch.
 """
 
@@ -33,6 +34,12 @@ _EXPORTS = {
     "SequentialBlockDataset": "lmforge.data.blocks",
     "MLMCollator": "lmforge.data.mlm",
     "nsp_pairs": "lmforge.data.mlm",
+    "load_classification": "lmforge.data.finetune",
+    "load_conll": "lmforge.data.finetune",
+    "tokenize_and_align": "lmforge.data.finetune",
+    "load_squad": "lmforge.data.finetune",
+    "prepare_qa_features": "lmforge.data.finetune",
+    "extract_answer": "lmforge.data.finetune",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,0 +1,407 @@
+"""Fine-tuning data: read labelled files and turn them into model features.
+
+- `load_classification`: sentence (pair) classification from .csv/.tsv (header row), .jsonl or
+  .txt ("label<TAB>text" per line), with a deterministic label map.
+- `load_conll` + `tokenize_and_align`: token classification from CoNLL-style BIO files; the tag
+  goes on the first sub-token of each word, -100 (ignored by the loss) everywhere else.
+- `load_squad` + `prepare_qa_features` (+ `extract_answer`): extractive QA from SQuAD v1/v2
+  JSON, long contexts cut into overlapping chunks like Hugging Face's run_qa.py.
+
+Every problem with a file raises `CorpusError` naming the file, the line and the fix.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lmforge.data.corpus import CorpusError
+
+if TYPE_CHECKING:
+    from lmforge.tokenizer import Tokenizer
+
+IGNORE_INDEX = -100  # label the loss skips (continuation sub-tokens, special tokens)
+
+
+# ---------------------------------------------------------------------------- shared helpers
+def _read_text(path: Path) -> str:
+    """Read a whole UTF-8 file (BOM dropped); raise CorpusError if missing, not UTF-8 or empty."""
+    if not path.is_file():
+        raise CorpusError(f"{path}: no such file; check the path")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise CorpusError(
+            f"{path}: not valid UTF-8 at byte {err.start} ({err.reason}); re-encode it to UTF-8"
+        ) from None
+    if not text.strip():
+        raise CorpusError(f"{path}: file is empty; put at least one example in it")
+    return text
+
+
+def _format(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv", ".jsonl", ".txt"):
+        return suffix[1:]
+    raise CorpusError(
+        f"{path}: unknown file type {suffix or '(none)'!r}; use .csv, .tsv, .jsonl or .txt"
+    )
+
+
+# ---------------------------------------------------------------------------- classification
+def _classification_rows(
+    path: Path, fields: Sequence[str]
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line number, record) pairs holding at least `fields`, whatever the file format."""
+    fmt = _format(path)
+    text = _read_text(path)
+    if fmt in ("csv", "tsv"):
+        reader = csv.DictReader(text.splitlines(), delimiter="," if fmt == "csv" else "\t")
+        found = reader.fieldnames or []
+        missing = [f for f in fields if f not in found]
+        if missing:
+            raise CorpusError(
+                f"{path}, line 1: header has no column {', '.join(map(repr, missing))} (found "
+                f"{', '.join(map(repr, found))}); rename the column or pass text_field=/"
+                "label_field=/text_pair_field="
+            )
+        for row in reader:
+            lineno = reader.line_num
+            if any(row.get(f) is None for f in fields):
+                raise CorpusError(
+                    f"{path}, line {lineno}: row has fewer cells than the header; give every "
+                    "row one cell per column (quote cells holding the delimiter)"
+                )
+            yield lineno, row
+    elif fmt == "jsonl":
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise CorpusError(
+                    f"{path}, line {lineno}: not valid JSON ({err.msg}); each line must be one "
+                    'JSON object such as {"text": "...", "label": "pos"}'
+                ) from None
+            if not isinstance(record, dict):
+                raise CorpusError(
+                    f"{path}, line {lineno}: expected a JSON object, got "
+                    f"{type(record).__name__}; write one object per line"
+                )
+            missing = [f for f in fields if f not in record]
+            if missing:
+                raise CorpusError(
+                    f"{path}, line {lineno}: no field {', '.join(map(repr, missing))} (found "
+                    f"{', '.join(map(repr, sorted(record)))}); rename the field or pass "
+                    "text_field=/label_field=/text_pair_field="
+                )
+            yield lineno, record
+    else:  # txt: label<TAB>text
+        if len(fields) > 2:
+            raise CorpusError(
+                f"{path}: .txt files hold 'label<TAB>text' lines, so text_pair_field is not "
+                "supported; use .csv, .tsv or .jsonl for text pairs"
+            )
+        text_field, label_field = fields
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            label, tab, body = line.partition("\t")
+            if not tab:
+                raise CorpusError(
+                    f"{path}, line {lineno}: no TAB; write each line as 'label<TAB>text'"
+                )
+            yield lineno, {label_field: label.strip(), text_field: body}
+
+
+def _is_int_label(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return True
+    return isinstance(value, str) and value.strip().lstrip("-").isdigit()
+
+
+def load_classification(
+    path: str | Path,
+    text_field: str = "text",
+    label_field: str = "label",
+    text_pair_field: str | None = None,
+    label2id: Mapping[str, int] | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Read a labelled file into examples ``{"text", "text_pair"?, "label"}`` and a label map.
+
+    Without ``label2id`` the map is built from the sorted label names (deterministic across
+    runs); if every label is an integer the integers are kept as the ids. With ``label2id``
+    a label outside it is an error (the model head has a fixed size).
+    """
+    path = Path(path)
+    fields = [text_field, label_field] + ([text_pair_field] if text_pair_field else [])
+    raw: list[tuple[int, dict[str, Any]]] = []
+    for lineno, row in _classification_rows(path, fields):
+        for field in fields[:1] + fields[2:]:
+            if not isinstance(row[field], str):
+                raise CorpusError(
+                    f"{path}, line {lineno}: field {field!r} must be a string, got "
+                    f"{type(row[field]).__name__}"
+                )
+        label = row[label_field]
+        if not isinstance(label, (str, int)) or isinstance(label, bool):
+            raise CorpusError(
+                f"{path}, line {lineno}: label must be a string or an integer, got "
+                f"{type(label).__name__}"
+            )
+        raw.append((lineno, row))
+    if not raw:
+        raise CorpusError(f"{path}: holds no examples; add at least one labelled line")
+
+    labels = [str(row[label_field]).strip() for _, row in raw]
+    if label2id is None:
+        if all(_is_int_label(v) for v in labels):
+            ids = sorted({int(v) for v in labels})
+            label2id = {str(i): i for i in ids}
+        else:
+            label2id = {name: i for i, name in enumerate(sorted(set(labels)))}
+    else:
+        label2id = dict(label2id)
+
+    examples: list[dict[str, Any]] = []
+    for lineno, row in raw:
+        key = str(row[label_field]).strip()
+        if key not in label2id:
+            raise CorpusError(
+                f"{path}, line {lineno}: unknown label {key!r}; known labels are "
+                f"{sorted(label2id)}. Fix the label or add it to label2id"
+            )
+        example: dict[str, Any] = {"text": row[text_field], "label": label2id[key]}
+        if text_pair_field:
+            example["text_pair"] = row[text_pair_field]
+        examples.append(example)
+    return examples, label2id
+
+
+# ---------------------------------------------------------------------------- token classification
+def load_conll(path: str | Path) -> list[dict[str, list[str]]]:
+    """Read a CoNLL-style file: one "token ... tag" per line (tag last), blank line between
+    sentences, ``-DOCSTART-`` lines skipped. Returns ``{"tokens": [...], "tags": [...]}``."""
+    path = Path(path)
+    text = _read_text(path)
+    sentences: list[dict[str, list[str]]] = []
+    tokens: list[str] = []
+    tags: list[str] = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        parts = line.split()
+        if not parts:
+            if tokens:
+                sentences.append({"tokens": tokens, "tags": tags})
+                tokens, tags = [], []
+            continue
+        if parts[0] == "-DOCSTART-":
+            continue
+        if len(parts) < 2:
+            raise CorpusError(
+                f"{path}, line {lineno}: {line.strip()!r} has no tag; write 'token tag' "
+                "(tag in the last column, whitespace-separated)"
+            )
+        tokens.append(parts[0])
+        tags.append(parts[-1])
+    if tokens:
+        sentences.append({"tokens": tokens, "tags": tags})
+    if not sentences:
+        raise CorpusError(f"{path}: holds no sentences (only -DOCSTART- lines); add some")
+    return sentences
+
+
+def tokenize_and_align(
+    examples: Sequence[Mapping[str, Sequence[str]]],
+    tokenizer: Tokenizer,
+    label2id: Mapping[str, int],
+    max_length: int = 512,
+) -> list[dict[str, list[int]]]:
+    """Tokenize pre-split words and align word tags to sub-tokens.
+
+    The first sub-token of each word carries the tag id; later sub-tokens of the word and the
+    special tokens get -100 so the loss ignores them. Sequences are cut to ``max_length``.
+    """
+    with_types = "token_type_ids" in tokenizer.model_input_names
+    features: list[dict[str, list[int]]] = []
+    with tokenizer.truncating(max_length) as backend:
+        encodings = backend.encode_batch([list(ex["tokens"]) for ex in examples], is_pretokenized=True)
+    for index, (example, encoding) in enumerate(zip(examples, encodings, strict=True)):
+        tags = example["tags"]
+        if len(tags) != len(example["tokens"]):
+            raise ValueError(
+                f"example {index}: {len(example['tokens'])} tokens but {len(tags)} tags; give "
+                "one tag per token"
+            )
+        labels: list[int] = []
+        previous: int | None = None
+        for word in encoding.word_ids:
+            if word is None or word == previous:
+                labels.append(IGNORE_INDEX)
+            else:
+                tag = tags[word]
+                if tag not in label2id:
+                    raise ValueError(
+                        f"example {index}: unknown tag {tag!r}; known tags are "
+                        f"{sorted(label2id)}. Add it to label2id"
+                    )
+                labels.append(label2id[tag])
+            previous = word
+        feature = {"input_ids": list(encoding.ids), "attention_mask": [1] * len(encoding.ids)}
+        if with_types:
+            feature["token_type_ids"] = list(encoding.type_ids)
+        feature["labels"] = labels
+        features.append(feature)
+    return features
+
+
+# ---------------------------------------------------------------------------- question answering
+def load_squad(path: str | Path) -> list[dict[str, Any]]:
+    """Read SQuAD v1/v2 JSON (data -> paragraphs -> qas) into flat examples
+    ``{"id", "question", "context", "answers": {"text": [...], "answer_start": [...]},
+    "is_impossible"}``. Answer offsets are checked against the context."""
+    path = Path(path)
+    try:
+        root = json.loads(_read_text(path))
+    except json.JSONDecodeError as err:
+        raise CorpusError(
+            f"{path}, line {err.lineno}: not valid JSON ({err.msg}); fix the file"
+        ) from None
+    if not isinstance(root, dict) or not isinstance(root.get("data"), list):
+        raise CorpusError(
+            f'{path}: no top-level "data" list; a SQuAD file looks like '
+            '{"data": [{"paragraphs": [{"context": ..., "qas": [...]}]}]}'
+        )
+    examples: list[dict[str, Any]] = []
+    for a, article in enumerate(root["data"]):
+        for p, paragraph in enumerate(article.get("paragraphs", [])):
+            where = f"{path}: data[{a}].paragraphs[{p}]"
+            context = paragraph.get("context")
+            if not isinstance(context, str):
+                raise CorpusError(f'{where}: no "context" string; add the paragraph text')
+            for q, qa in enumerate(paragraph.get("qas", [])):
+                if "question" not in qa:
+                    raise CorpusError(f'{where}.qas[{q}]: no "question"; add it')
+                impossible = bool(qa.get("is_impossible", False))
+                answers = [] if impossible else qa.get("answers", [])
+                texts, starts = [], []
+                for answer in answers:
+                    start, text = answer.get("answer_start"), answer.get("text")
+                    if not isinstance(start, int) or not isinstance(text, str):
+                        raise CorpusError(
+                            f'{where}.qas[{q}]: each answer needs "text" (str) and '
+                            '"answer_start" (int)'
+                        )
+                    if context[start : start + len(text)] != text:
+                        raise CorpusError(
+                            f"{where}.qas[{q}]: answer {text!r} is not at answer_start={start} "
+                            f"of the context (found {context[start:start + len(text)]!r}); "
+                            "fix answer_start (a character offset into the context)"
+                        )
+                    texts.append(text)
+                    starts.append(start)
+                if not impossible and not texts:
+                    raise CorpusError(
+                        f'{where}.qas[{q}]: no answers; add one or set "is_impossible": true'
+                    )
+                examples.append(
+                    {
+                        "id": str(qa.get("id", f"{a}-{p}-{q}")),
+                        "question": qa["question"],
+                        "context": context,
+                        "answers": {"text": texts, "answer_start": starts},
+                        "is_impossible": impossible,
+                    }
+                )
+    if not examples:
+        raise CorpusError(f"{path}: holds no questions; add some qas")
+    return examples
+
+
+def prepare_qa_features(
+    examples: Sequence[Mapping[str, Any]],
+    tokenizer: Tokenizer,
+    max_length: int = 384,
+    doc_stride: int = 128,
+) -> list[dict[str, Any]]:
+    """Encode (question, context) pairs, splitting long contexts into chunks of at most
+    ``max_length`` tokens that overlap by ``doc_stride`` tokens; only the context is cut.
+
+    Each feature has input_ids, token_type_ids, attention_mask, start/end_positions (token
+    indices of the first answer, or 0, the [CLS] index, when the answer is not wholly inside
+    this chunk or there is none), ``example_id`` and ``offset_mapping`` (character spans into
+    the context for context tokens, None elsewhere) for `extract_answer`.
+    """
+    features: list[dict[str, Any]] = []
+    for example in examples:
+        question = example["question"].lstrip()  # leading spaces only waste room
+        with tokenizer.truncating(max_length, stride=doc_stride, strategy="only_second") as backend:
+            try:
+                encoding = backend.encode(question, example["context"])
+            except Exception as err:  # the backend raises a bare Exception
+                raise ValueError(
+                    f"example {example.get('id')!r}: cannot fit the question and a context chunk "
+                    f"in max_length={max_length} with doc_stride={doc_stride} ({err}); raise "
+                    "max_length or lower doc_stride"
+                ) from None
+        answers = example.get("answers") or {"text": [], "answer_start": []}
+        has_answer = bool(answers["text"]) and not example.get("is_impossible", False)
+        if has_answer:
+            start_char = answers["answer_start"][0]
+            end_char = start_char + len(answers["text"][0])
+        for chunk in [encoding, *encoding.overflowing]:
+            sequence_ids = chunk.sequence_ids
+            offsets = [
+                tuple(span) if seq == 1 else None
+                for span, seq in zip(chunk.offsets, sequence_ids, strict=True)
+            ]
+            start_pos = end_pos = 0
+            if has_answer:
+                context_idx = [i for i, seq in enumerate(sequence_ids) if seq == 1]
+                first, last = context_idx[0], context_idx[-1]
+                if offsets[first][0] <= start_char and offsets[last][1] >= end_char:
+                    start_pos = first
+                    while start_pos <= last and offsets[start_pos][1] <= start_char:
+                        start_pos += 1
+                    end_pos = last
+                    while end_pos >= first and offsets[end_pos][0] >= end_char:
+                        end_pos -= 1
+            features.append(
+                {
+                    "input_ids": list(chunk.ids),
+                    "token_type_ids": list(chunk.type_ids),
+                    "attention_mask": [1] * len(chunk.ids),
+                    "start_positions": start_pos,
+                    "end_positions": end_pos,
+                    "example_id": example.get("id"),
+                    "offset_mapping": offsets,
+                }
+            )
+    return features
+
+
+def extract_answer(
+    feature: Mapping[str, Any],
+    start_logits: Sequence[float],
+    end_logits: Sequence[float],
+    context: str,
+    max_answer_len: int = 30,
+) -> str:
+    """Return the context span with the highest start+end score among valid spans (both ends
+    on context tokens, end >= start, at most ``max_answer_len`` tokens); "" if there is none."""
+    offsets = feature["offset_mapping"]
+    candidates = [i for i, span in enumerate(offsets) if span is not None]
+    best_score, best = float("-inf"), ""
+    for s in candidates:
+        for e in candidates:
+            if e < s or e - s + 1 > max_answer_len:
+                continue
+            score = float(start_logits[s]) + float(end_logits[e])
+            if score > best_score:
+                best_score, best = score, context[offsets[s][0] : offsets[e][1]]
+    return best
