@@ -20,7 +20,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import Any, BinaryIO, Union
 
 Source = Union[str, "os.PathLike[str]"]
 
@@ -256,18 +256,23 @@ def _iter_txt(
         yield text
 
 
+def parse_json_line(path: Path, lineno: int, line: str, example: str) -> Any:
+    """One line of a JSON-lines file, or a CorpusError naming the file and line."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise CorpusError(
+            f"{path}, line {lineno}: not valid JSON ({err.msg}); each line must be one JSON "
+            f"object such as {example}"
+        ) from None
+
+
 def _iter_jsonl(path: Path, progress: Callable[[int], None] | None) -> Iterator[str]:
     """Yield the "text" field of each line of a JSON-lines file, skip blank lines, empty texts."""
     for lineno, line in _iter_lines(path, progress):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise CorpusError(
-                f"{path}, line {lineno}: not valid JSON ({err.msg}); each line must be one JSON "
-                'object such as {"text": "..."}'
-            ) from None
+        record = parse_json_line(path, lineno, line, '{"text": "..."}')
         if not isinstance(record, dict) or "text" not in record:
             found = f"keys {sorted(record)}" if isinstance(record, dict) else type(record).__name__
             raise CorpusError(

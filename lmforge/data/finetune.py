@@ -18,7 +18,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lmforge.data.corpus import CorpusError
+from lmforge.data.corpus import CorpusError, parse_json_line
 
 if TYPE_CHECKING:
     from lmforge.tokenizer import Tokenizer
@@ -80,13 +80,7 @@ def _classification_rows(
         for lineno, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise CorpusError(
-                    f"{path}, line {lineno}: not valid JSON ({err.msg}); each line must be one "
-                    'JSON object such as {"text": "...", "label": "pos"}'
-                ) from None
+            record = parse_json_line(path, lineno, line, '{"text": "...", "label": "pos"}')
             if not isinstance(record, dict):
                 raise CorpusError(
                     f"{path}, line {lineno}: expected a JSON object, got "

@@ -247,56 +247,60 @@ class BertForPreTraining(_MaskedLMMixin, BertPreTrainedModel):
         return PreTrainingOutput(loss, logits, nsp_logits, out.hidden_states, out.attentions)
 
 
-class BertForSequenceClassification(BertPreTrainedModel):
+class _BertClassifier(BertPreTrainedModel):
+    """dropout + a linear classifier (`classifier`) on the pooled [CLS] token (`pooled = True`) or on
+    every token; subclasses add their loss."""
+
+    pooled: bool
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__(config, add_pooling_layer=self.pooled)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        init_bert_weights(self.classifier, config)  # the trunk initialised itself
+
+    @property
+    def num_labels(self) -> int:
+        return self.classifier.out_features
+
+    def _logits(self, input_ids: Tensor, attention_mask: Tensor | None, token_type_ids: Tensor | None,
+                position_ids: Tensor | None, output_attentions: bool, output_hidden_states: bool,
+                kwargs: dict[str, Any]) -> tuple[BaseModelOutputWithPooling, Tensor]:
+        if kwargs:
+            raise TypeError(f"unexpected arguments for {type(self).__name__}.forward: {sorted(kwargs)}")
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_attentions,
+                        output_hidden_states)
+        features = out.pooler_output if self.pooled else out.last_hidden_state  # (B, C) or (B, T, C)
+        return out, self.classifier(dropout(features, self._classifier_dropout(), self.training))
+
+
+class BertForSequenceClassification(_BertClassifier):
     """BERT with dropout + a linear classifier on the pooled [CLS] token: input_ids (B, T) -> logits
     (B, num_labels). The loss follows `config.problem_type` (inferred as transformers does)."""
 
     hf_architecture = "BertForSequenceClassification"
-
-    def __init__(self, config: BertConfig) -> None:
-        super().__init__(config, add_pooling_layer=True)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
-        init_bert_weights(self.classifier, config)  # the trunk initialised itself
-
-    @property
-    def num_labels(self) -> int:
-        return self.classifier.out_features
+    pooled = True
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
                 position_ids: Tensor | None = None, labels: Tensor | None = None, output_attentions: bool = False,
                 output_hidden_states: bool = False, **kwargs: Any) -> SequenceClassifierOutput:
-        if kwargs:
-            raise TypeError(f"unexpected arguments for BertForSequenceClassification.forward: {sorted(kwargs)}")
-        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_attentions,
-                        output_hidden_states)
-        logits = self.classifier(dropout(out.pooler_output, self._classifier_dropout(), self.training))
+        out, logits = self._logits(input_ids, attention_mask, token_type_ids, position_ids, output_attentions,
+                                   output_hidden_states, kwargs)
         loss = sequence_classification_loss(logits, labels, self.config.problem_type) if labels is not None else None
         return SequenceClassifierOutput(loss, logits, out.hidden_states, out.attentions)
 
 
-class BertForTokenClassification(BertPreTrainedModel):
+class BertForTokenClassification(_BertClassifier):
     """BERT with dropout + a linear classifier on every token (e.g. named entities): logits
     (B, T, num_labels); `labels` (B, T) class ids, -100 ignored."""
 
     hf_architecture = "BertForTokenClassification"
-
-    def __init__(self, config: BertConfig) -> None:
-        super().__init__(config, add_pooling_layer=False)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
-        init_bert_weights(self.classifier, config)  # the trunk initialised itself
-
-    @property
-    def num_labels(self) -> int:
-        return self.classifier.out_features
+    pooled = False
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
                 position_ids: Tensor | None = None, labels: Tensor | None = None, output_attentions: bool = False,
                 output_hidden_states: bool = False, **kwargs: Any) -> TokenClassifierOutput:
-        if kwargs:
-            raise TypeError(f"unexpected arguments for BertForTokenClassification.forward: {sorted(kwargs)}")
-        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_attentions,
-                        output_hidden_states)
-        logits = self.classifier(dropout(out.last_hidden_state, self._classifier_dropout(), self.training))
+        out, logits = self._logits(input_ids, attention_mask, token_type_ids, position_ids, output_attentions,
+                                   output_hidden_states, kwargs)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.reshape(-1, self.num_labels), labels.reshape(-1), ignore_index=-100)
