@@ -1,7 +1,8 @@
 """Text generation: sampling rules, a KV-cached decoding loop, stop criteria and streaming.
 
     prompt ids (B, T) --prefill (one forward, fills the preallocated KV cache)--> logits of the last position
-    then per step: logits -> [repetition penalty] -> sample_next_token -> append -> one-token forward
+    then per step: logits -> [repetition penalty] -> [logits processors] -> sample_next_token -> append
+    -> one-token forward
 
 Left-padded batches need `attention_mask`; positions are counted from each row's first real token,
 so every row decodes exactly as it would alone.
@@ -10,12 +11,15 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
 
 from lmforge.nn import KVCache
+
+#: (token ids so far (B, t), next-token logits (B, V)) -> adjusted logits (B, V)
+LogitsProcessor = Callable[[Tensor, Tensor], Tensor]
 
 
 @dataclass
@@ -120,8 +124,11 @@ def _options(generation_config: GenerationConfig | None, kwargs: dict[str, Any],
 def iter_generate(model: Any, input_ids: Tensor, attention_mask: Tensor | None = None,
                   generation_config: GenerationConfig | None = None, tokenizer: Any = None,
                   generator: torch.Generator | None = None, use_cache: bool = True,
-                  **kwargs: Any) -> Iterator[Tensor]:
-    """Yield the next token of every row, (B,), one step at a time. Finished rows yield the pad id."""
+                  logits_processors: Sequence[LogitsProcessor] = (), **kwargs: Any) -> Iterator[Tensor]:
+    """Yield the next token of every row, (B,), one step at a time. Finished rows yield the pad id.
+
+    `logits_processors`: callables (ids so far (B, t), next-token logits (B, V)) -> logits (B, V), applied
+    in order after the repetition penalty and before sampling (e.g. to block words: set their logits to -inf)."""
     cfg = _options(generation_config, kwargs, model)
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
@@ -164,6 +171,8 @@ def iter_generate(model: Any, input_ids: Tensor, attention_mask: Tensor | None =
         cur = T + step  # tokens so far
         if cfg.repetition_penalty != 1.0:
             logits = apply_repetition_penalty(logits, seq[:, :cur], cfg.repetition_penalty)
+        for process in logits_processors:
+            logits = process(seq[:, :cur], logits)
         if cfg.greedy:
             token = logits.argmax(dim=-1)
         else:
@@ -191,11 +200,13 @@ def iter_generate(model: Any, input_ids: Tensor, attention_mask: Tensor | None =
 def generate(model: Any, input_ids: Tensor, attention_mask: Tensor | None = None,
              generation_config: GenerationConfig | None = None, tokenizer: Any = None,
              generator: torch.Generator | None = None, use_cache: bool = True,
-             streamer: Callable[[Tensor], None] | None = None, **kwargs: Any) -> Tensor:
+             streamer: Callable[[Tensor], None] | None = None, logits_processors: Sequence[LogitsProcessor] = (),
+             **kwargs: Any) -> Tensor:
     """Prompt (B, T) followed by up to `max_new_tokens` new tokens: (B, T + n).
 
     Options (keywords or a GenerationConfig): max_new_tokens, do_sample, temperature, top_k, top_p,
-    repetition_penalty, eos_token_id, pad_token_id, stop (strings; needs `tokenizer`), seed.
+    repetition_penalty, eos_token_id, pad_token_id, stop (strings; needs `tokenizer`), seed; and
+    `logits_processors` (see `iter_generate`).
     Generation stops when every row has produced EOS or a stop string; finished rows are padded.
     """
     if input_ids.dim() == 1:
@@ -204,7 +215,7 @@ def generate(model: Any, input_ids: Tensor, attention_mask: Tensor | None = None
     tokens = []
     with torch.inference_mode():
         for token in iter_generate(model, input_ids, attention_mask, generation_config, tokenizer, generator,
-                                   use_cache, **kwargs):
+                                   use_cache, logits_processors, **kwargs):
             tokens.append(token)
             if streamer is not None:
                 streamer(token)

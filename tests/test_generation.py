@@ -400,3 +400,19 @@ def test_stream_does_not_leak_inference_mode_to_the_caller(tok):
     for _ in stream(model, tok, "hello", max_new_tokens=3):
         assert not torch.is_inference_mode_enabled()
         assert torch.is_grad_enabled()
+
+
+def test_logits_processors_see_the_ids_so_far_and_steer_the_choice(model):
+    prompt = torch.tensor([[5, 6, 7]])
+    free = model.generate(prompt, max_new_tokens=6)
+    banned = int(free[0, 3])  # the first greedy token
+    seen: list[int] = []
+
+    def ban(ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        seen.append(ids.shape[1])
+        return logits.index_fill(-1, torch.tensor([banned]), float("-inf"))
+
+    out = model.generate(prompt, max_new_tokens=6, logits_processors=[ban])
+    assert banned not in out[0, 3:].tolist()
+    assert seen == [3, 4, 5, 6, 7, 8]  # called once per step with the ids so far
+    assert torch.equal(out[0, :3], prompt[0])

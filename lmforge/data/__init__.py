@@ -8,7 +8,7 @@
 Modules: corpus.py (sources and documents), prepare.py (tokenize to .bin + meta.json),
 blocks.py (datasets over the .bin files), mlm.py (BERT masking and
 next-sentence pairs), finetune.py (classification, CoNLL token tags, SQuAD QA),
-hashing.py (counter-based hash), corpora/ (bundled text).
+hashing.py (counter-based hash), batching.py (length-bucketed inference batches), corpora/ (bundled text).
 Names are imported on first use, so `import lmforge.data` does not load torch.
 """
 
@@ -40,6 +40,7 @@ _EXPORTS = {
     "load_squad": "lmforge.data.finetune",
     "prepare_qa_features": "lmforge.data.finetune",
     "extract_answer": "lmforge.data.finetune",
+    "length_sorted_batches": "lmforge.data.batching",
 }
 
 __all__ = sorted(_EXPORTS)
