@@ -240,10 +240,17 @@ def _family(model: nn.Module) -> Family:
     raise TypeError(f"no Hugging Face key map for {type(model).__name__}")
 
 
-def to_hf_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The model's parameters under Hugging Face names (tied output weights left out, as HF does)."""
+def _is_adapter_key(name: str) -> bool:
+    """LoRA's low-rank matrices (lmforge.nn.lora): not part of the base model's checkpoint."""
+    return name.endswith((".lora_A", ".lora_B"))
+
+
+def to_hf_state_dict(model: nn.Module, state: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """The model's parameters (or `state`, e.g. gathered from shards) under Hugging Face names (tied
+    output weights left out, as HF does)."""
     family = _family(model)
-    state = model.state_dict()
+    state = dict(model.state_dict() if state is None else state)
+    state = {k: v for k, v in state.items() if not _is_adapter_key(k)}  # LoRA adapters: saved on their own
     if getattr(model.config, "tie_word_embeddings", False):
         for name in family.tied:
             state.pop(name, None)
@@ -297,7 +304,7 @@ def load_hf_state_dict(model: nn.Module, hf_state: dict[str, Tensor], source: st
     left_out = [k for k in hf_state if any(k.startswith(h) for h in family.other_heads)]
     hf_state = {k: v for k, v in hf_state.items() if k not in left_out}
     ours, unexpected = _convert(hf_state, family.rules, to_hf=False)
-    expected = model.state_dict()
+    expected = {k: v for k, v in model.state_dict().items() if not _is_adapter_key(k)}  # adapters load separately
     tied = family.tied if getattr(model.config, "tie_word_embeddings", False) else ()
     for name in tied:
         ours.pop(name, None)  # the output layer is the embedding
@@ -603,13 +610,14 @@ def _split_shards(state: dict[str, Tensor], limit: int) -> list[dict[str, Tensor
 
 
 def save_pretrained(model: nn.Module, directory: str | os.PathLike, tokenizer: Any = None,
-                    max_shard_size: int | str | None = None) -> Path:
+                    max_shard_size: int | str | None = None, state_dict: dict[str, Tensor] | None = None) -> Path:
     """config.json + model.safetensors (+ tokenizer files), each file written atomically.
 
     With `max_shard_size` (bytes, or "500MB" / "1GiB") weights larger than that are split into
     Hugging Face's model-00001-of-0000N.safetensors + model.safetensors.index.json. Weight files of an
     earlier save into the same folder that this save does not use are removed afterwards, so that no
     loader picks up stale weights (a single model.safetensors would win over a new index).
+    `state_dict` replaces the model's own tensors (e.g. a sharded model's gathered weights).
     """
     from safetensors.torch import save
 
@@ -619,7 +627,7 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, tokenizer: A
     model.config.extra.update(dtype=dtype, torch_dtype=dtype)  # loaders restore it (transformers 5: "dtype")
     cls = type(model)  # config.json's "architectures" names the class that was saved
     model.config.save(directory, architecture=(getattr(cls, "hf_architecture", cls.__name__), cls.__name__))
-    state = {k: v.detach().to("cpu").contiguous() for k, v in to_hf_state_dict(model).items()}
+    state = {k: v.detach().to("cpu").contiguous() for k, v in to_hf_state_dict(model, state_dict).items()}
     shards = [state] if max_shard_size is None else _split_shards(state, parse_size(max_shard_size))
     if len(shards) == 1:
         atomic_write_bytes(directory / WEIGHTS_NAME, save(state, metadata={"format": "pt"}))

@@ -117,7 +117,9 @@ class CrashAt(TrainerCallback):
 # ---------------------------------------------------------------------------- TrainingArguments
 def test_default_arguments_are_valid_and_round_trip() -> None:
     args = TrainingArguments()
-    assert args.max_steps > 0 and args.learning_rate > 0 and args.warmup == 0
+    # Hugging Face's fine-tuning defaults: 3 epochs (max_steps -1), AdamW 5e-5, linear decay, no warmup
+    assert (args.max_steps, args.num_train_epochs, args.learning_rate) == (-1, 3.0, 5e-5)
+    assert (args.lr_scheduler_type, args.weight_decay, args.adam_beta2, args.warmup) == ("linear", 0.0, 0.999, 0)
     assert TrainingArguments.from_dict(args.to_dict()) == args
     assert TrainingArguments(max_steps=200, warmup_ratio=0.1).warmup == 20
     assert TrainingArguments(max_steps=200, warmup_steps=7).warmup == 7
@@ -131,7 +133,8 @@ def test_default_arguments_are_valid_and_round_trip() -> None:
     ("warmup_steps", -1), ("warmup_steps", 1.5), ("warmup_ratio", 1.0), ("min_lr_ratio", 1.5),
     ("max_grad_norm", 0.0), ("weight_decay", -0.1), ("adam_beta1", 1.0), ("adam_beta2", -0.1),
     ("adam_epsilon", 0.0), ("report_to", ["wandb"]), ("device", "gpu"), ("dataloader_num_workers", -1),
-    ("peak_flops", 0.0),
+    ("peak_flops", 0.0), ("num_train_epochs", 0), ("eval_strategy", "sometimes"), ("save_strategy", "always"),
+    ("early_stopping_patience", 0), ("fp16", "yes"), ("max_steps", -2),
 ])
 def test_invalid_argument_names_the_field(field: str, value: Any) -> None:
     with pytest.raises(ValueError, match=field):

@@ -138,6 +138,7 @@ class GPTForCausalLM(GPTPreTrainedModel):
     """GPT with a language-model head; `labels` give the causal-LM loss (shifted inside)."""
 
     hf_architecture = "GPT2LMHeadModel"  # written to config.json's "architectures"
+    shifts_labels = True  # labels are the input ids; the loss shifts them (for collators and sample weights)
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()

@@ -1,4 +1,4 @@
-"""AdamW with the usual no-decay groups, and the warmup + cosine learning-rate schedule."""
+"""AdamW with the usual no-decay groups, and the warmup + cosine / linear / constant learning-rate schedule."""
 from __future__ import annotations
 
 import math
@@ -35,19 +35,22 @@ def build_optimizer(model: nn.Module, args: TrainingArguments) -> torch.optim.Ad
         return torch.optim.AdamW(groups, **options)
 
 
-def lr_factor(step: int, args: TrainingArguments) -> float:
-    """Multiplier of the peak learning rate at optimizer step `step` (0-based)."""
-    warmup = args.warmup
+def lr_factor(step: int, args: TrainingArguments, total_steps: int | None = None) -> float:
+    """Multiplier of the peak learning rate at optimizer step `step` (0-based) of a run of
+    `total_steps` steps (default args.max_steps)."""
+    total = total_steps if total_steps is not None else args.max_steps
+    warmup = args.warmup_for(total)
     if step < warmup:
         return (step + 1) / warmup
     if args.lr_scheduler_type == "constant":
         return 1.0
-    progress = min(1.0, (step - warmup) / max(1, args.max_steps - warmup))
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
     floor = args.min_lr_ratio
     if args.lr_scheduler_type == "linear":
         return 1.0 - (1.0 - floor) * progress
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainingArguments) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, args))
+def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainingArguments,
+                    total_steps: int | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, args, total_steps))

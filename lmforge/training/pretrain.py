@@ -115,6 +115,9 @@ def pretrain(recipe: dict[str, Any], resume: bool = False, device: str | None = 
     if device:
         training["device"] = device
     args = TrainingArguments.from_dict(training)
+    if args.max_steps <= 0:
+        raise ValueError("a pretraining recipe needs training.max_steps (the number of optimizer steps; its "
+                         "training blocks are drawn at random, so there are no epochs)")
     trainer_probe = Trainer.__new__(Trainer)
     trainer_probe.output_dir = out
     if not resume and Trainer.checkpoints(trainer_probe):

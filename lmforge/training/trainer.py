@@ -1,26 +1,39 @@
-"""Trainer: the training loop shared by pretraining and fine-tuning.
+"""Trainer: one training loop for pretraining and fine-tuning.
 
-    batches --(gradient accumulation, loss normalised by token count)--> AdamW + schedule + clipping
-            --> periodic evaluation, JSONL metrics, progress bar --> atomic checkpoints, exact resume
+    examples --(DataCollator: pad, label -> labels)--> micro-batches --(accumulation; loss normalised
+    by the window's token/example count; DDP/FSDP across processes)--> AdamW + schedule + clipping
+    --> evaluation (loss, compute_metrics, best model, early stopping) --> JSONL / TensorBoard / PNG
+    --> atomic checkpoint-<step>/ folders from which a run resumes exactly
+
+Datasets are anything with `len()` and `[i]` returning a dict: torch Datasets, lists of dicts,
+Hugging Face `datasets.Dataset`.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
 import random
 import re
 import shutil
+import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Sampler
 
+from lmforge.data.collate import DataCollator
+from lmforge.training import distributed as D
 from lmforge.training.args import TrainingArguments
+from lmforge.training.losses import count_loss_items, weighted_loss
+from lmforge.training.metrics import EvalPrediction
 from lmforge.training.optim import build_optimizer, build_scheduler
 from lmforge.utils import (atomic_directory, atomic_write_text, matmul_peak_flops, recover_directory, resolve_device,
                            set_seed)
@@ -29,10 +42,12 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_NAME = "trainer_state.json"
 OPTIMIZER_NAME = "optimizer.pt"
 RNG_NAME = "rng_state.pt"
+MAX_BAD_STEPS = 3  # consecutive non-finite losses before the run stops
 
 
 class TrainerCallback:
-    """Override any of these hooks; each gets the trainer and (where there is one) a metrics dict."""
+    """Override any of these hooks; each gets the trainer and (where there is one) a metrics dict.
+    Set `trainer.should_stop = True` from a hook to end training after the current step."""
 
     def on_train_begin(self, trainer: "Trainer") -> None: ...
     def on_step_end(self, trainer: "Trainer") -> None: ...
@@ -47,9 +62,14 @@ class TrainerState:
     """What a checkpoint needs besides tensors; saved as trainer_state.json."""
 
     global_step: int = 0
-    samples_seen: int = 0  # data position: the next training example is item `samples_seen`
+    max_steps: int = 0
+    samples_seen: int = 0  # data position: the next training example is sample number `samples_seen`
     tokens_seen: int = 0
+    epoch: float = 0.0
     best_metric: float | None = None
+    best_model_checkpoint: str | None = None
+    evals_without_improvement: int = 0
+    world_size: int = 1
     log_history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -60,25 +80,60 @@ class TrainOutput:
     metrics: dict[str, float]
 
 
-class _FromIndex(Sampler[int]):
-    """Items start, start+1, ... (over epochs, optionally shuffled per epoch with a seeded permutation).
+@dataclass
+class PredictionOutput:
+    predictions: np.ndarray | tuple[np.ndarray, ...]
+    label_ids: np.ndarray | tuple[np.ndarray, ...] | None
+    metrics: dict[str, float]
 
-    Resuming starts at the saved data position without touching the items before it."""
 
-    def __init__(self, n: int, start: int, shuffle: bool, seed: int) -> None:
-        self.n, self.start, self.shuffle, self.seed = n, start, shuffle, seed
+class _Plan:
+    """Which examples each optimizer step trains on, the same whatever the number of processes.
 
-    def __iter__(self) -> Iterator[int]:
-        epoch, offset = divmod(self.start, self.n)
-        while True:
-            order = (torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
-                     if self.shuffle else range(self.n))
-            for i in range(offset, self.n):
-                yield order[i]
-            epoch, offset = epoch + 1, 0
+    Sample k of the run is example perm_e[k mod n] with e = k // n (a seeded permutation per epoch,
+    or the identity for datasets that are already random). Step s trains on samples
+    [s*G, min((s+1)*G, total)) with G the global batch; each process takes a contiguous share of
+    them and splits it into micro-batches. Nothing here reads the data, so resuming is a jump."""
 
-    def __len__(self) -> int:  # an endless stream; the trainer stops at max_steps
-        return 2**62
+    def __init__(self, n: int, total: int, global_batch: int, micro: int, world: D.World, shuffle: bool,
+                 seed: int) -> None:
+        self.n, self.total, self.G, self.micro, self.world = n, total, global_batch, micro, world
+        self.shuffle, self.seed = shuffle, seed
+        self.steps = math.ceil(total / global_batch)
+        self._perm: tuple[int, list[int] | None] = (-1, None)
+
+    def example(self, k: int) -> int:
+        epoch, i = divmod(k, self.n)
+        if not self.shuffle:
+            return i
+        if self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            self._perm = (epoch, torch.randperm(self.n, generator=g).tolist())
+        return self._perm[1][i]
+
+    def window(self, step: int) -> tuple[int, int]:
+        return step * self.G, min((step + 1) * self.G, self.total)
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        """This process's micro-batches (lists of example indices) for optimizer step `step`."""
+        start, end = self.window(step)
+        n, W, r = end - start, self.world.size, self.world.rank
+        lo, hi = start + r * n // W, start + (r + 1) * n // W  # this process's share
+        return [[self.example(k) for k in range(a, min(a + self.micro, hi))] for a in range(lo, hi, self.micro)]
+
+
+class _Batches(Sampler[list[int]]):
+    """Micro-batch index lists from `first_step` on: a DataLoader batch_sampler."""
+
+    def __init__(self, plan: _Plan, first_step: int) -> None:
+        self.plan, self.first_step = plan, first_step
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.first_step, self.plan.steps):
+            yield from self.plan.micro_batches(step)
+
+    def __len__(self) -> int:
+        return sum(len(self.plan.micro_batches(s)) for s in range(self.first_step, self.plan.steps))
 
 
 def default_collate(items: Sequence[dict[str, Any]]) -> dict[str, Tensor]:
@@ -87,78 +142,127 @@ def default_collate(items: Sequence[dict[str, Any]]) -> dict[str, Tensor]:
 
 
 class Trainer:
-    """Trains `model` on `train_dataset` (items are dicts the model accepts as keywords, with `labels`)."""
+    """Trains `model` on `train_dataset`; items are dicts the model accepts as keywords, with `labels`
+    (or `label`), optionally `weight` (a per-example loss weight); text items need `tokenizer`."""
 
-    def __init__(self, model: nn.Module, args: TrainingArguments, train_dataset: Dataset | None = None,
-                 eval_dataset: Dataset | None = None, data_collator: Any = None, tokenizer: Any = None,
-                 callbacks: Sequence[TrainerCallback] = ()) -> None:
-        self.args = args
-        self.device = resolve_device(args.device)
-        self.model = model.to(self.device)
+    def __init__(self, model: nn.Module, args: TrainingArguments | None = None, train_dataset: Any = None,
+                 eval_dataset: Any = None, data_collator: Callable | None = None, tokenizer: Any = None,
+                 compute_metrics: Callable[[EvalPrediction], dict[str, float]] | None = None,
+                 callbacks: Sequence[TrainerCallback] | None = None, processing_class: Any = None) -> None:
+        self.args = args = args or TrainingArguments()
+        self.device = D.process_device(resolve_device(args.device))
+        self.world = D.setup(self.device)
+        if args.fp16 and self.device.type != "cuda":
+            raise ValueError(f"fp16=True needs a CUDA GPU (float16 with a GradScaler); this run is on "
+                             f"{self.device.type}: use bf16=True instead")
+        if args.gradient_checkpointing:
+            if not hasattr(model, "gradient_checkpointing_enable"):
+                raise ValueError(f"{type(model).__name__} has no gradient_checkpointing_enable(); set "
+                                 "gradient_checkpointing=False")
+            model.gradient_checkpointing_enable()
+        self.model = model.to(self.device)  # the user's model (unwrapped)
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
-        self.collate = data_collator or default_collate
-        self.tokenizer = tokenizer
-        self.callbacks = list(callbacks)
-        self.state = TrainerState()
+        self.tokenizer = tokenizer if tokenizer is not None else processing_class
+        self.data_collator = data_collator or self._default_collator()
+        self.compute_metrics = compute_metrics
+        self.callbacks = list(callbacks or [])
+        if "tensorboard" in args.reporters and self.world.is_main:
+            from lmforge.training.reporting import TensorBoardCallback
+
+            self.callbacks.append(TensorBoardCallback(args.logging_dir or str(Path(args.output_dir) / "runs")))
+        self.state = TrainerState(world_size=self.world.size)
         self.output_dir = Path(args.output_dir)
+        self.should_stop = False
+        self._wrapped = D.wrap(self.model, self.world, self.device, args.fsdp)
         self.optimizer = build_optimizer(self.model, args)
-        self.scheduler = build_scheduler(self.optimizer, args)
+        self.scheduler = build_scheduler(self.optimizer, args, max(args.max_steps, 1))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.fp16)
         self._peak_flops: float | None = args.peak_flops
         self._metrics_path = self.output_dir / "metrics.jsonl"
+        self._bad_steps = 0
+
+    def _default_collator(self) -> Callable:
+        """Pads examples and keeps only what the model's forward accepts (plus labels and weights)."""
+        params = inspect.signature(self.model.forward).parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        keep = None if takes_any else set(params)
+        causal = bool(getattr(self.model, "shifts_labels", False))
+        return DataCollator(self.tokenizer, causal_lm=causal, keep=keep)
 
     # ---- the loop ----------------------------------------------------------------------------
-    def train(self, resume_from_checkpoint: bool | str | None = None) -> TrainOutput:
-        args = self.args
-        if self.train_dataset is None:
+    def train(self, resume_from_checkpoint: bool | str | os.PathLike | None = None) -> TrainOutput:
+        """Train to the end (max_steps or num_train_epochs); `resume_from_checkpoint=True` continues the
+        latest complete checkpoint in output_dir (a path picks one)."""
+        args, world = self.args, self.world
+        ds = self.train_dataset
+        if ds is None:
             raise ValueError("Trainer.train() needs a train_dataset")
-        if len(self.train_dataset) == 0:
-            raise ValueError("the training dataset is empty")
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.output_dir.glob(".tmp-checkpoint-*"):  # a save cut short by a crash
-            shutil.rmtree(stale, ignore_errors=True)
-        for old in self.output_dir.glob(".old-checkpoint-*"):  # a re-save cut short between its renames
-            recover_directory(self.output_dir / old.name[len(".old-"):].rsplit("-", 1)[0])
+        if len(ds) == 0:
+            raise ValueError("the training dataset is empty: give it at least one example")
+        plan = self._plan(len(ds))
+        self.state.max_steps = plan.steps
+        self.scheduler = build_scheduler(self.optimizer, args, plan.steps)
+        if world.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            for stale in self.output_dir.glob(".tmp-checkpoint-*"):  # a save cut short by a crash
+                shutil.rmtree(stale, ignore_errors=True)
+            for old in self.output_dir.glob(".old-checkpoint-*"):  # a re-save cut short between its renames
+                recover_directory(self.output_dir / old.name[len(".old-"):].rsplit("-", 1)[0])
+        D.barrier(world)
         if self._peak_flops is None:  # measured before seeding: its random matrices must not shift the RNG streams
             self._peak_flops = matmul_peak_flops(self.device, torch.bfloat16 if args.bf16 else torch.float32)
-        set_seed(args.seed)
+        set_seed(args.seed + world.rank)
         if resume_from_checkpoint:
-            path = (self.latest_checkpoint() if resume_from_checkpoint is True else Path(resume_from_checkpoint))
+            path = self.latest_checkpoint() if resume_from_checkpoint is True else Path(resume_from_checkpoint)
             if path is None:
-                print(f"lmforge: no checkpoint in {self.output_dir} yet; starting a new run")
+                self._print(f"lmforge: no checkpoint in {self.output_dir} yet; starting a new run")
             else:
                 self._load_checkpoint(path)
-                print(f"lmforge: resumed from {path} at step {self.state.global_step}")
-        self._trim_metrics(self.state.global_step)
+                self._print(f"lmforge: resumed from {path} at step {self.state.global_step}")
+        if world.is_main:
+            self._trim_metrics(self.state.global_step)
         for cb in self.callbacks:
             cb.on_train_begin(self)
 
-        batches = self._train_batches()
-        progress = self._progress()
-        self.model.train()
+        loader = DataLoader(ds, batch_sampler=_Batches(plan, self.state.global_step), collate_fn=self.data_collator,
+                            num_workers=args.dataloader_num_workers, pin_memory=self.device.type == "cuda",
+                            generator=self._loader_generator())
+        batches = iter(loader)
+        progress = self._progress(plan.steps)
+        self._wrapped.train()
         window_start, window_tokens, running = time.perf_counter(), 0, []
+        evaluated_at = saved_at = -1
         try:
-            while self.state.global_step < args.max_steps:
-                micro = [next(batches) for _ in range(args.gradient_accumulation_steps)]
-                loss, tokens, grad_norm = self._optimizer_step(micro)
-                self.state.global_step += 1
-                self.state.samples_seen += sum(len(b["input_ids"]) for b in micro)
-                self.state.tokens_seen += tokens
-                window_tokens += tokens
-                running.append(loss)
+            while self.state.global_step < plan.steps and not self.should_stop:
                 step = self.state.global_step
-                if step % args.logging_steps == 0 or step == args.max_steps:
+                micro = [next(batches) for _ in plan.micro_batches(step)]
+                loss, tokens, grad_norm = self._optimizer_step(micro)
+                start, end = plan.window(step)
+                old_epoch = self.state.samples_seen // len(ds)
+                self.state.global_step += 1
+                self.state.samples_seen = end
+                self.state.tokens_seen += tokens
+                self.state.epoch = end / len(ds)
+                epoch_ended = end // len(ds) > old_epoch
+                window_tokens += tokens
+                if math.isfinite(loss):
+                    running.append(loss)
+                step = self.state.global_step
+                last = step == plan.steps
+                if step % args.logging_steps == 0 or last:
                     elapsed = time.perf_counter() - window_start
                     logs = self._train_logs(running, grad_norm, window_tokens, elapsed, micro)
                     progress.set_postfix(loss=f"{logs['loss']:.3f}", lr=f"{logs['learning_rate']:.1e}",
-                                         tok_s=f"{logs['tokens_per_second']:.0f}", mfu=f"{logs.get('mfu', 0):.0%}")
+                                         tok_s=f"{logs['tokens_per_second']:.0f}")
                     self.log(logs)
                     window_start, window_tokens, running = time.perf_counter(), 0, []
-                if self.eval_dataset is not None and args.eval_steps and step % args.eval_steps == 0:
-                    self.evaluate()
-                    window_start = time.perf_counter()  # evaluation time is not training time
-                if args.save_steps and step % args.save_steps == 0:
+                if self._due(args.eval_strategy, args.eval_steps, step, epoch_ended) and self.eval_dataset is not None:
+                    self._evaluate_and_track()
+                    evaluated_at = step
+                if self._due(args.save_strategy, args.save_steps, step, epoch_ended):
                     self.save_checkpoint()
-                    window_start = time.perf_counter()
+                    saved_at = step
+                window_start = time.perf_counter() if evaluated_at == step or saved_at == step else window_start
                 progress.update(1)
                 for cb in self.callbacks:
                     cb.on_step_end(self)
@@ -168,125 +272,230 @@ class Trainer:
             raise KeyboardInterrupt(f"interrupted at step {self.state.global_step}; saved {path}, "
                                     "continue with resume_from_checkpoint=True (CLI: --resume)") from None
         progress.close()
+        step = self.state.global_step
         metrics: dict[str, float] = {}
-        if self.eval_dataset is not None and not (args.eval_steps and self.state.global_step % args.eval_steps == 0):
-            metrics = self.evaluate()
-        elif self.eval_dataset is not None:  # evaluated at the last step already: report that evaluation
-            last = next((h for h in reversed(self.state.log_history) if "eval_loss" in h), {})
-            metrics = {k: v for k, v in last.items() if k.startswith("eval_")}
-        if not (args.save_steps and self.state.global_step % args.save_steps == 0):
+        if self.eval_dataset is not None and args.eval_strategy != "no":
+            if evaluated_at == step:  # evaluated at the last step already: report that evaluation
+                last_eval = next((h for h in reversed(self.state.log_history) if "eval_loss" in h), {})
+                metrics = {k: v for k, v in last_eval.items() if k.startswith("eval_")}
+            else:
+                metrics = self._evaluate_and_track()
+        if args.save_strategy != "no" and saved_at != step:
             self.save_checkpoint()
+        if args.load_best_model_at_end and self.state.best_model_checkpoint:
+            self._load_weights(Path(self.state.best_model_checkpoint))
+            self._print(f"lmforge: loaded the best model ({args.best_metric_name} = {self.state.best_metric:.4g}) "
+                        f"from {self.state.best_model_checkpoint}")
         self.save_model()
+        if world.is_main:
+            from lmforge.training.reporting import plot_history
+
+            plot_history(self.state.log_history, self.output_dir / "training_curves.png")
         for cb in self.callbacks:
             cb.on_train_end(self)
         losses = [h["loss"] for h in self.state.log_history if "loss" in h]
-        return TrainOutput(self.state.global_step, losses[-1] if losses else float("nan"), metrics)
+        return TrainOutput(step, losses[-1] if losses else float("nan"), metrics)
 
-    def _optimizer_step(self, micro: list[dict[str, Tensor]]) -> tuple[float, int, float]:
-        """One optimizer step over the micro-batches of an accumulation window.
-
-        The loss of every micro-batch is its summed token loss divided by the token count of the
-        whole window, so accumulation gives the same gradient as one big batch."""
-        model, args = self.model, self.args
-        count = getattr(model, "num_loss_items", None)
-        n_items = sum(int(count(b["labels"])) for b in micro) if count else None
-        total = torch.zeros((), device=self.device)
-        tokens = 0
-        for batch in micro:
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            tokens += batch["input_ids"].numel()
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                if n_items is not None:
-                    loss = model(**batch, num_items_in_batch=max(n_items, 1)).loss
-                else:
-                    loss = model(**batch).loss / len(micro)
-            loss.backward()
-            total += loss.detach()
-        # max_norm=inf measures the norm without clipping (and keeps NaN out of metrics.jsonl)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf))
-        loss_value = float(total)
-        if math.isfinite(loss_value):
-            self.optimizer.step()
-        else:
-            print(f"lmforge: non-finite loss at step {self.state.global_step + 1}; update skipped")
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss_value, tokens, grad_norm
-
-    def _train_batches(self) -> Iterator[dict[str, Tensor]]:
+    def _plan(self, n: int) -> _Plan:
         from lmforge.data import RandomBlockDataset
 
-        ds = self.train_dataset
-        sampler = _FromIndex(len(ds), self.state.samples_seen,
-                             shuffle=not isinstance(ds, RandomBlockDataset), seed=self.args.seed)
-        loader = DataLoader(ds, batch_size=self.args.per_device_train_batch_size, sampler=sampler,
-                            collate_fn=self.collate, num_workers=self.args.dataloader_num_workers,
-                            pin_memory=self.device.type == "cuda", generator=self._loader_generator())
-        return iter(loader)
+        args, W = self.args, self.world.size
+        G = args.per_device_train_batch_size * args.gradient_accumulation_steps * W
+        total = args.max_steps * G if args.max_steps > 0 else max(1, round(args.num_train_epochs * n))
+        if W > 1 and total % G and total % G < W:
+            total -= total % G  # a last window smaller than the number of processes: drop it
+            warnings.warn(f"the last {total % G} examples do not give every process one; they are skipped",
+                          stacklevel=3)
+        shuffle = not isinstance(self.train_dataset, RandomBlockDataset)  # those items are random already
+        return _Plan(n, total, G, args.per_device_train_batch_size, self.world, shuffle, args.seed)
 
     def _loader_generator(self) -> torch.Generator:
         """A DataLoader's own generator: starting its iterator then leaves the global RNG (dropout) untouched,
         so a resumed run draws the same dropout masks as an uninterrupted one."""
         return torch.Generator().manual_seed(self.args.seed)
 
+    @staticmethod
+    def _due(strategy: str, every: int | None, step: int, epoch_ended: bool) -> bool:
+        if strategy == "epoch":
+            return epoch_ended
+        return strategy == "steps" and every is not None and step % every == 0
+
+    def _optimizer_step(self, micro: list[dict[str, Tensor]]) -> tuple[float, int, float]:
+        """One optimizer step over the micro-batches of an accumulation window.
+
+        Each micro-batch contributes (its summed loss) / (the window's item count over all processes),
+        items being scored tokens for language models, examples for classifiers; so batch 8 x 1 and
+        batch 2 x 4 (or 2 processes x batch 4) give the same gradient over unevenly padded examples."""
+        model, args, world = self.model, self.args, self.world
+        micro = [{k: v.to(self.device, non_blocking=True) for k, v in b.items()} for b in micro]
+        counts = [count_loss_items(model, b) for b in micro]
+        total_items, = D.all_reduce_sum([sum(counts)], self.device, world)
+        scale = world.size / max(total_items, 1.0)  # DDP averages gradients over processes: undo that
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        tokens = 0
+        amp = torch.bfloat16 if args.bf16 else torch.float16
+        for i, (batch, count) in enumerate(zip(micro, counts)):
+            tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+            weight = batch.pop("weight", None)
+            sync = i == len(micro) - 1 or not world.distributed
+            ctx = self._wrapped.no_sync() if not sync and hasattr(self._wrapped, "no_sync") else _nullcontext()
+            with ctx:
+                with torch.autocast(self.device.type, dtype=amp, enabled=args.bf16 or args.fp16):
+                    if weight is not None:
+                        summed = weighted_loss(model, batch, weight, self._wrapped)
+                    else:
+                        summed = self._wrapped(**batch).loss.float() * count
+                self.scaler.scale(summed * scale).backward()
+            loss_sum += summed.detach().double()
+        loss_total, = D.all_reduce_sum([float(loss_sum)], self.device, world)
+        loss_value = loss_total / max(total_items, 1.0)
+        self.scaler.unscale_(self.optimizer)
+        # max_norm=inf measures the norm without clipping (and keeps NaN out of metrics.jsonl)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf))
+        if math.isfinite(loss_value) and (math.isfinite(grad_norm) or args.fp16):
+            self.scaler.step(self.optimizer)  # with fp16 the scaler skips steps whose gradients overflowed
+            self._bad_steps = 0
+        else:
+            self._skip_bad_step(loss_value, grad_norm)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_value, int(D.all_reduce_sum([tokens], self.device, world)[0]), grad_norm
+
+    def _skip_bad_step(self, loss: float, grad_norm: float) -> None:
+        self._bad_steps += 1
+        step = self.state.global_step + 1
+        what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
+        self._print(f"lmforge: non-finite {what} at step {step}; the update was skipped")
+        self.log({"skipped_step": step, "nonfinite": what})
+        if self._bad_steps >= MAX_BAD_STEPS:
+            last = self.latest_checkpoint()
+            raise FloatingPointError(
+                f"{MAX_BAD_STEPS} steps in a row had a non-finite {what.split()[0]} (at step {step}); stopping. The "
+                f"weights were not updated by those steps; the last good checkpoint is "
+                f"{last if last else '(none saved yet)'}. Lower the learning rate, set max_grad_norm, use bf16 "
+                "instead of fp16, or check the data for empty or broken examples")
+
     # ---- evaluation --------------------------------------------------------------------------
-    @torch.no_grad()
-    def evaluate(self, eval_dataset: Dataset | None = None) -> dict[str, float]:
-        """Mean loss per scored token over the evaluation set, and its perplexity."""
-        ds = eval_dataset or self.eval_dataset
-        if ds is None:
-            raise ValueError("evaluate() needs an eval_dataset")
-        was_training = self.model.training
-        self.model.eval()
-        loader = DataLoader(ds, batch_size=self.args.per_device_eval_batch_size, collate_fn=self.collate,
-                            generator=self._loader_generator())
-        count = getattr(self.model, "num_loss_items", None)
-        loss_sum, items = 0.0, 0
-        for i, batch in enumerate(loader):
-            if self.args.eval_max_batches and i >= self.args.eval_max_batches:
-                break
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.bf16):
-                loss = self.model(**batch).loss
-            n = int(count(batch["labels"])) if count else 1
-            loss_sum += float(loss) * n
-            items += n
-        self.model.train(was_training)
-        if items == 0:
-            raise ValueError("the evaluation dataset is empty")
-        eval_loss = loss_sum / items
-        metrics = {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50.0))}
-        self.log(metrics)
+    def evaluate(self, eval_dataset: Any = None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Mean loss per scored item over the evaluation set (perplexity for language models) and
+        whatever `compute_metrics` returns, each prefixed `eval_`."""
+        out = self._predict_loop(eval_dataset if eval_dataset is not None else self.eval_dataset, metric_key_prefix,
+                                 keep_predictions=self.compute_metrics is not None)
+        self.log(out.metrics)
         for cb in self.callbacks:
-            cb.on_evaluate(self, metrics)
+            cb.on_evaluate(self, out.metrics)
+        return out.metrics
+
+    def predict(self, test_dataset: Any, metric_key_prefix: str = "test") -> PredictionOutput:
+        """Logits for every example of `test_dataset` (in order), its labels, and metrics when it has labels."""
+        return self._predict_loop(test_dataset, metric_key_prefix, keep_predictions=True)
+
+    @torch.no_grad()
+    def _predict_loop(self, ds: Any, prefix: str, keep_predictions: bool) -> PredictionOutput:
+        if ds is None:
+            raise ValueError(f"{'evaluate' if prefix == 'eval' else 'predict'}() needs a dataset")
+        if len(ds) == 0:
+            raise ValueError("the evaluation dataset is empty: give it at least one example")
+        model, args = self.model, self.args
+        was_training = model.training
+        model.eval()
+        loader = DataLoader(ds, batch_size=args.per_device_eval_batch_size, collate_fn=self.data_collator,
+                            generator=self._loader_generator())
+        loss_sum, items, seen, started = 0.0, 0, 0, time.perf_counter()
+        preds: list[Any] = []
+        labels: list[Any] = []
+        # FSDP shards must run on every process; DDP evaluation runs on rank 0 with the plain model
+        run = self._wrapped if self.args.fsdp and self.world.distributed else model
+        if self.world.is_main or (self.args.fsdp and self.world.distributed):
+            for i, batch in enumerate(loader):
+                if args.eval_max_batches and i >= args.eval_max_batches:
+                    break
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                batch.pop("weight", None)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16 if args.bf16 else torch.float16,
+                                    enabled=args.bf16 or args.fp16):
+                    out = run(**batch)
+                seen += len(batch["input_ids"])
+                if getattr(out, "loss", None) is not None:
+                    n = count_loss_items(model, batch)
+                    loss_sum += float(out.loss) * n
+                    items += n
+                if keep_predictions:
+                    preds.append(_outputs_of(out))
+                    labels.append(_labels_of(batch))
+        model.train(was_training)
+        metrics: dict[str, float] = {}
+        if items:
+            metrics[f"{prefix}_loss"] = loss_sum / items
+            if getattr(model, "num_loss_items", None) is not None:  # a language model: perplexity means something
+                metrics[f"{prefix}_perplexity"] = math.exp(min(metrics[f"{prefix}_loss"], 50.0))
+        predictions = _concat(preds) if preds else None
+        label_ids = _concat(labels) if labels and labels[0] is not None else None
+        if self.compute_metrics is not None and predictions is not None and self.world.is_main:
+            extra = self.compute_metrics(EvalPrediction(predictions, label_ids))
+            metrics.update({(k if k.startswith(f"{prefix}_") else f"{prefix}_{k}"): float(v) for k, v in extra.items()})
+        runtime = time.perf_counter() - started
+        metrics.update({f"{prefix}_runtime": runtime, f"{prefix}_samples_per_second": seen / max(runtime, 1e-9)})
+        metrics = D.broadcast_object(metrics, self.world)
+        return PredictionOutput(predictions, label_ids, metrics)
+
+    def _evaluate_and_track(self) -> dict[str, float]:
+        """Evaluate, then update the best metric and the early-stopping count."""
+        metrics = self.evaluate()
+        args = self.args
+        if not (args.load_best_model_at_end or args.early_stopping_patience or args.metric_for_best_model):
+            return metrics
+        name = args.best_metric_name
+        if name not in metrics:
+            raise ValueError(f"metric_for_best_model={args.metric_for_best_model!r} is not among the evaluation "
+                             f"metrics {sorted(k for k in metrics if not k.endswith(('_runtime', '_per_second')))}; "
+                             "choose one of those, or pass compute_metrics= that returns it")
+        value, best = metrics[name], self.state.best_metric
+        better = (best is None or (value > best + args.early_stopping_threshold if args.higher_is_better
+                                   else value < best - args.early_stopping_threshold))
+        if better:
+            self.state.best_metric = value
+            self.state.best_model_checkpoint = str(self.output_dir / f"checkpoint-{self.state.global_step}")
+            self.state.evals_without_improvement = 0
+        else:
+            self.state.evals_without_improvement += 1
+            patience = args.early_stopping_patience
+            if patience and self.state.evals_without_improvement >= patience:
+                self._print(f"lmforge: early stopping at step {self.state.global_step}: {name} has not improved on "
+                            f"{best:.4g} for {patience} evaluations")
+                self.should_stop = True
         return metrics
 
     # ---- logging -----------------------------------------------------------------------------
-    def _progress(self) -> Any:
+    def _print(self, message: str) -> None:
+        if self.world.is_main:
+            print(message, flush=True)
+
+    def _progress(self, total: int) -> Any:
         from tqdm.auto import tqdm
 
-        import sys
-
-        return tqdm(total=self.args.max_steps, initial=self.state.global_step, desc="train", unit="step",
-                    disable=self.args.disable_tqdm, dynamic_ncols=True,
+        return tqdm(total=total, initial=self.state.global_step, desc="train", unit="step",
+                    disable=self.args.disable_tqdm or not self.world.is_main, dynamic_ncols=True,
                     mininterval=0.1 if sys.stderr.isatty() else 30.0)  # logs stay short when not a terminal
 
     def _train_logs(self, losses: list[float], grad_norm: float, tokens: int, elapsed: float,
                     micro: list[dict[str, Tensor]]) -> dict[str, Any]:
-        logs: dict[str, Any] = {"loss": sum(losses) / len(losses), "learning_rate": self.scheduler.get_last_lr()[0],
-                                "grad_norm": grad_norm, "tokens_per_second": tokens / max(elapsed, 1e-9)}
+        logs: dict[str, Any] = {"loss": sum(losses) / len(losses) if losses else float("nan"),
+                                "learning_rate": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                                "tokens_per_second": tokens / max(elapsed, 1e-9), "epoch": round(self.state.epoch, 4)}
         flops = getattr(self.model, "flops_per_token", None)
         if flops is not None and self._peak_flops:
             seq_len = micro[0]["input_ids"].shape[-1]
-            logs["mfu"] = flops(seq_len) * logs["tokens_per_second"] / self._peak_flops
-        return logs
+            logs["mfu"] = flops(seq_len) * logs["tokens_per_second"] / (self._peak_flops * self.world.size)
+        return {k: v for k, v in logs.items() if not (isinstance(v, float) and not math.isfinite(v))}
 
     def log(self, logs: dict[str, Any]) -> None:
-        """Record metrics: trainer state, metrics.jsonl and callbacks."""
+        """Record metrics: trainer state, metrics.jsonl (rank 0) and callbacks."""
         entry = {"step": self.state.global_step, **{k: (float(f"{v:.7g}") if isinstance(v, float) else v)
                                                      for k, v in logs.items()}}  # 7 significant digits
         self.state.log_history.append(entry)
-        if "jsonl" in self.args.report_to:
+        if "jsonl" in self.args.reporters and self.world.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             with open(self._metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(entry) + "\n")
@@ -303,31 +512,54 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------------
     def save_model(self, directory: str | os.PathLike | None = None) -> Path:
-        """The model (and tokenizer) in Hugging Face layout, ready for from_pretrained."""
+        """The model (and tokenizer) in Hugging Face layout, ready for from_pretrained; LoRA models save
+        their adapters (adapter_model.safetensors) next to the base weights."""
         from lmforge.hub import save_pretrained
 
         directory = Path(directory or self.output_dir)
-        save_pretrained(self.model, directory, tokenizer=self.tokenizer)
-        atomic_write_text(directory / "training_args.json", json.dumps(self.args.to_dict(), indent=2) + "\n")
+        full = D.full_state_dict(self._wrapped, self.world, self.args.fsdp)
+        if self.world.is_main:
+            save_pretrained(self.model, directory, tokenizer=self.tokenizer, state_dict=full)
+            _save_adapters_if_any(self.model, directory)
+            atomic_write_text(directory / "training_args.json", json.dumps(self.args.to_dict(), indent=2) + "\n")
+        D.barrier(self.world)
         return directory
 
     def save_checkpoint(self) -> Path:
-        """checkpoint-<step>/: model + optimizer + scheduler + RNG + data position, written atomically."""
+        """checkpoint-<step>/: model + optimizer + scheduler + scaler + RNG + data position, written
+        atomically by rank 0 (every process's RNG state included)."""
         final = self.output_dir / f"checkpoint-{self.state.global_step}"
-        with atomic_directory(final) as tmp:
-            self.save_model(tmp)
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                       tmp / OPTIMIZER_NAME)
-            rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
-            if torch.cuda.is_available():
-                rng["cuda"] = torch.cuda.get_rng_state_all()
-            torch.save(rng, tmp / RNG_NAME)
-            state = {**self.state.__dict__, "args": self.args.to_dict()}
-            (tmp / STATE_NAME).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
-        self._rotate_checkpoints()
+        rng = {"python": random.getstate(), "numpy": _numpy_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        all_rng = D.gather_objects(rng, self.world)
+        optim_state = self._optimizer_state()
+        full = D.full_state_dict(self._wrapped, self.world, self.args.fsdp)
+        if self.world.is_main:
+            from lmforge.hub import save_pretrained
+
+            with atomic_directory(final) as tmp:
+                save_pretrained(self.model, tmp, tokenizer=self.tokenizer, state_dict=full)
+                _save_adapters_if_any(self.model, tmp)
+                torch.save({"optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
+                            "scaler": self.scaler.state_dict()}, tmp / OPTIMIZER_NAME)
+                for r, state in enumerate(all_rng):
+                    torch.save(state, tmp / (RNG_NAME if r == 0 else f"rng_state_{r}.pt"))
+                state = {**self.state.__dict__, "args": self.args.to_dict()}
+                (tmp / STATE_NAME).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
+            self._rotate_checkpoints()
+        D.barrier(self.world)
         for cb in self.callbacks:
             cb.on_save(self, final)
         return final
+
+    def _optimizer_state(self) -> dict[str, Any]:
+        if self.args.fsdp and self.world.distributed:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            return get_optimizer_state_dict(self._wrapped, self.optimizer,
+                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return self.optimizer.state_dict()
 
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints in output_dir, oldest first."""
@@ -342,35 +574,121 @@ class Trainer:
         return found[-1] if found else None
 
     def _rotate_checkpoints(self) -> None:
+        """Keep the newest `save_total_limit` checkpoints; the best one is never deleted."""
         limit = self.args.save_total_limit
         if limit is None:
             return
-        for old in self.checkpoints()[:-limit]:
-            shutil.rmtree(old, ignore_errors=True)
+        found = self.checkpoints()
+        best = self.state.best_model_checkpoint
+        keep = set(found[-limit:]) | {found[-1]} | ({Path(best)} if best else set())
+        for old in found:
+            if old not in keep:
+                shutil.rmtree(old, ignore_errors=True)
 
-    def _load_checkpoint(self, path: Path) -> None:
+    def _load_weights(self, path: Path) -> None:
         from lmforge.hub import load_hf_state_dict, read_weights
 
+        if self.args.fsdp and self.world.distributed:
+            raise NotImplementedError("loading a checkpoint into an FSDP-sharded model is not supported yet: resume "
+                                      "or load the best model with DDP (fsdp=False), or load the saved model "
+                                      "directory with from_pretrained")
+        weights, source = read_weights(path)
+        load_hf_state_dict(self.model, weights, str(source))
+        _load_adapters_if_any(self.model, path)
+
+    def _load_checkpoint(self, path: Path) -> None:
         path = Path(path)
         if not (path / STATE_NAME).is_file():
             raise FileNotFoundError(f"{path} is not a complete checkpoint (no {STATE_NAME}); "
                                     "pass a checkpoint-<step> folder written by the Trainer")
-        weights, source = read_weights(path)
-        load_hf_state_dict(self.model, weights, str(source))
+        saved = json.loads((path / STATE_NAME).read_text(encoding="utf-8"))
+        saved.pop("args", None)
+        saved_world = saved.get("world_size", 1)
+        self._load_weights(path)
         opt = torch.load(path / OPTIMIZER_NAME, map_location=self.device, weights_only=True)
         self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
-        rng = torch.load(path / RNG_NAME, map_location="cpu", weights_only=True)
-        random.setstate(_as_python_state(rng["python"]))
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        saved = json.loads((path / STATE_NAME).read_text(encoding="utf-8"))
-        saved.pop("args", None)
-        self.state = TrainerState(**saved)
+        if "scaler" in opt and self.scaler.is_enabled():
+            self.scaler.load_state_dict(opt["scaler"])
+        rng_file = path / (RNG_NAME if self.world.rank == 0 else f"rng_state_{self.world.rank}.pt")
+        if saved_world != self.world.size:
+            warnings.warn(f"{path} was written by {saved_world} process(es) and this run has {self.world.size}: the "
+                          "weights, optimizer and data position continue exactly (the global batch is the same "
+                          "examples), but random streams such as dropout masks cannot continue identically",
+                          stacklevel=3)
+        if rng_file.is_file():
+            rng = torch.load(rng_file, map_location="cpu", weights_only=True)
+            random.setstate(_as_python_state(rng["python"]))
+            if "numpy" in rng:
+                np.random.set_state(tuple(rng["numpy"]))
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+        self.state = TrainerState(**{**saved, "world_size": self.world.size})
+
+
+class _nullcontext:
+    def __enter__(self) -> None: ...
+    def __exit__(self, *exc: Any) -> None: ...
+
+
+def _numpy_state() -> list[Any]:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]
 
 
 def _as_python_state(state: Any) -> tuple:
     """random.setstate needs tuples; a checkpoint round trip may give lists."""
     version, internal, gauss = state
     return (version, tuple(internal), gauss)
+
+
+def _outputs_of(out: Any) -> Any:
+    """Logits (or QA's (start, end) logits) of one batch, as float32 numpy arrays."""
+    if getattr(out, "start_logits", None) is not None:
+        return (out.start_logits.float().cpu().numpy(), out.end_logits.float().cpu().numpy())
+    return out.logits.float().cpu().numpy()
+
+
+def _labels_of(batch: dict[str, Tensor]) -> Any:
+    if "labels" in batch:
+        return batch["labels"].cpu().numpy()
+    if "start_positions" in batch:
+        return (batch["start_positions"].cpu().numpy(), batch["end_positions"].cpu().numpy())
+    return None
+
+
+def _concat(parts: list[Any]) -> Any:
+    """Join per-batch arrays along the batch axis, padding ragged sequence dims with -100."""
+    if isinstance(parts[0], tuple):
+        return tuple(_concat([p[i] for p in parts]) for i in range(len(parts[0])))
+    if parts[0].ndim == 1 or all(p.shape[1:] == parts[0].shape[1:] for p in parts):
+        return np.concatenate(parts)
+    longest = max(p.shape[1] for p in parts)
+    padded = []
+    for p in parts:
+        width = [(0, 0), (0, longest - p.shape[1])] + [(0, 0)] * (p.ndim - 2)
+        padded.append(np.pad(p, width, constant_values=-100))
+    return np.concatenate(padded)
+
+
+def _uses_lora(model: nn.Module) -> bool:
+    return any(type(m).__name__.startswith("LoRA") for m in model.modules())
+
+
+def _save_adapters_if_any(model: nn.Module, directory: Path) -> None:
+    if not _uses_lora(model):
+        return
+    from lmforge.nn import lora
+
+    if lora.has_lora(model):
+        lora.save_adapters(model, directory)
+
+
+def _load_adapters_if_any(model: nn.Module, directory: Path) -> None:
+    if not _uses_lora(model):
+        return
+    from lmforge.nn import lora
+
+    if lora.has_lora(model) and (directory / "adapter_model.safetensors").is_file():
+        lora.load_adapters(model, directory)
