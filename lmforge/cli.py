@@ -4,6 +4,7 @@
     lmforge generate MODEL_DIR PROMPT [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] ...
     lmforge tokenizer train SOURCE ... --vocab-size N --out DIR
     lmforge convert SOURCE OUT [--dtype bfloat16]
+    lmforge finetune TASK --model DIR --train FILE [--eval FILE] [--out DIR] [--epochs N] [--lora] ...
 
 A user error prints one line naming the problem and exits with status 2 (`--debug` shows the traceback).
 """
@@ -84,6 +85,25 @@ def cmd_generate(a: argparse.Namespace) -> int:
         out.write(piece)
         out.flush()
     out.write("\n")
+    return 0
+
+
+def cmd_finetune(a: argparse.Namespace) -> int:
+    from lmforge.training.finetune import finetune
+    from lmforge.training.pretrain import apply_overrides
+
+    training = apply_overrides({"training": {}}, [f"training.{kv}" for kv in a.set])["training"]
+    for flag, key in (("epochs", "num_train_epochs"), ("lr", "learning_rate"), ("batch_size",
+                      "per_device_train_batch_size"), ("max_steps", "max_steps")):
+        if getattr(a, flag) is not None:
+            training[key] = getattr(a, flag)
+    report = finetune(a.task, model=a.model, train=a.train, eval=a.eval, out=a.out, eval_fraction=a.eval_fraction,
+                      max_train_examples=a.max_train_examples, max_length=a.max_length, prefix=a.prefix,
+                      separator=a.separator.replace("\\n", "\n").replace("\\t", "\t"), lora=a.lora, lora_r=a.lora_r,
+                      text_field=a.text_field, label_field=a.label_field, text_pair_field=a.text_pair_field,
+                      training=training, seed=a.seed, device=a.device, resume=a.resume)
+    shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in report.items() if k != "labels"}
+    print(json.dumps(shown, ensure_ascii=False))
     return 0
 
 
@@ -179,6 +199,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output directory")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight dtype to write (default float32)")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("finetune", parents=[common], help="fine-tune a pretrained model for a task",
+                       description="Fine-tune MODEL on a data file and print evaluation metrics. Tasks: "
+                                   "classification (txt/csv/tsv/jsonl with text,label; TRAIN 'sentiment' = bundled "
+                                   "English sentiment sentences), ner (CoNLL BIO), qa (SQuAD JSON), causal-lm "
+                                   "(jsonl/csv/tsv with input,output; a --prefix in front, loss on the output only).")
+    p.add_argument("task", help="classification | ner | qa | causal-lm")
+    p.add_argument("--model", required=True, help="pretrained model directory or cached model id")
+    p.add_argument("--train", required=True, help="training data file (or 'sentiment')")
+    p.add_argument("--eval", default=None, help="evaluation file (default: hold out --eval-fraction of --train)")
+    p.add_argument("--out", default="runs/finetune", help="output directory (default runs/finetune)")
+    p.add_argument("--eval-fraction", type=float, default=0.1, help="held-out share without --eval (default 0.1)")
+    p.add_argument("--max-train-examples", type=int, default=None, help="use only the first N training examples")
+    p.add_argument("--epochs", type=float, default=None, help="passes over the data (default 3)")
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 5e-5; 1e-4 with --lora)")
+    p.add_argument("--batch-size", type=int, default=None, help="examples per step (default 16)")
+    p.add_argument("--max-length", type=int, default=None, help="tokens per example (default 128; qa 384)")
+    p.add_argument("--lora", action="store_true", help="train LoRA adapters (and the task head) only")
+    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default 8)")
+    p.add_argument("--prefix", default="", help="causal-lm: task label put in front of each input")
+    p.add_argument("--separator", default="\\n", help="causal-lm: text between input and output (default newline)")
+    p.add_argument("--text-field", default="text", help="classification: the text column")
+    p.add_argument("--label-field", default="label", help="classification: the label column")
+    p.add_argument("--text-pair-field", default=None, help="classification: a second text column (pairs)")
+    p.add_argument("--seed", type=int, default=42, help="random seed (split, initialisation, order)")
+    p.add_argument("--device", default=None, help="cpu, cuda, mps or auto")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any TrainingArguments field, e.g. --set weight_decay=0.01 --set bf16=true")
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="action", metavar="ACTION")
     p.required = True

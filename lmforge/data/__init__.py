@@ -40,6 +40,9 @@ _EXPORTS = {
     "load_squad": "lmforge.data.finetune",
     "prepare_qa_features": "lmforge.data.finetune",
     "extract_answer": "lmforge.data.finetune",
+    "best_span": "lmforge.data.finetune",
+    "load_sentiment": "lmforge.data.finetune",
+    "DataCollator": "lmforge.data.collate",
     "length_sorted_batches": "lmforge.data.batching",
 }
 

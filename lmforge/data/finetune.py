@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import random
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,7 +33,13 @@ def _read_text(path: Path) -> str:
     if not path.is_file():
         raise CorpusError(f"{path}: no such file; check the path")
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        raw = path.read_bytes()
+        if path.suffix.lower() in (".xz", ".gz"):
+            import gzip
+            import lzma
+
+            raw = (lzma.decompress if path.suffix.lower() == ".xz" else gzip.decompress)(raw)
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise CorpusError(
             f"{path}: not valid UTF-8 at byte {err.start} ({err.reason}); re-encode it to UTF-8"
@@ -43,7 +50,8 @@ def _read_text(path: Path) -> str:
 
 
 def _format(path: Path) -> str:
-    suffix = path.suffix.lower()
+    name = path.name.lower().removesuffix(".xz").removesuffix(".gz")
+    suffix = Path(name).suffix
     if suffix in (".csv", ".tsv", ".jsonl", ".txt"):
         return suffix[1:]
     raise CorpusError(
@@ -179,6 +187,30 @@ def load_classification(
 
 
 # ---------------------------------------------------------------------------- token classification
+def load_sentiment(
+    min_abs_score: float = 1.0,
+    max_examples: int | None = None,
+    seed: int = 0,
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """The bundled English sentiment sentences (VADER ground truth, see corpora/NOTICE.md) as
+    binary examples ``{"text", "label"}``, labels {"negative": 0, "positive": 1}.
+
+    Only sentences whose mean human rating has |score| >= ``min_abs_score`` are kept (near zero
+    the sign is noise); ``max_examples`` takes a seeded random subset of them.
+    """
+    from lmforge.data.corpus import CORPORA_DIR
+
+    path = CORPORA_DIR / "en_sentiment.tsv.xz"
+    rows = [row for _, row in _classification_rows(path, ["text", "score"])]
+    label2id = {"negative": 0, "positive": 1}
+    examples = [{"text": row["text"], "label": int(float(row["score"]) > 0)} for row in rows
+                if abs(float(row["score"])) >= min_abs_score]
+    if max_examples is not None:
+        order = random.Random(seed).sample(range(len(examples)), min(max_examples, len(examples)))
+        examples = [examples[i] for i in order]
+    return examples, label2id
+
+
 def load_conll(path: str | Path) -> list[dict[str, list[str]]]:
     """Read a CoNLL-style file: one "token ... tag" per line (tag last), blank line between
     sentences, ``-DOCSTART-`` lines skipped. Returns ``{"tokens": [...], "tags": [...]}``."""
@@ -379,6 +411,32 @@ def prepare_qa_features(
     return features
 
 
+def best_span(
+    feature: Mapping[str, Any],
+    start_logits: Sequence[float],
+    end_logits: Sequence[float],
+    max_answer_len: int = 30,
+) -> tuple[float, int, int] | None:
+    """(score, start char, end char) of the best valid span of one feature: both ends on context
+    tokens, end >= start, at most ``max_answer_len`` tokens, score = start + end logit; None if
+    the feature has no context token. Vectorised over the (start, end) grid."""
+    import numpy as np
+
+    offsets = feature["offset_mapping"]
+    index = np.array([i for i, span in enumerate(offsets) if span is not None], dtype=np.int64)
+    if not len(index):
+        return None
+    starts = np.asarray(start_logits, dtype=np.float64)[index]
+    ends = np.asarray(end_logits, dtype=np.float64)[index]
+    scores = starts[:, None] + ends[None, :]  # (S, E)
+    width = index[None, :] - index[:, None]  # token distance end - start
+    scores[(width < 0) | (width + 1 > max_answer_len)] = -np.inf
+    s, e = np.unravel_index(int(np.argmax(scores)), scores.shape)
+    if not np.isfinite(scores[s, e]):
+        return None
+    return float(scores[s, e]), offsets[index[s]][0], offsets[index[e]][1]
+
+
 def extract_answer(
     feature: Mapping[str, Any],
     start_logits: Sequence[float],
@@ -388,14 +446,5 @@ def extract_answer(
 ) -> str:
     """Return the context span with the highest start+end score among valid spans (both ends
     on context tokens, end >= start, at most ``max_answer_len`` tokens); "" if there is none."""
-    offsets = feature["offset_mapping"]
-    candidates = [i for i, span in enumerate(offsets) if span is not None]
-    best_score, best = float("-inf"), ""
-    for s in candidates:
-        for e in candidates:
-            if e < s or e - s + 1 > max_answer_len:
-                continue
-            score = float(start_logits[s]) + float(end_logits[e])
-            if score > best_score:
-                best_score, best = score, context[offsets[s][0] : offsets[e][1]]
-    return best
+    span = best_span(feature, start_logits, end_logits, max_answer_len)
+    return "" if span is None else context[span[1] : span[2]]

@@ -148,7 +148,8 @@ class Trainer:
     def __init__(self, model: nn.Module, args: TrainingArguments | None = None, train_dataset: Any = None,
                  eval_dataset: Any = None, data_collator: Callable | None = None, tokenizer: Any = None,
                  compute_metrics: Callable[[EvalPrediction], dict[str, float]] | None = None,
-                 callbacks: Sequence[TrainerCallback] | None = None, processing_class: Any = None) -> None:
+                 callbacks: Sequence[TrainerCallback] | None = None, processing_class: Any = None,
+                 preprocess_logits_for_metrics: Callable[[Any, Any], Any] | None = None) -> None:
         self.args = args = args or TrainingArguments()
         self.device = D.process_device(resolve_device(args.device))
         self.world = D.setup(self.device)
@@ -165,6 +166,8 @@ class Trainer:
         self.tokenizer = tokenizer if tokenizer is not None else processing_class
         self.data_collator = data_collator or self._default_collator()
         self.compute_metrics = compute_metrics
+        # (logits, labels) of one evaluation batch -> what to keep of it (e.g. argmax, or sums): saves memory
+        self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
         self.callbacks = list(callbacks or [])
         if "tensorboard" in args.reporters and self.world.is_main:
             from lmforge.training.reporting import TensorBoardCallback
@@ -402,7 +405,7 @@ class Trainer:
         model.eval()
         loader = DataLoader(ds, batch_size=args.per_device_eval_batch_size, collate_fn=self.data_collator,
                             generator=self._loader_generator())
-        loss_sum, items, seen, started = 0.0, 0, 0, time.perf_counter()
+        loss_sum, items, seen, started, token_loss = 0.0, 0, 0, time.perf_counter(), True
         preds: list[Any] = []
         labels: list[Any] = []
         # FSDP shards must run on every process; DDP evaluation runs on rank 0 with the plain model
@@ -417,18 +420,22 @@ class Trainer:
                                     enabled=args.bf16 or args.fp16):
                     out = run(**batch)
                 seen += len(batch["input_ids"])
+                token_loss = token_loss and "next_sentence_label" not in batch  # MLM + NSP: no perplexity
                 if getattr(out, "loss", None) is not None:
                     n = count_loss_items(model, batch)
                     loss_sum += float(out.loss) * n
                     items += n
                 if keep_predictions:
-                    preds.append(_outputs_of(out))
-                    labels.append(_labels_of(batch))
+                    logits, batch_labels = _outputs_of(out), _labels_of(batch)
+                    if self.preprocess_logits_for_metrics is not None:
+                        logits = self.preprocess_logits_for_metrics(logits, batch_labels)
+                    preds.append(_numpy(logits))
+                    labels.append(_numpy(batch_labels))
         model.train(was_training)
         metrics: dict[str, float] = {}
         if items:
             metrics[f"{prefix}_loss"] = loss_sum / items
-            if getattr(model, "num_loss_items", None) is not None:  # a language model: perplexity means something
+            if getattr(model, "num_loss_items", None) is not None and token_loss:  # a language model's mean token loss
                 metrics[f"{prefix}_perplexity"] = math.exp(min(metrics[f"{prefix}_loss"], 50.0))
         predictions = _concat(preds) if preds else None
         label_ids = _concat(labels) if labels and labels[0] is not None else None
@@ -644,18 +651,31 @@ def _as_python_state(state: Any) -> tuple:
 
 
 def _outputs_of(out: Any) -> Any:
-    """Logits (or QA's (start, end) logits) of one batch, as float32 numpy arrays."""
+    """Logits of one batch: a tensor, or a tuple for several outputs (QA's start and end; pretraining's
+    masked-LM and next-sentence logits)."""
     if getattr(out, "start_logits", None) is not None:
-        return (out.start_logits.float().cpu().numpy(), out.end_logits.float().cpu().numpy())
-    return out.logits.float().cpu().numpy()
+        return (out.start_logits, out.end_logits)
+    if getattr(out, "seq_relationship_logits", None) is not None:
+        return (out.prediction_logits, out.seq_relationship_logits)
+    return out.logits
 
 
 def _labels_of(batch: dict[str, Tensor]) -> Any:
-    if "labels" in batch:
-        return batch["labels"].cpu().numpy()
     if "start_positions" in batch:
-        return (batch["start_positions"].cpu().numpy(), batch["end_positions"].cpu().numpy())
-    return None
+        return (batch["start_positions"], batch["end_positions"])
+    if "next_sentence_label" in batch:
+        return (batch.get("labels"), batch["next_sentence_label"])
+    return batch.get("labels")
+
+
+def _numpy(x: Any) -> Any:
+    """Tensors (or tuples of them) as float32 / int64 numpy arrays on the CPU."""
+    if x is None or isinstance(x, np.ndarray):
+        return x
+    if isinstance(x, (tuple, list)):
+        return tuple(_numpy(t) for t in x)
+    x = x.detach().cpu()
+    return (x.float() if x.is_floating_point() else x).numpy()
 
 
 def _concat(parts: list[Any]) -> Any:

@@ -1,0 +1,298 @@
+"""Fine-tuning a pretrained model for a task, end to end: data file -> features -> Trainer -> metrics.
+
+    finetune("classification", model="path/to/bert", train="reviews.tsv", out="runs/reviews")
+    finetune("causal-lm", model="runs/shakespeare", train="pairs.jsonl", prefix="translate: ")
+
+Tasks (one function each below, all sharing `finetune`):
+- classification: txt/csv/tsv/jsonl with text (+ text_pair) and label -> accuracy, F1
+- token-classification: CoNLL-style BIO file -> entity F1, token accuracy
+- question-answering: SQuAD JSON -> exact match, F1 (long contexts split with a stride)
+- causal-lm: the GPT way of adapting to a task: a task prefix in front of the input, the loss only on
+  the target part -> loss and perplexity on targets. Data: jsonl/csv/tsv with input/output fields.
+`train="sentiment"` uses the bundled English sentiment sentences (binary, |score| >= 1).
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from lmforge.utils import atomic_write_text
+
+TASKS = {"classification": "classification", "text-classification": "classification",
+         "sentiment-analysis": "classification", "token-classification": "token-classification",
+         "ner": "token-classification", "question-answering": "question-answering", "qa": "question-answering",
+         "causal-lm": "causal-lm", "prefix": "causal-lm", "text-generation": "causal-lm"}
+IO_FIELDS = (("input", "output"), ("prompt", "completion"), ("source", "target"))
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TaskData:
+    """What a task hands the Trainer."""
+
+    model: Any
+    tokenizer: Any
+    train: list[dict[str, Any]]
+    eval: list[dict[str, Any]] | None
+    compute_metrics: Callable | None = None
+    evaluate_extra: Callable[[Any], dict[str, float]] | None = None  # task metrics computed after training
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def finetune(task: str, model: str | Path, train: str | Path, eval: str | Path | None = None,
+             out: str | Path = "runs/finetune", eval_fraction: float = 0.1, max_train_examples: int | None = None,
+             max_length: int | None = None, prefix: str = "", separator: str = "\n", lora: bool = False,
+             lora_r: int = 8, lora_alpha: float = 16.0, text_field: str = "text", label_field: str = "label",
+             text_pair_field: str | None = None, doc_stride: int = 128, training: dict[str, Any] | None = None,
+             seed: int = 42, device: str | None = None, resume: bool = False) -> dict[str, Any]:
+    """Fine-tune `model` (a directory or cached id) on `train` for `task`; returns the evaluation metrics.
+
+    Without `eval`, a seeded `eval_fraction` of the training file is held out. `training` holds
+    TrainingArguments fields (learning_rate, num_train_epochs, ...). `lora=True` trains low-rank
+    adapters on the attention projections (and the task head) instead of all weights."""
+    from lmforge.training.args import TrainingArguments
+    from lmforge.training.trainer import Trainer
+
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {sorted(set(TASKS))}")
+    task = TASKS[task]
+    out = Path(out)
+    opts = {"learning_rate": 1e-4 if lora else 5e-5, "num_train_epochs": 3.0, "per_device_train_batch_size": 16,
+            "per_device_eval_batch_size": 32, "warmup_ratio": 0.1, "eval_strategy": "epoch", "save_strategy": "epoch",
+            "save_total_limit": 1, "logging_steps": 10, "seed": seed, **(training or {}), "output_dir": str(out)}
+    if device:
+        opts["device"] = device
+    args = TrainingArguments.from_dict(opts)
+    builder = {"classification": _classification, "token-classification": _token_classification,
+               "question-answering": _question_answering, "causal-lm": _causal_lm}[task]
+    data = builder(model=model, train=train, eval=eval, eval_fraction=eval_fraction, max_length=max_length,
+                   prefix=prefix, separator=separator, text_field=text_field, label_field=label_field,
+                   text_pair_field=text_pair_field, doc_stride=doc_stride, seed=seed,
+                   max_train_examples=max_train_examples)
+    net = data.model
+    if lora:
+        from lmforge.nn.lora import LoRAConfig, apply_lora, trainable_parameters
+
+        heads = [name for name in ("classifier", "score", "qa_outputs") if hasattr(net, name)]
+        apply_lora(net, LoRAConfig(r=lora_r, alpha=lora_alpha, modules_to_save=heads))
+        trainable, total = trainable_parameters(net)
+        print(f"lmforge: LoRA r={lora_r}: training {trainable:,} of {total:,} parameters "
+              f"({100 * trainable / total:.2f}%)")
+    print(f"lmforge: {task}: {len(data.train):,} training / {len(data.eval or []):,} evaluation examples "
+          f"-> {out}")
+    trainer = Trainer(net, args, train_dataset=data.train, eval_dataset=data.eval, tokenizer=data.tokenizer,
+                      compute_metrics=data.compute_metrics)
+    result = trainer.train(resume_from_checkpoint=resume)
+    metrics = dict(result.metrics)
+    if data.evaluate_extra is not None:
+        metrics.update(data.evaluate_extra(trainer))
+    if lora:  # the adapters are in out/ too; also write a plain merged model users can load anywhere
+        from lmforge.nn.lora import merge_and_unload
+
+        merged = merge_and_unload(net)
+        merged.save_pretrained(out / "merged")
+        data.tokenizer.save_pretrained(out / "merged")
+    metrics = {k: v for k, v in metrics.items() if not k.endswith(("_runtime", "_per_second"))}
+    report = {"task": task, "train_examples": len(data.train), "eval_examples": len(data.eval or []),
+              "steps": result.global_step, **data.info, **metrics}
+    atomic_write_text(out / "eval_results.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    return report
+
+
+# ---------------------------------------------------------------------------------- shared helpers
+def _split(examples: list[Any], eval_fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
+    """A seeded hold-out split (the evaluation part is at least one example)."""
+    if not 0.0 < eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}; or pass an eval file")
+    if len(examples) < 2:
+        raise ValueError(f"only {len(examples)} example(s): need at least 2 to hold one out for evaluation, "
+                         "or pass an eval file")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(eval_fraction * len(examples)))
+    return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]
+
+
+def _limit(examples: list[Any], n: int | None) -> list[Any]:
+    return examples if n is None else examples[:n]
+
+
+def _tokenizer_and_length(model: str | Path, max_length: int | None, default: int, config: Any) -> tuple[Any, int]:
+    from lmforge.auto import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or default
+    return tokenizer, min(max_length or default, limit)
+
+
+def _load_examples(train: str | Path, eval: str | Path | None, eval_fraction: float, seed: int,
+                   reader: Callable[[str | Path], list[Any]], max_train: int | None) -> tuple[list[Any], list[Any]]:
+    if eval is None:
+        train_ex, eval_ex = _split(reader(train), eval_fraction, seed)
+    else:
+        train_ex, eval_ex = reader(train), reader(eval)
+    return _limit(train_ex, max_train), eval_ex
+
+
+# ---------------------------------------------------------------------------------- the tasks
+def _classification(model: str | Path, train: str | Path, eval: str | Path | None, eval_fraction: float,
+                    max_length: int | None, text_field: str, label_field: str, text_pair_field: str | None,
+                    seed: int, max_train_examples: int | None, **_: Any) -> TaskData:
+    from lmforge.auto import AutoConfig, AutoModelForSequenceClassification
+    from lmforge.data.finetune import load_classification, load_sentiment
+    from lmforge.training.metrics import classification_metrics
+
+    if str(train) == "sentiment":  # the bundled sentences: one seeded split into train / eval
+        examples, label2id = load_sentiment(seed=seed)
+        train_ex, eval_ex = _split(examples, eval_fraction, seed)
+        if eval is not None:
+            eval_ex, _ = load_classification(eval, text_field, label_field, text_pair_field, label2id)
+    else:
+        train_ex, label2id = load_classification(train, text_field, label_field, text_pair_field)
+        if eval is None:
+            train_ex, eval_ex = _split(train_ex, eval_fraction, seed)
+        else:
+            eval_ex, _ = load_classification(eval, text_field, label_field, text_pair_field, label2id)
+    train_ex = _limit(train_ex, max_train_examples)
+    id2label = {i: name for name, i in label2id.items()}
+    config = AutoConfig.from_pretrained(model)
+    tokenizer, length = _tokenizer_and_length(model, max_length, 128, config)
+    net = AutoModelForSequenceClassification.from_pretrained(model, num_labels=len(label2id), id2label=id2label,
+                                                             label2id=label2id)
+    if getattr(net.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        net.config.pad_token_id = tokenizer.pad_token_id  # GPT classifiers find the last real token by it
+
+    def encode(examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        texts = [ex["text"] for ex in examples]
+        pairs = [ex["text_pair"] for ex in examples] if text_pair_field else None
+        enc = tokenizer(texts, pairs, truncation=True, max_length=length)
+        keys = [k for k in ("input_ids", "token_type_ids", "attention_mask") if k in enc]
+        return [{**{k: enc[k][i] for k in keys}, "labels": ex["label"]} for i, ex in enumerate(examples)]
+
+    return TaskData(net, tokenizer, encode(train_ex), encode(eval_ex), classification_metrics,
+                    info={"labels": id2label, "max_length": length})
+
+
+def _token_classification(model: str | Path, train: str | Path, eval: str | Path | None, eval_fraction: float,
+                          max_length: int | None, seed: int, max_train_examples: int | None, **_: Any) -> TaskData:
+    from lmforge.auto import AutoConfig, AutoModelForTokenClassification
+    from lmforge.data.finetune import load_conll, tokenize_and_align
+    from lmforge.training.metrics import token_classification_metrics
+
+    train_ex, eval_ex = _load_examples(train, eval, eval_fraction, seed, load_conll, max_train_examples)
+    tags = sorted({t for ex in train_ex + eval_ex for t in ex["tags"]}, key=lambda t: (t != "O", t[2:], t))
+    label2id = {t: i for i, t in enumerate(tags)}
+    id2label = {i: t for t, i in label2id.items()}
+    config = AutoConfig.from_pretrained(model)
+    tokenizer, length = _tokenizer_and_length(model, max_length, 128, config)
+    net = AutoModelForTokenClassification.from_pretrained(model, num_labels=len(tags), id2label=id2label,
+                                                          label2id=label2id)
+    return TaskData(net, tokenizer, tokenize_and_align(train_ex, tokenizer, label2id, length),
+                    tokenize_and_align(eval_ex, tokenizer, label2id, length), token_classification_metrics(id2label),
+                    info={"labels": id2label, "max_length": length})
+
+
+def _question_answering(model: str | Path, train: str | Path, eval: str | Path | None, eval_fraction: float,
+                        max_length: int | None, doc_stride: int, seed: int, max_train_examples: int | None,
+                        **_: Any) -> TaskData:
+    from lmforge.auto import AutoConfig, AutoModelForQuestionAnswering
+    from lmforge.data.finetune import load_squad, prepare_qa_features
+
+    train_ex, eval_ex = _load_examples(train, eval, eval_fraction, seed, load_squad, max_train_examples)
+    config = AutoConfig.from_pretrained(model)
+    tokenizer, length = _tokenizer_and_length(model, max_length, 384, config)
+    stride = min(doc_stride, length // 2)
+    net = AutoModelForQuestionAnswering.from_pretrained(model, num_labels=2)
+    keys = ("input_ids", "token_type_ids", "attention_mask", "start_positions", "end_positions")
+
+    def trainable(features: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{k: f[k] for k in keys if k in f} for f in features]
+
+    eval_features = prepare_qa_features(eval_ex, tokenizer, length, stride)
+
+    def answer_metrics(trainer: Any) -> dict[str, float]:
+        """Best span across each question's chunks (or no answer) -> exact match and F1."""
+        from lmforge.training.metrics import squad_metrics
+
+        start, end = trainer.predict(trainable(eval_features)).predictions
+        answers = predict_answers(eval_ex, eval_features, start, end,
+                                  allow_impossible=any(ex["is_impossible"] for ex in train_ex + eval_ex))
+        refs = [ex["answers"]["text"] or [""] for ex in eval_ex]
+        scores = squad_metrics([answers[ex["id"]] for ex in eval_ex], refs)
+        return {f"eval_{k}": v for k, v in scores.items()}
+
+    return TaskData(net, tokenizer, trainable(prepare_qa_features(train_ex, tokenizer, length, stride)),
+                    trainable(eval_features), None, answer_metrics, info={"max_length": length, "doc_stride": stride})
+
+
+def predict_answers(examples: list[dict[str, Any]], features: list[dict[str, Any]], start_logits: Any,
+                    end_logits: Any, allow_impossible: bool = False, max_answer_len: int = 30) -> dict[str, str]:
+    """Each example's answer: the best span over all its chunks; "" when `allow_impossible` and the
+    no-answer score ([CLS] start + end) beats every span."""
+    from lmforge.data.finetune import best_span
+
+    contexts = {ex["id"]: ex["context"] for ex in examples}
+    best: dict[str, tuple[float, str]] = {}
+    null: dict[str, float] = {}
+    for feature, s, e in zip(features, start_logits, end_logits):
+        key = feature["example_id"]
+        span = best_span(feature, s, e, max_answer_len)
+        if span is not None and span[0] > best.get(key, (-math.inf, ""))[0]:
+            best[key] = (span[0], contexts[key][span[1]:span[2]])
+        null[key] = min(null.get(key, math.inf), float(s[0]) + float(e[0]))
+    answers = {}
+    for key in contexts:
+        score, text = best.get(key, (-math.inf, ""))
+        answers[key] = "" if allow_impossible and null.get(key, -math.inf) > score else text
+    return answers
+
+
+def _causal_lm(model: str | Path, train: str | Path, eval: str | Path | None, eval_fraction: float,
+               max_length: int | None, prefix: str, separator: str, seed: int, max_train_examples: int | None,
+               **_: Any) -> TaskData:
+    from lmforge.auto import AutoConfig, AutoModelForCausalLM
+
+    train_ex, eval_ex = _load_examples(train, eval, eval_fraction, seed, read_pairs, max_train_examples)
+    config = AutoConfig.from_pretrained(model)
+    tokenizer, length = _tokenizer_and_length(model, max_length, 1024, config)
+    net = AutoModelForCausalLM.from_pretrained(model)
+
+    def encode(pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
+        return [prefix_example(tokenizer, f"{prefix}{src}{separator}", tgt, length) for src, tgt in pairs]
+
+    return TaskData(net, tokenizer, encode(train_ex), encode(eval_ex),
+                    info={"prefix": prefix, "separator": separator, "max_length": length})
+
+
+def prefix_example(tokenizer: Any, prompt: str, target: str, max_length: int) -> dict[str, list[int]]:
+    """input_ids = prompt + target + EOS; labels score only the target and EOS (-100 on the prompt).
+    Too long: the prompt loses tokens from its start, then the target from its end."""
+    p = tokenizer.encode(prompt)
+    t = tokenizer.encode(target) + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+    t = t[:max_length - 1]
+    p = p[max(0, len(p) - (max_length - len(t))):]
+    return {"input_ids": p + t, "labels": [IGNORE_INDEX] * len(p) + t}
+
+
+def read_pairs(path: str | Path) -> list[tuple[str, str]]:
+    """(input, output) pairs from jsonl/csv/tsv with fields input/output, prompt/completion or
+    source/target."""
+    from lmforge.data.finetune import _classification_rows
+
+    path = Path(path)
+    if path.name.lower().removesuffix(".xz").removesuffix(".gz").endswith(".txt"):
+        raise ValueError(f"{path}: input/output pairs need named fields; use .jsonl, .csv or .tsv")
+    for src, tgt in IO_FIELDS:
+        try:
+            rows = [row for _, row in _classification_rows(path, [src, tgt])]
+        except Exception as err:  # noqa: BLE001 - try the next field names
+            if "no field" in str(err) or "no column" in str(err):
+                continue
+            raise
+        return [(str(r[src]), str(r[tgt])) for r in rows]
+    raise ValueError(f"{path}: no input/output fields; give each record one of the field pairs "
+                     f"{', '.join('/'.join(p) for p in IO_FIELDS)}")
