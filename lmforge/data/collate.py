@@ -47,17 +47,21 @@ class DataCollator:
         keep: keys to pass to the model (None = all); `labels` and `weight` always pass. Other keys,
             such as leftover text columns, are dropped.
         pad_to_multiple_of: round the padded length up (tensor cores like multiples of 8).
-        max_length: truncation length for text examples (default: the tokenizer's model_max_length).
+        max_length: truncation length for text examples (default: the tokenizer's model_max_length,
+            when it knows one).
+        pad_token_id: the pad id when the tokenizer has none (or there is no tokenizer): the model's.
     """
 
     def __init__(self, tokenizer: Any = None, causal_lm: bool = False, keep: Iterable[str] | None = None,
-                 pad_to_multiple_of: int | None = None, max_length: int | None = None) -> None:
+                 pad_to_multiple_of: int | None = None, max_length: int | None = None,
+                 pad_token_id: int | None = None) -> None:
         self.tokenizer = tokenizer
         self.causal_lm = causal_lm
         self.keep = None if keep is None else set(keep) | {"labels", "weight"}
         self.pad_to_multiple_of = pad_to_multiple_of
         self.max_length = max_length
         pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+        pad = pad if pad is not None else pad_token_id
         self.pad_id = int(pad) if pad is not None else 0
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
@@ -119,6 +123,8 @@ class DataCollator:
         if not isinstance(text, str) or (pair is not None and not isinstance(pair, str)):
             raise TypeError(f"example {index}: 'text' (and 'text_pair') must be strings")
         limit = self.max_length or getattr(self.tokenizer, "model_max_length", None)
+        if limit is not None and limit >= 10**29:  # the tokenizer does not know its model's length
+            limit = None
         enc = self.tokenizer(text, pair, truncation=limit is not None, max_length=limit)
         row.update({k: list(v) for k, v in enc.items() if k in TOKEN_KEYS})
         return row

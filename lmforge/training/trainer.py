@@ -96,10 +96,12 @@ class _Plan:
     them and splits it into micro-batches. Nothing here reads the data, so resuming is a jump."""
 
     def __init__(self, n: int, total: int, global_batch: int, micro: int, world: D.World, shuffle: bool,
-                 seed: int) -> None:
+                 seed: int, base_step: int = 0, base_sample: int = 0) -> None:
         self.n, self.total, self.G, self.micro, self.world = n, total, global_batch, micro, world
         self.shuffle, self.seed = shuffle, seed
-        self.steps = math.ceil(total / global_batch)
+        # a run resumed with another global batch continues from the sample where it stopped
+        self.base_step, self.base_sample = base_step, base_sample
+        self.steps = base_step + math.ceil(max(total - base_sample, 0) / global_batch)
         self._perm: tuple[int, list[int] | None] = (-1, None)
 
     def example(self, k: int) -> int:
@@ -112,7 +114,8 @@ class _Plan:
         return self._perm[1][i]
 
     def window(self, step: int) -> tuple[int, int]:
-        return step * self.G, min((step + 1) * self.G, self.total)
+        start = self.base_sample + (step - self.base_step) * self.G
+        return start, min(start + self.G, self.total)
 
     def micro_batches(self, step: int) -> list[list[int]]:
         """This process's micro-batches (lists of example indices) for optimizer step `step`."""
@@ -187,10 +190,16 @@ class Trainer:
     def _default_collator(self) -> Callable:
         """Pads examples and keeps only what the model's forward accepts (plus labels and weights)."""
         params = inspect.signature(self.model.forward).parameters
-        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-        keep = None if takes_any else set(params)
+        keep = {name for name, p in params.items()
+                if p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)}
         causal = bool(getattr(self.model, "shifts_labels", False))
-        return DataCollator(self.tokenizer, causal_lm=causal, keep=keep)
+        config = getattr(self.model, "config", None)
+        context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        tokenizer_limit = getattr(self.tokenizer, "model_max_length", None)
+        limit = context if tokenizer_limit is None or tokenizer_limit >= 10**29 else min(tokenizer_limit, context or
+                                                                                         tokenizer_limit)
+        return DataCollator(self.tokenizer, causal_lm=causal, keep=keep, max_length=limit,
+                            pad_token_id=getattr(config, "pad_token_id", None))
 
     # ---- the loop ----------------------------------------------------------------------------
     def train(self, resume_from_checkpoint: bool | str | os.PathLike | None = None) -> TrainOutput:
@@ -222,6 +231,10 @@ class Trainer:
             else:
                 self._load_checkpoint(path)
                 self._print(f"lmforge: resumed from {path} at step {self.state.global_step}")
+                step = self.state.global_step
+                if step < plan.steps and plan.window(step)[0] != self.state.samples_seen:
+                    plan = self._rebase(plan, path, len(ds))
+                self.state.max_steps = plan.steps
         if world.is_main:
             self._trim_metrics(self.state.global_step)
         for cb in self.callbacks:
@@ -255,7 +268,7 @@ class Trainer:
                 if step % args.logging_steps == 0 or last:
                     elapsed = time.perf_counter() - window_start
                     logs = self._train_logs(running, grad_norm, window_tokens, elapsed, micro)
-                    progress.set_postfix(loss=f"{logs['loss']:.3f}", lr=f"{logs['learning_rate']:.1e}",
+                    progress.set_postfix(loss=f"{logs.get('loss', math.nan):.3f}", lr=f"{logs['learning_rate']:.1e}",
                                          tok_s=f"{logs['tokens_per_second']:.0f}")
                     self.log(logs)
                     window_start, window_tokens, running = time.perf_counter(), 0, []
@@ -296,26 +309,45 @@ class Trainer:
             plot_history(self.state.log_history, self.output_dir / "training_curves.png")
         for cb in self.callbacks:
             cb.on_train_end(self)
-        losses = [h["loss"] for h in self.state.log_history if "loss" in h]
-        return TrainOutput(step, losses[-1] if losses else float("nan"), metrics)
+        losses = [h["loss"] for h in self.state.log_history if "loss" in h]  # logged window means
+        return TrainOutput(step, sum(losses) / len(losses) if losses else float("nan"), metrics)
 
-    def _plan(self, n: int) -> _Plan:
+    def _plan(self, n: int, base_step: int = 0, base_sample: int = 0) -> _Plan:
         from lmforge.data import RandomBlockDataset
 
         args, W = self.args, self.world.size
         G = args.per_device_train_batch_size * args.gradient_accumulation_steps * W
-        total = args.max_steps * G if args.max_steps > 0 else max(1, round(args.num_train_epochs * n))
-        if W > 1 and total % G and total % G < W:
-            total -= total % G  # a last window smaller than the number of processes: drop it
-            warnings.warn(f"the last {total % G} examples do not give every process one; they are skipped",
+        if args.max_steps > 0:
+            total = base_sample + (args.max_steps - base_step) * G
+        else:
+            total = max(1, round(args.num_train_epochs * n))
+        tail = (total - base_sample) % G
+        if W > 1 and tail and tail < W:
+            total -= tail  # a last window smaller than the number of processes: drop it
+            warnings.warn(f"the last {tail} examples do not give every process one; they are skipped",
                           stacklevel=3)
         shuffle = not isinstance(self.train_dataset, RandomBlockDataset)  # those items are random already
-        return _Plan(n, total, G, args.per_device_train_batch_size, self.world, shuffle, args.seed)
+        return _Plan(n, total, G, args.per_device_train_batch_size, self.world, shuffle, args.seed, base_step,
+                     base_sample)
 
     def _loader_generator(self) -> torch.Generator:
         """A DataLoader's own generator: starting its iterator then leaves the global RNG (dropout) untouched,
         so a resumed run draws the same dropout masks as an uninterrupted one."""
         return torch.Generator().manual_seed(self.args.seed)
+
+    def _rebase(self, plan: _Plan, path: Path, n: int) -> _Plan:
+        """The checkpoint was written with another global batch (batch size, accumulation or number of
+        processes): continue from its data position with this run's batch, and say so."""
+        step, seen = self.state.global_step, self.state.samples_seen
+        new = self._plan(n, base_step=step, base_sample=seen)
+        warnings.warn(f"{path} was trained with a global batch of {seen // max(step, 1)} examples per step and this "
+                      f"run uses {new.G}: training continues from example {seen} of the data stream with the new "
+                      f"batch ({new.steps} steps in all instead of {plan.steps})", stacklevel=3)
+        saved = self.scheduler.state_dict()
+        self.scheduler = build_scheduler(self.optimizer, self.args, new.steps)
+        self.scheduler.load_state_dict(saved)
+        self.state.max_steps = new.steps
+        return new
 
     @staticmethod
     def _due(strategy: str, every: int | None, step: int, epoch_ended: bool) -> bool:
@@ -346,8 +378,10 @@ class Trainer:
                 with torch.autocast(self.device.type, dtype=amp, enabled=args.bf16 or args.fp16):
                     if weight is not None:
                         summed = weighted_loss(model, batch, weight, self._wrapped)
-                    else:
+                    elif count:
                         summed = self._wrapped(**batch).loss.float() * count
+                    else:  # nothing scored here (mean loss 0/0): a zero that still runs backward (DDP's sync)
+                        summed = _zero_loss(self._wrapped(**batch))
                 self.scaler.scale(summed * scale).backward()
             loss_sum += summed.detach().double()
         loss_total, = D.all_reduce_sum([float(loss_sum)], self.device, world)
@@ -370,7 +404,7 @@ class Trainer:
         step = self.state.global_step + 1
         what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
         self._print(f"lmforge: non-finite {what} at step {step}; the update was skipped")
-        self.log({"skipped_step": step, "nonfinite": what})
+        self.log({"skipped_step": step, "nonfinite": what}, step=step)
         if self._bad_steps >= MAX_BAD_STEPS:
             last = self.latest_checkpoint()
             raise FloatingPointError(
@@ -497,9 +531,9 @@ class Trainer:
             logs["mfu"] = flops(seq_len) * logs["tokens_per_second"] / (self._peak_flops * self.world.size)
         return {k: v for k, v in logs.items() if not (isinstance(v, float) and not math.isfinite(v))}
 
-    def log(self, logs: dict[str, Any]) -> None:
-        """Record metrics: trainer state, metrics.jsonl (rank 0) and callbacks."""
-        entry = {"step": self.state.global_step, **{k: (float(f"{v:.7g}") if isinstance(v, float) else v)
+    def log(self, logs: dict[str, Any], step: int | None = None) -> None:
+        """Record metrics at `step` (default: the current one): trainer state, metrics.jsonl (rank 0), callbacks."""
+        entry = {"step": self.state.global_step if step is None else step, **{k: (float(f"{v:.7g}") if isinstance(v, float) else v)
                                                      for k, v in logs.items()}}  # 7 significant digits
         self.state.log_history.append(entry)
         if "jsonl" in self.args.reporters and self.world.is_main:
@@ -620,9 +654,8 @@ class Trainer:
         rng_file = path / (RNG_NAME if self.world.rank == 0 else f"rng_state_{self.world.rank}.pt")
         if saved_world != self.world.size:
             warnings.warn(f"{path} was written by {saved_world} process(es) and this run has {self.world.size}: the "
-                          "weights, optimizer and data position continue exactly (the global batch is the same "
-                          "examples), but random streams such as dropout masks cannot continue identically",
-                          stacklevel=3)
+                          "weights, optimizer and data position continue exactly, but random streams such as dropout "
+                          "masks cannot continue identically", stacklevel=3)
         if rng_file.is_file():
             rng = torch.load(rng_file, map_location="cpu", weights_only=True)
             random.setstate(_as_python_state(rng["python"]))
@@ -632,6 +665,15 @@ class Trainer:
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
         self.state = TrainerState(**{**saved, "world_size": self.world.size})
+
+
+def _zero_loss(out: Any) -> Tensor:
+    """0, attached to the graph through the output's first logits."""
+    for name in ("logits", "prediction_logits", "start_logits"):
+        value = getattr(out, name, None)
+        if value is not None:
+            return value.float().sum() * 0.0
+    raise ValueError("the model output has no logits to build a zero loss from")
 
 
 class _nullcontext:
