@@ -889,6 +889,35 @@ def test_ddp_two_processes_match_one_process_and_resume_on_one(tmp_path: Path) -
     assert_states_close(clone_state(resumed.model), ddp_weights, atol=1e-5)
 
 
+def test_fsdp_two_processes_match_one_process(tmp_path: Path) -> None:
+    """fsdp=True under torchrun (2 CPU processes, gloo; parameters, gradients and optimizer state sharded
+    with fully_shard) trains to the weights of one process with the same global batch, saves complete
+    checkpoints (gathered weights and optimizer state) and a final model in Hugging Face's layout."""
+    data = lm_examples(24, seed=27)
+    out = tmp_path / "fsdp"
+    config = tmp_path / "fsdp.json"
+    config.write_text(json.dumps({"seed": 14, "config": GPT_SIZES, "data": data,
+                                  "args": ddp_args(out, fsdp=True, save_steps=3)}))
+    script = tmp_path / "fsdp_train.py"
+    script.write_text(DDP_SCRIPT, encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script), str(config)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    set_seed(14)
+    single = GPTForCausalLM(GPTConfig(**GPT_SIZES))
+    Trainer(single, TrainingArguments(**ddp_args(tmp_path / "single", per_device_train_batch_size=4,
+                                                 save_strategy="no")), data).train()
+    assert_states_close(clone_state(GPTForCausalLM.from_pretrained(out)), clone_state(single), atol=1e-5)
+    ckpt = out / "checkpoint-3"
+    assert_states_close(clone_state(GPTForCausalLM.from_pretrained(ckpt)), clone_state(single), atol=1e-5)
+    optimizer = torch.load(ckpt / "optimizer.pt", weights_only=True)["optimizer"]
+    assert len(optimizer["state"]) > 0
+
+
 def test_dropped_tail_warning_counts_the_dropped_examples(tmp_path: Path) -> None:
     """With 2 processes and a last window of 1 example (fewer than the processes), that example is
     dropped with a warning saying how many examples were dropped."""
