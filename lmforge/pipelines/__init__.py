@@ -1,0 +1,42 @@
+"""Pipelines: one call from text to predictions, Hugging Face-shaped.
+
+    from lmforge import pipeline
+    pipeline("text-classification", model="runs/sentiment")(["great film", "dull"])
+    pipeline("text-generation", model="runs/shakespeare")("ROMEO:", max_new_tokens=40)
+
+Modules: base.py (the Pipeline class: batching by length, input checks, truncation), factory.py
+(`pipeline`), and one module per task: text_generation.py, text_classification.py, fill_mask.py,
+token_classification.py, question_answering.py, feature_extraction.py (also sentence-embeddings).
+Names are imported on first use, so `import lmforge.pipelines` loads nothing heavy.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# public name -> module that defines it
+_EXPORTS = {
+    "pipeline": "lmforge.pipelines.factory",
+    "available_tasks": "lmforge.pipelines.factory",
+    "Pipeline": "lmforge.pipelines.base",
+    "TextGenerationPipeline": "lmforge.pipelines.text_generation",
+    "BadWordsLogitsProcessor": "lmforge.pipelines.text_generation",
+    "TextClassificationPipeline": "lmforge.pipelines.text_classification",
+    "FillMaskPipeline": "lmforge.pipelines.fill_mask",
+    "TokenClassificationPipeline": "lmforge.pipelines.token_classification",
+    "QuestionAnsweringPipeline": "lmforge.pipelines.question_answering",
+    "FeatureExtractionPipeline": "lmforge.pipelines.feature_extraction",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lmforge.pipelines' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)
