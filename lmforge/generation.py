@@ -269,23 +269,31 @@ def stream(model: Any, tokenizer: Any, prompt: str, **kwargs: Any) -> Iterator[s
         raise ValueError("the prompt is empty: pass some text to continue")
     input_ids = torch.tensor([ids], device=model.device)
     stop = kwargs.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else list(stop)
-    decoder = IncrementalDecoder(tokenizer)
     eos = kwargs.get("eos_token_id", getattr(model.config, "eos_token_id", None))
-    pending = ""
     tokens = iter_generate(model, input_ids, tokenizer=tokenizer, **kwargs)
+    return text_pieces(tokens, tokenizer, eos, stop)
+
+
+def text_pieces(tokens: Iterator[Tensor], tokenizer: Any, eos_token_id: int | list[int] | None = None,
+                stop: str | list[str] | None = None, skip_special_tokens: bool = True) -> Iterator[str]:
+    """Text pieces of a one-row token stream (from `iter_generate`): never a broken UTF-8 character,
+    ending at EOS or just before a stop string (a suffix that may become one is held back)."""
+    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    eos_ids = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
+    decoder = IncrementalDecoder(tokenizer, skip_special_tokens)
+    pending = ""
     while True:
         # inference mode only while the model runs: the caller's loop body is not inside it
         with torch.inference_mode():
             token = next(tokens, None)
-        piece = decoder.flush() if token is None else ("" if int(token[0]) == eos else decoder.push(int(token[0])))
-        pending += piece
+        finished = token is None or int(token[0]) in eos_ids
+        pending += decoder.flush() if finished else decoder.push(int(token[0]))
         cut = min((pending.find(s) for s in stop if s in pending), default=-1)
         if cut >= 0:
             if cut:
                 yield pending[:cut]
             return
-        if token is None:
+        if finished:
             break
         keep = _partial_stop_suffix(pending, stop)
         if len(pending) > keep:

@@ -274,40 +274,13 @@ class TextGenerationPipeline(Pipeline):
         yield self._finish("".join(pieces), opts)
 
     def _stream_pieces(self, row: dict[str, Any], opts: dict[str, Any]) -> Iterator[str]:
-        from lmforge.generation import IncrementalDecoder
+        from lmforge.generation import text_pieces
 
         if row["max_new_tokens"] == 0:
-            return
+            return iter(())
         input_ids = torch.tensor([row["input_ids"]], device=self.device)  # (1, T)
         tokens = self._token_stream(input_ids, None, row["max_new_tokens"], opts)
-        decoder = IncrementalDecoder(self.tokenizer, skip_special_tokens=opts["skip_special_tokens"])
-        eos = opts["config"].eos_token_id
-        eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
-        stop = opts["config"].stop
-        pending = ""
-        while True:
-            with torch.inference_mode():  # only while the model runs, not around the caller's loop body
-                token = next(tokens, None)
-            finished = token is None or int(token[0]) in eos_ids
-            pending += decoder.flush() if finished else decoder.push(int(token[0]))
-            cut = min((pending.find(s) for s in stop if s in pending), default=-1)
-            if cut >= 0:
-                if cut:
-                    yield pending[:cut]
-                return
-            if finished:
-                break
-            keep = _partial_stop(pending, stop)  # a suffix that may be the start of a stop string waits
-            if len(pending) > keep:
-                yield pending[: len(pending) - keep]
-                pending = pending[len(pending) - keep:]
-        if pending:
-            yield pending
+        return text_pieces(tokens, self.tokenizer, opts["config"].eos_token_id, opts["config"].stop,
+                           opts["skip_special_tokens"])
 
 
-def _partial_stop(text: str, stop: list[str]) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
-    for n in range(min(len(text), max((len(s) - 1 for s in stop), default=0)), 0, -1):
-        if any(s.startswith(text[-n:]) for s in stop):
-            return n
-    return 0
