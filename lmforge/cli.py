@@ -5,6 +5,8 @@
     lmforge tokenizer train SOURCE ... --vocab-size N --out DIR
     lmforge convert SOURCE OUT [--dtype bfloat16]
     lmforge finetune TASK --model DIR --train FILE [--eval FILE] [--out DIR] [--epochs N] [--lora] ...
+    lmforge classify | fill-mask | ner | embed MODEL [TEXT ...] [--file F] [--json]   (no TEXT: standard input)
+    lmforge qa MODEL --question Q --context TEXT|--context-file F [--top-k K] [--json]
 
 A user error prints one line naming the problem and exits with status 2 (`--debug` shows the traceback).
 """
@@ -104,6 +106,81 @@ def cmd_finetune(a: argparse.Namespace) -> int:
                       training=training, seed=a.seed, device=a.device, resume=a.resume)
     shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in report.items() if k != "labels"}
     print(json.dumps(shown, ensure_ascii=False))
+    return 0
+
+
+def _texts(a: argparse.Namespace) -> list[str]:
+    """The texts of a pipeline command: arguments, else --file lines, else standard-input lines."""
+    if a.text:
+        return list(a.text)
+    if a.file:
+        from pathlib import Path
+
+        lines = Path(a.file).read_text(encoding="utf-8").splitlines()
+    else:
+        lines = sys.stdin.read().splitlines()
+    texts = [ln for ln in lines if ln.strip()]
+    if not texts:
+        raise ValueError("no input text: give TEXT arguments, --file FILE, or lines on standard input")
+    return texts
+
+
+def _emit(a: argparse.Namespace, text: str, result: Any, human: Callable[[Any], str]) -> None:
+    if a.json:
+        print(json.dumps({"input": text, "output": result}, ensure_ascii=False))
+    else:
+        print(human(result))
+
+
+def cmd_pipeline(a: argparse.Namespace) -> int:
+    """classify / fill-mask / ner / embed: one pipeline over the texts, one output per text."""
+    from lmforge.pipelines import pipeline
+
+    task = {"classify": "text-classification", "fill-mask": "fill-mask", "ner": "token-classification",
+            "embed": "sentence-embeddings"}[a.command]
+    options: dict[str, Any] = {}
+    if a.command == "classify" and a.top_k is not None:
+        options["top_k"] = a.top_k
+    if a.command == "fill-mask":
+        options["top_k"] = a.top_k or 5
+    if a.command == "ner":
+        options["aggregation_strategy"] = a.aggregation
+    pipe = pipeline(task, model=a.model, device=a.device, batch_size=a.batch_size)
+    texts = _texts(a)
+    results = pipe(texts, **options)
+    for text, result in zip(texts, results):
+        if a.command == "classify":
+            items = result if isinstance(result, list) else [result]
+            _emit(a, text, result, lambda r: "\t".join(f"{x['label']} {x['score']:.4f}" for x in items) + f"\t{text}")
+        elif a.command == "fill-mask":
+            masks = result if result and isinstance(result[0], list) else [result]
+            _emit(a, text, result, lambda r: "\n".join(
+                "  ".join(f"{c['token_str']!r} {c['score']:.3f}" for c in cands) for cands in masks))
+        elif a.command == "ner":
+            _emit(a, text, result, lambda r: "\t".join(
+                f"{e.get('entity_group', e.get('entity'))}:{e['word']}[{e['start']}:{e['end']}]" for e in r) or "-")
+        else:
+            vector = [round(float(v), 6) for v in (result[0] if result and isinstance(result[0], list) else result)]
+            _emit(a, text, vector, lambda r: " ".join(f"{v:.4f}" for v in r))
+    return 0
+
+
+def cmd_qa(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from lmforge.pipelines import pipeline
+
+    if (a.context is None) == (a.context_file is None):
+        raise ValueError("give the passage with --context TEXT or --context-file FILE (one of them)")
+    context = a.context if a.context is not None else Path(a.context_file).read_text(encoding="utf-8")
+    pipe = pipeline("question-answering", model=a.model, device=a.device)
+    answers = pipe(question=a.question, context=context, top_k=a.top_k)
+    answers = answers if isinstance(answers, list) else [answers]
+    for ans in answers:
+        if a.json:
+            print(json.dumps(ans, ensure_ascii=False))
+        else:
+            print(f"{ans['answer']!r}\tscore {ans['score']:.4f}\tchars {ans['start']}-{ans['end']}")
     return 0
 
 
@@ -230,6 +307,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any TrainingArguments field, e.g. --set weight_decay=0.01 --set bf16=true")
     p.set_defaults(func=cmd_finetune)
+
+    for name, about in (("classify", "label texts with a sequence classifier (sentiment, topics, ...)"),
+                        ("fill-mask", "predict the [MASK] tokens of texts with a masked LM"),
+                        ("ner", "find entities in texts with a token classifier"),
+                        ("embed", "sentence vectors (mean pooled, normalised) of texts")):
+        p = sub.add_parser(name, parents=[common], help=about,
+                           description=f"{about[0].upper()}{about[1:]}. Texts come from the arguments, --file "
+                                       "(one per line) or standard input (one per line).")
+        p.add_argument("model", help="model directory or cached model id")
+        p.add_argument("text", nargs="*", help="texts (default: --file or standard input)")
+        p.add_argument("--file", default=None, help="read texts from this file, one per line")
+        p.add_argument("--json", action="store_true", help="print one JSON object per text")
+        p.add_argument("--batch-size", type=int, default=32, help="texts per model call (default 32)")
+        p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or mps (default: cpu)")
+        if name in ("classify", "fill-mask"):
+            p.add_argument("--top-k", type=int, default=None, help="how many labels / tokens to show")
+        if name == "ner":
+            p.add_argument("--aggregation", default="simple", choices=["none", "simple", "first", "max", "average"],
+                           help="how sub-tokens join into words and entities (default simple)")
+        p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("qa", parents=[common], help="answer a question from a passage (extractive)",
+                       description="Find the answer span to QUESTION in the passage with a question-answering model; "
+                                   "long passages are split into overlapping chunks.")
+    p.add_argument("model", help="model directory or cached model id")
+    p.add_argument("--question", required=True, help="the question")
+    p.add_argument("--context", default=None, help="the passage text")
+    p.add_argument("--context-file", default=None, help="read the passage from this file")
+    p.add_argument("--top-k", type=int, default=1, help="answers to show (default 1)")
+    p.add_argument("--json", action="store_true", help="print JSON objects")
+    p.add_argument("--device", default=None, help="cpu, cuda or mps (default: cpu)")
+    p.set_defaults(func=cmd_qa)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="action", metavar="ACTION")
     p.required = True
