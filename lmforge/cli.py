@@ -7,6 +7,7 @@
     lmforge finetune TASK --model DIR --train FILE [--eval FILE] [--out DIR] [--epochs N] [--lora] ...
     lmforge classify | fill-mask | ner | embed MODEL [TEXT ...] [--file F] [--json]   (no TEXT: standard input)
     lmforge qa MODEL --question Q --context TEXT|--context-file F [--top-k K] [--json]
+    lmforge attention MODEL TEXT --out map.png [--layers 0 1] [--heads 0] [--average-heads] [--attributions]
 
 A user error prints one line naming the problem and exits with status 2 (`--debug` shows the traceback).
 """
@@ -18,7 +19,8 @@ import os
 import sys
 from typing import Any, Callable, Sequence
 
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, TypeError)
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, TypeError,
+               ImportError)  # ImportError: an optional package is missing; the message says what to install
 
 
 def _add_generation_options(p: argparse.ArgumentParser) -> None:
@@ -184,6 +186,30 @@ def cmd_qa(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_attention(a: argparse.Namespace) -> int:
+    """Attention heatmaps (per layer and head, labelled with the tokens) or, for classifiers with
+    --attributions, gradient x input scores per token."""
+    import lmforge
+    from lmforge.auto import AutoModel, AutoTokenizer
+    from lmforge.hub import read_config_dict, resolve_model_dir
+    from lmforge.interpret import plot_attention, plot_attributions, token_attributions
+
+    directory = resolve_model_dir(a.model)
+    architecture = (read_config_dict(directory).get("architectures") or [""])[0]
+    cls = getattr(lmforge, architecture, None) or AutoModel  # the class the checkpoint was saved as
+    model = cls.from_pretrained(directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    if a.attributions:
+        path = plot_attributions(model, tokenizer, a.text, a.out)
+        for token, score in token_attributions(model, tokenizer, a.text):
+            print(f"{score:+.4f}\t{token}")
+    else:
+        path = plot_attention(model, tokenizer, a.text, a.out, layers=a.layers, heads=a.heads,
+                              average_heads=a.average_heads)
+    print(f"lmforge attention: wrote {path}")
+    return 0
+
+
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
 
@@ -339,6 +365,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON objects")
     p.add_argument("--device", default=None, help="cpu, cuda or mps (default: cpu)")
     p.set_defaults(func=cmd_qa)
+
+    p = sub.add_parser("attention", parents=[common], help="draw attention maps (or token attributions) as a PNG",
+                       description="Per-layer, per-head attention heatmaps of MODEL on TEXT, labelled with the "
+                                   "tokens (Chinese glyphs need a CJK font: pip install zhplot, or Noto Sans CJK). "
+                                   "--attributions: gradient x input scores of a classifier's predicted class.")
+    p.add_argument("model", help="model directory or cached model id")
+    p.add_argument("text", help="the text to look at")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--layers", type=int, nargs="+", default=None, help="layer indexes (default: all)")
+    p.add_argument("--heads", type=int, nargs="+", default=None, help="head indexes (default: all)")
+    p.add_argument("--average-heads", action="store_true", help="one map per layer, averaged over heads")
+    p.add_argument("--attributions", action="store_true", help="token attributions of a classifier instead")
+    p.set_defaults(func=cmd_attention)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="action", metavar="ACTION")
     p.required = True

@@ -86,3 +86,16 @@ def test_pipeline_commands_report_mistakes_in_one_line(models: dict[str, Path]) 
     assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
     both = run("qa", str(models["qa"]), "--question", "q")
     assert both.returncode == 2 and "--context" in both.stderr
+
+
+def test_attention_command_draws_maps_and_attributions(models: dict[str, Path], tmp_path: Path) -> None:
+    done = run("attention", str(models["cls"]), "北京 is a city", "--out", str(tmp_path / "map.png"), "--layers", "0",
+               "--heads", "1")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    attr = run("attention", str(models["cls"]), "the cat sat", "--out", str(tmp_path / "attr.png"), "--attributions")
+    assert attr.returncode == 0, attr.stderr
+    scores = [line.split("\t") for line in attr.stdout.splitlines() if "\t" in line]
+    assert [tok for _, tok in scores] == ["[CLS]", "the", "cat", "sat", "[SEP]"]
+    bad = run("attention", str(models["cls"]), "the cat", "--out", str(tmp_path / "x.png"), "--layers", "7")
+    assert bad.returncode == 2 and "layer" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
