@@ -84,7 +84,7 @@ def run_hf(model_dir: Path, train: list[dict], held_out: list[dict], opts: dict,
 
     args = TrainingArguments(output_dir=out, num_train_epochs=opts["epochs"], per_device_train_batch_size=16,
                              per_device_eval_batch_size=64, learning_rate=opts["lr_lora" if lora else "lr"],
-                             warmup_ratio=0.1, eval_strategy="no", save_strategy="no", seed=opts["seed"],
+                             warmup_steps=0.1, eval_strategy="no", save_strategy="no", seed=opts["seed"],
                              report_to=[], disable_tqdm=True, use_cpu=True, logging_strategy="no")
     trainer = Trainer(model=model, args=args, train_dataset=encode(train), data_collator=DataCollatorWithPadding(tok))
     start = time.perf_counter()

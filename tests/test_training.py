@@ -123,6 +123,7 @@ def test_default_arguments_are_valid_and_round_trip() -> None:
     assert TrainingArguments.from_dict(args.to_dict()) == args
     assert TrainingArguments(max_steps=200, warmup_ratio=0.1).warmup == 20
     assert TrainingArguments(max_steps=200, warmup_steps=7).warmup == 7
+    assert TrainingArguments(max_steps=200, warmup_steps=0.25).warmup == 50  # transformers 5: a float is a share
 
 
 @pytest.mark.parametrize("field, value", [
@@ -130,7 +131,7 @@ def test_default_arguments_are_valid_and_round_trip() -> None:
     ("gradient_accumulation_steps", 0), ("logging_steps", 0), ("eval_steps", 0), ("save_steps", -5),
     ("save_total_limit", 0), ("eval_max_batches", 0), ("learning_rate", 0.0), ("learning_rate", -1e-3),
     ("learning_rate", "1e-3"), ("learning_rate", float("nan")), ("lr_scheduler_type", "step"),
-    ("warmup_steps", -1), ("warmup_steps", 1.5), ("warmup_ratio", 1.0), ("min_lr_ratio", 1.5),
+    ("warmup_steps", -1), ("warmup_steps", 1.5), ("warmup_steps", True), ("warmup_ratio", 1.0), ("min_lr_ratio", 1.5),
     ("max_grad_norm", 0.0), ("weight_decay", -0.1), ("adam_beta1", 1.0), ("adam_beta2", -0.1),
     ("adam_epsilon", 0.0), ("report_to", ["wandb"]), ("device", "gpu"), ("dataloader_num_workers", -1),
     ("peak_flops", 0.0), ("num_train_epochs", 0), ("eval_strategy", "sometimes"), ("save_strategy", "always"),

@@ -37,7 +37,7 @@ class TrainingArguments:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
-    warmup_steps: int = 0
+    warmup_steps: int | float = 0  # steps, or (as in transformers 5) a float in (0, 1): a share of the run
     warmup_ratio: float = 0.0  # used when warmup_steps == 0
     lr_scheduler_type: str = "linear"
     max_grad_norm: float | None = 1.0
@@ -113,8 +113,12 @@ class TrainingArguments:
         for name in ("eval_strategy", "save_strategy"):
             if getattr(self, name) not in STRATEGIES:
                 raise ValueError(f"{name} must be one of {STRATEGIES}, got {getattr(self, name)!r}")
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0 or not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError("warmup_steps must be >= 0 and warmup_ratio in [0, 1)")
+        w = self.warmup_steps
+        fraction = isinstance(w, float) and 0.0 < w < 1.0
+        if isinstance(w, bool) or not (isinstance(w, int) and w >= 0 or fraction or w == 0) \
+                or not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_steps must be an integer >= 0 or a fraction in (0, 1), got {w!r}; warmup_ratio "
+                             f"must be in [0, 1), got {self.warmup_ratio!r}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
@@ -187,7 +191,9 @@ class TrainingArguments:
         return found
 
     def warmup_for(self, total_steps: int) -> int:
-        return self.warmup_steps or int(self.warmup_ratio * total_steps)
+        if isinstance(self.warmup_steps, float) and 0.0 < self.warmup_steps < 1.0:
+            return int(self.warmup_steps * total_steps)
+        return int(self.warmup_steps) or int(self.warmup_ratio * total_steps)
 
     @property
     def warmup(self) -> int:
