@@ -25,6 +25,8 @@ _EXPORTS = {
     "TrainerCallback": "lmforge.training.trainer",
     "EvalPrediction": "lmforge.training.metrics",
     "DataCollator": "lmforge.data.collate",
+    "KnowledgeBase": "lmforge.pipelines",
+    "ZeroShotClassificationPipeline": "lmforge.pipelines",
     "plot_attention": "lmforge.interpret",
     "attention_maps": "lmforge.interpret",
     "token_attributions": "lmforge.interpret",

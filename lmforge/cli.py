@@ -7,6 +7,7 @@
     lmforge finetune TASK --model DIR --train FILE [--eval FILE] [--out DIR] [--epochs N] [--lora] ...
     lmforge classify | fill-mask | ner | embed MODEL [TEXT ...] [--file F] [--json]   (no TEXT: standard input)
     lmforge qa MODEL --question Q --context TEXT|--context-file F [--top-k K] [--json]
+    lmforge index FOLDER --model EMBEDDER --out INDEX_DIR;  lmforge ask INDEX_DIR QUESTION [--reader QA | --generator GPT]
     lmforge attention MODEL TEXT --out map.png [--layers 0 1] [--heads 0] [--average-heads] [--attributions]
 
 A user error prints one line naming the problem and exits with status 2 (`--debug` shows the traceback).
@@ -210,6 +211,36 @@ def cmd_attention(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_index(a: argparse.Namespace) -> int:
+    """Chunk and embed a folder of documents into a knowledge base on disk."""
+    from lmforge.pipelines import KnowledgeBase
+
+    kb = KnowledgeBase.build(a.sources if len(a.sources) > 1 else a.sources[0], embedder=a.model,
+                             chunk_chars=a.chunk_chars, overlap=a.overlap, batch_size=a.batch_size)
+    kb.save(a.out)
+    print(json.dumps({"out": str(a.out), "documents": kb.info["documents"], "chunks": len(kb), "dims": kb.dims}))
+    return 0
+
+
+def cmd_ask(a: argparse.Namespace) -> int:
+    """Retrieve the chunks most similar to the question, then answer (extractive reader or generator)."""
+    from lmforge.pipelines import KnowledgeBase
+
+    if a.reader and a.generator:
+        raise ValueError("choose one of --reader (extractive QA model) and --generator (GPT model)")
+    kb = KnowledgeBase.load(a.index)
+    result = kb.ask(a.question, top_k=a.top_k, reader=a.reader, generator=a.generator,
+                    generation_options={"max_new_tokens": a.max_new_tokens} if a.generator else None)
+    if a.json:
+        print(json.dumps(result, ensure_ascii=False))
+        return 0
+    score = f" (score {result['score']:.3f})" if result.get("score") is not None else ""
+    print(f"{result['answer']}{score}")
+    for src in result["sources"]:
+        print(f"  {src['score']:.3f}  {src['source']}:{src['start']}-{src['end']}")
+    return 0
+
+
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
 
@@ -365,6 +396,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON objects")
     p.add_argument("--device", default=None, help="cpu, cuda or mps (default: cpu)")
     p.set_defaults(func=cmd_qa)
+
+    p = sub.add_parser("index", parents=[common], help="build a knowledge base: chunk and embed documents",
+                       description="Read .txt/.md/.jsonl files (a folder or files), split them into overlapping "
+                                   "chunks, embed each with a sentence-embedding model and save the index to --out.")
+    p.add_argument("sources", nargs="+", help="a folder or files")
+    p.add_argument("--model", required=True, help="sentence-embedding model (folder or cached id), e.g. MiniLM")
+    p.add_argument("--out", required=True, help="index folder to write")
+    p.add_argument("--chunk-chars", type=int, default=600, help="characters per chunk (default 600)")
+    p.add_argument("--overlap", type=int, default=100, help="characters shared by neighbouring chunks (default 100)")
+    p.add_argument("--batch-size", type=int, default=32, help="chunks per model call")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("ask", parents=[common], help="answer a question from a knowledge base (lmforge index)",
+                       description="Retrieve the top-k chunks of INDEX by cosine similarity to QUESTION, then answer "
+                                   "with an extractive QA model (--reader), a generator (--generator), or, with "
+                                   "neither, show the best chunk. Prints the answer, its score and the sources.")
+    p.add_argument("index", help="an index folder written by lmforge index")
+    p.add_argument("question", help="the question")
+    p.add_argument("--reader", default=None, help="question-answering model (folder or cached id)")
+    p.add_argument("--generator", default=None, help="causal LM (folder or cached id) prompted with the context")
+    p.add_argument("--top-k", type=int, default=3, help="chunks to retrieve (default 3)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="generator: answer length (default 64)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("attention", parents=[common], help="draw attention maps (or token attributions) as a PNG",
                        description="Per-layer, per-head attention heatmaps of MODEL on TEXT, labelled with the "

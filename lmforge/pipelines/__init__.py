@@ -6,7 +6,9 @@
 
 Modules: base.py (the Pipeline class: batching by length, input checks, truncation), factory.py
 (`pipeline`), and one module per task: text_generation.py, text_classification.py, fill_mask.py,
-token_classification.py, question_answering.py, feature_extraction.py (also sentence-embeddings).
+token_classification.py, question_answering.py, feature_extraction.py (also sentence-embeddings),
+zero_shot.py (zero-shot-classification, few-shot prompting); knowledge_base.py (KnowledgeBase: retrieve
+chunks of your files, then answer from them).
 Names are imported on first use, so `import lmforge.pipelines` loads nothing heavy.
 """
 from __future__ import annotations
@@ -26,6 +28,11 @@ _EXPORTS = {
     "TokenClassificationPipeline": "lmforge.pipelines.token_classification",
     "QuestionAnsweringPipeline": "lmforge.pipelines.question_answering",
     "FeatureExtractionPipeline": "lmforge.pipelines.feature_extraction",
+    "ZeroShotClassificationPipeline": "lmforge.pipelines.zero_shot",
+    "FewShotClassifier": "lmforge.pipelines.zero_shot",
+    "few_shot_prompt": "lmforge.pipelines.zero_shot",
+    "KnowledgeBase": "lmforge.pipelines.knowledge_base",
+    "chunk_text": "lmforge.pipelines.knowledge_base",
 }
 
 __all__ = sorted(_EXPORTS)

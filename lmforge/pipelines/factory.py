@@ -30,6 +30,8 @@ TASKS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "feature-extraction": ("feature_extraction:FeatureExtractionPipeline", "AutoModel", {}),
     "sentence-embeddings": ("feature_extraction:FeatureExtractionPipeline", "AutoModel",
                             {"pooling": "mean", "normalize": True}),
+    # no fixed Auto class: the pipeline picks one from the checkpoint (NLI classifier, causal LM or encoder)
+    "zero-shot-classification": ("zero_shot:ZeroShotClassificationPipeline", "", {}),
 }
 ALIASES = {"sentiment-analysis": "text-classification", "ner": "token-classification"}
 
@@ -77,7 +79,7 @@ def pipeline(task: str, model: Any = None, tokenizer: Any = None, device: int | 
     Args:
         task: one of `available_tasks()`: text-generation, text-classification (sentiment-analysis),
             fill-mask, token-classification (ner), question-answering, feature-extraction,
-            sentence-embeddings.
+            sentence-embeddings, zero-shot-classification.
         model: a lmforge model object, or a local directory / model id of the local Hugging Face cache,
             loaded with the task's Auto class (`model_kwargs` go to its `from_pretrained`, e.g. dtype).
         tokenizer: a Tokenizer or a path; by default the model's own directory (a model object needs one).
@@ -95,6 +97,7 @@ def pipeline(task: str, model: Any = None, tokenizer: Any = None, device: int | 
         raise ValueError(f"pipeline({task!r}) needs model=...: a lmforge model object, or a local model directory "
                          "or the id of a model in the local Hugging Face cache (lmforge never downloads)")
     options = dict(defaults)
+    name_or_path = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
     if isinstance(model, (str, os.PathLike)):
         from lmforge import auto
         from lmforge.hub import resolve_model_dir
@@ -102,6 +105,9 @@ def pipeline(task: str, model: Any = None, tokenizer: Any = None, device: int | 
         directory = resolve_model_dir(model)
         if name == "sentence-embeddings":
             options.update(_sentence_transformers_defaults(directory))
+        if not auto_name:  # the pipeline chooses the Auto class (and default options) from the checkpoint
+            auto_name, chosen = _pipeline_class(target).checkpoint_choice(directory)  # type: ignore[attr-defined]
+            options.update(chosen)
         try:
             loaded = getattr(auto, auto_name).from_pretrained(directory, **(model_kwargs or {}))
         except ValueError as err:
@@ -127,4 +133,5 @@ def pipeline(task: str, model: Any = None, tokenizer: Any = None, device: int | 
     options.update(kwargs)
     pipe = _pipeline_class(target)(model, tokenizer, device=device, batch_size=batch_size, **options)
     pipe.task = name
+    pipe.name_or_path = name_or_path  # the folder or model id it was loaded from (None: a model object)
     return pipe

@@ -1,0 +1,534 @@
+"""Knowledge-base question answering: find the passages of your files that match a question, then answer.
+
+    kb = KnowledgeBase.build("notes/", embedder="path/to/all-MiniLM-L6-v2")   # read, chunk, embed
+    kb.save("notes.kb")                                # embeddings.safetensors + chunks.jsonl + index.json
+    kb = KnowledgeBase.load("notes.kb")                # the embedder named in index.json loads on first use
+    kb.search("how tall is the tower?", top_k=5)       -> [{"score", "text", "source", "start", "end"}, ...]
+    kb.ask("how tall is the tower?", reader="path/to/qa-model")
+        -> {"answer", "score", "source", "start", "end", "sources": [...]}   (offsets into the source file)
+    kb.ask(question, generator="path/to/gpt")          -> {"answer", "score": None, "sources": [...]}
+    kb.ask(question)                                   -> the best chunk is the answer
+
+Files (.txt, .md, .markdown; .jsonl with a "text" per line) are read as UTF-8 and cut into overlapping
+chunks of at most `chunk_chars` characters, at a paragraph end if one is near the limit, else at a
+sentence end (. ! ? and 。！？), else between words. A chunk with more tokens than the embedder takes
+is cut again, smaller, so no chunk is truncated by the embedder. Each chunk keeps its source and its
+character offsets: `text[start:end] == chunk text`, where `text` is the file read with
+`open(path, encoding="utf-8-sig", newline="").read()` (for a .jsonl: that line's "text").
+
+Retrieval embeds the chunks with a sentence-embedding pipeline (normalised vectors) and ranks them by
+cosine similarity with the question's vector (a dot product of unit vectors).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+FORMAT = "lmforge-knowledge-base"
+VERSION = 1
+INDEX, EMBEDDINGS, CHUNKS = "index.json", "embeddings.safetensors", "chunks.jsonl"
+SUFFIXES = (".txt", ".md", ".markdown", ".jsonl")
+DEFAULT_PROMPT = ("Answer the question using the context.\n\nContext:\n{context}\n\nQuestion: {question}\n"
+                  "Answer:")
+
+# where a chunk may end (see chunk_text); cut before a blank line, after a sentence end, at a space
+_PARAGRAPH = re.compile(r"\n[^\S\n]*\n")
+_SENTENCE = re.compile(r"[.!?…;:][\"'”’)\]]*(?=\s)|[。！？；：][”’」』）]*|\n")
+_WORD = re.compile(r"(?<=[，、,])|\s")
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A passage of a source: `text == source_text[start:end]`."""
+
+    text: str
+    source: str
+    start: int
+    end: int
+
+
+# ---------------------------------------------------------------------------- chunking
+def _skip_space(text: str, i: int) -> int:
+    while i < len(text) and text[i].isspace():
+        i += 1
+    return i
+
+
+def _cut(text: str, start: int, limit: int, chunk_chars: int) -> int:
+    """Where a chunk starting at `start` ends, at most at `limit`: the last paragraph end, else sentence
+    end, else word end in its second half; else `limit` itself."""
+    low = start + chunk_chars // 2
+    for pattern, after in ((_PARAGRAPH, False), (_SENTENCE, True), (_WORD, False)):
+        cuts = [m.end() if after else m.start() for m in pattern.finditer(text, low, limit + 1)]
+        cuts = [c for c in cuts if low < c <= limit]
+        if cuts:
+            return max(cuts)
+    return limit
+
+
+def _overlap_start(text: str, start: int, end: int, overlap: int) -> int:
+    """Where the chunk after text[start:end] starts: the earliest sentence start, else word start, in
+    the last `overlap` characters; else `end - overlap`. Always after `start`, before `end`."""
+    low = max(end - overlap, start + 1)
+    for pattern, after in ((_SENTENCE, True), (_WORD, False)):
+        for m in pattern.finditer(text, low, end):
+            q = _skip_space(text, m.end() if after else m.start())
+            if low <= q < end:
+                return q
+    return _skip_space(text, low)
+
+
+def chunk_text(text: str, chunk_chars: int = 600, overlap: int = 100) -> list[tuple[int, int]]:
+    """(start, end) character spans of overlapping chunks of `text`, in order.
+
+    Each chunk has at most `chunk_chars` characters, no leading or trailing whitespace, and ends at a
+    paragraph end, sentence end (. ! ? ; and 。！？；) or word end in its second half when there is one.
+    The next chunk starts up to `overlap` characters before the previous one ends (at a sentence or word
+    start when possible), so a fact cut at a boundary is whole in one of the two. Every non-space
+    character of `text` is in some chunk.
+    """
+    if isinstance(chunk_chars, bool) or not isinstance(chunk_chars, int) or chunk_chars < 2:
+        raise ValueError(f"chunk_chars must be an integer >= 2, got {chunk_chars!r}")
+    if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap <= chunk_chars // 2:
+        raise ValueError(f"overlap must be an integer from 0 to chunk_chars // 2 = {chunk_chars // 2}, got "
+                         f"{overlap!r}")
+    spans: list[tuple[int, int]] = []
+    start = _skip_space(text, 0)
+    while start < len(text):
+        limit = start + chunk_chars
+        end = len(text) if limit >= len(text) else _cut(text, start, limit, chunk_chars)
+        stop = end
+        while stop > start and text[stop - 1].isspace():
+            stop -= 1
+        spans.append((start, stop))
+        following = _skip_space(text, end)
+        if following >= len(text):
+            break
+        start = _overlap_start(text, start, stop, overlap) if overlap else following
+    return spans
+
+
+def _fit_to_tokens(text: str, spans: list[tuple[int, int]], count: Callable[[list[str]], list[int]],
+                   max_tokens: int, overlap: int) -> list[tuple[int, int]]:
+    """`spans` with every span of more than `max_tokens` tokens cut again into smaller chunks."""
+    fitted: list[tuple[int, int]] = []
+    pending = list(spans)
+    while pending:
+        lengths = count([text[s:e] for s, e in pending])
+        later: list[tuple[int, int]] = []
+        for (s, e), n in zip(pending, lengths):
+            if n <= max_tokens or e - s <= 8:
+                fitted.append((s, e))
+                continue
+            chars = max(8, int((e - s) * max_tokens / n * 0.9))
+            later += [(s + a, s + b) for a, b in chunk_text(text[s:e], chars, min(overlap, chars // 2))]
+        pending = later
+    return sorted(fitted)
+
+
+# ---------------------------------------------------------------------------- reading files
+def _find_files(sources: str | os.PathLike | Iterable[str | os.PathLike]) -> list[tuple[Path, str]]:
+    """(path, source name) of every file to index: a folder's files (recursively, hidden ones skipped)
+    are named by their path inside it; a file given directly by its path as given."""
+    items = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
+    found: list[tuple[Path, str]] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            for file in sorted(path.rglob("*")):
+                relative = file.relative_to(path)
+                if file.is_file() and file.suffix.lower() in SUFFIXES \
+                        and not any(part.startswith(".") for part in relative.parts):
+                    found.append((file, relative.as_posix()))
+        elif path.is_file():
+            if path.suffix.lower() not in SUFFIXES:
+                raise ValueError(f"{path} is not a .txt, .md or .jsonl file; the knowledge base reads {SUFFIXES}")
+            found.append((path, path.as_posix()))
+        else:
+            raise FileNotFoundError(f"{path} does not exist; pass a folder of .txt/.md/.jsonl files or such files")
+    names = [name for _, name in found]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"two files would have the same source name {repeated}; index one folder, or give the "
+                         "files by distinct paths")
+    return found
+
+
+def _read_text(path: Path) -> str:
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            return f.read()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err}); convert it to UTF-8 or leave it out") from None
+
+
+def read_documents(sources: str | os.PathLike | Iterable[str | os.PathLike]) -> list[tuple[str, str]]:
+    """(source name, text) of every document: one per .txt/.md file, one per line of a .jsonl file
+    (named "file.jsonl#LINE", 1-based)."""
+    documents: list[tuple[str, str]] = []
+    for path, name in _find_files(sources):
+        text = _read_text(path)
+        if path.suffix.lower() != ".jsonl":
+            documents.append((name, text))
+            continue
+        for number, line in enumerate(text.split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path} line {number} is not JSON ({err}); each line must be an object with "
+                                 "a 'text'") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ValueError(f"{path} line {number} has no 'text' string; each line must be an object like "
+                                 '{"text": "..."}')
+            documents.append((f"{name}#{number}", record["text"]))
+    return documents
+
+
+# ---------------------------------------------------------------------------- the embedder
+def _embedder_dims(embedder: Any) -> int:
+    config = embedder.model.config
+    return int(getattr(config, "hidden_size", None) or config.n_embd)
+
+
+def _embedder_name(name_or_path: Any) -> str | None:
+    """What index.json records to load the embedder again: an existing folder as an absolute path,
+    else the model id as given."""
+    if name_or_path is None:
+        return None
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.exists() else str(name_or_path)
+
+
+def _resolve_embedder(embedder: Any) -> tuple[Any, str | None]:
+    """A sentence-embedding pipeline and its name from a pipeline or a model folder / id."""
+    from lmforge.pipelines.feature_extraction import FeatureExtractionPipeline
+
+    if isinstance(embedder, (str, os.PathLike)):
+        from lmforge.pipelines.factory import pipeline
+
+        return pipeline("sentence-embeddings", model=embedder), _embedder_name(embedder)
+    if not isinstance(embedder, FeatureExtractionPipeline):
+        raise TypeError(f"embedder must be a sentence-embeddings pipeline or a model folder / id, got "
+                        f"{type(embedder).__name__}")
+    if embedder.options.get("pooling") is None:
+        raise TypeError("embedder gives token vectors (feature-extraction); use a sentence-embeddings pipeline: "
+                        "pipeline('sentence-embeddings', model=...)")
+    return embedder, _embedder_name(getattr(embedder, "name_or_path", None))
+
+
+def _embed(embedder: Any, texts: list[str], batch_size: int = 32) -> Tensor:
+    """Unit-length embeddings (len(texts), D) of `texts`."""
+    vectors = embedder(texts, return_tensors=True, normalize=True, batch_size=batch_size)
+    return torch.stack(vectors).to(torch.float32)
+
+
+# ---------------------------------------------------------------------------- the knowledge base
+class KnowledgeBase:
+    """Chunks of documents with their unit-length embeddings (N, D); search by cosine similarity, and
+    answer questions from the best chunks (see the module doc).
+
+    Build with `KnowledgeBase.build(...)` or `KnowledgeBase.load(dir)`; `info` is what index.json holds
+    besides the format fields (embedder, chunking, roots, documents).
+    """
+
+    def __init__(self, embeddings: Tensor, chunks: Sequence[Chunk], info: dict[str, Any],
+                 embedder: Any = None) -> None:
+        if embeddings.dim() != 2 or embeddings.size(0) != len(chunks):
+            raise ValueError(f"embeddings must be (N, D) with one row per chunk: got {tuple(embeddings.shape)} for "
+                             f"{len(chunks)} chunks")
+        self.embeddings = embeddings.detach().to("cpu", torch.float32).contiguous()  # (N, D) unit rows
+        self.chunks = list(chunks)
+        self.info = info
+        self._embedder: Any = None
+        if embedder is not None:
+            self.embedder = embedder
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __repr__(self) -> str:
+        return (f"KnowledgeBase({len(self)} chunks, {self.dims} dims, "
+                f"embedder={self.info['embedder'].get('model')!r})")
+
+    @property
+    def dims(self) -> int:
+        """D, the length of the embedding vectors."""
+        return self.embeddings.size(1)
+
+    @property
+    def embedder(self) -> Any:
+        """The sentence-embedding pipeline; loaded from the model named in index.json on first use."""
+        if self._embedder is None:
+            name = self.info["embedder"].get("model")
+            if not name:
+                raise ValueError("this knowledge base does not name its embedder (it was built from a model object); "
+                                 "pass KnowledgeBase.load(directory, embedder=...) with the same embedder")
+            try:
+                self.embedder = name
+            except FileNotFoundError as err:
+                raise FileNotFoundError(f"cannot load the embedder {name!r} this knowledge base was built with "
+                                        f"({err}); pass KnowledgeBase.load(directory, embedder=...)") from None
+        return self._embedder
+
+    @embedder.setter
+    def embedder(self, embedder: Any) -> None:
+        pipe, _ = _resolve_embedder(embedder)
+        if _embedder_dims(pipe) != self.dims:
+            raise ValueError(f"the embedder gives {_embedder_dims(pipe)}-dim vectors, but this knowledge base holds "
+                             f"{self.dims}-dim ones (built with {self.info['embedder'].get('model')!r}); use the "
+                             "embedder it was built with")
+        self._embedder = pipe
+
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def build(cls, folder_or_files: str | os.PathLike | Iterable[str | os.PathLike], embedder: Any,
+              chunk_chars: int = 600, overlap: int = 100, batch_size: int = 32) -> KnowledgeBase:
+        """Read, chunk and embed documents.
+
+        Args:
+            folder_or_files: a folder (its .txt/.md/.markdown/.jsonl files, recursively), a file, or a list.
+            embedder: a sentence-embeddings pipeline, or a model folder / cached id to load as one.
+            chunk_chars: the most characters in a chunk (chunks are also cut to the embedder's length).
+            overlap: up to this many characters are shared by consecutive chunks (<= chunk_chars // 2).
+            batch_size: texts per forward pass of the embedder.
+        """
+        chunk_text("", chunk_chars, overlap)  # bad settings fail before any file is read
+        documents = read_documents(folder_or_files)
+        pipe, name = _resolve_embedder(embedder)
+        max_tokens = pipe._limit(pipe.options.get("max_length"))
+        specials = pipe.tokenizer.backend.num_special_tokens_to_add(False)
+
+        def count(texts: list[str]) -> list[int]:
+            return [len(ids) + specials for ids in pipe.tokenizer.encode_batch_fast(texts)]
+
+        chunks = []
+        for source, text in documents:
+            spans = _fit_to_tokens(text, chunk_text(text, chunk_chars, overlap), count, max_tokens, overlap)
+            chunks += [Chunk(text[s:e], source, s, e) for s, e in spans]
+        if not chunks:
+            raise ValueError(f"no text to index in {folder_or_files!r}: no .txt, .md or .jsonl file with text "
+                             "was found")
+        roots = [folder_or_files] if isinstance(folder_or_files, (str, os.PathLike)) else list(folder_or_files)
+        info = {"embedder": {"model": name, "pooling": pipe.options.get("pooling"), "normalize": True,
+                             "max_length": max_tokens},
+                "chunking": {"chunk_chars": chunk_chars, "overlap": overlap},
+                "roots": [str(Path(r).resolve()) for r in roots], "documents": len(documents)}
+        embeddings = _embed(pipe, [c.text for c in chunks], batch_size)  # (N, D)
+        return cls(embeddings, chunks, info, embedder=pipe)
+
+    # ------------------------------------------------------------------ files
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write embeddings.safetensors (float32 (N, D)), chunks.jsonl and index.json into `directory`,
+        atomically: a reader sees the old knowledge base or the new one. An existing folder is replaced
+        only if it is a knowledge base (or empty)."""
+        from safetensors.torch import save as safetensors_bytes
+
+        from lmforge.utils import atomic_directory, atomic_write_bytes, atomic_write_text
+
+        directory = Path(directory)
+        if directory.exists() and (not directory.is_dir()
+                                   or (any(directory.iterdir()) and not (directory / INDEX).is_file())):
+            raise ValueError(f"{directory} exists and is not a knowledge base; saving replaces the whole folder, so "
+                             "save to a new or empty folder")
+        index = {"format": FORMAT, "version": VERSION, "count": len(self), "dims": self.dims, "dtype": "float32",
+                 **self.info}
+        with atomic_directory(directory) as tmp:
+            atomic_write_bytes(tmp / EMBEDDINGS, safetensors_bytes(
+                {"embeddings": self.embeddings.contiguous()}, metadata={"format": FORMAT, "count": str(len(self))}))
+            atomic_write_text(tmp / CHUNKS, "".join(json.dumps(asdict(c), ensure_ascii=False) + "\n"
+                                                    for c in self.chunks))
+            atomic_write_text(tmp / INDEX, json.dumps(index, indent=2, ensure_ascii=False) + "\n")
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, embedder: Any = None) -> KnowledgeBase:
+        """Read a folder written by `save`, checking that its three files agree. `embedder` (a pipeline
+        or model folder / id) overrides the one named in index.json, which otherwise loads on first use."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"no knowledge base at {directory}; build one with KnowledgeBase.build(...)"
+                                    ".save(directory) or `lmforge index`")
+        missing = [name for name in (INDEX, EMBEDDINGS, CHUNKS) if not (directory / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{directory} is not a complete knowledge base: {', '.join(missing)} "
+                                    f"{'is' if len(missing) == 1 else 'are'} missing; build it again")
+        index = _read_index(directory / INDEX)
+        embeddings = _read_embeddings(directory / EMBEDDINGS, index)
+        chunks = _read_chunks(directory / CHUNKS, index["count"])
+        info = {k: v for k, v in index.items() if k not in ("format", "version", "count", "dims", "dtype")}
+        return cls(embeddings, chunks, info, embedder=embedder)
+
+    # ------------------------------------------------------------------ retrieval
+    def search(self, query: str, top_k: int = 5) -> list[dict[str, Any]]:
+        """The `top_k` chunks most similar to `query`, best first: {"score" (cosine similarity), "text",
+        "source", "start", "end"}."""
+        if not isinstance(query, str) or not query.strip():
+            raise ValueError(f"query must be a non-empty str, got {query!r}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+        q = _embed(self.embedder, [query])[0]  # (D,)
+        scores = self.embeddings @ q  # (N,) cosine similarities
+        values, indices = scores.topk(min(top_k, len(self)))
+        return [{"score": float(v), **asdict(self.chunks[i])} for v, i in zip(values.tolist(), indices.tolist())]
+
+    def ask(self, question: str, top_k: int = 3, reader: Any = None, generator: Any = None,
+            prompt_template: str = DEFAULT_PROMPT, generation_options: dict[str, Any] | None = None
+            ) -> dict[str, Any]:
+        """Answer `question` from the `top_k` best chunks.
+
+        - `reader` (extractive): a question-answering pipeline, a QA model folder / id, or any callable
+          `reader(question=..., context=...) -> {"answer", "score", "start", "end"}`. It reads each chunk;
+          the answer with the best reader score wins. The result adds its "source" and its "start"/"end"
+          in the source text.
+        - `generator`: a text-generation pipeline, a causal-LM folder / id, or a callable
+          `generator(prompt, **options) -> [{"generated_text"}]`. It continues `prompt_template` filled
+          with the chunks (best last, next to the question, so a prompt cut to the model's context loses
+          the weakest) and the question; the answer is the first line it writes; "score" is None.
+          `generation_options` go to the call (default max_new_tokens=64, greedy).
+        - neither: the best chunk is the answer, its similarity the score.
+
+        Returns {"answer", "score", "sources": [{"source", "start", "end", "score", "text"}, ...]} (the
+        retrieved chunks, best first), plus "source", "start", "end" for a reader or no reader.
+        """
+        if reader is not None and generator is not None:
+            raise ValueError("pass reader= (extractive QA) or generator= (a text generator), not both")
+        from lmforge.pipelines.text_generation import TextGenerationPipeline
+
+        if isinstance(reader, TextGenerationPipeline):
+            reader, generator = None, reader
+        hits = self.search(question, top_k)
+        if generator is not None:
+            return self._generate(question, hits, generator, prompt_template, generation_options)
+        if reader is not None:
+            return self._extract(question, hits, reader)
+        best = hits[0]
+        return {"answer": best["text"], "score": best["score"], "source": best["source"], "start": best["start"],
+                "end": best["end"], "sources": hits}
+
+    @staticmethod
+    def _extract(question: str, hits: list[dict[str, Any]], reader: Any) -> dict[str, Any]:
+        if isinstance(reader, (str, os.PathLike)):
+            from lmforge.pipelines.factory import pipeline
+
+            reader = pipeline("question-answering", model=reader)
+        if not callable(reader):
+            raise TypeError(f"reader must be a question-answering pipeline, a model folder / id or a callable, got "
+                            f"{type(reader).__name__}")
+        best: tuple[dict[str, Any], dict[str, Any]] | None = None
+        for hit in hits:
+            result = reader(question=question, context=hit["text"])
+            result = result[0] if isinstance(result, list) else result  # a reader asked for top_k > 1
+            if not isinstance(result, dict) or not {"answer", "score", "start", "end"} <= set(result):
+                raise TypeError(f"the reader must return {{'answer', 'score', 'start', 'end'}}, got {result!r}")
+            if best is None or result["score"] > best[0]["score"]:
+                best = (result, hit)
+        assert best is not None
+        answer, hit = best
+        return {"answer": answer["answer"], "score": float(answer["score"]), "source": hit["source"],
+                "start": hit["start"] + int(answer["start"]), "end": hit["start"] + int(answer["end"]),
+                "sources": hits}
+
+    @staticmethod
+    def _generate(question: str, hits: list[dict[str, Any]], generator: Any, prompt_template: str,
+                  generation_options: dict[str, Any] | None) -> dict[str, Any]:
+        if "{context}" not in prompt_template or "{question}" not in prompt_template:
+            raise ValueError("prompt_template needs {context} and {question}")
+        if isinstance(generator, (str, os.PathLike)):
+            from lmforge.pipelines.factory import pipeline
+
+            generator = pipeline("text-generation", model=generator)
+        if not callable(generator):
+            raise TypeError(f"generator must be a text-generation pipeline, a model folder / id or a callable, got "
+                            f"{type(generator).__name__}")
+        context = "\n\n".join(hit["text"] for hit in reversed(hits))  # best last: next to the question
+        prompt = prompt_template.format(context=context, question=question)
+        out = generator(prompt, **{"max_new_tokens": 64, "return_full_text": False, **(generation_options or {})})
+        out = out[0] if isinstance(out, list) else out
+        text = out["generated_text"] if isinstance(out, dict) else out
+        if not isinstance(text, str):
+            raise TypeError(f"the generator must return [{{'generated_text': str}}], got {out!r}")
+        return {"answer": text.strip().split("\n", 1)[0].strip(), "score": None, "sources": hits}
+
+
+# ---------------------------------------------------------------------------- reading a saved base
+def _read_index(path: Path) -> dict[str, Any]:
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); build the knowledge base again") from None
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a lmforge knowledge-base index (format {FORMAT!r} expected)")
+    if not isinstance(index.get("version"), int) or index["version"] > VERSION:
+        raise ValueError(f"{path} has format version {index.get('version')!r}; this lmforge reads version "
+                         f"{VERSION} (upgrade lmforge, or build the knowledge base again)")
+    for key in ("count", "dims"):
+        if isinstance(index.get(key), bool) or not isinstance(index.get(key), int) or index[key] < 1:
+            raise ValueError(f"{path}: {key!r} must be a positive integer, got {index.get(key)!r}")
+    if not isinstance(index.get("embedder"), dict):
+        raise ValueError(f"{path} has no 'embedder' section; build the knowledge base again")
+    index.setdefault("chunking", {})
+    return index
+
+
+def _read_embeddings(path: Path, index: dict[str, Any]) -> Tensor:
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for a damaged file
+        raise ValueError(f"cannot read {path} ({err}); the file is damaged: build the knowledge base again") from None
+    if "embeddings" not in tensors:
+        raise ValueError(f"{path} has no 'embeddings' tensor (found {sorted(tensors)})")
+    embeddings = tensors["embeddings"]
+    if embeddings.dtype != torch.float32 or embeddings.dim() != 2:
+        raise ValueError(f"{path}: embeddings must be float32 (N, D), got {embeddings.dtype} "
+                         f"{tuple(embeddings.shape)}")
+    if tuple(embeddings.shape) != (index["count"], index["dims"]):
+        raise ValueError(f"{path} holds {tuple(embeddings.shape)} embeddings but index.json says "
+                         f"{index['count']} chunks of {index['dims']} dims; the files do not belong together: "
+                         "build the knowledge base again")
+    if not bool(torch.isfinite(embeddings).all()):
+        raise ValueError(f"{path} holds NaN or infinite values; build the knowledge base again")
+    norms = embeddings.norm(dim=1)
+    if not bool(((norms - 1).abs() < 1e-3).all()):
+        raise ValueError(f"{path}: embeddings are not unit vectors (norms {float(norms.min()):.4g}.."
+                         f"{float(norms.max()):.4g}); build the knowledge base again")
+    return embeddings
+
+
+def _read_chunks(path: Path, count: int) -> list[Chunk]:
+    chunks = []
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 ({err}); build the knowledge base again") from None
+    if lines and lines[-1] == "":
+        lines.pop()
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+            chunk = Chunk(record["text"], record["source"], record["start"], record["end"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{path} line {number} is not a chunk ({type(err).__name__}: {err}); each line needs "
+                             "text, source, start, end: build the knowledge base again") from None
+        if not (isinstance(chunk.text, str) and isinstance(chunk.source, str) and isinstance(chunk.start, int)
+                and isinstance(chunk.end, int) and chunk.end - chunk.start == len(chunk.text)):
+            raise ValueError(f"{path} line {number}: text, source, start, end do not agree (end - start must be "
+                             "the length of text); build the knowledge base again")
+        chunks.append(chunk)
+    if len(chunks) != count:
+        raise ValueError(f"{path} has {len(chunks)} chunks but index.json says {count}; the files do not belong "
+                         "together: build the knowledge base again")
+    return chunks
+
