@@ -106,7 +106,8 @@ def cmd_finetune(a: argparse.Namespace) -> int:
                       max_train_examples=a.max_train_examples, max_length=a.max_length, prefix=a.prefix,
                       separator=a.separator.replace("\\n", "\n").replace("\\t", "\t"), lora=a.lora, lora_r=a.lora_r,
                       text_field=a.text_field, label_field=a.label_field, text_pair_field=a.text_pair_field,
-                      training=training, seed=a.seed, device=a.device, resume=a.resume)
+                      training=training, seed=a.seed, device=a.device, resume=a.resume, metric=a.metric,
+                      max_eval_generate=a.max_eval_generate)
     shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in report.items() if k != "labels"}
     print(json.dumps(shown, ensure_ascii=False))
     return 0
@@ -341,7 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(jsonl/csv/tsv with input,output; a --prefix in front, loss on the output only).")
     p.add_argument("task", help="classification | ner | qa | causal-lm")
     p.add_argument("--model", required=True, help="pretrained model directory or cached model id")
-    p.add_argument("--train", required=True, help="training data file (or 'sentiment')")
+    p.add_argument("--train", required=True,
+                   help="training data file; bundled: 'sentiment' (classification), 'bible-en-es' / 'bible-es-en' "
+                        "(causal-lm translation, whole books held out for evaluation)")
     p.add_argument("--eval", default=None, help="evaluation file (default: hold out --eval-fraction of --train)")
     p.add_argument("--out", default="runs/finetune", help="output directory (default runs/finetune)")
     p.add_argument("--eval-fraction", type=float, default=0.1, help="held-out share without --eval (default 0.1)")
@@ -355,6 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default 8)")
     p.add_argument("--prefix", default="", help="causal-lm: task label put in front of each input")
     p.add_argument("--separator", default="\\n", help="causal-lm: text between input and output (default newline)")
+    p.add_argument("--metric", choices=["bleu", "rouge"], default=None,
+                   help="causal-lm: generate the evaluation outputs (greedy) and score them (BLEU needs sacrebleu)")
+    p.add_argument("--max-eval-generate", type=int, default=200,
+                   help="causal-lm with --metric: evaluation outputs generated (default 200)")
     p.add_argument("--text-field", default="text", help="classification: the text column")
     p.add_argument("--label-field", default="label", help="classification: the label column")
     p.add_argument("--text-pair-field", default=None, help="classification: a second text column (pairs)")

@@ -7,7 +7,7 @@
 
 Modules: corpus.py (sources and documents), prepare.py (tokenize to .bin + meta.json),
 blocks.py (datasets over the .bin files), mlm.py (BERT masking and
-next-sentence pairs), finetune.py (classification, CoNLL token tags, SQuAD QA),
+next-sentence pairs), finetune.py (classification, CoNLL token tags, SQuAD QA, translation pairs),
 hashing.py (counter-based hash), batching.py (length-bucketed inference batches), corpora/ (bundled text).
 Names are imported on first use, so `import lmforge.data` does not load torch.
 """
@@ -42,6 +42,12 @@ _EXPORTS = {
     "extract_answer": "lmforge.data.finetune",
     "best_span": "lmforge.data.finetune",
     "load_sentiment": "lmforge.data.finetune",
+    "load_translation_pairs": "lmforge.data.finetune",
+    "bible_books": "lmforge.data.finetune",
+    "bible_training_documents": "lmforge.data.finetune",
+    "bible_corpus_file": "lmforge.data.finetune",
+    "export_translation_corpus": "lmforge.data.finetune",
+    "DEFAULT_TEST_BOOKS": "lmforge.data.finetune",
     "DataCollator": "lmforge.data.collate",
     "length_sorted_batches": "lmforge.data.batching",
 }

@@ -67,6 +67,10 @@ BUNDLED: dict[str, BundledCorpus] = {
 }
 
 
+#: both sides of the bundled English-Spanish verse pairs, training books only (held-out books excluded)
+BIBLE_TRAIN = "bible-en-es-train"
+
+
 def _find_bundled(name: str) -> BundledCorpus | None:
     """Look up a bundled corpus by its name or its file name, with or without extensions."""
     if name in BUNDLED:
@@ -156,10 +160,14 @@ def resolve_sources(sources: Source | Sequence[Source]) -> list[SourceFile]:
         elif isinstance(item, str) and _find_bundled(item) is not None:
             corpus = _find_bundled(item)
             files.append(SourceFile(bundled_path(item), "txt", corpus.one_document))  # type: ignore[union-attr]
+        elif isinstance(item, str) and item == BIBLE_TRAIN:
+            from lmforge.data.finetune import bible_corpus_file  # lazy: finetune.py imports this module
+
+            files.append(SourceFile(bible_corpus_file(), "txt"))
         else:
             raise CorpusError(
                 f"{path}: no such file or folder (relative to {Path.cwd()}), and not a bundled "
-                f"corpus name ({', '.join(BUNDLED)}); check the path"
+                f"corpus name ({', '.join([*BUNDLED, BIBLE_TRAIN])}); check the path"
             )
     return files
 

@@ -6,6 +6,8 @@
   goes on the first sub-token of each word, -100 (ignored by the loss) everywhere else.
 - `load_squad` + `prepare_qa_features` (+ `extract_answer`): extractive QA from SQuAD v1/v2
   JSON, long contexts cut into overlapping chunks like Hugging Face's run_qa.py.
+- `load_translation_pairs`: the bundled English–Spanish verse pairs split by whole books;
+  `bible_training_documents` / `bible_corpus_file`: their training books as pretraining text.
 
 Every problem with a file raises `CorpusError` naming the file, the line and the fix.
 """
@@ -448,3 +450,134 @@ def extract_answer(
     on context tokens, end >= start, at most ``max_answer_len`` tokens); "" if there is none."""
     span = best_span(feature, start_logits, end_logits, max_answer_len)
     return "" if span is None else context[span[1] : span[2]]
+
+
+# ---------------------------------------------------------------------------- translation pairs
+BIBLE_PAIRS_FILE = "en_es_bible_pairs.tsv.xz"
+BIBLE_LANGUAGES = ("en", "es")
+#: Books held out by default: small ones from both testaments (228 verses), never trained on.
+DEFAULT_TEST_BOOKS = ("Ruth", "Jonah", "Titus", "Phlm", "Jude")
+
+
+def _bible_rows() -> list[dict[str, str]]:
+    """The bundled verse pairs as ``{"ref", "en", "es"}`` rows, in canonical (book) order."""
+    from lmforge.data.corpus import CORPORA_DIR
+
+    path = CORPORA_DIR / BIBLE_PAIRS_FILE
+    return [row for _, row in _classification_rows(path, ["ref", *BIBLE_LANGUAGES])]
+
+
+def _book(ref: str) -> str:
+    """"Gen.1.1" -> "Gen" (references are book.chapter.verse)."""
+    return ref.split(".", 1)[0]
+
+
+def bible_books() -> list[str]:
+    """The book names of the bundled pairs (as their references spell them), in canonical order."""
+    return list(dict.fromkeys(_book(row["ref"]) for row in _bible_rows()))
+
+
+def _check_books(books: Sequence[str], known: Sequence[str], what: str) -> set[str]:
+    """`books` as a set; an unknown name is a ValueError listing the known ones."""
+    if isinstance(books, str):
+        books = [books]
+    unknown = [b for b in books if b not in known]
+    if unknown:
+        raise ValueError(
+            f"{what}: unknown book(s) {', '.join(map(repr, unknown))}; the bundled pairs name "
+            f"their books {', '.join(known)}"
+        )
+    return set(books)
+
+
+def load_translation_pairs(
+    source: str = "en",
+    target: str = "es",
+    test_books: Sequence[str] = DEFAULT_TEST_BOOKS,
+) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """The bundled English–Spanish verse pairs (KJV / Reina-Valera 1909) as ``(train, test)``
+    lists of ``(input, output)`` pairs, split by whole books: every verse of `test_books` is in
+    test, no verse of them in train (a held-out verse's neighbours would leak its wording).
+
+    `source`/`target` set the direction ("en" -> "es" or "es" -> "en"). Both lists keep the
+    canonical book order; shuffle the training list yourself before taking a subset.
+    """
+    for lang, what in ((source, "source"), (target, "target")):
+        if lang not in BIBLE_LANGUAGES:
+            raise ValueError(f"{what} language {lang!r}: the bundled pairs have {BIBLE_LANGUAGES}")
+    if source == target:
+        raise ValueError(f"source and target are both {source!r}; pick two languages")
+    rows = _bible_rows()
+    held_out = _check_books(test_books, list(dict.fromkeys(_book(r["ref"]) for r in rows)), "test_books")
+    if not held_out:
+        raise ValueError("test_books is empty; hold out at least one book to evaluate on")
+    train = [(r[source], r[target]) for r in rows if _book(r["ref"]) not in held_out]
+    test = [(r[source], r[target]) for r in rows if _book(r["ref"]) in held_out]
+    return train, test
+
+
+def bible_training_documents(
+    languages: Sequence[str] = BIBLE_LANGUAGES,
+    exclude_books: Sequence[str] = DEFAULT_TEST_BOOKS,
+) -> Iterator[str]:
+    """Pretraining text from the bundled pairs: one document per chapter and language (its verses,
+    one per line), English chapter then its Spanish chapter, leaving out `exclude_books` (the
+    held-out translation test books, so pretraining never sees them)."""
+    for lang in languages:
+        if lang not in BIBLE_LANGUAGES:
+            raise ValueError(f"language {lang!r}: the bundled pairs have {BIBLE_LANGUAGES}")
+    rows = _bible_rows()
+    skip = _check_books(exclude_books, list(dict.fromkeys(_book(r["ref"]) for r in rows)), "exclude_books")
+    chapters: dict[str, list[dict[str, str]]] = {}
+    for row in rows:
+        if _book(row["ref"]) not in skip:
+            chapters.setdefault(row["ref"].rsplit(".", 1)[0], []).append(row)
+    for verses in chapters.values():
+        for lang in languages:
+            yield "\n".join(v[lang] for v in verses)
+
+
+def export_translation_corpus(
+    out_path: str | Path,
+    languages: Sequence[str] = BIBLE_LANGUAGES,
+    exclude_books: Sequence[str] = DEFAULT_TEST_BOOKS,
+) -> Path:
+    """Write `bible_training_documents` to a .txt corpus file (documents separated by a blank
+    line; ``.xz``/``.gz`` names are compressed), usable as pretraining data by any recipe."""
+    import gzip
+    import lzma
+
+    from lmforge.utils import atomic_write_bytes
+
+    out_path = Path(out_path)
+    text = "\n\n".join(bible_training_documents(languages, exclude_books)) + "\n"
+    raw = text.encode("utf-8")
+    if out_path.suffix == ".xz":
+        raw = lzma.compress(raw)
+    elif out_path.suffix == ".gz":
+        raw = gzip.compress(raw, mtime=0)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out_path, raw)
+    return out_path
+
+
+def bible_corpus_file(directory: str | Path | None = None) -> Path:
+    """The path of ``bible-en-es-train-<digest>.txt``: `bible_training_documents` (both languages,
+    default test books left out) written once to `directory` (default
+    ``$XDG_CACHE_HOME/lmforge/corpora``, i.e. ``~/.cache/lmforge/corpora``) and reused after, so it
+    can stand in for a bundled corpus name (token-file caching keys on the file's size and mtime,
+    which then stay the same). The digest covers the held-out books and the bundled file's size,
+    so a change to either writes a new file instead of reusing a stale one."""
+    import hashlib
+    import os
+
+    from lmforge.data.corpus import CORPORA_DIR
+
+    if directory is None:
+        cache = os.environ.get("XDG_CACHE_HOME") or Path("~/.cache").expanduser()
+        directory = Path(cache) / "lmforge" / "corpora"
+    key = f"v1|{'|'.join(DEFAULT_TEST_BOOKS)}|{(CORPORA_DIR / BIBLE_PAIRS_FILE).stat().st_size}"
+    path = Path(directory) / f"bible-en-es-train-{hashlib.sha256(key.encode()).hexdigest()[:10]}.txt"
+    if not path.is_file():
+        export_translation_corpus(path)
+    return path

@@ -52,9 +52,21 @@ class BertEmbeddings(nn.Module):
         self.ln = layer_norm(c.hidden_size, c.layer_norm_eps)
         self.dropout = c.hidden_dropout_prob
 
-    def forward(self, input_ids: Tensor, token_type_ids: Tensor, position_ids: Tensor) -> Tensor:
-        x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
-        x = x + self.position_embeddings(position_ids)
+    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None,
+                position_ids: Tensor | None = None) -> Tensor:
+        """input_ids (B, T); token_type_ids (B, T) or None = all segment 0; position_ids (B, T) or None =
+        0..T-1. The defaults add one table row / the first T rows, broadcast over the batch, instead of
+        gathering B*T rows (same sums, in the same order: word + segment, then + position)."""
+        T = input_ids.size(1)
+        x = self.word_embeddings(input_ids)  # (B, T, C)
+        if token_type_ids is None:
+            x = x + self.token_type_embeddings.weight[0]  # (C,)
+        else:
+            x = x + self.token_type_embeddings(token_type_ids)
+        if position_ids is None:
+            x = x + self.position_embeddings.weight[:T]  # (T, C)
+        else:
+            x = x + self.position_embeddings(position_ids)
         return dropout(self.ln(x), self.dropout, self.training)  # (B, T, C)
 
 
@@ -92,11 +104,7 @@ class BertModel(PreTrainedModel):
                              f"max_length={self.config.max_position_embeddings})")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, T)}")
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
-        if position_ids is None:
-            position_ids = torch.arange(T, device=input_ids.device)[None].expand(B, T)
-        x = self.embeddings(input_ids, token_type_ids, position_ids)
+        x = self.embeddings(input_ids, token_type_ids, position_ids)  # None: segment 0, positions 0..T-1
         mask = AttentionMask.build(attention_mask, T, T, causal=False)  # padding keys hidden from every query
         x, hidden, attentions = run_blocks(self.layers, x, mask, output_attentions=output_attentions,
                                            output_hidden_states=output_hidden_states,

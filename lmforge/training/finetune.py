@@ -8,8 +8,11 @@ Tasks (one function each below, all sharing `finetune`):
 - token-classification: CoNLL-style BIO file -> entity F1, token accuracy
 - question-answering: SQuAD JSON -> exact match, F1 (long contexts split with a stride)
 - causal-lm: the GPT way of adapting to a task: a task prefix in front of the input, the loss only on
-  the target part -> loss and perplexity on targets. Data: jsonl/csv/tsv with input/output fields.
-`train="sentiment"` uses the bundled English sentiment sentences (binary, |score| >= 1).
+  the target part -> loss and perplexity on targets; with `metric="bleu"` (translation) or "rouge"
+  (summarisation) also greedy outputs for the evaluation examples, scored. Data: jsonl/csv/tsv with
+  input/output fields (or prompt/completion, source/target, document/summary).
+`train="sentiment"` uses the bundled English sentiment sentences (binary, |score| >= 1);
+`train="bible-en-es"` / `"bible-es-en"` the bundled verse pairs, whole books held out for evaluation.
 """
 from __future__ import annotations
 
@@ -26,7 +29,9 @@ TASKS = {"classification": "classification", "text-classification": "classificat
          "sentiment-analysis": "classification", "token-classification": "token-classification",
          "ner": "token-classification", "question-answering": "question-answering", "qa": "question-answering",
          "causal-lm": "causal-lm", "prefix": "causal-lm", "text-generation": "causal-lm"}
-IO_FIELDS = (("input", "output"), ("prompt", "completion"), ("source", "target"))
+IO_FIELDS = (("input", "output"), ("prompt", "completion"), ("source", "target"), ("document", "summary"))
+#: `train=` names of the bundled translation pairs: (source, target) languages
+BUNDLED_PAIRS = {"bible-en-es": ("en", "es"), "bible-es-en": ("es", "en")}
 IGNORE_INDEX = -100
 
 
@@ -48,18 +53,31 @@ def finetune(task: str, model: str | Path, train: str | Path, eval: str | Path |
              max_length: int | None = None, prefix: str = "", separator: str = "\n", lora: bool = False,
              lora_r: int = 8, lora_alpha: float = 16.0, text_field: str = "text", label_field: str = "label",
              text_pair_field: str | None = None, doc_stride: int = 128, training: dict[str, Any] | None = None,
-             seed: int = 42, device: str | None = None, resume: bool = False) -> dict[str, Any]:
+             seed: int = 42, device: str | None = None, resume: bool = False, metric: str | None = None,
+             max_eval_generate: int = 200) -> dict[str, Any]:
     """Fine-tune `model` (a directory or cached id) on `train` for `task`; returns the evaluation metrics.
 
     Without `eval`, a seeded `eval_fraction` of the training file is held out. `training` holds
     TrainingArguments fields (learning_rate, num_train_epochs, ...). `lora=True` trains low-rank
-    adapters on the attention projections (and the task head) instead of all weights."""
+    adapters on the attention projections (and the task head) instead of all weights.
+    causal-lm only: `metric` "bleu" or "rouge" generates (greedily) the outputs of up to
+    `max_eval_generate` evaluation examples after training and reports eval_bleu or
+    eval_rouge1/2/L (0-100); the texts go to `out`/eval_generations.jsonl."""
     from lmforge.training.args import TrainingArguments
     from lmforge.training.trainer import Trainer
 
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {sorted(set(TASKS))}")
     task = TASKS[task]
+    if metric is not None:
+        from lmforge.training.textgen import GENERATION_METRICS
+
+        if metric not in GENERATION_METRICS:
+            raise ValueError(f"unknown metric {metric!r}; choose one of {GENERATION_METRICS} (or none)")
+        if task != "causal-lm":
+            raise ValueError(f"metric={metric!r} scores generated text: it needs task 'causal-lm', not {task!r}")
+        if isinstance(max_eval_generate, bool) or not isinstance(max_eval_generate, int) or max_eval_generate < 1:
+            raise ValueError(f"max_eval_generate must be a positive integer, got {max_eval_generate!r}")
     out = Path(out)
     opts = {"learning_rate": 1e-4 if lora else 5e-5, "num_train_epochs": 3.0, "per_device_train_batch_size": 16,
             "per_device_eval_batch_size": 32, "warmup_ratio": 0.1, "eval_strategy": "epoch", "save_strategy": "epoch",
@@ -72,7 +90,7 @@ def finetune(task: str, model: str | Path, train: str | Path, eval: str | Path |
     data = builder(model=model, train=train, eval=eval, eval_fraction=eval_fraction, max_length=max_length,
                    prefix=prefix, separator=separator, text_field=text_field, label_field=label_field,
                    text_pair_field=text_pair_field, doc_stride=doc_stride, seed=seed,
-                   max_train_examples=max_train_examples)
+                   max_train_examples=max_train_examples, metric=metric, max_eval_generate=max_eval_generate)
     net = data.model
     if lora:
         from lmforge.nn.lora import LoRAConfig, apply_lora, trainable_parameters
@@ -253,19 +271,65 @@ def predict_answers(examples: list[dict[str, Any]], features: list[dict[str, Any
 
 def _causal_lm(model: str | Path, train: str | Path, eval: str | Path | None, eval_fraction: float,
                max_length: int | None, prefix: str, separator: str, seed: int, max_train_examples: int | None,
-               **_: Any) -> TaskData:
+               metric: str | None = None, max_eval_generate: int = 200, **_: Any) -> TaskData:
     from lmforge.auto import AutoConfig, AutoModelForCausalLM
 
-    train_ex, eval_ex = _load_examples(train, eval, eval_fraction, seed, read_pairs, max_train_examples)
+    info: dict[str, Any] = {"prefix": prefix, "separator": separator}
+    if str(train) in BUNDLED_PAIRS and not Path(train).exists():  # held-out books are the evaluation set
+        from lmforge.data.finetune import DEFAULT_TEST_BOOKS, load_translation_pairs
+
+        train_ex, eval_ex = load_translation_pairs(*BUNDLED_PAIRS[str(train)])
+        random.Random(seed).shuffle(train_ex)  # so that max_train_examples takes verses from every book
+        train_ex = _limit(train_ex, max_train_examples)
+        if eval is not None:
+            eval_ex = read_pairs(eval)
+        else:
+            info["held_out_books"] = list(DEFAULT_TEST_BOOKS)
+    else:
+        train_ex, eval_ex = _load_examples(train, eval, eval_fraction, seed, read_pairs, max_train_examples)
     config = AutoConfig.from_pretrained(model)
     tokenizer, length = _tokenizer_and_length(model, max_length, 1024, config)
     net = AutoModelForCausalLM.from_pretrained(model)
+    info["max_length"] = length
 
     def encode(pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
         return [prefix_example(tokenizer, f"{prefix}{src}{separator}", tgt, length) for src, tgt in pairs]
 
-    return TaskData(net, tokenizer, encode(train_ex), encode(eval_ex),
-                    info={"prefix": prefix, "separator": separator, "max_length": length})
+    extra = None
+    if metric is not None:
+        info["metric"] = metric
+        extra = _generation_metrics(tokenizer, eval_ex, prefix, separator, metric, max_eval_generate,
+                                    stop_at_newline=not any("\n" in tgt for _, tgt in train_ex))
+    return TaskData(net, tokenizer, encode(train_ex), encode(eval_ex), evaluate_extra=extra, info=info)
+
+
+def _generation_metrics(tokenizer: Any, eval_ex: list[tuple[str, str]], prefix: str, separator: str, metric: str,
+                        max_examples: int, stop_at_newline: bool) -> Callable[[Any], dict[str, float]]:
+    """After training: greedy outputs for up to `max_examples` evaluation pairs (evenly spaced over
+    the set, so every held-out book counts), scored by `metric`, written to eval_generations.jsonl.
+
+    Outputs may run to the longest reference's length + 16 tokens; they stop at EOS, and at a
+    newline when no training target holds one (a model that has not learnt EOS yet goes on)."""
+
+    def run(trainer: Any) -> dict[str, float]:
+        from lmforge.training.textgen import generate_targets, score_generations
+
+        n = min(max_examples, len(eval_ex))
+        if n == 0:
+            return {}
+        chosen = [eval_ex[i * len(eval_ex) // n] for i in range(n)]
+        refs = [tgt for _, tgt in chosen]
+        most = max(len(ids) for ids in tokenizer.encode_batch_fast(refs)) + 16
+        preds = generate_targets(trainer.model, tokenizer, [f"{prefix}{src}{separator}" for src, _ in chosen],
+                                 max_new_tokens=most, batch_size=trainer.args.per_device_eval_batch_size,
+                                 stop="\n" if stop_at_newline else None)
+        lines = [json.dumps({"input": src, "reference": tgt, "prediction": pred}, ensure_ascii=False)
+                 for (src, tgt), pred in zip(chosen, preds)]
+        atomic_write_text(Path(trainer.output_dir) / "eval_generations.jsonl", "\n".join(lines) + "\n")
+        scores = score_generations(metric, preds, refs)
+        return {"eval_generated": n, **{f"eval_{k}": v for k, v in scores.items()}}
+
+    return run
 
 
 def prefix_example(tokenizer: Any, prompt: str, target: str, max_length: int) -> dict[str, list[int]]:
@@ -279,8 +343,8 @@ def prefix_example(tokenizer: Any, prompt: str, target: str, max_length: int) ->
 
 
 def read_pairs(path: str | Path) -> list[tuple[str, str]]:
-    """(input, output) pairs from jsonl/csv/tsv with fields input/output, prompt/completion or
-    source/target."""
+    """(input, output) pairs from jsonl/csv/tsv with fields input/output, prompt/completion,
+    source/target or document/summary (the first pair a file has)."""
     from lmforge.data.finetune import _classification_rows
 
     path = Path(path)
