@@ -362,15 +362,15 @@ class Trainer:
         items being scored tokens for language models, examples for classifiers; so batch 8 x 1 and
         batch 2 x 4 (or 2 processes x batch 4) give the same gradient over unevenly padded examples."""
         model, args, world = self.model, self.args, self.world
-        micro = [{k: v.to(self.device, non_blocking=True) for k, v in b.items()} for b in micro]
+        # counted on the CPU batches, before the copy: no device synchronisation for bookkeeping
         counts = [count_loss_items(model, b) for b in micro]
-        total_items, = D.all_reduce_sum([sum(counts)], self.device, world)
+        tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in micro)
+        total_items, tokens = D.all_reduce_sum([sum(counts), tokens], self.device, world)
+        micro = [{k: v.to(self.device, non_blocking=True) for k, v in b.items()} for b in micro]
         scale = world.size / max(total_items, 1.0)  # DDP averages gradients over processes: undo that
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        tokens = 0
         amp = torch.bfloat16 if args.bf16 else torch.float16
         for i, (batch, count) in enumerate(zip(micro, counts)):
-            tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
             weight = batch.pop("weight", None)
             sync = i == len(micro) - 1 or not world.distributed
             ctx = self._wrapped.no_sync() if not sync and hasattr(self._wrapped, "no_sync") else _nullcontext()
@@ -384,11 +384,13 @@ class Trainer:
                         summed = _zero_loss(self._wrapped(**batch))
                 self.scaler.scale(summed * scale).backward()
             loss_sum += summed.detach().double()
-        loss_total, = D.all_reduce_sum([float(loss_sum)], self.device, world)
-        loss_value = loss_total / max(total_items, 1.0)
         self.scaler.unscale_(self.optimizer)
         # max_norm=inf measures the norm without clipping (and keeps NaN out of metrics.jsonl)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf))
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a sharded (DTensor) norm
+        local_loss, grad_norm = torch.stack([loss_sum, norm.double()]).tolist()  # one synchronisation per step
+        loss_total, = D.all_reduce_sum([local_loss], self.device, world)
+        loss_value = loss_total / max(total_items, 1.0)
         if math.isfinite(loss_value) and (math.isfinite(grad_norm) or args.fp16):
             self.scaler.step(self.optimizer)  # with fp16 the scaler skips steps whose gradients overflowed
             self._bad_steps = 0
@@ -397,7 +399,7 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_value, int(D.all_reduce_sum([tokens], self.device, world)[0]), grad_norm
+        return loss_value, int(tokens), grad_norm
 
     def _skip_bad_step(self, loss: float, grad_norm: float) -> None:
         self._bad_steps += 1
