@@ -75,7 +75,7 @@ class FeedForward(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # (B, T, C) -> (B, T, C)
         h = self.fc(x)  # (B, T, d_ff)
         if self._can_act_inplace():
-            h = self.act_inplace(h)  # measured 5-10% off a BERT encoder forward on CPU
+            h = self.act_inplace(h)  # BERT encoder forward on 2 CPU cores: GELU 40 -> 14 ms of ~490 ms
         else:
             h = self.act(h)
         return dropout(self.proj(h), self.dropout, self.training)
