@@ -16,7 +16,7 @@ from lmforge import BertConfig, BertForMaskedLM, BertForPreTraining, GPTConfig, 
 from lmforge.data import MLMCollator
 from lmforge.training import Trainer, TrainingArguments
 from lmforge.training.finetune import finetune, predict_answers, prefix_example
-from lmforge.training.pretrain import bert_documents, pretrain, split_sentences
+from lmforge.training.pretrain import bert_documents, masked_unigram_loss, pretrain, split_sentences
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -100,6 +100,7 @@ def test_bert_pretrain_recipe_reports_masked_perplexity_and_nsp_accuracy(tmp_pat
     assert metrics["eval_masked_lm_perplexity"] == pytest.approx(math.exp(metrics["eval_masked_lm_loss"]))
     assert 0.0 <= metrics["eval_nsp_accuracy"] <= 1.0
     assert "eval_perplexity" not in metrics  # MLM + NSP loss is not a perplexity
+    assert 0.0 < metrics["unigram_baseline_masked_loss"] < math.log(100) + 1  # context-free guess, near ln V or below
     model = BertForPreTraining.from_pretrained(tmp_path / "run")
     assert model.config.max_position_embeddings == 32
     from transformers import BertForPreTraining as HFBertForPreTraining  # the checkpoint is HF-loadable
@@ -108,6 +109,13 @@ def test_bert_pretrain_recipe_reports_masked_perplexity_and_nsp_accuracy(tmp_pat
     ids = torch.tensor([[2, 5, 6, 7, 3]])
     with torch.no_grad():
         assert torch.allclose(hf(ids).prediction_logits, model.eval()(ids).prediction_logits, atol=1e-5)
+
+
+def test_masked_unigram_baseline_by_hand() -> None:
+    train = [{"input_ids": [5, 5, 6]}, {"input_ids": [5]}]  # counts +1 smoothing over V=8: 5 -> 4, 6 -> 2, others 1
+    evaluation = [{"labels": [-100, 5, -100]}, {"labels": [6, -100]}]
+    total = 4 + 2 + 6  # smoothed counts sum to 12
+    assert masked_unigram_loss(train, evaluation, 8) == pytest.approx(-(math.log(4 / total) + math.log(2 / total)) / 2)
 
 
 def test_bert_recipes_are_bundled() -> None:

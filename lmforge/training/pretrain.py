@@ -309,12 +309,15 @@ def _bert_setup(recipe: dict[str, Any], model_opts: dict[str, Any], tokenizer: A
         return metrics
 
     def report(metrics: dict[str, Any], trainer: Any) -> dict[str, Any]:
+        baseline = masked_unigram_loss(train_set, eval_set, len(tokenizer))
         if "eval_masked_lm_loss" in metrics:
-            nsp_part = (f", next-sentence accuracy {metrics['eval_nsp_accuracy']:.1%}"
+            nsp_part = (f", next-sentence accuracy {metrics['eval_nsp_accuracy']:.1%} (chance 50%)"
                         if "eval_nsp_accuracy" in metrics else "")
             print(f"lmforge: masked-token loss {metrics['eval_masked_lm_loss']:.3f} (perplexity "
-                  f"{metrics['eval_masked_lm_perplexity']:.1f}; a uniform guess is {len(tokenizer):,}){nsp_part}")
-        return {}
+                  f"{metrics['eval_masked_lm_perplexity']:.1f}); unigram baseline {baseline:.3f} (perplexity "
+                  f"{math.exp(baseline):.1f}){nsp_part}")
+        trainer.log({"unigram_baseline_masked_loss": baseline})
+        return {"unigram_baseline_masked_loss": baseline}
 
     def sample(opts: dict[str, Any]) -> None:
         for text in ([opts["text"]] if isinstance(opts.get("text"), str) else opts.get("text", [])):
@@ -327,6 +330,18 @@ def _bert_setup(recipe: dict[str, Any], model_opts: dict[str, Any], tokenizer: A
              "documents")
     return {"model": model, "train": train_set, "eval": eval_set, "collator": collator, "report": report,
             "sample": sample, "compute_metrics": compute_metrics, "preprocess": preprocess, "about": about}
+
+
+def masked_unigram_loss(train: list[dict[str, Any]], evaluation: list[dict[str, Any]], vocab_size: int) -> float:
+    """Cross-entropy (nats) of the evaluation set's masked tokens under the training tokens' frequencies
+    (add-one smoothed): what a model that ignores the context scores, the baseline MLM must beat."""
+    counts = np.ones(vocab_size, dtype=np.float64)
+    for example in train:
+        np.add.at(counts, np.asarray(example["input_ids"], dtype=np.int64), 1.0)
+    logp = np.log(counts / counts.sum())
+    labels = np.concatenate([np.asarray(ex["labels"], dtype=np.int64) for ex in evaluation])
+    labels = labels[labels != -100]
+    return float(-logp[labels].mean()) if len(labels) else float("nan")
 
 
 def fill_mask(model: Any, tokenizer: Any, text: str, top_k: int = 5) -> list[tuple[str, float]]:
