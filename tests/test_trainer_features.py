@@ -836,6 +836,19 @@ def ddp_args(out: Path, **overrides: Any) -> dict[str, Any]:
     return opts
 
 
+def torchrun_two(script: Path, config: Path) -> subprocess.CompletedProcess:
+    """DDP_SCRIPT under torchrun with 2 CPU processes (gloo), in a clean distributed environment."""
+    script.write_text(DDP_SCRIPT, encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script), str(config)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc
+
+
 def test_ddp_two_processes_match_one_process_and_resume_on_one(tmp_path: Path) -> None:
     """torchrun with 2 CPU processes (gloo), batch 2 x accumulation 2 each, trains the same global batches
     as one process with batch 4 x accumulation 2, to the same weights (the window's token count is summed
@@ -848,14 +861,7 @@ def test_ddp_two_processes_match_one_process_and_resume_on_one(tmp_path: Path) -
     config = tmp_path / "ddp.json"
     config.write_text(json.dumps({"seed": 14, "config": GPT_SIZES, "data": data, "args": ddp_args(out)}))
     script = tmp_path / "ddp_train.py"
-    script.write_text(DDP_SCRIPT, encoding="utf-8")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script), str(config)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    proc = torchrun_two(script, config)
     assert "world size 2 rank 0" in proc.stdout and "world size 2 rank 1" in proc.stdout
 
     set_seed(14)
@@ -899,14 +905,7 @@ def test_fsdp_two_processes_match_one_process(tmp_path: Path) -> None:
     config.write_text(json.dumps({"seed": 14, "config": GPT_SIZES, "data": data,
                                   "args": ddp_args(out, fsdp=True, save_steps=3)}))
     script = tmp_path / "fsdp_train.py"
-    script.write_text(DDP_SCRIPT, encoding="utf-8")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script), str(config)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    proc = torchrun_two(script, config)
     set_seed(14)
     single = GPTForCausalLM(GPTConfig(**GPT_SIZES))
     Trainer(single, TrainingArguments(**ddp_args(tmp_path / "single", per_device_train_batch_size=4,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-__all__ = ["length_sorted_batches"]
+__all__ = ["length_sorted_batches", "fit_to_context"]
 
 
 def length_sorted_batches(lengths: Sequence[int], batch_size: int,
@@ -36,3 +36,23 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int,
     if current:
         batches.append(current)
     return batches
+
+
+def fit_to_context(batches: list[list[int]], prompt_lengths: Sequence[int], new_tokens: Sequence[int],
+                   context: int) -> list[list[int]]:
+    """Split each batch (in order) so that its longest prompt plus its largest new-token budget fits
+    `context`: left-padded prompts all start generating at the longest one's length."""
+    out: list[list[int]] = []
+    for batch in batches:
+        current: list[int] = []
+        longest = most_new = 0
+        for i in batch:
+            grown = (max(longest, prompt_lengths[i]), max(most_new, new_tokens[i]))
+            if current and grown[0] + grown[1] > context:
+                out.append(current)
+                current, grown = [], (prompt_lengths[i], new_tokens[i])
+            current.append(i)
+            longest, most_new = grown
+        if current:
+            out.append(current)
+    return out

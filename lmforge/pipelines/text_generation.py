@@ -179,19 +179,10 @@ class TextGenerationPipeline(Pipeline):
     def _batches(self, rows: list[dict[str, Any]], batch_size: int, opts: dict[str, Any]) -> list[list[int]]:
         """Length-sorted batches, split so that the longest prompt + the most new tokens fit the context
         (rows are left-padded to the longest prompt)."""
-        ctx = self.model.config.n_positions
-        batches = []
-        for bucket in super()._batches(rows, batch_size, opts):
-            current: list[int] = []
-            for i in bucket:
-                longest = max([len(rows[j]["input_ids"]) for j in current] + [len(rows[i]["input_ids"])])
-                most_new = max([rows[j]["max_new_tokens"] for j in current] + [rows[i]["max_new_tokens"]])
-                if current and longest + most_new > ctx:
-                    batches.append(current)
-                    current = []
-                current.append(i)
-            batches.append(current)
-        return batches
+        from lmforge.data.batching import fit_to_context
+
+        return fit_to_context(super()._batches(rows, batch_size, opts), [len(r["input_ids"]) for r in rows],
+                              [r["max_new_tokens"] for r in rows], self.model.config.n_positions)
 
     # ------------------------------------------------------------------ generation
     def _token_stream(self, input_ids: Tensor, attention_mask: Tensor | None, max_new_tokens: int,

@@ -17,6 +17,8 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+from lmforge.data.batching import fit_to_context, length_sorted_batches
+
 GENERATION_METRICS = ("bleu", "rouge")
 _NON_ALNUM = re.compile(r"[^a-z0-9]+")
 
@@ -159,7 +161,8 @@ def generate_targets(model: Any, tokenizer: Any, prompts: Sequence[str], max_new
     was_training = model.training
     model.eval()
     try:
-        for batch in _fitting_batches(rows, batch_size, ctx):
+        lengths, budgets = [len(ids) for ids, _ in rows], [new for _, new in rows]
+        for batch in fit_to_context(length_sorted_batches(lengths, batch_size), lengths, budgets, ctx):
             longest = max(len(rows[i][0]) for i in batch)
             most_new = max(rows[i][1] for i in batch)
             input_ids = torch.full((len(batch), longest), pad, dtype=torch.long)
@@ -182,19 +185,3 @@ def generate_targets(model: Any, tokenizer: Any, prompts: Sequence[str], max_new
     return outputs
 
 
-def _fitting_batches(rows: list[tuple[list[int], int]], batch_size: int, ctx: int) -> list[list[int]]:
-    """Row indices sorted by prompt length, cut into batches of at most `batch_size` whose longest
-    prompt plus largest new-token budget fits the context (rows are left-padded to the longest)."""
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        longest = max(len(rows[j][0]) for j in [*current, i])
-        most_new = max(rows[j][1] for j in [*current, i])
-        if current and (len(current) == batch_size or longest + most_new > ctx):
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
