@@ -337,14 +337,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", parents=[common], help="fine-tune a pretrained model for a task",
                        description="Fine-tune MODEL on a data file and print evaluation metrics. Tasks: "
-                                   "classification (txt/csv/tsv/jsonl with text,label; TRAIN 'sentiment' = bundled "
-                                   "English sentiment sentences), ner (CoNLL BIO), qa (SQuAD JSON), causal-lm "
-                                   "(jsonl/csv/tsv with input,output; a --prefix in front, loss on the output only).")
+                                   "classification (txt/csv/tsv/jsonl with text,label; TRAIN 'sentiment' / "
+                                   "'sentiment-zh' = bundled English sentences / Chinese reviews), ner (CoNLL "
+                                   "BIO), qa (SQuAD JSON), causal-lm (jsonl/csv/tsv with input,output; a --prefix in "
+                                   "front, loss on the output only).")
     p.add_argument("task", help="classification | ner | qa | causal-lm")
     p.add_argument("--model", required=True, help="pretrained model directory or cached model id")
     p.add_argument("--train", required=True,
-                   help="training data file; bundled: 'sentiment' (classification), 'bible-en-es' / 'bible-es-en' "
-                        "(causal-lm translation, whole books held out for evaluation)")
+                   help="training data file; bundled: 'sentiment', 'sentiment-zh' (classification), "
+                        "'bible-en-es' / 'bible-es-en' (causal-lm translation, whole books held out for evaluation)")
     p.add_argument("--eval", default=None, help="evaluation file (default: hold out --eval-fraction of --train)")
     p.add_argument("--out", default="runs/finetune", help="output directory (default runs/finetune)")
     p.add_argument("--eval-fraction", type=float, default=0.1, help="held-out share without --eval (default 0.1)")

@@ -124,6 +124,40 @@ def test_bert_recipes_are_bundled() -> None:
     for name, corpus in (("bert-shakespeare", "shakespeare"), ("bert-sanguo", "sanguo")):
         recipe = load_recipe(name)
         assert recipe["model"]["type"] == "bert" and recipe["data"] == [corpus] and recipe["mlm"]["nsp"]
+    # the Chinese sentiment recipe's base model: masked LM only, on the training reviews (never the test ones)
+    recipe = load_recipe("bert-zh-reviews")
+    assert recipe["model"]["type"] == "bert" and recipe["data"] == ["zh-reviews-train"]
+    assert recipe["mlm"]["nsp"] is False and recipe["out"] == "runs/bert-zh-reviews"
+
+
+def test_finetune_on_the_bundled_chinese_reviews(tmp_path: Path) -> None:
+    """`train="sentiment-zh"`: the fixed split (all 1,719 test reviews evaluated), Chinese label names,
+    and a model that classifies Chinese text afterwards."""
+    from lmforge import AutoModelForSequenceClassification, pipeline
+    from lmforge.data import load_zh_sentiment
+
+    reviews = [e["text"] for e in load_zh_sentiment("train", max_examples=300)[0]]
+    tok = Tokenizer.train_wordpiece(iterator=reviews, vocab_size=800, min_frequency=2)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, pad_token_id=tok.pad_token_id)
+    BertForMaskedLM(config).save_pretrained(tmp_path / "base", tokenizer=tok)
+    report = finetune("classification", tmp_path / "base", "sentiment-zh", out=tmp_path / "zh", max_train_examples=64,
+                      training={"max_steps": 4, "per_device_train_batch_size": 16, "per_device_eval_batch_size": 256,
+                                "disable_tqdm": True, "peak_flops": 1e12, "device": "cpu"})
+    assert (report["train_examples"], report["eval_examples"]) == (64, 1719)
+    assert report["labels"] == {0: "negative", 1: "positive"} and report["max_length"] == 64
+    assert 0.0 <= report["eval_accuracy"] <= 1.0
+    assert AutoModelForSequenceClassification.from_pretrained(tmp_path / "zh").config.id2label[1] == "positive"
+    (out,) = pipeline("sentiment-analysis", model=str(tmp_path / "zh"))(["质量很好，物流也快。"])
+    assert out["label"] in ("negative", "positive") and 0.5 <= out["score"] <= 1.0
+    cli = subprocess.run([sys.executable, "-m", "lmforge", "finetune", "classification", "--model", str(tmp_path / "base"),
+                          "--train", "sentiment-zh", "--out", str(tmp_path / "cli"), "--max-train-examples", "32",
+                          "--max-steps", "2", "--set", "disable_tqdm=true", "--set", "peak_flops=1e12"],
+                         capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0, cli.stderr
+    saved = json.loads((tmp_path / "cli" / "eval_results.json").read_text(encoding="utf-8"))
+    assert (saved["train_examples"], saved["eval_examples"], saved["steps"]) == (32, 1719, 2)
 
 
 # ------------------------------------------------------------------------------ fine-tuning

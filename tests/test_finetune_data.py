@@ -239,3 +239,57 @@ def test_qa_question_too_long(tok: Tokenizer) -> None:
                "answers": {"text": [], "answer_start": []}}
     with pytest.raises(ValueError, match="example 'long': cannot fit the question"):
         prepare_qa_features([example], tok, max_length=32, doc_stride=8)
+
+
+# ---------------------------------------------------------------- the bundled sentiment sets
+def test_english_sentiment_keeps_clear_ratings_only() -> None:
+    """`load_sentiment`: binary labels from the sign of the mean rating, |score| >= 1 only."""
+    import lzma
+
+    from lmforge.data import load_sentiment
+    from lmforge.data.corpus import CORPORA_DIR
+
+    examples, label2id = load_sentiment()
+    assert label2id == {"negative": 0, "positive": 1}
+    rows = [line.split("\t") for line in lzma.open(CORPORA_DIR / "en_sentiment.tsv.xz", "rt",
+                                                    encoding="utf-8").read().splitlines()[1:]]
+    # read as plain tab-separated text: the 330 quote characters in it are text, not CSV quoting
+    assert sum('"' in r[1] for r in rows) > 100
+    clear = [{"text": r[1], "label": int(float(r[2]) > 0)} for r in rows if abs(float(r[2])) >= 1]
+    assert examples == clear and len(examples) == 6676
+    subset, _ = load_sentiment(max_examples=50, seed=3)
+    assert len(subset) == 50 and subset == load_sentiment(max_examples=50, seed=3)[0]
+
+
+def test_chinese_sentiment_has_a_fixed_disjoint_split() -> None:
+    from lmforge.data import load_zh_sentiment
+
+    train, label2id = load_zh_sentiment("train")
+    test, _ = load_zh_sentiment("test")
+    both, _ = load_zh_sentiment("all")
+    assert label2id == {"negative": 0, "positive": 1}
+    assert (len(train), len(test), len(both)) == (15_475, 1_719, 17_194)
+    assert not {e["text"] for e in train} & {e["text"] for e in test}  # no test review is trained on
+    assert all(any("\u4e00" <= ch <= "\u9fff" for ch in e["text"]) for e in both)
+    assert 0.45 < sum(e["label"] for e in test) / len(test) < 0.55  # both classes, near balanced
+    # CSV quoting round-trips: reviews with quotes and commas are read whole, not split or merged
+    quoted = [e["text"] for e in both if '"' in e["text"]]
+    assert len(quoted) > 50 and all("\t" not in t and "\n" not in t for t in quoted)
+    assert load_zh_sentiment("test", max_examples=5, seed=1)[0] == load_zh_sentiment("test", max_examples=5,
+                                                                                       seed=1)[0]
+    with pytest.raises(ValueError, match="split 'dev'"):
+        load_zh_sentiment("dev")
+
+
+def test_chinese_review_corpus_is_the_training_split(tmp_path: Path) -> None:
+    """`zh-reviews-train` (the bert-zh-reviews recipe's pretraining text): the training reviews, one
+    per document, written once; never a test review."""
+    from lmforge.data import load_zh_sentiment, read_documents, resolve_sources, zh_reviews_corpus_file
+
+    path = zh_reviews_corpus_file(tmp_path)
+    docs = read_documents(str(path))
+    assert docs == [e["text"] for e in load_zh_sentiment("train")[0]]
+    mtime = path.stat().st_mtime_ns
+    assert zh_reviews_corpus_file(tmp_path) == path and path.stat().st_mtime_ns == mtime
+    (source,) = resolve_sources(["zh-reviews-train"])
+    assert source.path.name == path.name

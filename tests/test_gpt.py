@@ -426,3 +426,15 @@ def test_attention_weights_sum_to_one_over_allowed_keys(model):
 def test_unsupported_gpt2_attention_variants_are_refused(key, value):
     with pytest.raises(ValueError, match=key):
         GPTConfig.from_dict({"model_type": "gpt2", "n_embd": 32, "n_head": 2, key: value})
+
+
+def test_a_whole_model_pickles(model):
+    """A model object survives pickle (multiprocessing, torch.save of the whole object): every activation
+    is a named function, none a lambda, and the copy computes the same logits with tied weights kept."""
+    import pickle
+
+    clone = pickle.loads(pickle.dumps(model))
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.equal(clone(ids).logits, model(ids).logits)
+    assert clone.lm_head.weight is clone.transformer.wte.weight

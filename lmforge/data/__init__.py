@@ -42,6 +42,8 @@ _EXPORTS = {
     "extract_answer": "lmforge.data.finetune",
     "best_span": "lmforge.data.finetune",
     "load_sentiment": "lmforge.data.finetune",
+    "load_zh_sentiment": "lmforge.data.finetune",
+    "zh_reviews_corpus_file": "lmforge.data.finetune",
     "load_translation_pairs": "lmforge.data.finetune",
     "bible_books": "lmforge.data.finetune",
     "bible_training_documents": "lmforge.data.finetune",

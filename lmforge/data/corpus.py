@@ -1,7 +1,9 @@
 """Find and read text corpora as a stream of documents.
 
 A *source* is one of:
-  - a bundled corpus name (`shakespeare`, `zh_poems`, `sanguo`; see `BUNDLED`),
+  - a bundled corpus name (`shakespeare`, `zh_poems`, `sanguo`; see `BUNDLED`), or the name of a
+    corpus made from bundled fine-tuning data without its held-out part (`bible-en-es-train`,
+    `zh-reviews-train`; see `DERIVED`),
   - a `.txt` file: documents are separated by blank lines (newlines inside a document are kept),
   - a `.jsonl` file: one JSON object per line, the document in its `"text"` field,
   - a folder: every `.txt`/`.jsonl` file below it, recursively, in sorted order,
@@ -69,6 +71,11 @@ BUNDLED: dict[str, BundledCorpus] = {
 
 #: both sides of the bundled English-Spanish verse pairs, training books only (held-out books excluded)
 BIBLE_TRAIN = "bible-en-es-train"
+#: the training split of the bundled Chinese sentiment reviews, one review per document, no labels
+ZH_REVIEWS_TRAIN = "zh-reviews-train"
+#: corpus names made from bundled fine-tuning data (without its held-out part): the name of the
+#: `lmforge.data.finetune` function that writes the corpus file once and returns its path
+DERIVED = {BIBLE_TRAIN: "bible_corpus_file", ZH_REVIEWS_TRAIN: "zh_reviews_corpus_file"}
 
 
 def _find_bundled(name: str) -> BundledCorpus | None:
@@ -160,14 +167,14 @@ def resolve_sources(sources: Source | Sequence[Source]) -> list[SourceFile]:
         elif isinstance(item, str) and _find_bundled(item) is not None:
             corpus = _find_bundled(item)
             files.append(SourceFile(bundled_path(item), "txt", corpus.one_document))  # type: ignore[union-attr]
-        elif isinstance(item, str) and item == BIBLE_TRAIN:
-            from lmforge.data.finetune import bible_corpus_file  # lazy: finetune.py imports this module
+        elif isinstance(item, str) and item in DERIVED:
+            from lmforge.data import finetune  # lazy: finetune.py imports this module
 
-            files.append(SourceFile(bible_corpus_file(), "txt"))
+            files.append(SourceFile(getattr(finetune, DERIVED[item])(), "txt"))
         else:
             raise CorpusError(
                 f"{path}: no such file or folder (relative to {Path.cwd()}), and not a bundled "
-                f"corpus name ({', '.join([*BUNDLED, BIBLE_TRAIN])}); check the path"
+                f"corpus name ({', '.join([*BUNDLED, *DERIVED])}); check the path"
             )
     return files
 

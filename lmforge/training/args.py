@@ -60,6 +60,8 @@ class TrainingArguments:
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP
     device: str = "auto"
     dataloader_num_workers: int = 0
+    group_by_length: bool = False  # batch examples of similar length together (less padding, faster epochs)
+    length_column_name: str = "length"  # an example's length for group_by_length (else len(input_ids))
     report_to: str | list[str] = "auto"  # "auto" = jsonl, plus tensorboard when installed; "none"
     logging_dir: str | None = None  # TensorBoard event files; default <output_dir>/runs
     disable_tqdm: bool = False
@@ -90,7 +92,8 @@ class TrainingArguments:
                                       or math.isnan(value)):
                 raise ValueError(f"TrainingArguments.{name} must be a number, got {value!r}"
                                  + (" (in YAML write 1.0e-3, not 1e-3)" if isinstance(value, str) else ""))
-        for name in ("bf16", "fp16", "gradient_checkpointing", "fsdp", "load_best_model_at_end", "disable_tqdm"):
+        for name in ("bf16", "fp16", "gradient_checkpointing", "fsdp", "load_best_model_at_end", "disable_tqdm",
+                     "group_by_length"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TrainingArguments.{name} must be true or false, got {getattr(self, name)!r}")
 

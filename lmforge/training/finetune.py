@@ -11,7 +11,8 @@ Tasks (one function each below, all sharing `finetune`):
   the target part -> loss and perplexity on targets; with `metric="bleu"` (translation) or "rouge"
   (summarisation) also greedy outputs for the evaluation examples, scored. Data: jsonl/csv/tsv with
   input/output fields (or prompt/completion, source/target, document/summary).
-`train="sentiment"` uses the bundled English sentiment sentences (binary, |score| >= 1);
+`train="sentiment"` uses the bundled English sentiment sentences (binary, |score| >= 1), a seeded
+`eval_fraction` held out; `train="sentiment-zh"` the bundled Chinese reviews with their fixed test split;
 `train="bible-en-es"` / `"bible-es-en"` the bundled verse pairs, whole books held out for evaluation.
 """
 from __future__ import annotations
@@ -32,6 +33,8 @@ TASKS = {"classification": "classification", "text-classification": "classificat
 IO_FIELDS = (("input", "output"), ("prompt", "completion"), ("source", "target"), ("document", "summary"))
 #: `train=` names of the bundled translation pairs: (source, target) languages
 BUNDLED_PAIRS = {"bible-en-es": ("en", "es"), "bible-es-en": ("es", "en")}
+#: `train=` names of the bundled sentiment sets (classification)
+BUNDLED_SENTIMENT = ("sentiment", "sentiment-en", "sentiment-zh")
 IGNORE_INDEX = -100
 
 
@@ -81,7 +84,9 @@ def finetune(task: str, model: str | Path, train: str | Path, eval: str | Path |
     out = Path(out)
     opts = {"learning_rate": 1e-4 if lora else 5e-5, "num_train_epochs": 3.0, "per_device_train_batch_size": 16,
             "per_device_eval_batch_size": 32, "warmup_ratio": 0.1, "eval_strategy": "epoch", "save_strategy": "epoch",
-            "save_total_limit": 1, "logging_steps": 10, "seed": seed, **(training or {}), "output_dir": str(out)}
+            "save_total_limit": 1, "logging_steps": 10, "seed": seed,
+            "group_by_length": True,  # batches of similar length: less padding, faster epochs on a CPU
+            **(training or {}), "output_dir": str(out)}
     if device:
         opts["device"] = device
     args = TrainingArguments.from_dict(opts)
@@ -161,12 +166,16 @@ def _classification(model: str | Path, train: str | Path, eval: str | Path | Non
                     max_length: int | None, text_field: str, label_field: str, text_pair_field: str | None,
                     seed: int, max_train_examples: int | None, **_: Any) -> TaskData:
     from lmforge.auto import AutoConfig, AutoModelForSequenceClassification
-    from lmforge.data.finetune import load_classification, load_sentiment
+    from lmforge.data.finetune import load_classification, load_sentiment, load_zh_sentiment
     from lmforge.training.metrics import classification_metrics
 
-    if str(train) == "sentiment":  # the bundled sentences: one seeded split into train / eval
-        examples, label2id = load_sentiment(seed=seed)
-        train_ex, eval_ex = _split(examples, eval_fraction, seed)
+    if str(train) in BUNDLED_SENTIMENT and not Path(train).exists():
+        if str(train) == "sentiment-zh":  # the bundled Chinese reviews carry a fixed test split
+            train_ex, label2id = load_zh_sentiment("train")
+            eval_ex, _ = load_zh_sentiment("test")
+        else:  # the bundled English sentences: one seeded split into train / eval
+            examples, label2id = load_sentiment(seed=seed)
+            train_ex, eval_ex = _split(examples, eval_fraction, seed)
         if eval is not None:
             eval_ex, _ = load_classification(eval, text_field, label_field, text_pair_field, label2id)
     else:

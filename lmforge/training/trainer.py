@@ -93,12 +93,19 @@ class _Plan:
     Sample k of the run is example perm_e[k mod n] with e = k // n (a seeded permutation per epoch,
     or the identity for datasets that are already random). Step s trains on samples
     [s*G, min((s+1)*G, total)) with G the global batch; each process takes a contiguous share of
-    them and splits it into micro-batches. Nothing here reads the data, so resuming is a jump."""
+    them and splits it into micro-batches. Nothing here reads the data, so resuming is a jump.
+
+    With `lengths` (group_by_length), each epoch's permutation is cut into mega-batches of 50 global
+    batches, each sorted longest first, so a batch holds examples of similar length (little padding)
+    while the mega-batches stay random; the window holding the longest example goes first, so a batch
+    too large for memory fails at step 0 rather than hours in."""
+
+    MEGA_BATCHES = 50
 
     def __init__(self, n: int, total: int, global_batch: int, micro: int, world: D.World, shuffle: bool,
-                 seed: int, base_step: int = 0, base_sample: int = 0) -> None:
+                 seed: int, base_step: int = 0, base_sample: int = 0, lengths: Sequence[int] | None = None) -> None:
         self.n, self.total, self.G, self.micro, self.world = n, total, global_batch, micro, world
-        self.shuffle, self.seed = shuffle, seed
+        self.shuffle, self.seed, self.lengths = shuffle, seed, lengths
         # a run resumed with another global batch continues from the sample where it stopped
         self.base_step, self.base_sample = base_step, base_sample
         self.steps = base_step + math.ceil(max(total - base_sample, 0) / global_batch)
@@ -110,8 +117,21 @@ class _Plan:
             return i
         if self._perm[0] != epoch:
             g = torch.Generator().manual_seed(self.seed + epoch)
-            self._perm = (epoch, torch.randperm(self.n, generator=g).tolist())
+            perm = torch.randperm(self.n, generator=g).tolist()
+            self._perm = (epoch, self._grouped(perm) if self.lengths is not None else perm)
         return self._perm[1][i]
+
+    def _grouped(self, perm: list[int]) -> list[int]:
+        """`perm` with each mega-batch sorted by length (longest first), the longest window first."""
+        size, lengths = self.G * self.MEGA_BATCHES, self.lengths
+        assert lengths is not None
+        out: list[int] = []
+        for a in range(0, len(perm), size):
+            out += sorted(perm[a:a + size], key=lambda i: -lengths[i])  # stable: ties keep the random order
+        longest = max(range(len(out)), key=lambda k: lengths[out[k]]) // self.G * self.G
+        if longest and longest + self.G <= len(out):  # swap whole windows: both stay length-grouped
+            out[:self.G], out[longest:longest + self.G] = out[longest:longest + self.G], out[:self.G]
+        return out
 
     def window(self, step: int) -> tuple[int, int]:
         start = self.base_sample + (step - self.base_step) * self.G
@@ -167,6 +187,7 @@ class Trainer:
         self.model = model.to(self.device)  # the user's model (unwrapped)
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.tokenizer = tokenizer if tokenizer is not None else processing_class
+        self._lengths: list[int] | None = None  # example lengths for group_by_length, read once
         self.data_collator = data_collator or self._default_collator()
         self.compute_metrics = compute_metrics
         # (logits, labels) of one evaluation batch -> what to keep of it (e.g. argmax, or sums): saves memory
@@ -327,8 +348,28 @@ class Trainer:
             warnings.warn(f"the last {tail} examples do not give every process one; they are skipped",
                           stacklevel=3)
         shuffle = not isinstance(self.train_dataset, RandomBlockDataset)  # those items are random already
+        lengths = self._example_lengths() if args.group_by_length and shuffle else None
         return _Plan(n, total, G, args.per_device_train_batch_size, self.world, shuffle, args.seed, base_step,
-                     base_sample)
+                     base_sample, lengths)
+
+    def _example_lengths(self) -> list[int]:
+        """Each training example's length for group_by_length: its `length_column_name` field, else the
+        number of its input_ids (computed once per run)."""
+        if self._lengths is None:
+            ds, column = self.train_dataset, self.args.length_column_name
+            lengths = []
+            for i in range(len(ds)):
+                item = ds[i]
+                if column in item:
+                    lengths.append(int(item[column]))
+                elif "input_ids" in item:
+                    lengths.append(len(item["input_ids"]))
+                else:
+                    raise ValueError(f"group_by_length needs each example's length: example {i} has neither "
+                                     f"'{column}' (length_column_name) nor 'input_ids' (its keys: {sorted(item)}); "
+                                     "tokenize the examples first or add a length field")
+            self._lengths = lengths
+        return self._lengths
 
     def _loader_generator(self) -> torch.Generator:
         """A DataLoader's own generator: starting its iterator then leaves the global RNG (dropout) untouched,
