@@ -422,3 +422,44 @@ def test_transformer_block_returns_attention_weights():
     assert w.shape == (1, 2, 4, 4)
     assert torch.all(w.triu(diagonal=1) == 0)
     torch.testing.assert_close(out, pre(x, AttentionMask.build(None, 4, 4, causal=True))[0], rtol=0, atol=1e-5)
+
+
+def test_inference_fast_calls_equal_module_calls_and_respect_hooks():
+    """`nn.inference.apply`: at inference a plain Linear/LayerNorm runs functionally on its weights, with
+    exactly the module's result; a hooked module, a subclass or a recorded graph gets the ordinary call."""
+    from lmforge import GPTConfig, GPTForCausalLM
+    from lmforge.nn.inference import apply, hook_free
+
+    torch.manual_seed(0)
+    linear, norm = torch.nn.Linear(8, 5), torch.nn.LayerNorm(8)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        assert torch.equal(apply(linear, x), linear(x)) and torch.equal(apply(norm, x), norm(x))
+    y = apply(linear, x.requires_grad_())  # grad enabled: the module call, graph recorded
+    assert y.grad_fn is not None
+    seen = []
+    handle = linear.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    assert not hook_free(linear)
+    with torch.no_grad():
+        apply(linear, x)
+    assert seen == [(3, 5)]  # the hook fired
+    handle.remove()
+    assert hook_free(linear)
+
+    class Scaled(torch.nn.Linear):  # a subclass (as a LoRA layer might be) keeps its own forward
+        def forward(self, inp):
+            return 2 * super().forward(inp)
+
+    scaled = Scaled(8, 5)
+    with torch.no_grad():
+        assert torch.equal(apply(scaled, x), 2 * F.linear(x, scaled.weight, scaled.bias))
+    # a whole model: the same logits with and without autograd, and a hook on a block's qkv sees every token
+    model = GPTForCausalLM(GPTConfig(vocab_size=50, n_positions=16, n_layer=2, n_head=2, n_embd=16)).eval()
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        fast = model(ids).logits
+    assert torch.equal(fast, model(ids).logits.detach())
+    calls = []
+    model.transformer.h[1].attn.qkv.register_forward_hook(lambda mod, args, out: calls.append(out.shape[1]))
+    model.generate(ids[:1], max_new_tokens=3)
+    assert calls == [7, 1, 1]  # prefill, then one call per new token but the last

@@ -20,6 +20,7 @@ from lmforge.models.base import PreTrainedModel, init_normal
 from lmforge.models.outputs import BaseModelOutput, CausalLMOutput, SequenceClassifierOutput
 from lmforge.nn import (AttentionMask, KVCache, LearnedPositionalEmbedding, RotaryEmbedding,
                         SinusoidalPositionalEmbedding, TransformerBlock, layer_norm)
+from lmforge.nn.inference import apply
 from lmforge.nn.layers import dropout, run_blocks
 
 
@@ -94,7 +95,7 @@ class GPTModel(nn.Module):
         mask = AttentionMask.build(attention_mask, T, past + T, causal=True)
         x, hidden, attentions = run_blocks(self.h, x, mask, position_ids, past_key_values, output_attentions,
                                            output_hidden_states, self.gradient_checkpointing and self.training)
-        x = self.ln_f(x)
+        x = apply(self.ln_f, x)
         if output_hidden_states:
             hidden.append(x)
         if past_key_values is not None:
@@ -167,7 +168,7 @@ class GPTForCausalLM(GPTPreTrainedModel):
         h = out.last_hidden_state
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
-        logits = self.lm_head(h)  # (B, T, V)
+        logits = apply(self.lm_head, h)  # (B, T, V)
         loss = causal_lm_loss(logits, labels, num_items_in_batch) if labels is not None else None
         return CausalLMOutput(loss, logits, out.past_key_values, out.hidden_states, out.attentions)
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmforge.nn.inference import apply
 from lmforge.nn.positions import RotaryEmbedding
 
 
@@ -108,9 +109,9 @@ class KVCache:
         if end > self.max_len:
             raise ValueError(f"KV cache is full: {end} positions needed, {self.max_len} allocated")
         k_all, v_all = self._k[layer], self._v[layer]
-        k_all[:, :, start:end] = k
-        v_all[:, :, start:end] = v
-        return k_all[:, :, :end], v_all[:, :, :end]
+        k_all.narrow(2, start, end - start).copy_(k)  # narrow: a view, without Python indexing's parsing
+        v_all.narrow(2, start, end - start).copy_(v)
+        return k_all.narrow(2, 0, end), v_all.narrow(2, 0, end)
 
     def advance(self, n: int) -> None:
         self.length += n
@@ -141,7 +142,7 @@ class MultiHeadAttention(nn.Module):
                 output_attentions: bool = False) -> tuple[Tensor, Tensor | None]:
         """x: (B, T, C) -> (B, T, C), and the (B, H, T, Tk) weights if output_attentions."""
         B, T, C = x.shape
-        qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim)
+        qkv = apply(self.qkv, x).view(B, T, 3, self.n_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, hs), views into qkv
         if self.rotary is not None:
             q, k = self.rotary(q, position_ids), self.rotary(k, position_ids)
@@ -159,4 +160,4 @@ class MultiHeadAttention(nn.Module):
             if mask.empty_rows is not None:
                 y = y.masked_fill(mask.empty_rows, 0.0)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-        return self.proj(y), weights
+        return apply(self.proj, y), weights
