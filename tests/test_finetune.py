@@ -182,6 +182,16 @@ def test_finetune_classification_learns_and_writes_a_loadable_model(bert_dir: Pa
         logits = model(**tok([GOOD[0], BAD[0]], padding=True, return_tensors="pt")).logits
     assert logits.argmax(-1).tolist() == [1, 0]
     assert (tmp_path / "cls" / "training_curves.png").is_file()
+    # the trained model through the pipeline: transformers' output schema, the learnt labels, softmax scores
+    from lmforge import pipeline
+
+    classify = pipeline("sentiment-analysis", model=str(tmp_path / "cls"))
+    outs = classify([GOOD[1], BAD[1]])
+    assert [o["label"] for o in outs] == ["pos", "neg"] and all(set(o) == {"label", "score"} for o in outs)
+    assert all(o["score"] > 0.9 for o in outs)
+    ranked = classify(GOOD[1], top_k=None)
+    assert [r["label"] for r in ranked] == ["pos", "neg"]
+    assert sum(r["score"] for r in ranked) == pytest.approx(1.0, abs=1e-6)
 
 
 def test_finetune_with_lora_trains_adapters_and_writes_a_merged_model(bert_dir: Path, tmp_path: Path) -> None:
@@ -213,6 +223,22 @@ def test_finetune_ner_from_conll(bert_dir: Path, tmp_path: Path) -> None:
                                 "peak_flops": 1e12, "device": "cpu"})
     assert set(report["labels"].values()) == {"O", "B-LOC", "B-PER"} and report["labels"][0] == "O"
     assert report["eval_f1"] == 1.0  # the same sentence: learnt exactly
+    # the trained tagger through the ner pipeline: whole words with character offsets into the input
+    from lmforge import pipeline
+
+    text = "the king rode to the river"
+    ner = pipeline("ner", model=str(tmp_path / "ner"))
+    for strategy in ("first", "max"):  # word-level strategies: the tag of the word's first / best piece
+        entities = ner(text, aggregation_strategy=strategy)
+        assert [(e["entity_group"], e["word"], e["start"], e["end"]) for e in entities] == [
+            ("PER", "king", 4, 8), ("LOC", "river", 21, 26)]
+        assert all(text[e["start"]:e["end"]] == e["word"] and e["score"] > 0.5 for e in entities)
+    # token-level: only the first piece of each word was trained (the others are -100), so "none" and
+    # "simple" report those pieces, with offsets inside the words, as transformers does
+    tokens = ner(text)
+    assert [(t["entity"], t["start"]) for t in tokens] == [("B-PER", 4), ("B-LOC", 21)]
+    assert all(text[t["start"]:t["end"]] == t["word"] for t in tokens)
+    assert "king".startswith(tokens[0]["word"]) and "river".startswith(tokens[1]["word"])
 
 
 def test_finetune_qa_on_squad_json(bert_dir: Path, tmp_path: Path) -> None:
@@ -225,6 +251,13 @@ def test_finetune_qa_on_squad_json(bert_dir: Path, tmp_path: Path) -> None:
                       training={"num_train_epochs": 30, "learning_rate": 5e-3, "disable_tqdm": True,
                                 "peak_flops": 1e12, "device": "cpu"})
     assert report["eval_exact_match"] == 100.0 and report["eval_f1"] == 100.0
+    # the trained reader through the question-answering pipeline: the span and its character offsets
+    from lmforge import pipeline
+
+    answer = pipeline("question-answering", model=str(tmp_path / "qa"))(question="who sat on the mat?",
+                                                                        context=context)
+    assert set(answer) == {"answer", "score", "start", "end"}
+    assert (answer["answer"], answer["start"], answer["end"]) == ("the cat", 36, 43) and 0 < answer["score"] <= 1
 
 
 def test_best_span_across_chunks_finds_an_answer_in_the_last_chunk(wordpiece: Tokenizer) -> None:
