@@ -241,6 +241,24 @@ def test_finetune_ner_from_conll(bert_dir: Path, tmp_path: Path) -> None:
     assert "king".startswith(tokens[0]["word"]) and "river".startswith(tokens[1]["word"])
 
 
+def test_finetune_is_reproducible_whatever_the_global_random_state(bert_dir: Path, tmp_path: Path) -> None:
+    """The task head is drawn while loading, before training starts: `seed` must cover it, so the same
+    call gives the same model even when other code consumed random numbers before."""
+    from safetensors.torch import load_file
+
+    rows = ["text\tlabel"] + [f"{t}\tpos" for t in GOOD] + [f"{t}\tneg" for t in BAD]
+    (tmp_path / "train.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    weights = []
+    for k in (1, 2):
+        torch.manual_seed(100 + k)
+        torch.randn(7 * k)  # some other code used the global generator
+        finetune("classification", bert_dir, tmp_path / "train.tsv", out=tmp_path / f"run{k}", eval_fraction=0.2,
+                 training={"max_steps": 2, "disable_tqdm": True, "peak_flops": 1e12, "device": "cpu"})
+        weights.append(load_file(tmp_path / f"run{k}" / "model.safetensors"))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 def test_finetune_qa_on_squad_json(bert_dir: Path, tmp_path: Path) -> None:
     context = "the king rode a horse to the river. the cat sat on the mat."
     qas = [{"id": f"q{i}", "question": "who sat on the mat?",

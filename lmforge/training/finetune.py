@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from lmforge.utils import atomic_write_text
+from lmforge.utils import atomic_write_text, set_seed
 
 TASKS = {"classification": "classification", "text-classification": "classification",
          "sentiment-analysis": "classification", "token-classification": "token-classification",
@@ -92,6 +92,7 @@ def finetune(task: str, model: str | Path, train: str | Path, eval: str | Path |
     args = TrainingArguments.from_dict(opts)
     builder = {"classification": _classification, "token-classification": _token_classification,
                "question-answering": _question_answering, "causal-lm": _causal_lm}[task]
+    set_seed(seed)  # the new task head is drawn while loading: the same seed gives the same run
     data = builder(model=model, train=train, eval=eval, eval_fraction=eval_fraction, max_length=max_length,
                    prefix=prefix, separator=separator, text_field=text_field, label_field=label_field,
                    text_pair_field=text_pair_field, doc_stride=doc_stride, seed=seed,
