@@ -652,6 +652,11 @@ class Tokenizer:
         with self._lock:
             return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def tokenize(self, text: str, add_special_tokens: bool = False) -> list[str]:
+        """The token strings of one text, e.g. "质量很好" -> ["质", "量", "很", "好"] (WordPiece) or
+        byte-level pieces such as "Ġword" (BPE); as transformers' `tokenize`."""
+        return self.convert_ids_to_tokens(self.encode(text, add_special_tokens))  # type: ignore[return-value]
+
     def encode_batch_fast(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of many strings, encoded in parallel by the Rust backend without offsets
         or special tokens: the fast path for corpus preparation."""

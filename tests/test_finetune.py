@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -151,13 +152,34 @@ def test_finetune_on_the_bundled_chinese_reviews(tmp_path: Path) -> None:
     assert AutoModelForSequenceClassification.from_pretrained(tmp_path / "zh").config.id2label[1] == "positive"
     (out,) = pipeline("sentiment-analysis", model=str(tmp_path / "zh"))(["质量很好，物流也快。"])
     assert out["label"] in ("negative", "positive") and 0.5 <= out["score"] <= 1.0
-    cli = subprocess.run([sys.executable, "-m", "lmforge", "finetune", "classification", "--model", str(tmp_path / "base"),
-                          "--train", "sentiment-zh", "--out", str(tmp_path / "cli"), "--max-train-examples", "32",
-                          "--max-steps", "2", "--set", "disable_tqdm=true", "--set", "peak_flops=1e12"],
-                         capture_output=True, text=True, timeout=300)
-    assert cli.returncode == 0, cli.stderr
+
+
+def test_the_chinese_sentiment_recipe_runs_from_the_command_line(tmp_path: Path) -> None:
+    """The recipe's two commands, shrunk (1 layer, 2 steps each): `lmforge pretrain bert-zh-reviews`
+    trains a character WordPiece and an MLM-only BERT on the training reviews; `lmforge finetune
+    classification --train sentiment-zh` fine-tunes it and evaluates all 1,719 held-out reviews."""
+    import os
+
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}  # where zh-reviews-train is written
+    tiny = ["model.num_hidden_layers=1", "model.hidden_size=32", "model.intermediate_size=64",
+            "model.num_attention_heads=2", "training.per_device_train_batch_size=4", "training.eval_steps=2",
+            "training.save_steps=2", "training.eval_max_batches=1", "training.disable_tqdm=true"]
+    pre = subprocess.run([sys.executable, "-m", "lmforge", "pretrain", "bert-zh-reviews", "--out", str(tmp_path / "base"),
+                          "--max-steps", "2", "--no-sample", *[a for kv in tiny for a in ("--set", kv)]],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert pre.returncode == 0, pre.stderr
+    assert "masked LM, length 128" in pre.stdout and "unigram baseline" in pre.stdout
+    (corpus,) = (tmp_path / "cache" / "lmforge" / "corpora").glob("zh-reviews-train-*.txt")
+    tok = Tokenizer.from_pretrained(tmp_path / "base")
+    assert 5000 < len(tok) <= 6000 and tok.tokenize("质量很好") == ["质", "量", "很", "好"]  # one character per token
+    ft = subprocess.run([sys.executable, "-m", "lmforge", "finetune", "classification", "--model", str(tmp_path / "base"),
+                         "--train", "sentiment-zh", "--out", str(tmp_path / "cli"), "--max-train-examples", "32",
+                         "--max-steps", "2", "--set", "disable_tqdm=true", "--set", "peak_flops=1e12"],
+                        capture_output=True, text=True, timeout=600, env=env)
+    assert ft.returncode == 0, ft.stderr
     saved = json.loads((tmp_path / "cli" / "eval_results.json").read_text(encoding="utf-8"))
     assert (saved["train_examples"], saved["eval_examples"], saved["steps"]) == (32, 1719, 2)
+    assert saved["labels"] == {"0": "negative", "1": "positive"} and 0.0 <= saved["eval_accuracy"] <= 1.0
 
 
 # ------------------------------------------------------------------------------ fine-tuning
@@ -219,7 +241,7 @@ def test_finetune_ner_from_conll(bert_dir: Path, tmp_path: Path) -> None:
     text = "\n\n".join("\n".join(f"{w} {t}" for w, t in sentence) for _ in range(12)) + "\n"
     (tmp_path / "train.conll").write_text(text, encoding="utf-8")
     report = finetune("ner", bert_dir, tmp_path / "train.conll", out=tmp_path / "ner", eval_fraction=0.25,
-                      training={"num_train_epochs": 20, "learning_rate": 5e-3, "disable_tqdm": True,
+                      training={"num_train_epochs": 40, "learning_rate": 5e-3, "disable_tqdm": True,
                                 "peak_flops": 1e12, "device": "cpu"})
     assert set(report["labels"].values()) == {"O", "B-LOC", "B-PER"} and report["labels"][0] == "O"
     assert report["eval_f1"] == 1.0  # the same sentence: learnt exactly
@@ -228,17 +250,19 @@ def test_finetune_ner_from_conll(bert_dir: Path, tmp_path: Path) -> None:
 
     text = "the king rode to the river"
     ner = pipeline("ner", model=str(tmp_path / "ner"))
-    for strategy in ("first", "max"):  # word-level strategies: the tag of the word's first / best piece
-        entities = ner(text, aggregation_strategy=strategy)
-        assert [(e["entity_group"], e["word"], e["start"], e["end"]) for e in entities] == [
-            ("PER", "king", 4, 8), ("LOC", "river", 21, 26)]
-        assert all(text[e["start"]:e["end"]] == e["word"] and e["score"] > 0.5 for e in entities)
-    # token-level: only the first piece of each word was trained (the others are -100), so "none" and
-    # "simple" report those pieces, with offsets inside the words, as transformers does
-    tokens = ner(text)
-    assert [(t["entity"], t["start"]) for t in tokens] == [("B-PER", 4), ("B-LOC", 21)]
-    assert all(text[t["start"]:t["end"]] == t["word"] for t in tokens)
-    assert "king".startswith(tokens[0]["word"]) and "river".startswith(tokens[1]["word"])
+    # "first" reads each word's tag where training put it (the first piece): whole words, exact offsets
+    entities = ner(text, aggregation_strategy="first")
+    assert [(e["entity_group"], e["word"], e["start"], e["end"]) for e in entities] == [
+        ("PER", "king", 4, 8), ("LOC", "river", 21, 26)]
+    assert all(e["score"] > 0.5 for e in entities)
+    words = {(m.start(), m.end()) for m in re.finditer(r"\S+", text)}
+    for entity in ner(text, aggregation_strategy="max"):  # whole words too (tags of untrained pieces vary)
+        assert (entity["start"], entity["end"]) in words and text[entity["start"]:entity["end"]] == entity["word"]
+    # token-level: the trained first pieces of "king" and "river", offsets inside the words (as transformers)
+    tokens = {t["start"]: t for t in ner(text)}
+    assert tokens[4]["entity"] == "B-PER" and "king".startswith(tokens[4]["word"])
+    assert tokens[21]["entity"] == "B-LOC" and "river".startswith(tokens[21]["word"])
+    assert all(text[t["start"]:t["end"]] == t["word"].removeprefix("##") for t in tokens.values())
 
 
 def test_finetune_is_reproducible_whatever_the_global_random_state(bert_dir: Path, tmp_path: Path) -> None:

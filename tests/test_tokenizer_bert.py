@@ -245,3 +245,11 @@ def test_save_pretrained_round_trip(ours, tmp_path):
     again = Tokenizer.from_pretrained(tmp_path)
     assert again.model_input_names == ours.model_input_names
     assert fields(again(TEXTS, padding=True)) == fields(ours(TEXTS, padding=True))
+
+
+def test_tokenize_gives_transformers_token_strings(reference, hf_auto):
+    """`tokenize` lists the token strings as transformers' does (## pieces, lower case, [UNK] for
+    characters outside MiniLM's vocabulary), with the special tokens only when asked."""
+    for text in TEXTS + ["Unbelievably good, 质量很好!"]:
+        assert reference.tokenize(text) == hf_auto.tokenize(text)
+    assert reference.tokenize("hello", add_special_tokens=True) == ["[CLS]", "hello", "[SEP]"]
