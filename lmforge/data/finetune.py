@@ -193,7 +193,15 @@ def load_classification(
     return examples, label2id
 
 
-# ---------------------------------------------------------------------------- token classification
+# ---------------------------------------------------------------------------- bundled sentiment sets
+def _subset(examples: list[dict[str, Any]], max_examples: int | None, seed: int) -> list[dict[str, Any]]:
+    """A seeded random subset of `max_examples` examples (all of them, in order, for None)."""
+    if max_examples is None:
+        return examples
+    order = random.Random(seed).sample(range(len(examples)), min(max_examples, len(examples)))
+    return [examples[i] for i in order]
+
+
 def load_sentiment(
     min_abs_score: float = 1.0,
     max_examples: int | None = None,
@@ -213,12 +221,10 @@ def load_sentiment(
     label2id = {"negative": 0, "positive": 1}
     examples = [{"text": row["text"], "label": int(float(row["score"]) > 0)} for row in rows
                 if abs(float(row["score"])) >= min_abs_score]
-    if max_examples is not None:
-        order = random.Random(seed).sample(range(len(examples)), min(max_examples, len(examples)))
-        examples = [examples[i] for i in order]
-    return examples, label2id
+    return _subset(examples, max_examples, seed), label2id
 
 
+# ---------------------------------------------------------------------------- token classification
 def load_conll(path: str | Path) -> list[dict[str, list[str]]]:
     """Read a CoNLL-style file: one "token ... tag" per line (tag last), blank line between
     sentences, ``-DOCSTART-`` lines skipped. Returns ``{"tokens": [...], "tags": [...]}``."""
@@ -548,16 +554,21 @@ def export_translation_corpus(
     languages: Sequence[str] = BIBLE_LANGUAGES,
     exclude_books: Sequence[str] = DEFAULT_TEST_BOOKS,
 ) -> Path:
-    """Write `bible_training_documents` to a .txt corpus file (documents separated by a blank
-    line; ``.xz``/``.gz`` names are compressed), usable as pretraining data by any recipe."""
+    """Write `bible_training_documents` to a .txt corpus file (see `_write_corpus`), usable as
+    pretraining data by any recipe."""
+    return _write_corpus(out_path, bible_training_documents(languages, exclude_books))
+
+
+def _write_corpus(out_path: str | Path, documents: Iterable[str]) -> Path:
+    """Write documents to a .txt corpus file, separated by a blank line (how corpus files are read);
+    ``.xz``/``.gz`` names are compressed. Written atomically."""
     import gzip
     import lzma
 
     from lmforge.utils import atomic_write_bytes
 
     out_path = Path(out_path)
-    text = "\n\n".join(bible_training_documents(languages, exclude_books)) + "\n"
-    raw = text.encode("utf-8")
+    raw = ("\n\n".join(documents) + "\n").encode("utf-8")
     if out_path.suffix == ".xz":
         raw = lzma.compress(raw)
     elif out_path.suffix == ".gz":
@@ -577,15 +588,12 @@ def _cached_corpus_file(stem: str, key: str, documents: Callable[[], Iterable[st
     import hashlib
     import os
 
-    from lmforge.utils import atomic_write_text
-
     if directory is None:
         cache = os.environ.get("XDG_CACHE_HOME") or Path("~/.cache").expanduser()
         directory = Path(cache) / "lmforge" / "corpora"
     path = Path(directory) / f"{stem}-{hashlib.sha256(key.encode()).hexdigest()[:10]}.txt"
     if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, "\n\n".join(documents()) + "\n")
+        _write_corpus(path, documents())
     return path
 
 
@@ -599,7 +607,7 @@ def bible_corpus_file(directory: str | Path | None = None) -> Path:
     return _cached_corpus_file("bible-en-es-train", key, bible_training_documents, directory)
 
 
-# ---------------------------------------------------------------------------- Chinese sentiment
+# ---------------------------------------------------------------------------- Chinese sentiment reviews
 ZH_SENTIMENT_FILE = "zh_sentiment.tsv.xz"
 ZH_SENTIMENT_SPLITS = ("train", "test")
 
@@ -622,10 +630,7 @@ def load_zh_sentiment(split: str = "train", max_examples: int | None = None,
     rows = _classification_rows(CORPORA_DIR / ZH_SENTIMENT_FILE, ["split", "label", "text"])
     examples = [{"text": row["text"], "label": label2id[row["label"]]} for _, row in rows
                 if split == "all" or row["split"] == split]
-    if max_examples is not None:
-        order = random.Random(seed).sample(range(len(examples)), min(max_examples, len(examples)))
-        examples = [examples[i] for i in order]
-    return examples, label2id
+    return _subset(examples, max_examples, seed), label2id
 
 
 def zh_reviews_corpus_file(directory: str | Path | None = None) -> Path:

@@ -34,7 +34,7 @@ IO_FIELDS = (("input", "output"), ("prompt", "completion"), ("source", "target")
 #: `train=` names of the bundled translation pairs: (source, target) languages
 BUNDLED_PAIRS = {"bible-en-es": ("en", "es"), "bible-es-en": ("es", "en")}
 #: `train=` names of the bundled sentiment sets (classification)
-BUNDLED_SENTIMENT = ("sentiment", "sentiment-en", "sentiment-zh")
+BUNDLED_SENTIMENT = ("sentiment", "sentiment-zh")
 IGNORE_INDEX = -100
 
 
