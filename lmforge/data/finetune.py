@@ -4,7 +4,7 @@
   .txt ("label<TAB>text" per line), with a deterministic label map.
 - `load_conll` + `tokenize_and_align`: token classification from CoNLL-style BIO files; the tag
   goes on the first sub-token of each word, -100 (ignored by the loss) everywhere else.
-- `load_squad` + `prepare_qa_features` (+ `extract_answer`): extractive QA from SQuAD v1/v2
+- `load_squad` + `prepare_qa_features`: extractive QA from SQuAD v1/v2 (answers decoded by qa_spans.py)
   JSON, long contexts cut into overlapping chunks like Hugging Face's run_qa.py.
 - `load_translation_pairs`: the bundled English–Spanish verse pairs split by whole books;
   `bible_training_documents` / `bible_corpus_file`: their training books as pretraining text.
@@ -375,7 +375,7 @@ def prepare_qa_features(
     Each feature has input_ids, token_type_ids, attention_mask, start/end_positions (token
     indices of the first answer, or 0, the [CLS] index, when the answer is not wholly inside
     this chunk or there is none), ``example_id`` and ``offset_mapping`` (character spans into
-    the context for context tokens, None elsewhere) for `extract_answer`.
+    the context for context tokens, None elsewhere) for `lmforge.data.qa_spans`.
     """
     features: list[dict[str, Any]] = []
     for example in examples:
@@ -423,45 +423,6 @@ def prepare_qa_features(
                 }
             )
     return features
-
-
-def best_span(
-    feature: Mapping[str, Any],
-    start_logits: Sequence[float],
-    end_logits: Sequence[float],
-    max_answer_len: int = 30,
-) -> tuple[float, int, int] | None:
-    """(score, start char, end char) of the best valid span of one feature: both ends on context
-    tokens, end >= start, at most ``max_answer_len`` tokens, score = start + end logit; None if
-    the feature has no context token. Vectorised over the (start, end) grid."""
-    import numpy as np
-
-    offsets = feature["offset_mapping"]
-    index = np.array([i for i, span in enumerate(offsets) if span is not None], dtype=np.int64)
-    if not len(index):
-        return None
-    starts = np.asarray(start_logits, dtype=np.float64)[index]
-    ends = np.asarray(end_logits, dtype=np.float64)[index]
-    scores = starts[:, None] + ends[None, :]  # (S, E)
-    width = index[None, :] - index[:, None]  # token distance end - start
-    scores[(width < 0) | (width + 1 > max_answer_len)] = -np.inf
-    s, e = np.unravel_index(int(np.argmax(scores)), scores.shape)
-    if not np.isfinite(scores[s, e]):
-        return None
-    return float(scores[s, e]), offsets[index[s]][0], offsets[index[e]][1]
-
-
-def extract_answer(
-    feature: Mapping[str, Any],
-    start_logits: Sequence[float],
-    end_logits: Sequence[float],
-    context: str,
-    max_answer_len: int = 30,
-) -> str:
-    """Return the context span with the highest start+end score among valid spans (both ends
-    on context tokens, end >= start, at most ``max_answer_len`` tokens); "" if there is none."""
-    span = best_span(feature, start_logits, end_logits, max_answer_len)
-    return "" if span is None else context[span[1] : span[2]]
 
 
 # ---------------------------------------------------------------------------- translation pairs

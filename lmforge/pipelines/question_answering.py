@@ -5,11 +5,9 @@
     top_k=3 -> a list of the 3 best, best first;  a list of inputs -> a list of those
 
 A context too long for the model is cut into overlapping chunks (`doc_stride` tokens of overlap, by
-`lmforge.data.finetune.prepare_qa_features`); every chunk is scored and the best span of all chunks wins.
-In each chunk the start and end logits of the context tokens (and [CLS]) go through a softmax; a span's
-score is P(start) * P(end), with start <= end and at most `max_answer_len` tokens. The "no answer"
-score is P(start=[CLS]) * P(end=[CLS]) (the lowest over the chunks); with `handle_impossible_answer`
-it competes with the spans, and when it wins the answer is "" at 0..0.
+`lmforge.data.prepare_qa_features`); the spans are scored and chosen by `lmforge.data.qa_spans` (the decoder
+that `lmforge finetune qa` evaluates with): P(start) * P(end) in each chunk, at most `max_answer_len` tokens,
+the best of all chunks; with `handle_impossible_answer` the no-answer ([CLS]) competes and wins as "" at 0..0.
 """
 from __future__ import annotations
 
@@ -17,6 +15,9 @@ from typing import Any
 
 import torch
 
+from lmforge.data import prepare_qa_features
+from lmforge.data.qa_spans import MAX_ANSWER_LEN, QAChunk, decode_answers
+from lmforge.models.bert import BertForQuestionAnswering
 from lmforge.pipelines.base import Feature, Pipeline, check_model_kind
 
 
@@ -33,8 +34,6 @@ class QuestionAnsweringPipeline(Pipeline):
     single_types = (dict,)
 
     def _check_model(self, model: Any) -> None:
-        from lmforge.models.bert import BertForQuestionAnswering
-
         check_model_kind(self.task, model, ["BertForQuestionAnswering"],
                          lambda m: isinstance(m, BertForQuestionAnswering),
                          "load it with AutoModelForQuestionAnswering.from_pretrained(path)")
@@ -71,7 +70,7 @@ class QuestionAnsweringPipeline(Pipeline):
         raise ValueError("question-answering: question= and context= must be two str, two lists of the same length, "
                          "or one question str for a list of contexts")
 
-    def _options(self, top_k: int = 1, max_answer_len: int = 15, max_seq_len: int | None = None,
+    def _options(self, top_k: int = 1, max_answer_len: int = MAX_ANSWER_LEN, max_seq_len: int | None = None,
                  doc_stride: int | None = None, handle_impossible_answer: bool = False,
                  align_to_words: bool = True) -> dict[str, Any]:
         for name, value in (("top_k", top_k), ("max_answer_len", max_answer_len)):
@@ -87,8 +86,6 @@ class QuestionAnsweringPipeline(Pipeline):
                 "align_to_words": bool(align_to_words)}
 
     def preprocess(self, items: list[Any], start: int, opts: dict[str, Any]) -> list[Feature]:
-        from lmforge.data.finetune import prepare_qa_features
-
         n_special = self.tokenizer.backend.num_special_tokens_to_add(True)
         features = []
         for k, item in enumerate(items):
@@ -123,45 +120,26 @@ class QuestionAnsweringPipeline(Pipeline):
         return [(s[: len(r["input_ids"])], e[: len(r["input_ids"])]) for s, e, r in zip(starts, ends, rows)]
 
     def postprocess(self, feature: Feature, outputs: list[Any], opts: dict[str, Any]) -> Any:
-        context = feature.meta["context"]
         cls_id = self.tokenizer.cls_token_id
-        best: dict[tuple[int, int], float] = {}  # (start char, end char) -> best score over the chunks
-        null_score = float("inf")
-        for row, offsets, (start_logits, end_logits) in zip(feature.rows, feature.meta["offsets"], outputs):
-            in_context = torch.tensor([span is not None for span in offsets])  # (T,)
-            cls = row["input_ids"].index(cls_id) if cls_id in row["input_ids"] else 0
-            allowed = in_context.clone()
-            allowed[cls] = True
-            p_start = start_logits.masked_fill(~allowed, float("-inf")).softmax(-1)  # (T,)
-            p_end = end_logits.masked_fill(~allowed, float("-inf")).softmax(-1)
-            null_score = min(null_score, float(p_start[cls] * p_end[cls]))
-            scores = p_start[:, None] * p_end[None, :]  # (T, T): start x end
-            valid = in_context[:, None] & in_context[None, :]
-            valid = valid.triu().tril(opts["max_answer_len"] - 1)  # start <= end < start + max_answer_len
-            scores = scores.masked_fill(~valid, -1.0).flatten()
-            k = min(opts["top_k"], int(valid.sum()))
-            values, flat = scores.topk(k)
-            tokens = self.tokenizer.convert_ids_to_tokens(row["input_ids"]) if opts["align_to_words"] else None
-            for score, position in zip(values.tolist(), flat.tolist()):
-                s, e = divmod(position, len(offsets))
-                if tokens is not None:
-                    s, e = self._whole_words(s, e, tokens, offsets)
-                span = (offsets[s][0], offsets[e][1])
-                best[span] = max(score, best.get(span, -1.0))
-        answers = [{"score": score, "start": s, "end": e, "answer": context[s:e]} for (s, e), score in best.items()]
-        if opts["handle_impossible_answer"]:
-            answers.append({"score": null_score, "start": 0, "end": 0, "answer": ""})
-        answers.sort(key=lambda a: -a["score"])
-        answers = answers[: opts["top_k"]]
+        chunks = [QAChunk(offsets, start_logits, end_logits,
+                          null_index=row["input_ids"].index(cls_id) if cls_id in row["input_ids"] else None,
+                          word_ids=self._word_ids(row["input_ids"], offsets) if opts["align_to_words"] else None)
+                  for row, offsets, (start_logits, end_logits) in zip(feature.rows, feature.meta["offsets"], outputs)]
+        spans = decode_answers(chunks, opts["top_k"], opts["max_answer_len"], opts["handle_impossible_answer"])
+        context = feature.meta["context"]
+        answers = [{"score": score, "start": s, "end": e, "answer": context[s:e]} for score, s, e in spans]
         return answers[0] if opts["top_k"] == 1 else answers
 
-    def _whole_words(self, s: int, e: int, tokens: list[str], offsets: list[Any]) -> tuple[int, int]:
-        """Grow the token span s..e to whole words: WordPiece marks a word's later pieces with '##'."""
+    def _word_ids(self, input_ids: list[int], offsets: list[Any]) -> list[int | None] | None:
+        """The word of each context token (None elsewhere): WordPiece marks a word's later pieces with '##'.
+        None for a tokenizer without such a mark (spans then stay as the tokens give them)."""
         prefix = getattr(self.tokenizer.backend.model, "continuing_subword_prefix", None)
         if not prefix:
-            return s, e
-        while s > 0 and offsets[s - 1] is not None and tokens[s].startswith(prefix):
-            s -= 1
-        while e + 1 < len(tokens) and offsets[e + 1] is not None and tokens[e + 1].startswith(prefix):
-            e += 1
-        return s, e
+            return None
+        words: list[int | None] = []
+        word = -1
+        for token, span in zip(self.tokenizer.convert_ids_to_tokens(input_ids), offsets):
+            if span is not None and not (token.startswith(prefix) and words and words[-1] is not None):
+                word += 1
+            words.append(word if span is not None else None)
+        return words

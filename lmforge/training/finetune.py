@@ -18,7 +18,6 @@ Tasks (one function each below, all sharing `finetune`):
 from __future__ import annotations
 
 import json
-import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -258,24 +257,18 @@ def _question_answering(model: str | Path, train: str | Path, eval: str | Path |
 
 
 def predict_answers(examples: list[dict[str, Any]], features: list[dict[str, Any]], start_logits: Any,
-                    end_logits: Any, allow_impossible: bool = False, max_answer_len: int = 30) -> dict[str, str]:
-    """Each example's answer: the best span over all its chunks; "" when `allow_impossible` and the
-    no-answer score ([CLS] start + end) beats every span."""
-    from lmforge.data.finetune import best_span
+                    end_logits: Any, allow_impossible: bool = False) -> dict[str, str]:
+    """Each example's answer by `lmforge.data.qa_spans` (the question-answering pipeline's decoder): the best
+    span over all its chunks; "" when `allow_impossible` and the no-answer score beats every span."""
+    from lmforge.data.qa_spans import QAChunk, decode_answers
 
-    contexts = {ex["id"]: ex["context"] for ex in examples}
-    best: dict[str, tuple[float, str]] = {}
-    null: dict[str, float] = {}
+    chunks: dict[Any, list[QAChunk]] = {ex["id"]: [] for ex in examples}
     for feature, s, e in zip(features, start_logits, end_logits):
-        key = feature["example_id"]
-        span = best_span(feature, s, e, max_answer_len)
-        if span is not None and span[0] > best.get(key, (-math.inf, ""))[0]:
-            best[key] = (span[0], contexts[key][span[1]:span[2]])
-        null[key] = min(null.get(key, math.inf), float(s[0]) + float(e[0]))
+        chunks[feature["example_id"]].append(QAChunk(feature["offset_mapping"], s, e))
     answers = {}
-    for key in contexts:
-        score, text = best.get(key, (-math.inf, ""))
-        answers[key] = "" if allow_impossible and null.get(key, -math.inf) > score else text
+    for ex in examples:
+        best = decode_answers(chunks[ex["id"]], handle_impossible_answer=allow_impossible)
+        answers[ex["id"]] = ex["context"][best[0][1]:best[0][2]] if best else ""
     return answers
 
 
