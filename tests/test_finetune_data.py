@@ -69,7 +69,7 @@ def test_classification_errors(tmp_path: Path) -> None:
     found = r"d\.csv, line 1: header has no column 'text' \(found 'sentence', 'label'\)"
     with pytest.raises(CorpusError, match=found):
         load_classification(csv_path)
-    with pytest.raises(CorpusError, match=r"e\.csv: file is empty"):
+    with pytest.raises(CorpusError, match=r"e\.csv: the file is empty"):
         load_classification(write(tmp_path, "e.csv", "\n"))
     bad = write(tmp_path, "b.jsonl", '{"text": "a", "label": 1}\n{"text": oops}\n')
     with pytest.raises(CorpusError, match=r"b\.jsonl, line 2: not valid JSON"):
@@ -247,7 +247,7 @@ def test_english_sentiment_keeps_clear_ratings_only() -> None:
     import lzma
 
     from lmforge.data import load_sentiment
-    from lmforge.data.corpus import CORPORA_DIR
+    from lmforge.data.bundled import CORPORA_DIR
 
     examples, label2id = load_sentiment()
     assert label2id == {"negative": 0, "positive": 1}

@@ -261,7 +261,7 @@ def test_build_checks(folder: Path, embedder: Any, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no text to index"):
         KnowledgeBase.build(empty, embedder)
     (empty / "latin1.txt").write_bytes("café".encode("latin-1"))
-    with pytest.raises(ValueError, match="not UTF-8"):
+    with pytest.raises(ValueError, match="not valid UTF-8"):
         KnowledgeBase.build(empty, embedder)
     (empty / "latin1.txt").unlink()
     (empty / "bad.jsonl").write_text('{"title": "no text"}\n', encoding="utf-8")

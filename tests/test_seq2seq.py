@@ -51,7 +51,7 @@ def tiny_gpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_translation_pairs_hold_out_whole_books(bible: tuple[list, list]) -> None:
     import lzma
 
-    from lmforge.data.corpus import CORPORA_DIR
+    from lmforge.data.bundled import CORPORA_DIR
 
     train, test = bible
     rows = [line.split("\t") for line in

@@ -5,10 +5,12 @@
     train = RandomBlockDataset(meta.train_path, block_size=256, num_samples=100_000, seed=0)
     val = SequentialBlockDataset(meta.val_path, block_size=256)
 
-Modules: corpus.py (sources and documents), prepare.py (tokenize to .bin + meta.json),
-blocks.py (datasets over the .bin files), mlm.py (BERT masking and
-next-sentence pairs), finetune.py (classification, CoNLL token tags, SQuAD QA, translation pairs),
-hashing.py (counter-based hash), batching.py (length-bucketed inference batches), corpora/ (bundled text).
+Modules: corpus.py (sources and documents), bundled.py (the datasets shipped in corpora/ and corpora made
+from them), prepare.py (tokenize to .bin + meta.json), blocks.py (datasets over the .bin files), mlm.py (BERT
+masking and next-sentence pairs), classification.py (labelled rows and label maps), conll.py (CoNLL token tags),
+squad.py (SQuAD QA features), qa_spans.py (QA answer-span decoding), collate.py (padding collator),
+hashing.py (counter-based hash), batching.py (length-bucketed inference batches).
+Files are read by `lmforge.textio`; `CorpusError` is its `TextFileError`.
 Names are imported on first use, so `import lmforge.data` does not load torch.
 """
 
@@ -20,9 +22,9 @@ from typing import Any
 # public name -> module that defines it
 _EXPORTS = {
     "CorpusError": "lmforge.data.corpus",
-    "BUNDLED": "lmforge.data.corpus",
-    "BundledCorpus": "lmforge.data.corpus",
-    "bundled_path": "lmforge.data.corpus",
+    "BUNDLED": "lmforge.data.bundled",
+    "BundledCorpus": "lmforge.data.bundled",
+    "bundled_path": "lmforge.data.bundled",
     "resolve_sources": "lmforge.data.corpus",
     "iter_documents": "lmforge.data.corpus",
     "read_documents": "lmforge.data.corpus",
@@ -34,22 +36,22 @@ _EXPORTS = {
     "SequentialBlockDataset": "lmforge.data.blocks",
     "MLMCollator": "lmforge.data.mlm",
     "nsp_pairs": "lmforge.data.mlm",
-    "load_classification": "lmforge.data.finetune",
-    "load_conll": "lmforge.data.finetune",
-    "tokenize_and_align": "lmforge.data.finetune",
-    "load_squad": "lmforge.data.finetune",
-    "prepare_qa_features": "lmforge.data.finetune",
+    "load_classification": "lmforge.data.classification",
+    "load_conll": "lmforge.data.conll",
+    "tokenize_and_align": "lmforge.data.conll",
+    "load_squad": "lmforge.data.squad",
+    "prepare_qa_features": "lmforge.data.squad",
     "extract_answer": "lmforge.data.qa_spans",
     "best_span": "lmforge.data.qa_spans",
-    "load_sentiment": "lmforge.data.finetune",
-    "load_zh_sentiment": "lmforge.data.finetune",
-    "zh_reviews_corpus_file": "lmforge.data.finetune",
-    "load_translation_pairs": "lmforge.data.finetune",
-    "bible_books": "lmforge.data.finetune",
-    "bible_training_documents": "lmforge.data.finetune",
-    "bible_corpus_file": "lmforge.data.finetune",
-    "export_translation_corpus": "lmforge.data.finetune",
-    "DEFAULT_TEST_BOOKS": "lmforge.data.finetune",
+    "load_sentiment": "lmforge.data.bundled",
+    "load_zh_sentiment": "lmforge.data.bundled",
+    "zh_reviews_corpus_file": "lmforge.data.bundled",
+    "load_translation_pairs": "lmforge.data.bundled",
+    "bible_books": "lmforge.data.bundled",
+    "bible_training_documents": "lmforge.data.bundled",
+    "bible_corpus_file": "lmforge.data.bundled",
+    "export_translation_corpus": "lmforge.data.bundled",
+    "DEFAULT_TEST_BOOKS": "lmforge.data.bundled",
     "DataCollator": "lmforge.data.collate",
     "length_sorted_batches": "lmforge.data.batching",
 }

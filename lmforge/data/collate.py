@@ -18,9 +18,10 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
+from lmforge.constants import IGNORE_INDEX
+
 __all__ = ["DataCollator", "pad_sequences"]
 
-IGNORE_INDEX = -100
 #: keys holding one value per token, padded with this value
 TOKEN_KEYS = {"input_ids": None, "attention_mask": 0, "token_type_ids": 0, "position_ids": 0, "labels": IGNORE_INDEX}
 TEXT_KEYS = ("text", "text_pair")

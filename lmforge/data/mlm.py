@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["MLMCollator", "nsp_pairs", "IGNORE_INDEX"]
+from lmforge.constants import IGNORE_INDEX
 
-#: label of positions the masked-LM loss ignores (PyTorch's cross_entropy default)
-IGNORE_INDEX = -100
+__all__ = ["MLMCollator", "nsp_pairs"]
+
 _CONTINUATION_PREFIX = "##"
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from lmforge.data.corpus import Source, SourceFile, iter_file_documents, resolve_sources
 from lmforge.data.hashing import counter_uniform
@@ -294,8 +295,6 @@ def prepare_corpus(
     a meta.json that describes half-written token files. See the module docstring for the
     split rule and the cache.
     """
-    from tqdm.auto import tqdm
-
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if batch_docs < 1:

@@ -32,6 +32,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from lmforge.textio import read_text
+
 FORMAT = "lmforge-knowledge-base"
 VERSION = 1
 INDEX, EMBEDDINGS, CHUNKS = "index.json", "embeddings.safetensors", "chunks.jsonl"
@@ -162,20 +164,12 @@ def _find_files(sources: str | os.PathLike | Iterable[str | os.PathLike]) -> lis
     return found
 
 
-def _read_text(path: Path) -> str:
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            return f.read()
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not UTF-8 text ({err}); convert it to UTF-8 or leave it out") from None
-
-
 def read_documents(sources: str | os.PathLike | Iterable[str | os.PathLike]) -> list[tuple[str, str]]:
     """(source name, text) of every document: one per .txt/.md file, one per line of a .jsonl file
     (named "file.jsonl#LINE", 1-based)."""
     documents: list[tuple[str, str]] = []
     for path, name in _find_files(sources):
-        text = _read_text(path)
+        text = read_text(path, allow_empty=True)  # UTF-8, BOM dropped; errors name the file and the fix
         if path.suffix.lower() != ".jsonl":
             documents.append((name, text))
             continue

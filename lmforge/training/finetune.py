@@ -166,7 +166,7 @@ def _classification(model: str | Path, train: str | Path, eval: str | Path | Non
                     max_length: int | None, text_field: str, label_field: str, text_pair_field: str | None,
                     seed: int, max_train_examples: int | None, **_: Any) -> TaskData:
     from lmforge.auto import AutoConfig, AutoModelForSequenceClassification
-    from lmforge.data.finetune import load_classification, load_sentiment, load_zh_sentiment
+    from lmforge.data import load_classification, load_sentiment, load_zh_sentiment
     from lmforge.training.metrics import classification_metrics
 
     if str(train) in BUNDLED_SENTIMENT and not Path(train).exists():
@@ -207,7 +207,7 @@ def _classification(model: str | Path, train: str | Path, eval: str | Path | Non
 def _token_classification(model: str | Path, train: str | Path, eval: str | Path | None, eval_fraction: float,
                           max_length: int | None, seed: int, max_train_examples: int | None, **_: Any) -> TaskData:
     from lmforge.auto import AutoConfig, AutoModelForTokenClassification
-    from lmforge.data.finetune import load_conll, tokenize_and_align
+    from lmforge.data import load_conll, tokenize_and_align
     from lmforge.training.metrics import token_classification_metrics
 
     train_ex, eval_ex = _load_examples(train, eval, eval_fraction, seed, load_conll, max_train_examples)
@@ -227,7 +227,7 @@ def _question_answering(model: str | Path, train: str | Path, eval: str | Path |
                         max_length: int | None, doc_stride: int, seed: int, max_train_examples: int | None,
                         **_: Any) -> TaskData:
     from lmforge.auto import AutoConfig, AutoModelForQuestionAnswering
-    from lmforge.data.finetune import load_squad, prepare_qa_features
+    from lmforge.data import load_squad, prepare_qa_features
 
     train_ex, eval_ex = _load_examples(train, eval, eval_fraction, seed, load_squad, max_train_examples)
     config = AutoConfig.from_pretrained(model)
@@ -279,7 +279,7 @@ def _causal_lm(model: str | Path, train: str | Path, eval: str | Path | None, ev
 
     info: dict[str, Any] = {"prefix": prefix, "separator": separator}
     if str(train) in BUNDLED_PAIRS and not Path(train).exists():  # held-out books are the evaluation set
-        from lmforge.data.finetune import DEFAULT_TEST_BOOKS, load_translation_pairs
+        from lmforge.data import DEFAULT_TEST_BOOKS, load_translation_pairs
 
         train_ex, eval_ex = load_translation_pairs(*BUNDLED_PAIRS[str(train)])
         random.Random(seed).shuffle(train_ex)  # so that max_train_examples takes verses from every book
@@ -348,14 +348,14 @@ def prefix_example(tokenizer: Any, prompt: str, target: str, max_length: int) ->
 def read_pairs(path: str | Path) -> list[tuple[str, str]]:
     """(input, output) pairs from jsonl/csv/tsv with fields input/output, prompt/completion,
     source/target or document/summary (the first pair a file has)."""
-    from lmforge.data.finetune import _classification_rows
+    from lmforge.data.classification import read_records
 
     path = Path(path)
     if path.name.lower().removesuffix(".xz").removesuffix(".gz").endswith(".txt"):
         raise ValueError(f"{path}: input/output pairs need named fields; use .jsonl, .csv or .tsv")
     for src, tgt in IO_FIELDS:
         try:
-            rows = [row for _, row in _classification_rows(path, [src, tgt])]
+            rows = [row for _, row in read_records(path, [src, tgt])]
         except Exception as err:  # noqa: BLE001 - try the next field names
             if "no field" in str(err) or "no column" in str(err):
                 continue
