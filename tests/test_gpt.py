@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.config import GPTConfig
-from lmforge.models.gpt import GPTForCausalLM, causal_lm_loss
+from lmforge.models.gpt import GPTForCausalLM
+from lmforge.nn.losses import causal_lm_loss
 
 from transformers import GPT2Config, GPT2LMHeadModel  # test-only oracle (the "test" extra)
 

@@ -15,28 +15,17 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.config import BertConfig
+from lmforge.constants import IGNORE_INDEX
 from lmforge.models.base import PreTrainedModel, init_normal
-from lmforge.models.gpt import sequence_classification_loss
 from lmforge.models.outputs import (BaseModelOutputWithPooling, MaskedLMOutput, PreTrainingOutput,
                                     QuestionAnsweringModelOutput, SequenceClassifierOutput, TokenClassifierOutput)
 from lmforge.nn import AttentionMask, LearnedPositionalEmbedding, TransformerBlock, get_activation, layer_norm
 from lmforge.nn.layers import dropout, run_blocks
-
-
-def masked_lm_loss(logits: Tensor, labels: Tensor, num_items_in_batch: int | Tensor | None = None) -> Tensor:
-    """Cross-entropy at the positions whose label is not -100 (no shift: BERT predicts the token at the
-    position itself). logits (..., V), labels (...). Mean over scored positions, or the sum divided by
-    `num_items_in_batch`; all -100 gives 0, never NaN."""
-    V = logits.size(-1)
-    labels = labels.reshape(-1)
-    loss_sum = F.cross_entropy(logits.reshape(-1, V).float(), labels, ignore_index=-100, reduction="sum")
-    if num_items_in_batch is None:
-        num_items_in_batch = (labels != -100).sum().clamp(min=1)
-    return loss_sum / num_items_in_batch
+from lmforge.nn.losses import (masked_lm_items, masked_lm_loss, next_sentence_loss, question_answering_loss,
+                               sequence_classification_loss, token_classification_loss)
 
 
 class BertEmbeddings(nn.Module):
@@ -184,17 +173,14 @@ class _MaskedLMMixin:
         """(loss, logits). Training with labels: the vocabulary projection (the costliest matmul) runs only
         at the scored positions, and logits are (N, V) for those N positions in order; otherwise (B, T, V)."""
         if labels is not None and self.training:
-            keep = labels != -100
+            keep = labels != IGNORE_INDEX
             logits = self.lm_head(h[keep])  # (N, V)
             return masked_lm_loss(logits, labels[keep], num_items_in_batch), logits
         logits = self.lm_head(h)  # (B, T, V)
         loss = masked_lm_loss(logits, labels, num_items_in_batch) if labels is not None else None
         return loss, logits
 
-    @staticmethod
-    def num_loss_items(labels: Tensor) -> Tensor:
-        """How many positions `labels` scores (for exact gradient accumulation)."""
-        return (labels != -100).sum()
+    num_loss_items = staticmethod(masked_lm_items)  # positions `labels` scores, for exact accumulation
 
 
 class BertForMaskedLM(_MaskedLMMixin, BertPreTrainedModel):
@@ -250,7 +236,7 @@ class BertForPreTraining(_MaskedLMMixin, BertPreTrainedModel):
         nsp_logits = self.nsp(out.pooler_output)  # (B, 2)
         loss = mlm_loss
         if next_sentence_label is not None:
-            nsp_loss = F.cross_entropy(nsp_logits.view(-1, 2), next_sentence_label.view(-1))
+            nsp_loss = next_sentence_loss(nsp_logits, next_sentence_label)
             loss = nsp_loss if loss is None else loss + nsp_loss
         return PreTrainingOutput(loss, logits, nsp_logits, out.hidden_states, out.attentions)
 
@@ -309,9 +295,7 @@ class BertForTokenClassification(_BertClassifier):
                 output_hidden_states: bool = False, **kwargs: Any) -> TokenClassifierOutput:
         out, logits = self._logits(input_ids, attention_mask, token_type_ids, position_ids, output_attentions,
                                    output_hidden_states, kwargs)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.reshape(-1, self.num_labels), labels.reshape(-1), ignore_index=-100)
+        loss = token_classification_loss(logits, labels) if labels is not None else None
         return TokenClassifierOutput(loss, logits, out.hidden_states, out.attentions)
 
 
@@ -341,9 +325,5 @@ class BertForQuestionAnswering(BertPreTrainedModel):
         start_logits, end_logits = self.qa_outputs(out.last_hidden_state).unbind(-1)  # (B, T) each
         loss = None
         if start_positions is not None and end_positions is not None:
-            T = start_logits.size(1)  # out-of-range positions become T, which is ignored
-            start = start_positions.reshape(-1).clamp(0, T)
-            end = end_positions.reshape(-1).clamp(0, T)
-            loss = (F.cross_entropy(start_logits, start, ignore_index=T)
-                    + F.cross_entropy(end_logits, end, ignore_index=T)) / 2
+            loss = question_answering_loss(start_logits, end_logits, start_positions, end_positions)
         return QuestionAnsweringModelOutput(loss, start_logits, end_logits, out.hidden_states, out.attentions)

@@ -12,7 +12,6 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.config import GPTConfig
@@ -22,28 +21,7 @@ from lmforge.nn import (AttentionMask, KVCache, LearnedPositionalEmbedding, Rota
                         SinusoidalPositionalEmbedding, TransformerBlock, layer_norm)
 from lmforge.nn.inference import apply
 from lmforge.nn.layers import dropout, run_blocks
-
-
-def causal_lm_loss(logits: Tensor, labels: Tensor, num_items_in_batch: int | Tensor | None = None) -> Tensor:
-    """Next-token cross-entropy; the shift happens here.
-
-    logits: (B, T, V). labels: (B, T), usually the input ids, or (B, T + 1) for a block of
-    context + 1 tokens, so that all T positions are scored. Position t is scored against
-    labels[:, t + 1]; -100 is ignored. The mean is over scored tokens, or the sum divided by
-    `num_items_in_batch` (for exact gradient accumulation over unevenly padded batches).
-    Labels that are all -100 give a loss of 0, never NaN.
-    """
-    B, T, V = logits.shape
-    target = labels[:, 1:]  # (B, L - 1)
-    if target.size(1) < T:  # pad the target rather than copying the (large) logits
-        target = F.pad(target, (0, T - target.size(1)), value=-100)
-    elif target.size(1) > T:
-        raise ValueError(f"labels have {labels.size(1)} positions for {T} logits; expected {T} or {T + 1}")
-    loss_sum = F.cross_entropy(logits.reshape(B * T, V).float(), target.reshape(B * T),
-                               ignore_index=-100, reduction="sum")
-    if num_items_in_batch is None:
-        num_items_in_batch = (target != -100).sum().clamp(min=1)
-    return loss_sum / num_items_in_batch
+from lmforge.nn.losses import causal_lm_items, causal_lm_loss, sequence_classification_loss
 
 
 class GPTModel(nn.Module):
@@ -172,10 +150,7 @@ class GPTForCausalLM(GPTPreTrainedModel):
         loss = causal_lm_loss(logits, labels, num_items_in_batch) if labels is not None else None
         return CausalLMOutput(loss, logits, out.past_key_values, out.hidden_states, out.attentions)
 
-    @staticmethod
-    def num_loss_items(labels: Tensor) -> Tensor:
-        """How many positions `labels` scores (the shift drops the first label of each row)."""
-        return (labels[:, 1:] != -100).sum()
+    num_loss_items = staticmethod(causal_lm_items)  # positions `labels` scores, for exact accumulation
 
     def allocate_cache(self, batch_size: int, max_len: int) -> KVCache:
         """A preallocated KV cache for `batch_size` sequences of up to `max_len` tokens."""
@@ -195,33 +170,6 @@ class GPTForCausalLM(GPTPreTrainedModel):
         c = self.config
         T = seq_len or c.n_positions
         return 6 * self.num_parameters(exclude_embeddings=True) + 12 * c.n_layer * c.n_embd * T
-
-
-
-def sequence_classification_loss(logits: Tensor, labels: Tensor, problem_type: str | None) -> Tensor:
-    """Hugging Face's loss for sequence classifiers. logits: (B, N). problem_type None is inferred as
-    transformers does: N == 1 -> "regression" (MSE); integer labels (B,) -> "single_label_classification"
-    (cross-entropy, -100 ignored); otherwise "multi_label_classification" (float multi-hot (B, N), BCE
-    with logits)."""
-    num_labels = logits.size(-1)
-    if problem_type is None:
-        if num_labels == 1:
-            problem_type = "regression"
-        elif labels.dtype in (torch.long, torch.int):
-            problem_type = "single_label_classification"
-        else:
-            problem_type = "multi_label_classification"
-    if problem_type == "regression":
-        labels = labels.to(logits.dtype)
-        if num_labels == 1:
-            return F.mse_loss(logits.squeeze(), labels.squeeze())
-        return F.mse_loss(logits, labels)
-    if problem_type == "single_label_classification":
-        return F.cross_entropy(logits.view(-1, num_labels), labels.view(-1), ignore_index=-100)
-    if problem_type == "multi_label_classification":
-        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
-    raise ValueError(f"unknown problem_type {problem_type!r}; use 'regression', 'single_label_classification' "
-                     "or 'multi_label_classification'")
 
 
 class GPTForSequenceClassification(GPTPreTrainedModel):

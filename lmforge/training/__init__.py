@@ -1,8 +1,10 @@
-"""Training: TrainingArguments, the Trainer (accumulation, mixed precision, DDP/FSDP, checkpoints),
-optimizer and schedule, metrics and reporting."""
+"""Training: TrainingArguments, the Trainer (loop; sampling plan, checkpoints and reporting in their own
+modules), optimizer and schedule, metrics; the recipes `pretrain` and `finetune` sit above it."""
 from lmforge.training.args import TrainingArguments
-from lmforge.training.trainer import (EvalPrediction, PredictionOutput, Trainer, TrainerCallback, TrainerState,
-                                      TrainOutput)
+from lmforge.training.checkpoint import TrainerState
+from lmforge.training.metrics import EvalPrediction
+from lmforge.training.reporting import TensorBoardCallback, TrainerCallback
+from lmforge.training.trainer import PredictionOutput, Trainer, TrainOutput
 
 __all__ = ["TrainingArguments", "Trainer", "TrainerCallback", "TrainerState", "TrainOutput", "EvalPrediction",
-           "PredictionOutput"]
+           "PredictionOutput", "TensorBoardCallback"]

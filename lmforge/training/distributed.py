@@ -3,6 +3,9 @@
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; `setup()` joins the process group (gloo on CPU, NCCL
 on CUDA) and pins each process to its GPU. A single process (no torchrun) needs none of this and
 every helper below degrades to the obvious single-process answer.
+
+The FSDP, DDP and distributed-checkpoint modules of torch are imported inside the helpers that need
+them: only multi-process runs use them, and importing them adds about a second to every start.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lmforge.nn import TransformerBlock
 
 @dataclass(frozen=True)
 class World:
@@ -72,8 +76,6 @@ def wrap(model: nn.Module, world: World, device: torch.device, fsdp: bool) -> nn
 
 def _blocks(model: nn.Module) -> list[nn.Module]:
     """The Transformer blocks (sharded one by one, so only one block is gathered at a time)."""
-    from lmforge.nn import TransformerBlock
-
     return [m for m in model.modules() if isinstance(m, TransformerBlock)]
 
 
@@ -121,3 +123,13 @@ def full_state_dict(model: nn.Module, world: World, fsdp: bool) -> dict[str, tor
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, world: World,
+                         fsdp: bool) -> dict[str, Any]:
+    """The optimizer's whole state dict (FSDP shards gathered to full tensors on the CPU)."""
+    if not (world.distributed and fsdp):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -1,18 +1,64 @@
-"""What users watch during training: a PNG of the log history, and TensorBoard scalars.
+"""What a training run tells the world: the callback hooks, metrics.jsonl, the step figures (tokens/s,
+MFU), a PNG of the log history and TensorBoard scalars.
 
-matplotlib and tensorboard are optional and imported only when used.
+matplotlib (a heavy import, needed once at the end of training) and tensorboard (optional) are imported
+only when used.
 """
 from __future__ import annotations
 
 import io
+import json
 import math
 import numbers
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-from lmforge.training.trainer import TrainerCallback
-from lmforge.utils import atomic_write_bytes
+import torch.distributed as dist
+
+from lmforge.utils import atomic_write_bytes, atomic_write_text
+
+if TYPE_CHECKING:  # for annotations only: the Trainer imports this module
+    from lmforge.training.trainer import Trainer
+
+
+class TrainerCallback:
+    """Override any of these hooks; each gets the trainer and (where there is one) a metrics dict.
+    Set `trainer.should_stop = True` from a hook to end training after the current step."""
+
+    def on_train_begin(self, trainer: Trainer) -> None: ...
+    def on_step_end(self, trainer: Trainer) -> None: ...
+    def on_log(self, trainer: Trainer, logs: dict[str, Any]) -> None: ...
+    def on_evaluate(self, trainer: Trainer, metrics: dict[str, Any]) -> None: ...
+    def on_save(self, trainer: Trainer, checkpoint: Path) -> None: ...
+    def on_train_end(self, trainer: Trainer) -> None: ...
+
+
+def model_flops_utilization(flops_per_token: float, tokens_per_second: float, peak_flops: float,
+                            world_size: int = 1) -> float:
+    """MFU: the share of the hardware's peak FLOP/s (`peak_flops` per process, `world_size` processes) that
+    training `tokens_per_second` tokens at `flops_per_token` (6N + 12·L·C·T for a GPT) amounts to."""
+    return flops_per_token * tokens_per_second / (peak_flops * world_size)
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per log entry (with its `step`), appended as training goes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def append(self, entry: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def trim(self, step: int) -> None:
+        """After a resume, drop the lines an interrupted run wrote past `step` (its checkpoint)."""
+        if not self.path.exists():
+            return
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        atomic_write_text(self.path, "".join(ln + "\n" for ln in kept))
 
 # Evaluation entries that are not quality metrics: timings, which would only clutter the metric panel.
 _EVAL_SKIP_SUFFIXES = ("_runtime", "_per_second")
@@ -69,7 +115,7 @@ def plot_history(log_history: Sequence[dict[str, Any]], path: str | os.PathLike)
         panels.append(("eval perplexity", [("eval_perplexity", ppl)]))
     if not panels:
         return None
-    try:
+    try:  # lazy: matplotlib takes a second to import and is needed once, at the end of training
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
@@ -108,8 +154,6 @@ def plot_history(log_history: Sequence[dict[str, Any]], path: str | os.PathLike)
 
 def _is_main_process() -> bool:
     """True unless this is a torch.distributed process of rank other than 0."""
-    import torch.distributed as dist
-
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
@@ -124,7 +168,7 @@ class TensorBoardCallback(TrainerCallback):
     """
 
     def __init__(self, logging_dir: str | os.PathLike | None = None) -> None:
-        try:
+        try:  # tensorboard is optional (the "full" extra)
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
             raise ImportError("TensorBoardCallback needs the tensorboard package: pip install tensorboard") from e

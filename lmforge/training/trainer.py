@@ -1,76 +1,51 @@
 """Trainer: one training loop for pretraining and fine-tuning.
 
-    examples --(DataCollator: pad, label -> labels)--> micro-batches --(accumulation; loss normalised
-    by the window's token/example count; DDP/FSDP across processes)--> AdamW + schedule + clipping
-    --> evaluation (loss, compute_metrics, best model, early stopping) --> JSONL / TensorBoard / PNG
-    --> atomic checkpoint-<step>/ folders from which a run resumes exactly
+    examples --(DataCollator: pad, label -> labels)--> micro-batches (sampling.py: the data order)
+    --(accumulation; loss normalised by the window's token/example count; DDP/FSDP across processes)-->
+    AdamW + schedule + clipping --> evaluation (loss, compute_metrics, best model, early stopping)
+    --> metrics.jsonl / TensorBoard / PNG (reporting.py) --> checkpoint-<step>/ folders (checkpoint.py)
+    from which a run resumes exactly
 
 Datasets are anything with `len()` and `[i]` returning a dict: torch Datasets, lists of dicts,
 Hugging Face `datasets.Dataset`.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import math
 import os
-import random
-import re
-import shutil
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
+from lmforge.constants import IGNORE_INDEX, NO_LENGTH_LIMIT, context_length
 from lmforge.data.collate import DataCollator
+from lmforge.nn.losses import count_loss_items, weighted_loss
+from lmforge.training import checkpoint as ckpt
 from lmforge.training import distributed as D
 from lmforge.training.args import TrainingArguments
-from lmforge.training.losses import count_loss_items, weighted_loss
+from lmforge.training.checkpoint import TrainerState
 from lmforge.training.metrics import EvalPrediction
 from lmforge.training.optim import build_optimizer, build_scheduler
-from lmforge.utils import (atomic_directory, atomic_write_text, matmul_peak_flops, recover_directory, resolve_device,
-                           set_seed)
+from lmforge.training.reporting import (MetricsLog, TensorBoardCallback, TrainerCallback, model_flops_utilization,
+                                        plot_history)
+from lmforge.training.sampling import PlanSampler, SamplingPlan, build_plan, example_lengths, shuffles
+from lmforge.utils import atomic_write_text, matmul_peak_flops, resolve_device, set_seed
 
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-STATE_NAME = "trainer_state.json"
-OPTIMIZER_NAME = "optimizer.pt"
-RNG_NAME = "rng_state.pt"
+__all__ = ["Trainer", "TrainOutput", "PredictionOutput", "TrainerCallback", "TrainerState", "EvalPrediction"]
+
 MAX_BAD_STEPS = 3  # consecutive non-finite losses before the run stops
-
-
-class TrainerCallback:
-    """Override any of these hooks; each gets the trainer and (where there is one) a metrics dict.
-    Set `trainer.should_stop = True` from a hook to end training after the current step."""
-
-    def on_train_begin(self, trainer: "Trainer") -> None: ...
-    def on_step_end(self, trainer: "Trainer") -> None: ...
-    def on_log(self, trainer: "Trainer", logs: dict[str, Any]) -> None: ...
-    def on_evaluate(self, trainer: "Trainer", metrics: dict[str, Any]) -> None: ...
-    def on_save(self, trainer: "Trainer", checkpoint: Path) -> None: ...
-    def on_train_end(self, trainer: "Trainer") -> None: ...
-
-
-@dataclass
-class TrainerState:
-    """What a checkpoint needs besides tensors; saved as trainer_state.json."""
-
-    global_step: int = 0
-    max_steps: int = 0
-    samples_seen: int = 0  # data position: the next training example is sample number `samples_seen`
-    tokens_seen: int = 0
-    epoch: float = 0.0
-    best_metric: float | None = None
-    best_model_checkpoint: str | None = None
-    evals_without_improvement: int = 0
-    world_size: int = 1
-    log_history: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -85,83 +60,6 @@ class PredictionOutput:
     predictions: np.ndarray | tuple[np.ndarray, ...]
     label_ids: np.ndarray | tuple[np.ndarray, ...] | None
     metrics: dict[str, float]
-
-
-class _Plan:
-    """Which examples each optimizer step trains on, the same whatever the number of processes.
-
-    Sample k of the run is example perm_e[k mod n] with e = k // n (a seeded permutation per epoch,
-    or the identity for datasets that are already random). Step s trains on samples
-    [s*G, min((s+1)*G, total)) with G the global batch; each process takes a contiguous share of
-    them and splits it into micro-batches. Nothing here reads the data, so resuming is a jump.
-
-    With `lengths` (group_by_length), each epoch's permutation is cut into mega-batches of 50 global
-    batches, each sorted longest first, so a batch holds examples of similar length (little padding)
-    while the mega-batches stay random; the window holding the longest example goes first, so a batch
-    too large for memory fails at step 0 rather than hours in."""
-
-    MEGA_BATCHES = 50
-
-    def __init__(self, n: int, total: int, global_batch: int, micro: int, world: D.World, shuffle: bool,
-                 seed: int, base_step: int = 0, base_sample: int = 0, lengths: Sequence[int] | None = None) -> None:
-        self.n, self.total, self.G, self.micro, self.world = n, total, global_batch, micro, world
-        self.shuffle, self.seed, self.lengths = shuffle, seed, lengths
-        # a run resumed with another global batch continues from the sample where it stopped
-        self.base_step, self.base_sample = base_step, base_sample
-        self.steps = base_step + math.ceil(max(total - base_sample, 0) / global_batch)
-        self._perm: tuple[int, list[int] | None] = (-1, None)
-
-    def example(self, k: int) -> int:
-        epoch, i = divmod(k, self.n)
-        if not self.shuffle:
-            return i
-        if self._perm[0] != epoch:
-            g = torch.Generator().manual_seed(self.seed + epoch)
-            perm = torch.randperm(self.n, generator=g).tolist()
-            self._perm = (epoch, self._grouped(perm) if self.lengths is not None else perm)
-        return self._perm[1][i]
-
-    def _grouped(self, perm: list[int]) -> list[int]:
-        """`perm` with each mega-batch sorted by length (longest first), the longest window first."""
-        size, lengths = self.G * self.MEGA_BATCHES, self.lengths
-        assert lengths is not None
-        out: list[int] = []
-        for a in range(0, len(perm), size):
-            out += sorted(perm[a:a + size], key=lambda i: -lengths[i])  # stable: ties keep the random order
-        longest = max(range(len(out)), key=lambda k: lengths[out[k]]) // self.G * self.G
-        if longest and longest + self.G <= len(out):  # swap whole windows: both stay length-grouped
-            out[:self.G], out[longest:longest + self.G] = out[longest:longest + self.G], out[:self.G]
-        return out
-
-    def window(self, step: int) -> tuple[int, int]:
-        start = self.base_sample + (step - self.base_step) * self.G
-        return start, min(start + self.G, self.total)
-
-    def micro_batches(self, step: int) -> list[list[int]]:
-        """This process's micro-batches (lists of example indices) for optimizer step `step`."""
-        start, end = self.window(step)
-        n, W, r = end - start, self.world.size, self.world.rank
-        lo, hi = start + r * n // W, start + (r + 1) * n // W  # this process's share
-        return [[self.example(k) for k in range(a, min(a + self.micro, hi))] for a in range(lo, hi, self.micro)]
-
-
-class _Batches(Sampler[list[int]]):
-    """Micro-batch index lists from `first_step` on: a DataLoader batch_sampler."""
-
-    def __init__(self, plan: _Plan, first_step: int) -> None:
-        self.plan, self.first_step = plan, first_step
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for step in range(self.first_step, self.plan.steps):
-            yield from self.plan.micro_batches(step)
-
-    def __len__(self) -> int:
-        return sum(len(self.plan.micro_batches(s)) for s in range(self.first_step, self.plan.steps))
-
-
-def default_collate(items: Sequence[dict[str, Any]]) -> dict[str, Tensor]:
-    """Stack equally long examples (dicts of tensors or lists) into a batch."""
-    return {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]}
 
 
 class Trainer:
@@ -194,8 +92,6 @@ class Trainer:
         self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
         self.callbacks = list(callbacks or [])
         if "tensorboard" in args.reporters and self.world.is_main:
-            from lmforge.training.reporting import TensorBoardCallback
-
             self.callbacks.append(TensorBoardCallback(args.logging_dir or str(Path(args.output_dir) / "runs")))
         self.state = TrainerState(world_size=self.world.size)
         self.output_dir = Path(args.output_dir)
@@ -205,7 +101,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, args, max(args.max_steps, 1))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.fp16)
         self._peak_flops: float | None = args.peak_flops
-        self._metrics_path = self.output_dir / "metrics.jsonl"
+        self.metrics_log = MetricsLog(self.output_dir / "metrics.jsonl")
         self._bad_steps = 0
 
     def _default_collator(self) -> Callable:
@@ -215,10 +111,12 @@ class Trainer:
                 if p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)}
         causal = bool(getattr(self.model, "shifts_labels", False))
         config = getattr(self.model, "config", None)
-        context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        context = context_length(config)
         tokenizer_limit = getattr(self.tokenizer, "model_max_length", None)
-        limit = context if tokenizer_limit is None or tokenizer_limit >= 10**29 else min(tokenizer_limit, context or
-                                                                                         tokenizer_limit)
+        if tokenizer_limit is None or tokenizer_limit >= NO_LENGTH_LIMIT:
+            limit = context
+        else:
+            limit = min(tokenizer_limit, context or tokenizer_limit)
         return DataCollator(self.tokenizer, causal_lm=causal, keep=keep, max_length=limit,
                             pad_token_id=getattr(config, "pad_token_id", None))
 
@@ -237,10 +135,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, args, plan.steps)
         if world.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            for stale in self.output_dir.glob(".tmp-checkpoint-*"):  # a save cut short by a crash
-                shutil.rmtree(stale, ignore_errors=True)
-            for old in self.output_dir.glob(".old-checkpoint-*"):  # a re-save cut short between its renames
-                recover_directory(self.output_dir / old.name[len(".old-"):].rsplit("-", 1)[0])
+            ckpt.clean_unfinished_saves(self.output_dir)
         D.barrier(world)
         if self._peak_flops is None:  # measured before seeding: its random matrices must not shift the RNG streams
             self._peak_flops = matmul_peak_flops(self.device, torch.bfloat16 if args.bf16 else torch.float32)
@@ -257,12 +152,13 @@ class Trainer:
                     plan = self._rebase(plan, path, len(ds))
                 self.state.max_steps = plan.steps
         if world.is_main:
-            self._trim_metrics(self.state.global_step)
+            self.metrics_log.trim(self.state.global_step)
         for cb in self.callbacks:
             cb.on_train_begin(self)
 
-        loader = DataLoader(ds, batch_sampler=_Batches(plan, self.state.global_step), collate_fn=self.data_collator,
-                            num_workers=args.dataloader_num_workers, pin_memory=self.device.type == "cuda",
+        loader = DataLoader(ds, batch_sampler=PlanSampler(plan, self.state.global_step),
+                            collate_fn=self.data_collator, num_workers=args.dataloader_num_workers,
+                            pin_memory=self.device.type == "cuda",
                             generator=self._loader_generator())
         batches = iter(loader)
         progress = self._progress(plan.steps)
@@ -325,58 +221,26 @@ class Trainer:
                         f"from {self.state.best_model_checkpoint}")
         self.save_model()
         if world.is_main:
-            from lmforge.training.reporting import plot_history
-
             plot_history(self.state.log_history, self.output_dir / "training_curves.png")
         for cb in self.callbacks:
             cb.on_train_end(self)
         losses = [h["loss"] for h in self.state.log_history if "loss" in h]  # logged window means
         return TrainOutput(step, sum(losses) / len(losses) if losses else float("nan"), metrics)
 
-    def _plan(self, n: int, base_step: int = 0, base_sample: int = 0) -> _Plan:
-        from lmforge.data import RandomBlockDataset
-
-        args, W = self.args, self.world.size
-        G = args.per_device_train_batch_size * args.gradient_accumulation_steps * W
-        if args.max_steps > 0:
-            total = base_sample + (args.max_steps - base_step) * G
-        else:
-            total = max(1, round(args.num_train_epochs * n))
-        tail = (total - base_sample) % G
-        if W > 1 and tail and tail < W:
-            total -= tail  # a last window smaller than the number of processes: drop it
-            warnings.warn(f"the last {tail} examples do not give every process one; they are skipped",
-                          stacklevel=3)
-        shuffle = not isinstance(self.train_dataset, RandomBlockDataset)  # those items are random already
-        lengths = self._example_lengths() if args.group_by_length and shuffle else None
-        return _Plan(n, total, G, args.per_device_train_batch_size, self.world, shuffle, args.seed, base_step,
-                     base_sample, lengths)
-
-    def _example_lengths(self) -> list[int]:
-        """Each training example's length for group_by_length: its `length_column_name` field, else the
-        number of its input_ids (computed once per run)."""
-        if self._lengths is None:
-            ds, column = self.train_dataset, self.args.length_column_name
-            lengths = []
-            for i in range(len(ds)):
-                item = ds[i]
-                if column in item:
-                    lengths.append(int(item[column]))
-                elif "input_ids" in item:
-                    lengths.append(len(item["input_ids"]))
-                else:
-                    raise ValueError(f"group_by_length needs each example's length: example {i} has neither "
-                                     f"'{column}' (length_column_name) nor 'input_ids' (its keys: {sorted(item)}); "
-                                     "tokenize the examples first or add a length field")
-            self._lengths = lengths
-        return self._lengths
+    def _plan(self, n: int, base_step: int = 0, base_sample: int = 0) -> SamplingPlan:
+        lengths = None
+        if self.args.group_by_length and shuffles(self.train_dataset):
+            if self._lengths is None:  # read once per run
+                self._lengths = example_lengths(self.train_dataset, self.args.length_column_name)
+            lengths = self._lengths
+        return build_plan(self.args, self.world, self.train_dataset, lengths, base_step, base_sample)
 
     def _loader_generator(self) -> torch.Generator:
         """A DataLoader's own generator: starting its iterator then leaves the global RNG (dropout) untouched,
         so a resumed run draws the same dropout masks as an uninterrupted one."""
         return torch.Generator().manual_seed(self.args.seed)
 
-    def _rebase(self, plan: _Plan, path: Path, n: int) -> _Plan:
+    def _rebase(self, plan: SamplingPlan, path: Path, n: int) -> SamplingPlan:
         """The checkpoint was written with another global batch (batch size, accumulation or number of
         processes): continue from its data position with this run's batch, and say so."""
         step, seen = self.state.global_step, self.state.samples_seen
@@ -414,7 +278,8 @@ class Trainer:
         for i, (batch, count) in enumerate(zip(micro, counts)):
             weight = batch.pop("weight", None)
             sync = i == len(micro) - 1 or not world.distributed
-            ctx = self._wrapped.no_sync() if not sync and hasattr(self._wrapped, "no_sync") else _nullcontext()
+            no_sync = not sync and hasattr(self._wrapped, "no_sync")
+            ctx = self._wrapped.no_sync() if no_sync else contextlib.nullcontext()
             with ctx:
                 with torch.autocast(self.device.type, dtype=amp, enabled=args.bf16 or args.fp16):
                     if weight is not None:
@@ -557,8 +422,6 @@ class Trainer:
             print(message, flush=True)
 
     def _progress(self, total: int) -> Any:
-        from tqdm.auto import tqdm
-
         return tqdm(total=total, initial=self.state.global_step, desc="train", unit="step",
                     disable=self.args.disable_tqdm or not self.world.is_main, dynamic_ncols=True,
                     mininterval=0.1 if sys.stderr.isatty() else 30.0)  # logs stay short when not a terminal
@@ -571,40 +434,28 @@ class Trainer:
         flops = getattr(self.model, "flops_per_token", None)
         if flops is not None and self._peak_flops:
             seq_len = micro[0]["input_ids"].shape[-1]
-            logs["mfu"] = flops(seq_len) * logs["tokens_per_second"] / (self._peak_flops * self.world.size)
+            logs["mfu"] = model_flops_utilization(flops(seq_len), logs["tokens_per_second"], self._peak_flops,
+                                                  self.world.size)
         return {k: v for k, v in logs.items() if not (isinstance(v, float) and not math.isfinite(v))}
 
     def log(self, logs: dict[str, Any], step: int | None = None) -> None:
         """Record metrics at `step` (default: the current one): trainer state, metrics.jsonl (rank 0), callbacks."""
-        entry = {"step": self.state.global_step if step is None else step, **{k: (float(f"{v:.7g}") if isinstance(v, float) else v)
-                                                     for k, v in logs.items()}}  # 7 significant digits
+        rounded = {k: (float(f"{v:.7g}") if isinstance(v, float) else v) for k, v in logs.items()}  # 7 digits
+        entry = {"step": self.state.global_step if step is None else step, **rounded}
         self.state.log_history.append(entry)
         if "jsonl" in self.args.reporters and self.world.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            with open(self._metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(entry) + "\n")
+            self.metrics_log.append(entry)
         for cb in self.callbacks:
             cb.on_log(self, entry)
-
-    def _trim_metrics(self, step: int) -> None:
-        """After a resume, drop metric lines the interrupted run wrote past the checkpoint."""
-        if not self._metrics_path.exists():
-            return
-        lines = self._metrics_path.read_text(encoding="utf-8").splitlines()
-        kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        atomic_write_text(self._metrics_path, "".join(ln + "\n" for ln in kept))
 
     # ---- checkpoints -------------------------------------------------------------------------
     def save_model(self, directory: str | os.PathLike | None = None) -> Path:
         """The model (and tokenizer) in Hugging Face layout, ready for from_pretrained; LoRA models save
         their adapters (adapter_model.safetensors) next to the base weights."""
-        from lmforge.hub import save_pretrained
-
         directory = Path(directory or self.output_dir)
         full = D.full_state_dict(self._wrapped, self.world, self.args.fsdp)
         if self.world.is_main:
-            save_pretrained(self.model, directory, tokenizer=self.tokenizer, state_dict=full)
-            _save_adapters_if_any(self.model, directory)
+            ckpt.save_model_dir(self.model, directory, self.tokenizer, full)
             atomic_write_text(directory / "training_args.json", json.dumps(self.args.to_dict(), indent=2) + "\n")
         D.barrier(self.world)
         return directory
@@ -613,101 +464,48 @@ class Trainer:
         """checkpoint-<step>/: model + optimizer + scheduler + scaler + RNG + data position, written
         atomically by rank 0 (every process's RNG state included)."""
         final = self.output_dir / f"checkpoint-{self.state.global_step}"
-        rng = {"python": random.getstate(), "numpy": _numpy_state(), "torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        all_rng = D.gather_objects(rng, self.world)
-        optim_state = self._optimizer_state()
+        all_rng = D.gather_objects(ckpt.rng_state(), self.world)
+        optim_state = D.full_optimizer_state(self._wrapped, self.optimizer, self.world, self.args.fsdp)
         full = D.full_state_dict(self._wrapped, self.world, self.args.fsdp)
         if self.world.is_main:
-            from lmforge.hub import save_pretrained
-
-            with atomic_directory(final) as tmp:
-                save_pretrained(self.model, tmp, tokenizer=self.tokenizer, state_dict=full)
-                _save_adapters_if_any(self.model, tmp)
-                torch.save({"optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
-                            "scaler": self.scaler.state_dict()}, tmp / OPTIMIZER_NAME)
-                for r, state in enumerate(all_rng):
-                    torch.save(state, tmp / (RNG_NAME if r == 0 else f"rng_state_{r}.pt"))
-                state = {**self.state.__dict__, "args": self.args.to_dict()}
-                (tmp / STATE_NAME).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
-            self._rotate_checkpoints()
+            training = {"optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
+                        "scaler": self.scaler.state_dict()}
+            ckpt.write_checkpoint(final, self.model, self.tokenizer, full, training, all_rng, self.state,
+                                  self.args.to_dict())
+            ckpt.rotate_checkpoints(self.output_dir, self.args.save_total_limit, self.state.best_model_checkpoint)
         D.barrier(self.world)
         for cb in self.callbacks:
             cb.on_save(self, final)
         return final
 
-    def _optimizer_state(self) -> dict[str, Any]:
-        if self.args.fsdp and self.world.distributed:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-            return get_optimizer_state_dict(self._wrapped, self.optimizer,
-                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return self.optimizer.state_dict()
-
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints in output_dir, oldest first."""
-        if not self.output_dir.is_dir():
-            return []
-        found = [(int(m.group(1)), p) for p in self.output_dir.iterdir()
-                 if (m := CHECKPOINT_RE.match(p.name)) and (p / STATE_NAME).is_file()]
-        return [p for _, p in sorted(found)]
+        return ckpt.list_checkpoints(self.output_dir)
 
     def latest_checkpoint(self) -> Path | None:
         found = self.checkpoints()
         return found[-1] if found else None
 
-    def _rotate_checkpoints(self) -> None:
-        """Keep the newest `save_total_limit` checkpoints; the best one is never deleted."""
-        limit = self.args.save_total_limit
-        if limit is None:
-            return
-        found = self.checkpoints()
-        best = self.state.best_model_checkpoint
-        keep = set(found[-limit:]) | {found[-1]} | ({Path(best)} if best else set())
-        for old in found:
-            if old not in keep:
-                shutil.rmtree(old, ignore_errors=True)
-
     def _load_weights(self, path: Path) -> None:
-        from lmforge.hub import load_hf_state_dict, read_weights
-
         if self.args.fsdp and self.world.distributed:
             raise NotImplementedError("loading a checkpoint into an FSDP-sharded model is not supported yet: resume "
                                       "or load the best model with DDP (fsdp=False), or load the saved model "
                                       "directory with from_pretrained")
-        weights, source = read_weights(path)
-        load_hf_state_dict(self.model, weights, str(source))
-        _load_adapters_if_any(self.model, path)
+        ckpt.load_model_weights(self.model, path)
 
     def _load_checkpoint(self, path: Path) -> None:
         path = Path(path)
-        if not (path / STATE_NAME).is_file():
-            raise FileNotFoundError(f"{path} is not a complete checkpoint (no {STATE_NAME}); "
-                                    "pass a checkpoint-<step> folder written by the Trainer")
-        saved = json.loads((path / STATE_NAME).read_text(encoding="utf-8"))
-        saved.pop("args", None)
-        saved_world = saved.get("world_size", 1)
+        state = ckpt.read_trainer_state(path, self.world.size)
         self._load_weights(path)
-        opt = torch.load(path / OPTIMIZER_NAME, map_location=self.device, weights_only=True)
+        opt = ckpt.read_training_state(path, self.device)
         self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
         if "scaler" in opt and self.scaler.is_enabled():
             self.scaler.load_state_dict(opt["scaler"])
-        rng_file = path / (RNG_NAME if self.world.rank == 0 else f"rng_state_{self.world.rank}.pt")
-        if saved_world != self.world.size:
-            warnings.warn(f"{path} was written by {saved_world} process(es) and this run has {self.world.size}: the "
-                          "weights, optimizer and data position continue exactly, but random streams such as dropout "
-                          "masks cannot continue identically", stacklevel=3)
-        if rng_file.is_file():
-            rng = torch.load(rng_file, map_location="cpu", weights_only=True)
-            random.setstate(_as_python_state(rng["python"]))
-            if "numpy" in rng:
-                np.random.set_state(tuple(rng["numpy"]))
-            torch.set_rng_state(rng["torch"])
-            if "cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
-        self.state = TrainerState(**{**saved, "world_size": self.world.size})
+        rng = ckpt.read_rng(path, self.world.rank)
+        if rng is not None:
+            ckpt.restore_rng(rng)
+        self.state = state
 
 
 def _zero_loss(out: Any) -> Tensor:
@@ -717,22 +515,6 @@ def _zero_loss(out: Any) -> Tensor:
         if value is not None:
             return value.float().sum() * 0.0
     raise ValueError("the model output has no logits to build a zero loss from")
-
-
-class _nullcontext:
-    def __enter__(self) -> None: ...
-    def __exit__(self, *exc: Any) -> None: ...
-
-
-def _numpy_state() -> list[Any]:
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]
-
-
-def _as_python_state(state: Any) -> tuple:
-    """random.setstate needs tuples; a checkpoint round trip may give lists."""
-    version, internal, gauss = state
-    return (version, tuple(internal), gauss)
 
 
 def _outputs_of(out: Any) -> Any:
@@ -764,7 +546,7 @@ def _numpy(x: Any) -> Any:
 
 
 def _concat(parts: list[Any]) -> Any:
-    """Join per-batch arrays along the batch axis, padding ragged sequence dims with -100."""
+    """Join per-batch arrays along the batch axis, padding ragged sequence dims with IGNORE_INDEX."""
     if isinstance(parts[0], tuple):
         return tuple(_concat([p[i] for p in parts]) for i in range(len(parts[0])))
     if parts[0].ndim == 1 or all(p.shape[1:] == parts[0].shape[1:] for p in parts):
@@ -773,27 +555,5 @@ def _concat(parts: list[Any]) -> Any:
     padded = []
     for p in parts:
         width = [(0, 0), (0, longest - p.shape[1])] + [(0, 0)] * (p.ndim - 2)
-        padded.append(np.pad(p, width, constant_values=-100))
+        padded.append(np.pad(p, width, constant_values=IGNORE_INDEX))
     return np.concatenate(padded)
-
-
-def _uses_lora(model: nn.Module) -> bool:
-    return any(type(m).__name__.startswith("LoRA") for m in model.modules())
-
-
-def _save_adapters_if_any(model: nn.Module, directory: Path) -> None:
-    if not _uses_lora(model):
-        return
-    from lmforge.nn import lora
-
-    if lora.has_lora(model):
-        lora.save_adapters(model, directory)
-
-
-def _load_adapters_if_any(model: nn.Module, directory: Path) -> None:
-    if not _uses_lora(model):
-        return
-    from lmforge.nn import lora
-
-    if lora.has_lora(model) and (directory / "adapter_model.safetensors").is_file():
-        lora.load_adapters(model, directory)
