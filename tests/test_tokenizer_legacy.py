@@ -16,7 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmforge.tokenizer import NO_MAX_LENGTH, Tokenizer
+from lmforge.constants import NO_LENGTH_LIMIT
+from lmforge.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -158,7 +159,7 @@ def test_bare_dir_special_tokens_follow_gpt2(bare: Tokenizer, trained: Tokenizer
     assert bare.pad_token is None and bare.pad_token_id is None
     assert bare.eos_token_id == trained.eos_token_id == 0
     assert bare.all_special_tokens == [EOS] and bare.all_special_ids == [0]
-    assert bare.model_max_length == NO_MAX_LENGTH and bare.padding_side == "right"
+    assert bare.model_max_length == NO_LENGTH_LIMIT and bare.padding_side == "right"
     # <|endoftext|> in the text is one token; without a config <|pad|> is ordinary text
     ids = bare.encode(f"a{EOS}b{PAD}")
     assert ids.count(0) == 1 and 1 not in ids

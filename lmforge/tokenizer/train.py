@@ -1,0 +1,151 @@
+"""Training a tokenizer from text: GPT-2-style byte-level BPE and BERT-style WordPiece.
+
+Each recipe checks its arguments, builds the pipeline (``backends.py``), trains it on text files (read through
+:mod:`lmforge.textio`: compressed or not, UTF-8, a byte-order mark dropped) or on an iterator of strings, and
+returns the :class:`~lmforge.tokenizer.backends.TokenizerParts` that ``Tokenizer.train_bpe`` /
+``Tokenizer.train_wordpiece`` turn into a tokenizer. Special tokens take ids 0, 1, ... in the order given.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any, Union
+
+from tokenizers import AddedToken, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as BackendTokenizer
+
+from lmforge import textio
+from lmforge.tokenizer.backends import (
+    BERT_INPUT_NAMES,
+    TokenizerParts,
+    bert_template,
+    bert_wordpiece_backend,
+    byte_level_bpe_backend,
+)
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+#: The roles WordPiece training gives its first special tokens, in order.
+WORDPIECE_ROLES = ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token")
+
+
+def train_bpe(
+    files: PathLike | Sequence[PathLike] | None,
+    iterator: Iterable[str] | None,
+    vocab_size: int,
+    min_frequency: int,
+    special_tokens: Sequence[str],
+    show_progress: bool,
+) -> TokenizerParts:
+    """Byte-level BPE over every one of the 256 byte symbols (see ``Tokenizer.train_bpe``): ``special_tokens[0]``
+    is bos and eos, ``special_tokens[1]`` pad, the rest role-less."""
+    special_tokens = list(special_tokens)
+    _check_unique(special_tokens)
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + len(special_tokens):
+        raise ValueError(
+            f"vocab_size={vocab_size} is too small: byte-level BPE needs the {len(alphabet)} "
+            f"byte symbols plus {len(special_tokens)} special tokens; use at least "
+            f"{len(alphabet) + len(special_tokens)}"
+        )
+    backend = byte_level_bpe_backend()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[AddedToken(t, special=True, normalized=False) for t in special_tokens],
+        initial_alphabet=alphabet,
+        show_progress=show_progress,
+    )
+    _train(backend, trainer, files, iterator)
+    roles: dict[str, str] = {}
+    if special_tokens:
+        roles["bos_token"] = roles["eos_token"] = special_tokens[0]
+    if len(special_tokens) > 1:
+        roles["pad_token"] = special_tokens[1]
+    return TokenizerParts(backend, roles, special_tokens[2:])
+
+
+def train_wordpiece(
+    files: PathLike | Sequence[PathLike] | None,
+    iterator: Iterable[str] | None,
+    vocab_size: int,
+    min_frequency: int,
+    lowercase: bool,
+    strip_accents: bool | None,
+    special_tokens: Sequence[str],
+    show_progress: bool,
+) -> TokenizerParts:
+    """BERT's WordPiece pipeline (see ``Tokenizer.train_wordpiece``); the first special tokens play the
+    :data:`WORDPIECE_ROLES`, the rest are role-less."""
+    special_tokens = list(special_tokens)
+    if len(special_tokens) < len(WORDPIECE_ROLES):
+        raise ValueError(
+            f"special_tokens={special_tokens} is too short: WordPiece training needs the "
+            f"{len(WORDPIECE_ROLES)} BERT tokens in the order pad, unk, cls, sep, mask, e.g. "
+            '("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")'
+        )
+    _check_unique(special_tokens)
+    if vocab_size < len(special_tokens):
+        raise ValueError(
+            f"vocab_size={vocab_size} is smaller than the {len(special_tokens)} special tokens; use a larger vocab_size"
+        )
+    roles = dict(zip(WORDPIECE_ROLES, special_tokens))
+    backend = bert_wordpiece_backend(
+        models.WordPiece(unk_token=roles["unk_token"], continuing_subword_prefix="##", max_input_chars_per_word=100),
+        lowercase=lowercase,
+        strip_accents=strip_accents,
+        handle_chinese_chars=True,
+    )
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[AddedToken(t, special=True, normalized=False) for t in special_tokens],
+        continuing_subword_prefix="##",
+        show_progress=show_progress,
+    )
+    _train(backend, trainer, files, iterator)
+    backend.post_processor = bert_template(backend, roles["cls_token"], roles["sep_token"])
+    return TokenizerParts(
+        backend,
+        roles,
+        special_tokens[len(WORDPIECE_ROLES) :],
+        {"model_input_names": list(BERT_INPUT_NAMES)},
+    )
+
+
+def _check_unique(special_tokens: list[str]) -> None:
+    if len(set(special_tokens)) != len(special_tokens):
+        raise ValueError(f"special_tokens has duplicates: {special_tokens}; list each once")
+
+
+def _train(
+    backend: BackendTokenizer,
+    trainer: Any,
+    files: PathLike | Sequence[PathLike] | None,
+    iterator: Iterable[str] | None,
+) -> None:
+    """Train ``backend`` on exactly one of ``files`` / ``iterator``."""
+    if (files is None) == (iterator is None):
+        raise ValueError(
+            "pass exactly one of files=... (text file paths) or iterator=... (strings) to train; "
+            f"got {'both' if files is not None else 'neither'}"
+        )
+    if iterator is not None:
+        if isinstance(iterator, str):
+            raise ValueError(
+                "iterator must yield strings, got a single str (it would be read character by "
+                "character); wrap it in a list: iterator=[text]"
+            )
+        backend.train_from_iterator(iterator, trainer)
+        return
+    paths = [files] if isinstance(files, (str, os.PathLike)) else list(files)  # type: ignore[arg-type]
+    paths = [os.fspath(p) for p in paths]
+    if not paths:
+        raise ValueError("files is empty; pass at least one text file path")
+    for p in paths:  # all checked before the (long) training starts
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"training file not found: {p!r}")
+    # the lines of each file in turn, endings kept: an iterator over the same lines trains the same tokenizer
+    backend.train_from_iterator(itertools.chain.from_iterable(map(textio.iter_lines, paths)), trainer)
