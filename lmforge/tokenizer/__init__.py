@@ -16,4 +16,4 @@ from lmforge.tokenizer.batch import BatchEncoding
 from lmforge.tokenizer.core import Tokenizer
 from lmforge.tokenizer.layout import SPECIAL_TOKEN_ROLES
 
-__all__ = ["Tokenizer", "BatchEncoding", "SPECIAL_TOKEN_ROLES"]
+__all__ = ["SPECIAL_TOKEN_ROLES", "BatchEncoding", "Tokenizer"]

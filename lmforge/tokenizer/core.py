@@ -15,7 +15,7 @@ import os
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from tokenizers import AddedToken, Encoding
 from tokenizers import Tokenizer as BackendTokenizer
@@ -41,8 +41,6 @@ from lmforge.tokenizer.layout import (
     write_tokenizer_dir,
 )
 
-PathLike = Union[str, "os.PathLike[str]"]
-
 
 def _token_property(role: str) -> property:
     def fget(self: Tokenizer) -> str | None:
@@ -62,7 +60,6 @@ def _token_id_property(role: str) -> property:
     return property(fget, doc=f"Id of the {role.replace('_', ' ')}, or None.")
 
 
-
 class Tokenizer:
     """A trained tokenizer with a Hugging Face-like API (``__call__``, ``encode``, ``decode``,
     ``save_pretrained`` / ``from_pretrained``).
@@ -74,8 +71,7 @@ class Tokenizer:
             token must already be in the backend's vocabulary.
         additional_special_tokens: further special tokens that have no role.
         model_max_length: longest sequence the model accepts (used by ``truncation=True``);
-            :data:`lmforge.constants.NO_LENGTH_LIMIT` means
-            unknown.
+            :data:`lmforge.constants.NO_LENGTH_LIMIT` means unknown.
         padding_side: "right" (default) or "left".
         model_input_names: keys ``__call__`` returns; add "token_type_ids" for BERT-style models.
     """
@@ -117,7 +113,7 @@ class Tokenizer:
     @classmethod
     def train_bpe(
         cls,
-        files: PathLike | Sequence[PathLike] | None = None,
+        files: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
         iterator: Iterable[str] | None = None,
         vocab_size: int = 8192,
         min_frequency: int = 2,
@@ -142,7 +138,7 @@ class Tokenizer:
     @classmethod
     def train_wordpiece(
         cls,
-        files: PathLike | Sequence[PathLike] | None = None,
+        files: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
         iterator: Iterable[str] | None = None,
         vocab_size: int = 30522,
         min_frequency: int = 2,
@@ -172,6 +168,7 @@ class Tokenizer:
     # ------------------------------------------------------------------ loading / saving
     @classmethod
     def _from_parts(cls, parts: TokenizerParts) -> Tokenizer:
+        """The tokenizer a recipe or reader built (see :class:`~lmforge.tokenizer.backends.TokenizerParts`)."""
         return cls(
             parts.backend,
             parts.special_tokens,
@@ -180,13 +177,13 @@ class Tokenizer:
         )
 
     @classmethod
-    def from_file(cls, path: PathLike) -> Tokenizer:
+    def from_file(cls, path: str | os.PathLike[str]) -> Tokenizer:
         """Load a ``tokenizer.json``; special-token roles are inferred from well-known token
         strings (``<|endoftext|>``, ``<|pad|>``, ``[CLS]``, ...)."""
         return cls._from_parts(read_tokenizer_file(Path(path)))
 
     @classmethod
-    def from_pretrained(cls, path: PathLike) -> Tokenizer:
+    def from_pretrained(cls, path: str | os.PathLike[str]) -> Tokenizer:
         """Load from a directory written by :meth:`save_pretrained` (or by Hugging Face), from a
         path to a file in it (its ``tokenizer.json``, ``vocab.json`` or ``vocab.txt``), or from a
         model id ("gpt2", "org/name") found in the local Hugging Face cache.
@@ -222,7 +219,7 @@ class Tokenizer:
             f"{TOKENIZER_FILE} file"
         )
 
-    def save_pretrained(self, directory: PathLike) -> list[str]:
+    def save_pretrained(self, directory: str | os.PathLike[str]) -> list[str]:
         """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json``
         into ``directory`` (created if needed), each atomically; return the paths written.
 
@@ -298,9 +295,7 @@ class Tokenizer:
         """``{token: id}`` for the whole vocabulary, added tokens included."""
         return self._backend.get_vocab(with_added_tokens=True)
 
-    def convert_ids_to_tokens(
-        self, ids: int | Sequence[int], skip_special_tokens: bool = False
-    ) -> str | list[str]:
+    def convert_ids_to_tokens(self, ids: int | Sequence[int], skip_special_tokens: bool = False) -> str | list[str]:
         """Token string(s) for id(s); a single int gives a single string."""
         if isinstance(ids, int) or (hasattr(ids, "ndim") and ids.ndim == 0):
             return self._backend.id_to_token(self._check_ids([int(ids)])[0])
@@ -391,10 +386,7 @@ class Tokenizer:
                 )
             pairs = as_text_list(text_pair, "text_pair")
             if len(pairs) != len(texts):
-                raise ValueError(
-                    f"text has {len(texts)} items but text_pair has {len(pairs)}; pass one pair "
-                    "per text"
-                )
+                raise ValueError(f"text has {len(texts)} items but text_pair has {len(pairs)}; pass one pair per text")
         pad_mode = padding_mode(padding, max_length)
         trunc_mode = truncation_mode(truncation)
         if return_tensors not in (None, "pt", "np"):
@@ -408,16 +400,10 @@ class Tokenizer:
         inputs: list[Any] = texts if pairs is None else list(zip(texts, pairs, strict=True))
         if trunc_mode is None:
             with self._lock:
-                encodings = self._backend.encode_batch(
-                    inputs, add_special_tokens=add_special_tokens
-                )
+                encodings = self._backend.encode_batch(inputs, add_special_tokens=add_special_tokens)
         else:
             limit = self._truncation_limit(max_length)
-            n_special = (
-                self._backend.num_special_tokens_to_add(pairs is not None)
-                if add_special_tokens
-                else 0
-            )
+            n_special = self._backend.num_special_tokens_to_add(pairs is not None) if add_special_tokens else 0
             if limit < n_special:
                 raise ValueError(
                     f"max_length={limit} leaves no room for the {n_special} special tokens this "
@@ -443,9 +429,7 @@ class Tokenizer:
                 "offset_mapping": (0, 0),
             }
             for key, rows in columns.items():
-                columns[key] = [
-                    pad_row(row, target, pad_values[key], self.padding_side) for row in rows
-                ]
+                columns[key] = [pad_row(row, target, pad_values[key], self.padding_side) for row in rows]
 
         out = BatchEncoding()
         for key, rows in columns.items():
@@ -495,10 +479,7 @@ class Tokenizer:
     def _truncation_limit(self, max_length: int | None) -> int:
         limit = max_length if max_length is not None else self.model_max_length
         if limit >= NO_LENGTH_LIMIT:
-            raise ValueError(
-                "truncation=True needs a length: pass max_length=... or set "
-                "tokenizer.model_max_length"
-            )
+            raise ValueError("truncation=True needs a length: pass max_length=... or set tokenizer.model_max_length")
         if limit < 0:
             raise ValueError(f"max_length must be >= 0, got {limit}")
         return limit
@@ -522,8 +503,7 @@ class Tokenizer:
         if hasattr(sequences, "tolist"):
             if getattr(sequences, "ndim", 2) != 2:
                 raise ValueError(
-                    f"batch_decode takes a 2-D tensor/array, got {sequences.ndim}-D; use decode "
-                    "for a single sequence"
+                    f"batch_decode takes a 2-D tensor/array, got {sequences.ndim}-D; use decode for a single sequence"
                 )
             sequences = sequences.tolist()
         return [self.decode(seq, skip_special_tokens=skip_special_tokens) for seq in sequences]
@@ -541,9 +521,7 @@ class Tokenizer:
 
     def _check_role(self, role: str) -> None:
         if role not in SPECIAL_TOKEN_ROLES:
-            raise ValueError(
-                f"unknown special-token role {role!r}; use one of {SPECIAL_TOKEN_ROLES}"
-            )
+            raise ValueError(f"unknown special-token role {role!r}; use one of {SPECIAL_TOKEN_ROLES}")
 
     def _require_in_vocab(self, token: str, role: str) -> None:
         if self._backend.token_to_id(token) is None:
@@ -563,9 +541,7 @@ class Tokenizer:
             raise TypeError(f"{role} must be a str or None, got {type(token).__name__}")
         if self._backend.token_to_id(token) is None:
             with self._lock:
-                self._backend.add_special_tokens(
-                    [AddedToken(token, special=True, normalized=False)]
-                )
+                self._backend.add_special_tokens([AddedToken(token, special=True, normalized=False)])
         self._special_tokens[role] = token
 
     def __repr__(self) -> str:
@@ -577,7 +553,6 @@ class Tokenizer:
         )
 
 
-
 def _looks_like_model_id(name: str) -> bool:
-    """"gpt2" or "org/name" (no path separators beyond one slash, no file suffix)."""
+    """ "gpt2" or "org/name" (no path separators beyond one slash, no file suffix)."""
     return is_repo_id(name) and not name.endswith((".json", ".txt"))

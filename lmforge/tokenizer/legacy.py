@@ -96,7 +96,7 @@ def read_bert_files(directory: Path) -> TokenizerParts:
     if cls_token is None or sep_token is None:
         raise ValueError(
             f"{str(config_path)!r} sets cls_token or sep_token to null, but BERT's inputs "
-            "are [CLS] A [SEP] (B [SEP]); give both tokens (e.g. \"[CLS]\" and \"[SEP]\") "
+            'are [CLS] A [SEP] (B [SEP]); give both tokens (e.g. "[CLS]" and "[SEP]") '
             "or remove the null entries to use those defaults"
         )
     unk_token = token_content(roles["unk_token"]) or BERT_SPECIAL_TOKENS["unk_token"]

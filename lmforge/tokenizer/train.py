@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Iterable, Sequence
-from typing import Any, Union
+from typing import Any
 
 from tokenizers import AddedToken, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as BackendTokenizer
@@ -25,14 +25,12 @@ from lmforge.tokenizer.backends import (
     byte_level_bpe_backend,
 )
 
-PathLike = Union[str, "os.PathLike[str]"]
-
 #: The roles WordPiece training gives its first special tokens, in order.
 WORDPIECE_ROLES = ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token")
 
 
 def train_bpe(
-    files: PathLike | Sequence[PathLike] | None,
+    files: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None,
     iterator: Iterable[str] | None,
     vocab_size: int,
     min_frequency: int,
@@ -68,7 +66,7 @@ def train_bpe(
 
 
 def train_wordpiece(
-    files: PathLike | Sequence[PathLike] | None,
+    files: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None,
     iterator: Iterable[str] | None,
     vocab_size: int,
     min_frequency: int,
@@ -91,7 +89,7 @@ def train_wordpiece(
         raise ValueError(
             f"vocab_size={vocab_size} is smaller than the {len(special_tokens)} special tokens; use a larger vocab_size"
         )
-    roles = dict(zip(WORDPIECE_ROLES, special_tokens))
+    roles = dict(zip(WORDPIECE_ROLES, special_tokens[: len(WORDPIECE_ROLES)], strict=True))
     backend = bert_wordpiece_backend(
         models.WordPiece(unk_token=roles["unk_token"], continuing_subword_prefix="##", max_input_chars_per_word=100),
         lowercase=lowercase,
@@ -123,7 +121,7 @@ def _check_unique(special_tokens: list[str]) -> None:
 def _train(
     backend: BackendTokenizer,
     trainer: Any,
-    files: PathLike | Sequence[PathLike] | None,
+    files: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None,
     iterator: Iterable[str] | None,
 ) -> None:
     """Train ``backend`` on exactly one of ``files`` / ``iterator``."""
