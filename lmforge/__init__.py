@@ -15,7 +15,7 @@ _EXPORTS = {
     "GPTForCausalLM": "lmforge.models.gpt",
     "GPTForSequenceClassification": "lmforge.models.gpt",
     "GPTModel": "lmforge.models.gpt",
-    "CausalLMOutput": "lmforge.models.gpt",
+    "CausalLMOutput": "lmforge.models.outputs",
     "SequenceClassifierOutput": "lmforge.models.outputs",
     "Tokenizer": "lmforge.tokenizer",
     "GenerationConfig": "lmforge.generation",

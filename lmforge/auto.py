@@ -4,55 +4,25 @@
     tok = AutoTokenizer.from_pretrained("runs/shakespeare")
     model = AutoModelForCausalLM.from_pretrained("runs/shakespeare")
 
-Families register here, one entry per table.
+Families register their classes in their own files (`lmforge.models.registry`); nothing here names one.
 """
 from __future__ import annotations
 
-import importlib
-import json
 import os
 from typing import Any
 
-# model_type in config.json -> "module:Class"
-CONFIGS = {"gpt2": "lmforge.config:GPTConfig", "lmforge-gpt": "lmforge.config:GPTConfig",
-           "bert": "lmforge.config:BertConfig"}
-CAUSAL_LM = {"gpt2": "lmforge.models.gpt:GPTForCausalLM", "lmforge-gpt": "lmforge.models.gpt:GPTForCausalLM"}
-SEQUENCE_CLASSIFICATION = {"gpt2": "lmforge.models.gpt:GPTForSequenceClassification",
-                           "lmforge-gpt": "lmforge.models.gpt:GPTForSequenceClassification",
-                           "bert": "lmforge.models.bert:BertForSequenceClassification"}
-BASE_MODEL = {"bert": "lmforge.models.bert:BertModel"}
-MASKED_LM = {"bert": "lmforge.models.bert:BertForMaskedLM"}
-PRETRAINING = {"bert": "lmforge.models.bert:BertForPreTraining"}
-TOKEN_CLASSIFICATION = {"bert": "lmforge.models.bert:BertForTokenClassification"}
-QUESTION_ANSWERING = {"bert": "lmforge.models.bert:BertForQuestionAnswering"}
-
-
-def _load(target: str) -> Any:
-    module, name = target.split(":")
-    return getattr(importlib.import_module(module), name)
+from lmforge.hub import read_config_dict, resolve_model_dir
+from lmforge.models import registry  # importing lmforge.models imports every family, which fills the registry
+from lmforge.tokenizer import Tokenizer
 
 
 def model_type_of(name_or_path: str | os.PathLike) -> str:
     """The `model_type` of a model directory (or cached model id)."""
-    from lmforge.hub import resolve_model_dir
-
     directory = resolve_model_dir(name_or_path)
-    try:
-        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{directory / 'config.json'} is not valid JSON ({e})") from None
-    model_type = config.get("model_type")
+    model_type = read_config_dict(directory).get("model_type")
     if not model_type:
         raise ValueError(f"{directory / 'config.json'} has no model_type; lmforge cannot tell which model it is")
     return model_type
-
-
-def _dispatch(table: dict[str, str], model_type: str, what: str) -> Any:
-    try:
-        return _load(table[model_type])
-    except KeyError:
-        raise ValueError(f"model_type {model_type!r} is not supported by {what}; lmforge supports "
-                         f"{sorted(table)}") from None
 
 
 class AutoConfig:
@@ -60,9 +30,7 @@ class AutoConfig:
 
     @staticmethod
     def from_pretrained(name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
-        from lmforge.hub import resolve_model_dir
-
-        cls = _dispatch(CONFIGS, model_type_of(name_or_path), "AutoConfig")
+        cls = registry.config_class(model_type_of(name_or_path), "AutoConfig")
         config = cls.from_pretrained(resolve_model_dir(name_or_path))
         for key in kwargs:
             if not hasattr(config, key):
@@ -75,8 +43,6 @@ class AutoTokenizer:
 
     @staticmethod
     def from_pretrained(name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
-        from lmforge.tokenizer import Tokenizer
-
         tokenizer = Tokenizer.from_pretrained(name_or_path)  # a folder or a cached model id
         for key in ("padding_side", "model_max_length"):
             if key in kwargs:
@@ -87,23 +53,24 @@ class AutoTokenizer:
 
 
 class _AutoModel:
-    """Picks the class for a task from `model_type`; subclasses name their table."""
+    """Picks the class for a task from `model_type`; subclasses name their task (`registry.TASKS`)."""
 
-    table: dict[str, str] = {}
+    task: str
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
-        return _dispatch(cls.table, model_type_of(name_or_path), cls.__name__).from_pretrained(name_or_path, **kwargs)
+        model_class = registry.model_class(cls.task, model_type_of(name_or_path), cls.__name__)
+        return model_class.from_pretrained(name_or_path, **kwargs)
 
     @classmethod
     def from_config(cls, config: Any) -> Any:
-        return _dispatch(cls.table, type(config).model_type, cls.__name__)(config)
+        return registry.model_class(cls.task, type(config).model_type, cls.__name__)(config)
 
 
 class AutoModelForCausalLM(_AutoModel):
     """`AutoModelForCausalLM.from_pretrained(path)` / `.from_config(config)` for decoder models."""
 
-    table = CAUSAL_LM
+    task = "causal-lm"
 
 
 class AutoModelForSequenceClassification(_AutoModel):
@@ -111,34 +78,34 @@ class AutoModelForSequenceClassification(_AutoModel):
     directory's trunk (its head is freshly initialised, with a warning, when the checkpoint has none or
     one of another size)."""
 
-    table = SEQUENCE_CLASSIFICATION
+    task = "sequence-classification"
 
 
 class AutoModel(_AutoModel):
     """`AutoModel.from_pretrained(path)`: the bare trunk (hidden states; BERT's pooled output too)."""
 
-    table = BASE_MODEL
+    task = "base-model"
 
 
 class AutoModelForMaskedLM(_AutoModel):
     """`AutoModelForMaskedLM.from_pretrained(path)` for fill-in-the-mask encoders."""
 
-    table = MASKED_LM
+    task = "masked-lm"
 
 
 class AutoModelForPreTraining(_AutoModel):
     """`AutoModelForPreTraining.from_pretrained(path)`: the model with its pretraining heads."""
 
-    table = PRETRAINING
+    task = "pretraining"
 
 
 class AutoModelForTokenClassification(_AutoModel):
     """`AutoModelForTokenClassification.from_pretrained(path, num_labels=9)`: a label per token."""
 
-    table = TOKEN_CLASSIFICATION
+    task = "token-classification"
 
 
 class AutoModelForQuestionAnswering(_AutoModel):
     """`AutoModelForQuestionAnswering.from_pretrained(path)`: answer-span start/end logits."""
 
-    table = QUESTION_ANSWERING
+    task = "question-answering"

@@ -191,14 +191,14 @@ def cmd_qa(a: argparse.Namespace) -> int:
 def cmd_attention(a: argparse.Namespace) -> int:
     """Attention heatmaps (per layer and head, labelled with the tokens) or, for classifiers with
     --attributions, gradient x input scores per token."""
-    import lmforge
     from lmforge.auto import AutoModel, AutoTokenizer
     from lmforge.hub import read_config_dict, resolve_model_dir
     from lmforge.interpret import plot_attention, plot_attributions, token_attributions
+    from lmforge.models.registry import architecture_class
 
     directory = resolve_model_dir(a.model)
     architecture = (read_config_dict(directory).get("architectures") or [""])[0]
-    cls = getattr(lmforge, architecture, None) or AutoModel  # the class the checkpoint was saved as
+    cls = architecture_class(architecture) or AutoModel  # the class the checkpoint was saved as
     model = cls.from_pretrained(directory)
     tokenizer = AutoTokenizer.from_pretrained(directory)
     if a.attributions:
@@ -250,18 +250,18 @@ def cmd_convert(a: argparse.Namespace) -> int:
     """Load a Hugging Face (or lmforge) checkpoint and write it again: another dtype, a clean layout."""
     import torch
 
-    import lmforge
     from lmforge.auto import AutoModelForCausalLM
-    from lmforge.hub import _family, read_config_dict, read_weights, resolve_model_dir
+    from lmforge.hub import key_map, read_config_dict, read_weights, resolve_model_dir
+    from lmforge.models.registry import architecture_class
     from lmforge.tokenizer import Tokenizer
 
     source = resolve_model_dir(a.source)
     state, weights_file = read_weights(source)
     architecture = (read_config_dict(source).get("architectures") or [""])[0]
-    cls = getattr(lmforge, architecture, None) if architecture else None  # lmforge exports HF's class names
+    cls = architecture_class(architecture)  # the class the checkpoint was saved as
     model = (cls or AutoModelForCausalLM).from_pretrained(source, dtype=torch.float32)
     print(f"lmforge convert: {weights_file} ({len(state)} tensors) -> {type(model).__name__}")
-    family = _family(model)
+    family = key_map(model)
     for rule in family.rules:  # what each Hugging Face name became inside lmforge
         hits = sum(1 for name in state if rule.from_hf(name) or rule.from_hf(family.prefix + name))
         if hits:

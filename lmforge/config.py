@@ -123,6 +123,7 @@ class GPTConfig(_HFConfig):
     extra: dict[str, Any] = field(default_factory=dict)  # unknown config.json keys, kept on save
 
     model_type: ClassVar[str] = "gpt2"
+    model_types: ClassVar[tuple[str, ...]] = ("gpt2", "lmforge-gpt")  # the config.json model_types it reads
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
@@ -181,7 +182,7 @@ class GPTConfig(_HFConfig):
     def from_dict(cls, d: dict[str, Any]) -> "GPTConfig":
         d = dict(d)
         model_type = d.pop("model_type", "gpt2")
-        if model_type not in ("gpt2", "lmforge-gpt"):
+        if model_type not in cls.model_types:
             raise ValueError(f"config has model_type {model_type!r}; GPTConfig reads 'gpt2' or 'lmforge-gpt'")
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         if "dropout" not in d and "resid_pdrop" in d:
@@ -230,6 +231,7 @@ class BertConfig(_HFConfig):
     extra: dict[str, Any] = field(default_factory=dict)  # unknown config.json keys, kept on save
 
     model_type: ClassVar[str] = "bert"
+    model_types: ClassVar[tuple[str, ...]] = ("bert",)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
@@ -263,7 +265,7 @@ class BertConfig(_HFConfig):
     def from_dict(cls, d: dict[str, Any]) -> "BertConfig":
         d = dict(d)
         model_type = d.pop("model_type", "bert")
-        if model_type != "bert":
+        if model_type not in cls.model_types:
             raise ValueError(f"config has model_type {model_type!r}; BertConfig reads 'bert'")
         d.pop("architectures", None)
         if d.get("id2label") is not None:

@@ -7,6 +7,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from lmforge import hub
+from lmforge.hub import KeyMap
+
 
 def init_normal(model: nn.Module, std: float) -> None:
     """The GPT-2 / BERT initialisation: Linear and Embedding weights ~ N(0, std), biases 0 (and an
@@ -27,11 +30,13 @@ def init_normal(model: nn.Module, std: float) -> None:
 
 class PreTrainedModel(nn.Module):
     """Base of every lmforge model: `save_pretrained` / `from_pretrained` (through `lmforge.hub`),
-    `device`, `dtype`, `num_parameters`. Subclasses set `config_class` and `hf_architecture` (the
-    class name written to config.json's "architectures")."""
+    `device`, `dtype`, `num_parameters`. Subclasses set `config_class`, `hf_architecture` (the class
+    name written to config.json's "architectures") and `hf_key_map` (how their parameter names map to
+    Hugging Face's, declared in the family's file)."""
 
     config_class: ClassVar[type]
     hf_architecture: ClassVar[str]
+    hf_key_map: ClassVar[KeyMap]
 
     @property
     def device(self) -> torch.device:
@@ -48,15 +53,11 @@ class PreTrainedModel(nn.Module):
                         max_shard_size: int | str | None = None) -> None:
         """Write config.json + model.safetensors under Hugging Face's parameter names [+ tokenizer files];
         `max_shard_size` (e.g. "2GB") splits the weights into shards with an index, as transformers does."""
-        from lmforge.hub import save_pretrained
-
-        save_pretrained(self, directory, tokenizer=tokenizer, max_shard_size=max_shard_size)
+        hub.save_pretrained(self, directory, tokenizer=tokenizer, max_shard_size=max_shard_size)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> Any:
         """Load a directory written by `save_pretrained`, a Hugging Face directory of the same family, or
         a model id from the local Hugging Face cache. A head the checkpoint lacks (or has in another size,
         e.g. `num_labels=`) is freshly initialised, with a warning; `dtype=`, `device=` as in transformers."""
-        from lmforge.hub import load_pretrained
-
-        return load_pretrained(cls, path, **kwargs)
+        return hub.load_pretrained(cls, path, **kwargs)

@@ -7,25 +7,82 @@ sentence B follows sentence A).
     per-token classes; answer-span start/end logits
 
 With the default `BertConfig` it is bert-base-shaped, and Hugging Face BERT checkpoints load one to
-one (see `lmforge.hub`). The blocks are the same `TransformerBlock` as GPT's, with norm_position="post"
-and no causal mask.
+one: the name maps below (`bert_trunk_keys`, each class's `hf_key_map`) are what `lmforge.hub` applies.
+The blocks are the same `TransformerBlock` as GPT's, with norm_position="post" and no causal mask.
 """
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from lmforge.config import BertConfig
 from lmforge.constants import IGNORE_INDEX
+from lmforge.hub import KeyMap, KeyRule
 from lmforge.models.base import PreTrainedModel, init_normal
 from lmforge.models.outputs import (BaseModelOutputWithPooling, MaskedLMOutput, PreTrainingOutput,
                                     QuestionAnsweringModelOutput, SequenceClassifierOutput, TokenClassifierOutput)
+from lmforge.models.registry import register
 from lmforge.nn import AttentionMask, LearnedPositionalEmbedding, TransformerBlock, get_activation, layer_norm
 from lmforge.nn.layers import dropout, run_blocks
 from lmforge.nn.losses import (masked_lm_items, masked_lm_loss, next_sentence_loss, question_answering_loss,
                                sequence_classification_loss, token_classification_loss)
+
+
+# ---- lmforge's names <-> Hugging Face BERT's ------------------------------------------------------------
+def bert_trunk_keys(prefix: str) -> list[KeyRule]:
+    """BERT's trunk under `prefix` on both sides ("bert." in head models, "" in a bare BertModel)."""
+    pairs = [  # (lmforge, Hugging Face) module names, each with .weight and .bias
+        ("embeddings.ln", "embeddings.LayerNorm"),
+        ("layers.{i}.attn.proj", "encoder.layer.{i}.attention.output.dense"),
+        ("layers.{i}.ln_1", "encoder.layer.{i}.attention.output.LayerNorm"),
+        ("layers.{i}.mlp.fc", "encoder.layer.{i}.intermediate.dense"),
+        ("layers.{i}.mlp.proj", "encoder.layer.{i}.output.dense"),
+        ("layers.{i}.ln_2", "encoder.layer.{i}.output.LayerNorm"),
+        ("pooler", "pooler.dense"),
+    ]
+    embeddings = ("word_embeddings", "position_embeddings", "token_type_embeddings")
+    return ([KeyRule(f"{prefix}embeddings.{e}.weight", f"{prefix}embeddings.{e}.weight") for e in embeddings]
+            + [KeyRule(f"{prefix}layers.{{i}}.attn.qkv.{p}", f"{prefix}encoder.layer.{{i}}.attention.self.{{part}}.{p}",
+                       parts=("query", "key", "value")) for p in ("weight", "bias")]
+            + [KeyRule(f"{prefix}{ours}.{p}", f"{prefix}{theirs}.{p}") for ours, theirs in pairs
+               for p in ("weight", "bias")])
+
+
+def head_keys(ours: str, theirs: str) -> list[KeyRule]:
+    """A linear (or LayerNorm) module's weight and bias: `ours` <-> `theirs`."""
+    return [KeyRule(f"{ours}.{p}", f"{theirs}.{p}") for p in ("weight", "bias")]
+
+
+MLM_HEAD_KEYS: list[KeyRule] = [
+    *head_keys("lm_head.dense", "cls.predictions.transform.dense"),
+    *head_keys("lm_head.ln", "cls.predictions.transform.LayerNorm"),
+    KeyRule("lm_head.decoder.weight", "cls.predictions.decoder.weight"),  # tied to the word embedding
+    KeyRule("lm_head.decoder.bias", "cls.predictions.bias"),
+]
+MLM_HEAD = tuple(r.ours for r in MLM_HEAD_KEYS if r.ours != "lm_head.decoder.weight")  # our names; no tied copy
+POOLER = ("bert.pooler.weight", "bert.pooler.bias")
+TASK_HEADS = ("cls.", "classifier.", "qa_outputs.")  # Hugging Face name prefixes of BERT's task heads
+# Buffers some Hugging Face BERT files hold (position ids; no parameters).
+BERT_IGNORED = re.compile(r"^(bert\.)?embeddings\.(position_ids|token_type_ids)$")
+# Older names, renamed on load: TF-era LayerNorm gamma/beta; the decoder bias, a tie of cls.predictions.bias.
+BERT_ALIASES = ((r"^(.*)LayerNorm\.gamma$", r"\1LayerNorm.weight"), (r"^(.*)LayerNorm\.beta$", r"\1LayerNorm.bias"),
+                (r"^cls\.predictions\.decoder\.bias$", "cls.predictions.bias"))
+
+
+def head_model_keys(head_rules: list[KeyRule], task_head: tuple[str, ...], other_heads: tuple[str, ...],
+                    pooler: bool, tied: bool = False) -> KeyMap:
+    """The map of a BERT head model: the trunk under "bert." (with its pooler when `pooler`; a checkpoint's
+    pooler is otherwise left out), plus `head_rules`. `task_head`, `other_heads`: as in `KeyMap`; `tied`: the
+    MLM decoder is the word embedding."""
+    rules = bert_trunk_keys("bert.")
+    if not pooler:
+        rules = [r for r in rules if not r.ours.startswith("bert.pooler.")]
+        other_heads += ("bert.pooler.",)
+    return KeyMap(rules + head_rules, BERT_IGNORED, task_head=task_head, other_heads=other_heads, prefix="bert.",
+                  tied=("lm_head.decoder.weight",) if tied else (), aliases=BERT_ALIASES)
 
 
 class BertEmbeddings(nn.Module):
@@ -59,6 +116,7 @@ class BertEmbeddings(nn.Module):
         return dropout(self.ln(x), self.dropout, self.training)  # (B, T, C)
 
 
+@register("base-model")
 class BertModel(PreTrainedModel):
     """The BERT trunk: embeddings and post-norm blocks (B, T, C), plus the pooler tanh(W h_[CLS] + b)
     (B, C) when `add_pooling_layer`. Also a model of its own: `BertModel.from_pretrained` loads a
@@ -66,6 +124,9 @@ class BertModel(PreTrainedModel):
 
     config_class = BertConfig
     hf_architecture = "BertModel"
+    # a head model's file is read as its trunk (the "bert." prefix stripped, the heads left out)
+    hf_key_map = KeyMap(bert_trunk_keys(""), BERT_IGNORED, task_head=("pooler.weight", "pooler.bias"),
+                        other_heads=TASK_HEADS, prefix="bert.", base=True, aliases=BERT_ALIASES)
 
     def __init__(self, config: BertConfig, add_pooling_layer: bool = True) -> None:
         super().__init__()
@@ -123,12 +184,13 @@ class BertPreTrainedModel(PreTrainedModel):
 
     config_class = BertConfig
     hf_architecture = "BertModel"
+    add_pooling_layer: ClassVar[bool]  # whether the trunk has the pooler (its map includes it then)
     bert: BertModel
 
-    def __init__(self, config: BertConfig, add_pooling_layer: bool) -> None:
+    def __init__(self, config: BertConfig) -> None:
         super().__init__()
         self.config = config
-        self.bert = BertModel(config, add_pooling_layer)
+        self.bert = BertModel(config, self.add_pooling_layer)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.bert.get_input_embeddings()
@@ -183,14 +245,18 @@ class _MaskedLMMixin:
     num_loss_items = staticmethod(masked_lm_items)  # positions `labels` scores, for exact accumulation
 
 
+@register("masked-lm")
 class BertForMaskedLM(_MaskedLMMixin, BertPreTrainedModel):
     """BERT with the masked-LM head: input_ids (B, T) -> logits (B, T, V). `labels` (B, T): the original
     token at masked positions, -100 elsewhere (ignored)."""
 
     hf_architecture = "BertForMaskedLM"
+    add_pooling_layer = False
+    hf_key_map = head_model_keys(MLM_HEAD_KEYS, MLM_HEAD, ("cls.seq_relationship.", "classifier.", "qa_outputs."),
+                                 pooler=add_pooling_layer, tied=True)
 
     def __init__(self, config: BertConfig) -> None:
-        super().__init__(config, add_pooling_layer=False)
+        super().__init__(config)
         self.lm_head = BertLMHead(config)
         init_bert_weights(self.lm_head, config)  # the trunk initialised itself
         if config.tie_word_embeddings:
@@ -208,14 +274,19 @@ class BertForMaskedLM(_MaskedLMMixin, BertPreTrainedModel):
         return MaskedLMOutput(loss, logits, out.hidden_states, out.attentions)
 
 
+@register("pretraining")
 class BertForPreTraining(_MaskedLMMixin, BertPreTrainedModel):
     """BERT's pretraining heads: masked LM on every position and next-sentence prediction on the pooled
     [CLS] (0 = B follows A, 1 = B is random). The loss is the sum of the two losses that are given."""
 
     hf_architecture = "BertForPreTraining"
+    add_pooling_layer = True
+    hf_key_map = head_model_keys(MLM_HEAD_KEYS + head_keys("nsp", "cls.seq_relationship"),
+                                 POOLER + MLM_HEAD + ("nsp.weight", "nsp.bias"), ("classifier.", "qa_outputs."),
+                                 pooler=add_pooling_layer, tied=True)
 
     def __init__(self, config: BertConfig) -> None:
-        super().__init__(config, add_pooling_layer=True)
+        super().__init__(config)
         self.lm_head = BertLMHead(config)
         self.nsp = nn.Linear(config.hidden_size, 2)
         init_bert_weights(self.lm_head, config)
@@ -242,13 +313,11 @@ class BertForPreTraining(_MaskedLMMixin, BertPreTrainedModel):
 
 
 class _BertClassifier(BertPreTrainedModel):
-    """dropout + a linear classifier (`classifier`) on the pooled [CLS] token (`pooled = True`) or on
-    every token; subclasses add their loss."""
-
-    pooled: bool
+    """dropout + a linear classifier (`classifier`) on the pooled [CLS] token (`add_pooling_layer = True`) or
+    on every token; subclasses add their loss."""
 
     def __init__(self, config: BertConfig) -> None:
-        super().__init__(config, add_pooling_layer=self.pooled)
+        super().__init__(config)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         init_bert_weights(self.classifier, config)  # the trunk initialised itself
 
@@ -263,16 +332,20 @@ class _BertClassifier(BertPreTrainedModel):
             raise TypeError(f"unexpected arguments for {type(self).__name__}.forward: {sorted(kwargs)}")
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_attentions,
                         output_hidden_states)
-        features = out.pooler_output if self.pooled else out.last_hidden_state  # (B, C) or (B, T, C)
+        features = out.pooler_output if self.add_pooling_layer else out.last_hidden_state  # (B, C) or (B, T, C)
         return out, self.classifier(dropout(features, self._classifier_dropout(), self.training))
 
 
+@register("sequence-classification")
 class BertForSequenceClassification(_BertClassifier):
     """BERT with dropout + a linear classifier on the pooled [CLS] token: input_ids (B, T) -> logits
     (B, num_labels). The loss follows `config.problem_type` (inferred as transformers does)."""
 
     hf_architecture = "BertForSequenceClassification"
-    pooled = True
+    add_pooling_layer = True
+    hf_key_map = head_model_keys(head_keys("classifier", "classifier"),
+                                 POOLER + ("classifier.weight", "classifier.bias"), ("cls.", "qa_outputs."),
+                                 pooler=add_pooling_layer)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
                 position_ids: Tensor | None = None, labels: Tensor | None = None, output_attentions: bool = False,
@@ -283,12 +356,15 @@ class BertForSequenceClassification(_BertClassifier):
         return SequenceClassifierOutput(loss, logits, out.hidden_states, out.attentions)
 
 
+@register("token-classification")
 class BertForTokenClassification(_BertClassifier):
     """BERT with dropout + a linear classifier on every token (e.g. named entities): logits
     (B, T, num_labels); `labels` (B, T) class ids, -100 ignored."""
 
     hf_architecture = "BertForTokenClassification"
-    pooled = False
+    add_pooling_layer = False
+    hf_key_map = head_model_keys(head_keys("classifier", "classifier"), ("classifier.weight", "classifier.bias"),
+                                 ("cls.", "qa_outputs."), pooler=add_pooling_layer)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
                 position_ids: Tensor | None = None, labels: Tensor | None = None, output_attentions: bool = False,
@@ -299,18 +375,22 @@ class BertForTokenClassification(_BertClassifier):
         return TokenClassifierOutput(loss, logits, out.hidden_states, out.attentions)
 
 
+@register("question-answering")
 class BertForQuestionAnswering(BertPreTrainedModel):
     """BERT for extractive question answering: a linear layer gives each token a start and an end
     logit, (B, T) each. The loss is the mean of the start and end cross-entropies; positions outside the
     input are clamped to T and ignored, as transformers does."""
 
     hf_architecture = "BertForQuestionAnswering"
+    add_pooling_layer = False
+    hf_key_map = head_model_keys(head_keys("qa_outputs", "qa_outputs"), ("qa_outputs.weight", "qa_outputs.bias"),
+                                 ("cls.", "classifier."), pooler=add_pooling_layer)
 
     def __init__(self, config: BertConfig) -> None:
         if config.num_labels != 2:  # transformers sizes qa_outputs by num_labels, so a saved model must say 2
             raise ValueError(f"BertForQuestionAnswering has two outputs per token (start, end) and needs "
                              f"num_labels=2, got {config.num_labels}; pass num_labels=2")
-        super().__init__(config, add_pooling_layer=False)
+        super().__init__(config)
         self.qa_outputs = nn.Linear(config.hidden_size, 2)
         init_bert_weights(self.qa_outputs, config)  # the trunk initialised itself
 

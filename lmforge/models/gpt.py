@@ -4,24 +4,52 @@
     -> logits (B, T, vocab)
 
 With the default `GPTConfig` it is exactly GPT-2-shaped, so Hugging Face GPT-2 weights load
-one to one (see `lmforge.hub`).
+one to one: `GPT2_KEYS` below is the name map, which `lmforge.hub` applies.
 """
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lmforge import generation
 from lmforge.config import GPTConfig
+from lmforge.hub import KeyMap, KeyRule
 from lmforge.models.base import PreTrainedModel, init_normal
 from lmforge.models.outputs import BaseModelOutput, CausalLMOutput, SequenceClassifierOutput
+from lmforge.models.registry import register
 from lmforge.nn import (AttentionMask, KVCache, LearnedPositionalEmbedding, RotaryEmbedding,
                         SinusoidalPositionalEmbedding, TransformerBlock, layer_norm)
 from lmforge.nn.inference import apply
 from lmforge.nn.layers import dropout, run_blocks
 from lmforge.nn.losses import causal_lm_items, causal_lm_loss, sequence_classification_loss
+
+# lmforge's names <-> Hugging Face GPT-2's (GPT2LMHeadModel); GPT-2's Conv1D weights are stored transposed.
+GPT2_KEYS: list[KeyRule] = [
+    KeyRule("transformer.wte.weight", "transformer.wte.weight"),
+    KeyRule("transformer.wpe.weight", "transformer.wpe.weight"),
+    KeyRule("transformer.h.{i}.ln_1.weight", "transformer.h.{i}.ln_1.weight"),
+    KeyRule("transformer.h.{i}.ln_1.bias", "transformer.h.{i}.ln_1.bias"),
+    KeyRule("transformer.h.{i}.attn.qkv.weight", "transformer.h.{i}.attn.c_attn.weight", transpose=True),
+    KeyRule("transformer.h.{i}.attn.qkv.bias", "transformer.h.{i}.attn.c_attn.bias"),
+    KeyRule("transformer.h.{i}.attn.proj.weight", "transformer.h.{i}.attn.c_proj.weight", transpose=True),
+    KeyRule("transformer.h.{i}.attn.proj.bias", "transformer.h.{i}.attn.c_proj.bias"),
+    KeyRule("transformer.h.{i}.ln_2.weight", "transformer.h.{i}.ln_2.weight"),
+    KeyRule("transformer.h.{i}.ln_2.bias", "transformer.h.{i}.ln_2.bias"),
+    KeyRule("transformer.h.{i}.mlp.fc.weight", "transformer.h.{i}.mlp.c_fc.weight", transpose=True),
+    KeyRule("transformer.h.{i}.mlp.fc.bias", "transformer.h.{i}.mlp.c_fc.bias"),
+    KeyRule("transformer.h.{i}.mlp.proj.weight", "transformer.h.{i}.mlp.c_proj.weight", transpose=True),
+    KeyRule("transformer.h.{i}.mlp.proj.bias", "transformer.h.{i}.mlp.c_proj.bias"),
+    KeyRule("transformer.ln_f.weight", "transformer.ln_f.weight"),
+    KeyRule("transformer.ln_f.bias", "transformer.ln_f.bias"),
+    KeyRule("lm_head.weight", "lm_head.weight"),
+]
+GPT2_TRUNK_KEYS = [r for r in GPT2_KEYS if r.ours.startswith("transformer.")]
+# Non-parameter entries found in some Hugging Face GPT-2 files (old causal-mask buffers).
+GPT2_IGNORED = re.compile(r".*\.attn\.(bias|masked_bias)$")
 
 
 class GPTModel(nn.Module):
@@ -113,10 +141,13 @@ class GPTPreTrainedModel(PreTrainedModel):
         return n
 
 
+@register("causal-lm")
 class GPTForCausalLM(GPTPreTrainedModel):
     """GPT with a language-model head; `labels` give the causal-LM loss (shifted inside)."""
 
     hf_architecture = "GPT2LMHeadModel"  # written to config.json's "architectures"
+    # a classifier's "score" head in the file is left out; lm_head is the embedding when tied
+    hf_key_map = KeyMap(GPT2_KEYS, GPT2_IGNORED, other_heads=("score.weight",), tied=("lm_head.weight",))
     shifts_labels = True  # labels are the input ids; the loss shifts them (for collators and sample weights)
 
     def __init__(self, config: GPTConfig) -> None:
@@ -160,9 +191,7 @@ class GPTForCausalLM(GPTPreTrainedModel):
 
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
         """Prompt followed by new tokens; see `lmforge.generation.generate` for the options."""
-        from lmforge.generation import generate
-
-        return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
+        return generation.generate(self, input_ids, attention_mask=attention_mask, **kwargs)
 
     # ---- sizes, for MFU ---------------------------------------------------------------------
     def flops_per_token(self, seq_len: int | None = None) -> float:
@@ -172,6 +201,7 @@ class GPTForCausalLM(GPTPreTrainedModel):
         return 6 * self.num_parameters(exclude_embeddings=True) + 12 * c.n_layer * c.n_embd * T
 
 
+@register("sequence-classification")
 class GPTForSequenceClassification(GPTPreTrainedModel):
     """GPT with a linear head on the last real token of each row (Hugging Face's
     GPT2ForSequenceClassification): input_ids (B, T) -> logits (B, num_labels).
@@ -182,6 +212,9 @@ class GPTForSequenceClassification(GPTPreTrainedModel):
     """
 
     hf_architecture = "GPT2ForSequenceClassification"
+    # the trunk, and a bias-free linear "score" head that a language model's file lacks (freshly initialised)
+    hf_key_map = KeyMap(GPT2_TRUNK_KEYS + [KeyRule("score.weight", "score.weight")], GPT2_IGNORED,
+                        task_head=("score.weight",), other_heads=("lm_head.weight",))
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()

@@ -26,9 +26,12 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save
 from torch import Tensor, nn
 
+from lmforge.hub import ADAPTER_SUFFIXES, read_safetensors
 from lmforge.nn.layers import dropout as _dropout
+from lmforge.utils import atomic_write_bytes, atomic_write_text
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -335,16 +338,12 @@ def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
     saved = _saved_modules(model, _lora_config(model))
     state = model.state_dict()
     return {k: v for k, v in state.items()
-            if k.endswith((".lora_A", ".lora_B")) or any(k.startswith(s + ".") for s in saved)}
+            if k.endswith(ADAPTER_SUFFIXES) or any(k.startswith(s + ".") for s in saved)}
 
 
 def save_adapters(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write `adapter_model.safetensors` (see `lora_state_dict`) and `adapter_config.json` into
     `directory`, each atomically (a crash leaves the old file or the new one, never half of one)."""
-    from safetensors.torch import save
-
-    from lmforge.utils import atomic_write_bytes, atomic_write_text
-
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in lora_state_dict(model).items()}
     config = _lora_config(model)
     directory = Path(directory)
@@ -373,8 +372,6 @@ def load_adapters(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     A model without LoRA layers gets them first, from the saved config. Every adapter tensor must be
     present with the model's shape; a merged model is unmerged for the copy and merged again.
     """
-    from lmforge.hub import read_safetensors
-
     directory = Path(directory)
     config = read_adapter_config(directory)
     weights_path = directory / ADAPTER_WEIGHTS_NAME
