@@ -35,13 +35,9 @@ from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-#: compressed-file extension -> how to open the byte stream inside
-_DECOMPRESSORS: dict[str, Callable[[BinaryIO], BinaryIO]] = {
-    ".gz": lambda raw: gzip.GzipFile(fileobj=raw, mode="rb"),  # type: ignore[dict-item]
-    ".xz": lambda raw: lzma.LZMAFile(raw, mode="rb"),  # type: ignore[dict-item]
-    ".lzma": lambda raw: lzma.LZMAFile(raw, mode="rb"),  # type: ignore[dict-item]
-    ".bz2": lambda raw: bz2.BZ2File(raw, mode="rb"),  # type: ignore[dict-item]
-}
+#: compressed-file extension -> its opener (each takes an open binary file and "rb")
+_DECOMPRESSORS: dict[str, Callable[..., BinaryIO]] = {".gz": gzip.open, ".xz": lzma.open, ".lzma": lzma.open,
+                                                      ".bz2": bz2.open}
 COMPRESSIONS = tuple(_DECOMPRESSORS)
 
 # bytes inspected up front for NUL bytes (the cheap "is this a binary file?" test)
@@ -95,7 +91,7 @@ def _open_binary(path: Path) -> Iterator[tuple[BinaryIO, BinaryIO]]:
         if compression is None:
             yield raw, raw
         else:
-            with _DECOMPRESSORS[compression](raw) as stream:
+            with _DECOMPRESSORS[compression](raw, "rb") as stream:
                 yield stream, raw
 
 

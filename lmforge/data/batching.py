@@ -8,9 +8,9 @@ On sentences of varied length this skips most of the padding a batch in file ord
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
-__all__ = ["length_sorted_batches", "fit_to_context"]
+__all__ = ["fit_to_context", "length_sorted_batches"]
 
 
 def length_sorted_batches(lengths: Sequence[int], batch_size: int,

@@ -12,8 +12,8 @@ tokenizer is given. For causal language models without labels, labels = input_id
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, Iterable
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor

@@ -22,7 +22,14 @@ from pathlib import Path
 from typing import Union
 
 from lmforge.data.bundled import BUNDLED, DERIVED, bundled_path, find_bundled
-from lmforge.textio import COMPRESSIONS, TextFileError, find_files, iter_lines, parse_json_line, text_suffix
+from lmforge.textio import (
+    COMPRESSIONS,
+    TextFileError,
+    find_files,
+    iter_lines,
+    parse_json_line,
+    text_suffix,
+)
 
 Source = Union[str, "os.PathLike[str]"]
 

@@ -101,7 +101,7 @@ def prepare_qa_features(
         with tokenizer.truncating(max_length, stride=doc_stride, strategy="only_second") as backend:
             try:
                 encoding = backend.encode(question, example["context"])
-            except Exception as err:  # the backend raises a bare Exception
+            except Exception as err:  # noqa: BLE001 - the backend raises a bare Exception
                 raise ValueError(
                     f"example {example.get('id')!r}: cannot fit the question and a context chunk "
                     f"in max_length={max_length} with doc_stride={doc_stride} ({err}); raise "
