@@ -3,6 +3,7 @@ save/load, and compatibility with transformers' PreTrainedTokenizerFast (the ora
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import json
 import lzma
@@ -20,6 +21,7 @@ from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import processors
 
 from lmforge.constants import NO_LENGTH_LIMIT
+from lmforge.textio import TextFileError
 from lmforge.tokenizer import BatchEncoding, Tokenizer
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
@@ -137,6 +139,27 @@ def test_train_from_several_files_mixing_compressed(tmp_path) -> None:
     from_files = Tokenizer.train_bpe(files=[a, b], vocab_size=400)
     from_iter = Tokenizer.train_bpe(iterator=iter(CORPUS), vocab_size=400)
     assert from_files.get_vocab() == from_iter.get_vocab()
+
+
+def test_train_reads_files_like_every_other_reader(tok: Tokenizer, tmp_path) -> None:
+    """Training files go through lmforge.textio: .bz2 too, a UTF-8 byte-order mark dropped, and a binary or
+    non-UTF-8 file refused with its one error type, naming the file."""
+    compressed = tmp_path / "corpus.txt.bz2"
+    with bz2.open(compressed, "wt", encoding="utf-8", newline="") as f:
+        f.write("".join(CORPUS))
+    assert Tokenizer.train_bpe(files=compressed, vocab_size=600).backend.to_str() == tok.backend.to_str()
+    # with min_frequency=1 a kept mark would show up as merges of its three bytes
+    with_bom = tmp_path / "bom.txt"
+    with_bom.write_bytes(b"\xef\xbb\xbfhello world\n")
+    from_file = Tokenizer.train_bpe(files=with_bom, vocab_size=400, min_frequency=1)
+    without_mark = Tokenizer.train_bpe(iterator=["hello world\n"], vocab_size=400, min_frequency=1)
+    assert from_file.get_vocab() == without_mark.get_vocab()
+    binary, latin1 = tmp_path / "data.bin", tmp_path / "latin1.txt"
+    binary.write_bytes(b"\x00\x01\x02 not text")
+    latin1.write_bytes("café\n".encode("latin-1"))
+    for path in (binary, latin1):
+        with pytest.raises(TextFileError, match=path.name):
+            Tokenizer.train_bpe(files=[path], vocab_size=300)
 
 
 def test_train_argument_errors(tmp_path) -> None:
