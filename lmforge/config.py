@@ -142,10 +142,6 @@ class GPTConfig(_HFConfig):
         self._check_labels()
 
     @property
-    def context_length(self) -> int:
-        return self.n_positions
-
-    @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
