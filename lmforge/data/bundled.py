@@ -85,6 +85,9 @@ def bundled_path(name: str) -> Path:
 
 
 # ---------------------------------------------------------------------------- English sentiment sentences
+SENTIMENT_FILE = "en_sentiment.tsv.xz"
+
+
 def _subset(examples: list[dict[str, Any]], max_examples: int | None, seed: int) -> list[dict[str, Any]]:
     """A seeded random subset of `max_examples` examples (all of them, in order, for None)."""
     if max_examples is None:
@@ -104,7 +107,7 @@ def load_sentiment(
     Only sentences whose mean human rating has |score| >= ``min_abs_score`` are kept (near zero
     the sign is noise); ``max_examples`` takes a seeded random subset of them.
     """
-    path = CORPORA_DIR / "en_sentiment.tsv.xz"
+    path = CORPORA_DIR / SENTIMENT_FILE
     # a plain TSV: 330 sentences hold literal quote characters, which are text, not CSV quoting
     rows = [row for _, row in read_records(path, ["text", "score"], csv.QUOTE_NONE)]
     label2id = {"negative": 0, "positive": 1}
