@@ -1,6 +1,8 @@
 """Small builders shared by several test files (import as `from helpers import ...`)."""
 from __future__ import annotations
 
+from typing import Callable, Sequence
+
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel  # test-only oracle
 
@@ -24,3 +26,29 @@ def hf_gpt2(vocab_size: int, seed: int = 0) -> GPT2LMHeadModel:
         for p in hf.parameters():
             p.add_(0.05 * torch.randn_like(p))
     return hf
+
+
+# Float rounding (another batch layout, the KV cache, transformers' kernels, another CPU or thread count) moves the
+# logits of the tests' tiny models (|logit| < ~10) by ~1e-6, at most the 1e-5 their parity tests allow; greedy
+# decodings computed differently can only disagree at a step where the best two logits are closer than that. Tests
+# compare such tokens exactly only after checking that every step's choice is clear by this margin, 10x the
+# parity tolerance (a property of the seeded model and prompt, the same on every machine).
+GREEDY_MARGIN = 1e-4
+
+
+def greedy_margin(model: torch.nn.Module, rows: Sequence[Sequence[int]], prompt_lengths: Sequence[int],
+                  processor: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> float:
+    """The smallest gap between the best and the second-best logit over the greedy steps that wrote `rows`
+    (prompt + new tokens, no padding), each row scored alone in one full forward. `processor(ids, logits)`
+    (ids (1, t), logits (1, V)) is applied first where the decoding changed the logits (a repetition penalty)."""
+    gaps = []
+    with torch.no_grad():
+        for row, n in zip(rows, prompt_lengths):
+            ids = torch.as_tensor(list(row))[None]  # (1, T)
+            logits = model(ids).logits[0, n - 1:-1].float()  # (T - n, V): the logits that chose each new token
+            if processor is not None:
+                logits = torch.cat([processor(ids[:, :n + t], logits[t][None]) for t in range(len(logits))])
+            if len(logits):
+                top2 = logits.topk(2, dim=-1).values  # (T - n, 2)
+                gaps.append(float((top2[:, 0] - top2[:, 1]).min()))
+    return min(gaps)

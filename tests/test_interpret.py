@@ -224,8 +224,8 @@ def test_plot_attention_png_grows_with_layers(tmp_path, gpt, bpe):
 
 
 def test_plot_attention_chinese_with_cjk_font(tmp_path, gpt, bpe, wordpiece, bert):
-    if importlib.util.find_spec("zhplot") is None:  # not importorskip: importing zhplot changes rcParams
-        pytest.skip("the test extra installs zhplot for its CJK font")
+    # not imported here (importing zhplot changes rcParams); a declared test dependency, so missing it fails
+    assert importlib.util.find_spec("zhplot") is not None, "the test extra installs zhplot for its CJK font"
     assert cjk_font() is not None and cjk_font().is_file()
     family = list(matplotlib.rcParams["font.family"])
     with warnings.catch_warnings(record=True) as records:

@@ -1,5 +1,5 @@
 """Tests for lmforge.training.metrics: hand-computed values (arithmetic in the comments), edge cases, a
-brute-force confusion-matrix reference for precision/recall/F1, and optional sklearn / seqeval oracles."""
+brute-force confusion-matrix reference for precision/recall/F1, and sklearn / seqeval oracles (test extra)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import math
 
 import numpy as np
 import pytest
+import seqeval.metrics  # test-only oracle (test extra)
+import sklearn.metrics  # test-only oracle (test extra)
 import torch
 
 from lmforge.training.metrics import (EvalPrediction, accuracy, classification_metrics, entity_f1, entity_spans,
@@ -168,17 +170,16 @@ def test_prf_matches_confusion_matrix_reference(average):
 
 @pytest.mark.parametrize("average", ["macro", "micro", "weighted", "binary"])
 def test_prf_matches_sklearn(average):
-    metrics = pytest.importorskip("sklearn.metrics")
     for n_classes, preds, labels in random_cases():
         keep = labels != -100
         present = set(preds[keep].tolist()) | set(labels[keep].tolist())
         if average == "binary" and (len(present) > 2 or (len(present) == 2 and 1 not in present)):
             continue
-        p, r, f, _ = metrics.precision_recall_fscore_support(labels[keep], preds[keep], average=average,
-                                                             pos_label=1, zero_division=0)
+        p, r, f, _ = sklearn.metrics.precision_recall_fscore_support(labels[keep], preds[keep], average=average,
+                                                                     pos_label=1, zero_division=0)
         got = precision_recall_f1(preds, labels, average=average)
         assert (got["precision"], got["recall"], got["f1"]) == pytest.approx((p, r, f), abs=1e-12)
-        assert accuracy(preds, labels) == pytest.approx(metrics.accuracy_score(labels[keep], preds[keep]))
+        assert accuracy(preds, labels) == pytest.approx(sklearn.metrics.accuracy_score(labels[keep], preds[keep]))
 
 
 # ---- entities ---------------------------------------------------------------------------------------
@@ -259,15 +260,14 @@ def test_entity_f1_edge_cases():
 
 
 def test_entity_f1_matches_seqeval():
-    seqeval = pytest.importorskip("seqeval.metrics")
     rng = np.random.default_rng(1)
     vocab = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "I-ORG"]
     true = [[vocab[i] for i in rng.integers(0, len(vocab), rng.integers(1, 12))] for _ in range(200)]
     pred = [[t if rng.random() < 0.7 else vocab[rng.integers(0, len(vocab))] for t in s] for s in true]
     got = entity_f1(pred, true)
-    assert got["precision"] == pytest.approx(seqeval.precision_score(true, pred))
-    assert got["recall"] == pytest.approx(seqeval.recall_score(true, pred))
-    assert got["f1"] == pytest.approx(seqeval.f1_score(true, pred))
+    assert got["precision"] == pytest.approx(seqeval.metrics.precision_score(true, pred))
+    assert got["recall"] == pytest.approx(seqeval.metrics.recall_score(true, pred))
+    assert got["f1"] == pytest.approx(seqeval.metrics.f1_score(true, pred))
 
 
 # ---- SQuAD ------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import pytest
 import torch
 
-from helpers import DOCS
+from helpers import DOCS, GREEDY_MARGIN, greedy_margin
 from test_wordpiece import corpus
 
 import lmforge
@@ -298,7 +298,8 @@ def test_sentence_embeddings_equal_sentence_transformers() -> None:
     ours = torch.tensor(pipe(texts))  # (4, 384)
     theirs = SentenceTransformer(str(directory), device="cpu").encode(texts, convert_to_tensor=True)
     assert ours.shape == (4, 384) and (ours - theirs).abs().max() <= 1e-5
-    assert pipe(texts[0]) == pytest.approx(ours[0].tolist(), abs=1e-6)
+    # alone vs padded in a batch of two: unit vectors equal up to float rounding (~1e-7), 1e-5 as above
+    assert pipe(texts[0]) == pytest.approx(ours[0].tolist(), abs=1e-5)
     cls = pipeline("sentence-embeddings", model=directory, pooling="cls", normalize=False)(texts[0])
     assert abs(sum(x * x for x in cls) - 1) > 1e-3  # not unit length
 
@@ -309,6 +310,10 @@ def test_text_generation_greedy_matches_transformers(bpe: Tokenizer, tmp_path: P
     hf = hf_pipeline("text-generation", saved(model, bpe, tmp_path))
     ours = pipeline("text-generation", model=model, tokenizer=bpe, batch_size=4)
     prompts = ["The quick brown fox", "To be", "Shall I compare thee to a summer's day?", "All"]
+    # transformers' kernels and our batches compute the logits differently: the same texts because no greedy
+    # step is a near tie (checked here, see helpers.GREEDY_MARGIN)
+    rows = [ours(p, max_new_tokens=12, return_tensors=True)[0]["generated_token_ids"] for p in prompts]
+    assert greedy_margin(model, rows, [len(bpe.encode(p)) for p in prompts]) > GREEDY_MARGIN
     for prompt in prompts:
         close(ours(prompt, max_new_tokens=12), hf(prompt, max_new_tokens=12, do_sample=False))
         close(ours(prompt, max_new_tokens=8, return_full_text=False),
@@ -456,7 +461,9 @@ def test_iterator_input_is_lazy_and_keeps_order(wp: Tokenizer) -> None:
     first = next(results)
     assert len(read) == 2  # one batch read
     in_order = [first, *results]
-    assert in_order == pipe(texts)  # the same batches
+    # a list is length-sorted into batches, an iterator is batched as it arrives: other padding, so float
+    # rounding differs (~1e-7 on probabilities; close() allows 1e-5)
+    close(in_order, pipe(texts))
     close(in_order, [pipe(t)[0] for t in texts])  # one at a time: equal up to float rounding
 
 

@@ -82,7 +82,6 @@ def fake_trainer(tmp_path: Path) -> SimpleNamespace:
 
 
 def test_tensorboard_writes_scalars(tmp_path):
-    pytest.importorskip("tensorboard")
     trainer, logdir = fake_trainer(tmp_path), tmp_path / "tb"
     cb = TensorBoardCallback(logdir)
     assert isinstance(cb, TrainerCallback)
@@ -105,7 +104,6 @@ def test_tensorboard_writes_scalars(tmp_path):
 
 
 def test_tensorboard_default_dir_and_real_trainer(tmp_path):
-    pytest.importorskip("tensorboard")
     args = TrainingArguments(output_dir=str(tmp_path / "run"), report_to=["none"], peak_flops=1.0)
     trainer = Trainer(torch.nn.Linear(2, 2), args, callbacks=[TensorBoardCallback()])
     trainer.state.global_step = 7
@@ -116,7 +114,6 @@ def test_tensorboard_default_dir_and_real_trainer(tmp_path):
 
 
 def test_tensorboard_reopens_after_train_end(tmp_path):
-    pytest.importorskip("tensorboard")
     trainer, cb = fake_trainer(tmp_path), TensorBoardCallback(tmp_path / "tb")
     cb.on_log(trainer, {"step": 1, "loss": 1.0})
     cb.on_train_end(trainer)
@@ -127,7 +124,6 @@ def test_tensorboard_reopens_after_train_end(tmp_path):
 
 
 def test_tensorboard_only_rank_zero_writes(tmp_path, monkeypatch):
-    pytest.importorskip("tensorboard")
     monkeypatch.setattr(torch.distributed, "is_available", lambda: True)
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 1)

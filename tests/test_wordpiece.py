@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import transformers  # test-only oracle
 
 from lmforge.tokenizer import Tokenizer
 
@@ -112,7 +113,6 @@ def test_save_and_reload_gives_same_ids(tok, tmp_path):
 
 
 def test_transformers_loads_the_saved_directory(tok, tmp_path):
-    transformers = pytest.importorskip("transformers")
     tok.save_pretrained(tmp_path)
     for hf in (
         transformers.AutoTokenizer.from_pretrained(str(tmp_path)),
