@@ -185,8 +185,8 @@ def test_lr_factor_warmup_then_cosine_linear_constant() -> None:
     def args(kind: str, **kw: Any) -> TrainingArguments:
         return TrainingArguments(max_steps=14, warmup_steps=4, min_lr_ratio=0.1, lr_scheduler_type=kind, **kw)
 
-    for kind in ("cosine", "linear", "constant"):  # linear warmup: 1/4, 2/4, 3/4, 4/4
-        assert [lr_factor(s, args(kind)) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    for kind in ("cosine", "linear", "constant"):  # linear warmup from 0, as transformers: 0, 1/4, 2/4, 3/4
+        assert [lr_factor(s, args(kind)) for s in range(4)] == pytest.approx([0.0, 0.25, 0.5, 0.75])
     cos = args("cosine")
     # after warmup, progress = (step - 4) / 10
     assert lr_factor(4, cos) == pytest.approx(1.0)
@@ -199,7 +199,7 @@ def test_lr_factor_warmup_then_cosine_linear_constant() -> None:
     const = args("constant")
     assert [lr_factor(s, const) for s in (4, 9, 14)] == pytest.approx([1.0, 1.0, 1.0])
     ratio = TrainingArguments(max_steps=20, warmup_ratio=0.25, lr_scheduler_type="constant")  # 5 warmup steps
-    assert [lr_factor(s, ratio) for s in (0, 4, 5)] == pytest.approx([0.2, 1.0, 1.0])
+    assert [lr_factor(s, ratio) for s in (0, 4, 5)] == pytest.approx([0.0, 0.8, 1.0])
     # the scheduler applies the factor to the peak learning rate, step by step
     model = nn.Linear(2, 2)
     a = args("cosine", learning_rate=0.5)
@@ -256,7 +256,7 @@ def test_small_learning_rates_are_logged_exactly(corpus: dict[str, Any], tmp_pat
     args = tiny_args(tmp_path, max_steps=3, learning_rate=2e-6, warmup_steps=4, lr_scheduler_type="constant")
     Trainer(tiny_model(len(tok)), args, train_set(corpus)).train()
     logged = [ln["learning_rate"] for ln in metric_lines(tmp_path) if "learning_rate" in ln]
-    assert logged == pytest.approx([5e-7 * 2, 5e-7 * 3, 5e-7 * 4], rel=1e-5)
+    assert logged == pytest.approx([5e-7 * 1, 5e-7 * 2, 5e-7 * 3], rel=1e-5)  # the lr of the next step
 
 
 def test_same_seed_same_weights_other_seed_differs(corpus: dict[str, Any], tmp_path: Path) -> None:

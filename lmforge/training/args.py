@@ -6,9 +6,12 @@ fine-tuning defaults (AdamW 5e-5, linear decay, 3 epochs). Pretraining recipes s
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 SCHEDULERS = ("cosine", "linear", "constant")
 STRATEGIES = ("no", "steps", "epoch")
@@ -133,8 +136,6 @@ class TrainingArguments:
         if not isinstance(self.dataloader_num_workers, int) or self.dataloader_num_workers < 0:
             raise ValueError(f"dataloader_num_workers must be an integer >= 0, got {self.dataloader_num_workers!r}")
         if self.device != "auto":
-            import torch
-
             try:
                 torch.device(self.device)
             except (RuntimeError, TypeError):
@@ -188,15 +189,15 @@ class TrainingArguments:
             return set()
         found = wanted & set(REPORTERS)
         if wanted & {"auto", "all"}:
-            import importlib.util
-
             found |= {"jsonl"} | ({"tensorboard"} if importlib.util.find_spec("tensorboard") else set())
         return found
 
     def warmup_for(self, total_steps: int) -> int:
+        """Warmup steps of a run of `total_steps`: an integer warmup_steps as is, a share (warmup_steps in
+        (0, 1), or warmup_ratio) rounded up, as transformers does."""
         if isinstance(self.warmup_steps, float) and 0.0 < self.warmup_steps < 1.0:
-            return int(self.warmup_steps * total_steps)
-        return int(self.warmup_steps) or int(self.warmup_ratio * total_steps)
+            return math.ceil(self.warmup_steps * total_steps)
+        return int(self.warmup_steps) or math.ceil(self.warmup_ratio * total_steps)
 
     @property
     def warmup(self) -> int:

@@ -23,6 +23,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from lmforge.auto import (AutoConfig, AutoModelForCausalLM, AutoModelForQuestionAnswering,
+                          AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer)
+from lmforge.constants import IGNORE_INDEX, context_length
+from lmforge.data import (DEFAULT_TEST_BOOKS, load_classification, load_conll, load_sentiment, load_squad,
+                          load_translation_pairs, load_zh_sentiment, prepare_qa_features, tokenize_and_align)
+from lmforge.data.classification import MissingFieldError, read_records
+from lmforge.data.qa_spans import QAChunk, decode_answers
+from lmforge.nn.lora import LoRAConfig, apply_lora, merge_and_unload, trainable_parameters
+from lmforge.training.args import TrainingArguments
+from lmforge.training.metrics import classification_metrics, squad_metrics, token_classification_metrics
+from lmforge.training.textgen import GENERATION_METRICS, generate_targets, score_generations
+from lmforge.training.trainer import Trainer
 from lmforge.utils import atomic_write_text, set_seed
 
 TASKS = {"classification": "classification", "text-classification": "classification",
@@ -34,7 +46,6 @@ IO_FIELDS = (("input", "output"), ("prompt", "completion"), ("source", "target")
 BUNDLED_PAIRS = {"bible-en-es": ("en", "es"), "bible-es-en": ("es", "en")}
 #: `train=` names of the bundled sentiment sets (classification)
 BUNDLED_SENTIMENT = ("sentiment", "sentiment-zh")
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -65,15 +76,10 @@ def finetune(task: str, model: str | Path, train: str | Path, eval: str | Path |
     causal-lm only: `metric` "bleu" or "rouge" generates (greedily) the outputs of up to
     `max_eval_generate` evaluation examples after training and reports eval_bleu or
     eval_rouge1/2/L (0-100); the texts go to `out`/eval_generations.jsonl."""
-    from lmforge.training.args import TrainingArguments
-    from lmforge.training.trainer import Trainer
-
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {sorted(set(TASKS))}")
     task = TASKS[task]
     if metric is not None:
-        from lmforge.training.textgen import GENERATION_METRICS
-
         if metric not in GENERATION_METRICS:
             raise ValueError(f"unknown metric {metric!r}; choose one of {GENERATION_METRICS} (or none)")
         if task != "causal-lm":
@@ -98,8 +104,6 @@ def finetune(task: str, model: str | Path, train: str | Path, eval: str | Path |
                    max_train_examples=max_train_examples, metric=metric, max_eval_generate=max_eval_generate)
     net = data.model
     if lora:
-        from lmforge.nn.lora import LoRAConfig, apply_lora, trainable_parameters
-
         heads = [name for name in ("classifier", "score", "qa_outputs") if hasattr(net, name)]
         apply_lora(net, LoRAConfig(r=lora_r, alpha=lora_alpha, modules_to_save=heads))
         trainable, total = trainable_parameters(net)
@@ -114,8 +118,6 @@ def finetune(task: str, model: str | Path, train: str | Path, eval: str | Path |
     if data.evaluate_extra is not None:
         metrics.update(data.evaluate_extra(trainer))
     if lora:  # the adapters are in out/ too; also write a plain merged model users can load anywhere
-        from lmforge.nn.lora import merge_and_unload
-
         merged = merge_and_unload(net)
         merged.save_pretrained(out / "merged")
         data.tokenizer.save_pretrained(out / "merged")
@@ -145,10 +147,8 @@ def _limit(examples: list[Any], n: int | None) -> list[Any]:
 
 
 def _tokenizer_and_length(model: str | Path, max_length: int | None, default: int, config: Any) -> tuple[Any, int]:
-    from lmforge.auto import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(model)
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or default
+    limit = context_length(config, default)
     return tokenizer, min(max_length or default, limit)
 
 
@@ -165,10 +165,6 @@ def _load_examples(train: str | Path, eval: str | Path | None, eval_fraction: fl
 def _classification(model: str | Path, train: str | Path, eval: str | Path | None, eval_fraction: float,
                     max_length: int | None, text_field: str, label_field: str, text_pair_field: str | None,
                     seed: int, max_train_examples: int | None, **_: Any) -> TaskData:
-    from lmforge.auto import AutoConfig, AutoModelForSequenceClassification
-    from lmforge.data import load_classification, load_sentiment, load_zh_sentiment
-    from lmforge.training.metrics import classification_metrics
-
     if str(train) in BUNDLED_SENTIMENT and not Path(train).exists():
         if str(train) == "sentiment-zh":  # the bundled Chinese reviews carry a fixed test split
             train_ex, label2id = load_zh_sentiment("train")
@@ -206,10 +202,6 @@ def _classification(model: str | Path, train: str | Path, eval: str | Path | Non
 
 def _token_classification(model: str | Path, train: str | Path, eval: str | Path | None, eval_fraction: float,
                           max_length: int | None, seed: int, max_train_examples: int | None, **_: Any) -> TaskData:
-    from lmforge.auto import AutoConfig, AutoModelForTokenClassification
-    from lmforge.data import load_conll, tokenize_and_align
-    from lmforge.training.metrics import token_classification_metrics
-
     train_ex, eval_ex = _load_examples(train, eval, eval_fraction, seed, load_conll, max_train_examples)
     tags = sorted({t for ex in train_ex + eval_ex for t in ex["tags"]}, key=lambda t: (t != "O", t[2:], t))
     label2id = {t: i for i, t in enumerate(tags)}
@@ -226,9 +218,6 @@ def _token_classification(model: str | Path, train: str | Path, eval: str | Path
 def _question_answering(model: str | Path, train: str | Path, eval: str | Path | None, eval_fraction: float,
                         max_length: int | None, doc_stride: int, seed: int, max_train_examples: int | None,
                         **_: Any) -> TaskData:
-    from lmforge.auto import AutoConfig, AutoModelForQuestionAnswering
-    from lmforge.data import load_squad, prepare_qa_features
-
     train_ex, eval_ex = _load_examples(train, eval, eval_fraction, seed, load_squad, max_train_examples)
     config = AutoConfig.from_pretrained(model)
     tokenizer, length = _tokenizer_and_length(model, max_length, 384, config)
@@ -243,8 +232,6 @@ def _question_answering(model: str | Path, train: str | Path, eval: str | Path |
 
     def answer_metrics(trainer: Any) -> dict[str, float]:
         """Best span across each question's chunks (or no answer) -> exact match and F1."""
-        from lmforge.training.metrics import squad_metrics
-
         start, end = trainer.predict(trainable(eval_features)).predictions
         answers = predict_answers(eval_ex, eval_features, start, end,
                                   allow_impossible=any(ex["is_impossible"] for ex in train_ex + eval_ex))
@@ -260,8 +247,6 @@ def predict_answers(examples: list[dict[str, Any]], features: list[dict[str, Any
                     end_logits: Any, allow_impossible: bool = False) -> dict[str, str]:
     """Each example's answer by `lmforge.data.qa_spans` (the question-answering pipeline's decoder): the best
     span over all its chunks; "" when `allow_impossible` and the no-answer score beats every span."""
-    from lmforge.data.qa_spans import QAChunk, decode_answers
-
     chunks: dict[Any, list[QAChunk]] = {ex["id"]: [] for ex in examples}
     for feature, s, e in zip(features, start_logits, end_logits):
         chunks[feature["example_id"]].append(QAChunk(feature["offset_mapping"], s, e))
@@ -275,12 +260,8 @@ def predict_answers(examples: list[dict[str, Any]], features: list[dict[str, Any
 def _causal_lm(model: str | Path, train: str | Path, eval: str | Path | None, eval_fraction: float,
                max_length: int | None, prefix: str, separator: str, seed: int, max_train_examples: int | None,
                metric: str | None = None, max_eval_generate: int = 200, **_: Any) -> TaskData:
-    from lmforge.auto import AutoConfig, AutoModelForCausalLM
-
     info: dict[str, Any] = {"prefix": prefix, "separator": separator}
     if str(train) in BUNDLED_PAIRS and not Path(train).exists():  # held-out books are the evaluation set
-        from lmforge.data import DEFAULT_TEST_BOOKS, load_translation_pairs
-
         train_ex, eval_ex = load_translation_pairs(*BUNDLED_PAIRS[str(train)])
         random.Random(seed).shuffle(train_ex)  # so that max_train_examples takes verses from every book
         train_ex = _limit(train_ex, max_train_examples)
@@ -315,8 +296,6 @@ def _generation_metrics(tokenizer: Any, eval_ex: list[tuple[str, str]], prefix: 
     newline when no training target holds one (a model that has not learnt EOS yet goes on)."""
 
     def run(trainer: Any) -> dict[str, float]:
-        from lmforge.training.textgen import generate_targets, score_generations
-
         n = min(max_examples, len(eval_ex))
         if n == 0:
             return {}
@@ -348,18 +327,14 @@ def prefix_example(tokenizer: Any, prompt: str, target: str, max_length: int) ->
 def read_pairs(path: str | Path) -> list[tuple[str, str]]:
     """(input, output) pairs from jsonl/csv/tsv with fields input/output, prompt/completion,
     source/target or document/summary (the first pair a file has)."""
-    from lmforge.data.classification import read_records
-
     path = Path(path)
     if path.name.lower().removesuffix(".xz").removesuffix(".gz").endswith(".txt"):
         raise ValueError(f"{path}: input/output pairs need named fields; use .jsonl, .csv or .tsv")
     for src, tgt in IO_FIELDS:
         try:
             rows = [row for _, row in read_records(path, [src, tgt])]
-        except Exception as err:  # noqa: BLE001 - try the next field names
-            if "no field" in str(err) or "no column" in str(err):
-                continue
-            raise
+        except MissingFieldError:  # not these field names: try the next pair
+            continue
         return [(str(r[src]), str(r[tgt])) for r in rows]
     raise ValueError(f"{path}: no input/output fields; give each record one of the field pairs "
                      f"{', '.join('/'.join(p) for p in IO_FIELDS)}")

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-IGNORE_INDEX = -100
+from lmforge.constants import IGNORE_INDEX
 AVERAGES = ("binary", "macro", "micro", "weighted")
 
 

@@ -37,17 +37,21 @@ def build_optimizer(model: nn.Module, args: TrainingArguments) -> torch.optim.Ad
 
 def lr_factor(step: int, args: TrainingArguments, total_steps: int | None = None) -> float:
     """Multiplier of the peak learning rate at optimizer step `step` (0-based) of a run of
-    `total_steps` steps (default args.max_steps)."""
+    `total_steps` steps (default args.max_steps).
+
+    transformers' schedules (get_{linear,cosine,constant}_schedule_with_warmup), step for step: warmup
+    rises from 0 at step 0 (that first update only starts AdamW's moments) to the peak at step `warmup`;
+    then linear or half-cosine decay to `min_lr_ratio` at step `total_steps`, or constant."""
     total = total_steps if total_steps is not None else args.max_steps
     warmup = args.warmup_for(total)
     if step < warmup:
-        return (step + 1) / warmup
+        return float(step) / float(max(1, warmup))
     if args.lr_scheduler_type == "constant":
         return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
     floor = args.min_lr_ratio
     if args.lr_scheduler_type == "linear":
-        return 1.0 - (1.0 - floor) * progress
+        return floor + (1.0 - floor) * max(0.0, float(total - step) / float(max(1, total - warmup)))
+    progress = min(1.0, float(step - warmup) / float(max(1, total - warmup)))
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 

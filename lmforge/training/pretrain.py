@@ -10,14 +10,29 @@ from __future__ import annotations
 import copy
 import json
 import math
+import random
 import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import yaml
 
-from lmforge.utils import atomic_write_text
+from lmforge.config import BertConfig, GPTConfig
+from lmforge.constants import IGNORE_INDEX
+from lmforge.data import (MLMCollator, RandomBlockDataset, SequentialBlockDataset, iter_documents, nsp_pairs,
+                          prepare_corpus, resolve_sources)
+from lmforge.data.mlm import _segments
+from lmforge.generation import stream
+from lmforge.models.bert import BertForMaskedLM, BertForPreTraining
+from lmforge.models.gpt import GPTForCausalLM
+from lmforge.nn.losses import masked_lm_items, token_loss_sum
+from lmforge.tokenizer import Tokenizer
+from lmforge.training.args import TrainingArguments
+from lmforge.training.checkpoint import list_checkpoints
+from lmforge.training.trainer import Trainer
+from lmforge.utils import atomic_write_text, set_seed
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 RECIPE_FILE = "recipe.json"  # the effective recipe, saved in the run's folder so --resume can reuse it
@@ -102,11 +117,6 @@ def pretrain(recipe: dict[str, Any], resume: bool = False, device: str | None = 
 
     `model.type` picks the family: "gpt" (default; causal LM on random blocks of the token stream)
     or "bert" (masked LM + next-sentence prediction on sentence pairs from the documents)."""
-    from lmforge.data import resolve_sources
-    from lmforge.training.args import TrainingArguments
-    from lmforge.training.trainer import Trainer
-    from lmforge.utils import set_seed
-
     sources = recipe.get("data") or ["shakespeare"]
     sources = [sources] if isinstance(sources, str) else list(sources)
     resolve_sources(sources)  # a missing file fails here, before any work
@@ -122,10 +132,9 @@ def pretrain(recipe: dict[str, Any], resume: bool = False, device: str | None = 
     args = TrainingArguments.from_dict(training)
     if args.max_steps <= 0:
         raise ValueError("a pretraining recipe needs training.max_steps (the number of optimizer steps)")
-    trainer_probe = Trainer.__new__(Trainer)
-    trainer_probe.output_dir = out
-    if not resume and Trainer.checkpoints(trainer_probe):
-        raise ValueError(f"{out} already holds a training run ({Trainer.checkpoints(trainer_probe)[-1].name}); "
+    existing = list_checkpoints(out)
+    if not resume and existing:
+        raise ValueError(f"{out} already holds a training run ({existing[-1].name}); "
                          "pass --resume to continue it, or --out NEW_DIR for a new run")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / RECIPE_FILE, json.dumps(recipe, indent=2, ensure_ascii=False) + "\n")
@@ -152,9 +161,6 @@ def pretrain(recipe: dict[str, Any], resume: bool = False, device: str | None = 
 def _tokenizer(recipe: dict[str, Any], out: Path, sources: list[str], family: str) -> Any:
     """The run's own tokenizer (resume), a given one (tokenizer.path), or one trained on the data:
     byte-level BPE for GPT, WordPiece for BERT."""
-    from lmforge.data import iter_documents
-    from lmforge.tokenizer import Tokenizer
-
     opts = dict(recipe.get("tokenizer") or {})
     if (out / "tokenizer.json").is_file():
         return Tokenizer.from_pretrained(out)
@@ -174,10 +180,6 @@ def _tokenizer(recipe: dict[str, Any], out: Path, sources: list[str], family: st
 def _gpt_setup(recipe: dict[str, Any], model_opts: dict[str, Any], tokenizer: Any, sources: list[str], out: Path,
                args: Any) -> dict[str, Any]:
     """GPT: the corpus as one token stream; training items are random blocks of context + 1 tokens."""
-    from lmforge.config import GPTConfig
-    from lmforge.data import RandomBlockDataset, SequentialBlockDataset, prepare_corpus
-    from lmforge.models.gpt import GPTForCausalLM
-
     config = GPTConfig(**{**model_opts, "vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
                           "bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id})
     tokenizer.model_max_length = config.n_positions  # so truncation=True fits the model's context
@@ -197,8 +199,6 @@ def _gpt_setup(recipe: dict[str, Any], model_opts: dict[str, Any], tokenizer: An
         return {"unigram_baseline_loss": baseline}
 
     def sample(opts: dict[str, Any]) -> None:
-        from lmforge.generation import stream
-
         prompt = opts.pop("prompt", "\n")
         print(f"lmforge: sample from {out}:\n{prompt}", end="", flush=True)
         for piece in stream(model, tokenizer, prompt, **opts):
@@ -223,8 +223,6 @@ def bert_documents(sources: list[str], tokenizer: Any, min_tokens: int = 512) ->
     """Documents -> sentences -> token ids, for next-sentence pairs. A document is a blank-line
     separated block; consecutive short blocks (a play's speeches) are joined until a document holds
     `min_tokens`, so that it yields several segments, and so pairs."""
-    from lmforge.data import iter_documents
-
     blocks = [b for doc in iter_documents(sources) for b in re.split(r"\n\s*\n", doc) if b.strip()]
     sentences = [split_sentences(b) for b in blocks]
     flat = tokenizer.encode_batch_fast([s for doc in sentences for s in doc])
@@ -248,14 +246,6 @@ def _bert_setup(recipe: dict[str, Any], model_opts: dict[str, Any], tokenizer: A
     """BERT: documents -> [CLS] A [SEP] B [SEP] pairs (NSP) or packed segments (MLM only), masked by
     MLMCollator; the evaluation pairs are masked once (seeded), so every evaluation scores the same
     positions. Metrics: masked-token perplexity and next-sentence accuracy."""
-    import random
-
-    import torch
-
-    from lmforge.config import BertConfig
-    from lmforge.data import MLMCollator, nsp_pairs
-    from lmforge.models.bert import BertForMaskedLM, BertForPreTraining
-
     mlm = dict(recipe.get("mlm") or {})
     nsp = bool(mlm.get("nsp", True))
     max_length = int(mlm.get("max_length", 128))
@@ -275,10 +265,9 @@ def _bert_setup(recipe: dict[str, Any], model_opts: dict[str, Any], tokenizer: A
     def examples(docs: list[list[list[int]]], seed: int) -> list[dict[str, Any]]:
         if nsp:
             return nsp_pairs(docs, max_length, seed, tokenizer)
-        from lmforge.data.mlm import _segments  # MLM only: consecutive sentences packed to the length
-
-        cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
-        return [{"input_ids": [cls, *seg[:max_length - 2], sep]} for doc in docs for seg in _segments(doc, max_length - 2)]
+        cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id  # MLM only: sentences packed to the length
+        segments = [seg for doc in docs for seg in _segments(doc, max_length - 2)]
+        return [{"input_ids": [cls, *seg[:max_length - 2], sep]} for seg in segments]
 
     collator = MLMCollator(tokenizer, mlm_probability=float(mlm.get("probability", 0.15)),
                            whole_word=bool(mlm.get("whole_word", False)), seed=args.seed)
@@ -293,10 +282,8 @@ def _bert_setup(recipe: dict[str, Any], model_opts: dict[str, Any], tokenizer: A
         """Per batch: [masked-LM loss sum, masked tokens, NSP correct, NSP pairs] (not the (B, T, V) logits)."""
         mlm_logits, nsp_logits = logits if isinstance(logits, tuple) else (logits, None)
         mlm_labels, nsp_labels = labels if isinstance(labels, tuple) else (labels, None)
-        V = mlm_logits.size(-1)
-        loss = torch.nn.functional.cross_entropy(mlm_logits.reshape(-1, V).float(), mlm_labels.reshape(-1),
-                                                 ignore_index=-100, reduction="sum")
-        n = (mlm_labels != -100).sum()
+        loss = token_loss_sum(mlm_logits, mlm_labels)
+        n = masked_lm_items(mlm_labels)
         correct = (nsp_logits.argmax(-1) == nsp_labels).sum() if nsp_logits is not None else torch.tensor(0)
         pairs = len(nsp_labels) if nsp_labels is not None else 0
         return torch.tensor([[float(loss), float(n), float(correct), float(pairs)]])
@@ -340,14 +327,12 @@ def masked_unigram_loss(train: list[dict[str, Any]], evaluation: list[dict[str, 
         np.add.at(counts, np.asarray(example["input_ids"], dtype=np.int64), 1.0)
     logp = np.log(counts / counts.sum())
     labels = np.concatenate([np.asarray(ex["labels"], dtype=np.int64) for ex in evaluation])
-    labels = labels[labels != -100]
+    labels = labels[labels != IGNORE_INDEX]
     return float(-logp[labels].mean()) if len(labels) else float("nan")
 
 
 def fill_mask(model: Any, tokenizer: Any, text: str, top_k: int = 5) -> list[tuple[str, float]]:
     """The `top_k` tokens (and probabilities) for the first [MASK] in `text`."""
-    import torch
-
     enc = tokenizer(text, return_tensors="pt")
     where = (enc["input_ids"][0] == tokenizer.mask_token_id).nonzero()
     if not len(where):

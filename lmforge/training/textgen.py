@@ -17,7 +17,11 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
+from lmforge.constants import context_length
 from lmforge.data.batching import fit_to_context, length_sorted_batches
+from lmforge.generation import generate
 
 GENERATION_METRICS = ("bleu", "rouge")
 _NON_ALNUM = re.compile(r"[^a-z0-9]+")
@@ -30,7 +34,7 @@ def bleu(hypotheses: Sequence[str], references: Sequence[str] | Sequence[Sequenc
     with published sacrebleu scores. `references[i]` is one string, or a list of alternatives
     (every hypothesis then needs the same number of them)."""
     hypotheses, streams = list(hypotheses), _reference_streams(hypotheses, references)
-    try:
+    try:  # sacrebleu is optional (the "full" extra)
         import sacrebleu
     except ImportError:
         raise ImportError("BLEU is computed by sacrebleu, which is not installed: pip install sacrebleu") from None
@@ -131,10 +135,6 @@ def generate_targets(model: Any, tokenizer: Any, prompts: Sequence[str], max_new
     context / 2) keeps its last tokens (training cuts prompts from the start too), and each row
     generates at most what still fits. Rows are sorted by length and left-padded in batches,
     which decode exactly as each row would alone."""
-    import torch
-
-    from lmforge.generation import generate
-
     if isinstance(prompts, str):
         raise TypeError("generate_targets takes a list of prompts, got one str; wrap it in a list")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -142,7 +142,7 @@ def generate_targets(model: Any, tokenizer: Any, prompts: Sequence[str], max_new
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
-    ctx = int(model.config.n_positions)
+    ctx = context_length(model.config)
     keep = ctx - min(max_new_tokens, ctx // 2)  # longest prompt kept
     rows = []
     for i, prompt in enumerate(prompts):
