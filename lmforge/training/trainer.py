@@ -16,7 +16,9 @@ import inspect
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -96,6 +98,7 @@ class Trainer:
         self.state = TrainerState(world_size=self.world.size)
         self.output_dir = Path(args.output_dir)
         self.should_stop = False
+        self._interrupts = 0  # Ctrl-C presses during train()
         self._wrapped = D.wrap(self.model, self.world, self.device, args.fsdp)
         self.optimizer = build_optimizer(self.model, args)
         self.scheduler = build_scheduler(self.optimizer, args, max(args.max_steps, 1))
@@ -165,6 +168,7 @@ class Trainer:
         self._wrapped.train()
         window_start, window_tokens, running = time.perf_counter(), 0, []
         evaluated_at = saved_at = -1
+        sigint = self._defer_sigint()
         try:
             while self.state.global_step < plan.steps and not self.should_stop:
                 step = self.state.global_step
@@ -199,11 +203,18 @@ class Trainer:
                 progress.update(1)
                 for cb in self.callbacks:
                     cb.on_step_end(self)
+                if self._stop_requested():  # Ctrl-C during this step: save now, between steps
+                    raise KeyboardInterrupt
         except KeyboardInterrupt:
             progress.close()
+            if self._interrupts > 1:  # stopped at once, mid-step: a checkpoint now would not resume exactly
+                raise
             path = self.save_checkpoint()
             raise KeyboardInterrupt(f"interrupted at step {self.state.global_step}; saved {path}, "
                                     "continue with resume_from_checkpoint=True (CLI: --resume)") from None
+        finally:
+            if sigint is not None:
+                signal.signal(signal.SIGINT, sigint)
         progress.close()
         step = self.state.global_step
         metrics: dict[str, float] = {}
@@ -253,6 +264,30 @@ class Trainer:
         self.scheduler.load_state_dict(saved)
         self.state.max_steps = new.steps
         return new
+
+    def _defer_sigint(self) -> Any:
+        """From here on, Ctrl-C (SIGINT) lets the running step finish, then the loop saves a checkpoint and
+        stops: a step cut between the weight update and the step count could not be resumed exactly. A second
+        Ctrl-C stops at once, without a checkpoint. Returns the previous handler to restore (None where
+        signals cannot be caught: outside the main thread)."""
+        self._interrupts = 0
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            self._interrupts += 1
+            if self._interrupts > 1:
+                raise KeyboardInterrupt
+            self._print("\nlmforge: interrupted; saving a checkpoint after this step (Ctrl-C again to stop at once)")
+
+        previous = signal.signal(signal.SIGINT, on_sigint)
+        return previous if previous is not None else signal.default_int_handler
+
+    def _stop_requested(self) -> bool:
+        """Whether Ctrl-C was pressed during the step just done (in any process, so that all save together)."""
+        if not self.world.distributed:
+            return self._interrupts > 0
+        return D.all_reduce_sum([float(self._interrupts)], self.device, self.world)[0] > 0
 
     @staticmethod
     def _due(strategy: str, every: int | None, step: int, epoch_ended: bool) -> bool:
