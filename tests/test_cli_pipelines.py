@@ -50,9 +50,12 @@ def test_classify_arguments_file_and_stdin_agree_with_the_pipeline(models: dict[
     assert by_args.returncode == 0, by_args.stderr
     lines = json_lines(by_args.stdout)
     assert [ln["input"] for ln in lines] == TEXTS
+    # the command runs in another process (other threads, its own batches): the same label because no text is a
+    # near tie between the two labels, and the same score up to float rounding (~1e-7)
+    assert all(want["score"] > 0.5 + 1e-4 for want in expected)
     for line, want in zip(lines, expected):
         assert line["output"]["label"] == want["label"]
-        assert line["output"]["score"] == pytest.approx(want["score"], abs=1e-6)
+        assert line["output"]["score"] == pytest.approx(want["score"], abs=1e-5)
     (tmp_path / "texts.txt").write_text("\n".join(TEXTS) + "\n\n", encoding="utf-8")
     by_file = run("classify", str(models["cls"]), "--file", str(tmp_path / "texts.txt"), "--json")
     by_stdin = run("classify", str(models["cls"]), "--json", stdin="\n".join(TEXTS) + "\n")

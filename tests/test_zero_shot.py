@@ -87,8 +87,11 @@ def test_nli_matches_transformers(wp: Tokenizer, tmp_path: Path, id2label: dict[
                 expected = theirs(sequence, candidate_labels=LABELS, multi_label=multi_label,
                                   hypothesis_template=template)
                 assert result["sequence"] == expected["sequence"] == sequence
-                assert result["labels"] == expected["labels"]
-                assert result["scores"] == pytest.approx(expected["scores"], abs=1e-5)
+                # each label's score within float rounding of transformers' (other kernels); best first. Not the
+                # label order itself: two labels within rounding of each other could swap
+                assert dict(zip(result["labels"], result["scores"])) == pytest.approx(
+                    dict(zip(expected["labels"], expected["scores"])), abs=1e-5)
+                assert result["scores"] == sorted(result["scores"], reverse=True)
     one = ours(SEQUENCES[0], candidate_labels="summer")  # one label: entailment vs contradiction, as transformers
     assert one["scores"] == pytest.approx(theirs(SEQUENCES[0], candidate_labels="summer")["scores"], abs=1e-5)
     commas = ours(SEQUENCES[1], candidate_labels="summer, winter ,question")
