@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
 
 MAX_ANSWER_LEN = 15  # tokens; transformers' question-answering pipeline default
 
