@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from lmforge.constants import context_length
 from lmforge.nn import KVCache
 
 #: (token ids so far (B, t), next-token logits (B, V)) -> adjusted logits (B, V)
@@ -134,7 +135,7 @@ def iter_generate(model: Any, input_ids: Tensor, attention_mask: Tensor | None =
         input_ids = input_ids[None]
         attention_mask = attention_mask[None] if attention_mask is not None else None
     B, T = input_ids.shape
-    ctx = model.config.n_positions
+    ctx = context_length(model.config)
     if T == 0:
         raise ValueError("the prompt is empty: generation needs at least one prompt token")
     if T > ctx:

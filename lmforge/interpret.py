@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from lmforge.constants import context_length
 from lmforge.utils import atomic_write_bytes
 
 if TYPE_CHECKING:  # matplotlib is optional and loaded only to draw
@@ -129,8 +130,7 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def _check_length(model: nn.Module, n_tokens: int) -> None:
-    config = getattr(model, "config", None)
-    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    limit = context_length(getattr(model, "config", None))
     if limit is not None and n_tokens > limit:
         raise ValueError(f"text is {n_tokens} tokens but the model handles at most {limit}; shorten the text")
 
@@ -380,22 +380,31 @@ def _is_cjk(ch: str) -> bool:
             or 0xFF00 <= o <= 0xFFEF or 0x20000 <= o <= 0x3FFFF)
 
 
-def _save_figure(draw: Any, figsize: tuple[float, float], texts: list[str], path: Path) -> None:
-    """Build a Figure off-screen, let `draw(fig)` fill it, and write it as PNG, atomically."""
+def _matplotlib() -> Any:
+    """matplotlib and the submodules the plots use. matplotlib is optional (and slow to import), so it is
+    imported here, when the first plot is drawn, not with this module."""
     try:
-        from matplotlib import rc_context
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        import matplotlib
+        import matplotlib.backends.backend_agg
+        import matplotlib.figure
+        import matplotlib.font_manager
+        import matplotlib.ft2font
     except ImportError:
         raise ImportError("plotting needs matplotlib: pip install matplotlib") from None
+    return matplotlib
+
+
+def _save_figure(draw: Any, figsize: tuple[float, float], texts: list[str], path: Path) -> None:
+    """Build a Figure off-screen, let `draw(fig)` fill it, and write it as PNG, atomically."""
+    mpl = _matplotlib()
     family, missing_glyphs = _font_family(texts)
     width, height = figsize
     dpi = min(100.0, math.sqrt(_MAX_PIXELS / (width * height)))
-    with rc_context({"font.family": family}), warnings.catch_warnings():
+    with mpl.rc_context({"font.family": family}), warnings.catch_warnings():
         if missing_glyphs:  # already explained by the warning from _font_family: not once per glyph
             warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font")
-        fig = Figure(figsize=figsize, dpi=dpi, layout="constrained")
-        FigureCanvasAgg(fig)  # attaches itself as fig.canvas: no pyplot, no window, no backend switch
+        fig = mpl.figure.Figure(figsize=figsize, dpi=dpi, layout="constrained")
+        mpl.backends.backend_agg.FigureCanvasAgg(fig)  # attaches itself as fig.canvas: no pyplot, no window, no backend switch
         draw(fig)
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=dpi)
@@ -425,23 +434,18 @@ def _font_family(texts: list[str]) -> tuple[list[str], bool]:
 
 @lru_cache(maxsize=None)
 def _latin_font_path() -> str:
-    from matplotlib import font_manager
-
-    return font_manager.findfont(_LATIN_FONT)
+    return _matplotlib().font_manager.findfont(_LATIN_FONT)
 
 
 @lru_cache(maxsize=8)
 def _charmap(path: str) -> frozenset[int]:
     """The code points a font file has glyphs for."""
-    from matplotlib.ft2font import FT2Font
-
-    return frozenset(FT2Font(path).get_charmap())
+    return frozenset(_matplotlib().ft2font.FT2Font(path).get_charmap())
 
 
 def _register_font(path: Path) -> str:
     """Make a font file known to matplotlib's font manager (once) and return its family name."""
-    from matplotlib import font_manager
-
+    font_manager = _matplotlib().font_manager
     if not any(Path(f.fname) == path for f in font_manager.fontManager.ttflist):
         font_manager.fontManager.addfont(str(path))
     return font_manager.FontProperties(fname=str(path)).get_name()
@@ -456,9 +460,7 @@ def cjk_font() -> Path | None:
 
 @lru_cache(maxsize=1)
 def _find_cjk_font() -> Path | None:
-    from matplotlib import font_manager
-
-    fonts = font_manager.fontManager.ttflist
+    fonts = _matplotlib().font_manager.fontManager.ttflist
     for wanted in CJK_FONT_NAMES:
         matches = [f for f in fonts if wanted.lower() in f.name.lower()]
         # prefer a regular upright face over bold/light/italic ones
@@ -480,6 +482,4 @@ def _find_cjk_font() -> Path | None:
 def _weight(weight: int | str) -> int:
     if isinstance(weight, int):
         return weight
-    from matplotlib.font_manager import weight_dict
-
-    return int(weight_dict.get(weight, 400))
+    return int(_matplotlib().font_manager.weight_dict.get(weight, 400))

@@ -21,9 +21,8 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor
 
+from lmforge.constants import NO_LENGTH_LIMIT, context_length
 from lmforge.data.batching import length_sorted_batches
-
-NO_LIMIT = int(1e30)  # the tokenizer's "no known maximum length" (tokenizer.NO_MAX_LENGTH)
 
 
 @dataclass
@@ -192,16 +191,15 @@ class Pipeline:
 
     def model_max_length(self) -> int:
         """The longest input the model takes: its position table, or the tokenizer's limit if smaller."""
-        config = self.model.config
-        limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or NO_LIMIT
-        tokenizer_limit = getattr(self.tokenizer, "model_max_length", NO_LIMIT) or NO_LIMIT
+        limit = context_length(self.model.config, NO_LENGTH_LIMIT)
+        tokenizer_limit = getattr(self.tokenizer, "model_max_length", NO_LENGTH_LIMIT) or NO_LENGTH_LIMIT
         return min(limit, tokenizer_limit)
 
     def _limit(self, max_length: int | None) -> int:
         """`max_length` checked against the model's own limit (None = that limit)."""
         limit = self.model_max_length()
         if max_length is None:
-            if limit >= NO_LIMIT:
+            if limit >= NO_LENGTH_LIMIT:
                 raise ValueError("neither the model nor the tokenizer gives a maximum length; pass max_length=...")
             return limit
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:

@@ -9,29 +9,35 @@ unless `tokenizer=` is given); nothing is ever downloaded.
 """
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from lmforge import auto
+from lmforge.auto import AutoTokenizer, model_type_of
+from lmforge.hub import resolve_model_dir
+from lmforge.models import registry
 from lmforge.pipelines.base import Pipeline
+from lmforge.pipelines.feature_extraction import FeatureExtractionPipeline, sentence_transformers_options
+from lmforge.pipelines.fill_mask import FillMaskPipeline
+from lmforge.pipelines.question_answering import QuestionAnsweringPipeline
+from lmforge.pipelines.text_classification import TextClassificationPipeline
+from lmforge.pipelines.text_generation import TextGenerationPipeline
+from lmforge.pipelines.token_classification import TokenClassificationPipeline
+from lmforge.pipelines.zero_shot import ZeroShotClassificationPipeline, checkpoint_choice
 
-# task -> (module:class of the pipeline, the Auto class that loads its model, default options)
-TASKS: dict[str, tuple[str, str, dict[str, Any]]] = {
-    "text-generation": ("text_generation:TextGenerationPipeline", "AutoModelForCausalLM", {}),
-    "text-classification": ("text_classification:TextClassificationPipeline", "AutoModelForSequenceClassification",
-                            {}),
-    "fill-mask": ("fill_mask:FillMaskPipeline", "AutoModelForMaskedLM", {}),
-    "token-classification": ("token_classification:TokenClassificationPipeline", "AutoModelForTokenClassification",
-                             {}),
-    "question-answering": ("question_answering:QuestionAnsweringPipeline", "AutoModelForQuestionAnswering", {}),
-    "feature-extraction": ("feature_extraction:FeatureExtractionPipeline", "AutoModel", {}),
-    "sentence-embeddings": ("feature_extraction:FeatureExtractionPipeline", "AutoModel",
-                            {"pooling": "mean", "normalize": True}),
-    # no fixed Auto class: the pipeline picks one from the checkpoint (NLI classifier, causal LM or encoder)
-    "zero-shot-classification": ("zero_shot:ZeroShotClassificationPipeline", "", {}),
+# task -> (the pipeline class, the Auto class that loads its model, default options)
+TASKS: dict[str, tuple[type[Pipeline], type[Any] | None, dict[str, Any]]] = {
+    "text-generation": (TextGenerationPipeline, auto.AutoModelForCausalLM, {}),
+    "text-classification": (TextClassificationPipeline, auto.AutoModelForSequenceClassification, {}),
+    "fill-mask": (FillMaskPipeline, auto.AutoModelForMaskedLM, {}),
+    "token-classification": (TokenClassificationPipeline, auto.AutoModelForTokenClassification, {}),
+    "question-answering": (QuestionAnsweringPipeline, auto.AutoModelForQuestionAnswering, {}),
+    "feature-extraction": (FeatureExtractionPipeline, auto.AutoModel, {}),
+    "sentence-embeddings": (FeatureExtractionPipeline, auto.AutoModel, {"pooling": "mean", "normalize": True}),
+    # no fixed Auto class: `checkpoint_choice` picks one from the checkpoint (NLI classifier, causal LM or encoder)
+    "zero-shot-classification": (ZeroShotClassificationPipeline, None, {}),
 }
 ALIASES = {"sentiment-analysis": "text-classification", "ner": "token-classification"}
 
@@ -41,35 +47,21 @@ def available_tasks() -> list[str]:
     return sorted(TASKS) + sorted(ALIASES)
 
 
-def _pipeline_class(target: str) -> type[Pipeline]:
-    import importlib
-
-    module, name = target.split(":")
-    return getattr(importlib.import_module(f"lmforge.pipelines.{module}"), name)
-
-
-def _sentence_transformers_defaults(directory: Path) -> dict[str, Any]:
-    """Pooling, normalization and length from a sentence-transformers folder (modules.json & co), if any."""
-    options: dict[str, Any] = {}
-    try:
-        modules = json.loads((directory / "modules.json").read_text(encoding="utf-8"))
-        config = json.loads((directory / "sentence_bert_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return options
-    if isinstance(config.get("max_seq_length"), int):
-        options["max_length"] = config["max_seq_length"]
-    types = {m.get("type", "").rsplit(".", 1)[-1]: m.get("path", "") for m in modules if isinstance(m, dict)}
-    options["normalize"] = "Normalize" in types
-    if "Pooling" in types:
-        try:
-            pooling = json.loads((directory / types["Pooling"] / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            pooling = {}
-        if pooling.get("pooling_mode_cls_token"):
-            options["pooling"] = "cls"
-        elif pooling.get("pooling_mode_mean_tokens"):
-            options["pooling"] = "mean"
-    return options
+def _load(name: str, model: str | os.PathLike, auto_class: type[Any] | None, model_kwargs: dict[str, Any],
+          options: dict[str, Any]) -> Any:
+    """The model of a directory or cached model id for task `name`, loaded offline; `options` gains the
+    defaults the checkpoint implies (sentence-transformers pooling, the zero-shot scoring mode)."""
+    directory = resolve_model_dir(model)
+    if name == "sentence-embeddings":
+        options.update(sentence_transformers_options(directory))
+    if auto_class is None:
+        auto_class, chosen = checkpoint_choice(directory)
+        options.update(chosen)
+    try:  # the checkpoint's model_type must have a class for this task
+        registry.model_class(auto_class.task, model_type_of(directory), auto_class.__name__)
+    except ValueError as err:
+        raise ValueError(f"the {name} pipeline cannot use {os.fspath(model)!r}: {err}") from None
+    return auto_class.from_pretrained(directory, **model_kwargs)
 
 
 def pipeline(task: str, model: Any = None, tokenizer: Any = None, device: int | str | torch.device | None = None,
@@ -92,31 +84,17 @@ def pipeline(task: str, model: Any = None, tokenizer: Any = None, device: int | 
     name = ALIASES.get(task, task)
     if name not in TASKS:
         raise ValueError(f"unknown task {task!r}; lmforge's pipelines are: {', '.join(available_tasks())}")
-    target, auto_name, defaults = TASKS[name]
+    pipeline_class, auto_class, defaults = TASKS[name]
     if model is None:
         raise ValueError(f"pipeline({task!r}) needs model=...: a lmforge model object, or a local model directory "
                          "or the id of a model in the local Hugging Face cache (lmforge never downloads)")
     options = dict(defaults)
     name_or_path = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
     if isinstance(model, (str, os.PathLike)):
-        from lmforge import auto
-        from lmforge.hub import resolve_model_dir
-
-        directory = resolve_model_dir(model)
-        if name == "sentence-embeddings":
-            options.update(_sentence_transformers_defaults(directory))
-        if not auto_name:  # the pipeline chooses the Auto class (and default options) from the checkpoint
-            auto_name, chosen = _pipeline_class(target).checkpoint_choice(directory)  # type: ignore[attr-defined]
-            options.update(chosen)
-        try:
-            loaded = getattr(auto, auto_name).from_pretrained(directory, **(model_kwargs or {}))
-        except ValueError as err:
-            if "not supported by" in str(err):
-                raise ValueError(f"the {name} pipeline cannot use {str(model)!r}: {err}") from None
-            raise
+        loaded = _load(name, model, auto_class, model_kwargs or {}, options)
         if tokenizer is None:
             try:
-                tokenizer = auto.AutoTokenizer.from_pretrained(directory)
+                tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(model))
             except FileNotFoundError as err:
                 raise ValueError(f"no tokenizer found with the model {str(model)!r} ({err}); pass tokenizer=... "
                                  "(a Tokenizer or its directory)") from None
@@ -127,11 +105,9 @@ def pipeline(task: str, model: Any = None, tokenizer: Any = None, device: int | 
         raise ValueError(f"pipeline({task!r}) with a model object needs tokenizer=... (a lmforge Tokenizer or the "
                          "directory holding tokenizer.json)")
     if isinstance(tokenizer, (str, os.PathLike)):
-        from lmforge.auto import AutoTokenizer
-
         tokenizer = AutoTokenizer.from_pretrained(tokenizer)
     options.update(kwargs)
-    pipe = _pipeline_class(target)(model, tokenizer, device=device, batch_size=batch_size, **options)
+    pipe = pipeline_class(model, tokenizer, device=device, batch_size=batch_size, **options)
     pipe.task = name
     pipe.name_or_path = name_or_path  # the folder or model id it was loaded from (None: a model object)
     return pipe

@@ -10,6 +10,8 @@ all-MiniLM-L6-v2's vectors equal `SentenceTransformer(dir).encode(texts)`.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +20,30 @@ import torch.nn.functional as F
 from lmforge.pipelines.base import Feature, Pipeline
 
 POOLINGS = ("mean", "cls")
+
+
+def sentence_transformers_options(directory: Path) -> dict[str, Any]:
+    """Pooling, normalization and length from a sentence-transformers folder (modules.json & co), if any."""
+    options: dict[str, Any] = {}
+    try:
+        modules = json.loads((directory / "modules.json").read_text(encoding="utf-8"))
+        config = json.loads((directory / "sentence_bert_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return options
+    if isinstance(config.get("max_seq_length"), int):
+        options["max_length"] = config["max_seq_length"]
+    types = {m.get("type", "").rsplit(".", 1)[-1]: m.get("path", "") for m in modules if isinstance(m, dict)}
+    options["normalize"] = "Normalize" in types
+    if "Pooling" in types:
+        try:
+            pooling = json.loads((directory / types["Pooling"] / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            pooling = {}
+        if pooling.get("pooling_mode_cls_token"):
+            options["pooling"] = "cls"
+        elif pooling.get("pooling_mode_mean_tokens"):
+            options["pooling"] = "mean"
+    return options
 
 
 def trunk(model: Any) -> Any:

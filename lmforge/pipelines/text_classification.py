@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from lmforge.models.bert import BertForSequenceClassification
+from lmforge.models.gpt import GPTForSequenceClassification
 from lmforge.pipelines.base import Feature, Pipeline, check_model_kind
 
 FUNCTIONS = ("softmax", "sigmoid", "none")
@@ -35,9 +37,6 @@ class TextClassificationPipeline(Pipeline):
     single_types = (str, dict)
 
     def _check_model(self, model: Any) -> None:
-        from lmforge.models.bert import BertForSequenceClassification
-        from lmforge.models.gpt import GPTForSequenceClassification
-
         check_model_kind(self.task, model, ["BertForSequenceClassification", "GPTForSequenceClassification"],
                          lambda m: isinstance(m, (BertForSequenceClassification, GPTForSequenceClassification)),
                          "load it with AutoModelForSequenceClassification.from_pretrained(path)")

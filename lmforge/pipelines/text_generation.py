@@ -29,6 +29,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lmforge.constants import context_length
+from lmforge.data.batching import fit_to_context
+from lmforge.generation import GenerationConfig, iter_generate, text_pieces
 from lmforge.pipelines.base import Feature, Pipeline, check_model_kind, index_list, warn
 
 TextFilter = Callable[[str], str]
@@ -77,7 +80,7 @@ class TextGenerationPipeline(Pipeline):
 
     def _check_model(self, model: Any) -> None:
         check_model_kind(self.task, model, ["a causal language model (GPTForCausalLM)"],
-                         lambda m: hasattr(m, "allocate_cache") and hasattr(getattr(m, "config", None), "n_positions"),
+                         lambda m: hasattr(m, "allocate_cache") and context_length(getattr(m, "config", None)) is not None,
                          "load it with AutoModelForCausalLM.from_pretrained(path)")
 
     def _options(self, max_new_tokens: int | None = None, do_sample: bool | None = None,
@@ -89,8 +92,6 @@ class TextGenerationPipeline(Pipeline):
                  bad_words: Sequence[str | Sequence[int]] | None = None,
                  output_filters: Sequence[TextFilter] | None = None, truncation: bool = True,
                  skip_special_tokens: bool = True, return_tensors: bool = False) -> dict[str, Any]:
-        from lmforge.generation import GenerationConfig
-
         cfg = dataclasses.replace(generation_config) if generation_config is not None else GenerationConfig()
         given = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
                  "top_k": top_k, "top_p": top_p, "repetition_penalty": repetition_penalty, "seed": seed,
@@ -146,7 +147,7 @@ class TextGenerationPipeline(Pipeline):
 
     # ------------------------------------------------------------------ preprocess: fit the context
     def preprocess(self, items: list[Any], start: int, opts: dict[str, Any]) -> list[Feature]:
-        ctx = self.model.config.n_positions
+        ctx = context_length(self.model.config)
         wanted = opts["config"].max_new_tokens
         prompts = [self._check_text(item, start + k, what="prompt", allow_blank=True) for k, item in enumerate(items)]
         encoded = self.tokenizer.encode_batch_fast(prompts)
@@ -179,17 +180,13 @@ class TextGenerationPipeline(Pipeline):
     def _batches(self, rows: list[dict[str, Any]], batch_size: int, opts: dict[str, Any]) -> list[list[int]]:
         """Length-sorted batches, split so that the longest prompt + the most new tokens fit the context
         (rows are left-padded to the longest prompt)."""
-        from lmforge.data.batching import fit_to_context
-
         return fit_to_context(super()._batches(rows, batch_size, opts), [len(r["input_ids"]) for r in rows],
-                              [r["max_new_tokens"] for r in rows], self.model.config.n_positions)
+                              [r["max_new_tokens"] for r in rows], context_length(self.model.config))
 
     # ------------------------------------------------------------------ generation
     def _token_stream(self, input_ids: Tensor, attention_mask: Tensor | None, max_new_tokens: int,
                       opts: dict[str, Any]) -> Iterator[Tensor]:
         """`lmforge.generation.iter_generate` with this call's options: the next token of every row, (B,)."""
-        from lmforge.generation import iter_generate
-
         cfg = dataclasses.replace(opts["config"], max_new_tokens=max_new_tokens)
         return iter_generate(self.model, input_ids, attention_mask=attention_mask, generation_config=cfg,
                              tokenizer=self.tokenizer, generator=opts["generator"],
@@ -265,8 +262,6 @@ class TextGenerationPipeline(Pipeline):
         yield self._finish("".join(pieces), opts)
 
     def _stream_pieces(self, row: dict[str, Any], opts: dict[str, Any]) -> Iterator[str]:
-        from lmforge.generation import text_pieces
-
         if row["max_new_tokens"] == 0:
             return iter(())
         input_ids = torch.tensor([row["input_ids"]], device=self.device)  # (1, T)

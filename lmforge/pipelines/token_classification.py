@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from lmforge.models.bert import BertForTokenClassification
 from lmforge.pipelines.base import Feature, Pipeline, check_model_kind
 
 STRATEGIES = ("none", "simple", "first", "max", "average")
@@ -40,8 +41,6 @@ class TokenClassificationPipeline(Pipeline):
     task = "token-classification"
 
     def _check_model(self, model: Any) -> None:
-        from lmforge.models.bert import BertForTokenClassification
-
         check_model_kind(self.task, model, ["BertForTokenClassification"],
                          lambda m: isinstance(m, BertForTokenClassification),
                          "load it with AutoModelForTokenClassification.from_pretrained(path)")

@@ -32,8 +32,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lmforge.auto import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+from lmforge.models.bert import BertForSequenceClassification
+from lmforge.models.gpt import GPTForSequenceClassification
 from lmforge.pipelines.base import Feature, Pipeline, index_list, warn
-from lmforge.pipelines.feature_extraction import POOLINGS, trunk
+from lmforge.pipelines.feature_extraction import POOLINGS, sentence_transformers_options, trunk
 
 MODES = ("nli", "lm", "embedding")
 LM_SCORES = ("mean", "sum")
@@ -57,9 +60,6 @@ def entailment_ids(id2label: dict[int, str]) -> tuple[int, int] | None:
 
 def model_mode(model: Any) -> str:
     """How the pipeline scores labels with `model`: "nli", "lm" or "embedding" (see the module doc)."""
-    from lmforge.models.bert import BertForSequenceClassification
-    from lmforge.models.gpt import GPTForSequenceClassification
-
     if isinstance(model, (BertForSequenceClassification, GPTForSequenceClassification)):
         labels = model.config.id2label or {}
         if entailment_ids(labels) is None:
@@ -76,23 +76,21 @@ def model_mode(model: Any) -> str:
                     f"(GPTForCausalLM) or an encoder (BertModel), got {type(model).__name__}")
 
 
-def checkpoint_choice(directory: Path) -> tuple[str, dict[str, Any]]:
+def checkpoint_choice(directory: Path) -> tuple[type[Any], dict[str, Any]]:
     """The Auto class for a checkpoint folder and default options (for `pipeline(..., model=path)`):
     a *ForSequenceClassification checkpoint is an NLI model, a GPT checkpoint a causal LM, anything else
     an encoder (with pooling and max_length from a sentence-transformers folder, if it is one)."""
-    from lmforge.pipelines.factory import _sentence_transformers_defaults
-
     try:
         config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         config = {}
     architectures = [str(a) for a in config.get("architectures") or []]
     if any(a.endswith("ForSequenceClassification") for a in architectures):
-        return "AutoModelForSequenceClassification", {}
+        return AutoModelForSequenceClassification, {}
     if config.get("model_type") in ("gpt2", "lmforge-gpt"):
-        return "AutoModelForCausalLM", {}
-    defaults = _sentence_transformers_defaults(directory)
-    return "AutoModel", {k: v for k, v in defaults.items() if k in ("pooling", "max_length")}
+        return AutoModelForCausalLM, {}
+    defaults = sentence_transformers_options(directory)
+    return AutoModel, {k: v for k, v in defaults.items() if k in ("pooling", "max_length")}
 
 
 def parse_labels(candidate_labels: Any) -> list[str]:
@@ -151,11 +149,6 @@ class ZeroShotClassificationPipeline(Pipeline):
         self.mode = model_mode(model)
         super().__init__(trunk(model) if self.mode == "embedding" else model, tokenizer, device, batch_size,
                          **options)
-
-    @classmethod
-    def checkpoint_choice(cls, directory: Path) -> tuple[str, dict[str, Any]]:
-        """See `checkpoint_choice`: how `pipeline(...)` loads a folder for this task."""
-        return checkpoint_choice(directory)
 
     def _check_model(self, model: Any) -> None:
         model_mode(model)
