@@ -90,11 +90,11 @@ class PlanSampler(Sampler[list[int]]):
         return sum(len(self.plan.micro_batches(s)) for s in range(self.first_step, self.plan.steps))
 
 
-def build_plan(args: TrainingArguments, world: World, dataset: Any, lengths: Sequence[int] | None,
+def build_plan(args: TrainingArguments, world: World, n: int, shuffle: bool, lengths: Sequence[int] | None,
                base_step: int = 0, base_sample: int = 0) -> SamplingPlan:
-    """The plan of a run over `dataset` with `args` (max_steps, else num_train_epochs), continuing from
+    """The plan of a run over `n` examples with `args` (max_steps, else num_train_epochs), continuing from
     (base_step, base_sample) when resumed with another global batch; `lengths` for group_by_length."""
-    n, W = len(dataset), world.size
+    W = world.size
     G = args.per_device_train_batch_size * args.gradient_accumulation_steps * W
     if args.max_steps > 0:
         total = base_sample + (args.max_steps - base_step) * G
@@ -104,7 +104,7 @@ def build_plan(args: TrainingArguments, world: World, dataset: Any, lengths: Seq
     if W > 1 and tail and tail < W:
         total -= tail  # a last window smaller than the number of processes: drop it
         warnings.warn(f"the last {tail} examples do not give every process one; they are skipped", stacklevel=4)
-    return SamplingPlan(n, total, G, args.per_device_train_batch_size, world, shuffles(dataset), args.seed, base_step,
+    return SamplingPlan(n, total, G, args.per_device_train_batch_size, world, shuffle, args.seed, base_step,
                         base_sample, lengths)
 
 

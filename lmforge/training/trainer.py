@@ -239,12 +239,12 @@ class Trainer:
         return TrainOutput(step, sum(losses) / len(losses) if losses else float("nan"), metrics)
 
     def _plan(self, n: int, base_step: int = 0, base_sample: int = 0) -> SamplingPlan:
-        lengths = None
-        if self.args.group_by_length and shuffles(self.train_dataset):
+        shuffle, lengths = shuffles(self.train_dataset), None
+        if self.args.group_by_length and shuffle:
             if self._lengths is None:  # read once per run
                 self._lengths = example_lengths(self.train_dataset, self.args.length_column_name)
             lengths = self._lengths
-        return build_plan(self.args, self.world, self.train_dataset, lengths, base_step, base_sample)
+        return build_plan(self.args, self.world, n, shuffle, lengths, base_step, base_sample)
 
     def _loader_generator(self) -> torch.Generator:
         """A DataLoader's own generator: starting its iterator then leaves the global RNG (dropout) untouched,
