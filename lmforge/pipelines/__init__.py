@@ -8,7 +8,8 @@ Modules: base.py (the Pipeline class: batching by length, input checks, truncati
 (`pipeline`), and one module per task: text_generation.py, text_classification.py, fill_mask.py,
 token_classification.py, question_answering.py, feature_extraction.py (also sentence-embeddings),
 zero_shot.py (zero-shot-classification, few-shot prompting); knowledge_base.py (KnowledgeBase: retrieve
-chunks of your files, then answer from them).
+chunks of your files, then answer from them) with chunking.py (documents cut into overlapping passages) and
+knowledge_store.py (a knowledge base's saved folder).
 Names are imported on first use, so `import lmforge.pipelines` loads nothing heavy.
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ _EXPORTS = {
     "FewShotClassifier": "lmforge.pipelines.zero_shot",
     "few_shot_prompt": "lmforge.pipelines.zero_shot",
     "KnowledgeBase": "lmforge.pipelines.knowledge_base",
-    "chunk_text": "lmforge.pipelines.knowledge_base",
+    "chunk_text": "lmforge.pipelines.chunking",
 }
 
 __all__ = sorted(_EXPORTS)

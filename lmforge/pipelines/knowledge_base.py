@@ -17,124 +17,31 @@ character offsets: `text[start:end] == chunk text`, where `text` is the file rea
 `open(path, encoding="utf-8-sig", newline="").read()` (for a .jsonl: that line's "text").
 
 Retrieval embeds the chunks with a sentence-embedding pipeline (normalised vectors) and ranks them by
-cosine similarity with the question's vector (a dot product of unit vectors).
+cosine similarity with the question's vector (a dot product of unit vectors). The cutting is in chunking.py,
+the saved folder's format in knowledge_store.py.
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from lmforge.pipelines.chunking import chunk_text, fit_to_tokens
+from lmforge.pipelines.factory import pipeline
+from lmforge.pipelines.feature_extraction import FeatureExtractionPipeline
+from lmforge.pipelines.knowledge_store import Chunk, read_store, write_store
+from lmforge.pipelines.text_generation import TextGenerationPipeline
 from lmforge.textio import read_text
 
-FORMAT = "lmforge-knowledge-base"
-VERSION = 1
-INDEX, EMBEDDINGS, CHUNKS = "index.json", "embeddings.safetensors", "chunks.jsonl"
 SUFFIXES = (".txt", ".md", ".markdown", ".jsonl")
 DEFAULT_PROMPT = ("Answer the question using the context.\n\nContext:\n{context}\n\nQuestion: {question}\n"
                   "Answer:")
-
-# where a chunk may end (see chunk_text); cut before a blank line, after a sentence end, at a space
-_PARAGRAPH = re.compile(r"\n[^\S\n]*\n")
-_SENTENCE = re.compile(r"[.!?…;:][\"'”’)\]]*(?=\s)|[。！？；：][”’」』）]*|\n")
-_WORD = re.compile(r"(?<=[，、,])|\s")
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """A passage of a source: `text == source_text[start:end]`."""
-
-    text: str
-    source: str
-    start: int
-    end: int
-
-
-# ---------------------------------------------------------------------------- chunking
-def _skip_space(text: str, i: int) -> int:
-    while i < len(text) and text[i].isspace():
-        i += 1
-    return i
-
-
-def _cut(text: str, start: int, limit: int, chunk_chars: int) -> int:
-    """Where a chunk starting at `start` ends, at most at `limit`: the last paragraph end, else sentence
-    end, else word end in its second half; else `limit` itself."""
-    low = start + chunk_chars // 2
-    for pattern, after in ((_PARAGRAPH, False), (_SENTENCE, True), (_WORD, False)):
-        cuts = [m.end() if after else m.start() for m in pattern.finditer(text, low, limit + 1)]
-        cuts = [c for c in cuts if low < c <= limit]
-        if cuts:
-            return max(cuts)
-    return limit
-
-
-def _overlap_start(text: str, start: int, end: int, overlap: int) -> int:
-    """Where the chunk after text[start:end] starts: the earliest sentence start, else word start, in
-    the last `overlap` characters; else `end - overlap`. Always after `start`, before `end`."""
-    low = max(end - overlap, start + 1)
-    for pattern, after in ((_SENTENCE, True), (_WORD, False)):
-        for m in pattern.finditer(text, low, end):
-            q = _skip_space(text, m.end() if after else m.start())
-            if low <= q < end:
-                return q
-    return _skip_space(text, low)
-
-
-def chunk_text(text: str, chunk_chars: int = 600, overlap: int = 100) -> list[tuple[int, int]]:
-    """(start, end) character spans of overlapping chunks of `text`, in order.
-
-    Each chunk has at most `chunk_chars` characters, no leading or trailing whitespace, and ends at a
-    paragraph end, sentence end (. ! ? ; and 。！？；) or word end in its second half when there is one.
-    The next chunk starts up to `overlap` characters before the previous one ends (at a sentence or word
-    start when possible), so a fact cut at a boundary is whole in one of the two. Every non-space
-    character of `text` is in some chunk.
-    """
-    if isinstance(chunk_chars, bool) or not isinstance(chunk_chars, int) or chunk_chars < 2:
-        raise ValueError(f"chunk_chars must be an integer >= 2, got {chunk_chars!r}")
-    if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap <= chunk_chars // 2:
-        raise ValueError(f"overlap must be an integer from 0 to chunk_chars // 2 = {chunk_chars // 2}, got "
-                         f"{overlap!r}")
-    spans: list[tuple[int, int]] = []
-    start = _skip_space(text, 0)
-    while start < len(text):
-        limit = start + chunk_chars
-        end = len(text) if limit >= len(text) else _cut(text, start, limit, chunk_chars)
-        stop = end
-        while stop > start and text[stop - 1].isspace():
-            stop -= 1
-        spans.append((start, stop))
-        following = _skip_space(text, end)
-        if following >= len(text):
-            break
-        start = _overlap_start(text, start, stop, overlap) if overlap else following
-    return spans
-
-
-def _fit_to_tokens(text: str, spans: list[tuple[int, int]], count: Callable[[list[str]], list[int]],
-                   max_tokens: int, overlap: int) -> list[tuple[int, int]]:
-    """`spans` with every span of more than `max_tokens` tokens cut again into smaller chunks."""
-    fitted: list[tuple[int, int]] = []
-    pending = list(spans)
-    while pending:
-        lengths = count([text[s:e] for s, e in pending])
-        later: list[tuple[int, int]] = []
-        for (s, e), n in zip(pending, lengths):
-            if n <= max_tokens or e - s <= 8:
-                fitted.append((s, e))
-                continue
-            chars = max(8, int((e - s) * max_tokens / n * 0.9))
-            later += [(s + a, s + b) for a, b in chunk_text(text[s:e], chars, min(overlap, chars // 2))]
-        pending = later
-    return sorted(fitted)
-
 
 # ---------------------------------------------------------------------------- reading files
 def _find_files(sources: str | os.PathLike | Iterable[str | os.PathLike]) -> list[tuple[Path, str]]:
@@ -205,11 +112,7 @@ def _embedder_name(name_or_path: Any) -> str | None:
 
 def _resolve_embedder(embedder: Any) -> tuple[Any, str | None]:
     """A sentence-embedding pipeline and its name from a pipeline or a model folder / id."""
-    from lmforge.pipelines.feature_extraction import FeatureExtractionPipeline
-
     if isinstance(embedder, (str, os.PathLike)):
-        from lmforge.pipelines.factory import pipeline
-
         return pipeline("sentence-embeddings", model=embedder), _embedder_name(embedder)
     if not isinstance(embedder, FeatureExtractionPipeline):
         raise TypeError(f"embedder must be a sentence-embeddings pipeline or a model folder / id, got "
@@ -308,7 +211,7 @@ class KnowledgeBase:
 
         chunks = []
         for source, text in documents:
-            spans = _fit_to_tokens(text, chunk_text(text, chunk_chars, overlap), count, max_tokens, overlap)
+            spans = fit_to_tokens(text, chunk_text(text, chunk_chars, overlap), count, max_tokens, overlap)
             chunks += [Chunk(text[s:e], source, s, e) for s, e in spans]
         if not chunks:
             raise ValueError(f"no text to index in {folder_or_files!r}: no .txt, .md or .jsonl file with text "
@@ -324,43 +227,14 @@ class KnowledgeBase:
     # ------------------------------------------------------------------ files
     def save(self, directory: str | os.PathLike) -> Path:
         """Write embeddings.safetensors (float32 (N, D)), chunks.jsonl and index.json into `directory`,
-        atomically: a reader sees the old knowledge base or the new one. An existing folder is replaced
-        only if it is a knowledge base (or empty)."""
-        from safetensors.torch import save as safetensors_bytes
-
-        from lmforge.utils import atomic_directory, atomic_write_bytes, atomic_write_text
-
-        directory = Path(directory)
-        if directory.exists() and (not directory.is_dir()
-                                   or (any(directory.iterdir()) and not (directory / INDEX).is_file())):
-            raise ValueError(f"{directory} exists and is not a knowledge base; saving replaces the whole folder, so "
-                             "save to a new or empty folder")
-        index = {"format": FORMAT, "version": VERSION, "count": len(self), "dims": self.dims, "dtype": "float32",
-                 **self.info}
-        with atomic_directory(directory) as tmp:
-            atomic_write_bytes(tmp / EMBEDDINGS, safetensors_bytes(
-                {"embeddings": self.embeddings.contiguous()}, metadata={"format": FORMAT, "count": str(len(self))}))
-            atomic_write_text(tmp / CHUNKS, "".join(json.dumps(asdict(c), ensure_ascii=False) + "\n"
-                                                    for c in self.chunks))
-            atomic_write_text(tmp / INDEX, json.dumps(index, indent=2, ensure_ascii=False) + "\n")
-        return directory
+        atomically (see `lmforge.pipelines.knowledge_store`)."""
+        return write_store(directory, self.embeddings, self.chunks, self.info)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, embedder: Any = None) -> KnowledgeBase:
         """Read a folder written by `save`, checking that its three files agree. `embedder` (a pipeline
         or model folder / id) overrides the one named in index.json, which otherwise loads on first use."""
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise FileNotFoundError(f"no knowledge base at {directory}; build one with KnowledgeBase.build(...)"
-                                    ".save(directory) or `lmforge index`")
-        missing = [name for name in (INDEX, EMBEDDINGS, CHUNKS) if not (directory / name).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{directory} is not a complete knowledge base: {', '.join(missing)} "
-                                    f"{'is' if len(missing) == 1 else 'are'} missing; build it again")
-        index = _read_index(directory / INDEX)
-        embeddings = _read_embeddings(directory / EMBEDDINGS, index)
-        chunks = _read_chunks(directory / CHUNKS, index["count"])
-        info = {k: v for k, v in index.items() if k not in ("format", "version", "count", "dims", "dtype")}
+        embeddings, chunks, info = read_store(directory)
         return cls(embeddings, chunks, info, embedder=embedder)
 
     # ------------------------------------------------------------------ retrieval
@@ -397,8 +271,6 @@ class KnowledgeBase:
         """
         if reader is not None and generator is not None:
             raise ValueError("pass reader= (extractive QA) or generator= (a text generator), not both")
-        from lmforge.pipelines.text_generation import TextGenerationPipeline
-
         if isinstance(reader, TextGenerationPipeline):
             reader, generator = None, reader
         hits = self.search(question, top_k)
@@ -413,8 +285,6 @@ class KnowledgeBase:
     @staticmethod
     def _extract(question: str, hits: list[dict[str, Any]], reader: Any) -> dict[str, Any]:
         if isinstance(reader, (str, os.PathLike)):
-            from lmforge.pipelines.factory import pipeline
-
             reader = pipeline("question-answering", model=reader)
         if not callable(reader):
             raise TypeError(f"reader must be a question-answering pipeline, a model folder / id or a callable, got "
@@ -439,8 +309,6 @@ class KnowledgeBase:
         if "{context}" not in prompt_template or "{question}" not in prompt_template:
             raise ValueError("prompt_template needs {context} and {question}")
         if isinstance(generator, (str, os.PathLike)):
-            from lmforge.pipelines.factory import pipeline
-
             generator = pipeline("text-generation", model=generator)
         if not callable(generator):
             raise TypeError(f"generator must be a text-generation pipeline, a model folder / id or a callable, got "
@@ -453,76 +321,3 @@ class KnowledgeBase:
         if not isinstance(text, str):
             raise TypeError(f"the generator must return [{{'generated_text': str}}], got {out!r}")
         return {"answer": text.strip().split("\n", 1)[0].strip(), "score": None, "sources": hits}
-
-
-# ---------------------------------------------------------------------------- reading a saved base
-def _read_index(path: Path) -> dict[str, Any]:
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); build the knowledge base again") from None
-    if not isinstance(index, dict) or index.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a lmforge knowledge-base index (format {FORMAT!r} expected)")
-    if not isinstance(index.get("version"), int) or index["version"] > VERSION:
-        raise ValueError(f"{path} has format version {index.get('version')!r}; this lmforge reads version "
-                         f"{VERSION} (upgrade lmforge, or build the knowledge base again)")
-    for key in ("count", "dims"):
-        if isinstance(index.get(key), bool) or not isinstance(index.get(key), int) or index[key] < 1:
-            raise ValueError(f"{path}: {key!r} must be a positive integer, got {index.get(key)!r}")
-    if not isinstance(index.get("embedder"), dict):
-        raise ValueError(f"{path} has no 'embedder' section; build the knowledge base again")
-    index.setdefault("chunking", {})
-    return index
-
-
-def _read_embeddings(path: Path, index: dict[str, Any]) -> Tensor:
-    from safetensors.torch import load_file
-
-    try:
-        tensors = load_file(str(path))
-    except Exception as err:  # safetensors raises its own error types for a damaged file
-        raise ValueError(f"cannot read {path} ({err}); the file is damaged: build the knowledge base again") from None
-    if "embeddings" not in tensors:
-        raise ValueError(f"{path} has no 'embeddings' tensor (found {sorted(tensors)})")
-    embeddings = tensors["embeddings"]
-    if embeddings.dtype != torch.float32 or embeddings.dim() != 2:
-        raise ValueError(f"{path}: embeddings must be float32 (N, D), got {embeddings.dtype} "
-                         f"{tuple(embeddings.shape)}")
-    if tuple(embeddings.shape) != (index["count"], index["dims"]):
-        raise ValueError(f"{path} holds {tuple(embeddings.shape)} embeddings but index.json says "
-                         f"{index['count']} chunks of {index['dims']} dims; the files do not belong together: "
-                         "build the knowledge base again")
-    if not bool(torch.isfinite(embeddings).all()):
-        raise ValueError(f"{path} holds NaN or infinite values; build the knowledge base again")
-    norms = embeddings.norm(dim=1)
-    if not bool(((norms - 1).abs() < 1e-3).all()):
-        raise ValueError(f"{path}: embeddings are not unit vectors (norms {float(norms.min()):.4g}.."
-                         f"{float(norms.max()):.4g}); build the knowledge base again")
-    return embeddings
-
-
-def _read_chunks(path: Path, count: int) -> list[Chunk]:
-    chunks = []
-    try:
-        lines = path.read_text(encoding="utf-8").split("\n")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not UTF-8 ({err}); build the knowledge base again") from None
-    if lines and lines[-1] == "":
-        lines.pop()
-    for number, line in enumerate(lines, start=1):
-        try:
-            record = json.loads(line)
-            chunk = Chunk(record["text"], record["source"], record["start"], record["end"])
-        except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"{path} line {number} is not a chunk ({type(err).__name__}: {err}); each line needs "
-                             "text, source, start, end: build the knowledge base again") from None
-        if not (isinstance(chunk.text, str) and isinstance(chunk.source, str) and isinstance(chunk.start, int)
-                and isinstance(chunk.end, int) and chunk.end - chunk.start == len(chunk.text)):
-            raise ValueError(f"{path} line {number}: text, source, start, end do not agree (end - start must be "
-                             "the length of text); build the knowledge base again")
-        chunks.append(chunk)
-    if len(chunks) != count:
-        raise ValueError(f"{path} has {len(chunks)} chunks but index.json says {count}; the files do not belong "
-                         "together: build the knowledge base again")
-    return chunks
-

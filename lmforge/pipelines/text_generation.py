@@ -80,7 +80,7 @@ class TextGenerationPipeline(Pipeline):
 
     def _check_model(self, model: Any) -> None:
         check_model_kind(self.task, model, ["a causal language model (GPTForCausalLM)"],
-                         lambda m: hasattr(m, "allocate_cache") and context_length(getattr(m, "config", None)) is not None,
+                         lambda m: hasattr(m, "allocate_cache") and context_length(getattr(m, "config", None)),
                          "load it with AutoModelForCausalLM.from_pretrained(path)")
 
     def _options(self, max_new_tokens: int | None = None, do_sample: bool | None = None,
