@@ -7,10 +7,13 @@
     lmforge finetune TASK --model DIR --train FILE [--eval FILE] [--out DIR] [--epochs N] [--lora] ...
     lmforge classify | fill-mask | ner | embed MODEL [TEXT ...] [--file F] [--json]   (no TEXT: standard input)
     lmforge qa MODEL --question Q --context TEXT|--context-file F [--top-k K] [--json]
-    lmforge index FOLDER --model EMBEDDER --out INDEX_DIR;  lmforge ask INDEX_DIR QUESTION [--reader QA | --generator GPT]
+    lmforge index FOLDER --model EMBEDDER --out INDEX_DIR
+    lmforge ask INDEX_DIR QUESTION [--reader QA | --generator GPT]
     lmforge attention MODEL TEXT --out map.png [--layers 0 1] [--heads 0] [--average-heads] [--attributions]
 
 A user error prints one line naming the problem and exits with status 2 (`--debug` shows the traceback).
+Each subcommand imports what it runs at its start, so `lmforge --help` and a typo answer at once (torch and
+the models load only for a command that needs them).
 """
 from __future__ import annotations
 
@@ -18,7 +21,11 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any, Callable, Sequence
+
+from lmforge import __version__
+from lmforge.constants import context_length
 
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, TypeError,
                ImportError)  # ImportError: an optional package is missing; the message says what to install
@@ -79,7 +86,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     sample = a.temperature > 0  # --temperature 0 means greedy decoding
     max_new = a.max_new_tokens
     if max_new is None:  # the default never runs past the context (an explicit value warns if it would)
-        max_new = max(0, min(200, model.config.n_positions - len(tokenizer.encode(prompt))))
+        max_new = max(0, min(200, context_length(model.config) - len(tokenizer.encode(prompt))))
     opts: dict[str, Any] = dict(max_new_tokens=max_new, temperature=a.temperature, do_sample=sample,
                                 top_k=(a.top_k or None) if sample else None, top_p=a.top_p if sample else None,
                                 repetition_penalty=a.repetition_penalty, stop=a.stop, seed=a.seed)
@@ -118,8 +125,6 @@ def _texts(a: argparse.Namespace) -> list[str]:
     if a.text:
         return list(a.text)
     if a.file:
-        from pathlib import Path
-
         lines = Path(a.file).read_text(encoding="utf-8").splitlines()
     else:
         lines = sys.stdin.read().splitlines()
@@ -170,8 +175,6 @@ def cmd_pipeline(a: argparse.Namespace) -> int:
 
 
 def cmd_qa(a: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from lmforge.pipelines import pipeline
 
     if (a.context is None) == (a.context_file is None):
@@ -455,8 +458,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from lmforge import __version__
-
     return f"lmforge {__version__}"
 
 

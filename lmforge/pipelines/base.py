@@ -43,7 +43,7 @@ def warn(message: str) -> None:
     warnings.warn(message, stacklevel=level)
 
 
-def resolve_device(device: int | str | torch.device | None) -> torch.device | None:
+def pipeline_device(device: int | str | torch.device | None) -> torch.device | None:
     """transformers' device convention: None = leave the model where it is, -1 = CPU, 0.. = that GPU."""
     if device is None or isinstance(device, torch.device):
         return device
@@ -88,7 +88,7 @@ class Pipeline:
             raise ValueError(f"the {self.task} pipeline needs a tokenizer: pass tokenizer=... (a lmforge "
                              "Tokenizer, e.g. Tokenizer.from_pretrained(model_dir))")
         self._check_model(model)
-        target = resolve_device(device)
+        target = pipeline_device(device)
         if target is not None:
             model.to(target)
         self.model = model.eval()  # dropout off: a pipeline only predicts
