@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from lmforge.auto import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 from lmforge.models.bert import BertForSequenceClassification
+from lmforge.models import registry
 from lmforge.models.gpt import GPTForSequenceClassification
 from lmforge.pipelines.base import Feature, Pipeline, index_list, warn
 from lmforge.pipelines.feature_extraction import POOLINGS, sentence_transformers_options, trunk
@@ -41,6 +42,7 @@ from lmforge.pipelines.feature_extraction import POOLINGS, sentence_transformers
 MODES = ("nli", "lm", "embedding")
 LM_SCORES = ("mean", "sum")
 DEFAULT_TEMPLATE = "This example is {}."
+CLASSIFIERS = (BertForSequenceClassification, GPTForSequenceClassification)  # NLI models are sequence classifiers
 
 
 def entailment_ids(id2label: dict[int, str]) -> tuple[int, int] | None:
@@ -60,7 +62,7 @@ def entailment_ids(id2label: dict[int, str]) -> tuple[int, int] | None:
 
 def model_mode(model: Any) -> str:
     """How the pipeline scores labels with `model`: "nli", "lm" or "embedding" (see the module doc)."""
-    if isinstance(model, (BertForSequenceClassification, GPTForSequenceClassification)):
+    if isinstance(model, CLASSIFIERS):
         labels = model.config.id2label or {}
         if entailment_ids(labels) is None:
             raise TypeError(f"the zero-shot-classification pipeline needs an NLI classifier, whose config.id2label "
@@ -77,20 +79,23 @@ def model_mode(model: Any) -> str:
 
 
 def checkpoint_choice(directory: Path) -> tuple[type[Any], dict[str, Any]]:
-    """The Auto class for a checkpoint folder and default options (for `pipeline(..., model=path)`):
-    a *ForSequenceClassification checkpoint is an NLI model, a GPT checkpoint a causal LM, anything else
-    an encoder (with pooling and max_length from a sentence-transformers folder, if it is one)."""
+    """The Auto class for a checkpoint folder and default options (for `pipeline(..., model=path)`): a
+    checkpoint saved as a sequence classifier is an NLI model, one whose family has a causal LM is a causal
+    LM, anything else an encoder (with pooling and max_length from a sentence-transformers folder, if it is
+    one). The classes are looked up in the model registry by config.json's `architectures` and `model_type`."""
     try:
         config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         config = {}
-    architectures = [str(a) for a in config.get("architectures") or []]
-    if any(a.endswith("ForSequenceClassification") for a in architectures):
+    saved_as = [registry.architecture_class(str(a)) for a in config.get("architectures") or []]
+    if any(cls is not None and issubclass(cls, CLASSIFIERS) for cls in saved_as):
         return AutoModelForSequenceClassification, {}
-    if config.get("model_type") in ("gpt2", "lmforge-gpt"):
+    try:
+        registry.model_class(AutoModelForCausalLM.task, str(config.get("model_type")), "zero-shot-classification")
         return AutoModelForCausalLM, {}
-    defaults = sentence_transformers_options(directory)
-    return AutoModel, {k: v for k, v in defaults.items() if k in ("pooling", "max_length")}
+    except ValueError:  # the registry has no causal LM for this model_type
+        defaults = sentence_transformers_options(directory)
+        return AutoModel, {k: v for k, v in defaults.items() if k in ("pooling", "max_length")}
 
 
 def parse_labels(candidate_labels: Any) -> list[str]:
