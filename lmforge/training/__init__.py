@@ -4,7 +4,8 @@ from lmforge.training.args import TrainingArguments
 from lmforge.training.checkpoint import TrainerState
 from lmforge.training.metrics import EvalPrediction
 from lmforge.training.reporting import TensorBoardCallback, TrainerCallback
-from lmforge.training.trainer import PredictionOutput, Trainer, TrainOutput
+from lmforge.training.predictions import PredictionOutput
+from lmforge.training.trainer import Trainer, TrainOutput
 
 __all__ = ["TrainingArguments", "Trainer", "TrainerCallback", "TrainerState", "TrainOutput", "EvalPrediction",
            "PredictionOutput", "TensorBoardCallback"]

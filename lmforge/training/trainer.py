@@ -2,7 +2,8 @@
 
     examples --(DataCollator: pad, label -> labels)--> micro-batches (sampling.py: the data order)
     --(accumulation; loss normalised by the window's token/example count; DDP/FSDP across processes)-->
-    AdamW + schedule + clipping --> evaluation (loss, compute_metrics, best model, early stopping)
+    AdamW + schedule + clipping --> evaluation (loss, compute_metrics on what predictions.py gathers, best
+    model, early stopping)
     --> metrics.jsonl / TensorBoard / PNG (reporting.py) --> checkpoint-<step>/ folders (checkpoint.py)
     from which a run resumes exactly
 
@@ -25,13 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from lmforge.constants import IGNORE_INDEX, NO_LENGTH_LIMIT, context_length
+from lmforge.constants import NO_LENGTH_LIMIT, context_length
 from lmforge.data.collate import DataCollator
 from lmforge.nn.losses import count_loss_items, weighted_loss
 from lmforge.training import checkpoint as ckpt
@@ -40,6 +40,8 @@ from lmforge.training.args import TrainingArguments
 from lmforge.training.checkpoint import TrainerState
 from lmforge.training.metrics import EvalPrediction
 from lmforge.training.optim import build_optimizer, build_scheduler
+from lmforge.training.predictions import (PredictionOutput, batch_labels, concat_batches, model_outputs,
+                                          to_numpy)
 from lmforge.training.reporting import (MetricsLog, TensorBoardCallback, TrainerCallback, model_flops_utilization,
                                         plot_history)
 from lmforge.training.sampling import PlanSampler, SamplingPlan, build_plan, example_lengths, shuffles
@@ -54,13 +56,6 @@ MAX_BAD_STEPS = 3  # consecutive non-finite losses before the run stops
 class TrainOutput:
     global_step: int
     training_loss: float
-    metrics: dict[str, float]
-
-
-@dataclass
-class PredictionOutput:
-    predictions: np.ndarray | tuple[np.ndarray, ...]
-    label_ids: np.ndarray | tuple[np.ndarray, ...] | None
     metrics: dict[str, float]
 
 
@@ -403,19 +398,19 @@ class Trainer:
                     loss_sum += float(out.loss) * n
                     items += n
                 if keep_predictions:
-                    logits, batch_labels = _outputs_of(out), _labels_of(batch)
+                    logits, labels_now = model_outputs(out), batch_labels(batch)
                     if self.preprocess_logits_for_metrics is not None:
-                        logits = self.preprocess_logits_for_metrics(logits, batch_labels)
-                    preds.append(_numpy(logits))
-                    labels.append(_numpy(batch_labels))
+                        logits = self.preprocess_logits_for_metrics(logits, labels_now)
+                    preds.append(to_numpy(logits))
+                    labels.append(to_numpy(labels_now))
         model.train(was_training)
         metrics: dict[str, float] = {}
         if items:
             metrics[f"{prefix}_loss"] = loss_sum / items
             if getattr(model, "num_loss_items", None) is not None and token_loss:  # a language model's mean token loss
                 metrics[f"{prefix}_perplexity"] = math.exp(min(metrics[f"{prefix}_loss"], 50.0))
-        predictions = _concat(preds) if preds else None
-        label_ids = _concat(labels) if labels and labels[0] is not None else None
+        predictions = concat_batches(preds) if preds else None
+        label_ids = concat_batches(labels) if labels and labels[0] is not None else None
         if self.compute_metrics is not None and predictions is not None and self.world.is_main:
             extra = self.compute_metrics(EvalPrediction(predictions, label_ids))
             metrics.update({(k if k.startswith(f"{prefix}_") else f"{prefix}_{k}"): float(v) for k, v in extra.items()})
@@ -550,45 +545,3 @@ def _zero_loss(out: Any) -> Tensor:
         if value is not None:
             return value.float().sum() * 0.0
     raise ValueError("the model output has no logits to build a zero loss from")
-
-
-def _outputs_of(out: Any) -> Any:
-    """Logits of one batch: a tensor, or a tuple for several outputs (QA's start and end; pretraining's
-    masked-LM and next-sentence logits)."""
-    if getattr(out, "start_logits", None) is not None:
-        return (out.start_logits, out.end_logits)
-    if getattr(out, "seq_relationship_logits", None) is not None:
-        return (out.prediction_logits, out.seq_relationship_logits)
-    return out.logits
-
-
-def _labels_of(batch: dict[str, Tensor]) -> Any:
-    if "start_positions" in batch:
-        return (batch["start_positions"], batch["end_positions"])
-    if "next_sentence_label" in batch:
-        return (batch.get("labels"), batch["next_sentence_label"])
-    return batch.get("labels")
-
-
-def _numpy(x: Any) -> Any:
-    """Tensors (or tuples of them) as float32 / int64 numpy arrays on the CPU."""
-    if x is None or isinstance(x, np.ndarray):
-        return x
-    if isinstance(x, (tuple, list)):
-        return tuple(_numpy(t) for t in x)
-    x = x.detach().cpu()
-    return (x.float() if x.is_floating_point() else x).numpy()
-
-
-def _concat(parts: list[Any]) -> Any:
-    """Join per-batch arrays along the batch axis, padding ragged sequence dims with IGNORE_INDEX."""
-    if isinstance(parts[0], tuple):
-        return tuple(_concat([p[i] for p in parts]) for i in range(len(parts[0])))
-    if parts[0].ndim == 1 or all(p.shape[1:] == parts[0].shape[1:] for p in parts):
-        return np.concatenate(parts)
-    longest = max(p.shape[1] for p in parts)
-    padded = []
-    for p in parts:
-        width = [(0, 0), (0, longest - p.shape[1])] + [(0, 0)] * (p.ndim - 2)
-        padded.append(np.pad(p, width, constant_values=IGNORE_INDEX))
-    return np.concatenate(padded)
