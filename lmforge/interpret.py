@@ -381,8 +381,9 @@ def _is_cjk(ch: str) -> bool:
 
 
 def _matplotlib() -> Any:
-    """matplotlib and the submodules the plots use. matplotlib is optional (and slow to import), so it is
-    imported here, when the first plot is drawn, not with this module."""
+    """matplotlib and the submodules the plots use, imported here when the first plot is drawn (the one
+    lazy import of this module): matplotlib takes a while to import, and computing attention maps or
+    attributions needs none of it, so `import lmforge.interpret` stays light."""
     try:
         import matplotlib
         import matplotlib.backends.backend_agg
