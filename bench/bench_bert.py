@@ -26,6 +26,7 @@ flipping at every call (ABBA); tokens/s per round, medians over rounds; ratio = 
     python bench/bench_bert.py --quick    # smoke check (< 1 min)
     python bench/bench_bert.py --device cuda
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,23 +36,39 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
+from common import (
+    LoadMonitor,
+    Samples,
+    linear_gemm_seconds,
+    matmul_probe,
+    measure_peak,  # noqa: E402
+    print_json,
+    print_table,
+    quiet_hf,
+    start_run,
+    wait_for_quiet,
+)
 from torch import Tensor, nn  # noqa: E402
-
-from common import (LoadMonitor, Samples, linear_gemm_seconds, matmul_probe, measure_peak,  # noqa: E402
-                    print_json, print_table, quiet_hf, start_run, wait_for_quiet)
 
 ROOT = Path(__file__).resolve().parent.parent
 SENTIMENT = ROOT / "lmforge" / "data" / "corpora" / "en_sentiment.tsv.xz"
 # the shape from the issue (all-MiniLM-L6-v2's); dropout is set by --dropout
-BERT_CONFIG = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                   intermediate_size=1536, max_position_embeddings=512)
+BERT_CONFIG = dict(
+    vocab_size=30522,
+    hidden_size=384,
+    num_hidden_layers=6,
+    num_attention_heads=12,
+    intermediate_size=1536,
+    max_position_embeddings=512,
+)
 TARGETS = {"mlm": 1.5, "encoder": 1.0, "sentences": 1.5}
 
 
@@ -103,7 +120,7 @@ def text_blocks(tok: Any, n: int, length: int) -> list[dict[str, list[int]]]:
     ids: list[int] = []
     lines = text.splitlines()
     for start in range(0, len(lines), 2000):  # tokenize only as much as is needed
-        for row in tok.encode_batch_fast(lines[start:start + 2000]):
+        for row in tok.encode_batch_fast(lines[start : start + 2000]):
             ids.extend(row)
         if len(ids) >= n * body:
             break
@@ -112,7 +129,7 @@ def text_blocks(tok: Any, n: int, length: int) -> list[dict[str, list[int]]]:
     blocks = []
     for i in range(n):
         start = (i * body) % (len(ids) - body + 1)  # wraps around if the corpus is short
-        blocks.append({"input_ids": [tok.cls_token_id, *ids[start:start + body], tok.sep_token_id]})
+        blocks.append({"input_ids": [tok.cls_token_id, *ids[start : start + body], tok.sep_token_id]})
     return blocks
 
 
@@ -228,8 +245,9 @@ class SentenceBatch:
     index: Tensor  # (B,) positions of these sentences in the input order
 
 
-def encode_sentences(model: nn.Module, batches: list[SentenceBatch], n: int, width: int,
-                     device: torch.device) -> tuple[Tensor, Tensor]:
+def encode_sentences(
+    model: nn.Module, batches: list[SentenceBatch], n: int, width: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
     """CLS vectors and mean-pooled vectors, (n, C) each, in input order."""
     cls = torch.empty(n, width, device=device)
     mean = torch.empty(n, width, device=device)
@@ -242,8 +260,9 @@ def encode_sentences(model: nn.Module, batches: list[SentenceBatch], n: int, wid
 
 
 # ---- the three benchmarks ------------------------------------------------------------------
-def alternate(names: list[str], repeats: int, steps: int, call: Callable[[str, int], float],
-              tokens: int) -> dict[str, Samples]:
+def alternate(
+    names: list[str], repeats: int, steps: int, call: Callable[[str, int], float], tokens: int
+) -> dict[str, Samples]:
     """`repeats` rounds of `steps` calls per name; the calls alternate between the names, and the order
     flips at every call (A B B A ...), so that a slow spell of the shared machine hits every name alike.
     call(name, index) runs one timed call and returns its seconds. Returns each name's tokens/s per round
@@ -252,8 +271,8 @@ def alternate(names: list[str], repeats: int, steps: int, call: Callable[[str, i
     index = 0
     for _ in range(repeats):
         seconds = dict.fromkeys(names, 0.0)
-        for s in range(steps):
-            for name in (names if index % 2 == 0 else names[::-1]):
+        for _ in range(steps):
+            for name in names if index % 2 == 0 else names[::-1]:
                 seconds[name] += call(name, index)
             index += 1
         for name in names:
@@ -261,8 +280,9 @@ def alternate(names: list[str], repeats: int, steps: int, call: Callable[[str, i
     return out
 
 
-def bench_mlm(args: argparse.Namespace, tok: Any, blocks: list[dict[str, list[int]]],
-              device: torch.device) -> dict[str, Any]:
+def bench_mlm(
+    args: argparse.Namespace, tok: Any, blocks: list[dict[str, list[int]]], device: torch.device
+) -> dict[str, Any]:
     from lmforge.data import MLMCollator
 
     B, T = args.mlm_batch, args.seq
@@ -273,18 +293,22 @@ def bench_mlm(args: argparse.Namespace, tok: Any, blocks: list[dict[str, list[in
     n_batches = 2 + args.warmup + args.repeats * args.steps
     batches = []
     for i in range(n_batches):
-        b = collate(blocks[i * B:(i + 1) * B])  # main() made enough blocks for every batch
+        b = collate(blocks[i * B : (i + 1) * B])  # main() made enough blocks for every batch
         batches.append({k: v.to(device) for k, v in b.items()})
     masked = [int((b["labels"] != -100).sum()) for b in batches]
     models = {"lmforge": (ours, make_optimizer(ours)), "hf": (hf, make_optimizer(hf))}
 
     # correctness: same weights and batch -> same loss; after one identical AdamW step -> same loss
-    losses = {name: [float(train_step(m, o, batches[0])), float(train_step(m, o, batches[1]))]
-              for name, (m, o) in models.items()}
+    losses = {
+        name: [float(train_step(m, o, batches[0])), float(train_step(m, o, batches[1]))]
+        for name, (m, o) in models.items()
+    }
     d1 = abs(losses["lmforge"][0] - losses["hf"][0])
     d2 = abs(losses["lmforge"][1] - losses["hf"][1])
-    print(f"mlm: first-step loss lmforge {losses['lmforge'][0]:.6f} hf {losses['hf'][0]:.6f} |diff| {d1:.1e}; "
-          f"second step |diff| {d2:.1e}")
+    print(
+        f"mlm: first-step loss lmforge {losses['lmforge'][0]:.6f} hf {losses['hf'][0]:.6f} |diff| {d1:.1e}; "
+        f"second step |diff| {d2:.1e}"
+    )
     if args.dropout == 0 and d1 > 1e-4:
         raise RuntimeError(f"MLM first-step losses differ by {d1:.2e}")
     for i in range(args.warmup):
@@ -307,12 +331,21 @@ def bench_mlm(args: argparse.Namespace, tok: Any, blocks: list[dict[str, list[in
     tps = alternate(list(models), args.repeats, args.steps, call, B * T)
     load = mon.stop()
     n_masked = statistics.mean(masked)
-    return {"tps": tps, "step_s": step_s, "load": load, "loss_diff": [d1, d2], "losses": losses,
-            "masked_per_batch": n_masked, "batch": B, "seq": T}
+    return {
+        "tps": tps,
+        "step_s": step_s,
+        "load": load,
+        "loss_diff": [d1, d2],
+        "losses": losses,
+        "masked_per_batch": n_masked,
+        "batch": B,
+        "seq": T,
+    }
 
 
-def bench_encoder(args: argparse.Namespace, ours: nn.Module, hf: nn.Module, blocks: list[dict[str, list[int]]],
-                  device: torch.device) -> dict[str, Any]:
+def bench_encoder(
+    args: argparse.Namespace, ours: nn.Module, hf: nn.Module, blocks: list[dict[str, list[int]]], device: torch.device
+) -> dict[str, Any]:
     B, T = args.enc_batch, args.seq
     ids = torch.tensor([b["input_ids"] for b in blocks[:B]], device=device)  # (B, T)
     mask = torch.ones_like(ids)  # a user passes the tokenizer's attention_mask: all ones here
@@ -329,8 +362,9 @@ def bench_encoder(args: argparse.Namespace, ours: nn.Module, hf: nn.Module, bloc
         raise RuntimeError(f"encoder outputs differ by {diff:.2e}")
     if args.profile:
         for name, m in models.items():
-            profile_top(f"encoder forward, {name}", lambda: m(input_ids=ids, attention_mask=mask), device,
-                        inference=True)
+            profile_top(
+                f"encoder forward, {name}", lambda: m(input_ids=ids, attention_mask=mask), device, inference=True
+            )
     call_s: dict[str, Samples] = {name: Samples() for name in models}
 
     def call(name: str, index: int) -> float:
@@ -345,8 +379,9 @@ def bench_encoder(args: argparse.Namespace, ours: nn.Module, hf: nn.Module, bloc
     return {"tps": tps, "call_s": call_s, "load": mon.stop(), "max_abs_diff": diff, "batch": B, "seq": T}
 
 
-def bench_sentences(args: argparse.Namespace, tok: Any, ours: nn.Module, hf: nn.Module,
-                    device: torch.device) -> dict[str, Any]:
+def bench_sentences(
+    args: argparse.Namespace, tok: Any, ours: nn.Module, hf: nn.Module, device: torch.device
+) -> dict[str, Any]:
     from lmforge.data.batching import length_sorted_batches
 
     texts = read_sentences(args.sentences)
@@ -371,14 +406,22 @@ def bench_sentences(args: argparse.Namespace, tok: Any, ours: nn.Module, hf: nn.
     for name in ("lmforge", "lmforge_file_order"):
         m, batches = runs[name]
         c, mu = encode_sentences(m, batches, n, width, device)
-        checks[name] = {"cls_max_abs_diff": float((c - ref_cls).abs().max()),
-                        "mean_max_abs_diff": float((mu - ref_mean).abs().max()),
-                        "allclose_1e-4": bool(torch.allclose(c, ref_cls, rtol=1e-4, atol=1e-4)
-                                              and torch.allclose(mu, ref_mean, rtol=1e-4, atol=1e-4))}
-    print(f"sentences: {n} sentences, {sum(lengths):,} real tokens (lengths {min(lengths)}..{max(lengths)}, "
-          f"mean {statistics.mean(lengths):.1f}); vs HF: " + "; ".join(
-              f"{k} CLS max|diff| {v['cls_max_abs_diff']:.1e}, mean-pooled {v['mean_max_abs_diff']:.1e}, "
-              f"allclose(1e-4) {v['allclose_1e-4']}" for k, v in checks.items()))
+        checks[name] = {
+            "cls_max_abs_diff": float((c - ref_cls).abs().max()),
+            "mean_max_abs_diff": float((mu - ref_mean).abs().max()),
+            "allclose_1e-4": bool(
+                torch.allclose(c, ref_cls, rtol=1e-4, atol=1e-4) and torch.allclose(mu, ref_mean, rtol=1e-4, atol=1e-4)
+            ),
+        }
+    print(
+        f"sentences: {n} sentences, {sum(lengths):,} real tokens (lengths {min(lengths)}..{max(lengths)}, "
+        f"mean {statistics.mean(lengths):.1f}); vs HF: "
+        + "; ".join(
+            f"{k} CLS max|diff| {v['cls_max_abs_diff']:.1e}, mean-pooled {v['mean_max_abs_diff']:.1e}, "
+            f"allclose(1e-4) {v['allclose_1e-4']}"
+            for k, v in checks.items()
+        )
+    )
     if not all(v["allclose_1e-4"] for v in checks.values()):
         raise RuntimeError("lmforge's sentence vectors differ from HF's (allclose 1e-4)")
     padded = {name: sum(b.ids.numel() for b in batches) for name, (_, batches) in runs.items()}
@@ -388,18 +431,26 @@ def bench_sentences(args: argparse.Namespace, tok: Any, ours: nn.Module, hf: nn.
         m, batches = runs[name]
         return timed(lambda: encode_sentences(m, batches, n, width, device), device)
 
-    for name, (m, batches) in runs.items():  # warm-up: every batch shape once
+    for m, batches in runs.values():  # warm-up: every batch shape once
         for _ in range(min(args.warmup, 1)):
             encode_sentences(m, batches, n, width, device)
     mon = LoadMonitor()
     tps = alternate(list(runs), args.repeats, 1, call, real)  # one call = all the sentences
-    return {"tps": tps, "load": mon.stop(), "checks": checks, "n": n, "real_tokens": real, "padded_tokens": padded,
-            "batches": {name: len(b) for name, (_, b) in runs.items()}}
+    return {
+        "tps": tps,
+        "load": mon.stop(),
+        "checks": checks,
+        "n": n,
+        "real_tokens": real,
+        "padded_tokens": padded,
+        "batches": {name: len(b) for name, (_, b) in runs.items()},
+    }
 
 
 # ---- explaining the numbers ----------------------------------------------------------------
-def profile_top(title: str, fn: Callable[[], Any], device: torch.device, inference: bool = False,
-                rows: int = 12) -> None:
+def profile_top(
+    title: str, fn: Callable[[], Any], device: torch.device, inference: bool = False, rows: int = 12
+) -> None:
     """Print the ops with the most self time for one call of fn (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -417,16 +468,28 @@ def mlm_matmul_floor(B: int, T: int, n_masked: float, seconds_each: float) -> di
     """Best-case seconds of the Linear matmuls of one MLM training step (fwd + both bwd products, each
     timed alone): the trunk at B*T tokens for both; the head (dense + vocabulary decoder) at the
     masked positions for lmforge and at every position for HF."""
-    C, F, V, L = BERT_CONFIG["hidden_size"], BERT_CONFIG["intermediate_size"], BERT_CONFIG["vocab_size"], \
-        BERT_CONFIG["num_hidden_layers"]
+    C, F, V, L = (
+        BERT_CONFIG["hidden_size"],
+        BERT_CONFIG["intermediate_size"],
+        BERT_CONFIG["vocab_size"],
+        BERT_CONFIG["num_hidden_layers"],
+    )
     trunk = {(C, 3 * C): L, (C, C): L, (C, F): L, (F, C): L}
     head = {(C, C): 1, (C, V): 1}
     t_trunk = linear_gemm_seconds(B * T, trunk, seconds_each)
     t_head_ours = linear_gemm_seconds(max(1, round(n_masked)), head, seconds_each)
     t_head_hf = linear_gemm_seconds(B * T, head, seconds_each)
-    flops = lambda tokens, shapes: sum(6 * tokens * k * n * c for (k, n), c in shapes.items())
-    return {"lmforge_s": t_trunk + t_head_ours, "hf_s": t_trunk + t_head_hf, "trunk_s": t_trunk,
-            "lmforge_flops": flops(B * T, trunk) + flops(n_masked, head), "hf_flops": flops(B * T, trunk) + flops(B * T, head)}
+
+    def flops(tokens: float, shapes: dict) -> float:
+        return sum(6 * tokens * k * n * c for (k, n), c in shapes.items())
+
+    return {
+        "lmforge_s": t_trunk + t_head_ours,
+        "hf_s": t_trunk + t_head_hf,
+        "trunk_s": t_trunk,
+        "lmforge_flops": flops(B * T, trunk) + flops(n_masked, head),
+        "hf_flops": flops(B * T, trunk) + flops(B * T, head),
+    }
 
 
 # ---- main ----------------------------------------------------------------------------------
@@ -447,8 +510,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--only", nargs="+", choices=["mlm", "encoder", "sentences"], default=None)
     p.add_argument("--profile", action="store_true", help="print torch.profiler's top ops for one call of each")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--wait-quiet", type=float, default=None, metavar="S",
-                   help="wait up to S seconds for idle CPUs before timing (default 120; 0 with --quick)")
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=None,
+        metavar="S",
+        help="wait up to S seconds for idle CPUs before timing (default 120; 0 with --quick)",
+    )
     p.add_argument("--quick", action="store_true", help="smoke check (< 1 min): small batches, 2 rounds x 1 step")
     args = p.parse_args(argv)
     if args.quick:
@@ -497,78 +565,146 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- table
     rows, summary = [], {}
-    labels = {"mlm": f"MLM train step, B={args.mlm_batch} T={args.seq}",
-              "encoder": f"encoder forward, B={args.enc_batch} T={args.seq}",
-              "sentences": f"{args.sentences} sentences, batch {args.sentence_batch}"}
+    labels = {
+        "mlm": f"MLM train step, B={args.mlm_batch} T={args.seq}",
+        "encoder": f"encoder forward, B={args.enc_batch} T={args.seq}",
+        "sentences": f"{args.sentences} sentences, batch {args.sentence_batch}",
+    }
     for key, res in results.items():
         tps = res["tps"]
         ratio = tps["lmforge"].median / tps["hf"].median
         ratios = [a / b for a, b in zip(tps["lmforge"].values, tps["hf"].values)]
         met = ratio >= TARGETS[key]
-        rows.append([labels[key], f"{tps['lmforge'].median:,.0f}", tps["lmforge"].spread,
-                     f"{tps['hf'].median:,.0f}", tps["hf"].spread, f"{ratio:.2f}x",
-                     f"{min(ratios):.2f}..{max(ratios):.2f}", f">= {TARGETS[key]}x",
-                     ("MET" if met else "NOT met") if device.type == "cpu" else "(a CPU target)"])
-        summary[key] = {"lmforge_tokens_per_s": round(tps["lmforge"].median, 1), "hf_tokens_per_s": round(tps["hf"].median, 1),
-                        "lmforge_rounds": [round(v, 1) for v in tps["lmforge"].values],
-                        "hf_rounds": [round(v, 1) for v in tps["hf"].values],
-                        "ratio": round(ratio, 4), "round_ratios": [round(v, 4) for v in ratios],
-                        "target": TARGETS[key], "met": met, "load": res["load"]}
+        rows.append(
+            [
+                labels[key],
+                f"{tps['lmforge'].median:,.0f}",
+                tps["lmforge"].spread,
+                f"{tps['hf'].median:,.0f}",
+                tps["hf"].spread,
+                f"{ratio:.2f}x",
+                f"{min(ratios):.2f}..{max(ratios):.2f}",
+                f">= {TARGETS[key]}x",
+                ("MET" if met else "NOT met") if device.type == "cpu" else "(a CPU target)",
+            ]
+        )
+        summary[key] = {
+            "lmforge_tokens_per_s": round(tps["lmforge"].median, 1),
+            "hf_tokens_per_s": round(tps["hf"].median, 1),
+            "lmforge_rounds": [round(v, 1) for v in tps["lmforge"].values],
+            "hf_rounds": [round(v, 1) for v in tps["hf"].values],
+            "ratio": round(ratio, 4),
+            "round_ratios": [round(v, 4) for v in ratios],
+            "target": TARGETS[key],
+            "met": met,
+            "load": res["load"],
+        }
         if key == "sentences":
             fo = tps["lmforge_file_order"]
-            rows.append([f"  lmforge on HF's file-order batches", f"{fo.median:,.0f}", fo.spread,
-                         f"{tps['hf'].median:,.0f}", tps["hf"].spread, f"{fo.median / tps['hf'].median:.2f}x",
-                         "", "(model only)", ""])
-            summary[key].update({"lmforge_file_order_tokens_per_s": round(fo.median, 1),
-                                 "file_order_ratio": round(fo.median / tps["hf"].median, 4),
-                                 "checks": res["checks"], "real_tokens": res["real_tokens"],
-                                 "padded_tokens": res["padded_tokens"], "batches": res["batches"]})
+            rows.append(
+                [
+                    "  lmforge on HF's file-order batches",
+                    f"{fo.median:,.0f}",
+                    fo.spread,
+                    f"{tps['hf'].median:,.0f}",
+                    tps["hf"].spread,
+                    f"{fo.median / tps['hf'].median:.2f}x",
+                    "",
+                    "(model only)",
+                    "",
+                ]
+            )
+            summary[key].update(
+                {
+                    "lmforge_file_order_tokens_per_s": round(fo.median, 1),
+                    "file_order_ratio": round(fo.median / tps["hf"].median, 4),
+                    "checks": res["checks"],
+                    "real_tokens": res["real_tokens"],
+                    "padded_tokens": res["padded_tokens"],
+                    "batches": res["batches"],
+                }
+            )
         if key == "mlm":
-            summary[key].update({"loss_diff": res["loss_diff"], "masked_per_batch": res["masked_per_batch"],
-                                 "lmforge_step_ms": round(1e3 * res["step_s"]["lmforge"].median, 1),
-                                 "hf_step_ms": round(1e3 * res["step_s"]["hf"].median, 1)})
+            summary[key].update(
+                {
+                    "loss_diff": res["loss_diff"],
+                    "masked_per_batch": res["masked_per_batch"],
+                    "lmforge_step_ms": round(1e3 * res["step_s"]["lmforge"].median, 1),
+                    "hf_step_ms": round(1e3 * res["step_s"]["hf"].median, 1),
+                }
+            )
         if key == "encoder":
-            summary[key].update({"max_abs_diff": res["max_abs_diff"],
-                                 "lmforge_call_ms": round(1e3 * res["call_s"]["lmforge"].median, 1),
-                                 "hf_call_ms": round(1e3 * res["call_s"]["hf"].median, 1)})
+            summary[key].update(
+                {
+                    "max_abs_diff": res["max_abs_diff"],
+                    "lmforge_call_ms": round(1e3 * res["call_s"]["lmforge"].median, 1),
+                    "hf_call_ms": round(1e3 * res["call_s"]["hf"].median, 1),
+                }
+            )
     print()
-    print(f"BERT (6 layers, hidden 384, 12 heads, intermediate 1536, vocab 30522), fp32, {args.device}, "
-          f"{args.threads} threads, {args.repeats} alternating rounds (medians); tokens/s counts real tokens")
-    print_table(["benchmark", "lmforge tok/s", "range", "HF tok/s", "range", "ratio", "round ratios",
-                 "target", ""], rows)
+    print(
+        f"BERT (6 layers, hidden 384, 12 heads, intermediate 1536, vocab 30522), fp32, {args.device}, "
+        f"{args.threads} threads, {args.repeats} alternating rounds (medians); tokens/s counts real tokens"
+    )
+    print_table(
+        ["benchmark", "lmforge tok/s", "range", "HF tok/s", "range", "ratio", "round ratios", "target", ""], rows
+    )
 
     # ---- context lines
     if "mlm" in results:
         r = results["mlm"]
-        print(f"mlm: {r['masked_per_batch']:.0f} of {args.mlm_batch * args.seq} positions masked per batch (15% of the "
-              f"non-special tokens); step {1e3 * r['step_s']['lmforge'].median:.0f} ms lmforge vs "
-              f"{1e3 * r['step_s']['hf'].median:.0f} ms HF (median); loss |diff| first step {r['loss_diff'][0]:.1e}")
+        print(
+            f"mlm: {r['masked_per_batch']:.0f} of {args.mlm_batch * args.seq} positions masked per batch (15% of the "
+            f"non-special tokens); step {1e3 * r['step_s']['lmforge'].median:.0f} ms lmforge vs "
+            f"{1e3 * r['step_s']['hf'].median:.0f} ms HF (median); loss |diff| first step {r['loss_diff'][0]:.1e}"
+        )
         if device.type == "cpu" and not args.quick:  # (too short to mean anything with --quick)
             floor = mlm_matmul_floor(args.mlm_batch, args.seq, r["masked_per_batch"], 0.15)
             lm_ms, hf_ms = 1e3 * r["step_s"]["lmforge"].median, 1e3 * r["step_s"]["hf"].median
-            print(f"mlm matmul floor (every Linear product of a step, each timed alone, best case): lmforge "
-                  f"{1e3 * floor['lmforge_s']:.0f} ms ({floor['lmforge_flops'] / 1e9:.0f} GFLOP), HF "
-                  f"{1e3 * floor['hf_s']:.0f} ms ({floor['hf_flops'] / 1e9:.0f} GFLOP); matmuls are "
-                  f"{floor['lmforge_s'] * 1e3 / lm_ms:.0%} of lmforge's step and {floor['hf_s'] * 1e3 / hf_ms:.0%} of HF's; "
-                  f"the rest: lmforge {lm_ms - 1e3 * floor['lmforge_s']:.0f} ms, HF {hf_ms - 1e3 * floor['hf_s']:.0f} ms; "
-                  f"matmul-only ratio bound {floor['hf_s'] / floor['lmforge_s']:.2f}x")
+            print(
+                f"mlm matmul floor (every Linear product of a step, each timed alone, best case): lmforge "
+                f"{1e3 * floor['lmforge_s']:.0f} ms ({floor['lmforge_flops'] / 1e9:.0f} GFLOP), HF "
+                f"{1e3 * floor['hf_s']:.0f} ms ({floor['hf_flops'] / 1e9:.0f} GFLOP); matmuls are "
+                f"{floor['lmforge_s'] * 1e3 / lm_ms:.0%} of lmforge's step and "
+                f"{floor['hf_s'] * 1e3 / hf_ms:.0%} of HF's; the rest: lmforge "
+                f"{lm_ms - 1e3 * floor['lmforge_s']:.0f} ms, HF {hf_ms - 1e3 * floor['hf_s']:.0f} ms; "
+                f"matmul-only ratio bound {floor['hf_s'] / floor['lmforge_s']:.2f}x"
+            )
             summary["mlm"]["matmul_floor"] = {k: round(v, 4) if k.endswith("_s") else v for k, v in floor.items()}
     if "sentences" in results:
         r = results["sentences"]
         pt = r["padded_tokens"]
-        print(f"sentences: computed tokens (padding included): HF file order {pt['hf']:,}, lmforge bucketed "
-              f"{pt['lmforge']:,} ({pt['hf'] / pt['lmforge']:.2f}x fewer) for {r['real_tokens']:,} real tokens; "
-              f"{r['batches']['hf']} / {r['batches']['lmforge']} batches")
+        print(
+            f"sentences: computed tokens (padding included): HF file order {pt['hf']:,}, lmforge bucketed "
+            f"{pt['lmforge']:,} ({pt['hf'] / pt['lmforge']:.2f}x fewer) for {r['real_tokens']:,} real tokens; "
+            f"{r['batches']['hf']} / {r['batches']['lmforge']} batches"
+        )
     if device.type == "cpu":
-        print(f"fp32 matmul peak probed in this run: {peak_flops / 1e9:.0f} GFLOP/s (max of lmforge.utils.matmul_peak_flops "
-              f"and 2048^3/3072^3 probes before the rounds; {probe_after / 1e9:.0f} after them)")
+        print(
+            f"fp32 matmul peak probed in this run: {peak_flops / 1e9:.0f} GFLOP/s (max of "
+            f"lmforge.utils.matmul_peak_flops and 2048^3/3072^3 probes before the rounds; "
+            f"{probe_after / 1e9:.0f} after them)"
+        )
         loads = [res["load"]["other_cpus"] for res in results.values()]
-        print(f"load: other processes used {', '.join(f'{v:.2f}' for v in loads)} of {os.cpu_count()} CPUs during "
-              f"the timed parts ({', '.join(results)}); the machine is shared, so compare ratios, not absolute figures")
+        print(
+            f"load: other processes used {', '.join(f'{v:.2f}' for v in loads)} of {os.cpu_count()} CPUs during "
+            f"the timed parts ({', '.join(results)}); the machine is shared, so compare ratios, not absolute figures"
+        )
     print(f"# total time {time.perf_counter() - t_start:.0f} s")
-    print_json({"bench": "bert", "device": args.device, "threads": args.threads, "repeats": args.repeats,
-                "steps": args.steps, "quick": args.quick, "tokenizer": tok_name, "peak_flops": round(peak_flops),
-                **summary, "machine": info})
+    print_json(
+        {
+            "bench": "bert",
+            "device": args.device,
+            "threads": args.threads,
+            "repeats": args.repeats,
+            "steps": args.steps,
+            "quick": args.quick,
+            "tokenizer": tok_name,
+            "peak_flops": round(peak_flops),
+            **summary,
+            "machine": info,
+        }
+    )
     return summary
 
 

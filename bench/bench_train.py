@@ -10,6 +10,7 @@ process took a core reads low, which would flatter MFU).
     python bench/bench_train.py            # full run (~1.5 min on 2 quiet cores)
     python bench/bench_train.py --quick    # smoke check (< 30 s)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,9 +22,18 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-
-from common import (LoadMonitor, Samples, build_pair, linear_gemm_seconds, matmul_probe, start_run,  # noqa: E402
-                    measure_peak, print_json, print_table, wait_for_quiet)
+from common import (
+    LoadMonitor,
+    Samples,
+    build_pair,
+    linear_gemm_seconds,
+    matmul_probe,
+    measure_peak,
+    print_json,
+    print_table,
+    start_run,  # noqa: E402
+    wait_for_quiet,
+)
 
 
 def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.AdamW:
@@ -64,10 +74,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--fused", action="store_true", help="use AdamW(fused=True) for both models")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--wait-quiet", type=float, default=None, metavar="S",
-                   help="wait up to S seconds for idle CPUs before timing (default 120; 0 with --quick)")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke check (< 30 s): batch 2, no extra warm-up, 2 rounds x 1 step")
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=None,
+        metavar="S",
+        help="wait up to S seconds for idle CPUs before timing (default 120; 0 with --quick)",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="smoke check (< 30 s): batch 2, no extra warm-up, 2 rounds x 1 step"
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.repeats, args.steps, args.warmup = 2, 1, 0
@@ -93,8 +109,10 @@ def main(argv: list[str] | None = None) -> dict:
     d1 = abs(losses["lmforge"][0] - losses["hf"][0])
     d2 = abs(losses["lmforge"][1] - losses["hf"][1])
     print(f"first-step loss  lmforge {losses['lmforge'][0]:.7f}  hf {losses['hf'][0]:.7f}  |diff| {d1:.2e}")
-    print(f"second-step loss lmforge {losses['lmforge'][1]:.7f}  hf {losses['hf'][1]:.7f}  |diff| {d2:.2e} "
-          "(after one identical AdamW step)")
+    print(
+        f"second-step loss lmforge {losses['lmforge'][1]:.7f}  hf {losses['hf'][1]:.7f}  |diff| {d2:.2e} "
+        "(after one identical AdamW step)"
+    )
     if d1 > 1e-5:
         print(f"WARNING: first-step losses differ by {d1:.2e} (> 1e-5)")
 
@@ -102,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     wait_for_quiet(args.wait_quiet)
     print(f"# load at start: loadavg {os.getloadavg()[0]:.2f}")
     for i in range(args.warmup):
-        for name, (m, o) in models.items():
+        for m, o in models.values():
             train_step(m, o, batches[i])
     peak = measure_peak(args.quick)
     probes = [peak["probe_matmul_peak"]]
@@ -144,59 +162,119 @@ def main(argv: list[str] | None = None) -> dict:
         mfu = flops_per_token * med / peak_flops
         mfu_same = flops_per_token * med / peak_rounds
         best = B * T / min(step_s[name].values)
-        summary_models[name] = {"tokens_per_s": round(med, 1), "step_ms": round(1e3 * step_s[name].median, 1),
-                                "mfu": round(mfu, 4), "mfu_vs_round_probes": round(mfu_same, 4),
-                                "best_step_tokens_per_s": round(best, 1),
-                                "best_step_mfu": round(flops_per_token * best / peak_flops, 4),
-                                "tokens_per_s_rounds": [round(v, 1) for v in tps[name].values]}
-        rows.append([name, f"{med:,.0f}", tps[name].spread, f"{1e3 * step_s[name].median:.1f}",
-                     f"{flops_per_token * med / 1e9:.1f}", f"{100 * mfu:.1f}%", f"{100 * mfu_same:.1f}%", f"{best:,.0f}",
-                     f"{100 * flops_per_token * best / peak_flops:.1f}%"])
+        summary_models[name] = {
+            "tokens_per_s": round(med, 1),
+            "step_ms": round(1e3 * step_s[name].median, 1),
+            "mfu": round(mfu, 4),
+            "mfu_vs_round_probes": round(mfu_same, 4),
+            "best_step_tokens_per_s": round(best, 1),
+            "best_step_mfu": round(flops_per_token * best / peak_flops, 4),
+            "tokens_per_s_rounds": [round(v, 1) for v in tps[name].values],
+        }
+        rows.append(
+            [
+                name,
+                f"{med:,.0f}",
+                tps[name].spread,
+                f"{1e3 * step_s[name].median:.1f}",
+                f"{flops_per_token * med / 1e9:.1f}",
+                f"{100 * mfu:.1f}%",
+                f"{100 * mfu_same:.1f}%",
+                f"{best:,.0f}",
+                f"{100 * flops_per_token * best / peak_flops:.1f}%",
+            ]
+        )
     ratio = tps["lmforge"].median / tps["hf"].median
     best_ratio = summary_models["lmforge"]["best_step_tokens_per_s"] / summary_models["hf"]["best_step_tokens_per_s"]
     gemm_flops_per_token = gemm_flops_step / (B * T)
     # if everything but the Linear GEMMs took no time (each GEMM at its own best speed):
     mfu_ceiling = flops_per_token * B * T / gemm_s / peak_flops
     print()
-    print(f"training, B={B} T={T}, fp32, {args.threads} threads, AdamW{'(fused)' if args.fused else ''}, "
-          f"{args.repeats} rounds x {args.steps} steps (medians)")
-    print_table(["model", "tokens/s", "range (rounds)", "ms/step", "GFLOP/s", "MFU", "MFU vs round probes",
-                 "best step tok/s", "best MFU"],
-                rows)
+    print(
+        f"training, B={B} T={T}, fp32, {args.threads} threads, AdamW{'(fused)' if args.fused else ''}, "
+        f"{args.repeats} rounds x {args.steps} steps (medians)"
+    )
+    print_table(
+        [
+            "model",
+            "tokens/s",
+            "range (rounds)",
+            "ms/step",
+            "GFLOP/s",
+            "MFU",
+            "MFU vs round probes",
+            "best step tok/s",
+            "best MFU",
+        ],
+        rows,
+    )
     print(f"ratio lmforge/hf tokens/s: {ratio:.3f}x (median of rounds); {best_ratio:.3f}x (fastest single step)")
-    print(f"flops/token = 6N + 12*L*C*T = {flops_per_token:,.0f} (N = {ours.num_parameters(True):,}: all parameters "
-          f"but the position table, tied wte counted once)")
-    print(f"fp32 matmul peak: lmforge.utils.matmul_peak_flops {peak['lmforge_matmul_peak'] / 1e9:.1f} GFLOP/s, "
-          f"own probe (2048^3/3072^3) {peak['probe_matmul_peak'] / 1e9:.1f}; probes between rounds "
-          f"{', '.join(f'{v / 1e9:.0f}' for v in probes[1:])}; peak used = max = {peak_flops / 1e9:.1f} GFLOP/s "
-          f"(median of the between-round probes: {peak_rounds / 1e9:.1f})")
+    print(
+        f"flops/token = 6N + 12*L*C*T = {flops_per_token:,.0f} (N = {ours.num_parameters(True):,}: all parameters "
+        f"but the position table, tied wte counted once)"
+    )
+    print(
+        f"fp32 matmul peak: lmforge.utils.matmul_peak_flops {peak['lmforge_matmul_peak'] / 1e9:.1f} GFLOP/s, "
+        f"own probe (2048^3/3072^3) {peak['probe_matmul_peak'] / 1e9:.1f}; probes between rounds "
+        f"{', '.join(f'{v / 1e9:.0f}' for v in probes[1:])}; peak used = max = {peak_flops / 1e9:.1f} GFLOP/s "
+        f"(median of the between-round probes: {peak_rounds / 1e9:.1f})"
+    )
     lm_ms = summary_models["lmforge"]["step_ms"]
     if gemm > peak_flops:
-        print("WARNING: the model's GEMMs ran faster than every peak probe: the probes read low (host speed "
-              "drifted); MFU figures are overstated in this run")
-    print(f"GEMM floor: the Linear matmuls of one step (fwd + 2 bwd, M={B * T}, each timed alone, best case) take "
-          f"{1e3 * gemm_s:.0f} ms = {gemm / 1e9:.0f} GFLOP/s ({100 * gemm / peak_flops:.0f}% of the peak, "
-          f"{100 * gemm / peak_next_to_gemm:.0f}% of the {peak_next_to_gemm / 1e9:.0f} GFLOP/s probed next to it); they are "
-          f"{gemm_flops_per_token / flops_per_token:.0%} of flops/token, so MFU <= ~{100 * mfu_ceiling:.0f}% even if "
-          f"attention, norms, GELU, loss and AdamW were free. lmforge spends {lm_ms - 1e3 * gemm_s:.0f} ms/step "
-          f"beyond that floor; MFU 85% needs a step of {flops_per_token * B * T / (0.85 * peak_flops) * 1e3:.0f} ms "
-          f"at the {peak_flops / 1e9:.0f} GFLOP/s peak")
-    print(f"load during timed rounds ({elapsed:.0f} s): other processes used {load['other_cpus']:.2f} of "
-          f"{load['cpus']} CPUs; this process {load['this_process_cpus']:.2f}; loadavg {load['loadavg_start']} -> "
-          f"{load['loadavg_end']}")
+        print(
+            "WARNING: the model's GEMMs ran faster than every peak probe: the probes read low (host speed "
+            "drifted); MFU figures are overstated in this run"
+        )
+    print(
+        f"GEMM floor: the Linear matmuls of one step (fwd + 2 bwd, M={B * T}, each timed alone, best case) take "
+        f"{1e3 * gemm_s:.0f} ms = {gemm / 1e9:.0f} GFLOP/s ({100 * gemm / peak_flops:.0f}% of the peak, "
+        f"{100 * gemm / peak_next_to_gemm:.0f}% of the {peak_next_to_gemm / 1e9:.0f} GFLOP/s probed next to it); "
+        f"they are "
+        f"{gemm_flops_per_token / flops_per_token:.0%} of flops/token, so MFU <= ~{100 * mfu_ceiling:.0f}% even if "
+        f"attention, norms, GELU, loss and AdamW were free. lmforge spends {lm_ms - 1e3 * gemm_s:.0f} ms/step "
+        f"beyond that floor; MFU 85% needs a step of {flops_per_token * B * T / (0.85 * peak_flops) * 1e3:.0f} ms "
+        f"at the {peak_flops / 1e9:.0f} GFLOP/s peak"
+    )
+    print(
+        f"load during timed rounds ({elapsed:.0f} s): other processes used {load['other_cpus']:.2f} of "
+        f"{load['cpus']} CPUs; this process {load['this_process_cpus']:.2f}; loadavg {load['loadavg_start']} -> "
+        f"{load['loadavg_end']}"
+    )
     lm_mfu = summary_models["lmforge"]["mfu"]
-    print(f"targets: ratio >= 1.1x: {'MET' if ratio >= 1.1 else 'NOT met'} ({ratio:.3f}x); "
-          f"lmforge MFU >= 85% of peak: {'MET' if lm_mfu >= 0.85 else 'NOT met'} ({100 * lm_mfu:.1f}%)")
-    summary = {"bench": "train", "batch": B, "context": T, "threads": args.threads, "repeats": args.repeats,
-               "steps": args.steps, "fused_adamw": args.fused, "flops_per_token": flops_per_token,
-               "peak_flops": round(peak_flops), "lmforge_matmul_peak": round(peak["lmforge_matmul_peak"]),
-               "probe_matmul_peak": round(peak["probe_matmul_peak"]), "probes": [round(v) for v in probes],
-               "gemm_floor_ms": round(1e3 * gemm_s, 1), "gemm_floor_flops": round(gemm), "peak_next_to_gemm": round(peak_next_to_gemm),
-               "peak_round_probes_median": round(peak_rounds), "mfu_ceiling_gemm_only": round(mfu_ceiling, 4),
-               "first_loss": losses["lmforge"][0], "first_loss_hf": losses["hf"][0], "first_loss_diff": d1,
-               "second_loss_diff": d2, **summary_models,
-               "ratio": round(ratio, 4), "best_step_ratio": round(best_ratio, 4), "target_ratio_met": ratio >= 1.1,
-               "target_mfu_met": lm_mfu >= 0.85, "load": load, "machine": info}
+    print(
+        f"targets: ratio >= 1.1x: {'MET' if ratio >= 1.1 else 'NOT met'} ({ratio:.3f}x); "
+        f"lmforge MFU >= 85% of peak: {'MET' if lm_mfu >= 0.85 else 'NOT met'} ({100 * lm_mfu:.1f}%)"
+    )
+    summary = {
+        "bench": "train",
+        "batch": B,
+        "context": T,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "steps": args.steps,
+        "fused_adamw": args.fused,
+        "flops_per_token": flops_per_token,
+        "peak_flops": round(peak_flops),
+        "lmforge_matmul_peak": round(peak["lmforge_matmul_peak"]),
+        "probe_matmul_peak": round(peak["probe_matmul_peak"]),
+        "probes": [round(v) for v in probes],
+        "gemm_floor_ms": round(1e3 * gemm_s, 1),
+        "gemm_floor_flops": round(gemm),
+        "peak_next_to_gemm": round(peak_next_to_gemm),
+        "peak_round_probes_median": round(peak_rounds),
+        "mfu_ceiling_gemm_only": round(mfu_ceiling, 4),
+        "first_loss": losses["lmforge"][0],
+        "first_loss_hf": losses["hf"][0],
+        "first_loss_diff": d1,
+        "second_loss_diff": d2,
+        **summary_models,
+        "ratio": round(ratio, 4),
+        "best_step_ratio": round(best_ratio, 4),
+        "target_ratio_met": ratio >= 1.1,
+        "target_mfu_met": lm_mfu >= 0.85,
+        "load": load,
+        "machine": info,
+    }
     print_json(summary)
     return summary
 

@@ -3,6 +3,7 @@
 Both models get the SAME weights: lmforge's model is saved with `save_pretrained` (Hugging Face
 GPT-2 layout) and loaded with `transformers.GPT2LMHeadModel.from_pretrained(dir, attn_implementation="sdpa")`.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,7 @@ from typing import Any
 import torch
 
 # The benchmark config from the issue: 6 layers, 6 heads, width 384, context 256, vocab 8192.
-BENCH_CONFIG = dict(n_layer=6, n_head=6, n_embd=384, n_positions=256, vocab_size=8192, dropout=0.0,
-                    eos_token_id=None)
+BENCH_CONFIG = dict(n_layer=6, n_head=6, n_embd=384, n_positions=256, vocab_size=8192, dropout=0.0, eos_token_id=None)
 
 
 def set_threads(n: int) -> None:
@@ -211,8 +211,10 @@ def start_run(threads: int) -> dict[str, Any]:
     """Set the thread count and print the one-line machine header every benchmark starts with."""
     set_threads(threads)
     info = machine_info(threads)
-    print(f"# {info['cpu']} | {info['cpus']} CPUs | torch {info['torch']} ({info['isa']}) | "
-          f"transformers {info['transformers']} | threads {threads} | lmforge {info['lmforge_commit']}")
+    print(
+        f"# {info['cpu']} | {info['cpus']} CPUs | torch {info['torch']} ({info['isa']}) | "
+        f"transformers {info['transformers']} | threads {threads} | lmforge {info['lmforge_commit']}"
+    )
     return info
 
 
@@ -230,23 +232,37 @@ def machine_info(threads: int) -> dict[str, Any]:
     commit = "?"
     try:  # read-only git queries: which library code was measured
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        commit = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=5).stdout.strip() or "?"
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "lmforge"], capture_output=True,
-                               text=True, timeout=5).stdout.strip()
+        commit = (
+            subprocess.run(
+                ["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+            ).stdout.strip()
+            or "?"
+        )
+        dirty = subprocess.run(
+            ["git", "-C", root, "status", "--porcelain", "--", "lmforge"], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
         if dirty:
             commit += "+uncommitted lmforge changes"
     except Exception:
         pass
-    return {"cpu": model, "cpus": os.cpu_count(), "threads": threads, "torch": torch.__version__,
-            "transformers": transformers.__version__, "isa": torch.backends.cpu.get_cpu_capability(),
-            "lmforge_commit": commit}
+    return {
+        "cpu": model,
+        "cpus": os.cpu_count(),
+        "threads": threads,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "isa": torch.backends.cpu.get_cpu_capability(),
+        "lmforge_commit": commit,
+    }
 
 
 def print_table(headers: list[str], rows: list[list[Any]]) -> None:
     cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    line = lambda r: "| " + " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"
+
+    def line(r: list[str]) -> str:
+        return "| " + " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"
+
     print(line(cells[0]))
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in cells[1:]:

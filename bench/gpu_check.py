@@ -5,6 +5,7 @@ torch.compile, generation speed, and the Trainer end to end with bf16 and resume
 
 Needs a CUDA device and `transformers` (the peer). Prints one table per part and writes JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,7 +59,8 @@ def check_attention() -> dict:
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             flash = F.scaled_dot_product_attention(q, q, q, is_causal=True)
         out["flash bf16 causal runs, rel_err vs math"] = rel(
-            flash.float(), F.scaled_dot_product_attention(q.float(), q.float(), q.float(), is_causal=True))
+            flash.float(), F.scaled_dot_product_attention(q.float(), q.float(), q.float(), is_causal=True)
+        )
     return out
 
 
@@ -99,6 +101,7 @@ def train_speed(batch: int, steps: int) -> dict:
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+
         return step
 
     with torch.autocast("cuda", dtype=torch.bfloat16), torch.no_grad():
@@ -132,9 +135,15 @@ def gen_speed() -> dict:
     for batch in (1, 8):
         x = torch.randint(0, BENCH["vocab_size"], (batch, 32), device=DEV)
         mask = torch.ones_like(x)
-        a = lambda: ours.generate(x, max_new_tokens=128)  # noqa: E731
-        b = lambda: hf.generate(x, attention_mask=mask, max_new_tokens=128, min_new_tokens=128,  # noqa: E731
-                                do_sample=False, pad_token_id=0)
+
+        def a(x: torch.Tensor = x) -> torch.Tensor:
+            return ours.generate(x, max_new_tokens=128)
+
+        def b(x: torch.Tensor = x, mask: torch.Tensor = mask) -> torch.Tensor:
+            return hf.generate(
+                x, attention_mask=mask, max_new_tokens=128, min_new_tokens=128, do_sample=False, pad_token_id=0
+            )
+
         ta, tb = timed_steps(a, 5), timed_steps(b, 5)
         out[f"b{batch}_identical_tokens"] = bool(torch.equal(a(), b()))
         out[f"b{batch}_lmforge_tok_s"] = batch * 128 / ta
@@ -148,8 +157,15 @@ def trainer_e2e(tmp: Path) -> dict:
 
     recipe = load_recipe("shakespeare")
     recipe["out"] = str(tmp / "run")
-    recipe["training"].update(max_steps=300, bf16=True, eval_steps=100, save_steps=100, logging_steps=50,
-                              per_device_train_batch_size=64, disable_tqdm=True)
+    recipe["training"].update(
+        max_steps=300,
+        bf16=True,
+        eval_steps=100,
+        save_steps=100,
+        logging_steps=50,
+        per_device_train_batch_size=64,
+        disable_tqdm=True,
+    )
     t = time.perf_counter()
     first = pretrain(recipe, device="cuda")
     elapsed = time.perf_counter() - t
@@ -158,9 +174,14 @@ def trainer_e2e(tmp: Path) -> dict:
     state = json.loads((tmp / "run" / "checkpoint-400" / "trainer_state.json").read_text())
     lines = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
     tps = [x["tokens_per_second"] for x in lines if "tokens_per_second" in x]
-    return {"eval_loss_300": first.get("eval_loss"), "unigram": first.get("unigram_baseline_loss"),
-            "eval_loss_400_resumed": resumed.get("eval_loss"), "resumed_step": state["global_step"],
-            "wall_s_300_steps": elapsed, "median_tokens_per_s": statistics.median(tps)}
+    return {
+        "eval_loss_300": first.get("eval_loss"),
+        "unigram": first.get("unigram_baseline_loss"),
+        "eval_loss_400_resumed": resumed.get("eval_loss"),
+        "resumed_step": state["global_step"],
+        "wall_s_300_steps": elapsed,
+        "median_tokens_per_s": statistics.median(tps),
+    }
 
 
 def main() -> None:
@@ -170,8 +191,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     a = p.parse_args()
     report = {"torch": torch.__version__, "device": torch.cuda.get_device_name()}
-    for name, fn in (("attention", check_attention), ("train", lambda: train_speed(a.batch, a.steps)),
-                     ("generate", gen_speed)):
+    for name, fn in (
+        ("attention", check_attention),
+        ("train", lambda: train_speed(a.batch, a.steps)),
+        ("generate", gen_speed),
+    ):
         t = time.perf_counter()
         try:
             report[name] = fn()

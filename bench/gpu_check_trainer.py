@@ -5,11 +5,11 @@ on CUDA, gradient checkpointing memory, and fine-tuning speed against transforme
 
 Needs a CUDA device and `transformers` (the peer). Prints a line per check and writes JSON.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import tempfile
 import time
 from pathlib import Path
@@ -25,15 +25,31 @@ def lm_data(n: int, vocab: int, seed: int) -> list[dict]:
     rows = []
     for _ in range(n):
         length = int(torch.randint(32, 128, (1,), generator=g))
-        rows.append({"input_ids": (torch.arange(length) * 7 % vocab).roll(int(torch.randint(0, 50, (1,), generator=g)))
-                     .tolist()})
+        rows.append(
+            {
+                "input_ids": (torch.arange(length) * 7 % vocab)
+                .roll(int(torch.randint(0, 50, (1,), generator=g)))
+                .tolist()
+            }
+        )
     return rows
 
 
 def args(out: Path, **kw) -> TrainingArguments:
-    base = dict(output_dir=str(out), max_steps=60, per_device_train_batch_size=16, learning_rate=3e-3,
-                warmup_steps=5, logging_steps=10, save_strategy="steps", save_steps=30, device="cuda",
-                disable_tqdm=True, report_to="jsonl", seed=0)
+    base = dict(
+        output_dir=str(out),
+        max_steps=60,
+        per_device_train_batch_size=16,
+        learning_rate=3e-3,
+        warmup_steps=5,
+        logging_steps=10,
+        save_strategy="steps",
+        save_steps=30,
+        device="cuda",
+        disable_tqdm=True,
+        report_to="jsonl",
+        seed=0,
+    )
     return TrainingArguments(**{**base, **kw})
 
 
@@ -56,12 +72,19 @@ def precision_runs(tmp: Path) -> dict:
         opt = torch.load(tmp / name / "checkpoint-60" / "optimizer.pt", weights_only=True)
         resumed = Trainer(gpt(seed=5), args(tmp / name, **kw), data)
         resumed.train(resume_from_checkpoint=str(tmp / name / "checkpoint-30"))
-        diff = max(float((a - b).abs().max()) for a, b in zip(t.model.state_dict().values(),
-                                                               resumed.model.state_dict().values()))
+        diff = max(
+            float((a - b).abs().max())
+            for a, b in zip(t.model.state_dict().values(), resumed.model.state_dict().values())
+        )
         skipped = [h for h in t.state.log_history if "skipped_step" in h]
-        out[name] = {"first_loss": losses[0], "last_loss": losses[-1], "seconds": round(seconds, 2),
-                     "scaler_scale": opt["scaler"].get("scale") if opt["scaler"] else None,
-                     "resume_max_abs_diff": diff, "skipped_steps": len(skipped)}
+        out[name] = {
+            "first_loss": losses[0],
+            "last_loss": losses[-1],
+            "seconds": round(seconds, 2),
+            "scaler_scale": opt["scaler"].get("scale") if opt["scaler"] else None,
+            "resume_max_abs_diff": diff,
+            "skipped_steps": len(skipped),
+        }
         print(name, out[name], flush=True)
     return out
 
@@ -74,12 +97,24 @@ def checkpointing_memory(tmp: Path) -> dict:
         model = GPTForCausalLM(GPTConfig(vocab_size=8192, n_positions=1024, n_layer=12, n_head=12, n_embd=768))
         data = [{"input_ids": list(range(1, 1024))} for _ in range(64)]
         torch.cuda.reset_peak_memory_stats()
-        t = Trainer(model, args(tmp / f"gc{flag}", max_steps=5, per_device_train_batch_size=8, save_strategy="no",
-                                bf16=True, gradient_checkpointing=flag), data)
+        t = Trainer(
+            model,
+            args(
+                tmp / f"gc{flag}",
+                max_steps=5,
+                per_device_train_batch_size=8,
+                save_strategy="no",
+                bf16=True,
+                gradient_checkpointing=flag,
+            ),
+            data,
+        )
         start = time.perf_counter()
         t.train()
-        res["with" if flag else "without"] = {"peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                                              "seconds": round(time.perf_counter() - start, 2)}
+        res["with" if flag else "without"] = {
+            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "seconds": round(time.perf_counter() - start, 2),
+        }
         del model, t
         torch.cuda.empty_cache()
     print("gradient checkpointing", res, flush=True)
@@ -93,37 +128,68 @@ def finetune_speed(tmp: Path) -> dict:
 
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                        intermediate_size=1536, num_labels=2)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=384,
+        num_hidden_layers=6,
+        num_attention_heads=12,
+        intermediate_size=1536,
+        num_labels=2,
+    )
     ours = BertForSequenceClassification(config)
     ours.save_pretrained(tmp / "minilm")
     g = torch.Generator().manual_seed(1)
     rows = []
     for _ in range(2000):
         n = int(torch.randint(16, 120, (1,), generator=g))
-        rows.append({"input_ids": [101] + torch.randint(1000, 30000, (n,), generator=g).tolist() + [102],
-                     "label": int(torch.randint(0, 2, (1,), generator=g))})
+        rows.append(
+            {
+                "input_ids": [101] + torch.randint(1000, 30000, (n,), generator=g).tolist() + [102],
+                "label": int(torch.randint(0, 2, (1,), generator=g)),
+            }
+        )
     res = {}
-    t = Trainer(ours, TrainingArguments(output_dir=str(tmp / "ft-ours"), num_train_epochs=1,
-                                        per_device_train_batch_size=32, learning_rate=5e-5, bf16=True,
-                                        save_strategy="no", eval_strategy="no", device="cuda", disable_tqdm=True,
-                                        report_to="none"), rows)
+    t = Trainer(
+        ours,
+        TrainingArguments(
+            output_dir=str(tmp / "ft-ours"),
+            num_train_epochs=1,
+            per_device_train_batch_size=32,
+            learning_rate=5e-5,
+            bf16=True,
+            save_strategy="no",
+            eval_strategy="no",
+            device="cuda",
+            disable_tqdm=True,
+            report_to="none",
+        ),
+        rows,
+    )
     start = time.perf_counter()
     t.train()
     torch.cuda.synchronize()
     res["lmforge_seconds"] = round(time.perf_counter() - start, 3)
     hf = transformers.BertForSequenceClassification.from_pretrained(tmp / "minilm")
-    hf_args = transformers.TrainingArguments(output_dir=str(tmp / "ft-hf"), num_train_epochs=1,
-                                             per_device_train_batch_size=32, learning_rate=5e-5, bf16=True,
-                                             save_strategy="no", eval_strategy="no", report_to=[],
-                                             disable_tqdm=True, logging_strategy="no")
+    hf_args = transformers.TrainingArguments(
+        output_dir=str(tmp / "ft-hf"),
+        num_train_epochs=1,
+        per_device_train_batch_size=32,
+        learning_rate=5e-5,
+        bf16=True,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        logging_strategy="no",
+    )
+
     def collator(items: list[dict]) -> dict:  # pad like lmforge's collator: ids 0, mask 0
         longest = max(len(it["input_ids"]) for it in items)
         ids = torch.zeros(len(items), longest, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, it in enumerate(items):
-            ids[i, :len(it["input_ids"])] = torch.tensor(it["input_ids"])
-            mask[i, :len(it["input_ids"])] = 1
+            ids[i, : len(it["input_ids"])] = torch.tensor(it["input_ids"])
+            mask[i, : len(it["input_ids"])] = 1
         return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([it["labels"] for it in items])}
 
     hf_rows = [{"input_ids": r["input_ids"], "labels": r["label"]} for r in rows]
@@ -145,8 +211,11 @@ def main() -> None:
         raise SystemExit("needs a CUDA device")
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, fn in (("precision", precision_runs), ("finetune_speed", finetune_speed),
-                         ("gradient_checkpointing", checkpointing_memory)):
+        for name, fn in (
+            ("precision", precision_runs),
+            ("finetune_speed", finetune_speed),
+            ("gradient_checkpointing", checkpointing_memory),
+        ):
             try:
                 result[name] = fn(Path(tmp))
             except Exception as err:  # noqa: BLE001 - report every part, even after one fails

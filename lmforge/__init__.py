@@ -2,6 +2,7 @@
 
 Importing the package is cheap: heavy modules are loaded on first attribute access.
 """
+
 from __future__ import annotations
 
 import importlib

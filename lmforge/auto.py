@@ -6,6 +6,7 @@
 
 Families register their classes in their own files (`lmforge.models.registry`); nothing here names one.
 """
+
 from __future__ import annotations
 
 import os

@@ -15,32 +15,46 @@ A user error prints one line naming the problem and exits with status 2 (`--debu
 Each subcommand imports what it runs at its start, so `lmforge --help` and a typo answer at once (torch and
 the models load only for a command that needs them).
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from lmforge import __version__
 from lmforge.constants import context_length
 
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, TypeError,
-               ImportError)  # ImportError: an optional package is missing; the message says what to install
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+    TypeError,
+    ImportError,
+)  # ImportError: an optional package is missing; the message says what to install
 
 
 def _add_generation_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation")
-    g.add_argument("--max-new-tokens", type=int, default=None,
-                   help="tokens to generate (default: 200, or what the model's context leaves after the prompt)")
+    g.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="tokens to generate (default: 200, or what the model's context leaves after the prompt)",
+    )
     g.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default 0.8)")
     g.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0 = off)")
     g.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with mass >= p")
     g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1.0)")
-    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                   help="stop when TEXT is generated (repeatable)")
+    g.add_argument(
+        "--stop", action="append", default=[], metavar="TEXT", help="stop when TEXT is generated (repeatable)"
+    )
     g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
 
 
@@ -87,9 +101,16 @@ def cmd_generate(a: argparse.Namespace) -> int:
     max_new = a.max_new_tokens
     if max_new is None:  # the default never runs past the context (an explicit value warns if it would)
         max_new = max(0, min(200, context_length(model.config) - len(tokenizer.encode(prompt))))
-    opts: dict[str, Any] = dict(max_new_tokens=max_new, temperature=a.temperature, do_sample=sample,
-                                top_k=(a.top_k or None) if sample else None, top_p=a.top_p if sample else None,
-                                repetition_penalty=a.repetition_penalty, stop=a.stop, seed=a.seed)
+    opts: dict[str, Any] = dict(
+        max_new_tokens=max_new,
+        temperature=a.temperature,
+        do_sample=sample,
+        top_k=(a.top_k or None) if sample else None,
+        top_p=a.top_p if sample else None,
+        repetition_penalty=a.repetition_penalty,
+        stop=a.stop,
+        seed=a.seed,
+    )
     out = sys.stdout
     out.write(prompt)
     out.flush()
@@ -105,16 +126,37 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     from lmforge.training.pretrain import apply_overrides
 
     training = apply_overrides({"training": {}}, [f"training.{kv}" for kv in a.set])["training"]
-    for flag, key in (("epochs", "num_train_epochs"), ("lr", "learning_rate"), ("batch_size",
-                      "per_device_train_batch_size"), ("max_steps", "max_steps")):
+    for flag, key in (
+        ("epochs", "num_train_epochs"),
+        ("lr", "learning_rate"),
+        ("batch_size", "per_device_train_batch_size"),
+        ("max_steps", "max_steps"),
+    ):
         if getattr(a, flag) is not None:
             training[key] = getattr(a, flag)
-    report = finetune(a.task, model=a.model, train=a.train, eval=a.eval, out=a.out, eval_fraction=a.eval_fraction,
-                      max_train_examples=a.max_train_examples, max_length=a.max_length, prefix=a.prefix,
-                      separator=a.separator.replace("\\n", "\n").replace("\\t", "\t"), lora=a.lora, lora_r=a.lora_r,
-                      text_field=a.text_field, label_field=a.label_field, text_pair_field=a.text_pair_field,
-                      training=training, seed=a.seed, device=a.device, resume=a.resume, metric=a.metric,
-                      max_eval_generate=a.max_eval_generate)
+    report = finetune(
+        a.task,
+        model=a.model,
+        train=a.train,
+        eval=a.eval,
+        out=a.out,
+        eval_fraction=a.eval_fraction,
+        max_train_examples=a.max_train_examples,
+        max_length=a.max_length,
+        prefix=a.prefix,
+        separator=a.separator.replace("\\n", "\n").replace("\\t", "\t"),
+        lora=a.lora,
+        lora_r=a.lora_r,
+        text_field=a.text_field,
+        label_field=a.label_field,
+        text_pair_field=a.text_pair_field,
+        training=training,
+        seed=a.seed,
+        device=a.device,
+        resume=a.resume,
+        metric=a.metric,
+        max_eval_generate=a.max_eval_generate,
+    )
     shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in report.items() if k != "labels"}
     print(json.dumps(shown, ensure_ascii=False))
     return 0
@@ -141,12 +183,21 @@ def _emit(a: argparse.Namespace, text: str, result: Any, human: Callable[[Any], 
         print(human(result))
 
 
+def _format_labels(result: Any) -> str:
+    """classify's human output: `label score` for the top label (or each of --top-k), tab-separated."""
+    return "\t".join(f"{x['label']} {x['score']:.4f}" for x in (result if isinstance(result, list) else [result]))
+
+
 def cmd_pipeline(a: argparse.Namespace) -> int:
     """classify / fill-mask / ner / embed: one pipeline over the texts, one output per text."""
     from lmforge.pipelines import pipeline
 
-    task = {"classify": "text-classification", "fill-mask": "fill-mask", "ner": "token-classification",
-            "embed": "sentence-embeddings"}[a.command]
+    task = {
+        "classify": "text-classification",
+        "fill-mask": "fill-mask",
+        "ner": "token-classification",
+        "embed": "sentence-embeddings",
+    }[a.command]
     options: dict[str, Any] = {}
     if a.command == "classify" and a.top_k is not None:
         options["top_k"] = a.top_k
@@ -159,15 +210,29 @@ def cmd_pipeline(a: argparse.Namespace) -> int:
     results = pipe(texts, **options)
     for text, result in zip(texts, results):
         if a.command == "classify":
-            items = result if isinstance(result, list) else [result]
-            _emit(a, text, result, lambda r: "\t".join(f"{x['label']} {x['score']:.4f}" for x in items) + f"\t{text}")
+            _emit(a, text, result, lambda r, text=text: _format_labels(r) + f"\t{text}")
         elif a.command == "fill-mask":
-            masks = result if result and isinstance(result[0], list) else [result]
-            _emit(a, text, result, lambda r: "\n".join(
-                "  ".join(f"{c['token_str']!r} {c['score']:.3f}" for c in cands) for cands in masks))
+            _emit(
+                a,
+                text,
+                result,
+                lambda r: "\n".join(
+                    "  ".join(f"{c['token_str']!r} {c['score']:.3f}" for c in cands)
+                    for cands in (r if r and isinstance(r[0], list) else [r])  # one list per [MASK]
+                ),
+            )
         elif a.command == "ner":
-            _emit(a, text, result, lambda r: "\t".join(
-                f"{e.get('entity_group', e.get('entity'))}:{e['word']}[{e['start']}:{e['end']}]" for e in r) or "-")
+            _emit(
+                a,
+                text,
+                result,
+                lambda r: (
+                    "\t".join(
+                        f"{e.get('entity_group', e.get('entity'))}:{e['word']}[{e['start']}:{e['end']}]" for e in r
+                    )
+                    or "-"
+                ),
+            )
         else:
             vector = [round(float(v), 6) for v in (result[0] if result and isinstance(result[0], list) else result)]
             _emit(a, text, vector, lambda r: " ".join(f"{v:.4f}" for v in r))
@@ -209,8 +274,9 @@ def cmd_attention(a: argparse.Namespace) -> int:
         for token, score in token_attributions(model, tokenizer, a.text):
             print(f"{score:+.4f}\t{token}")
     else:
-        path = plot_attention(model, tokenizer, a.text, a.out, layers=a.layers, heads=a.heads,
-                              average_heads=a.average_heads)
+        path = plot_attention(
+            model, tokenizer, a.text, a.out, layers=a.layers, heads=a.heads, average_heads=a.average_heads
+        )
     print(f"lmforge attention: wrote {path}")
     return 0
 
@@ -219,8 +285,13 @@ def cmd_index(a: argparse.Namespace) -> int:
     """Chunk and embed a folder of documents into a knowledge base on disk."""
     from lmforge.pipelines import KnowledgeBase
 
-    kb = KnowledgeBase.build(a.sources if len(a.sources) > 1 else a.sources[0], embedder=a.model,
-                             chunk_chars=a.chunk_chars, overlap=a.overlap, batch_size=a.batch_size)
+    kb = KnowledgeBase.build(
+        a.sources if len(a.sources) > 1 else a.sources[0],
+        embedder=a.model,
+        chunk_chars=a.chunk_chars,
+        overlap=a.overlap,
+        batch_size=a.batch_size,
+    )
     kb.save(a.out)
     print(json.dumps({"out": str(a.out), "documents": kb.info["documents"], "chunks": len(kb), "dims": kb.dims}))
     return 0
@@ -233,8 +304,13 @@ def cmd_ask(a: argparse.Namespace) -> int:
     if a.reader and a.generator:
         raise ValueError("choose one of --reader (extractive QA model) and --generator (GPT model)")
     kb = KnowledgeBase.load(a.index)
-    result = kb.ask(a.question, top_k=a.top_k, reader=a.reader, generator=a.generator,
-                    generation_options={"max_new_tokens": a.max_new_tokens} if a.generator else None)
+    result = kb.ask(
+        a.question,
+        top_k=a.top_k,
+        reader=a.reader,
+        generator=a.generator,
+        generation_options={"max_new_tokens": a.max_new_tokens} if a.generator else None,
+    )
     if a.json:
         print(json.dumps(result, ensure_ascii=False))
         return 0
@@ -245,8 +321,14 @@ def cmd_ask(a: argparse.Namespace) -> int:
     return 0
 
 
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}
+DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+}
 
 
 def cmd_convert(a: argparse.Namespace) -> int:
@@ -287,8 +369,9 @@ def cmd_tokenizer_train(a: argparse.Namespace) -> int:
     from lmforge.data import iter_documents
     from lmforge.tokenizer import Tokenizer
 
-    tok = Tokenizer.train_bpe(iterator=iter_documents(a.sources), vocab_size=a.vocab_size,
-                              min_frequency=a.min_frequency, show_progress=True)
+    tok = Tokenizer.train_bpe(
+        iterator=iter_documents(a.sources), vocab_size=a.vocab_size, min_frequency=a.min_frequency, show_progress=True
+    )
     files = tok.save_pretrained(a.out)
     print(f"lmforge: byte-level BPE with {len(tok)} tokens -> {', '.join(map(str, files))}")
     return 0
@@ -303,25 +386,46 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
 
-    p = sub.add_parser("pretrain", parents=[common], help="pretrain a GPT on a corpus (default: bundled Shakespeare)",
-                       description="Pretrain a GPT from a recipe (lmforge/configs/*.yaml or a YAML file). "
-                                   "With no arguments: the 'shakespeare' recipe on the bundled corpus.")
-    p.add_argument("recipe", nargs="?", default=None,
-                   help="recipe name or YAML path (default: shakespeare; with --resume, the run's own recipe)")
-    p.add_argument("--data", nargs="+", metavar="PATH",
-                   help="corpus: .txt/.jsonl files, folders, or bundled names (shakespeare, zh_poems, sanguo)")
+    p = sub.add_parser(
+        "pretrain",
+        parents=[common],
+        help="pretrain a GPT on a corpus (default: bundled Shakespeare)",
+        description="Pretrain a GPT from a recipe (lmforge/configs/*.yaml or a YAML file). "
+        "With no arguments: the 'shakespeare' recipe on the bundled corpus.",
+    )
+    p.add_argument(
+        "recipe",
+        nargs="?",
+        default=None,
+        help="recipe name or YAML path (default: shakespeare; with --resume, the run's own recipe)",
+    )
+    p.add_argument(
+        "--data",
+        nargs="+",
+        metavar="PATH",
+        help="corpus: .txt/.jsonl files, folders, or bundled names (shakespeare, zh_poems, sanguo)",
+    )
     p.add_argument("--out", metavar="DIR", help="output directory (model, checkpoints, metrics.jsonl)")
     p.add_argument("--max-steps", type=int, help="optimizer steps")
     p.add_argument("--seed", type=int, help="random seed (same seed, same run)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps or auto (default: the recipe's, auto)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a recipe value, e.g. --set model.n_layer=2 --set training.learning_rate=1e-3")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a recipe value, e.g. --set model.n_layer=2 --set training.learning_rate=1e-3",
+    )
     p.add_argument("--no-sample", action="store_true", help="skip the sample printed after training")
     p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("generate", parents=[common], help="continue a prompt with a trained model (streams)",
-                       description="Stream a continuation of PROMPT from the model in MODEL_DIR.")
+    p = sub.add_parser(
+        "generate",
+        parents=[common],
+        help="continue a prompt with a trained model (streams)",
+        description="Stream a continuation of PROMPT from the model in MODEL_DIR.",
+    )
     p.add_argument("model_dir", help="a model directory (config.json, model.safetensors, tokenizer.json)")
     p.add_argument("prompt", help="text to continue ('-' reads standard input)")
     _add_generation_options(p)
@@ -329,26 +433,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("convert", parents=[common], help="re-write a Hugging Face / lmforge checkpoint (e.g. dtype)",
-                       description="Load SOURCE (a Hugging Face GPT-2 or lmforge directory, or a cached model id) "
-                                   "and write it to OUT as config.json + model.safetensors + tokenizer files, "
-                                   "printing how the parameter names were mapped.")
+    p = sub.add_parser(
+        "convert",
+        parents=[common],
+        help="re-write a Hugging Face / lmforge checkpoint (e.g. dtype)",
+        description="Load SOURCE (a Hugging Face GPT-2 or lmforge directory, or a cached model id) "
+        "and write it to OUT as config.json + model.safetensors + tokenizer files, "
+        "printing how the parameter names were mapped.",
+    )
     p.add_argument("source", help="model directory or cached model id")
     p.add_argument("out", help="output directory")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight dtype to write (default float32)")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("finetune", parents=[common], help="fine-tune a pretrained model for a task",
-                       description="Fine-tune MODEL on a data file and print evaluation metrics. Tasks: "
-                                   "classification (txt/csv/tsv/jsonl with text,label; TRAIN 'sentiment' / "
-                                   "'sentiment-zh' = bundled English sentences / Chinese reviews), ner (CoNLL "
-                                   "BIO), qa (SQuAD JSON), causal-lm (jsonl/csv/tsv with input,output; a --prefix in "
-                                   "front, loss on the output only).")
+    p = sub.add_parser(
+        "finetune",
+        parents=[common],
+        help="fine-tune a pretrained model for a task",
+        description="Fine-tune MODEL on a data file and print evaluation metrics. Tasks: "
+        "classification (txt/csv/tsv/jsonl with text,label; TRAIN 'sentiment' / "
+        "'sentiment-zh' = bundled English sentences / Chinese reviews), ner (CoNLL "
+        "BIO), qa (SQuAD JSON), causal-lm (jsonl/csv/tsv with input,output; a --prefix in "
+        "front, loss on the output only).",
+    )
     p.add_argument("task", help="classification | ner | qa | causal-lm")
     p.add_argument("--model", required=True, help="pretrained model directory or cached model id")
-    p.add_argument("--train", required=True,
-                   help="training data file; bundled: 'sentiment', 'sentiment-zh' (classification), "
-                        "'bible-en-es' / 'bible-es-en' (causal-lm translation, whole books held out for evaluation)")
+    p.add_argument(
+        "--train",
+        required=True,
+        help="training data file; bundled: 'sentiment', 'sentiment-zh' (classification), "
+        "'bible-en-es' / 'bible-es-en' (causal-lm translation, whole books held out for evaluation)",
+    )
     p.add_argument("--eval", default=None, help="evaluation file (default: hold out --eval-fraction of --train)")
     p.add_argument("--out", default="runs/finetune", help="output directory (default runs/finetune)")
     p.add_argument("--eval-fraction", type=float, default=0.1, help="held-out share without --eval (default 0.1)")
@@ -362,27 +477,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default 8)")
     p.add_argument("--prefix", default="", help="causal-lm: task label put in front of each input")
     p.add_argument("--separator", default="\\n", help="causal-lm: text between input and output (default newline)")
-    p.add_argument("--metric", choices=["bleu", "rouge"], default=None,
-                   help="causal-lm: generate the evaluation outputs (greedy) and score them (BLEU needs sacrebleu)")
-    p.add_argument("--max-eval-generate", type=int, default=200,
-                   help="causal-lm with --metric: evaluation outputs generated (default 200)")
+    p.add_argument(
+        "--metric",
+        choices=["bleu", "rouge"],
+        default=None,
+        help="causal-lm: generate the evaluation outputs (greedy) and score them (BLEU needs sacrebleu)",
+    )
+    p.add_argument(
+        "--max-eval-generate",
+        type=int,
+        default=200,
+        help="causal-lm with --metric: evaluation outputs generated (default 200)",
+    )
     p.add_argument("--text-field", default="text", help="classification: the text column")
     p.add_argument("--label-field", default="label", help="classification: the label column")
     p.add_argument("--text-pair-field", default=None, help="classification: a second text column (pairs)")
     p.add_argument("--seed", type=int, default=42, help="random seed (split, initialisation, order)")
     p.add_argument("--device", default=None, help="cpu, cuda, mps or auto")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any TrainingArguments field, e.g. --set weight_decay=0.01 --set bf16=true")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any TrainingArguments field, e.g. --set weight_decay=0.01 --set bf16=true",
+    )
     p.set_defaults(func=cmd_finetune)
 
-    for name, about in (("classify", "label texts with a sequence classifier (sentiment, topics, ...)"),
-                        ("fill-mask", "predict the [MASK] tokens of texts with a masked LM"),
-                        ("ner", "find entities in texts with a token classifier"),
-                        ("embed", "sentence vectors (mean pooled, normalised) of texts")):
-        p = sub.add_parser(name, parents=[common], help=about,
-                           description=f"{about[0].upper()}{about[1:]}. Texts come from the arguments, --file "
-                                       "(one per line) or standard input (one per line).")
+    for name, about in (
+        ("classify", "label texts with a sequence classifier (sentiment, topics, ...)"),
+        ("fill-mask", "predict the [MASK] tokens of texts with a masked LM"),
+        ("ner", "find entities in texts with a token classifier"),
+        ("embed", "sentence vectors (mean pooled, normalised) of texts"),
+    ):
+        p = sub.add_parser(
+            name,
+            parents=[common],
+            help=about,
+            description=f"{about[0].upper()}{about[1:]}. Texts come from the arguments, --file "
+            "(one per line) or standard input (one per line).",
+        )
         p.add_argument("model", help="model directory or cached model id")
         p.add_argument("text", nargs="*", help="texts (default: --file or standard input)")
         p.add_argument("--file", default=None, help="read texts from this file, one per line")
@@ -392,13 +526,21 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("classify", "fill-mask"):
             p.add_argument("--top-k", type=int, default=None, help="how many labels / tokens to show")
         if name == "ner":
-            p.add_argument("--aggregation", default="simple", choices=["none", "simple", "first", "max", "average"],
-                           help="how sub-tokens join into words and entities (default simple)")
+            p.add_argument(
+                "--aggregation",
+                default="simple",
+                choices=["none", "simple", "first", "max", "average"],
+                help="how sub-tokens join into words and entities (default simple)",
+            )
         p.set_defaults(func=cmd_pipeline)
 
-    p = sub.add_parser("qa", parents=[common], help="answer a question from a passage (extractive)",
-                       description="Find the answer span to QUESTION in the passage with a question-answering model; "
-                                   "long passages are split into overlapping chunks.")
+    p = sub.add_parser(
+        "qa",
+        parents=[common],
+        help="answer a question from a passage (extractive)",
+        description="Find the answer span to QUESTION in the passage with a question-answering model; "
+        "long passages are split into overlapping chunks.",
+    )
     p.add_argument("model", help="model directory or cached model id")
     p.add_argument("--question", required=True, help="the question")
     p.add_argument("--context", default=None, help="the passage text")
@@ -408,9 +550,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda or mps (default: cpu)")
     p.set_defaults(func=cmd_qa)
 
-    p = sub.add_parser("index", parents=[common], help="build a knowledge base: chunk and embed documents",
-                       description="Read .txt/.md/.jsonl files (a folder or files), split them into overlapping "
-                                   "chunks, embed each with a sentence-embedding model and save the index to --out.")
+    p = sub.add_parser(
+        "index",
+        parents=[common],
+        help="build a knowledge base: chunk and embed documents",
+        description="Read .txt/.md/.jsonl files (a folder or files), split them into overlapping "
+        "chunks, embed each with a sentence-embedding model and save the index to --out.",
+    )
     p.add_argument("sources", nargs="+", help="a folder or files")
     p.add_argument("--model", required=True, help="sentence-embedding model (folder or cached id), e.g. MiniLM")
     p.add_argument("--out", required=True, help="index folder to write")
@@ -419,10 +565,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="chunks per model call")
     p.set_defaults(func=cmd_index)
 
-    p = sub.add_parser("ask", parents=[common], help="answer a question from a knowledge base (lmforge index)",
-                       description="Retrieve the top-k chunks of INDEX by cosine similarity to QUESTION, then answer "
-                                   "with an extractive QA model (--reader), a generator (--generator), or, with "
-                                   "neither, show the best chunk. Prints the answer, its score and the sources.")
+    p = sub.add_parser(
+        "ask",
+        parents=[common],
+        help="answer a question from a knowledge base (lmforge index)",
+        description="Retrieve the top-k chunks of INDEX by cosine similarity to QUESTION, then answer "
+        "with an extractive QA model (--reader), a generator (--generator), or, with "
+        "neither, show the best chunk. Prints the answer, its score and the sources.",
+    )
     p.add_argument("index", help="an index folder written by lmforge index")
     p.add_argument("question", help="the question")
     p.add_argument("--reader", default=None, help="question-answering model (folder or cached id)")
@@ -432,10 +582,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_ask)
 
-    p = sub.add_parser("attention", parents=[common], help="draw attention maps (or token attributions) as a PNG",
-                       description="Per-layer, per-head attention heatmaps of MODEL on TEXT, labelled with the "
-                                   "tokens (Chinese glyphs need a CJK font: pip install zhplot, or Noto Sans CJK). "
-                                   "--attributions: gradient x input scores of a classifier's predicted class.")
+    p = sub.add_parser(
+        "attention",
+        parents=[common],
+        help="draw attention maps (or token attributions) as a PNG",
+        description="Per-layer, per-head attention heatmaps of MODEL on TEXT, labelled with the "
+        "tokens (Chinese glyphs need a CJK font: pip install zhplot, or Noto Sans CJK). "
+        "--attributions: gradient x input scores of a classifier's predicted class.",
+    )
     p.add_argument("model", help="model directory or cached model id")
     p.add_argument("text", help="the text to look at")
     p.add_argument("--out", required=True, help="PNG file to write")
@@ -447,8 +601,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="action", metavar="ACTION")
     p.required = True
-    t = p.add_parser("train", parents=[common], help="train a byte-level BPE tokenizer",
-                     description="Train a byte-level BPE tokenizer on text and save tokenizer.json.")
+    t = p.add_parser(
+        "train",
+        parents=[common],
+        help="train a byte-level BPE tokenizer",
+        description="Train a byte-level BPE tokenizer on text and save tokenizer.json.",
+    )
     t.add_argument("sources", nargs="+", help=".txt/.jsonl files, folders, or bundled corpus names")
     t.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size incl. special tokens")
     t.add_argument("--min-frequency", type=int, default=2, help="minimum pair count for a merge")

@@ -1,4 +1,5 @@
 """Model configurations: dataclasses that read and write Hugging Face-shaped `config.json`."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,8 +31,10 @@ class _HFConfig:
         if self.id2label is not None:
             self.id2label = {int(k): str(v) for k, v in self.id2label.items()}  # JSON keys are strings
             if self.num_labels is not None and self.num_labels != len(self.id2label):
-                raise ValueError(f"num_labels={self.num_labels} but id2label has {len(self.id2label)} entries; "
-                                 "pass one of them, or make them agree")
+                raise ValueError(
+                    f"num_labels={self.num_labels} but id2label has {len(self.id2label)} entries; "
+                    "pass one of them, or make them agree"
+                )
             self.num_labels = len(self.id2label)
         else:
             self.num_labels = 2 if self.num_labels is None else self.num_labels
@@ -45,8 +48,10 @@ class _HFConfig:
         if self.problem_type not in PROBLEM_TYPES:
             raise ValueError(f"problem_type must be one of {PROBLEM_TYPES}, got {self.problem_type!r}")
         if self.problem_type == "single_label_classification" and self.num_labels == 1:
-            raise ValueError("problem_type='single_label_classification' needs num_labels > 1; use num_labels=2 "
-                             "for binary classification, or problem_type='regression' for one output")
+            raise ValueError(
+                "problem_type='single_label_classification' needs num_labels > 1; use num_labels=2 "
+                "for binary classification, or problem_type='regression' for one output"
+            )
 
     def updated(self, **overrides: Any) -> Any:
         """A copy with `overrides` applied and checked again, as `from_pretrained(path, **overrides)` wants:
@@ -76,8 +81,9 @@ class _HFConfig:
     def from_json_file(cls, path: str | os.PathLike) -> Any:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"no config.json at {path}: a model directory needs config.json "
-                                    "(written by save_pretrained)")
+            raise FileNotFoundError(
+                f"no config.json at {path}: a model directory needs config.json (written by save_pretrained)"
+            )
         try:
             return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
         except json.JSONDecodeError as e:
@@ -151,8 +157,12 @@ class GPTConfig(_HFConfig):
 
     def is_gpt2_compatible(self) -> bool:
         """True when Hugging Face's GPT2LMHeadModel can load this model unchanged."""
-        return (self.position_embedding == "learned" and self.bias and self.norm_position == "pre"
-                and self.activation_function in ("gelu_new", "gelu", "relu", "gelu_pytorch_tanh", "silu"))
+        return (
+            self.position_embedding == "learned"
+            and self.bias
+            and self.norm_position == "pre"
+            and self.activation_function in ("gelu_new", "gelu", "relu", "gelu_pytorch_tanh", "silu")
+        )
 
     # ---- JSON in Hugging Face's shape -------------------------------------------------------
     def to_dict(self, architecture: tuple[str, str] = ("GPT2LMHeadModel", "GPTForCausalLM")) -> dict[str, Any]:
@@ -160,22 +170,28 @@ class GPTConfig(_HFConfig):
         the Hugging Face one is written when transformers can load the model. num_labels is not written:
         as in Hugging Face it is len(id2label)."""
         if len(self.id2label or {}) != self.num_labels:
-            raise ValueError(f"num_labels={self.num_labels} but id2label has {len(self.id2label or {})} entries; "
-                             "build the config with config.updated(num_labels=...) so the label map follows")
+            raise ValueError(
+                f"num_labels={self.num_labels} but id2label has {len(self.id2label or {})} entries; "
+                "build the config with config.updated(num_labels=...) so the label map follows"
+            )
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("extra", "num_labels")}
         gpt2 = self.is_gpt2_compatible()
         out: dict[str, Any] = dict(self.extra)
-        out.update({
-            "model_type": "gpt2" if gpt2 else "lmforge-gpt",
-            "architectures": [architecture[0] if gpt2 else architecture[1]],
-            **d,
-            "n_ctx": self.n_positions,
-            "resid_pdrop": self.dropout, "embd_pdrop": self.dropout, "attn_pdrop": self.dropout,
-        })
+        out.update(
+            {
+                "model_type": "gpt2" if gpt2 else "lmforge-gpt",
+                "architectures": [architecture[0] if gpt2 else architecture[1]],
+                **d,
+                "n_ctx": self.n_positions,
+                "resid_pdrop": self.dropout,
+                "embd_pdrop": self.dropout,
+                "attn_pdrop": self.dropout,
+            }
+        )
         return out
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "GPTConfig":
+    def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
         d = dict(d)
         model_type = d.pop("model_type", "gpt2")
         if model_type not in cls.model_types:
@@ -190,11 +206,16 @@ class GPTConfig(_HFConfig):
         if d.get("id2label") is not None:
             d.pop("num_labels", None)  # the label map wins, as in Hugging Face
         # GPT-2 attention variants lmforge does not implement: refuse rather than load a different model
-        for key, default in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
-                             ("reorder_and_upcast_attn", False), ("add_cross_attention", False)):
+        for key, default in (
+            ("scale_attn_weights", True),
+            ("scale_attn_by_inverse_layer_idx", False),
+            ("reorder_and_upcast_attn", False),
+            ("add_cross_attention", False),
+        ):
             if d.get(key, default) != default:
-                raise ValueError(f"config.json sets {key}={d[key]!r}, which lmforge's GPT does not support "
-                                 f"(only {key}={default!r})")
+                raise ValueError(
+                    f"config.json sets {key}={d[key]!r}, which lmforge's GPT does not support (only {key}={default!r})"
+                )
         known = {k: v for k, v in d.items() if k in names}
         extra = {k: v for k, v in d.items() if k not in names}
         return cls(**known, extra=extra)
@@ -230,13 +251,22 @@ class BertConfig(_HFConfig):
     model_types: ClassVar[tuple[str, ...]] = ("bert",)
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                     "max_position_embeddings", "type_vocab_size"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+            "type_vocab_size",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
-                             f"({self.num_attention_heads})")
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads})"
+            )
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):
             p = getattr(self, name)
             if p is not None and not 0.0 <= p < 1.0:
@@ -250,15 +280,17 @@ class BertConfig(_HFConfig):
     def to_dict(self, architecture: tuple[str, str] = ("BertForMaskedLM", "BertForMaskedLM")) -> dict[str, Any]:
         """config.json's content, as Hugging Face's BertConfig writes it (num_labels follows id2label)."""
         if len(self.id2label or {}) != self.num_labels:
-            raise ValueError(f"num_labels={self.num_labels} but id2label has {len(self.id2label or {})} entries; "
-                             "build the config with config.updated(num_labels=...) so the label map follows")
+            raise ValueError(
+                f"num_labels={self.num_labels} but id2label has {len(self.id2label or {})} entries; "
+                "build the config with config.updated(num_labels=...) so the label map follows"
+            )
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("extra", "num_labels")}
         out: dict[str, Any] = dict(self.extra)
         out.update({"model_type": "bert", "architectures": [architecture[0]], **d})
         return out
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "BertConfig":
+    def from_dict(cls, d: dict[str, Any]) -> BertConfig:
         d = dict(d)
         model_type = d.pop("model_type", "bert")
         if model_type not in cls.model_types:
@@ -267,11 +299,15 @@ class BertConfig(_HFConfig):
         if d.get("id2label") is not None:
             d.pop("num_labels", None)  # the label map wins, as in Hugging Face
         # BERT variants lmforge does not implement: refuse rather than load a different model
-        for key, default in (("position_embedding_type", "absolute"), ("is_decoder", False),
-                             ("add_cross_attention", False)):
+        for key, default in (
+            ("position_embedding_type", "absolute"),
+            ("is_decoder", False),
+            ("add_cross_attention", False),
+        ):
             if d.get(key, default) != default:
-                raise ValueError(f"config.json sets {key}={d[key]!r}, which lmforge's BERT does not support "
-                                 f"(only {key}={default!r})")
+                raise ValueError(
+                    f"config.json sets {key}={d[key]!r}, which lmforge's BERT does not support (only {key}={default!r})"
+                )
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in d.items() if k in names}
         extra = {k: v for k, v in d.items() if k not in names}

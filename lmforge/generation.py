@@ -7,11 +7,13 @@
 Left-padded batches need `attention_mask`; positions are counted from each row's first real token,
 so every row decodes exactly as it would alone.
 """
+
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -59,8 +61,13 @@ class GenerationConfig:
         return not self.do_sample or self.temperature == 0
 
 
-def sample_next_token(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
-                      top_p: float | None = None, generator: torch.Generator | None = None) -> Tensor:
+def sample_next_token(
+    logits: Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """Pick one token per row from logits (B, V) -> (B,). temperature 0 is argmax."""
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -99,7 +106,7 @@ class StopStrings:
 
     def hit(self, new_tokens: Tensor) -> Tensor:
         """new_tokens (B, n) -> (B,) bool: the tail of the row contains a stop string."""
-        tails = self.tokenizer.batch_decode(new_tokens[:, -self.window:].tolist())
+        tails = self.tokenizer.batch_decode(new_tokens[:, -self.window :].tolist())
         return torch.tensor([any(s in t for s in self.stop) for t in tails], device=new_tokens.device)
 
 
@@ -112,8 +119,7 @@ def _options(generation_config: GenerationConfig | None, kwargs: dict[str, Any],
     if cfg.stop is None:
         cfg.stop = []
     if not cfg.do_sample and (cfg.temperature not in (0, 1.0) or cfg.top_k or cfg.top_p is not None):
-        warnings.warn("temperature/top_k/top_p only take effect with do_sample=True; decoding greedily",
-                      stacklevel=4)
+        warnings.warn("temperature/top_k/top_p only take effect with do_sample=True; decoding greedily", stacklevel=4)
     if cfg.eos_token_id is None:
         cfg.eos_token_id = getattr(model.config, "eos_token_id", None)
     if cfg.pad_token_id is None:
@@ -122,10 +128,17 @@ def _options(generation_config: GenerationConfig | None, kwargs: dict[str, Any],
     return cfg
 
 
-def iter_generate(model: Any, input_ids: Tensor, attention_mask: Tensor | None = None,
-                  generation_config: GenerationConfig | None = None, tokenizer: Any = None,
-                  generator: torch.Generator | None = None, use_cache: bool = True,
-                  logits_processors: Sequence[LogitsProcessor] = (), **kwargs: Any) -> Iterator[Tensor]:
+def iter_generate(
+    model: Any,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    generation_config: GenerationConfig | None = None,
+    tokenizer: Any = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+    logits_processors: Sequence[LogitsProcessor] = (),
+    **kwargs: Any,
+) -> Iterator[Tensor]:
     """Yield the next token of every row, (B,), one step at a time. Finished rows yield the pad id.
 
     `logits_processors`: callables (ids so far (B, t), next-token logits (B, V)) -> logits (B, V), applied
@@ -139,12 +152,16 @@ def iter_generate(model: Any, input_ids: Tensor, attention_mask: Tensor | None =
     if T == 0:
         raise ValueError("the prompt is empty: generation needs at least one prompt token")
     if T > ctx:
-        raise ValueError(f"the prompt has {T} tokens but the model's context is {ctx}; shorten the prompt "
-                         f"or truncate it to the last {ctx} tokens")
+        raise ValueError(
+            f"the prompt has {T} tokens but the model's context is {ctx}; shorten the prompt "
+            f"or truncate it to the last {ctx} tokens"
+        )
     max_new = cfg.max_new_tokens
     if T + max_new > ctx:
-        warnings.warn(f"max_new_tokens={max_new} would run past the model's context of {ctx} tokens; "
-                      f"generating {ctx - T} tokens", stacklevel=3)
+        warnings.warn(
+            f"max_new_tokens={max_new} would run past the model's context of {ctx} tokens; generating {ctx - T} tokens",
+            stacklevel=3,
+        )
         max_new = ctx - T
     if max_new == 0:
         return
@@ -188,21 +205,28 @@ def iter_generate(model: Any, input_ids: Tensor, attention_mask: Tensor | None =
             if len(eos_ids):
                 finished |= torch.isin(token, eos_ids)
             if stopper is not None:
-                finished |= stopper.hit(seq[:, T:cur + 1])
+                finished |= stopper.hit(seq[:, T : cur + 1])
             if bool(finished.all()):
                 return
-        m = mask[:, :cur + 1] if mask is not None else None
+        m = mask[:, : cur + 1] if mask is not None else None
         if cache is not None:
             logits = model(token[:, None], attention_mask=m, past_key_values=cache).logits[:, -1]
         else:
-            logits = model(seq[:, :cur + 1], attention_mask=m, logits_to_keep=1).logits[:, -1]
+            logits = model(seq[:, : cur + 1], attention_mask=m, logits_to_keep=1).logits[:, -1]
 
 
-def generate(model: Any, input_ids: Tensor, attention_mask: Tensor | None = None,
-             generation_config: GenerationConfig | None = None, tokenizer: Any = None,
-             generator: torch.Generator | None = None, use_cache: bool = True,
-             streamer: Callable[[Tensor], None] | None = None, logits_processors: Sequence[LogitsProcessor] = (),
-             **kwargs: Any) -> Tensor:
+def generate(
+    model: Any,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    generation_config: GenerationConfig | None = None,
+    tokenizer: Any = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+    streamer: Callable[[Tensor], None] | None = None,
+    logits_processors: Sequence[LogitsProcessor] = (),
+    **kwargs: Any,
+) -> Tensor:
     """Prompt (B, T) followed by up to `max_new_tokens` new tokens: (B, T + n).
 
     Options (keywords or a GenerationConfig): max_new_tokens, do_sample, temperature, top_k, top_p,
@@ -215,8 +239,17 @@ def generate(model: Any, input_ids: Tensor, attention_mask: Tensor | None = None
         attention_mask = attention_mask[None] if attention_mask is not None else None
     tokens = []
     with torch.inference_mode():
-        for token in iter_generate(model, input_ids, attention_mask, generation_config, tokenizer, generator,
-                                   use_cache, logits_processors, **kwargs):
+        for token in iter_generate(
+            model,
+            input_ids,
+            attention_mask,
+            generation_config,
+            tokenizer,
+            generator,
+            use_cache,
+            logits_processors,
+            **kwargs,
+        ):
             tokens.append(token)
             if streamer is not None:
                 streamer(token)
@@ -244,19 +277,19 @@ class IncrementalDecoder:
 
     def push(self, token_id: int) -> str:
         self.ids.append(int(token_id))
-        before = self._decode(self.ids[self.prefix:self.read])
-        after = self._decode(self.ids[self.prefix:])
+        before = self._decode(self.ids[self.prefix : self.read])
+        after = self._decode(self.ids[self.prefix :])
         if len(after) > len(before) and not after.endswith("\ufffd"):
             self.prefix, self.read = self.read, len(self.ids)
-            return after[len(before):]
+            return after[len(before) :]
         return ""
 
     def flush(self) -> str:
         """Whatever is still held back (an unfinished character becomes U+FFFD)."""
-        before = self._decode(self.ids[self.prefix:self.read])
-        after = self._decode(self.ids[self.prefix:])
+        before = self._decode(self.ids[self.prefix : self.read])
+        after = self._decode(self.ids[self.prefix :])
         self.prefix = self.read = len(self.ids)
-        return after[len(before):]
+        return after[len(before) :]
 
 
 def stream(model: Any, tokenizer: Any, prompt: str, **kwargs: Any) -> Iterator[str]:
@@ -275,8 +308,13 @@ def stream(model: Any, tokenizer: Any, prompt: str, **kwargs: Any) -> Iterator[s
     return text_pieces(tokens, tokenizer, eos, stop)
 
 
-def text_pieces(tokens: Iterator[Tensor], tokenizer: Any, eos_token_id: int | list[int] | None = None,
-                stop: str | list[str] | None = None, skip_special_tokens: bool = True) -> Iterator[str]:
+def text_pieces(
+    tokens: Iterator[Tensor],
+    tokenizer: Any,
+    eos_token_id: int | list[int] | None = None,
+    stop: str | list[str] | None = None,
+    skip_special_tokens: bool = True,
+) -> Iterator[str]:
     """Text pieces of a one-row token stream (from `iter_generate`): never a broken UTF-8 character,
     ending at EOS or just before a stop string (a suffix that may become one is held back)."""
     stop = [stop] if isinstance(stop, str) else list(stop or [])
@@ -298,8 +336,8 @@ def text_pieces(tokens: Iterator[Tensor], tokenizer: Any, eos_token_id: int | li
             break
         keep = _partial_stop_suffix(pending, stop)
         if len(pending) > keep:
-            yield pending[:len(pending) - keep]
-            pending = pending[len(pending) - keep:]
+            yield pending[: len(pending) - keep]
+            pending = pending[len(pending) - keep :]
     if pending:
         yield pending
 

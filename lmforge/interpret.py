@@ -10,6 +10,7 @@ is drawn: `pip install matplotlib`. Labels that hold Chinese (or other CJK) char
 that has them; `cjk_font` finds one (an installed Noto Sans CJK, Source Han Sans, WenQuanYi, ... or
 the Noto Sans SC that the `zhplot` package bundles).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -18,10 +19,11 @@ import io
 import math
 import os
 import warnings
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -32,17 +34,32 @@ from lmforge.utils import atomic_write_bytes
 if TYPE_CHECKING:  # matplotlib is optional and loaded only to draw
     from matplotlib.figure import Figure
 
-__all__ = ["attention_maps", "cjk_font", "plot_attention", "plot_attributions", "token_attributions",
-           "token_labels"]
+__all__ = ["attention_maps", "cjk_font", "plot_attention", "plot_attributions", "token_attributions", "token_labels"]
 
 # Font family names with CJK coverage, most preferred first (matched as substrings, any case).
-CJK_FONT_NAMES = ("Noto Sans CJK SC", "Noto Sans CJK", "Noto Sans SC", "Source Han Sans SC", "Source Han Sans",
-                  "WenQuanYi Zen Hei", "WenQuanYi Micro Hei", "WenQuanYi", "SimHei", "Microsoft YaHei",
-                  "PingFang SC", "PingFang", "Hiragino Sans GB", "Heiti SC", "Heiti", "Droid Sans Fallback",
-                  "Arial Unicode MS")
+CJK_FONT_NAMES = (
+    "Noto Sans CJK SC",
+    "Noto Sans CJK",
+    "Noto Sans SC",
+    "Source Han Sans SC",
+    "Source Han Sans",
+    "WenQuanYi Zen Hei",
+    "WenQuanYi Micro Hei",
+    "WenQuanYi",
+    "SimHei",
+    "Microsoft YaHei",
+    "PingFang SC",
+    "PingFang",
+    "Hiragino Sans GB",
+    "Heiti SC",
+    "Heiti",
+    "Droid Sans Fallback",
+    "Arial Unicode MS",
+)
 _LATIN_FONT = "DejaVu Sans"  # ships with matplotlib: always there, and it has the symbols used below
-_NO_CJK_FONT_HINT = ("`pip install zhplot` (it bundles Noto Sans SC) or install a Noto Sans CJK font "
-                     "(e.g. apt install fonts-noto-cjk)")
+_NO_CJK_FONT_HINT = (
+    "`pip install zhplot` (it bundles Noto Sans SC) or install a Noto Sans CJK font (e.g. apt install fonts-noto-cjk)"
+)
 _warned_no_cjk_font = False  # the missing-font warning is given once per process
 _VISIBLE_WHITESPACE = str.maketrans({" ": "␣", "\n": "↵", "\r": "↵", "\t": "⇥"})  # for whitespace-only tokens
 _MAX_LABEL_CHARS = 12  # longer labels are cut with "…" on the plots
@@ -69,8 +86,9 @@ def _check_text(text: Any, name: str = "text") -> None:
         raise ValueError(f"{name} is empty; pass the text to look at")
 
 
-def _encode(tokenizer: Any, text: str, text_pair: str | None = None,
-            device: torch.device | None = None) -> tuple[dict[str, Tensor], list[str]]:
+def _encode(
+    tokenizer: Any, text: str, text_pair: str | None = None, device: torch.device | None = None
+) -> tuple[dict[str, Tensor], list[str]]:
     """Model inputs for one text (each (1, T)) and one label per token."""
     _check_text(text)
     if text_pair is not None:
@@ -92,8 +110,10 @@ def _encode(tokenizer: Any, text: str, text_pair: str | None = None,
     sources = (text, text_pair or "")
     special = set(getattr(tokenizer, "all_special_ids", ()) or ())
     raw = tokenizer.convert_ids_to_tokens(ids)
-    labels = [_label(sources[seg][start:end], token, token_id in special, start == end)
-              for (start, end), token, token_id, seg in zip(offsets, raw, ids, segments)]
+    labels = [
+        _label(sources[seg][start:end], token, token_id in special, start == end)
+        for (start, end), token, token_id, seg in zip(offsets, raw, ids, segments)
+    ]
     inputs = {k: v.to(device) if device is not None else v for k, v in enc.items()}
     return inputs, labels
 
@@ -147,8 +167,10 @@ def _select(requested: int | Sequence[int] | None, n: int, what: str) -> list[in
         if isinstance(i, bool) or not isinstance(i, int):
             raise TypeError(f"{what} indexes must be ints, got {i!r}")
         if not -n <= i < n:
-            raise ValueError(f"{what} {i} is out of range: the model has {n} {what}s, valid indexes are "
-                             f"0..{n - 1} (or -{n}..-1 from the end)")
+            raise ValueError(
+                f"{what} {i} is out of range: the model has {n} {what}s, valid indexes are "
+                f"0..{n - 1} (or -{n}..-1 from the end)"
+            )
         chosen.append(i % n)
     return chosen
 
@@ -163,9 +185,14 @@ def _accepts(model: nn.Module, name: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- attention
-def attention_maps(model: nn.Module, tokenizer: Any, text: str, layers: int | Sequence[int] | None = None,
-                   heads: int | Sequence[int] | None = None, text_pair: str | None = None,
-                   ) -> tuple[list[str], Tensor]:
+def attention_maps(
+    model: nn.Module,
+    tokenizer: Any,
+    text: str,
+    layers: int | Sequence[int] | None = None,
+    heads: int | Sequence[int] | None = None,
+    text_pair: str | None = None,
+) -> tuple[list[str], Tensor]:
     """The attention probabilities of every selected layer and head for one text.
 
     Returns (tokens, attentions): a readable label per token (see `token_labels`) and a float32 CPU
@@ -178,30 +205,46 @@ def attention_maps(model: nn.Module, tokenizer: Any, text: str, layers: int | Se
     return tokens, maps
 
 
-def _attention(model: nn.Module, tokenizer: Any, text: str, layers: int | Sequence[int] | None,
-               heads: int | Sequence[int] | None, text_pair: str | None,
-               ) -> tuple[list[str], Tensor, list[int], list[int]]:
+def _attention(
+    model: nn.Module,
+    tokenizer: Any,
+    text: str,
+    layers: int | Sequence[int] | None,
+    heads: int | Sequence[int] | None,
+    text_pair: str | None,
+) -> tuple[list[str], Tensor, list[int], list[int]]:
     """(tokens, maps (L, H, T, T), the layer indexes, the head indexes), indexes counted from 0."""
     if not _accepts(model, "output_attentions"):
-        raise TypeError(f"{type(model).__name__} does not take output_attentions=True; use an lmforge GPT or "
-                        "BERT model (or one whose forward returns .attentions)")
+        raise TypeError(
+            f"{type(model).__name__} does not take output_attentions=True; use an lmforge GPT or "
+            "BERT model (or one whose forward returns .attentions)"
+        )
     inputs, tokens = _encode(tokenizer, text, text_pair, _device(model))
     _check_length(model, inputs["input_ids"].size(1))
     with _eval_mode(model), torch.no_grad():
         out = model(**inputs, output_attentions=True)
     per_layer = getattr(out, "attentions", None)  # per layer (1, H, T, T)
     if not per_layer:
-        raise TypeError(f"{type(model).__name__} returned no attention weights for output_attentions=True; "
-                        "use an lmforge GPT or BERT model")
+        raise TypeError(
+            f"{type(model).__name__} returned no attention weights for output_attentions=True; "
+            "use an lmforge GPT or BERT model"
+        )
     layer_idx = _select(layers, len(per_layer), "layer")
     head_idx = _select(heads, per_layer[0].size(1), "head")
     maps = torch.stack([per_layer[i][0] for i in layer_idx])  # (L, H_all, T, T)
     return tokens, maps[:, head_idx].float().cpu(), layer_idx, head_idx  # (L, H, T, T)
 
 
-def plot_attention(model: nn.Module, tokenizer: Any, text: str, path: str | os.PathLike,
-                   layers: int | Sequence[int] | None = None, heads: int | Sequence[int] | None = None,
-                   average_heads: bool = False, text_pair: str | None = None) -> Path:
+def plot_attention(
+    model: nn.Module,
+    tokenizer: Any,
+    text: str,
+    path: str | os.PathLike,
+    layers: int | Sequence[int] | None = None,
+    heads: int | Sequence[int] | None = None,
+    average_heads: bool = False,
+    text_pair: str | None = None,
+) -> Path:
     """Draw the attention maps of `text` as a PNG grid and return its path.
 
     One heatmap per (layer, head): a row of panels per layer, a column per head (one column of
@@ -215,8 +258,11 @@ def plot_attention(model: nn.Module, tokenizer: Any, text: str, path: str | os.P
         maps = maps.mean(1, keepdim=True)  # (L, 1, T, T)
     n_rows, n_cols, T = maps.size(0), maps.size(1), maps.size(-1)
     if n_rows * n_cols > 64:
-        warnings.warn(f"drawing {n_rows * n_cols} attention panels; pass layers=/heads= or average_heads=True "
-                      "for a figure that stays readable", stacklevel=2)
+        warnings.warn(
+            f"drawing {n_rows * n_cols} attention panels; pass layers=/heads= or average_heads=True "
+            "for a figure that stays readable",
+            stacklevel=2,
+        )
 
     def draw(fig: Figure) -> None:
         axes = fig.subplots(n_rows, n_cols, squeeze=False)
@@ -227,8 +273,9 @@ def plot_attention(model: nn.Module, tokenizer: Any, text: str, path: str | os.P
         for r in range(n_rows):
             for c in range(n_cols):
                 ax = axes[r][c]
-                image = ax.imshow(maps[r, c].numpy(), cmap="viridis", vmin=0.0, vmax=vmax,
-                                  interpolation="nearest", aspect="equal")
+                image = ax.imshow(
+                    maps[r, c].numpy(), cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest", aspect="equal"
+                )
                 head = "heads averaged" if average_heads else f"head {head_idx[c]}"
                 ax.set_title(f"layer {layer_idx[r]}, {head}", fontsize=9)
                 ax.set_xticks(ticks)
@@ -250,8 +297,9 @@ def plot_attention(model: nn.Module, tokenizer: Any, text: str, path: str | os.P
 
 
 # ---------------------------------------------------------------------------------------------- attributions
-def token_attributions(model: nn.Module, tokenizer: Any, text: str, target: int | str | None = None,
-                       text_pair: str | None = None) -> list[tuple[str, float]]:
+def token_attributions(
+    model: nn.Module, tokenizer: Any, text: str, target: int | str | None = None, text_pair: str | None = None
+) -> list[tuple[str, float]]:
     """Gradient x input of a sequence classifier's target logit, one (label, score) per token.
 
     The score of token t is sum_c (d logit[target] / d e_t[c]) * e_t[c], where e_t is the token's word
@@ -263,13 +311,16 @@ def token_attributions(model: nn.Module, tokenizer: Any, text: str, target: int 
     return list(zip(labels, scores.tolist()))
 
 
-def _attributions(model: nn.Module, tokenizer: Any, text: str, target: int | str | None,
-                  text_pair: str | None) -> tuple[list[str], Tensor, int, Tensor]:
+def _attributions(
+    model: nn.Module, tokenizer: Any, text: str, target: int | str | None, text_pair: str | None
+) -> tuple[list[str], Tensor, int, Tensor]:
     """(labels, scores (T,), target class, logits (num_labels,))."""
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if not isinstance(embedding, nn.Module):
-        raise TypeError(f"{type(model).__name__} has no get_input_embeddings(); token_attributions needs a "
-                        "sequence classifier such as BertForSequenceClassification or GPTForSequenceClassification")
+        raise TypeError(
+            f"{type(model).__name__} has no get_input_embeddings(); token_attributions needs a "
+            "sequence classifier such as BertForSequenceClassification or GPTForSequenceClassification"
+        )
     inputs, labels = _encode(tokenizer, text, text_pair, _device(model))
     _check_length(model, inputs["input_ids"].size(1))
     captured: list[Tensor] = []
@@ -287,12 +338,16 @@ def _attributions(model: nn.Module, tokenizer: Any, text: str, target: int | str
             logits = getattr(model(**inputs), "logits", None)
             if not isinstance(logits, Tensor) or logits.dim() != 2:
                 shape = "no logits" if not isinstance(logits, Tensor) else f"logits of shape {tuple(logits.shape)}"
-                raise TypeError(f"{type(model).__name__} is not a sequence classifier: it returns {shape}, "
-                                "expected (1, num_labels); use e.g. BertForSequenceClassification or "
-                                "GPTForSequenceClassification")
+                raise TypeError(
+                    f"{type(model).__name__} is not a sequence classifier: it returns {shape}, "
+                    "expected (1, num_labels); use e.g. BertForSequenceClassification or "
+                    "GPTForSequenceClassification"
+                )
             if len(captured) != 1:
-                raise TypeError(f"{type(model).__name__}'s input embedding ran {len(captured)} times in one "
-                                "forward pass; expected once")
+                raise TypeError(
+                    f"{type(model).__name__}'s input embedding ran {len(captured)} times in one "
+                    "forward pass; expected once"
+                )
             cls = _target_class(model, logits, target)
             (grad,) = torch.autograd.grad(logits[0, cls], captured[0])  # (1, T, C)
     finally:
@@ -318,8 +373,14 @@ def _target_class(model: nn.Module, logits: Tensor, target: int | str | None) ->
     return target
 
 
-def plot_attributions(model: nn.Module, tokenizer: Any, text: str, path: str | os.PathLike,
-                      target: int | str | None = None, text_pair: str | None = None) -> Path:
+def plot_attributions(
+    model: nn.Module,
+    tokenizer: Any,
+    text: str,
+    path: str | os.PathLike,
+    target: int | str | None = None,
+    text_pair: str | None = None,
+) -> Path:
     """Draw `token_attributions` as a horizontal bar chart (tokens top to bottom in text order) and
     return the PNG's path. Bars pushing towards the target class are blue, against it orange."""
     path = _png_path(path)
@@ -366,7 +427,7 @@ def _ticks(tokens: list[str], most: int = 40) -> tuple[list[int], list[str]]:
 
 
 def _short(label: str) -> str:
-    return label if len(label) <= _MAX_LABEL_CHARS else label[:_MAX_LABEL_CHARS - 1] + "…"
+    return label if len(label) <= _MAX_LABEL_CHARS else label[: _MAX_LABEL_CHARS - 1] + "…"
 
 
 def _tick_font_size(n: int) -> float:
@@ -376,8 +437,14 @@ def _tick_font_size(n: int) -> float:
 def _is_cjk(ch: str) -> bool:
     """Han, kana, hangul, CJK punctuation and full-width forms."""
     o = ord(ch)
-    return (0x2E80 <= o <= 0x9FFF or 0xAC00 <= o <= 0xD7AF or 0xF900 <= o <= 0xFAFF or 0xFE30 <= o <= 0xFE4F
-            or 0xFF00 <= o <= 0xFFEF or 0x20000 <= o <= 0x3FFFF)
+    return (
+        0x2E80 <= o <= 0x9FFF
+        or 0xAC00 <= o <= 0xD7AF
+        or 0xF900 <= o <= 0xFAFF
+        or 0xFE30 <= o <= 0xFE4F
+        or 0xFF00 <= o <= 0xFFEF
+        or 0x20000 <= o <= 0x3FFFF
+    )
 
 
 def _matplotlib() -> Any:
@@ -405,7 +472,9 @@ def _save_figure(draw: Any, figsize: tuple[float, float], texts: list[str], path
         if missing_glyphs:  # already explained by the warning from _font_family: not once per glyph
             warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font")
         fig = mpl.figure.Figure(figsize=figsize, dpi=dpi, layout="constrained")
-        mpl.backends.backend_agg.FigureCanvasAgg(fig)  # attaches itself as fig.canvas: no pyplot, no window, no backend switch
+        mpl.backends.backend_agg.FigureCanvasAgg(
+            fig
+        )  # attaches itself as fig.canvas: no pyplot, no window, no backend switch
         draw(fig)
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=dpi)
@@ -428,12 +497,15 @@ def _font_family(texts: list[str]) -> tuple[list[str], bool]:
         return family, False
     if needs_cjk and not _warned_no_cjk_font:
         _warned_no_cjk_font = True
-        warnings.warn(f"no font with Chinese/CJK characters was found, so they show as empty boxes; "
-                      f"{_NO_CJK_FONT_HINT}", UserWarning, stacklevel=4)
+        warnings.warn(
+            f"no font with Chinese/CJK characters was found, so they show as empty boxes; {_NO_CJK_FONT_HINT}",
+            UserWarning,
+            stacklevel=4,
+        )
     return family, needs_cjk
 
 
-@lru_cache(maxsize=None)
+@cache
 def _latin_font_path() -> str:
     return _matplotlib().font_manager.findfont(_LATIN_FONT)
 

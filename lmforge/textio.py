@@ -36,8 +36,12 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 #: compressed-file extension -> its opener (each takes an open binary file and "rb")
-_DECOMPRESSORS: dict[str, Callable[..., BinaryIO]] = {".gz": gzip.open, ".xz": lzma.open, ".lzma": lzma.open,
-                                                      ".bz2": bz2.open}
+_DECOMPRESSORS: dict[str, Callable[..., BinaryIO]] = {
+    ".gz": gzip.open,
+    ".xz": lzma.open,
+    ".lzma": lzma.open,
+    ".bz2": bz2.open,
+}
 COMPRESSIONS = tuple(_DECOMPRESSORS)
 
 # bytes inspected up front for NUL bytes (the cheap "is this a binary file?" test)
@@ -166,6 +170,5 @@ def parse_json_line(path: str | os.PathLike[str], lineno: int, line: str, exampl
         return json.loads(line)
     except json.JSONDecodeError as err:
         raise TextFileError(
-            f"{path}, line {lineno}: not valid JSON ({err.msg}); each line must be one JSON object such as "
-            f"{example}"
+            f"{path}, line {lineno}: not valid JSON ({err.msg}); each line must be one JSON object such as {example}"
         ) from None

@@ -1,13 +1,15 @@
 """Small shared helpers: atomic file writes, seeding, devices."""
+
 from __future__ import annotations
 
 import os
 import random
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch and numpy are imported where used: file helpers stay light to import
     import torch
@@ -102,8 +104,9 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
         raise ValueError(f"unknown device {device!r}; use cpu, cuda, cuda:N, mps or auto") from None
 
 
-def matmul_peak_flops(device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                      seconds: float = 0.3) -> float:
+def matmul_peak_flops(
+    device: torch.device | str = "cpu", dtype: torch.dtype | None = None, seconds: float = 0.3
+) -> float:
     """FLOP/s of a large square matmul on `device`: the denominator of MFU, measured, not assumed."""
     import time
 

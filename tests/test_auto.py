@@ -1,4 +1,5 @@
 """Auto classes and Hugging Face names: a transformers script runs with only its import line changed."""
+
 from __future__ import annotations
 
 import json
@@ -6,16 +7,24 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import GREEDY_MARGIN, greedy_margin
 
 import lmforge
-from lmforge import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, GPT2Tokenizer,
-                     GPTConfig, GPTForCausalLM, Tokenizer)
+from lmforge import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPT2Tokenizer,
+    GPTConfig,
+    GPTForCausalLM,
+    Tokenizer,
+)
 
 TEXTS = ["To be, or not to be, that is the question.", "床前明月光，疑是地上霜。", "Hello world 😀"] * 20
 
-SCRIPT = '''
+SCRIPT = """
 from {lib} import AutoTokenizer, AutoModelForCausalLM
 tok = AutoTokenizer.from_pretrained(path)
 tok.padding_side = "left"
@@ -25,15 +34,24 @@ inputs = tok(["To be, or not", "床前明月光"], return_tensors="pt", padding=
 loss = model(**inputs, labels=inputs["input_ids"]).loss.item()
 generated = model.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
 texts = tok.batch_decode(generated, skip_special_tokens=True)
-'''
+"""
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tok = Tokenizer.train_bpe(iterator=TEXTS, vocab_size=300)
     torch.manual_seed(0)
-    model = GPTForCausalLM(GPTConfig(vocab_size=len(tok), n_positions=64, n_layer=2, n_head=2, n_embd=32,
-                                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    model = GPTForCausalLM(
+        GPTConfig(
+            vocab_size=len(tok),
+            n_positions=64,
+            n_layer=2,
+            n_head=2,
+            n_embd=32,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+    )
     with torch.no_grad():  # spread the logits so greedy choices are clear-cut
         for p in model.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -71,7 +89,7 @@ def test_a_transformers_script_runs_with_only_the_import_changed(model_dir: Path
     for row, m in zip(ours["generated"].tolist(), mask):
         new = row[T:]
         eos = ours["tok"].eos_token_id
-        rows.append(row[T - int(m.sum()):T] + (new[:new.index(eos) + 1] if eos in new else new))
+        rows.append(row[T - int(m.sum()) : T] + (new[: new.index(eos) + 1] if eos in new else new))
         prompt_lengths.append(int(m.sum()))
     assert greedy_margin(ours["model"], rows, prompt_lengths) > GREEDY_MARGIN
     assert torch.equal(ours["generated"], hf["generated"])

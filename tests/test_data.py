@@ -75,14 +75,10 @@ def write_docs_txt(path: Path, docs: list[str]) -> Path:
 
 
 def make_docs(n: int) -> list[str]:
-    return [
-        f"Document number {i}.\nIt has a second line about item {i * 7 % 13}." for i in range(n)
-    ]
+    return [f"Document number {i}.\nIt has a second line about item {i * 7 % 13}." for i in range(n)]
 
 
-def expected_split_ids(
-    tok: Tokenizer, docs: list[str], seed: int, val_fraction: float
-) -> dict[str, list[int]]:
+def expected_split_ids(tok: Tokenizer, docs: list[str], seed: int, val_fraction: float) -> dict[str, list[int]]:
     """Ids each split must hold under the hashed document split: each doc's ids then EOS."""
     ids = tok.encode_batch_fast(docs)
     out: dict[str, list[int]] = {"train": [], "val": []}
@@ -104,9 +100,7 @@ def test_bundled_corpora_exist_and_hold_their_texts() -> None:
     corpora = Path(bundled_path("shakespeare")).parent
     assert (corpora / "NOTICE.md").is_file()
     notice = (corpora / "NOTICE.md").read_text(encoding="utf-8")
-    assert (
-        "Open Knowledge Foundation" in notice and "CC-BY-2.5" in notice and "fortunes-zh" in notice
-    )
+    assert "Open Knowledge Foundation" in notice and "CC-BY-2.5" in notice and "fortunes-zh" in notice
     for corpus in BUNDLED.values():
         assert corpus.path.suffix == ".xz"
         assert lzma.decompress(corpus.path.read_bytes()).decode("utf-8")  # valid xz + UTF-8
@@ -140,9 +134,7 @@ def test_bundled_names_accept_file_stems() -> None:
 
 def test_txt_documents_split_on_blank_lines(tmp_path: Path) -> None:
     path = tmp_path / "a.txt"
-    path.write_text(
-        "\n\nfirst line\nsecond line\n\n  \n\t\nthird\n  indented\n\n\nlast", encoding="utf-8"
-    )
+    path.write_text("\n\nfirst line\nsecond line\n\n  \n\t\nthird\n  indented\n\n\nlast", encoding="utf-8")
     assert read_documents(path) == ["first line\nsecond line", "third\n  indented", "last"]
 
 
@@ -197,9 +189,7 @@ def test_iter_documents_streams(tmp_path: Path) -> None:
 
 def test_error_missing_path(tmp_path: Path) -> None:
     missing = tmp_path / "nope.txt"
-    with pytest.raises(
-        CorpusError, match=r"nope\.txt: no such file or folder.*bundled corpus name"
-    ):
+    with pytest.raises(CorpusError, match=r"nope\.txt: no such file or folder.*bundled corpus name"):
         read_documents(missing)
 
 
@@ -238,9 +228,7 @@ def test_error_binary_file(tmp_path: Path) -> None:
 def test_error_jsonl_line_without_text(tmp_path: Path) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "ok"}\n\n{"content": "wrong key"}\n', encoding="utf-8")
-    with pytest.raises(
-        CorpusError, match=r"bad\.jsonl, line 3: no \"text\" field \(found keys \['content'\]\)"
-    ):
+    with pytest.raises(CorpusError, match=r"bad\.jsonl, line 3: no \"text\" field \(found keys \['content'\]\)"):
         read_documents(path)
 
 
@@ -262,9 +250,7 @@ def test_error_folder_without_text_files(tmp_path: Path) -> None:
 
 def test_error_unsupported_extension_and_bad_compression(tmp_path: Path) -> None:
     (tmp_path / "data.csv").write_text("a,b\n", encoding="utf-8")
-    with pytest.raises(
-        CorpusError, match=r"data\.csv: unsupported file type.*Rename a plain-text file to \.txt"
-    ):
+    with pytest.raises(CorpusError, match=r"data\.csv: unsupported file type.*Rename a plain-text file to \.txt"):
         read_documents(tmp_path / "data.csv")
     (tmp_path / "fake.txt.xz").write_bytes(b"this is not xz data")
     with pytest.raises(CorpusError, match=r"fake\.txt\.xz: cannot decompress"):
@@ -288,9 +274,7 @@ def test_prepare_writes_every_document_once(tmp_path: Path, tok: Tokenizer) -> N
     docs = make_docs(60)
     src = write_docs_txt(tmp_path / "corpus.txt", docs)
     counting = CountingTokenizer(tok)
-    meta = prepare_corpus(
-        src, counting, tmp_path / "out", val_fraction=0.2, seed=3, show_progress=False, batch_docs=7
-    )
+    meta = prepare_corpus(src, counting, tmp_path / "out", val_fraction=0.2, seed=3, show_progress=False, batch_docs=7)
     assert counting.encode_calls == 9  # ceil(60 / 7) batches: never the whole corpus at once
 
     assert meta.split_by == "documents" and meta.dtype == "uint16" and meta.vocab_size == len(tok)
@@ -321,12 +305,8 @@ def test_prepare_writes_every_document_once(tmp_path: Path, tok: Tokenizer) -> N
 
 def test_prepare_is_deterministic_and_seed_dependent(tmp_path: Path, tok: Tokenizer) -> None:
     src = write_docs_txt(tmp_path / "c.txt", make_docs(80))
-    a = prepare_corpus(
-        src, tok, tmp_path / "a", seed=1, val_fraction=0.25, show_progress=False, batch_docs=5
-    )
-    b = prepare_corpus(
-        src, tok, tmp_path / "b", seed=1, val_fraction=0.25, show_progress=False, batch_docs=64
-    )
+    a = prepare_corpus(src, tok, tmp_path / "a", seed=1, val_fraction=0.25, show_progress=False, batch_docs=5)
+    b = prepare_corpus(src, tok, tmp_path / "b", seed=1, val_fraction=0.25, show_progress=False, batch_docs=64)
     c = prepare_corpus(src, tok, tmp_path / "c", seed=2, val_fraction=0.25, show_progress=False)
     for split in ("train", "val"):
         assert a.path(split).read_bytes() == b.path(split).read_bytes()
@@ -363,9 +343,7 @@ def test_prepare_reuses_cache_and_retokenizes_on_change(tmp_path: Path, tok: Tok
     assert other.tokenizer_fingerprint != changed.tokenizer_fingerprint and other.vocab_size == 300
 
     (tmp_path / "out" / "train.bin").write_bytes(b"")  # damaged token file: rebuilt, not trusted
-    repaired = prepare_corpus(
-        src, other_tok, tmp_path / "out", val_fraction=0.3, show_progress=False
-    )
+    repaired = prepare_corpus(src, other_tok, tmp_path / "out", val_fraction=0.3, show_progress=False)
     assert repaired.train_path.stat().st_size == repaired.train_tokens * 2 > 0
 
 
@@ -376,9 +354,7 @@ def test_prepare_single_document_splits_tokens(tmp_path: Path, tok: Tokenizer) -
     meta = prepare_corpus(src, tok, tmp_path / "out", val_fraction=0.1, show_progress=False)
     ids = tok.encode_batch_fast([doc])[0] + [tok.eos_token_id]
     assert meta.split_by == "tokens"
-    assert meta.val_tokens == round(len(ids) * 0.1) and meta.train_tokens + meta.val_tokens == len(
-        ids
-    )
+    assert meta.val_tokens == round(len(ids) * 0.1) and meta.train_tokens + meta.val_tokens == len(ids)
     assert read_split(meta, "train") + read_split(meta, "val") == ids
     assert (meta.train_docs, meta.val_docs) == (0, 1)  # a document counts where its EOS lies
 
@@ -402,20 +378,14 @@ def test_prepare_long_documents_encode_in_pieces_exactly(
     tmp_path: Path, tok: Tokenizer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(prepare_module, "_PIECE_CHARS", 60)
-    doc = (
-        "\n".join(f"Line {i}:  some words,\tspaces  and 数字 {i}" for i in range(100)) + "\n\n  end"
-    )
+    doc = "\n".join(f"Line {i}:  some words,\tspaces  and 数字 {i}" for i in range(100)) + "\n\n  end"
     pieces = prepare_module._split_long_text(doc, 60)
     assert len(pieces) > 20 and "".join(pieces) == doc
     src = tmp_path / "long.jsonl"
-    src.write_text(
-        json.dumps({"text": doc}) + "\n" + json.dumps({"text": doc[::-1]}) + "\n", encoding="utf-8"
-    )
+    src.write_text(json.dumps({"text": doc}) + "\n" + json.dumps({"text": doc[::-1]}) + "\n", encoding="utf-8")
     meta = prepare_corpus(src, tok, tmp_path / "out", val_fraction=0.0, show_progress=True)
     whole = tok.encode_batch_fast([doc, doc[::-1]])
-    assert read_split(meta, "train") == whole[0] + [tok.eos_token_id] + whole[1] + [
-        tok.eos_token_id
-    ]
+    assert read_split(meta, "train") == whole[0] + [tok.eos_token_id] + whole[1] + [tok.eos_token_id]
 
 
 def test_prepare_uint32_for_large_vocab(tmp_path: Path, tok: Tokenizer) -> None:
@@ -430,10 +400,7 @@ def test_prepare_uint32_for_large_vocab(tmp_path: Path, tok: Tokenizer) -> None:
     )
     assert meta.dtype == "uint32" and meta.vocab_size == 70_000
     assert meta.train_path.stat().st_size == 4 * meta.train_tokens
-    assert (
-        np.fromfile(meta.train_path, dtype=np.uint32).tolist()
-        == expected_split_ids(tok, docs, 0, 0.0)["train"]
-    )
+    assert np.fromfile(meta.train_path, dtype=np.uint32).tolist() == expected_split_ids(tok, docs, 0, 0.0)["train"]
 
 
 def test_prepare_bundled_and_mixed_sources(tmp_path: Path, tok: Tokenizer) -> None:
@@ -500,9 +467,7 @@ def test_random_blocks_in_dataloader_workers(token_file: tuple[Path, np.ndarray]
     loader = torch.utils.data.DataLoader(ds, batch_size=8, num_workers=2)
     batches = list(loader)
     assert batches[0]["input_ids"].shape == (8, 16) and batches[0]["labels"].shape == (8, 17)
-    assert torch.equal(
-        torch.cat([b["labels"] for b in batches]), torch.stack([ds[i]["labels"] for i in range(64)])
-    )
+    assert torch.equal(torch.cat([b["labels"] for b in batches]), torch.stack([ds[i]["labels"] for i in range(64)]))
 
 
 def test_sequential_blocks_cover_split_in_order(token_file: tuple[Path, np.ndarray]) -> None:
@@ -527,10 +492,7 @@ def test_block_datasets_read_dtype_from_meta(tmp_path: Path, tok: Tokenizer) -> 
     )
     ds = SequentialBlockDataset(meta.train_path, block_size=8)
     assert ds.dtype == np.uint32
-    assert (
-        torch.cat([ds[i]["input_ids"] for i in range(len(ds))]).tolist()
-        == read_split(meta, "train")[: len(ds) * 8]
-    )
+    assert torch.cat([ds[i]["input_ids"] for i in range(len(ds))]).tolist() == read_split(meta, "train")[: len(ds) * 8]
 
 
 def test_error_too_few_tokens_for_a_block(tmp_path: Path) -> None:
@@ -540,16 +502,10 @@ def test_error_too_few_tokens_for_a_block(tmp_path: Path) -> None:
         SequentialBlockDataset(path, block_size=128)
     message = str(info.value)
     assert "val split" in message and "val.bin" in message and "has 100 tokens" in message
-    assert (
-        "block_size + 1 = 129" in message
-        and "smaller block_size" in message
-        and "more data" in message
-    )
+    assert "block_size + 1 = 129" in message and "smaller block_size" in message and "more data" in message
     with pytest.raises(CorpusError, match="has 100 tokens"):
         RandomBlockDataset(path, block_size=100, num_samples=10, seed=0)
-    assert (
-        len(RandomBlockDataset(path, block_size=99, num_samples=10, seed=0)) == 10
-    )  # exactly enough
+    assert len(RandomBlockDataset(path, block_size=99, num_samples=10, seed=0)) == 10  # exactly enough
 
 
 def test_memory_stays_flat_over_many_items(token_file: tuple[Path, np.ndarray]) -> None:

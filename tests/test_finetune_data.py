@@ -155,9 +155,7 @@ def squad_file(tmp_path: Path) -> Path:
                             {
                                 "id": "q1",
                                 "question": QUESTION,
-                                "answers": [
-                                    {"text": ANSWER, "answer_start": CONTEXT.index(ANSWER)}
-                                ],
+                                "answers": [{"text": ANSWER, "answer_start": CONTEXT.index(ANSWER)}],
                                 "is_impossible": False,
                             },
                             {
@@ -180,8 +178,18 @@ def test_load_squad(tmp_path: Path) -> None:
     assert [e["id"] for e in examples] == ["q1", "q2"]
     assert examples[0]["answers"] == {"text": [ANSWER], "answer_start": [CONTEXT.index(ANSWER)]}
     assert examples[1]["is_impossible"] and examples[1]["answers"]["text"] == []
-    bad = {"data": [{"paragraphs": [{"context": "abc", "qas": [
-        {"id": "z", "question": "q", "answers": [{"text": "abc", "answer_start": 1}]}]}]}]}
+    bad = {
+        "data": [
+            {
+                "paragraphs": [
+                    {
+                        "context": "abc",
+                        "qas": [{"id": "z", "question": "q", "answers": [{"text": "abc", "answer_start": 1}]}],
+                    }
+                ]
+            }
+        ]
+    }
     with pytest.raises(CorpusError, match=r"qas\[0\]: answer 'abc' is not at answer_start=1"):
         load_squad(write(tmp_path, "bad.json", json.dumps(bad)))
     with pytest.raises(CorpusError, match=r"broken\.json, line 2: not valid JSON"):
@@ -228,15 +236,18 @@ def test_qa_chunks_answer_in_last_chunk(tmp_path: Path, tok: Tokenizer) -> None:
 def test_qa_matches_transformers(tmp_path: Path, tok: Tokenizer) -> None:
     hf = transformers.AutoTokenizer.from_pretrained(str(MODEL))
     features = prepare_qa_features(load_squad(squad_file(tmp_path))[:1], tok, 64, 16)
-    expected = hf(QUESTION, CONTEXT, truncation="only_second", max_length=64, stride=16,
-                  return_overflowing_tokens=True)
+    expected = hf(QUESTION, CONTEXT, truncation="only_second", max_length=64, stride=16, return_overflowing_tokens=True)
     assert [f["input_ids"] for f in features] == expected["input_ids"]
     assert [f["token_type_ids"] for f in features] == expected["token_type_ids"]
 
 
 def test_qa_question_too_long(tok: Tokenizer) -> None:
-    example = {"id": "long", "question": "word " * 80, "context": "short context",
-               "answers": {"text": [], "answer_start": []}}
+    example = {
+        "id": "long",
+        "question": "word " * 80,
+        "context": "short context",
+        "answers": {"text": [], "answer_start": []},
+    }
     with pytest.raises(ValueError, match="example 'long': cannot fit the question"):
         prepare_qa_features([example], tok, max_length=32, doc_stride=8)
 
@@ -251,8 +262,10 @@ def test_english_sentiment_keeps_clear_ratings_only() -> None:
 
     examples, label2id = load_sentiment()
     assert label2id == {"negative": 0, "positive": 1}
-    rows = [line.split("\t") for line in lzma.open(CORPORA_DIR / "en_sentiment.tsv.xz", "rt",
-                                                    encoding="utf-8").read().splitlines()[1:]]
+    rows = [
+        line.split("\t")
+        for line in lzma.open(CORPORA_DIR / "en_sentiment.tsv.xz", "rt", encoding="utf-8").read().splitlines()[1:]
+    ]
     # read as plain tab-separated text: the 330 quote characters in it are text, not CSV quoting
     assert sum('"' in r[1] for r in rows) > 100
     clear = [{"text": r[1], "label": int(float(r[2]) > 0)} for r in rows if abs(float(r[2])) >= 1]
@@ -275,8 +288,7 @@ def test_chinese_sentiment_has_a_fixed_disjoint_split() -> None:
     # CSV quoting round-trips: reviews with quotes and commas are read whole, not split or merged
     quoted = [e["text"] for e in both if '"' in e["text"]]
     assert len(quoted) > 50 and all("\t" not in t and "\n" not in t for t in quoted)
-    assert load_zh_sentiment("test", max_examples=5, seed=1)[0] == load_zh_sentiment("test", max_examples=5,
-                                                                                       seed=1)[0]
+    assert load_zh_sentiment("test", max_examples=5, seed=1)[0] == load_zh_sentiment("test", max_examples=5, seed=1)[0]
     with pytest.raises(ValueError, match="split 'dev'"):
         load_zh_sentiment("dev")
 

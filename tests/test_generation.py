@@ -12,19 +12,30 @@ from collections import Counter
 
 import pytest
 import torch
+from helpers import GREEDY_MARGIN, greedy_margin
 from transformers import GPT2LMHeadModel  # test-only oracle
 
-from helpers import GREEDY_MARGIN, greedy_margin
-
 from lmforge.config import GPTConfig
-from lmforge.generation import (GenerationConfig, IncrementalDecoder, apply_repetition_penalty, generate,
-                                iter_generate, sample_next_token, stream)
+from lmforge.generation import (
+    GenerationConfig,
+    IncrementalDecoder,
+    apply_repetition_penalty,
+    generate,
+    iter_generate,
+    sample_next_token,
+    stream,
+)
 from lmforge.models.gpt import GPTForCausalLM
 from lmforge.tokenizer import Tokenizer
 
 V = 101
-CORPUS = ["The quick brown fox jumps over the lazy dog.", "hello world, hello there", "Once upon a time",
-          "stop here please", "中文 世界 😀"] * 10
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "hello world, hello there",
+    "Once upon a time",
+    "stop here please",
+    "中文 世界 😀",
+] * 10
 STORY = "Once upon a time: END of it"
 CJK = "中文😀 hello 世界"
 
@@ -47,8 +58,9 @@ def scripted_model(target: list[int], vocab: int, ctx: int = 64, d: int = 128) -
     zero mean, so LayerNorm only rescales them; the output row of token v is the sum of the
     position vectors that should predict v."""
     torch.manual_seed(0)
-    m = GPTForCausalLM(GPTConfig(vocab_size=vocab, n_positions=ctx, n_layer=1, n_head=2, n_embd=d,
-                                 tie_word_embeddings=False)).eval()
+    m = GPTForCausalLM(
+        GPTConfig(vocab_size=vocab, n_positions=ctx, n_layer=1, n_head=2, n_embd=d, tie_word_embeddings=False)
+    ).eval()
     basis, _ = torch.linalg.qr(torch.cat([torch.ones(d, 1), torch.randn(d, ctx)], dim=1))  # (d, ctx + 1)
     with torch.no_grad():
         m.transformer.wte.weight.zero_()
@@ -96,7 +108,7 @@ def left_pad(rows: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.T
 def unpadded(out: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
     """The rows of a left-padded generation (B, T + new) without their padding: prompt + new tokens."""
     T = mask.size(1)
-    return [row[T - int(m.sum()):].tolist() for row, m in zip(out, mask)]
+    return [row[T - int(m.sum()) :].tolist() for row, m in zip(out, mask)]
 
 
 # ---------------------------------------------------------------------------------- sampling rules
@@ -187,8 +199,9 @@ def test_cached_and_uncached_greedy_are_identical(model):
 def test_greedy_matches_transformers(model, hf_model):
     ids = prompt(1, 7, seed=2)
     ours = model.generate(ids, max_new_tokens=50)
-    theirs = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=50, do_sample=False,
-                               eos_token_id=None, pad_token_id=0)
+    theirs = hf_model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=50, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
     assert ours.shape == theirs.shape == (1, 57)
     assert greedy_margin(model, ours.tolist(), [7]) > GREEDY_MARGIN  # other kernels, the same tokens: no near tie
     assert torch.equal(ours, theirs)
@@ -198,20 +211,29 @@ def test_greedy_left_padded_batch_matches_transformers_and_single_rows(model, hf
     rows = [[3, 44, 17, 90, 5, 61, 2, 8], [71, 33, 20], [9, 9, 10, 40, 55]]
     ids, mask = left_pad(rows)
     ours = generate(model, ids, attention_mask=mask, max_new_tokens=50)
-    theirs = hf_model.generate(ids, attention_mask=mask, max_new_tokens=50, do_sample=False, eos_token_id=None,
-                               pad_token_id=0)
+    theirs = hf_model.generate(
+        ids, attention_mask=mask, max_new_tokens=50, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
     assert greedy_margin(model, unpadded(ours, mask), list(map(len, rows))) > GREEDY_MARGIN  # no near tie
     assert torch.equal(ours, theirs)
     for b, row in enumerate(rows):
         alone = generate(model, torch.tensor([row]), max_new_tokens=50)
-        assert torch.equal(ours[b, ids.size(1):], alone[0, len(row):]), b
+        assert torch.equal(ours[b, ids.size(1) :], alone[0, len(row) :]), b
 
 
 def test_repetition_penalty_matches_transformers(model, hf_model):
     ids = prompt(1, 6, seed=3)
     ours = generate(model, ids, max_new_tokens=30, repetition_penalty=1.8)
-    theirs = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=30, do_sample=False,
-                               repetition_penalty=1.8, eos_token_id=None, pad_token_id=0)
+    theirs = hf_model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=30,
+        do_sample=False,
+        repetition_penalty=1.8,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+
     def penalty(seen: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         return apply_repetition_penalty(logits, seen, 1.8)
 
@@ -227,8 +249,10 @@ def test_sampling_in_generate_is_seeded(model):
     c = generate(model, ids, max_new_tokens=20, do_sample=True, seed=8)
     assert torch.equal(a, b) and not torch.equal(a, c)
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    assert torch.equal(generate(model, ids, max_new_tokens=20, do_sample=True, generator=g1),
-                       generate(model, ids, max_new_tokens=20, do_sample=True, generator=g2))
+    assert torch.equal(
+        generate(model, ids, max_new_tokens=20, do_sample=True, generator=g1),
+        generate(model, ids, max_new_tokens=20, do_sample=True, generator=g2),
+    )
     # top_k=1 sampling and temperature 0 are greedy
     greedy = generate(model, ids, max_new_tokens=20)
     assert torch.equal(generate(model, ids, max_new_tokens=20, do_sample=True, top_k=1, seed=1), greedy)
@@ -284,15 +308,15 @@ def test_stop_strings_stop_generation(tok):
     story = tok.encode(STORY)
     m = scripted_model(story, tok.vocab_size)
     n = first_stop(tok, story[1:], ["END"])
-    assert "END" not in tok.decode(story[1:n]) and "END" not in tok.decode(story[n:n + 1])  # spans tokens
+    assert "END" not in tok.decode(story[1:n]) and "END" not in tok.decode(story[n : n + 1])  # spans tokens
     out = generate(m, torch.tensor([story[:1]]), max_new_tokens=40, stop=["END"], tokenizer=tok)
-    assert out[0].tolist() == story[:n + 1]
+    assert out[0].tolist() == story[: n + 1]
     assert tok.decode(out[0, 1:]).endswith("END")
     # the earliest of several stop strings wins, and a plain string works too
     for stop in (["of", "ime"], "upon"):
         stops = [stop] if isinstance(stop, str) else stop
         out = generate(m, torch.tensor([story[:1]]), max_new_tokens=40, stop=stop, tokenizer=tok)
-        assert out[0].tolist() == story[:first_stop(tok, story[1:], stops) + 1], stop
+        assert out[0].tolist() == story[: first_stop(tok, story[1:], stops) + 1], stop
     assert tok.decode(out[0]) == "Once upon"
     with pytest.raises(ValueError, match="stop strings need the tokenizer"):
         generate(m, torch.tensor([story[:1]]), max_new_tokens=5, stop=["END"])
@@ -305,20 +329,23 @@ def test_stop_strings_in_a_batch(tok):
     ids, mask = left_pad([story[:2], story[:7]], pad=1)
     out = generate(m, ids, attention_mask=mask, max_new_tokens=12, stop=["upon"], tokenizer=tok, pad_token_id=1)
     n = first_stop(tok, story[2:], ["upon"])
-    assert out[0, 7:].tolist() == story[2:2 + n] + [1] * (12 - n)
+    assert out[0, 7:].tolist() == story[2 : 2 + n] + [1] * (12 - n)
     assert out[1, 7:].tolist() == story[7:19]
 
 
 # ---------------------------------------------------------------------------------- options and limits
-@pytest.mark.parametrize("kwargs,message", [
-    ({"top_k": -1}, r"top_k must be >= 0 \(0 or None = off\), got -1"),
-    ({"top_p": 0.0}, r"top_p must be in \(0, 1\], got 0.0"),
-    ({"top_p": 1.5}, r"top_p must be in \(0, 1\], got 1.5"),
-    ({"max_new_tokens": -1}, "max_new_tokens must be an integer >= 0, got -1"),
-    ({"temperature": -0.5}, r"temperature must be >= 0 \(0 = greedy\), got -0.5"),
-    ({"repetition_penalty": 0.0}, r"repetition_penalty must be > 0"),
-    ({"stop": [""]}, "stop must be a list of non-empty strings"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"top_k": -1}, r"top_k must be >= 0 \(0 or None = off\), got -1"),
+        ({"top_p": 0.0}, r"top_p must be in \(0, 1\], got 0.0"),
+        ({"top_p": 1.5}, r"top_p must be in \(0, 1\], got 1.5"),
+        ({"max_new_tokens": -1}, "max_new_tokens must be an integer >= 0, got -1"),
+        ({"temperature": -0.5}, r"temperature must be >= 0 \(0 = greedy\), got -0.5"),
+        ({"repetition_penalty": 0.0}, r"repetition_penalty must be > 0"),
+        ({"stop": [""]}, "stop must be a list of non-empty strings"),
+    ],
+)
 def test_invalid_options(model, kwargs, message):
     with pytest.raises(ValueError, match=message):
         generate(model, prompt(1, 3), do_sample=True, **kwargs)
@@ -335,8 +362,9 @@ def test_prompt_limits():
         generate(m, prompt(1, 17), max_new_tokens=1)
     with pytest.raises(ValueError, match="the prompt is empty"):
         generate(m, torch.zeros(1, 0, dtype=torch.long), max_new_tokens=1)
-    with pytest.warns(UserWarning, match="max_new_tokens=20 would run past the model's context of 16 tokens; "
-                                         "generating 6 tokens"):
+    with pytest.warns(
+        UserWarning, match="max_new_tokens=20 would run past the model's context of 16 tokens; generating 6 tokens"
+    ):
         out = generate(m, prompt(1, 10), max_new_tokens=20)
     assert out.shape == (1, 16)
     with warnings.catch_warnings():
@@ -385,12 +413,12 @@ def test_stream_stops_before_the_stop_string(tok):
     m = scripted_model(story, tok.vocab_size)
     prompt_text = tok.decode(story[:1])
     assert tok.encode(prompt_text) == story[:1]
-    new_text = STORY[len(prompt_text):]  # what the script writes after the prompt
+    new_text = STORY[len(prompt_text) :]  # what the script writes after the prompt
     pieces = list(stream(m, tok, prompt_text, max_new_tokens=len(story) - 1))
     assert "".join(pieces) == new_text and len(pieces) > 3
     for stop, cut in (["END"], "END"), (["time"], "time"), (["of", ": E"], ": E"):
         pieces = list(stream(m, tok, prompt_text, max_new_tokens=len(story) - 1, stop=stop))
-        assert "".join(pieces) == new_text[:new_text.index(cut)], stop
+        assert "".join(pieces) == new_text[: new_text.index(cut)], stop
     with pytest.raises(ValueError, match="the prompt is empty"):
         list(stream(m, tok, "", max_new_tokens=3))
 

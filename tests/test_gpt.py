@@ -12,12 +12,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import GPT2Config, GPT2LMHeadModel  # test-only oracle (the "test" extra)
 
 from lmforge.config import GPTConfig
 from lmforge.models.gpt import GPTForCausalLM
 from lmforge.nn.losses import causal_lm_loss
-
-from transformers import GPT2Config, GPT2LMHeadModel  # test-only oracle (the "test" extra)
 
 V, CTX = 101, 32
 
@@ -45,8 +44,9 @@ def batch(B: int = 3, T: int = 10, seed: int = 1) -> torch.Tensor:
 
 
 def left_padding_mask(lengths: list[int], T: int) -> torch.Tensor:
-    return torch.stack([torch.cat([torch.zeros(T - n, dtype=torch.long), torch.ones(n, dtype=torch.long)])
-                        for n in lengths])
+    return torch.stack(
+        [torch.cat([torch.zeros(T - n, dtype=torch.long), torch.ones(n, dtype=torch.long)]) for n in lengths]
+    )
 
 
 def hf_positions(mask: torch.Tensor) -> torch.Tensor:
@@ -122,14 +122,15 @@ def test_num_items_in_batch_divides_the_sum(model):
     labels = ids.clone()
     labels[1, 5:] = -100
     logits = model(ids).logits
-    total = F.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100,
-                            reduction="sum")
+    total = F.cross_entropy(
+        logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+    )
     out = model(ids, labels=labels, num_items_in_batch=40)
     torch.testing.assert_close(out.loss, total / 40)
     torch.testing.assert_close(causal_lm_loss(logits, labels, torch.tensor(7)), total / 7)
     # two half-batches with the global count add up to the full-batch mean
     n = int(model.num_loss_items(labels))
-    halves = sum(model(ids[i:i + 1], labels=labels[i:i + 1], num_items_in_batch=n).loss for i in range(2))
+    halves = sum(model(ids[i : i + 1], labels=labels[i : i + 1], num_items_in_batch=n).loss for i in range(2))
     torch.testing.assert_close(halves, model(ids, labels=labels).loss)
 
 
@@ -223,7 +224,7 @@ def test_logits_match_transformers_with_padding(hf_pair, side):
     assert (ours[real] - theirs[real]).abs().max().item() <= 1e-5
     assert torch.equal(ours[real], ours_explicit[real])
     # a padded row gives each real token the logits of the same tokens alone
-    for b, n in enumerate(lengths):
+    for b in range(len(lengths)):
         alone = model(ids[b][real[b]][None]).logits[0]
         torch.testing.assert_close(ours[b][real[b]], alone, rtol=0, atol=1e-5)
 
@@ -251,9 +252,20 @@ def test_hidden_states_and_attentions_match_transformers(hf_pair):
 @pytest.mark.parametrize("activation,n_inner", [("gelu_new", None), ("relu", 48)])
 def test_transformers_checkpoint_loads_into_lmforge(tmp_path, activation, n_inner):
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=V, n_positions=CTX, n_embd=32, n_layer=2, n_head=4, n_inner=n_inner,
-                     activation_function=activation, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                     bos_token_id=0, eos_token_id=0)
+    cfg = GPT2Config(
+        vocab_size=V,
+        n_positions=CTX,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_inner=n_inner,
+        activation_function=activation,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     hf = GPT2LMHeadModel(cfg).eval()
     with torch.no_grad():
         for p in hf.parameters():
@@ -261,8 +273,12 @@ def test_transformers_checkpoint_loads_into_lmforge(tmp_path, activation, n_inne
     hf.save_pretrained(tmp_path)
     ours = GPTForCausalLM.from_pretrained(tmp_path)
     assert not ours.training
-    assert (ours.config.n_embd, ours.config.n_layer, ours.config.n_head, ours.config.ffn_dim) == \
-        (32, 2, 4, n_inner or 128)
+    assert (ours.config.n_embd, ours.config.n_layer, ours.config.n_head, ours.config.ffn_dim) == (
+        32,
+        2,
+        4,
+        n_inner or 128,
+    )
     assert ours.config.activation_function == activation and ours.config.eos_token_id == 0
     assert ours.lm_head.weight is ours.transformer.wte.weight
     ids = batch(2, 11, seed=4)
@@ -274,9 +290,15 @@ def test_transformers_checkpoint_loads_into_lmforge(tmp_path, activation, n_inne
 
 
 # ---------------------------------------------------------------------------------- save / load
-@pytest.mark.parametrize("overrides", [{}, {"tie_word_embeddings": False}, {"position_embedding": "rotary"},
-                                       {"position_embedding": "sinusoidal", "norm_position": "post",
-                                        "bias": False}])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"tie_word_embeddings": False},
+        {"position_embedding": "rotary"},
+        {"position_embedding": "sinusoidal", "norm_position": "post", "bias": False},
+    ],
+)
 def test_save_load_round_trip(tmp_path, overrides):
     m = tiny_model(perturb=0.05, **overrides)
     m.save_pretrained(tmp_path)
@@ -301,16 +323,24 @@ def test_config_json_is_hugging_face_shaped(tmp_path):
     cfg.save(tmp_path)
     d = json.loads((tmp_path / "config.json").read_text())
     assert d["model_type"] == "gpt2" and d["architectures"] == ["GPT2LMHeadModel"]
-    assert {k: d[k] for k in ("n_embd", "n_layer", "n_head", "n_positions", "vocab_size")} == \
-        {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": CTX, "vocab_size": V}
+    assert {k: d[k] for k in ("n_embd", "n_layer", "n_head", "n_positions", "vocab_size")} == {
+        "n_embd": 32,
+        "n_layer": 2,
+        "n_head": 4,
+        "n_positions": CTX,
+        "vocab_size": V,
+    }
     assert d["activation_function"] == "gelu_new" and d["eos_token_id"] == 3
     hf_cfg = GPT2Config.from_pretrained(tmp_path)  # transformers reads it as a GPT-2 config
-    assert (hf_cfg.n_embd, hf_cfg.n_layer, hf_cfg.n_head, hf_cfg.n_positions, hf_cfg.vocab_size) == \
-        (32, 2, 4, CTX, V)
+    assert (hf_cfg.n_embd, hf_cfg.n_layer, hf_cfg.n_head, hf_cfg.n_positions, hf_cfg.vocab_size) == (32, 2, 4, CTX, V)
     assert GPTConfig.from_pretrained(tmp_path) == cfg
 
-    for overrides in ({"position_embedding": "rotary"}, {"position_embedding": "sinusoidal"},
-                      {"norm_position": "post"}, {"bias": False}):
+    for overrides in (
+        {"position_embedding": "rotary"},
+        {"position_embedding": "sinusoidal"},
+        {"norm_position": "post"},
+        {"bias": False},
+    ):
         d = tiny_config(**overrides).to_dict()
         assert d["model_type"] == "lmforge-gpt", overrides
         assert d["architectures"] == ["GPTForCausalLM"]
@@ -328,22 +358,26 @@ def test_config_keeps_unknown_keys(tmp_path):
         GPTConfig.from_dict({**d, "model_type": "bert"})
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"n_embd": 30, "n_head": 4}, r"n_embd \(30\) must be divisible by n_head \(4\)"),
-    ({"position_embedding": "alibi"}, "position_embedding must be one of .*got 'alibi'"),
-    ({"norm_position": "middle"}, "norm_position must be 'pre' or 'post'"),
-    ({"n_embd": 24, "n_head": 8, "position_embedding": "rotary"}, "rotary positions need an even head size"),
-    ({"n_layer": 0}, "n_layer must be positive, got 0"),
-    ({"dropout": 1.0}, r"dropout must be in \[0, 1\), got 1.0"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"n_embd": 30, "n_head": 4}, r"n_embd \(30\) must be divisible by n_head \(4\)"),
+        ({"position_embedding": "alibi"}, "position_embedding must be one of .*got 'alibi'"),
+        ({"norm_position": "middle"}, "norm_position must be 'pre' or 'post'"),
+        ({"n_embd": 24, "n_head": 8, "position_embedding": "rotary"}, "rotary positions need an even head size"),
+        ({"n_layer": 0}, "n_layer must be positive, got 0"),
+        ({"dropout": 1.0}, r"dropout must be in \[0, 1\), got 1.0"),
+    ],
+)
 def test_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         tiny_config(**kwargs)
 
 
 # ---------------------------------------------------------------------------------- variants and training
-@pytest.mark.parametrize("overrides", [{"position_embedding": "sinusoidal"}, {"position_embedding": "rotary"},
-                                       {"norm_position": "post"}, {}])
+@pytest.mark.parametrize(
+    "overrides", [{"position_embedding": "sinusoidal"}, {"position_embedding": "rotary"}, {"norm_position": "post"}, {}]
+)
 def test_variants_train_on_a_repeated_batch(overrides):
     m = tiny_model(**overrides)
     if overrides.get("position_embedding") == "rotary":
@@ -374,7 +408,7 @@ def test_kv_cache_forward_equals_full_forward(position):
     assert out.past_key_values is cache and cache.length == 8
     steps = [out.logits]
     for t in range(8, 12):
-        steps.append(m(ids[:, t:t + 1], past_key_values=cache).logits)
+        steps.append(m(ids[:, t : t + 1], past_key_values=cache).logits)
     assert cache.length == 12
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0, atol=1e-5)
     out = m(ids[:, :5], use_cache=True)  # allocates a cache itself
@@ -422,8 +456,10 @@ def test_attention_weights_sum_to_one_over_allowed_keys(model):
         torch.testing.assert_close(w.sum(-1)[real_rows], torch.ones(int(real_rows.sum())))
 
 
-@pytest.mark.parametrize("key,value", [("scale_attn_weights", False), ("scale_attn_by_inverse_layer_idx", True),
-                                       ("reorder_and_upcast_attn", True)])
+@pytest.mark.parametrize(
+    "key,value",
+    [("scale_attn_weights", False), ("scale_attn_by_inverse_layer_idx", True), ("reorder_and_upcast_attn", True)],
+)
 def test_unsupported_gpt2_attention_variants_are_refused(key, value):
     with pytest.raises(ValueError, match=key):
         GPTConfig.from_dict({"model_type": "gpt2", "n_embd": 32, "n_head": 2, key: value})

@@ -1,4 +1,5 @@
 """GPTForSequenceClassification against transformers' GPT2ForSequenceClassification (test-only oracle)."""
+
 from __future__ import annotations
 
 import json
@@ -9,8 +10,14 @@ import torch
 from transformers import GPT2Config as HFGPT2Config
 from transformers import GPT2ForSequenceClassification as HFClassifier
 
-from lmforge import (AutoConfig, AutoModelForSequenceClassification, GPT2ForSequenceClassification, GPTConfig,
-                     GPTForCausalLM, GPTForSequenceClassification)
+from lmforge import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    GPT2ForSequenceClassification,
+    GPTConfig,
+    GPTForCausalLM,
+    GPTForSequenceClassification,
+)
 
 V, PAD = 50, 49
 
@@ -68,16 +75,33 @@ def test_logits_match_transformers_both_ways(tmp_path: Path, side: str) -> None:
     torch.testing.assert_close(logits, hf_logits(tmp_path / "ours", ids, mask), atol=1e-5, rtol=0)
     # transformers -> lmforge
     torch.manual_seed(2)
-    hf = spread(HFClassifier(HFGPT2Config(vocab_size=V, n_positions=16, n_embd=16, n_layer=2, n_head=2,
-                                          num_labels=4, pad_token_id=PAD, resid_pdrop=0.0, embd_pdrop=0.0,
-                                          attn_pdrop=0.0)), seed=3)
+    hf = spread(
+        HFClassifier(
+            HFGPT2Config(
+                vocab_size=V,
+                n_positions=16,
+                n_embd=16,
+                n_layer=2,
+                n_head=2,
+                num_labels=4,
+                pad_token_id=PAD,
+                resid_pdrop=0.0,
+                embd_pdrop=0.0,
+                attn_pdrop=0.0,
+            )
+        ),
+        seed=3,
+    )
     hf.save_pretrained(tmp_path / "hf")
     loaded = GPTForSequenceClassification.from_pretrained(tmp_path / "hf")
     assert loaded.num_labels == 4 and not loaded.training
     with torch.no_grad():
-        torch.testing.assert_close(loaded(ids, attention_mask=mask).logits,  # lmforge's default positions
-                                   hf(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits,
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            loaded(ids, attention_mask=mask).logits,  # lmforge's default positions
+            hf(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits,
+            atol=1e-5,
+            rtol=0,
+        )
 
 
 def test_pooling_is_the_last_real_token_and_needs_a_pad_token_for_batches(tmp_path: Path) -> None:
@@ -92,21 +116,24 @@ def test_pooling_is_the_last_real_token_and_needs_a_pad_token_for_batches(tmp_pa
     model.save_pretrained(tmp_path)
     one = ids[:1]
     with torch.no_grad():
-        torch.testing.assert_close(model(one).logits, hf_logits(tmp_path, one, torch.ones_like(one)),
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(model(one).logits, hf_logits(tmp_path, one, torch.ones_like(one)), atol=1e-5, rtol=0)
         with pytest.raises(ValueError, match="needs config.pad_token_id"):
             model(ids)
 
 
-@pytest.mark.parametrize("num_labels,problem_type,labels", [
-    (1, None, torch.tensor([0.5, -1.0, 2.0])),
-    (3, "regression", torch.randn(3, 3)),
-    (3, None, torch.tensor([2, 0, -100])),
-    (3, None, torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0], [0.0, 1.0, 1.0]])),
-    (3, "multi_label_classification", torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0], [0.0, 1.0, 1.0]])),
-])
-def test_loss_matches_transformers(tmp_path: Path, num_labels: int, problem_type: str | None,
-                                   labels: torch.Tensor) -> None:
+@pytest.mark.parametrize(
+    "num_labels,problem_type,labels",
+    [
+        (1, None, torch.tensor([0.5, -1.0, 2.0])),
+        (3, "regression", torch.randn(3, 3)),
+        (3, None, torch.tensor([2, 0, -100])),
+        (3, None, torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0], [0.0, 1.0, 1.0]])),
+        (3, "multi_label_classification", torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0], [0.0, 1.0, 1.0]])),
+    ],
+)
+def test_loss_matches_transformers(
+    tmp_path: Path, num_labels: int, problem_type: str | None, labels: torch.Tensor
+) -> None:
     ids, mask = batch("right")
     model = spread(GPTForSequenceClassification(tiny_config(num_labels=num_labels, problem_type=problem_type)))
     model.save_pretrained(tmp_path)
@@ -145,6 +172,7 @@ def test_a_head_of_another_size_is_replaced_with_a_warning(tmp_path: Path) -> No
     assert torch.equal(wider.transformer.h[1].mlp.fc.weight, clf.transformer.h[1].mlp.fc.weight)
     # the same size loads as it is, silently
     import warnings
+
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         same = GPTForSequenceClassification.from_pretrained(tmp_path, num_labels=2)

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import hf_gpt2
 from safetensors import safe_open
 from transformers import GPT2LMHeadModel  # test-only oracle
 
-from helpers import hf_gpt2
 from lmforge.config import GPTConfig
 from lmforge.hub import load_hf_state_dict, read_weights, to_hf_state_dict
 from lmforge.models.gpt import GPTForCausalLM
@@ -197,8 +197,11 @@ def test_config_disagreeing_with_weights(saved):
     _, d = saved
     cfg = json.loads((d / "config.json").read_text())
     (d / "config.json").write_text(json.dumps({**cfg, "n_embd": 32}))
-    with pytest.raises(ValueError, match=r"has shape \(.*\), the config expects \(.*\); config.json and the "
-                                         r"weights disagree"):
+    with pytest.raises(
+        ValueError,
+        match=r"has shape \(.*\), the config expects \(.*\); config.json and the "
+        r"weights disagree",
+    ):
         GPTForCausalLM.from_pretrained(d)
     (d / "config.json").write_text(json.dumps({**cfg, "n_layer": 3}))
     with pytest.raises(ValueError, match=r"does not match the model: missing \['transformer.h.2"):

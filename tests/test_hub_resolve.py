@@ -13,14 +13,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import hf_gpt2
 from huggingface_hub import scan_cache_dir, snapshot_download  # test-only oracle for the cache layout
 from transformers import GPT2LMHeadModel  # test-only oracle for sharded files
 
 import lmforge.hub
-from helpers import hf_gpt2
 from lmforge.config import GPTConfig
-from lmforge.hub import (LEGACY_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME, hf_cache_dir, is_repo_id, parse_size,
-                         read_weights, resolve_model_dir, save_pretrained)
+from lmforge.hub import (
+    LEGACY_WEIGHTS_INDEX_NAME,
+    WEIGHTS_INDEX_NAME,
+    hf_cache_dir,
+    is_repo_id,
+    parse_size,
+    read_weights,
+    resolve_model_dir,
+    save_pretrained,
+)
 from lmforge.models.gpt import GPTForCausalLM
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -163,8 +171,11 @@ def test_revision_selection(tmp_path, cache):
     assert resolve_model_dir("org/tiny", revision="pr/3").name == "c" * 40
     assert torch.equal(GPTForCausalLM.from_pretrained("org/tiny")(IDS).logits, m_new(IDS).logits)
     assert torch.equal(GPTForCausalLM.from_pretrained("org/tiny", revision="v1")(IDS).logits, m_old(IDS).logits)
-    with pytest.raises(FileNotFoundError, match=r"revision 'v2' of 'org/tiny' is not in the Hugging Face cache .*"
-                                                r"refs/: \['main', 'pr/3', 'v1'\].*download"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"revision 'v2' of 'org/tiny' is not in the Hugging Face cache .*"
+        r"refs/: \['main', 'pr/3', 'v1'\].*download",
+    ):
         resolve_model_dir("org/tiny", revision="v2")
     with pytest.raises(ValueError, match="not a branch, tag or commit name"):
         resolve_model_dir("org/tiny", revision="../../elsewhere")
@@ -175,8 +186,11 @@ def test_snapshot_choice_without_refs_main(tmp_path, cache):
     only = cache_model(cache, "org/tiny", d, COMMIT_A, ref=None)
     assert resolve_model_dir("org/tiny") == only  # the only snapshot
     cache_model(cache, "org/tiny", d, COMMIT_B, ref=None)
-    with pytest.raises(FileNotFoundError, match=rf"several snapshots \['{COMMIT_B}', '{COMMIT_A}'\] and no "
-                                                r"refs/main.*pass revision="):
+    with pytest.raises(
+        FileNotFoundError,
+        match=rf"several snapshots \['{COMMIT_B}', '{COMMIT_A}'\] and no "
+        r"refs/main.*pass revision=",
+    ):
         resolve_model_dir("org/tiny")
     assert resolve_model_dir("org/tiny", revision=COMMIT_A) == only
 
@@ -197,8 +211,11 @@ def test_missing_model_id_says_where_it_looked_and_how_to_get_it(cache):
 def test_empty_or_incomplete_cache_entries(tmp_path, cache):
     _, d = saved(tmp_path)
     (cache / "models--org--empty" / "snapshots").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match=r"models--org--empty is in the Hugging Face cache but holds no "
-                                                r"snapshot .*interrupted.*download"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"models--org--empty is in the Hugging Face cache but holds no "
+        r"snapshot .*interrupted.*download",
+    ):
         resolve_model_dir("org/empty")
     (cache / "models--org--blobsonly" / "blobs").mkdir(parents=True)  # no snapshots folder at all
     with pytest.raises(FileNotFoundError, match="holds no snapshot"):
@@ -212,8 +229,11 @@ def test_empty_or_incomplete_cache_entries(tmp_path, cache):
     assert resolve_model_dir("org/tiny") == snapshot
 
     (snapshot / "model.safetensors").resolve().unlink()  # a blob deleted under the link
-    with pytest.raises(FileNotFoundError, match=r"model.safetensors is a link to .*blobs.*which does not exist: "
-                                                r"the Hugging Face cache is incomplete"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"model.safetensors is a link to .*blobs.*which does not exist: "
+        r"the Hugging Face cache is incomplete",
+    ):
         GPTForCausalLM.from_pretrained("org/tiny")
     (snapshot / "config.json").unlink()  # a partial download: the weights but no config
     with pytest.raises(FileNotFoundError, match=rf"{COMMIT_A} has no config.json"):
@@ -225,8 +245,11 @@ def test_model_id_shapes_and_no_hub_import():
     for not_id in ("a/b/c", "./x", "/abs/x", "~/m", "a--b", "x/.y", "x.", "", "x//y"):
         assert not is_repo_id(not_id), not_id
     # library code never imports huggingface_hub (which could reach the network)
-    nodes = [n for f in Path(lmforge.hub.__file__).parent.glob("*.py")
-             for n in ast.walk(ast.parse(f.read_text(encoding="utf-8")))]
+    nodes = [
+        n
+        for f in Path(lmforge.hub.__file__).parent.glob("*.py")
+        for n in ast.walk(ast.parse(f.read_text(encoding="utf-8")))
+    ]
     imported = {a.name for n in nodes if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module or "" for n in nodes if isinstance(n, ast.ImportFrom)}
     assert not any(name.startswith("huggingface_hub") for name in imported)
@@ -264,8 +287,11 @@ def test_sharded_checkpoint_errors(tmp_path):
     with pytest.raises(ValueError, match=rf"{shards[-1].name} is truncated or not a safetensors file"):
         GPTForCausalLM.from_pretrained(d)
     shards[-1].unlink()
-    with pytest.raises(FileNotFoundError, match=rf"{WEIGHTS_INDEX_NAME} lists shard\(s\) \['{shards[-1].name}'\] "
-                                                r"that are not in .*incomplete"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=rf"{WEIGHTS_INDEX_NAME} lists shard\(s\) \['{shards[-1].name}'\] "
+        r"that are not in .*incomplete",
+    ):
         GPTForCausalLM.from_pretrained(d)
     shards[-1].write_bytes(data)
 
@@ -300,8 +326,10 @@ def test_sharded_pytorch_model_bin(tmp_path):
     hf.config.save_pretrained(tmp_path)
     state = dict(hf.state_dict())
     names = sorted(state)
-    halves = {"pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
-              "pytorch_model-00002-of-00002.bin": names[len(names) // 2:]}
+    halves = {
+        "pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
+        "pytorch_model-00002-of-00002.bin": names[len(names) // 2 :],
+    }
     for shard, keys in halves.items():
         torch.save({k: state[k].clone() for k in keys}, tmp_path / shard)
     weight_map = {k: shard for shard, keys in halves.items() for k in keys}

@@ -1,6 +1,7 @@
 """lmforge.interpret: attention maps against transformers' (test-only oracle), token labels from
 offsets (Chinese included), the PNG plots (size, fonts, no glyph warnings, no pyplot), gradient x
 input checked against a gradient taken by hand, errors, and the docs example."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -17,11 +18,24 @@ import torch
 import transformers
 from matplotlib.image import imread
 
-from lmforge import (BertConfig, BertForSequenceClassification, BertModel, GPTConfig, GPTForCausalLM,
-                     GPTForSequenceClassification, Tokenizer)
-from lmforge import interpret
-from lmforge.interpret import (attention_maps, cjk_font, plot_attention, plot_attributions, token_attributions,
-                               token_labels)
+from lmforge import (
+    BertConfig,
+    BertForSequenceClassification,
+    BertModel,
+    GPTConfig,
+    GPTForCausalLM,
+    GPTForSequenceClassification,
+    Tokenizer,
+    interpret,
+)
+from lmforge.interpret import (
+    attention_maps,
+    cjk_font,
+    plot_attention,
+    plot_attributions,
+    token_attributions,
+    token_labels,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,8 +43,15 @@ ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 POEM = "床前明月光"
 ENGLISH = ["the cat sat on the mat", "a dog ran in the park", "the quick brown fox jumps over the lazy dog"] * 10
-BERT_SIZES = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-                  max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+BERT_SIZES = dict(
+    hidden_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=32,
+    max_position_embeddings=32,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)
 GPT_SIZES = dict(n_positions=32, n_layer=2, n_head=2, n_embd=16)
 
 
@@ -60,8 +81,9 @@ def bpe() -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def wordpiece() -> Tokenizer:
-    return Tokenizer.train_wordpiece(iterator=ENGLISH + ["床前明月光，疑是地上霜。"] * 5, vocab_size=120,
-                                     min_frequency=1)
+    return Tokenizer.train_wordpiece(
+        iterator=ENGLISH + ["床前明月光，疑是地上霜。"] * 5, vocab_size=120, min_frequency=1
+    )
 
 
 @pytest.fixture(scope="module")
@@ -79,16 +101,14 @@ def bert(wordpiece) -> BertModel:
 @pytest.fixture(scope="module")
 def bert_classifier(wordpiece) -> BertForSequenceClassification:
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(wordpiece), num_labels=3, id2label={0: "neg", 1: "neu", 2: "pos"},
-                        **BERT_SIZES)
+    config = BertConfig(vocab_size=len(wordpiece), num_labels=3, id2label={0: "neg", 1: "neu", 2: "pos"}, **BERT_SIZES)
     return spread(BertForSequenceClassification(config), scale=0.1)
 
 
 @pytest.fixture(scope="module")
 def gpt_classifier(bpe) -> GPTForSequenceClassification:
     torch.manual_seed(0)
-    return spread(GPTForSequenceClassification(GPTConfig(vocab_size=len(bpe), num_labels=2, **GPT_SIZES)),
-                  scale=0.1)
+    return spread(GPTForSequenceClassification(GPTConfig(vocab_size=len(bpe), num_labels=2, **GPT_SIZES)), scale=0.1)
 
 
 # ---------------------------------------------------------------------------------------------- token labels
@@ -166,12 +186,15 @@ def test_attention_restores_training_mode_and_takes_no_grad(bpe):
     assert model.training and not a.requires_grad
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(layers=[2]), r"layer 2 is out of range.*2 layers.*0\.\.1"),
-    (dict(layers=-3), r"layer -3 is out of range.*0\.\.1"),
-    (dict(heads=[0, 5]), r"head 5 is out of range.*2 heads.*0\.\.1"),
-    (dict(layers=[]), r"layers is empty"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(layers=[2]), r"layer 2 is out of range.*2 layers.*0\.\.1"),
+        (dict(layers=-3), r"layer -3 is out of range.*0\.\.1"),
+        (dict(heads=[0, 5]), r"head 5 is out of range.*2 heads.*0\.\.1"),
+        (dict(layers=[]), r"layers is empty"),
+    ],
+)
 def test_index_errors(gpt, bpe, kwargs, message):
     with pytest.raises(ValueError, match=message):
         attention_maps(gpt, bpe, "the cat", **kwargs)
@@ -276,12 +299,13 @@ from lmforge import GPTConfig, GPTForCausalLM, Tokenizer
 from lmforge.interpret import plot_attention
 tok = Tokenizer.train_bpe(iterator=["the cat sat"] * 5, vocab_size=270)
 model = GPTForCausalLM(GPTConfig(vocab_size=len(tok), n_positions=16, n_layer=1, n_head=1, n_embd=8))
-plot_attention(model, tok, "the cat", {str(tmp_path / 'x.png')!r})
+plot_attention(model, tok, "the cat", {str(tmp_path / "x.png")!r})
 assert "matplotlib.pyplot" not in sys.modules, "pyplot was imported"
 """
     env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"} | {"OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env,
-                            cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env, cwd=ROOT
+    )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "x.png").read_bytes()[:8] == PNG_MAGIC
 
@@ -314,8 +338,12 @@ def test_token_attributions_match_hand_computation(which, bert_classifier, gpt_c
     assert abs(got.sum() - expected.sum()) <= 1e-4 * max(1.0, float(expected.abs().sum()))
     assert got.abs().max() > 1e-3  # not a vacuous comparison
     other = (predicted + 1) % model.num_labels
-    torch.testing.assert_close(torch.tensor([s for _, s in token_attributions(model, tok, text, target=other)]),
-                               hand_gradient_x_input(model, tok, text, other), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor([s for _, s in token_attributions(model, tok, text, target=other)]),
+        hand_gradient_x_input(model, tok, text, other),
+        rtol=1e-4,
+        atol=1e-6,
+    )
     assert all(p.grad is None for p in model.parameters())  # parameter gradients untouched
 
 
@@ -356,8 +384,9 @@ def test_plot_attributions(tmp_path, bert_classifier, wordpiece):
     with warnings.catch_warnings(record=True) as records:
         warnings.simplefilter("always")
         short = plot_attributions(bert_classifier, wordpiece, POEM, tmp_path / "short.png")
-        long = plot_attributions(bert_classifier, wordpiece, "the cat sat on the mat " * 3 + POEM,
-                                 tmp_path / "long.png", target="neg")
+        long = plot_attributions(
+            bert_classifier, wordpiece, "the cat sat on the mat " * 3 + POEM, tmp_path / "long.png", target="neg"
+        )
     if interpret.cjk_font() is not None:
         assert glyph_warnings(records) == []
     assert short.read_bytes()[:8] == PNG_MAGIC

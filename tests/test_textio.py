@@ -1,4 +1,5 @@
 """lmforge.textio: the one text-file reader (compressions, UTF-8 rule, binary/empty files, folders, progress)."""
+
 from __future__ import annotations
 
 import bz2

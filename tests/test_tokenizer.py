@@ -182,9 +182,9 @@ def test_train_argument_errors(tmp_path) -> None:
 _cjk = st.characters(min_codepoint=0x4E00, max_codepoint=0x9FFF)
 _emoji = st.characters(min_codepoint=0x1F300, max_codepoint=0x1FAFF)
 _space = st.sampled_from([" ", "  ", "\t", "\n", "\r\n", "\u3000", "\xa0"])
-_emoji_seq = st.lists(
-    st.one_of(_emoji, st.sampled_from(["\u200d", "\ufe0f", "\U0001f3fd", "👨‍👩‍👧"])), max_size=8
-).map("".join)
+_emoji_seq = st.lists(st.one_of(_emoji, st.sampled_from(["\u200d", "\ufe0f", "\U0001f3fd", "👨‍👩‍👧"])), max_size=8).map(
+    "".join
+)
 _mixed_pieces = st.lists(
     st.one_of(
         st.text(_cjk, max_size=6),
@@ -259,9 +259,7 @@ def test_seen_chinese_is_compressed(tok: Tokenizer) -> None:
     assert len(tok.encode(POEM)) < len(POEM.encode("utf-8")) // 2
 
 
-@pytest.mark.parametrize(
-    "text", ["The quick brown fox  jumps\tover\n the dog. ", POEM, POEM + " and the fox"]
-)
+@pytest.mark.parametrize("text", ["The quick brown fox  jumps\tover\n the dog. ", POEM, POEM + " and the fox"])
 def test_offsets_join_back_to_text(tok: Tokenizer, text: str) -> None:
     enc = tok(text, return_offsets_mapping=True)
     offsets = enc["offset_mapping"]
@@ -346,9 +344,7 @@ def test_padding_max_length_and_offsets_of_padding(tok: Tokenizer) -> None:
     assert enc["offset_mapping"][0][n:] == [(0, 0)] * (6 - n)
     assert enc["attention_mask"][0] == [1] * n + [0] * (6 - n)
     # padding does not shorten: a longer text stays longer without truncation
-    long = tok(
-        ["a much longer sentence than six tokens surely"], padding="max_length", max_length=6
-    )
+    long = tok(["a much longer sentence than six tokens surely"], padding="max_length", max_length=6)
     assert len(long["input_ids"][0]) > 6
 
 
@@ -371,9 +367,7 @@ def test_truncation(tok: Tokenizer) -> None:
     assert enc["input_ids"] == full[:4] and enc["attention_mask"] == [1] * 4
     assert enc["offset_mapping"][-1][1] < len(text)
     # shorter texts are untouched; truncation + padding to max_length gives a rectangle
-    batch = tok(
-        ["hi", text], truncation=True, padding="max_length", max_length=4, return_tensors="np"
-    )
+    batch = tok(["hi", text], truncation=True, padding="max_length", max_length=4, return_tensors="np")
     assert batch["input_ids"].shape == (2, 4)
     assert batch["input_ids"][1].tolist() == full[:4]
     # truncation=True without max_length uses model_max_length
@@ -389,9 +383,7 @@ def test_text_pair_concatenates_and_truncates_longest_first(tok: Tokenizer) -> N
     assert enc["input_ids"] == tok.encode(a) + tok.encode(b)
     cut = tok(a, b, truncation=True, max_length=4)
     assert cut["input_ids"] == tok.encode(a)[: 4 - len(tok.encode(b))] + tok.encode(b)
-    only_second = tok(
-        a, b + " and more words", truncation="only_second", max_length=len(tok.encode(a)) + 1
-    )
+    only_second = tok(a, b + " and more words", truncation="only_second", max_length=len(tok.encode(a)) + 1)
     assert only_second["input_ids"] == tok.encode(a) + tok.encode(b)[:1]
     with pytest.raises(
         ValueError,
@@ -418,10 +410,7 @@ def test_offsets_match_the_backend_for_trimming_post_processors(tok: Tokenizer) 
 
 def test_pickle_roundtrip(tok: Tokenizer) -> None:
     clone = pickle.loads(pickle.dumps(tok))
-    assert (
-        clone.encode(MIXED) == tok.encode(MIXED)
-        and clone.special_tokens_map == tok.special_tokens_map
-    )
+    assert clone.encode(MIXED) == tok.encode(MIXED) and clone.special_tokens_map == tok.special_tokens_map
     assert (
         clone(BATCH, truncation=True, max_length=3)["input_ids"]
         == tok(BATCH, truncation=True, max_length=3)["input_ids"]
@@ -442,10 +431,7 @@ def test_return_tensors_pt_and_np(tok: Tokenizer) -> None:
     # a single string keeps a batch dimension of 1 when tensors are requested
     one = tok("The quick brown fox", return_tensors="pt")
     assert one["input_ids"].shape == (1, len(tok.encode("The quick brown fox")))
-    assert (
-        tok("The quick brown fox", return_tensors="np")["attention_mask"].shape
-        == one["input_ids"].shape
-    )
+    assert tok("The quick brown fox", return_tensors="np")["attention_mask"].shape == one["input_ids"].shape
     # equal lengths need no padding
     same = tok(["ab", "ab"], return_tensors="pt")
     assert same["input_ids"].shape == (2, len(tok.encode("ab")))
@@ -456,9 +442,7 @@ def test_call_errors(tok: Tokenizer) -> None:
         tok(BATCH, return_tensors="pt")
     no_pad = Tokenizer(tok.backend, {"eos_token": EOS})
     assert no_pad.pad_token is None and no_pad.pad_token_id is None
-    with pytest.raises(
-        ValueError, match=r"no pad token.*tokenizer.pad_token = tokenizer.eos_token"
-    ):
+    with pytest.raises(ValueError, match=r"no pad token.*tokenizer.pad_token = tokenizer.eos_token"):
         no_pad(BATCH, padding=True)
     assert no_pad(BATCH)["input_ids"] == tok(BATCH)["input_ids"]  # fine without padding
     with pytest.raises(ValueError, match="padding='max_length' needs max_length"):
@@ -574,16 +558,12 @@ def saved_dir(tok: Tokenizer, tmp_path_factory) -> str:
 
 
 def test_save_pretrained_files(saved_dir: str) -> None:
-    config = json.loads(
-        open(os.path.join(saved_dir, "tokenizer_config.json"), encoding="utf-8").read()
-    )
+    config = json.loads(open(os.path.join(saved_dir, "tokenizer_config.json"), encoding="utf-8").read())
     assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
     assert (config["eos_token"], config["bos_token"], config["pad_token"]) == (EOS, EOS, PAD)
     assert config["model_max_length"] == 128 and config["padding_side"] == "left"
     assert config["clean_up_tokenization_spaces"] is False
-    token_map = json.loads(
-        open(os.path.join(saved_dir, "special_tokens_map.json"), encoding="utf-8").read()
-    )
+    token_map = json.loads(open(os.path.join(saved_dir, "special_tokens_map.json"), encoding="utf-8").read())
     assert token_map == {"bos_token": EOS, "eos_token": EOS, "pad_token": PAD}
     backend = BackendTokenizer.from_file(os.path.join(saved_dir, "tokenizer.json"))
     assert backend.padding is None and backend.truncation is None
@@ -633,16 +613,12 @@ def test_from_file_infers_special_tokens(tok: Tokenizer, tmp_path) -> None:
 
 def test_loading_errors(tmp_path) -> None:
     missing = tmp_path / "no_such_dir"
-    with pytest.raises(
-        FileNotFoundError, match=r"no_such_dir.*expected a directory containing tokenizer.json"
-    ):
+    with pytest.raises(FileNotFoundError, match=r"no_such_dir.*expected a directory containing tokenizer.json"):
         Tokenizer.from_pretrained(missing)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"no tokenizer.json in directory .*empty"):
         Tokenizer.from_pretrained(tmp_path / "empty")
-    with pytest.raises(
-        FileNotFoundError, match=r"looked for .*nope.json.*expected a tokenizer.json"
-    ):
+    with pytest.raises(FileNotFoundError, match=r"looked for .*nope.json.*expected a tokenizer.json"):
         Tokenizer.from_file(tmp_path / "nope.json")
 
 
@@ -668,23 +644,16 @@ def test_transformers_loads_and_agrees(tok: Tokenizer, saved_dir: str, hf_fast) 
         theirs = hf_fast(ROUNDTRIP_TEXTS, padding=True, return_offsets_mapping=True)
         assert mine["input_ids"] == theirs["input_ids"], side
         assert mine["attention_mask"] == theirs["attention_mask"], side
-        assert [list(map(tuple, r)) for r in theirs["offset_mapping"]] == mine["offset_mapping"], (
-            side
-        )
+        assert [list(map(tuple, r)) for r in theirs["offset_mapping"]] == mine["offset_mapping"], side
         for row in mine["input_ids"]:
             assert hf_fast.decode(row) == ours.decode(row)
-            assert hf_fast.decode(row, skip_special_tokens=True) == ours.decode(
-                row, skip_special_tokens=True
-            )
+            assert hf_fast.decode(row, skip_special_tokens=True) == ours.decode(row, skip_special_tokens=True)
     spaced = "a , b . c ' d n't"
     assert hf_fast.decode(ours.encode(spaced)) == spaced
     pair_args = dict(truncation=True, max_length=6, padding=True)
     theirs = hf_fast(ROUNDTRIP_TEXTS, ROUNDTRIP_TEXTS[::-1], **pair_args)
     mine = ours(ROUNDTRIP_TEXTS, ROUNDTRIP_TEXTS[::-1], **pair_args)
-    assert (
-        mine["input_ids"] == theirs["input_ids"]
-        and mine["attention_mask"] == theirs["attention_mask"]
-    )
+    assert mine["input_ids"] == theirs["input_ids"] and mine["attention_mask"] == theirs["attention_mask"]
     truncated = hf_fast(ROUNDTRIP_TEXTS, truncation=True, max_length=5, padding="max_length")
     assert (
         ours(ROUNDTRIP_TEXTS, truncation=True, max_length=5, padding="max_length")["input_ids"]
@@ -696,10 +665,7 @@ def test_transformers_auto_tokenizer(saved_dir: str) -> None:
     transformers = pytest.importorskip("transformers")
     auto = transformers.AutoTokenizer.from_pretrained(saved_dir)
     ours = Tokenizer.from_pretrained(saved_dir)
-    assert (
-        auto(ROUNDTRIP_TEXTS, padding=True)["input_ids"]
-        == ours(ROUNDTRIP_TEXTS, padding=True)["input_ids"]
-    )
+    assert auto(ROUNDTRIP_TEXTS, padding=True)["input_ids"] == ours(ROUNDTRIP_TEXTS, padding=True)["input_ids"]
     assert auto.batch_decode(ours(ROUNDTRIP_TEXTS)["input_ids"]) == ROUNDTRIP_TEXTS
 
 

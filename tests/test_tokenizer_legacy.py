@@ -108,9 +108,9 @@ def assert_same_as_hf(ours: Tokenizer, hf, texts: list[str] = TEXTS) -> None:
     assert mine["offset_mapping"] == [list(map(tuple, row)) for row in theirs["offset_mapping"]]
     for ids in mine["input_ids"]:
         assert hf.decode(ids, clean_up_tokenization_spaces=False) == ours.decode(ids)
-        assert hf.decode(
-            ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
-        ) == ours.decode(ids, skip_special_tokens=True)
+        assert hf.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False) == ours.decode(
+            ids, skip_special_tokens=True
+        )
     for role in ("bos_token", "eos_token", "unk_token", "pad_token"):
         assert getattr(ours, role) == getattr(hf, role), role
         assert getattr(ours, role + "_id") == getattr(hf, role + "_id"), role
@@ -180,9 +180,7 @@ def test_random_text_matches_and_roundtrips(bare: Tokenizer, hf_bare, text: str)
     assert bare.decode(ids) == text
 
 
-def test_auto_tokenizer_with_config_special_map_and_added_tokens(
-    trained: Tokenizer, tmp_path
-) -> None:
+def test_auto_tokenizer_with_config_special_map_and_added_tokens(trained: Tokenizer, tmp_path) -> None:
     directory = write_legacy(
         tmp_path / "gpt2_full",
         trained,
@@ -205,9 +203,13 @@ def test_auto_tokenizer_with_config_special_map_and_added_tokens(
     assert ours.convert_tokens_to_ids(["<|user|>", "<|assistant|>"]) == [500, 501]
     special = dict(added_tokens(ours)[i][1:3] for i in range(len(added_tokens(ours))))
     assert special == {EOS: True, PAD: True, "<|user|>": True, "<|assistant|>": False}
-    assert (ours.model_max_length, ours.padding_side) == (64, "left") == (
-        auto.model_max_length,
-        auto.padding_side,
+    assert (
+        (ours.model_max_length, ours.padding_side)
+        == (64, "left")
+        == (
+            auto.model_max_length,
+            auto.padding_side,
+        )
     )
     batch = ["short", POEM]
     assert ours(batch, padding=True)["input_ids"] == auto(batch, padding=True)["input_ids"]
@@ -232,9 +234,7 @@ def test_additional_special_token_only_in_special_tokens_map(trained: Tokenizer,
     assert ours.decode(ours.encode(CHAT), skip_special_tokens=True) == " hi<|assistant|> hello"
 
 
-def test_special_tokens_map_overrides_config_like_transformers(
-    trained: Tokenizer, tmp_path
-) -> None:
+def test_special_tokens_map_overrides_config_like_transformers(trained: Tokenizer, tmp_path) -> None:
     directory = write_legacy(
         tmp_path / "gpt2_conflict",
         trained,
@@ -277,9 +277,9 @@ def test_add_prefix_space(trained: Tokenizer, tmp_path) -> None:
     ours = Tokenizer.from_pretrained(directory)
     assert_same_as_hf(ours, transformers.AutoTokenizer.from_pretrained(directory))
     assert ours.encode("Hello world") == trained.encode(" Hello world")
-    assert Tokenizer.from_pretrained(write_legacy(tmp_path / "plain", trained)).encode(
+    assert Tokenizer.from_pretrained(write_legacy(tmp_path / "plain", trained)).encode("Hello world") == trained.encode(
         "Hello world"
-    ) == trained.encode("Hello world")
+    )
 
 
 def test_add_bos_and_eos_token(trained: Tokenizer, tmp_path) -> None:
@@ -424,9 +424,6 @@ def test_inconsistent_side_files(trained: Tokenizer, tmp_path) -> None:
     bad_config = _broken(tmp_path, trained, "bad_config", tokenizer_config_json="{oops")
     with pytest.raises(ValueError, match=r"tokenizer_config.json' is not valid UTF-8 JSON"):
         Tokenizer.from_pretrained(bad_config)
-    roberta = _broken(
-        tmp_path, trained, "roberta",
-        tokenizer_config_json='{"tokenizer_class": "RobertaTokenizer"}'
-    )
+    roberta = _broken(tmp_path, trained, "roberta", tokenizer_config_json='{"tokenizer_class": "RobertaTokenizer"}')
     with pytest.raises(ValueError, match=r"tokenizer_config.json' names .*'RobertaTokenizer'"):
         Tokenizer.from_pretrained(roberta)

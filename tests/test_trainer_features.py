@@ -6,6 +6,7 @@ datasets, gradient checkpointing, LoRA, DDP (torchrun, gloo on CPU) and crash sa
 Every comparison is numeric (weights, logged losses, files on disk); equivalent runs are worked out so
 that the arithmetic, not just the shape of the output, is checked.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import datasets  # a dataset type users pass (test extra)
 import numpy as np
@@ -45,20 +47,36 @@ REPO = Path(__file__).resolve().parents[1]
 # ---------------------------------------------------------------------------- builders
 def gpt_lm(seed: int = 0, dropout: float = 0.0) -> GPTForCausalLM:
     set_seed(seed)
-    return GPTForCausalLM(GPTConfig(vocab_size=VOCAB, n_positions=32, n_layer=2, n_head=2, n_embd=32,
-                                    dropout=dropout))
+    return GPTForCausalLM(GPTConfig(vocab_size=VOCAB, n_positions=32, n_layer=2, n_head=2, n_embd=32, dropout=dropout))
 
 
 def gpt_classifier(seed: int = 0, num_labels: int = 3, pad_token_id: int = 0) -> GPTForSequenceClassification:
     set_seed(seed)
-    return GPTForSequenceClassification(GPTConfig(vocab_size=VOCAB, n_positions=32, n_layer=2, n_head=2, n_embd=32,
-                                                  pad_token_id=pad_token_id, num_labels=num_labels))
+    return GPTForSequenceClassification(
+        GPTConfig(
+            vocab_size=VOCAB,
+            n_positions=32,
+            n_layer=2,
+            n_head=2,
+            n_embd=32,
+            pad_token_id=pad_token_id,
+            num_labels=num_labels,
+        )
+    )
 
 
 def bert_config(vocab_size: int = VOCAB, num_labels: int = 2) -> BertConfig:
-    return BertConfig(vocab_size=vocab_size, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                      intermediate_size=32, max_position_embeddings=32, hidden_dropout_prob=0.0,
-                      attention_probs_dropout_prob=0.0, num_labels=num_labels)
+    return BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=num_labels,
+    )
 
 
 def bert_classifier(seed: int = 0, num_labels: int = 2, vocab_size: int = VOCAB) -> BertForSequenceClassification:
@@ -73,10 +91,24 @@ def bert_tagger(seed: int = 0, num_labels: int = 3) -> BertForTokenClassificatio
 
 def targs(out: Path, **overrides: Any) -> TrainingArguments:
     """Small, fast, deterministic settings; no checkpoint unless a test asks for one."""
-    opts: dict[str, Any] = dict(output_dir=str(out), max_steps=2, per_device_train_batch_size=4,
-                                per_device_eval_batch_size=4, learning_rate=1e-2, warmup_steps=0, logging_steps=1,
-                                eval_steps=None, save_strategy="no", save_steps=None, save_total_limit=None, seed=0,
-                                device="cpu", disable_tqdm=True, peak_flops=1e12, report_to="jsonl")
+    opts: dict[str, Any] = dict(
+        output_dir=str(out),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        learning_rate=1e-2,
+        warmup_steps=0,
+        logging_steps=1,
+        eval_steps=None,
+        save_strategy="no",
+        save_steps=None,
+        save_total_limit=None,
+        seed=0,
+        device="cpu",
+        disable_tqdm=True,
+        peak_flops=1e12,
+        report_to="jsonl",
+    )
     opts.update(overrides)
     return TrainingArguments(**opts)
 
@@ -171,8 +203,10 @@ def _no_constants(name: str) -> Any:
 
 
 def metric_lines(out: Path) -> list[dict[str, Any]]:
-    return [json.loads(line, parse_constant=_no_constants)
-            for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    return [
+        json.loads(line, parse_constant=_no_constants)
+        for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
 
 
 def train_logs(trainer: Trainer) -> list[dict[str, Any]]:
@@ -188,11 +222,15 @@ def example_loss_sum(model: nn.Module, example: dict[str, Any]) -> tuple[torch.T
         return F.cross_entropy(logits[0, :-1].float(), target, reduction="sum"), len(target)
     if logits.dim() == 3:  # token classification
         labels = torch.tensor(example["labels"])
-        return F.cross_entropy(logits[0].float(), labels, ignore_index=-100, reduction="sum"), int((labels != -100).sum())
+        return F.cross_entropy(logits[0].float(), labels, ignore_index=-100, reduction="sum"), int(
+            (labels != -100).sum()
+        )
     return F.cross_entropy(logits.float(), torch.tensor([example["label"]]), reduction="sum"), 1
 
 
-def mean_loss(model: nn.Module, examples: Sequence[dict[str, Any]], weights: Sequence[float] | None = None) -> torch.Tensor:
+def mean_loss(
+    model: nn.Module, examples: Sequence[dict[str, Any]], weights: Sequence[float] | None = None
+) -> torch.Tensor:
     """Σ w_i · loss_i / Σ items_i: the Trainer's loss over an accumulation window."""
     total, items = torch.zeros(()), 0
     for i, ex in enumerate(examples):
@@ -218,17 +256,24 @@ def test_hugging_face_shaped_script_runs_as_written(tmp_path: Path) -> None:
     train_dataset = cls_examples(40, seed=1)
     eval_dataset = cls_examples(12, seed=2)
     model = bert_classifier()
-    training_args = TrainingArguments(output_dir=str(out), num_train_epochs=3, per_device_train_batch_size=16,
-                                      per_device_eval_batch_size=16, logging_dir=str(logs),
-                                      peak_flops=1e12, disable_tqdm=True)  # (only to keep the test fast and quiet)
+    training_args = TrainingArguments(
+        output_dir=str(out),
+        num_train_epochs=3,
+        per_device_train_batch_size=16,
+        per_device_eval_batch_size=16,
+        logging_dir=str(logs),
+        peak_flops=1e12,
+        disable_tqdm=True,
+    )  # (only to keep the test fast and quiet)
     trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset)
     result = trainer.train()
 
     assert result.global_step == trainer.state.global_step == math.ceil(3 * 40 / 16) == 8
     assert trainer.state.epoch == 3.0 and trainer.state.samples_seen == 120
     assert trainer.state.tokens_seen == 3 * sum(len(ex["input_ids"]) for ex in train_dataset)
-    assert {"config.json", "model.safetensors", "metrics.jsonl", "training_curves.png",
-            "training_args.json"} <= {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "metrics.jsonl", "training_curves.png", "training_args.json"} <= {
+        p.name for p in out.iterdir()
+    }
     assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lines = metric_lines(out)
     assert [ln["step"] for ln in lines if "loss" in ln] == [8]  # logging_steps=10 > 8: the last step is logged
@@ -275,14 +320,20 @@ def test_hugging_face_datasets_and_text_examples(tmp_path: Path) -> None:
     from_ids = text_trainer.predict(encoded).predictions
     np.testing.assert_allclose(from_text, from_ids, rtol=0, atol=1e-6)
     # a text column of a datasets.Dataset goes the same way
-    hf_text = datasets.Dataset.from_dict({"text": [r["text"] for r in text_rows],
-                                          "label": [r["label"] for r in text_rows]})
+    hf_text = datasets.Dataset.from_dict(
+        {"text": [r["text"] for r in text_rows], "label": [r["label"] for r in text_rows]}
+    )
     np.testing.assert_allclose(text_trainer.predict(hf_text).predictions, from_ids, rtol=0, atol=1e-6)
     assert (tmp_path / "text" / "tokenizer.json").is_file()  # the tokenizer is saved with the model
 
 
-TEXTS = ["the cat sat on the mat", "a dog ran in the park", "good movie and great fun",
-         "bad film with an awful plot", "the bird sang a song"] * 4
+TEXTS = [
+    "the cat sat on the mat",
+    "a dog ran in the park",
+    "good movie and great fun",
+    "bad film with an awful plot",
+    "the bird sang a song",
+] * 4
 
 
 def wordpiece() -> Any:
@@ -306,8 +357,14 @@ def test_columns_the_model_does_not_take_are_dropped(tmp_path: Path) -> None:
     the default collator keeps only what the model's forward takes (its docstring's promise), as a
     familiar Hugging Face script expects."""
     rows = cls_examples(8, seed=30)
-    hf = datasets.Dataset.from_dict({"sentence": [f"text {i}" for i in range(8)], "idx": list(range(8)),
-                                     "input_ids": [r["input_ids"] for r in rows], "label": [r["label"] for r in rows]})
+    hf = datasets.Dataset.from_dict(
+        {
+            "sentence": [f"text {i}" for i in range(8)],
+            "idx": list(range(8)),
+            "input_ids": [r["input_ids"] for r in rows],
+            "label": [r["label"] for r in rows],
+        }
+    )
     trainer = Trainer(bert_classifier(), targs(tmp_path, max_steps=1), hf)
     trainer.train()
     assert trainer.state.global_step == 1
@@ -317,8 +374,10 @@ def test_padding_without_a_tokenizer_uses_the_models_pad_id(tmp_path: Path) -> N
     """A GPT classifier whose pad token is not 0, given pre-tokenized examples and no tokenizer: the
     logits of an example do not depend on the batch it is padded in."""
     pad = VOCAB - 1
-    data = [{"input_ids": [t if t != pad else 1 for t in ex["input_ids"]], "label": ex["label"]}
-            for ex in cls_examples(6, seed=31, num_labels=3)]
+    data = [
+        {"input_ids": [t if t != pad else 1 for t in ex["input_ids"]], "label": ex["label"]}
+        for ex in cls_examples(6, seed=31, num_labels=3)
+    ]
     model = gpt_classifier(seed=15, pad_token_id=pad).eval()
     alone = Trainer(model, targs(tmp_path / "a", per_device_eval_batch_size=1)).predict(data).predictions
     batched = Trainer(model, targs(tmp_path / "b", per_device_eval_batch_size=6)).predict(data).predictions
@@ -338,8 +397,17 @@ def test_accumulation_is_exact_over_uneven_padding(kind: str, tmp_path: Path) ->
     runs = {}
     for batch, accum in ((8, 1), (4, 2), (2, 4)):
         model, rec = make(seed=1), Recording(data)
-        trainer = Trainer(model, targs(tmp_path / f"{batch}x{accum}", max_steps=2, per_device_train_batch_size=batch,
-                                       gradient_accumulation_steps=accum, **SGD_LIKE), rec)
+        trainer = Trainer(
+            model,
+            targs(
+                tmp_path / f"{batch}x{accum}",
+                max_steps=2,
+                per_device_train_batch_size=batch,
+                gradient_accumulation_steps=accum,
+                **SGD_LIKE,
+            ),
+            rec,
+        )
         trainer.train()
         runs[batch] = (clone_state(model), rec.fetched, trainer.state, train_logs(trainer))
     ref_weights, ref_fetched, ref_state, ref_logs = runs[8]
@@ -365,8 +433,9 @@ def test_partial_last_window_is_normalised_by_its_own_items(tmp_path: Path) -> N
     data = lm_examples(10, seed=5)
     snaps, rec = Snapshots(), Recording(data)
     model = gpt_lm(seed=2)
-    trainer = Trainer(model, targs(tmp_path / "a", max_steps=-1, num_train_epochs=1, **SGD_LIKE), rec,
-                      callbacks=[snaps])
+    trainer = Trainer(
+        model, targs(tmp_path / "a", max_steps=-1, num_train_epochs=1, **SGD_LIKE), rec, callbacks=[snaps]
+    )
     trainer.train()
     assert trainer.state.global_step == 3 and trainer.state.epoch == 1.0
     assert sorted(rec.fetched) == list(range(10))
@@ -375,15 +444,25 @@ def test_partial_last_window_is_normalised_by_its_own_items(tmp_path: Path) -> N
     before.load_state_dict(snaps.weights[2])
     loss = mean_loss(before, last)
     loss.backward()
-    norm = float(torch.sqrt(sum((p.grad ** 2).sum() for p in before.parameters() if p.grad is not None)))
+    norm = float(torch.sqrt(sum((p.grad**2).sum() for p in before.parameters() if p.grad is not None)))
     logs = train_logs(trainer)
     assert logs[-1]["step"] == 3
     assert logs[-1]["loss"] == pytest.approx(float(loss.detach()), rel=1e-6)
     assert logs[-1]["grad_norm"] == pytest.approx(norm, rel=1e-5)
 
     split = gpt_lm(seed=2)
-    Trainer(split, targs(tmp_path / "b", max_steps=-1, num_train_epochs=1, per_device_train_batch_size=2,
-                         gradient_accumulation_steps=2, **SGD_LIKE), data).train()
+    Trainer(
+        split,
+        targs(
+            tmp_path / "b",
+            max_steps=-1,
+            num_train_epochs=1,
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=2,
+            **SGD_LIKE,
+        ),
+        data,
+    ).train()
     assert_states_close(clone_state(split), clone_state(model), atol=1e-5)
 
 
@@ -396,15 +475,21 @@ def with_weights(examples: Sequence[dict[str, Any]], weights: Sequence[float]) -
 def test_unit_sample_weights_change_nothing(kind: str, tmp_path: Path) -> None:
     """A `weight` field of 1.0 on every example trains exactly like no weight field at all (the
     weighted path sums per-example losses instead of using the model's mean loss)."""
-    make, data = {"sequence_classification": (bert_classifier, cls_examples(8, seed=6)),
-                  "causal_lm": (gpt_lm, lm_examples(8, seed=6)),
-                  "token_classification": (bert_tagger, tagged_examples(8, seed=6))}[kind]
+    make, data = {
+        "sequence_classification": (bert_classifier, cls_examples(8, seed=6)),
+        "causal_lm": (gpt_lm, lm_examples(8, seed=6)),
+        "token_classification": (bert_tagger, tagged_examples(8, seed=6)),
+    }[kind]
     plain, weighted = make(seed=3), make(seed=3)
-    a = Trainer(plain, targs(tmp_path / "plain", per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                             **SGD_LIKE), data)
+    a = Trainer(
+        plain, targs(tmp_path / "plain", per_device_train_batch_size=2, gradient_accumulation_steps=2, **SGD_LIKE), data
+    )
     a.train()
-    b = Trainer(weighted, targs(tmp_path / "weighted", per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                                **SGD_LIKE), with_weights(data, [1.0] * 8))
+    b = Trainer(
+        weighted,
+        targs(tmp_path / "weighted", per_device_train_batch_size=2, gradient_accumulation_steps=2, **SGD_LIKE),
+        with_weights(data, [1.0] * 8),
+    )
     b.train()
     assert max_change(clone_state(plain), clone_state(make(seed=3))) > 1e-3
     assert_states_close(clone_state(weighted), clone_state(plain), atol=1e-6)
@@ -422,8 +507,17 @@ def test_sample_weights_scale_each_examples_loss(tmp_path: Path) -> None:
 
     def run(name: str, examples: list[dict[str, Any]], batch: int, accum: int = 1) -> tuple[dict, Trainer]:
         model = bert_classifier(seed=4)
-        trainer = Trainer(model, targs(tmp_path / name, max_steps=1, per_device_train_batch_size=batch,
-                                       gradient_accumulation_steps=accum, **SGD_LIKE), examples)
+        trainer = Trainer(
+            model,
+            targs(
+                tmp_path / name,
+                max_steps=1,
+                per_device_train_batch_size=batch,
+                gradient_accumulation_steps=accum,
+                **SGD_LIKE,
+            ),
+            examples,
+        )
         trainer.train()
         return clone_state(model), trainer
 
@@ -436,9 +530,9 @@ def test_sample_weights_scale_each_examples_loss(tmp_path: Path) -> None:
     assert train_logs(doubled_trainer)[0]["loss"] == pytest.approx(expected, rel=1e-6)
 
     zeroed, _ = run("w0", with_weights(data, [0.0 if i == j else 1.0 for i in range(n)]), 3, 2)
-    removed, _ = run("removed", with_weights(data[:j] + data[j + 1:], [(n - 1) / n] * (n - 1)), 5)
+    removed, _ = run("removed", with_weights(data[:j] + data[j + 1 :], [(n - 1) / n] * (n - 1)), 5)
     assert_states_close(zeroed, removed, atol=1e-6)
-    unweighted_rest, _ = run("rest", data[:j] + data[j + 1:], 5)
+    unweighted_rest, _ = run("rest", data[:j] + data[j + 1 :], 5)
     assert max_change(zeroed, unweighted_rest) > 1e-5  # the normaliser is the window's count, weights or not
 
 
@@ -457,8 +551,13 @@ def test_compute_metrics_evaluate_and_predict_agree(tmp_path: Path) -> None:
     batching, and eval_accuracy is the accuracy of those predictions."""
     train, held_out = cls_examples(16, seed=9, num_labels=3), cls_examples(11, seed=10, num_labels=3)
     model = bert_classifier(seed=5, num_labels=3)
-    trainer = Trainer(model, targs(tmp_path, max_steps=3, per_device_eval_batch_size=4), train, held_out,
-                      compute_metrics=classification_metrics)
+    trainer = Trainer(
+        model,
+        targs(tmp_path, max_steps=3, per_device_eval_batch_size=4),
+        train,
+        held_out,
+        compute_metrics=classification_metrics,
+    )
     trainer.train()
     metrics = trainer.evaluate()
     out = trainer.predict(held_out)
@@ -467,8 +566,9 @@ def test_compute_metrics_evaluate_and_predict_agree(tmp_path: Path) -> None:
     np.testing.assert_array_equal(out.label_ids, labels)
     model.eval()
     with torch.no_grad():
-        one_by_one = np.concatenate([model(input_ids=torch.tensor([ex["input_ids"]])).logits.numpy()
-                                     for ex in held_out])
+        one_by_one = np.concatenate(
+            [model(input_ids=torch.tensor([ex["input_ids"]])).logits.numpy() for ex in held_out]
+        )
         expected_loss = float(mean_loss(model, held_out))
     np.testing.assert_allclose(out.predictions, one_by_one, rtol=0, atol=1e-5)
     accuracy = float((out.predictions.argmax(-1) == labels).mean())
@@ -484,8 +584,13 @@ def test_token_classification_predictions_are_padded_with_minus_100(tmp_path: Pa
     each batch's extra positions filled with -100 (as are the labels), real positions untouched."""
     lens = [3, 5, 4, 9, 2, 3, 4]  # batches of 3: longest 5, 9, 4
     rng = random.Random(11)
-    data = [{"input_ids": [rng.randint(1, VOCAB - 1) for _ in range(k)],
-             "labels": [rng.choice([0, 1, 2, -100]) for _ in range(k)]} for k in lens]
+    data = [
+        {
+            "input_ids": [rng.randint(1, VOCAB - 1) for _ in range(k)],
+            "labels": [rng.choice([0, 1, 2, -100]) for _ in range(k)],
+        }
+        for k in lens
+    ]
     model = bert_tagger(seed=6).eval()
     trainer = Trainer(model, targs(tmp_path, per_device_eval_batch_size=3))
     out = trainer.predict(data)
@@ -495,8 +600,8 @@ def test_token_classification_predictions_are_padded_with_minus_100(tmp_path: Pa
         for i, (ex, k) in enumerate(zip(data, lens)):
             alone = model(input_ids=torch.tensor([ex["input_ids"]])).logits[0].numpy()
             np.testing.assert_allclose(out.predictions[i, :k], alone, rtol=0, atol=1e-5)
-            assert np.isfinite(out.predictions[i, k:batch_len[i]]).all()  # in-batch padding: real logits
-            assert (out.predictions[i, batch_len[i]:] == -100).all()  # padding across batches
+            assert np.isfinite(out.predictions[i, k : batch_len[i]]).all()  # in-batch padding: real logits
+            assert (out.predictions[i, batch_len[i] :] == -100).all()  # padding across batches
             np.testing.assert_array_equal(out.label_ids[i, :k], ex["labels"])
             assert (out.label_ids[i, k:] == -100).all()
 
@@ -527,14 +632,33 @@ def test_load_best_model_at_end_keeps_and_restores_the_best_checkpoint(tmp_path:
 
     snaps = Snapshots()
     metric = Scripted([0.5, 0.9, 0.6, 0.4])
-    args = targs(out, max_steps=4, eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1,
-                 save_total_limit=1, load_best_model_at_end=True, metric_for_best_model="accuracy")
-    trainer = Trainer(bert_classifier(seed=7), args, cls_examples(16, seed=12), cls_examples(4, seed=13),
-                      compute_metrics=metric, callbacks=[ListCheckpoints(), snaps])
+    args = targs(
+        out,
+        max_steps=4,
+        eval_strategy="steps",
+        eval_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+        save_total_limit=1,
+        load_best_model_at_end=True,
+        metric_for_best_model="accuracy",
+    )
+    trainer = Trainer(
+        bert_classifier(seed=7),
+        args,
+        cls_examples(16, seed=12),
+        cls_examples(4, seed=13),
+        compute_metrics=metric,
+        callbacks=[ListCheckpoints(), snaps],
+    )
     trainer.train()
     assert metric.calls == 4  # the last step's evaluation is not repeated at the end
-    assert seen_on_disk == {1: ["checkpoint-1"], 2: ["checkpoint-2"], 3: ["checkpoint-2", "checkpoint-3"],
-                            4: ["checkpoint-2", "checkpoint-4"]}
+    assert seen_on_disk == {
+        1: ["checkpoint-1"],
+        2: ["checkpoint-2"],
+        3: ["checkpoint-2", "checkpoint-3"],
+        4: ["checkpoint-2", "checkpoint-4"],
+    }
     assert trainer.state.best_model_checkpoint == str(out / "checkpoint-2")
     assert trainer.state.best_metric == pytest.approx(0.9)
     assert max_change(snaps.weights[2], snaps.weights[4]) > 1e-4  # the best is not simply the last
@@ -550,10 +674,12 @@ def test_early_stopping_stops_after_patience_evaluations(patience: int, tmp_path
     """A metric that only gets worse stops the run after `patience` evaluations without improvement,
     long before max_steps; the stopped model is still saved."""
     metric = Scripted([0.9 - 0.1 * i for i in range(10)])
-    args = targs(tmp_path, max_steps=10, eval_steps=1, early_stopping_patience=patience,
-                 metric_for_best_model="accuracy")
-    trainer = Trainer(bert_classifier(), args, cls_examples(16, seed=14), cls_examples(4, seed=15),
-                      compute_metrics=metric)
+    args = targs(
+        tmp_path, max_steps=10, eval_steps=1, early_stopping_patience=patience, metric_for_best_model="accuracy"
+    )
+    trainer = Trainer(
+        bert_classifier(), args, cls_examples(16, seed=14), cls_examples(4, seed=15), compute_metrics=metric
+    )
     result = trainer.train()
     assert result.global_step == trainer.state.global_step == 1 + patience
     assert metric.calls == 1 + patience
@@ -570,14 +696,17 @@ def test_unknown_best_metric_is_an_error_not_a_silent_default(tmp_path: Path) ->
         trainer.train()
 
 
-@pytest.mark.parametrize("options, message", [
-    (dict(load_best_model_at_end=True, eval_strategy="no"), "load_best_model_at_end needs evaluations"),
-    (dict(load_best_model_at_end=True, eval_steps=2, save_steps=3), "multiple of eval_steps"),
-    (dict(load_best_model_at_end=True, eval_steps=2, save_strategy="no"), "save_strategy"),
-    (dict(early_stopping_patience=2, eval_strategy="no"), "early_stopping_patience needs evaluations"),
-    (dict(early_stopping_patience=2, eval_strategy="steps", eval_steps=None), "early_stopping_patience"),
-    (dict(bf16=True, fp16=True), "bf16.*fp16"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(load_best_model_at_end=True, eval_strategy="no"), "load_best_model_at_end needs evaluations"),
+        (dict(load_best_model_at_end=True, eval_steps=2, save_steps=3), "multiple of eval_steps"),
+        (dict(load_best_model_at_end=True, eval_steps=2, save_strategy="no"), "save_strategy"),
+        (dict(early_stopping_patience=2, eval_strategy="no"), "early_stopping_patience needs evaluations"),
+        (dict(early_stopping_patience=2, eval_strategy="steps", eval_steps=None), "early_stopping_patience"),
+        (dict(bf16=True, fp16=True), "bf16.*fp16"),
+    ],
+)
 def test_contradictory_arguments_are_refused(options: dict[str, Any], message: str, tmp_path: Path) -> None:
     """Settings that cannot all hold raise ValueError when TrainingArguments is created."""
     with pytest.raises(ValueError, match=message):
@@ -643,8 +772,12 @@ def test_one_nan_step_is_skipped_and_reported(tmp_path: Path) -> None:
 def test_nan_step_alone_in_its_logging_window_is_skipped(tmp_path: Path) -> None:
     """With logging_steps=1 (or any window holding only skipped steps) a NaN step is still just skipped."""
     snaps = Snapshots()
-    trainer = Trainer(gpt_classifier(seed=8), targs(tmp_path, max_steps=4, logging_steps=1),
-                      cls_examples(16, seed=18, num_labels=3), callbacks=[snaps, PoisonSteps({3})])
+    trainer = Trainer(
+        gpt_classifier(seed=8),
+        targs(tmp_path, max_steps=4, logging_steps=1),
+        cls_examples(16, seed=18, num_labels=3),
+        callbacks=[snaps, PoisonSteps({3})],
+    )
     trainer.train()
     assert trainer.state.global_step == 4
     assert_states_close(snaps.weights[3], snaps.weights[2], atol=0)
@@ -654,8 +787,12 @@ def test_nan_step_alone_in_its_logging_window_is_skipped(tmp_path: Path) -> None
 def test_skipped_step_is_logged_at_its_own_step(tmp_path: Path) -> None:
     """The log entry of a skipped step carries that step's number (TensorBoard plots it there, and
     metrics.jsonl trimming on resume keeps or drops it with that step), not the previous step's."""
-    trainer = Trainer(gpt_classifier(seed=8), targs(tmp_path, max_steps=4, logging_steps=2),
-                      cls_examples(16, seed=18, num_labels=3), callbacks=[PoisonSteps({3})])
+    trainer = Trainer(
+        gpt_classifier(seed=8),
+        targs(tmp_path, max_steps=4, logging_steps=2),
+        cls_examples(16, seed=18, num_labels=3),
+        callbacks=[PoisonSteps({3})],
+    )
     trainer.train()
     skipped = [h for h in trainer.state.log_history if "skipped_step" in h]
     assert [(h["step"], h["skipped_step"]) for h in skipped] == [(3, 3)]
@@ -691,8 +828,9 @@ def test_empty_and_tiny_datasets(tmp_path: Path) -> None:
         Trainer(gpt_lm(), targs(tmp_path / "empty")).evaluate([])
     data = lm_examples(3, seed=20)
     model = gpt_lm(seed=9)
-    trainer = Trainer(model, targs(tmp_path / "tiny", max_steps=-1, num_train_epochs=1, per_device_train_batch_size=8),
-                      data)
+    trainer = Trainer(
+        model, targs(tmp_path / "tiny", max_steps=-1, num_train_epochs=1, per_device_train_batch_size=8), data
+    )
     result = trainer.train()
     assert result.global_step == 1 and trainer.state.samples_seen == 3 and trainer.state.epoch == 1.0
     with torch.no_grad():
@@ -716,20 +854,31 @@ def test_micro_batch_without_scored_labels_does_not_spoil_the_window(tmp_path: P
     loss is that of the scored examples (finite, not a skipped step), and the step equals a step on the
     scored examples alone (same item count)."""
     scored = tagged_examples(2, seed=22)
-    unscored = [{"input_ids": ex["input_ids"], "labels": [-100] * len(ex["input_ids"])}
-                for ex in lm_examples(2, seed=23)]
+    unscored = [
+        {"input_ids": ex["input_ids"], "labels": [-100] * len(ex["input_ids"])} for ex in lm_examples(2, seed=23)
+    ]
     model = bert_tagger(seed=11)
     # micro-batches of one example: whatever the order, two of the four score nothing
-    trainer = Trainer(model, targs(tmp_path / "mixed", max_steps=1, per_device_train_batch_size=1,
-                                   gradient_accumulation_steps=4, **SGD_LIKE), scored + unscored)
+    trainer = Trainer(
+        model,
+        targs(
+            tmp_path / "mixed", max_steps=1, per_device_train_batch_size=1, gradient_accumulation_steps=4, **SGD_LIKE
+        ),
+        scored + unscored,
+    )
     trainer.train()
     assert not [h for h in trainer.state.log_history if "skipped_step" in h]
     with torch.no_grad():
         expected = float(mean_loss(bert_tagger(seed=11), scored))
     assert train_logs(trainer)[0]["loss"] == pytest.approx(expected, rel=1e-6)
     alone = bert_tagger(seed=11)
-    Trainer(alone, targs(tmp_path / "alone", max_steps=1, per_device_train_batch_size=1,
-                         gradient_accumulation_steps=2, **SGD_LIKE), scored).train()
+    Trainer(
+        alone,
+        targs(
+            tmp_path / "alone", max_steps=1, per_device_train_batch_size=1, gradient_accumulation_steps=2, **SGD_LIKE
+        ),
+        scored,
+    ).train()
     assert max_change(clone_state(alone), clone_state(bert_tagger(seed=11))) > 1e-3
     assert_states_close(clone_state(model), clone_state(alone), atol=1e-6)
 
@@ -770,10 +919,12 @@ def test_lora_training_leaves_the_base_untouched_and_saves_adapters(tmp_path: Pa
     after = clone_state(model)
     base = [k for k in before if not is_adapter(k)]
     assert base and all(torch.equal(before[k], after[k]) for k in base)
-    assert all(max_change({k: before[k]}, {k: after[k]}) > 0 for k in before if k.endswith(".lora_B") or
-               k.startswith("score."))  # lora_B starts at 0: it moved
-    assert {"adapter_model.safetensors", "adapter_config.json", "config.json",
-            "model.safetensors"} <= {p.name for p in tmp_path.iterdir()}
+    assert all(
+        max_change({k: before[k]}, {k: after[k]}) > 0 for k in before if k.endswith(".lora_B") or k.startswith("score.")
+    )  # lora_B starts at 0: it moved
+    assert {"adapter_model.safetensors", "adapter_config.json", "config.json", "model.safetensors"} <= {
+        p.name for p in tmp_path.iterdir()
+    }
     adapters = load_file(str(tmp_path / "adapter_model.safetensors"))
     assert adapters and all(is_adapter(k) for k in adapters)
     reloaded = GPTForSequenceClassification.from_pretrained(tmp_path)
@@ -781,8 +932,9 @@ def test_lora_training_leaves_the_base_untouched_and_saves_adapters(tmp_path: Pa
     ids = torch.tensor([data[0]["input_ids"]])
     model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(reloaded.eval()(input_ids=ids).logits, model(input_ids=ids).logits,
-                                   rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            reloaded.eval()(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-6
+        )
 
 
 def test_lora_resume_restores_the_adapters_exactly(tmp_path: Path) -> None:
@@ -826,9 +978,23 @@ GPT_SIZES = dict(vocab_size=VOCAB, n_positions=32, n_layer=2, n_head=2, n_embd=3
 
 
 def ddp_args(out: Path, **overrides: Any) -> dict[str, Any]:
-    opts = dict(output_dir=str(out), max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                logging_steps=1, eval_steps=None, save_strategy="steps", save_steps=1, save_total_limit=None,
-                seed=0, device="cpu", disable_tqdm=True, peak_flops=1e12, report_to="jsonl", **SGD_LIKE)
+    opts = dict(
+        output_dir=str(out),
+        max_steps=3,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        logging_steps=1,
+        eval_steps=None,
+        save_strategy="steps",
+        save_steps=1,
+        save_total_limit=None,
+        seed=0,
+        device="cpu",
+        disable_tqdm=True,
+        peak_flops=1e12,
+        report_to="jsonl",
+        **SGD_LIKE,
+    )
     opts.update(overrides)
     return opts
 
@@ -839,8 +1005,17 @@ def torchrun_two(script: Path, config: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script), str(config)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        str(script),
+        str(config),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     return proc
@@ -863,15 +1038,23 @@ def test_ddp_two_processes_match_one_process_and_resume_on_one(tmp_path: Path) -
 
     set_seed(14)
     single = GPTForCausalLM(GPTConfig(**GPT_SIZES))
-    one = Trainer(single, TrainingArguments(**ddp_args(tmp_path / "single", per_device_train_batch_size=4,
-                                                       save_strategy="no")), data)
+    one = Trainer(
+        single,
+        TrainingArguments(**ddp_args(tmp_path / "single", per_device_train_batch_size=4, save_strategy="no")),
+        data,
+    )
     one.train()
     ddp_weights = clone_state(GPTForCausalLM.from_pretrained(out))
-    assert max_change(ddp_weights, clone_state(GPTForCausalLM.from_pretrained(tmp_path / "ddp" / "checkpoint-1"))) > 1e-3
+    assert (
+        max_change(ddp_weights, clone_state(GPTForCausalLM.from_pretrained(tmp_path / "ddp" / "checkpoint-1"))) > 1e-3
+    )
     assert_states_close(ddp_weights, clone_state(single), atol=1e-5)
 
     assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == [
-        "checkpoint-1", "checkpoint-2", "checkpoint-3"]
+        "checkpoint-1",
+        "checkpoint-2",
+        "checkpoint-3",
+    ]
     for step in (1, 2, 3):
         state = json.loads((out / f"checkpoint-{step}" / "trainer_state.json").read_text())
         assert (state["global_step"], state["world_size"], state["samples_seen"]) == (step, 2, 8 * step)
@@ -884,8 +1067,11 @@ def test_ddp_two_processes_match_one_process_and_resume_on_one(tmp_path: Path) -
     assert json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["tokens_seen"] == one.state.tokens_seen
 
     # one process keeps the global batch of 8 with batch 4 x accumulation 2
-    resumed = Trainer(gpt_lm(seed=99), TrainingArguments(**ddp_args(tmp_path / "resumed", per_device_train_batch_size=4,
-                                                                    save_strategy="no")), data)
+    resumed = Trainer(
+        gpt_lm(seed=99),
+        TrainingArguments(**ddp_args(tmp_path / "resumed", per_device_train_batch_size=4, save_strategy="no")),
+        data,
+    )
     with pytest.warns(UserWarning, match=r"written by 2 process\(es\) and this run has 1"):
         resumed.train(resume_from_checkpoint=str(out / "checkpoint-2"))
     assert resumed.state.global_step == 3 and resumed.state.world_size == 1
@@ -899,14 +1085,18 @@ def test_fsdp_two_processes_match_one_process(tmp_path: Path) -> None:
     data = lm_examples(24, seed=27)
     out = tmp_path / "fsdp"
     config = tmp_path / "fsdp.json"
-    config.write_text(json.dumps({"seed": 14, "config": GPT_SIZES, "data": data,
-                                  "args": ddp_args(out, fsdp=True, save_steps=3)}))
+    config.write_text(
+        json.dumps({"seed": 14, "config": GPT_SIZES, "data": data, "args": ddp_args(out, fsdp=True, save_steps=3)})
+    )
     script = tmp_path / "fsdp_train.py"
-    proc = torchrun_two(script, config)
+    torchrun_two(script, config)
     set_seed(14)
     single = GPTForCausalLM(GPTConfig(**GPT_SIZES))
-    Trainer(single, TrainingArguments(**ddp_args(tmp_path / "single", per_device_train_batch_size=4,
-                                                 save_strategy="no")), data).train()
+    Trainer(
+        single,
+        TrainingArguments(**ddp_args(tmp_path / "single", per_device_train_batch_size=4, save_strategy="no")),
+        data,
+    ).train()
     assert_states_close(clone_state(GPTForCausalLM.from_pretrained(out)), clone_state(single), atol=1e-5)
     ckpt = out / "checkpoint-3"
     assert_states_close(clone_state(GPTForCausalLM.from_pretrained(ckpt)), clone_state(single), atol=1e-5)
@@ -919,8 +1109,10 @@ def test_dropped_tail_warning_counts_the_dropped_examples(tmp_path: Path) -> Non
     dropped with a warning saying how many examples were dropped."""
     from lmforge.training.distributed import World
 
-    trainer = Trainer(gpt_lm(), targs(tmp_path, max_steps=-1, num_train_epochs=1, per_device_train_batch_size=2,
-                                      gradient_accumulation_steps=2))
+    trainer = Trainer(
+        gpt_lm(),
+        targs(tmp_path, max_steps=-1, num_train_epochs=1, per_device_train_batch_size=2, gradient_accumulation_steps=2),
+    )
     trainer.world = World(rank=0, size=2)  # what torchrun with 2 processes gives; the plan needs nothing else
     with pytest.warns(UserWarning, match="the last 1 examples"):
         plan = trainer._plan(17)  # global batch 2 x 2 x 2 = 8: windows of 8, 8 and 1
@@ -976,9 +1168,21 @@ Trainer(model, args, opts["data"]).train(resume_from_checkpoint=opts["resume"])
 
 
 def kill_run_args(out: Path) -> dict[str, Any]:
-    return dict(output_dir=str(out), max_steps=6, per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=1,
-                save_strategy="steps", save_steps=2, save_total_limit=None, seed=0, device="cpu", disable_tqdm=True,
-                peak_flops=1e12, report_to="jsonl")
+    return dict(
+        output_dir=str(out),
+        max_steps=6,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=2,
+        save_total_limit=None,
+        seed=0,
+        device="cpu",
+        disable_tqdm=True,
+        peak_flops=1e12,
+        report_to="jsonl",
+    )
 
 
 def test_sigkill_inside_a_checkpoint_save_resumes_exactly(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -994,11 +1198,22 @@ def test_sigkill_inside_a_checkpoint_save_resumes_exactly(tmp_path: Path, capsys
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(key, None)
     ref_out, out, marker = tmp_path / "ref", tmp_path / "run", tmp_path / "stalled"
-    opts = {"config": config, "data": data, "stall_at": 4, "resume": False, "marker": str(marker),
-            "args": kill_run_args(out)}
+    opts = {
+        "config": config,
+        "data": data,
+        "stall_at": 4,
+        "resume": False,
+        "marker": str(marker),
+        "args": kill_run_args(out),
+    }
     (tmp_path / "victim.json").write_text(json.dumps(opts), encoding="utf-8")
-    victim = subprocess.Popen([sys.executable, str(script), str(tmp_path / "victim.json")], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victim = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "victim.json")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         # meanwhile, the uninterrupted reference run, here (same thread count, same seeds)
         set_seed(0)
@@ -1071,9 +1286,17 @@ def test_group_by_length_batches_similar_lengths_and_sees_every_example(tmp_path
     kept = {"input_ids", "label"}
     runs = {}
     for grouped in (False, True):
-        trainer = Trainer(bert_classifier(seed=3), targs(tmp_path / str(grouped), max_steps=-1, num_train_epochs=2,
-                                                         per_device_train_batch_size=8, group_by_length=grouped),
-                          [{k: v for k, v in ex.items() if k in kept} for ex in data])
+        trainer = Trainer(
+            bert_classifier(seed=3),
+            targs(
+                tmp_path / str(grouped),
+                max_steps=-1,
+                num_train_epochs=2,
+                per_device_train_batch_size=8,
+                group_by_length=grouped,
+            ),
+            [{k: v for k, v in ex.items() if k in kept} for ex in data],
+        )
         meter = PaddingMeter(trainer)
         trainer.train()
         runs[grouped] = meter
@@ -1083,9 +1306,13 @@ def test_group_by_length_batches_similar_lengths_and_sees_every_example(tmp_path
     assert grouped.padded_share() < 0.25 * plain.padded_share(), (grouped.padded_share(), plain.padded_share())
     assert max(grouped.batches[0]) == 30 and max(grouped.batches[50]) == 30  # the longest batch leads each epoch
     # the order is a function of the seed: a second run sees exactly the same batches
-    again = Trainer(bert_classifier(seed=3), targs(tmp_path / "again", max_steps=-1, num_train_epochs=2,
-                                                   per_device_train_batch_size=8, group_by_length=True),
-                    [{k: v for k, v in ex.items() if k in kept} for ex in data])
+    again = Trainer(
+        bert_classifier(seed=3),
+        targs(
+            tmp_path / "again", max_steps=-1, num_train_epochs=2, per_device_train_batch_size=8, group_by_length=True
+        ),
+        [{k: v for k, v in ex.items() if k in kept} for ex in data],
+    )
     meter = PaddingMeter(again)
     again.train()
     assert meter.batches == grouped.batches
@@ -1093,8 +1320,7 @@ def test_group_by_length_batches_similar_lengths_and_sees_every_example(tmp_path
 
 def test_group_by_length_reads_a_length_column_or_says_what_is_missing(tmp_path: Path) -> None:
     data = [{"text": "a b c", "label": 0}, {"text": "a", "label": 1}]
-    with pytest.raises(ValueError, match="group_by_length needs each example's length: example 0 has neither "
-                                         "'length'"):
+    with pytest.raises(ValueError, match="group_by_length needs each example's length: example 0 has neither 'length'"):
         Trainer(bert_classifier(), targs(tmp_path / "x", group_by_length=True), data).train()
     with pytest.raises(ValueError, match="group_by_length must be true or false"):
         targs(tmp_path / "y", group_by_length="yes")

@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers import DOCS
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import Dataset
 
-from helpers import DOCS
 from lmforge.config import GPTConfig
 from lmforge.data import RandomBlockDataset, SequentialBlockDataset, prepare_corpus
 from lmforge.models.gpt import GPTForCausalLM
@@ -31,8 +31,14 @@ from lmforge.training.pretrain import apply_overrides, load_recipe, pretrain, un
 from lmforge.utils import set_seed
 
 BLOCK = 32
-CHECKPOINT_FILES = {"config.json", "model.safetensors", "tokenizer.json", "optimizer.pt", "rng_state.pt",
-                    "trainer_state.json"}
+CHECKPOINT_FILES = {
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "optimizer.pt",
+    "rng_state.pt",
+    "trainer_state.json",
+}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -52,15 +58,29 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 def tiny_model(vocab_size: int, seed: int = 0, dropout: float = 0.0, n_layer: int = 2) -> GPTForCausalLM:
     set_seed(seed)
-    return GPTForCausalLM(GPTConfig(vocab_size=vocab_size, n_positions=BLOCK, n_layer=n_layer, n_head=2, n_embd=32,
-                                    dropout=dropout))
+    return GPTForCausalLM(
+        GPTConfig(vocab_size=vocab_size, n_positions=BLOCK, n_layer=n_layer, n_head=2, n_embd=32, dropout=dropout)
+    )
 
 
 def tiny_args(out: Path, **overrides: Any) -> TrainingArguments:
-    opts: dict[str, Any] = dict(output_dir=str(out), max_steps=8, per_device_train_batch_size=4,
-                                per_device_eval_batch_size=8, learning_rate=1e-2, warmup_steps=0, logging_steps=1,
-                                eval_steps=None, eval_max_batches=2, save_steps=None, save_total_limit=None, seed=0,
-                                device="cpu", disable_tqdm=True, peak_flops=1e12)
+    opts: dict[str, Any] = dict(
+        output_dir=str(out),
+        max_steps=8,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        learning_rate=1e-2,
+        warmup_steps=0,
+        logging_steps=1,
+        eval_steps=None,
+        eval_max_batches=2,
+        save_steps=None,
+        save_total_limit=None,
+        seed=0,
+        device="cpu",
+        disable_tqdm=True,
+        peak_flops=1e12,
+    )
     opts.update(overrides)
     return TrainingArguments(**opts)
 
@@ -78,8 +98,10 @@ def _no_constants(name: str) -> Any:
 
 
 def metric_lines(out: Path) -> list[dict[str, Any]]:
-    return [json.loads(line, parse_constant=_no_constants)
-            for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    return [
+        json.loads(line, parse_constant=_no_constants)
+        for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
 
 
 def assert_same_weights(a: nn.Module, b: nn.Module) -> None:
@@ -126,17 +148,46 @@ def test_default_arguments_are_valid_and_round_trip() -> None:
     assert TrainingArguments(max_steps=200, warmup_steps=0.25).warmup == 50  # transformers 5: a float is a share
 
 
-@pytest.mark.parametrize("field, value", [
-    ("max_steps", 0), ("max_steps", 2.5), ("per_device_train_batch_size", -1), ("per_device_eval_batch_size", 0),
-    ("gradient_accumulation_steps", 0), ("logging_steps", 0), ("eval_steps", 0), ("save_steps", -5),
-    ("save_total_limit", 0), ("eval_max_batches", 0), ("learning_rate", 0.0), ("learning_rate", -1e-3),
-    ("learning_rate", "1e-3"), ("learning_rate", float("nan")), ("lr_scheduler_type", "step"),
-    ("warmup_steps", -1), ("warmup_steps", 1.5), ("warmup_steps", True), ("warmup_ratio", 1.0), ("min_lr_ratio", 1.5),
-    ("max_grad_norm", 0.0), ("weight_decay", -0.1), ("adam_beta1", 1.0), ("adam_beta2", -0.1),
-    ("adam_epsilon", 0.0), ("report_to", ["wandb"]), ("device", "gpu"), ("dataloader_num_workers", -1),
-    ("peak_flops", 0.0), ("num_train_epochs", 0), ("eval_strategy", "sometimes"), ("save_strategy", "always"),
-    ("early_stopping_patience", 0), ("fp16", "yes"), ("max_steps", -2),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("max_steps", 0),
+        ("max_steps", 2.5),
+        ("per_device_train_batch_size", -1),
+        ("per_device_eval_batch_size", 0),
+        ("gradient_accumulation_steps", 0),
+        ("logging_steps", 0),
+        ("eval_steps", 0),
+        ("save_steps", -5),
+        ("save_total_limit", 0),
+        ("eval_max_batches", 0),
+        ("learning_rate", 0.0),
+        ("learning_rate", -1e-3),
+        ("learning_rate", "1e-3"),
+        ("learning_rate", float("nan")),
+        ("lr_scheduler_type", "step"),
+        ("warmup_steps", -1),
+        ("warmup_steps", 1.5),
+        ("warmup_steps", True),
+        ("warmup_ratio", 1.0),
+        ("min_lr_ratio", 1.5),
+        ("max_grad_norm", 0.0),
+        ("weight_decay", -0.1),
+        ("adam_beta1", 1.0),
+        ("adam_beta2", -0.1),
+        ("adam_epsilon", 0.0),
+        ("report_to", ["wandb"]),
+        ("device", "gpu"),
+        ("dataloader_num_workers", -1),
+        ("peak_flops", 0.0),
+        ("num_train_epochs", 0),
+        ("eval_strategy", "sometimes"),
+        ("save_strategy", "always"),
+        ("early_stopping_patience", 0),
+        ("fp16", "yes"),
+        ("max_steps", -2),
+    ],
+)
 def test_invalid_argument_names_the_field(field: str, value: Any) -> None:
     with pytest.raises(ValueError, match=field):
         TrainingArguments(**{field: value})
@@ -165,17 +216,21 @@ def test_param_groups_decay_only_linear_weights() -> None:
     all_ids = decay_ids + no_decay_ids
     assert len(all_ids) == len(set(all_ids))
     assert set(all_ids) == {id(p) for p in model.parameters()}
-    linear_weights = {id(m.weight) for m in model.modules()
-                      if isinstance(m, nn.Linear) and m is not model.lm_head}
+    linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear) and m is not model.lm_head}
     assert len(linear_weights) == 4 * 2  # qkv, attention proj, fc, mlp proj per layer
     assert set(decay_ids) == linear_weights
-    must_not_decay = [model.transformer.wte.weight, model.lm_head.weight, model.transformer.wpe.weight,
-                      model.transformer.ln_f.weight, model.transformer.ln_f.bias,
-                      model.transformer.h[0].ln_1.weight, model.transformer.h[1].mlp.fc.bias]
+    must_not_decay = [
+        model.transformer.wte.weight,
+        model.lm_head.weight,
+        model.transformer.wpe.weight,
+        model.transformer.ln_f.weight,
+        model.transformer.ln_f.bias,
+        model.transformer.h[0].ln_1.weight,
+        model.transformer.h[1].mlp.fc.bias,
+    ]
     for p in must_not_decay:
         assert id(p) in no_decay_ids
-    args = TrainingArguments(learning_rate=2e-3, weight_decay=0.05, adam_beta1=0.8, adam_beta2=0.9,
-                             adam_epsilon=1e-6)
+    args = TrainingArguments(learning_rate=2e-3, weight_decay=0.05, adam_beta1=0.8, adam_beta2=0.9, adam_epsilon=1e-6)
     opt = build_optimizer(model, args)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
     assert all(g["lr"] == 2e-3 and g["betas"] == (0.8, 0.9) and g["eps"] == 1e-6 for g in opt.param_groups)
@@ -282,9 +337,16 @@ def test_gradient_accumulation_matches_one_big_batch(corpus: dict[str, Any], tmp
         model = tiny_model(vocab, seed=3)
         # adam_epsilon=1 and no clipping make the update about lr * gradient, so a wrongly scaled
         # gradient shows (Adam alone would hide a constant factor)
-        args = tiny_args(tmp_path / f"b{batch}", max_steps=2, per_device_train_batch_size=batch,
-                         gradient_accumulation_steps=accum, learning_rate=0.5, adam_epsilon=1.0, max_grad_norm=None,
-                         weight_decay=0.0)
+        args = tiny_args(
+            tmp_path / f"b{batch}",
+            max_steps=2,
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accum,
+            learning_rate=0.5,
+            adam_epsilon=1.0,
+            max_grad_norm=None,
+            weight_decay=0.0,
+        )
         trainer = Trainer(model, args, data)
         trainer.train()
         runs[batch] = (model, data.fetched, trainer.state, metric_lines(tmp_path / f"b{batch}"))
@@ -342,8 +404,13 @@ def test_resume_is_exact(corpus: dict[str, Any], tmp_path: Path, dropout: float)
     Trainer(reference, tiny_args(tmp_path / "ref", **opts), ref_data, val_set(corpus)).train()
 
     out = tmp_path / "run"
-    crashed = Trainer(tiny_model(vocab, dropout=dropout), tiny_args(out, **opts), Recording(train_set(corpus)),
-                      val_set(corpus), callbacks=[CrashAt(6)])
+    crashed = Trainer(
+        tiny_model(vocab, dropout=dropout),
+        tiny_args(out, **opts),
+        Recording(train_set(corpus)),
+        val_set(corpus),
+        callbacks=[CrashAt(6)],
+    )
     with pytest.raises(RuntimeError, match="simulated crash"):
         crashed.train()
     assert Trainer(tiny_model(vocab), tiny_args(out)).latest_checkpoint() == out / "checkpoint-4"
@@ -351,13 +418,14 @@ def test_resume_is_exact(corpus: dict[str, Any], tmp_path: Path, dropout: float)
     resumed_data = Recording(train_set(corpus))
     resumed = tiny_model(vocab, seed=99, dropout=dropout)  # other initial weights: the checkpoint must win
     # peak_flops=None: the resumed run measures a matmul peak (random matrices) after the restore
-    trainer = Trainer(resumed, tiny_args(out, **opts, peak_flops=None if dropout else 1e12), resumed_data,
-                      val_set(corpus))
+    trainer = Trainer(
+        resumed, tiny_args(out, **opts, peak_flops=None if dropout else 1e12), resumed_data, val_set(corpus)
+    )
     trainer.train(resume_from_checkpoint=True)
     assert trainer.state.global_step == 8
     assert_same_weights(resumed, reference)
     # the resumed run reads only the data after its position, exactly what the reference read there
-    assert resumed_data.fetched == ref_data.fetched[4 * 4:]
+    assert resumed_data.fetched == ref_data.fetched[4 * 4 :]
     # metrics.jsonl: the crashed run's lines past the checkpoint are replaced, not duplicated
     ref_lines = [(ln["step"], ln.get("loss"), ln.get("eval_loss")) for ln in metric_lines(tmp_path / "ref")]
     run_lines = [(ln["step"], ln.get("loss"), ln.get("eval_loss")) for ln in metric_lines(out)]
@@ -375,7 +443,8 @@ def test_resume_from_an_explicit_checkpoint_path(corpus: dict[str, Any], tmp_pat
     assert_same_weights(again.model, first)
     with pytest.raises(FileNotFoundError, match="trainer_state.json"):
         Trainer(tiny_model(vocab), tiny_args(tmp_path / "x"), train_set(corpus)).train(
-            resume_from_checkpoint=str(tmp_path))
+            resume_from_checkpoint=str(tmp_path)
+        )
 
 
 def test_incomplete_checkpoints_are_ignored(corpus: dict[str, Any], tmp_path: Path) -> None:
@@ -436,10 +505,16 @@ def test_killed_run_resumes_to_the_same_weights(corpus: dict[str, Any], tmp_path
     root = corpus["root"]
 
     def launch(out: Path, sleep: float, resume: bool = False) -> subprocess.Popen:
-        opts = {"tokenizer": str(root / "tokenizer"), "data": str(root / "data"), "out": str(out),
-                "sleep": sleep, "resume": resume}
-        return subprocess.Popen([sys.executable, str(driver), json.dumps(opts)], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        opts = {
+            "tokenizer": str(root / "tokenizer"),
+            "data": str(root / "data"),
+            "out": str(out),
+            "sleep": sleep,
+            "resume": resume,
+        }
+        return subprocess.Popen(
+            [sys.executable, str(driver), json.dumps(opts)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
 
     ref_out, out = tmp_path / "ref", tmp_path / "run"
     victim = launch(out, sleep=0.3)
@@ -452,8 +527,9 @@ def test_killed_run_resumes_to_the_same_weights(corpus: dict[str, Any], tmp_path
     os.kill(victim.pid, signal.SIGKILL)
     victim.communicate()
     assert victim.returncode == -signal.SIGKILL
-    complete = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")
-                      if (p / "trainer_state.json").is_file())
+    complete = sorted(
+        int(p.name.split("-")[1]) for p in out.glob("checkpoint-*") if (p / "trainer_state.json").is_file()
+    )
     assert complete and complete[-1] < 8 and not (out / "model.safetensors").exists()  # killed mid-run
 
     # what a crash during a save leaves behind, at a later step than any complete checkpoint
@@ -480,12 +556,25 @@ def test_killed_run_resumes_to_the_same_weights(corpus: dict[str, Any], tmp_path
 # ---------------------------------------------------------------------------- pretrain()
 def tiny_recipe(corpus: dict[str, Any], out: Path, **training: Any) -> dict[str, Any]:
     return {
-        "data": [str(corpus["file"])], "out": str(out), "val_fraction": 0.2,
+        "data": [str(corpus["file"])],
+        "out": str(out),
+        "val_fraction": 0.2,
         "tokenizer": {"vocab_size": 300},
         "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": BLOCK},
-        "training": {"max_steps": 24, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 8,
-                     "learning_rate": 2e-2, "warmup_steps": 0, "logging_steps": 4, "eval_steps": None,
-                     "save_steps": 8, "disable_tqdm": True, "peak_flops": 1e12, "seed": 0, **training},
+        "training": {
+            "max_steps": 24,
+            "per_device_train_batch_size": 4,
+            "per_device_eval_batch_size": 8,
+            "learning_rate": 2e-2,
+            "warmup_steps": 0,
+            "logging_steps": 4,
+            "eval_steps": None,
+            "save_steps": 8,
+            "disable_tqdm": True,
+            "peak_flops": 1e12,
+            "seed": 0,
+            **training,
+        },
         "sample": {"prompt": "The", "max_new_tokens": 4, "seed": 0},
     }
 
@@ -553,9 +642,20 @@ def test_load_recipe_bundled_and_errors(tmp_path: Path) -> None:
 
 def test_apply_overrides_parses_types() -> None:
     recipe = {"model": {"n_layer": 4}, "training": {"learning_rate": 0.1}, "data": ["shakespeare"]}
-    new = apply_overrides(recipe, ["model.n_layer=2", "training.learning_rate=1e-3", "training.bf16=true",
-                                   "data=[a.txt, b.txt]", "training.report_to=[none]", "sample.prompt=Hello there",
-                                   "training.eval_steps=null", "val_fraction=0.5", "training.peak_flops=2.5e12"])
+    new = apply_overrides(
+        recipe,
+        [
+            "model.n_layer=2",
+            "training.learning_rate=1e-3",
+            "training.bf16=true",
+            "data=[a.txt, b.txt]",
+            "training.report_to=[none]",
+            "sample.prompt=Hello there",
+            "training.eval_steps=null",
+            "val_fraction=0.5",
+            "training.peak_flops=2.5e12",
+        ],
+    )
     assert new["model"]["n_layer"] == 2 and isinstance(new["model"]["n_layer"], int)
     assert new["training"]["learning_rate"] == 1e-3 and isinstance(new["training"]["learning_rate"], float)
     assert new["training"]["peak_flops"] == 2.5e12
@@ -564,8 +664,12 @@ def test_apply_overrides_parses_types() -> None:
     assert new["sample"] == {"prompt": "Hello there"}
     assert new["training"]["eval_steps"] is None and new["val_fraction"] == 0.5
     assert recipe == {"model": {"n_layer": 4}, "training": {"learning_rate": 0.1}, "data": ["shakespeare"]}
-    for bad, message in [("model.n_layer", "section.key=value"), ("=3", "section.key=value"),
-                         ("modle.n_layer=2", "unknown section"), ("data.path=x", "data"),
-                         ("model.n_layer.deep=1", "model.n_layer")]:
+    for bad, message in [
+        ("model.n_layer", "section.key=value"),
+        ("=3", "section.key=value"),
+        ("modle.n_layer=2", "unknown section"),
+        ("data.path=x", "data"),
+        ("model.n_layer.deep=1", "model.n_layer"),
+    ]:
         with pytest.raises(ValueError, match=message):
             apply_overrides(recipe, [bad])

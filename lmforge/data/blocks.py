@@ -44,9 +44,7 @@ class _TokenBlocks(Dataset):
     def __init__(self, path: str | os.PathLike[str], block_size: int, dtype: Any = None) -> None:
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(
-                f"token file {self.path} not found; run lmforge.data.prepare_corpus first"
-            )
+            raise FileNotFoundError(f"token file {self.path} not found; run lmforge.data.prepare_corpus first")
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.block_size = int(block_size)
@@ -85,9 +83,7 @@ class _TokenBlocks(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         index = operator.index(index)
         if not 0 <= index < len(self):
-            raise IndexError(
-                f"index {index} out of range for {type(self).__name__} of length {len(self)}"
-            )
+            raise IndexError(f"index {index} out of range for {type(self).__name__} of length {len(self)}")
         start = self.offset(index)
         # copy just this block out of the memmap, widened to int64: [block_size + 1]
         block = np.array(self.tokens()[start : start + self.block_size + 1], dtype=np.int64)

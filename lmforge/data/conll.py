@@ -68,8 +68,7 @@ def tokenize_and_align(
         tags = example["tags"]
         if len(tags) != len(example["tokens"]):
             raise ValueError(
-                f"example {index}: {len(example['tokens'])} tokens but {len(tags)} tags; give "
-                "one tag per token"
+                f"example {index}: {len(example['tokens'])} tokens but {len(tags)} tags; give one tag per token"
             )
         labels: list[int] = []
         previous: int | None = None
@@ -80,8 +79,7 @@ def tokenize_and_align(
                 tag = tags[word]
                 if tag not in label2id:
                     raise ValueError(
-                        f"example {index}: unknown tag {tag!r}; known tags are "
-                        f"{sorted(label2id)}. Add it to label2id"
+                        f"example {index}: unknown tag {tag!r}; known tags are {sorted(label2id)}. Add it to label2id"
                     )
                 labels.append(label2id[tag])
             previous = word

@@ -68,9 +68,7 @@ def resolve_sources(sources: Source | Sequence[Source]) -> list[SourceFile]:
     """
     items = _as_list(sources)
     if not items:
-        raise CorpusError(
-            "no corpus sources given; pass a bundled name, a .txt/.jsonl file or a folder"
-        )
+        raise CorpusError("no corpus sources given; pass a bundled name, a .txt/.jsonl file or a folder")
     files: list[SourceFile] = []
     for item in items:
         path = Path(item).expanduser()
@@ -102,9 +100,7 @@ def resolve_sources(sources: Source | Sequence[Source]) -> list[SourceFile]:
     return files
 
 
-def _iter_txt(
-    path: Path, one_document: bool, progress: Callable[[int], None] | None
-) -> Iterator[str]:
+def _iter_txt(path: Path, one_document: bool, progress: Callable[[int], None] | None) -> Iterator[str]:
     """Yield the documents of a text file: blocks separated by blank (whitespace-only) lines."""
     lines: list[str] = []
     for line in iter_lines(path, progress):
@@ -140,9 +136,7 @@ def _iter_jsonl(path: Path, progress: Callable[[int], None] | None) -> Iterator[
             yield text
 
 
-def iter_file_documents(
-    file: SourceFile, progress: Callable[[int], None] | None = None
-) -> Iterator[str]:
+def iter_file_documents(file: SourceFile, progress: Callable[[int], None] | None = None) -> Iterator[str]:
     """Yield the documents of one resolved source file; raise CorpusError if it holds none."""
     if file.format == "jsonl":
         documents = _iter_jsonl(file.path, progress)
@@ -154,9 +148,7 @@ def iter_file_documents(
         yield doc
     if count == 0:
         what = 'no non-empty "text" documents' if file.format == "jsonl" else "only whitespace"
-        raise CorpusError(
-            f"{file.path}: the file is empty ({what}); remove it from the sources or fill it"
-        )
+        raise CorpusError(f"{file.path}: the file is empty ({what}); remove it from the sources or fill it")
 
 
 def iter_documents(sources: Source | Sequence[Source]) -> Iterator[str]:

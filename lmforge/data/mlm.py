@@ -66,13 +66,9 @@ class MLMCollator:
         seed: int | None = None,
     ) -> None:
         if not 0.0 < mlm_probability < 1.0:
-            raise ValueError(
-                f"mlm_probability={mlm_probability} must be in (0, 1); BERT uses 0.15"
-            )
+            raise ValueError(f"mlm_probability={mlm_probability} must be in (0, 1); BERT uses 0.15")
         if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
-            raise ValueError(
-                f"pad_to_multiple_of={pad_to_multiple_of} must be a positive int or None"
-            )
+            raise ValueError(f"pad_to_multiple_of={pad_to_multiple_of} must be a positive int or None")
         self.tokenizer = tokenizer
         self.mlm_probability = float(mlm_probability)
         self.whole_word = bool(whole_word)
@@ -180,9 +176,7 @@ class MLMCollator:
         to_mask = chosen & (roll < 0.8)
         to_random = chosen & (roll >= 0.8) & (roll < 0.9)
         out[to_mask] = self.mask_id
-        picks = torch.randint(
-            len(self.replacement_ids), (int(to_random.sum()),), generator=self.generator
-        )
+        picks = torch.randint(len(self.replacement_ids), (int(to_random.sum()),), generator=self.generator)
         out[to_random] = self.replacement_ids[picks]
         return out
 
@@ -239,9 +233,7 @@ def nsp_pairs(
     them to :class:`MLMCollator`.
     """
     if max_length < 5:
-        raise ValueError(
-            f"max_length={max_length} is too small for [CLS] A [SEP] B [SEP]; use at least 5"
-        )
+        raise ValueError(f"max_length={max_length} is too small for [CLS] A [SEP] B [SEP]; use at least 5")
     cls_id = _required_id(tokenizer, "cls_token", "needed for [CLS] A [SEP] B [SEP]")
     sep_id = _required_id(tokenizer, "sep_token", "needed for [CLS] A [SEP] B [SEP]")
     budget = max_length - 3

@@ -105,9 +105,7 @@ class CorpusMeta:
         if split not in SPLIT_FILES:
             raise ValueError(f"unknown split {split!r}; use 'train' or 'val'")
         if self.out_dir is None:
-            raise ValueError(
-                "this CorpusMeta has no out_dir; load it with CorpusMeta.load(out_dir)"
-            )
+            raise ValueError("this CorpusMeta has no out_dir; load it with CorpusMeta.load(out_dir)")
         return Path(self.out_dir) / SPLIT_FILES[split]
 
     @property
@@ -129,15 +127,11 @@ class CorpusMeta:
         """Read `out_dir/meta.json` written by `prepare_corpus`."""
         path = Path(out_dir) / META_FILE
         if not path.is_file():
-            raise FileNotFoundError(
-                f"{path} not found; run prepare_corpus(..., out_dir={str(out_dir)!r}) first"
-            )
+            raise FileNotFoundError(f"{path} not found; run prepare_corpus(..., out_dir={str(out_dir)!r}) first")
         data = json.loads(path.read_text(encoding="utf-8"))
         names = {f.name for f in dataclasses.fields(cls)} - {"out_dir"}
         if data.get("format_version") != FORMAT_VERSION or not names <= data.keys():
-            raise ValueError(
-                f"{path}: not a meta.json of this lmforge version; run prepare_corpus again"
-            )
+            raise ValueError(f"{path}: not a meta.json of this lmforge version; run prepare_corpus again")
         return cls(**{k: data[k] for k in names}, out_dir=Path(out_dir))
 
 
@@ -273,9 +267,7 @@ def _count_token(path: Path, dtype: np.dtype, token: int, chunk: int = 1 << 22) 
     if n_tokens == 0:
         return 0
     ids = np.memmap(path, dtype=dtype, mode="r")  # [n_tokens]
-    return sum(
-        int(np.count_nonzero(ids[i : i + chunk] == token)) for i in range(0, n_tokens, chunk)
-    )
+    return sum(int(np.count_nonzero(ids[i : i + chunk] == token)) for i in range(0, n_tokens, chunk))
 
 
 def prepare_corpus(
@@ -359,9 +351,7 @@ def prepare_corpus(
         if val_fraction > 0 and (writer.num_docs == 1 or one_split_empty):
             split_by = "tokens"
             total = tokens["train"] + tokens["val"]
-            tokens["val"] = _split_tail_tokens(
-                tmp["train"], tmp["val"], dtype.itemsize, val_fraction
-            )
+            tokens["val"] = _split_tail_tokens(tmp["train"], tmp["val"], dtype.itemsize, val_fraction)
             tokens["train"] = total - tokens["val"]
             docs["val"] = _count_token(tmp["val"], dtype, eos)
             docs["train"] = writer.num_docs - docs["val"]
@@ -383,9 +373,7 @@ def prepare_corpus(
         )
         for split in SPLIT_FILES:
             os.replace(tmp[split], meta.path(split))
-        meta_tmp.write_text(
-            json.dumps(meta.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-        )
+        meta_tmp.write_text(json.dumps(meta.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         os.replace(meta_tmp, out_dir / META_FILE)
     finally:
         for path in (*tmp.values(), meta_tmp):

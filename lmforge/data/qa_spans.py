@@ -53,8 +53,9 @@ class QAChunk:
     word_ids: Sequence[int | None] | None = None
 
 
-def chunk_spans(chunk: QAChunk, top_k: int = 1, max_answer_len: int = MAX_ANSWER_LEN
-                ) -> tuple[list[tuple[float, int, int]], float]:
+def chunk_spans(
+    chunk: QAChunk, top_k: int = 1, max_answer_len: int = MAX_ANSWER_LEN
+) -> tuple[list[tuple[float, int, int]], float]:
     """The `top_k` best token spans of one chunk as (score, start token, end token), best first, and the
     chunk's no-answer score (0.0 when it has no no-answer token)."""
     n = len(chunk.offsets)
@@ -85,8 +86,12 @@ def whole_words(start: int, end: int, word_ids: Sequence[int | None]) -> tuple[i
     return start, end
 
 
-def decode_answers(chunks: Sequence[QAChunk], top_k: int = 1, max_answer_len: int = MAX_ANSWER_LEN,
-                   handle_impossible_answer: bool = False) -> list[tuple[float, int, int]]:
+def decode_answers(
+    chunks: Sequence[QAChunk],
+    top_k: int = 1,
+    max_answer_len: int = MAX_ANSWER_LEN,
+    handle_impossible_answer: bool = False,
+) -> list[tuple[float, int, int]]:
     """The best answers over all chunks of one input as (score, start char, end char), best first, at most
     `top_k`; the no-answer is (score, 0, 0). Empty when no chunk holds a context token and the no-answer
     is not allowed."""
@@ -107,17 +112,20 @@ def decode_answers(chunks: Sequence[QAChunk], top_k: int = 1, max_answer_len: in
     return answers[:top_k]
 
 
-def best_span(feature: Mapping[str, Any], start_logits: Any, end_logits: Any,
-              max_answer_len: int = MAX_ANSWER_LEN) -> tuple[float, int, int] | None:
+def best_span(
+    feature: Mapping[str, Any], start_logits: Any, end_logits: Any, max_answer_len: int = MAX_ANSWER_LEN
+) -> tuple[float, int, int] | None:
     """(score, start char, end char) of the best span of one `prepare_qa_features` feature (its [CLS] at 0
     is the no-answer token), or None when the feature holds no context token."""
-    spans = decode_answers([QAChunk(feature["offset_mapping"], start_logits, end_logits)],
-                           max_answer_len=max_answer_len)
+    spans = decode_answers(
+        [QAChunk(feature["offset_mapping"], start_logits, end_logits)], max_answer_len=max_answer_len
+    )
     return spans[0] if spans else None
 
 
-def extract_answer(feature: Mapping[str, Any], start_logits: Any, end_logits: Any, context: str,
-                   max_answer_len: int = MAX_ANSWER_LEN) -> str:
+def extract_answer(
+    feature: Mapping[str, Any], start_logits: Any, end_logits: Any, context: str, max_answer_len: int = MAX_ANSWER_LEN
+) -> str:
     """The text of `best_span` in `context`; "" when the feature holds no context token."""
     span = best_span(feature, start_logits, end_logits, max_answer_len)
     return "" if span is None else context[span[1] : span[2]]

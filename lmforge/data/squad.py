@@ -27,9 +27,7 @@ def load_squad(path: str | Path) -> list[dict[str, Any]]:
     try:
         root = json.loads(read_text(path))
     except json.JSONDecodeError as err:
-        raise TextFileError(
-            f"{path}, line {err.lineno}: not valid JSON ({err.msg}); fix the file"
-        ) from None
+        raise TextFileError(f"{path}, line {err.lineno}: not valid JSON ({err.msg}); fix the file") from None
     if not isinstance(root, dict) or not isinstance(root.get("data"), list):
         raise TextFileError(
             f'{path}: no top-level "data" list; a SQuAD file looks like '
@@ -52,21 +50,18 @@ def load_squad(path: str | Path) -> list[dict[str, Any]]:
                     start, text = answer.get("answer_start"), answer.get("text")
                     if not isinstance(start, int) or not isinstance(text, str):
                         raise TextFileError(
-                            f'{where}.qas[{q}]: each answer needs "text" (str) and '
-                            '"answer_start" (int)'
+                            f'{where}.qas[{q}]: each answer needs "text" (str) and "answer_start" (int)'
                         )
                     if context[start : start + len(text)] != text:
                         raise TextFileError(
                             f"{where}.qas[{q}]: answer {text!r} is not at answer_start={start} "
-                            f"of the context (found {context[start:start + len(text)]!r}); "
+                            f"of the context (found {context[start : start + len(text)]!r}); "
                             "fix answer_start (a character offset into the context)"
                         )
                     texts.append(text)
                     starts.append(start)
                 if not impossible and not texts:
-                    raise TextFileError(
-                        f'{where}.qas[{q}]: no answers; add one or set "is_impossible": true'
-                    )
+                    raise TextFileError(f'{where}.qas[{q}]: no answers; add one or set "is_impossible": true')
                 examples.append(
                     {
                         "id": str(qa.get("id", f"{a}-{p}-{q}")),
@@ -114,10 +109,7 @@ def prepare_qa_features(
             end_char = start_char + len(answers["text"][0])
         for chunk in [encoding, *encoding.overflowing]:
             sequence_ids = chunk.sequence_ids
-            offsets = [
-                tuple(span) if seq == 1 else None
-                for span, seq in zip(chunk.offsets, sequence_ids, strict=True)
-            ]
+            offsets = [tuple(span) if seq == 1 else None for span, seq in zip(chunk.offsets, sequence_ids, strict=True)]
             start_pos = end_pos = 0
             if has_answer:
                 context_idx = [i for i, seq in enumerate(sequence_ids) if seq == 1]

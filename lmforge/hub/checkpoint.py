@@ -1,5 +1,6 @@
 """Save and load a model directory (config.json + weights in Hugging Face's names) for any model class
 that declares its `KeyMap` as the class attribute `hf_key_map`; the hub knows no model family."""
+
 from __future__ import annotations
 
 import os
@@ -54,25 +55,40 @@ def load_hf_state_dict(model: nn.Module, hf_state: dict[str, Tensor], source: st
     missing = [k for k in expected if k not in ours and k not in fresh and k not in tied]
     extra = [k for k in ours if k not in expected]
     if missing or unexpected or extra:
-        raise ValueError(f"{source} does not match the model: missing {missing[:5]}"
-                         f"{' ...' if len(missing) > 5 else ''}, unexpected {(unexpected + extra)[:5]}. "
-                         "Check that config.json belongs to these weights.")
+        raise ValueError(
+            f"{source} does not match the model: missing {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}, unexpected {(unexpected + extra)[:5]}. "
+            "Check that config.json belongs to these weights."
+        )
     for name, tensor in ours.items():
         if name not in fresh and tensor.shape != expected[name].shape:
-            raise ValueError(f"{source}: {name} has shape {tuple(tensor.shape)}, the config expects "
-                             f"{tuple(expected[name].shape)}; config.json and the weights disagree")
+            raise ValueError(
+                f"{source}: {name} has shape {tuple(tensor.shape)}, the config expects "
+                f"{tuple(expected[name].shape)}; config.json and the weights disagree"
+            )
     model_name = type(model).__name__
     if left_out:
-        warnings.warn(f"{source} holds {left_out[:6]}{' ...' if len(left_out) > 6 else ''}, the head of another "
-                      f"task, which {model_name} does not use; only the shared trunk was loaded", stacklevel=3)
+        warnings.warn(
+            f"{source} holds {left_out[:6]}{' ...' if len(left_out) > 6 else ''}, the head of another "
+            f"task, which {model_name} does not use; only the shared trunk was loaded",
+            stacklevel=3,
+        )
     std = model.config.initializer_range
     layer_norm = {h for h in fresh if isinstance(model.get_submodule(h.rsplit(".", 1)[0]), nn.LayerNorm)}
     for head in fresh:
         found = f"has {head} of shape {tuple(ours[head].shape)}" if head in ours else f"has no {head}"
-        init = ("ones" if head in layer_norm and head.endswith(".weight")
-                else "zeros" if head.endswith(".bias") else f"normal, std {std}")
-        warnings.warn(f"{source} {found}: {model_name}'s head {head} of shape {tuple(expected[head].shape)} is "
-                      f"freshly initialised ({init}); train it before use", stacklevel=3)
+        init = (
+            "ones"
+            if head in layer_norm and head.endswith(".weight")
+            else "zeros"
+            if head.endswith(".bias")
+            else f"normal, std {std}"
+        )
+        warnings.warn(
+            f"{source} {found}: {model_name}'s head {head} of shape {tuple(expected[head].shape)} is "
+            f"freshly initialised ({init}); train it before use",
+            stacklevel=3,
+        )
     with torch.no_grad():
         for name, tensor in ours.items():
             if name not in fresh:
@@ -86,9 +102,15 @@ def load_hf_state_dict(model: nn.Module, hf_state: dict[str, Tensor], source: st
                 nn.init.normal_(expected[head], mean=0.0, std=std)
 
 
-def load_pretrained(cls: type, path: str | os.PathLike, dtype: torch.dtype | str | None = None,
-                    device: str | torch.device | None = None, revision: str | None = None,
-                    cache_dir: str | os.PathLike | None = None, **config_overrides: Any) -> Any:
+def load_pretrained(
+    cls: type,
+    path: str | os.PathLike,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    **config_overrides: Any,
+) -> Any:
     """Build `cls` from a directory's (or cached model id's) config.json and fill it from its weights.
 
     dtype: None or "auto" keeps the dtype recorded in config.json (float32 when none is); a torch
@@ -129,8 +151,13 @@ def _saved_dtype(config: Any) -> torch.dtype | None:
     return _torch_dtype(name, "config.json dtype") if isinstance(name, str) else None
 
 
-def save_pretrained(model: nn.Module, directory: str | os.PathLike, tokenizer: Any = None,
-                    max_shard_size: int | str | None = None, state_dict: dict[str, Tensor] | None = None) -> Path:
+def save_pretrained(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    tokenizer: Any = None,
+    max_shard_size: int | str | None = None,
+    state_dict: dict[str, Tensor] | None = None,
+) -> Path:
     """config.json + model.safetensors (+ tokenizer files), each file written atomically.
 
     With `max_shard_size` (bytes, or "500MB" / "1GiB") weights larger than that are split into

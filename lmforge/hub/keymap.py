@@ -5,6 +5,7 @@ a rename per tensor, with `{i}` for a layer number, an optional transpose and op
 `KeyMap` adds what a checkpoint may hold besides the trunk (ignored buffers, task heads, older names,
 tied copies, a trunk prefix) and converts whole state dicts in both directions.
 """
+
 from __future__ import annotations
 
 import re
@@ -96,8 +97,10 @@ def convert(state: dict[str, Tensor], rules: list[KeyRule], to_hf: bool) -> tupl
             continue
         tensors = [found[k][1] for k in range(len(rule.parts))]
         if len({t.shape for t in tensors}) > 1:
-            raise ValueError(f"{names} have shapes {[tuple(t.shape) for t in tensors]}; they must agree to form "
-                             f"{target}. The checkpoint is damaged or not a BERT-style checkpoint")
+            raise ValueError(
+                f"{names} have shapes {[tuple(t.shape) for t in tensors]}; they must agree to form "
+                f"{target}. The checkpoint is damaged or not a BERT-style checkpoint"
+            )
         out[target] = torch.cat(tensors, dim=0)
     return out, unmatched
 
@@ -153,8 +156,10 @@ class KeyMap:
             (renamed if new != name else out)[new] = tensor
         for name, tensor in renamed.items():
             if name in out and not torch.equal(out[name], tensor):
-                raise ValueError(f"{source} holds {name} twice (under an older name too) with different values; "
-                                 "the checkpoint is inconsistent")
+                raise ValueError(
+                    f"{source} holds {name} twice (under an older name too) with different values; "
+                    "the checkpoint is inconsistent"
+                )
             out.setdefault(name, tensor)
         return out
 
@@ -163,7 +168,7 @@ class KeyMap:
         prefix = self.prefix
         if self.base:
             if any(k.startswith(prefix) for k in hf_state):
-                return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in hf_state.items()}
+                return {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in hf_state.items()}
             return hf_state
         if hf_state and not any(k.startswith(prefix) for k in hf_state):
             return {(prefix + k): v for k, v in hf_state.items()}

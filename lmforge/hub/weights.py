@@ -1,11 +1,12 @@
 """Weight files in Hugging Face's layout: read model.safetensors, sharded safetensors (+ index) and
 weights-only pytorch_model*.bin pickles; write model.safetensors or shards + index, each file atomically."""
+
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors import SafetensorError
@@ -28,8 +29,9 @@ def read_safetensors(path: Path) -> dict[str, Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{path} is truncated or not a safetensors file ({e}); re-save or re-copy the "
-                         "checkpoint") from None
+        raise ValueError(
+            f"{path} is truncated or not a safetensors file ({e}); re-save or re-copy the checkpoint"
+        ) from None
 
 
 def _read_pickle(path: Path) -> dict[str, Tensor]:
@@ -37,8 +39,10 @@ def _read_pickle(path: Path) -> dict[str, Tensor]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses anything that would run code
-        raise ValueError(f"refused to load {path}: it is not a plain tensor file ({type(e).__name__}). "
-                         "Convert it to model.safetensors from a trusted environment.") from None
+        raise ValueError(
+            f"refused to load {path}: it is not a plain tensor file ({type(e).__name__}). "
+            "Convert it to model.safetensors from a trusted environment."
+        ) from None
 
 
 def read_sharded(index_path: Path, reader: Callable[[Path], dict[str, Tensor]]) -> dict[str, Tensor]:
@@ -50,26 +54,37 @@ def read_sharded(index_path: Path, reader: Callable[[Path], dict[str, Tensor]]) 
     except json.JSONDecodeError as e:
         raise ValueError(f"{index_path} is not valid JSON ({e}); re-download or re-save the checkpoint") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if (not isinstance(weight_map, dict) or not weight_map
-            or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items())):
-        raise ValueError(f"{index_path} has no usable weight_map (tensor name -> shard file name); it is not a "
-                         "sharded-checkpoint index. Re-download or re-save the checkpoint")
+    if (
+        not isinstance(weight_map, dict)
+        or not weight_map
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items())
+    ):
+        raise ValueError(
+            f"{index_path} has no usable weight_map (tensor name -> shard file name); it is not a "
+            "sharded-checkpoint index. Re-download or re-save the checkpoint"
+        )
     shards = sorted(set(weight_map.values()))
     outside = [s for s in shards if Path(s).is_absolute() or ".." in Path(s).parts]
     if outside:
-        raise ValueError(f"{index_path} names shard files outside its folder ({outside[:3]}); refusing to read "
-                         "them. Shards must be file names next to the index")
+        raise ValueError(
+            f"{index_path} names shard files outside its folder ({outside[:3]}); refusing to read "
+            "them. Shards must be file names next to the index"
+        )
     missing = [s for s in shards if not file_present(directory / s)]
     if missing:
-        raise FileNotFoundError(f"{index_path.name} lists shard(s) {missing} that are not in {directory}: the "
-                                "checkpoint is incomplete. Download or copy the missing file(s) next to the index")
+        raise FileNotFoundError(
+            f"{index_path.name} lists shard(s) {missing} that are not in {directory}: the "
+            "checkpoint is incomplete. Download or copy the missing file(s) next to the index"
+        )
     state: dict[str, Tensor] = {}
     for shard in shards:
         state.update(reader(directory / shard))
     absent = [k for k in weight_map if k not in state]
     if absent:
-        raise ValueError(f"{index_path} maps {absent[:5]} to shards that do not contain them; the index and the "
-                         "shards come from different saves. Re-download or re-save the checkpoint")
+        raise ValueError(
+            f"{index_path} maps {absent[:5]} to shards that do not contain them; the index and the "
+            "shards come from different saves. Re-download or re-save the checkpoint"
+        )
     return state
 
 
@@ -93,9 +108,11 @@ def read_weights(directory: Path) -> tuple[dict[str, Tensor], Path]:
     legacy_index = directory / LEGACY_WEIGHTS_INDEX_NAME
     if file_present(legacy_index):
         return read_sharded(legacy_index, _read_pickle), legacy_index
-    raise FileNotFoundError(f"no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in {directory}, nor a sharded "
-                            f"{WEIGHTS_INDEX_NAME} / {LEGACY_WEIGHTS_INDEX_NAME}; a model directory is written "
-                            "by save_pretrained / `lmforge pretrain`")
+    raise FileNotFoundError(
+        f"no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in {directory}, nor a sharded "
+        f"{WEIGHTS_INDEX_NAME} / {LEGACY_WEIGHTS_INDEX_NAME}; a model directory is written "
+        "by save_pretrained / `lmforge pretrain`"
+    )
 
 
 def parse_size(size: int | str) -> int:
@@ -108,12 +125,14 @@ def parse_size(size: int | str) -> int:
         m = re.fullmatch(r"\s*(\d+)\s*([KMG])(i?)([Bb])\s*", size, flags=re.IGNORECASE)
         if m:
             digits, prefix, binary, unit = m.groups()
-            scale = (2 ** 10 if binary else 10 ** 3) ** ("KMG".index(prefix.upper()) + 1)
+            scale = (2**10 if binary else 10**3) ** ("KMG".index(prefix.upper()) + 1)
             value = int(digits) * scale
             if value > 0:
                 return value // 8 if unit == "b" and not binary else value
-    raise ValueError(f"max_shard_size={size!r} is not a size; give bytes as a positive int or a string such as "
-                     "'500MB', '2GB' or '1GiB'")
+    raise ValueError(
+        f"max_shard_size={size!r} is not a size; give bytes as a positive int or a string such as "
+        "'500MB', '2GB' or '1GiB'"
+    )
 
 
 def _split_shards(state: dict[str, Tensor], limit: int) -> list[dict[str, Tensor]]:
@@ -146,9 +165,13 @@ def write_weights(directory: Path, state: dict[str, Tensor], max_shard_size: int
             name = SHARD_NAME.format(i, len(shards))
             atomic_write_bytes(directory / name, save(shard, metadata={"format": "pt"}))
             weight_map.update(dict.fromkeys(shard, name))
-        index = {"metadata": {"total_parameters": sum(t.numel() for t in state.values()),
-                              "total_size": sum(t.numel() * t.element_size() for t in state.values())},
-                 "weight_map": dict(sorted(weight_map.items()))}
+        index = {
+            "metadata": {
+                "total_parameters": sum(t.numel() for t in state.values()),
+                "total_size": sum(t.numel() * t.element_size() for t in state.values()),
+            },
+            "weight_map": dict(sorted(weight_map.items())),
+        }
         atomic_write_text(directory / WEIGHTS_INDEX_NAME, json.dumps(index, indent=2) + "\n")
         written = {WEIGHTS_INDEX_NAME, *weight_map.values()}
     # the index before its shards: at every moment the files a loader would pick are consistent

@@ -1,4 +1,5 @@
 """What every model class shares: checkpoints in Hugging Face's layout, device, dtype, size."""
+
 from __future__ import annotations
 
 import os
@@ -49,8 +50,9 @@ class PreTrainedModel(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # a tied tensor is counted once
 
-    def save_pretrained(self, directory: str | os.PathLike, tokenizer: Any = None,
-                        max_shard_size: int | str | None = None) -> None:
+    def save_pretrained(
+        self, directory: str | os.PathLike, tokenizer: Any = None, max_shard_size: int | str | None = None
+    ) -> None:
         """Write config.json + model.safetensors under Hugging Face's parameter names [+ tokenizer files];
         `max_shard_size` (e.g. "2GB") splits the weights into shards with an index, as transformers does."""
         hub.save_pretrained(self, directory, tokenizer=tokenizer, max_shard_size=max_shard_size)

@@ -10,6 +10,7 @@ With the default `BertConfig` it is bert-base-shaped, and Hugging Face BERT chec
 one: the name maps below (`bert_trunk_keys`, each class's `hf_key_map`) are what `lmforge.hub` applies.
 The blocks are the same `TransformerBlock` as GPT's, with norm_position="post" and no causal mask.
 """
+
 from __future__ import annotations
 
 import re
@@ -22,13 +23,25 @@ from lmforge.config import BertConfig
 from lmforge.constants import IGNORE_INDEX
 from lmforge.hub import KeyMap, KeyRule
 from lmforge.models.base import PreTrainedModel, init_normal
-from lmforge.models.outputs import (BaseModelOutputWithPooling, MaskedLMOutput, PreTrainingOutput,
-                                    QuestionAnsweringModelOutput, SequenceClassifierOutput, TokenClassifierOutput)
+from lmforge.models.outputs import (
+    BaseModelOutputWithPooling,
+    MaskedLMOutput,
+    PreTrainingOutput,
+    QuestionAnsweringModelOutput,
+    SequenceClassifierOutput,
+    TokenClassifierOutput,
+)
 from lmforge.models.registry import register
 from lmforge.nn import AttentionMask, LearnedPositionalEmbedding, TransformerBlock, get_activation, layer_norm
 from lmforge.nn.layers import dropout, run_blocks
-from lmforge.nn.losses import (masked_lm_items, masked_lm_loss, next_sentence_loss, question_answering_loss,
-                               sequence_classification_loss, token_classification_loss)
+from lmforge.nn.losses import (
+    masked_lm_items,
+    masked_lm_loss,
+    next_sentence_loss,
+    question_answering_loss,
+    sequence_classification_loss,
+    token_classification_loss,
+)
 
 
 # ---- lmforge's names <-> Hugging Face BERT's ------------------------------------------------------------
@@ -44,11 +57,22 @@ def bert_trunk_keys(prefix: str) -> list[KeyRule]:
         ("pooler", "pooler.dense"),
     ]
     embeddings = ("word_embeddings", "position_embeddings", "token_type_embeddings")
-    return ([KeyRule(f"{prefix}embeddings.{e}.weight", f"{prefix}embeddings.{e}.weight") for e in embeddings]
-            + [KeyRule(f"{prefix}layers.{{i}}.attn.qkv.{p}", f"{prefix}encoder.layer.{{i}}.attention.self.{{part}}.{p}",
-                       parts=("query", "key", "value")) for p in ("weight", "bias")]
-            + [KeyRule(f"{prefix}{ours}.{p}", f"{prefix}{theirs}.{p}") for ours, theirs in pairs
-               for p in ("weight", "bias")])
+    return (
+        [KeyRule(f"{prefix}embeddings.{e}.weight", f"{prefix}embeddings.{e}.weight") for e in embeddings]
+        + [
+            KeyRule(
+                f"{prefix}layers.{{i}}.attn.qkv.{p}",
+                f"{prefix}encoder.layer.{{i}}.attention.self.{{part}}.{p}",
+                parts=("query", "key", "value"),
+            )
+            for p in ("weight", "bias")
+        ]
+        + [
+            KeyRule(f"{prefix}{ours}.{p}", f"{prefix}{theirs}.{p}")
+            for ours, theirs in pairs
+            for p in ("weight", "bias")
+        ]
+    )
 
 
 def head_keys(ours: str, theirs: str) -> list[KeyRule]:
@@ -68,12 +92,20 @@ TASK_HEADS = ("cls.", "classifier.", "qa_outputs.")  # Hugging Face name prefixe
 # Buffers some Hugging Face BERT files hold (position ids; no parameters).
 BERT_IGNORED = re.compile(r"^(bert\.)?embeddings\.(position_ids|token_type_ids)$")
 # Older names, renamed on load: TF-era LayerNorm gamma/beta; the decoder bias, a tie of cls.predictions.bias.
-BERT_ALIASES = ((r"^(.*)LayerNorm\.gamma$", r"\1LayerNorm.weight"), (r"^(.*)LayerNorm\.beta$", r"\1LayerNorm.bias"),
-                (r"^cls\.predictions\.decoder\.bias$", "cls.predictions.bias"))
+BERT_ALIASES = (
+    (r"^(.*)LayerNorm\.gamma$", r"\1LayerNorm.weight"),
+    (r"^(.*)LayerNorm\.beta$", r"\1LayerNorm.bias"),
+    (r"^cls\.predictions\.decoder\.bias$", "cls.predictions.bias"),
+)
 
 
-def head_model_keys(head_rules: list[KeyRule], task_head: tuple[str, ...], other_heads: tuple[str, ...],
-                    pooler: bool, tied: bool = False) -> KeyMap:
+def head_model_keys(
+    head_rules: list[KeyRule],
+    task_head: tuple[str, ...],
+    other_heads: tuple[str, ...],
+    pooler: bool,
+    tied: bool = False,
+) -> KeyMap:
     """The map of a BERT head model: the trunk under "bert." (with its pooler when `pooler`; a checkpoint's
     pooler is otherwise left out), plus `head_rules`. `task_head`, `other_heads`: as in `KeyMap`; `tied`: the
     MLM decoder is the word embedding."""
@@ -81,8 +113,15 @@ def head_model_keys(head_rules: list[KeyRule], task_head: tuple[str, ...], other
     if not pooler:
         rules = [r for r in rules if not r.ours.startswith("bert.pooler.")]
         other_heads += ("bert.pooler.",)
-    return KeyMap(rules + head_rules, BERT_IGNORED, task_head=task_head, other_heads=other_heads, prefix="bert.",
-                  tied=("lm_head.decoder.weight",) if tied else (), aliases=BERT_ALIASES)
+    return KeyMap(
+        rules + head_rules,
+        BERT_IGNORED,
+        task_head=task_head,
+        other_heads=other_heads,
+        prefix="bert.",
+        tied=("lm_head.decoder.weight",) if tied else (),
+        aliases=BERT_ALIASES,
+    )
 
 
 class BertEmbeddings(nn.Module):
@@ -98,8 +137,9 @@ class BertEmbeddings(nn.Module):
         self.ln = layer_norm(c.hidden_size, c.layer_norm_eps)
         self.dropout = c.hidden_dropout_prob
 
-    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None,
-                position_ids: Tensor | None = None) -> Tensor:
+    def forward(
+        self, input_ids: Tensor, token_type_ids: Tensor | None = None, position_ids: Tensor | None = None
+    ) -> Tensor:
         """input_ids (B, T); token_type_ids (B, T) or None = all segment 0; position_ids (B, T) or None =
         0..T-1. The defaults add one table row / the first T rows, broadcast over the batch, instead of
         gathering B*T rows (same sums, in the same order: word + segment, then + position)."""
@@ -125,8 +165,15 @@ class BertModel(PreTrainedModel):
     config_class = BertConfig
     hf_architecture = "BertModel"
     # a head model's file is read as its trunk (the "bert." prefix stripped, the heads left out)
-    hf_key_map = KeyMap(bert_trunk_keys(""), BERT_IGNORED, task_head=("pooler.weight", "pooler.bias"),
-                        other_heads=TASK_HEADS, prefix="bert.", base=True, aliases=BERT_ALIASES)
+    hf_key_map = KeyMap(
+        bert_trunk_keys(""),
+        BERT_IGNORED,
+        task_head=("pooler.weight", "pooler.bias"),
+        other_heads=TASK_HEADS,
+        prefix="bert.",
+        base=True,
+        aliases=BERT_ALIASES,
+    )
 
     def __init__(self, config: BertConfig, add_pooling_layer: bool = True) -> None:
         super().__init__()
@@ -134,36 +181,59 @@ class BertModel(PreTrainedModel):
         c = config
         self.embeddings = BertEmbeddings(c)
         self.layers = nn.ModuleList(
-            TransformerBlock(c.hidden_size, c.num_attention_heads, c.intermediate_size, c.hidden_act, bias=True,
-                             dropout=c.hidden_dropout_prob, attn_dropout=c.attention_probs_dropout_prob,
-                             norm_position="post", eps=c.layer_norm_eps)
-            for _ in range(c.num_hidden_layers))
+            TransformerBlock(
+                c.hidden_size,
+                c.num_attention_heads,
+                c.intermediate_size,
+                c.hidden_act,
+                bias=True,
+                dropout=c.hidden_dropout_prob,
+                attn_dropout=c.attention_probs_dropout_prob,
+                norm_position="post",
+                eps=c.layer_norm_eps,
+            )
+            for _ in range(c.num_hidden_layers)
+        )
         self.pooler = nn.Linear(c.hidden_size, c.hidden_size) if add_pooling_layer else None
         self.gradient_checkpointing = False
         init_bert_weights(self, config)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
-                position_ids: Tensor | None = None, output_attentions: bool = False,
-                output_hidden_states: bool = False) -> BaseModelOutputWithPooling:
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> BaseModelOutputWithPooling:
         """input_ids (B, T); attention_mask (B, T) 1 = real token, 0 = padding; token_type_ids (B, T)
         segment ids (default 0); position_ids (B, T) (default 0..T-1, as BERT was trained)."""
         B, T = input_ids.shape
         if T > self.config.max_position_embeddings:
-            raise ValueError(f"sequence of {T} tokens is longer than the model's {self.config.max_position_embeddings} "
-                             f"positions; truncate the input (e.g. truncation=True, "
-                             f"max_length={self.config.max_position_embeddings})")
+            raise ValueError(
+                f"sequence of {T} tokens is longer than the model's {self.config.max_position_embeddings} "
+                f"positions; truncate the input (e.g. truncation=True, "
+                f"max_length={self.config.max_position_embeddings})"
+            )
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, T)}")
         x = self.embeddings(input_ids, token_type_ids, position_ids)  # None: segment 0, positions 0..T-1
         mask = AttentionMask.build(attention_mask, T, T, causal=False)  # padding keys hidden from every query
-        x, hidden, attentions = run_blocks(self.layers, x, mask, output_attentions=output_attentions,
-                                           output_hidden_states=output_hidden_states,
-                                           checkpointing=self.gradient_checkpointing and self.training)
+        x, hidden, attentions = run_blocks(
+            self.layers,
+            x,
+            mask,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            checkpointing=self.gradient_checkpointing and self.training,
+        )
         if output_hidden_states:
             hidden.append(x)
         pooled = torch.tanh(self.pooler(x[:, 0])) if self.pooler is not None else None
-        return BaseModelOutputWithPooling(x, pooled, tuple(hidden) if output_hidden_states else None,
-                                          tuple(attentions) if output_attentions else None)
+        return BaseModelOutputWithPooling(
+            x, pooled, tuple(hidden) if output_hidden_states else None, tuple(attentions) if output_attentions else None
+        )
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embeddings.word_embeddings
@@ -230,8 +300,9 @@ class _MaskedLMMixin:
         """Share the word embedding and the decoder weight (one tensor, one gradient)."""
         self.lm_head.decoder.weight = self.bert.embeddings.word_embeddings.weight
 
-    def _mlm(self, h: Tensor, labels: Tensor | None,
-             num_items_in_batch: int | Tensor | None) -> tuple[Tensor | None, Tensor]:
+    def _mlm(
+        self, h: Tensor, labels: Tensor | None, num_items_in_batch: int | Tensor | None
+    ) -> tuple[Tensor | None, Tensor]:
         """(loss, logits). Training with labels: the vocabulary projection (the costliest matmul) runs only
         at the scored positions, and logits are (N, V) for those N positions in order; otherwise (B, T, V)."""
         if labels is not None and self.training:
@@ -252,8 +323,13 @@ class BertForMaskedLM(_MaskedLMMixin, BertPreTrainedModel):
 
     hf_architecture = "BertForMaskedLM"
     add_pooling_layer = False
-    hf_key_map = head_model_keys(MLM_HEAD_KEYS, MLM_HEAD, ("cls.seq_relationship.", "classifier.", "qa_outputs."),
-                                 pooler=add_pooling_layer, tied=True)
+    hf_key_map = head_model_keys(
+        MLM_HEAD_KEYS,
+        MLM_HEAD,
+        ("cls.seq_relationship.", "classifier.", "qa_outputs."),
+        pooler=add_pooling_layer,
+        tied=True,
+    )
 
     def __init__(self, config: BertConfig) -> None:
         super().__init__(config)
@@ -262,14 +338,23 @@ class BertForMaskedLM(_MaskedLMMixin, BertPreTrainedModel):
         if config.tie_word_embeddings:
             self.tie_weights()
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
-                position_ids: Tensor | None = None, labels: Tensor | None = None, output_attentions: bool = False,
-                output_hidden_states: bool = False, num_items_in_batch: int | Tensor | None = None,
-                **kwargs: Any) -> MaskedLMOutput:
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        labels: Tensor | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        num_items_in_batch: int | Tensor | None = None,
+        **kwargs: Any,
+    ) -> MaskedLMOutput:
         if kwargs:
             raise TypeError(f"unexpected arguments for BertForMaskedLM.forward: {sorted(kwargs)}")
-        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_attentions,
-                        output_hidden_states)
+        out = self.bert(
+            input_ids, attention_mask, token_type_ids, position_ids, output_attentions, output_hidden_states
+        )
         loss, logits = self._mlm(out.last_hidden_state, labels, num_items_in_batch)
         return MaskedLMOutput(loss, logits, out.hidden_states, out.attentions)
 
@@ -281,9 +366,13 @@ class BertForPreTraining(_MaskedLMMixin, BertPreTrainedModel):
 
     hf_architecture = "BertForPreTraining"
     add_pooling_layer = True
-    hf_key_map = head_model_keys(MLM_HEAD_KEYS + head_keys("nsp", "cls.seq_relationship"),
-                                 POOLER + MLM_HEAD + ("nsp.weight", "nsp.bias"), ("classifier.", "qa_outputs."),
-                                 pooler=add_pooling_layer, tied=True)
+    hf_key_map = head_model_keys(
+        MLM_HEAD_KEYS + head_keys("nsp", "cls.seq_relationship"),
+        POOLER + MLM_HEAD + ("nsp.weight", "nsp.bias"),
+        ("classifier.", "qa_outputs."),
+        pooler=add_pooling_layer,
+        tied=True,
+    )
 
     def __init__(self, config: BertConfig) -> None:
         super().__init__(config)
@@ -294,15 +383,24 @@ class BertForPreTraining(_MaskedLMMixin, BertPreTrainedModel):
         if config.tie_word_embeddings:
             self.tie_weights()
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
-                position_ids: Tensor | None = None, labels: Tensor | None = None,
-                next_sentence_label: Tensor | None = None, output_attentions: bool = False,
-                output_hidden_states: bool = False, num_items_in_batch: int | Tensor | None = None,
-                **kwargs: Any) -> PreTrainingOutput:
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        labels: Tensor | None = None,
+        next_sentence_label: Tensor | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        num_items_in_batch: int | Tensor | None = None,
+        **kwargs: Any,
+    ) -> PreTrainingOutput:
         if kwargs:
             raise TypeError(f"unexpected arguments for BertForPreTraining.forward: {sorted(kwargs)}")
-        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_attentions,
-                        output_hidden_states)
+        out = self.bert(
+            input_ids, attention_mask, token_type_ids, position_ids, output_attentions, output_hidden_states
+        )
         mlm_loss, logits = self._mlm(out.last_hidden_state, labels, num_items_in_batch)
         nsp_logits = self.nsp(out.pooler_output)  # (B, 2)
         loss = mlm_loss
@@ -325,13 +423,21 @@ class _BertClassifier(BertPreTrainedModel):
     def num_labels(self) -> int:
         return self.classifier.out_features
 
-    def _logits(self, input_ids: Tensor, attention_mask: Tensor | None, token_type_ids: Tensor | None,
-                position_ids: Tensor | None, output_attentions: bool, output_hidden_states: bool,
-                kwargs: dict[str, Any]) -> tuple[BaseModelOutputWithPooling, Tensor]:
+    def _logits(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None,
+        token_type_ids: Tensor | None,
+        position_ids: Tensor | None,
+        output_attentions: bool,
+        output_hidden_states: bool,
+        kwargs: dict[str, Any],
+    ) -> tuple[BaseModelOutputWithPooling, Tensor]:
         if kwargs:
             raise TypeError(f"unexpected arguments for {type(self).__name__}.forward: {sorted(kwargs)}")
-        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_attentions,
-                        output_hidden_states)
+        out = self.bert(
+            input_ids, attention_mask, token_type_ids, position_ids, output_attentions, output_hidden_states
+        )
         features = out.pooler_output if self.add_pooling_layer else out.last_hidden_state  # (B, C) or (B, T, C)
         return out, self.classifier(dropout(features, self._classifier_dropout(), self.training))
 
@@ -343,15 +449,27 @@ class BertForSequenceClassification(_BertClassifier):
 
     hf_architecture = "BertForSequenceClassification"
     add_pooling_layer = True
-    hf_key_map = head_model_keys(head_keys("classifier", "classifier"),
-                                 POOLER + ("classifier.weight", "classifier.bias"), ("cls.", "qa_outputs."),
-                                 pooler=add_pooling_layer)
+    hf_key_map = head_model_keys(
+        head_keys("classifier", "classifier"),
+        POOLER + ("classifier.weight", "classifier.bias"),
+        ("cls.", "qa_outputs."),
+        pooler=add_pooling_layer,
+    )
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
-                position_ids: Tensor | None = None, labels: Tensor | None = None, output_attentions: bool = False,
-                output_hidden_states: bool = False, **kwargs: Any) -> SequenceClassifierOutput:
-        out, logits = self._logits(input_ids, attention_mask, token_type_ids, position_ids, output_attentions,
-                                   output_hidden_states, kwargs)
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        labels: Tensor | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        **kwargs: Any,
+    ) -> SequenceClassifierOutput:
+        out, logits = self._logits(
+            input_ids, attention_mask, token_type_ids, position_ids, output_attentions, output_hidden_states, kwargs
+        )
         loss = sequence_classification_loss(logits, labels, self.config.problem_type) if labels is not None else None
         return SequenceClassifierOutput(loss, logits, out.hidden_states, out.attentions)
 
@@ -363,14 +481,27 @@ class BertForTokenClassification(_BertClassifier):
 
     hf_architecture = "BertForTokenClassification"
     add_pooling_layer = False
-    hf_key_map = head_model_keys(head_keys("classifier", "classifier"), ("classifier.weight", "classifier.bias"),
-                                 ("cls.", "qa_outputs."), pooler=add_pooling_layer)
+    hf_key_map = head_model_keys(
+        head_keys("classifier", "classifier"),
+        ("classifier.weight", "classifier.bias"),
+        ("cls.", "qa_outputs."),
+        pooler=add_pooling_layer,
+    )
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
-                position_ids: Tensor | None = None, labels: Tensor | None = None, output_attentions: bool = False,
-                output_hidden_states: bool = False, **kwargs: Any) -> TokenClassifierOutput:
-        out, logits = self._logits(input_ids, attention_mask, token_type_ids, position_ids, output_attentions,
-                                   output_hidden_states, kwargs)
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        labels: Tensor | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        **kwargs: Any,
+    ) -> TokenClassifierOutput:
+        out, logits = self._logits(
+            input_ids, attention_mask, token_type_ids, position_ids, output_attentions, output_hidden_states, kwargs
+        )
         loss = token_classification_loss(logits, labels) if labels is not None else None
         return TokenClassifierOutput(loss, logits, out.hidden_states, out.attentions)
 
@@ -383,25 +514,40 @@ class BertForQuestionAnswering(BertPreTrainedModel):
 
     hf_architecture = "BertForQuestionAnswering"
     add_pooling_layer = False
-    hf_key_map = head_model_keys(head_keys("qa_outputs", "qa_outputs"), ("qa_outputs.weight", "qa_outputs.bias"),
-                                 ("cls.", "classifier."), pooler=add_pooling_layer)
+    hf_key_map = head_model_keys(
+        head_keys("qa_outputs", "qa_outputs"),
+        ("qa_outputs.weight", "qa_outputs.bias"),
+        ("cls.", "classifier."),
+        pooler=add_pooling_layer,
+    )
 
     def __init__(self, config: BertConfig) -> None:
         if config.num_labels != 2:  # transformers sizes qa_outputs by num_labels, so a saved model must say 2
-            raise ValueError(f"BertForQuestionAnswering has two outputs per token (start, end) and needs "
-                             f"num_labels=2, got {config.num_labels}; pass num_labels=2")
+            raise ValueError(
+                f"BertForQuestionAnswering has two outputs per token (start, end) and needs "
+                f"num_labels=2, got {config.num_labels}; pass num_labels=2"
+            )
         super().__init__(config)
         self.qa_outputs = nn.Linear(config.hidden_size, 2)
         init_bert_weights(self.qa_outputs, config)  # the trunk initialised itself
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
-                position_ids: Tensor | None = None, start_positions: Tensor | None = None,
-                end_positions: Tensor | None = None, output_attentions: bool = False,
-                output_hidden_states: bool = False, **kwargs: Any) -> QuestionAnsweringModelOutput:
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        start_positions: Tensor | None = None,
+        end_positions: Tensor | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        **kwargs: Any,
+    ) -> QuestionAnsweringModelOutput:
         if kwargs:
             raise TypeError(f"unexpected arguments for BertForQuestionAnswering.forward: {sorted(kwargs)}")
-        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_attentions,
-                        output_hidden_states)
+        out = self.bert(
+            input_ids, attention_mask, token_type_ids, position_ids, output_attentions, output_hidden_states
+        )
         start_logits, end_logits = self.qa_outputs(out.last_hidden_state).unbind(-1)  # (B, T) each
         loss = None
         if start_positions is not None and end_positions is not None:

@@ -6,6 +6,7 @@
 With the default `GPTConfig` it is exactly GPT-2-shaped, so Hugging Face GPT-2 weights load
 one to one: `GPT2_KEYS` below is the name map, which `lmforge.hub` applies.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,8 +22,15 @@ from lmforge.hub import KeyMap, KeyRule
 from lmforge.models.base import PreTrainedModel, init_normal
 from lmforge.models.outputs import BaseModelOutput, CausalLMOutput, SequenceClassifierOutput
 from lmforge.models.registry import register
-from lmforge.nn import (AttentionMask, KVCache, LearnedPositionalEmbedding, RotaryEmbedding,
-                        SinusoidalPositionalEmbedding, TransformerBlock, layer_norm)
+from lmforge.nn import (
+    AttentionMask,
+    KVCache,
+    LearnedPositionalEmbedding,
+    RotaryEmbedding,
+    SinusoidalPositionalEmbedding,
+    TransformerBlock,
+    layer_norm,
+)
 from lmforge.nn.inference import apply
 from lmforge.nn.layers import dropout, run_blocks
 from lmforge.nn.losses import causal_lm_items, causal_lm_loss, sequence_classification_loss
@@ -69,25 +77,44 @@ class GPTModel(nn.Module):
         else:
             rotary = RotaryEmbedding(c.head_dim, c.n_positions, c.rope_theta)
         self.h = nn.ModuleList(
-            TransformerBlock(c.n_embd, c.n_head, c.ffn_dim, c.activation_function, c.bias, c.dropout,
-                             norm_position=c.norm_position, eps=c.layer_norm_epsilon, rotary=rotary)
-            for _ in range(c.n_layer))
+            TransformerBlock(
+                c.n_embd,
+                c.n_head,
+                c.ffn_dim,
+                c.activation_function,
+                c.bias,
+                c.dropout,
+                norm_position=c.norm_position,
+                eps=c.layer_norm_epsilon,
+                rotary=rotary,
+            )
+            for _ in range(c.n_layer)
+        )
         # pre-norm needs a final norm; post-norm blocks already end in one
         self.ln_f = layer_norm(c.n_embd, c.layer_norm_epsilon, c.bias) if c.norm_position == "pre" else nn.Identity()
         self.gradient_checkpointing = False
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
-                past_key_values: KVCache | None = None, output_attentions: bool = False,
-                output_hidden_states: bool = False) -> BaseModelOutput:
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> BaseModelOutput:
         B, T = input_ids.shape
         past = past_key_values.length if past_key_values is not None else 0
         if past + T > self.config.n_positions:
-            raise ValueError(f"sequence of {past + T} tokens is longer than the model's context of "
-                             f"{self.config.n_positions}; truncate the input (e.g. truncation=True, "
-                             f"max_length={self.config.n_positions})")
+            raise ValueError(
+                f"sequence of {past + T} tokens is longer than the model's context of "
+                f"{self.config.n_positions}; truncate the input (e.g. truncation=True, "
+                f"max_length={self.config.n_positions})"
+            )
         if attention_mask is not None and attention_mask.size(1) != past + T:
-            raise ValueError(f"attention_mask covers {attention_mask.size(1)} positions, expected {past + T} "
-                             "(past + new tokens)")
+            raise ValueError(
+                f"attention_mask covers {attention_mask.size(1)} positions, expected {past + T} (past + new tokens)"
+            )
         if position_ids is None:
             if attention_mask is not None and not bool(attention_mask.all()):
                 # left padding: real tokens are numbered from 0 in each row
@@ -99,15 +126,27 @@ class GPTModel(nn.Module):
             x = x + self.wpe(position_ids)
         x = dropout(x, self.config.dropout, self.training)
         mask = AttentionMask.build(attention_mask, T, past + T, causal=True)
-        x, hidden, attentions = run_blocks(self.h, x, mask, position_ids, past_key_values, output_attentions,
-                                           output_hidden_states, self.gradient_checkpointing and self.training)
+        x, hidden, attentions = run_blocks(
+            self.h,
+            x,
+            mask,
+            position_ids,
+            past_key_values,
+            output_attentions,
+            output_hidden_states,
+            self.gradient_checkpointing and self.training,
+        )
         x = apply(self.ln_f, x)
         if output_hidden_states:
             hidden.append(x)
         if past_key_values is not None:
             past_key_values.advance(T)
-        return BaseModelOutput(x, past_key_values, tuple(hidden) if output_hidden_states else None,
-                               tuple(attentions) if output_attentions else None)
+        return BaseModelOutput(
+            x,
+            past_key_values,
+            tuple(hidden) if output_hidden_states else None,
+            tuple(attentions) if output_attentions else None,
+        )
 
 
 def init_gpt_weights(model: nn.Module, config: GPTConfig) -> None:
@@ -163,17 +202,28 @@ class GPTForCausalLM(GPTPreTrainedModel):
         """Share the input embedding and the output projection (one tensor, one gradient)."""
         self.lm_head.weight = self.transformer.wte.weight
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
-                labels: Tensor | None = None, past_key_values: KVCache | None = None, use_cache: bool = False,
-                output_attentions: bool = False, output_hidden_states: bool = False, logits_to_keep: int = 0,
-                num_items_in_batch: int | Tensor | None = None, **kwargs: Any) -> CausalLMOutput:
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        labels: Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        logits_to_keep: int = 0,
+        num_items_in_batch: int | Tensor | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutput:
         """input_ids (B, T) -> logits (B, T, V) (only the last `logits_to_keep` positions if > 0)."""
         if kwargs:
             raise TypeError(f"unexpected arguments for GPTForCausalLM.forward: {sorted(kwargs)}")
         if use_cache and past_key_values is None:
             past_key_values = self.allocate_cache(input_ids.size(0), self.config.n_positions)
-        out = self.transformer(input_ids, attention_mask, position_ids, past_key_values, output_attentions,
-                               output_hidden_states)
+        out = self.transformer(
+            input_ids, attention_mask, position_ids, past_key_values, output_attentions, output_hidden_states
+        )
         h = out.last_hidden_state
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
@@ -186,8 +236,15 @@ class GPTForCausalLM(GPTPreTrainedModel):
     def allocate_cache(self, batch_size: int, max_len: int) -> KVCache:
         """A preallocated KV cache for `batch_size` sequences of up to `max_len` tokens."""
         c = self.config
-        return KVCache(c.n_layer, batch_size, c.n_head, min(max_len, c.n_positions), c.head_dim,
-                       dtype=self.dtype, device=self.device)
+        return KVCache(
+            c.n_layer,
+            batch_size,
+            c.n_head,
+            min(max_len, c.n_positions),
+            c.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+        )
 
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
         """Prompt followed by new tokens; see `lmforge.generation.generate` for the options."""
@@ -213,8 +270,12 @@ class GPTForSequenceClassification(GPTPreTrainedModel):
 
     hf_architecture = "GPT2ForSequenceClassification"
     # the trunk, and a bias-free linear "score" head that a language model's file lacks (freshly initialised)
-    hf_key_map = KeyMap(GPT2_TRUNK_KEYS + [KeyRule("score.weight", "score.weight")], GPT2_IGNORED,
-                        task_head=("score.weight",), other_heads=("lm_head.weight",))
+    hf_key_map = KeyMap(
+        GPT2_TRUNK_KEYS + [KeyRule("score.weight", "score.weight")],
+        GPT2_IGNORED,
+        task_head=("score.weight",),
+        other_heads=("lm_head.weight",),
+    )
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -234,17 +295,26 @@ class GPTForSequenceClassification(GPTPreTrainedModel):
         pad = self.config.pad_token_id
         if pad is None:
             if B != 1:
-                raise ValueError(f"a batch of {B} rows needs config.pad_token_id to find each row's last token; "
-                                 "set it (e.g. model.config.pad_token_id = tokenizer.pad_token_id) or pass one "
-                                 "row at a time")
+                raise ValueError(
+                    f"a batch of {B} rows needs config.pad_token_id to find each row's last token; "
+                    "set it (e.g. model.config.pad_token_id = tokenizer.pad_token_id) or pass one "
+                    "row at a time"
+                )
             return torch.full((B,), T - 1, dtype=torch.long, device=input_ids.device)
         non_pad = (input_ids != pad).int()  # (B, T)
         positions = torch.arange(T, device=input_ids.device, dtype=torch.int)
         return (positions * non_pad).argmax(-1)  # the rightmost real token
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
-                labels: Tensor | None = None, output_attentions: bool = False, output_hidden_states: bool = False,
-                **kwargs: Any) -> SequenceClassifierOutput:
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        labels: Tensor | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        **kwargs: Any,
+    ) -> SequenceClassifierOutput:
         """input_ids (B, T) -> logits (B, num_labels); `labels` ((B,) class ids, (B,) or (B, N) floats
         for regression, (B, N) multi-hot floats) give the loss for `config.problem_type`."""
         if kwargs:

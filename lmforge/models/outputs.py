@@ -1,4 +1,5 @@
 """Output dataclasses returned by every model (Hugging Face-shaped: `.loss`, `.logits`, ...)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields

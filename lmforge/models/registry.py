@@ -5,12 +5,21 @@ A family decorates its model classes with `@register(task)`; the class's `config
 `architectures`) are recorded. The Auto classes and `lmforge convert` look classes up here; importing
 `lmforge.models` imports every family, so the tables are full.
 """
+
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
-TASKS = ("base-model", "causal-lm", "sequence-classification", "masked-lm", "pretraining", "token-classification",
-         "question-answering")
+TASKS = (
+    "base-model",
+    "causal-lm",
+    "sequence-classification",
+    "masked-lm",
+    "pretraining",
+    "token-classification",
+    "question-answering",
+)
 
 _MODELS: dict[str, dict[str, type]] = {task: {} for task in TASKS}  # task -> model_type -> model class
 _CONFIGS: dict[str, type] = {}  # model_type -> config class

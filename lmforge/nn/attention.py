@@ -4,6 +4,7 @@
 path equal to it, and it returns the attention weights for attention maps. `MultiHeadAttention`
 runs on `torch.nn.functional.scaled_dot_product_attention` (flash / memory-efficient kernels).
 """
+
 from __future__ import annotations
 
 import math
@@ -54,7 +55,7 @@ class AttentionMask:
     empty_rows: Tensor | None = None
 
     @classmethod
-    def build(cls, padding_mask: Tensor | None, q_len: int, k_len: int, causal: bool) -> "AttentionMask":
+    def build(cls, padding_mask: Tensor | None, q_len: int, k_len: int, causal: bool) -> AttentionMask:
         """padding_mask: (B, Tk) with 1 for real tokens and 0 for padding (or None)."""
         if padding_mask is None or bool(padding_mask.all()):
             if not causal or q_len == 1:
@@ -90,8 +91,16 @@ class KVCache:
     and reads [0, length + T); the model calls `advance(T)` once the whole forward is done.
     """
 
-    def __init__(self, n_layer: int, batch_size: int, n_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        n_layer: int,
+        batch_size: int,
+        n_heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
         shape = (n_layer, batch_size, n_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -126,8 +135,9 @@ class KVCache:
 class MultiHeadAttention(nn.Module):
     """Multi-head attention with W^Q, W^K, W^V (fused into one `qkv` projection) and W^O (`proj`)."""
 
-    def __init__(self, d_model: int, n_heads: int, bias: bool = True, dropout: float = 0.0,
-                 rotary: RotaryEmbedding | None = None) -> None:
+    def __init__(
+        self, d_model: int, n_heads: int, bias: bool = True, dropout: float = 0.0, rotary: RotaryEmbedding | None = None
+    ) -> None:
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
@@ -137,9 +147,15 @@ class MultiHeadAttention(nn.Module):
         self.dropout = dropout
         self.rotary = rotary
 
-    def forward(self, x: Tensor, mask: AttentionMask, position_ids: Tensor | None = None,
-                cache: KVCache | None = None, layer_idx: int = 0,
-                output_attentions: bool = False) -> tuple[Tensor, Tensor | None]:
+    def forward(
+        self,
+        x: Tensor,
+        mask: AttentionMask,
+        position_ids: Tensor | None = None,
+        cache: KVCache | None = None,
+        layer_idx: int = 0,
+        output_attentions: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
         """x: (B, T, C) -> (B, T, C), and the (B, H, T, Tk) weights if output_attentions."""
         B, T, C = x.shape
         qkv = apply(self.qkv, x).view(B, T, 3, self.n_heads, self.head_dim)
@@ -154,9 +170,14 @@ class MultiHeadAttention(nn.Module):
             if self.training and self.dropout:
                 y = F.dropout(weights, self.dropout) @ v
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.allowed,
-                                               dropout_p=self.dropout if self.training else 0.0,
-                                               is_causal=mask.is_causal)
+            y = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask.allowed,
+                dropout_p=self.dropout if self.training else 0.0,
+                is_causal=mask.is_causal,
+            )
             if mask.empty_rows is not None:
                 y = y.masked_fill(mask.empty_rows, 0.0)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)

@@ -7,6 +7,7 @@ kernel directly on the module's weights when nothing could observe the differenc
 is being recorded, the module is a plain `nn.Linear` / `nn.LayerNorm` (not a subclass such as a LoRA
 layer), and no hook is registered on it or globally. Otherwise it calls the module as usual.
 """
+
 from __future__ import annotations
 
 import torch
@@ -17,10 +18,16 @@ from torch.nn.modules import module as _module
 
 def hook_free(module: nn.Module) -> bool:
     """True when calling `module` runs only its forward: no forward/backward hooks on it or globally."""
-    return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks or _module._global_forward_hooks
-                or _module._global_forward_pre_hooks or _module._global_backward_hooks
-                or _module._global_backward_pre_hooks)
+    return not (
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or _module._global_forward_hooks
+        or _module._global_forward_pre_hooks
+        or _module._global_backward_hooks
+        or _module._global_backward_pre_hooks
+    )
 
 
 def apply(module: nn.Module, x: Tensor) -> Tensor:

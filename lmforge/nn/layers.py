@@ -1,16 +1,17 @@
 """Feed-forward network, layer norm and the Transformer block (pre-norm or post-norm)."""
+
 from __future__ import annotations
 
-from typing import Callable, Sequence
-
-import torch.utils.checkpoint
+from collections.abc import Callable, Sequence
 
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from lmforge.nn.attention import AttentionMask, KVCache, MultiHeadAttention
 from lmforge.nn.inference import apply, hook_free
 from lmforge.nn.positions import RotaryEmbedding
+
 
 def gelu_tanh(x: Tensor) -> Tensor:
     """GPT-2's tanh approximation of GELU (a named function, not a lambda, so models pickle)."""
@@ -44,7 +45,11 @@ def silu_(x: Tensor) -> Tensor:
 
 
 INPLACE_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "gelu": gelu_, "gelu_new": gelu_tanh_, "gelu_pytorch_tanh": gelu_tanh_, "relu": torch.relu_, "silu": silu_,
+    "gelu": gelu_,
+    "gelu_new": gelu_tanh_,
+    "gelu_pytorch_tanh": gelu_tanh_,
+    "relu": torch.relu_,
+    "silu": silu_,
 }
 
 
@@ -68,8 +73,9 @@ def layer_norm(dim: int, eps: float = 1e-5, bias: bool = True) -> nn.LayerNorm:
 class FeedForward(nn.Module):
     """Position-wise MLP: proj(act(fc(x))), d_model -> d_ff -> d_model."""
 
-    def __init__(self, d_model: int, d_ff: int, activation: str = "gelu_new", bias: bool = True,
-                 dropout: float = 0.0) -> None:
+    def __init__(
+        self, d_model: int, d_ff: int, activation: str = "gelu_new", bias: bool = True, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         self.fc = nn.Linear(d_model, d_ff, bias=bias)
         self.proj = nn.Linear(d_ff, d_model, bias=bias)
@@ -90,9 +96,13 @@ class FeedForward(nn.Module):
         """Overwrite fc's output only when nothing can see it: no autograd graph (which would keep the
         pre-activation for backward), fc a Linear (fresh output) and no forward hooks (which may have
         kept a reference to that output)."""
-        return (self.act_inplace is not None and not torch.is_grad_enabled() and isinstance(self.fc, nn.Linear)
-                and self.act is ACTIVATIONS.get(self.activation)  # not swapped for another function
-                and hook_free(self.fc))
+        return (
+            self.act_inplace is not None
+            and not torch.is_grad_enabled()
+            and isinstance(self.fc, nn.Linear)
+            and self.act is ACTIVATIONS.get(self.activation)  # not swapped for another function
+            and hook_free(self.fc)
+        )
 
 
 class TransformerBlock(nn.Module):
@@ -102,24 +112,40 @@ class TransformerBlock(nn.Module):
     post-norm (BERT, original Transformer):  x = ln_1(x + attn(x));  x = ln_2(x + mlp(x))
     """
 
-    def __init__(self, d_model: int, n_heads: int, d_ff: int, activation: str = "gelu_new",
-                 bias: bool = True, dropout: float = 0.0, attn_dropout: float | None = None,
-                 norm_position: str = "pre", eps: float = 1e-5,
-                 rotary: RotaryEmbedding | None = None) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        d_ff: int,
+        activation: str = "gelu_new",
+        bias: bool = True,
+        dropout: float = 0.0,
+        attn_dropout: float | None = None,
+        norm_position: str = "pre",
+        eps: float = 1e-5,
+        rotary: RotaryEmbedding | None = None,
+    ) -> None:
         super().__init__()
         if norm_position not in ("pre", "post"):
             raise ValueError(f"norm_position must be 'pre' or 'post', got {norm_position!r}")
         self.pre_norm = norm_position == "pre"
         self.ln_1 = layer_norm(d_model, eps, bias)
-        self.attn = MultiHeadAttention(d_model, n_heads, bias, dropout if attn_dropout is None else attn_dropout,
-                                       rotary)
+        self.attn = MultiHeadAttention(
+            d_model, n_heads, bias, dropout if attn_dropout is None else attn_dropout, rotary
+        )
         self.ln_2 = layer_norm(d_model, eps, bias)
         self.mlp = FeedForward(d_model, d_ff, activation, bias, dropout)
         self.dropout = dropout
 
-    def forward(self, x: Tensor, mask: AttentionMask, position_ids: Tensor | None = None,
-                cache: KVCache | None = None, layer_idx: int = 0,
-                output_attentions: bool = False) -> tuple[Tensor, Tensor | None]:
+    def forward(
+        self,
+        x: Tensor,
+        mask: AttentionMask,
+        position_ids: Tensor | None = None,
+        cache: KVCache | None = None,
+        layer_idx: int = 0,
+        output_attentions: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
         if self.pre_norm:
             a, weights = self.attn(apply(self.ln_1, x), mask, position_ids, cache, layer_idx, output_attentions)
             x = x + dropout(a, self.dropout, self.training)
@@ -131,9 +157,16 @@ class TransformerBlock(nn.Module):
         return x, weights
 
 
-def run_blocks(blocks: Sequence[TransformerBlock], x: Tensor, mask: AttentionMask, position_ids: Tensor | None = None,
-               cache: KVCache | None = None, output_attentions: bool = False, output_hidden_states: bool = False,
-               checkpointing: bool = False) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+def run_blocks(
+    blocks: Sequence[TransformerBlock],
+    x: Tensor,
+    mask: AttentionMask,
+    position_ids: Tensor | None = None,
+    cache: KVCache | None = None,
+    output_attentions: bool = False,
+    output_hidden_states: bool = False,
+    checkpointing: bool = False,
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """Apply the blocks in order: (output, the input of every block if output_hidden_states, every
     block's attention weights if output_attentions). `checkpointing` recomputes activations in the
     backward pass instead of keeping them (training only; no KV cache then)."""
@@ -143,8 +176,9 @@ def run_blocks(blocks: Sequence[TransformerBlock], x: Tensor, mask: AttentionMas
         if output_hidden_states:
             hidden.append(x)
         if checkpointing:
-            x, w = torch.utils.checkpoint.checkpoint(block, x, mask, position_ids, None, i, output_attentions,
-                                                     use_reentrant=False)
+            x, w = torch.utils.checkpoint.checkpoint(
+                block, x, mask, position_ids, None, i, output_attentions, use_reentrant=False
+            )
         else:
             x, w = block(x, mask, position_ids, cache, i, output_attentions)
         if output_attentions:

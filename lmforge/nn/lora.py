@@ -13,6 +13,7 @@ ordinary Hugging Face checkpoint.
 `LoRALinear` keeps the wrapped layer's `weight` and `bias` Parameters under the same names, so the base
 model's state-dict keys do not change; the adapters add `<layer>.lora_A` and `<layer>.lora_B`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,9 +21,10 @@ import json
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -81,8 +83,10 @@ class LoRAConfig:
         else:
             self.target_modules = list(self.target_modules)
             if not self.target_modules or not all(isinstance(p, str) and p for p in self.target_modules):
-                raise ValueError(f"target_modules must be a regex string or a non-empty list of module-name "
-                                 f"suffixes, got {self.target_modules!r}")
+                raise ValueError(
+                    f"target_modules must be a regex string or a non-empty list of module-name "
+                    f"suffixes, got {self.target_modules!r}"
+                )
         if isinstance(self.modules_to_save, str):
             self.modules_to_save = [self.modules_to_save]
         self.modules_to_save = list(self.modules_to_save)
@@ -98,7 +102,7 @@ class LoRAConfig:
         return {"format": LORA_FORMAT, **dataclasses.asdict(self)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "LoRAConfig":
+    def from_dict(cls, data: dict[str, Any]) -> LoRAConfig:
         """Inverse of `to_dict`; refuses other formats (e.g. a peft adapter_config.json) by name."""
         data = dict(data)
         fmt = data.pop("format", None)
@@ -179,11 +183,14 @@ class LoRALinear(nn.Module):
         return linear
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"r={self.r}, alpha={self.alpha:g}, dropout={self.dropout:g}, merged={self.merged}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"r={self.r}, alpha={self.alpha:g}, dropout={self.dropout:g}, merged={self.merged}"
+        )
 
 
 # ---- applying adapters to a model -------------------------------------------------------------
+
 
 def _lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
@@ -205,8 +212,10 @@ def _saved_modules(model: nn.Module, config: LoRAConfig) -> list[str]:
     for pattern in config.modules_to_save:
         if not any(_matches(n, [pattern]) for n in names):
             children = [n for n, _ in model.named_children()]
-            raise ValueError(f"modules_to_save entry {pattern!r} matches no module of {type(model).__name__} "
-                             f"(its top-level modules: {children})")
+            raise ValueError(
+                f"modules_to_save entry {pattern!r} matches no module of {type(model).__name__} "
+                f"(its top-level modules: {children})"
+            )
     return [n for n in names if not any(n.startswith(o + ".") for o in names)]
 
 
@@ -230,9 +239,11 @@ def _find_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
     if unmatched:
         shown = linears[:12]
         more = f" ... ({len(linears)} in all)" if len(linears) > len(shown) else ""
-        raise ValueError(f"LoRA target_modules {unmatched} match no nn.Linear of {type(model).__name__}; "
-                         f"its Linear modules are {shown}{more}. Use dotted suffixes (e.g. 'attn.qkv') or a regex "
-                         "matching the whole name")
+        raise ValueError(
+            f"LoRA target_modules {unmatched} match no nn.Linear of {type(model).__name__}; "
+            f"its Linear modules are {shown}{more}. Use dotted suffixes (e.g. 'attn.qkv') or a regex "
+            "matching the whole name"
+        )
     return targets
 
 
@@ -246,21 +257,27 @@ def apply_lora(model: nn.Module, config: LoRAConfig | None = None) -> nn.Module:
     config = config or LoRAConfig()
     if has_lora(model):
         names = [n for n, _ in _lora_layers(model)][:4]
-        raise ValueError(f"{type(model).__name__} already has LoRA layers ({names} ...); apply_lora twice would "
-                         "wrap them twice. Load new adapters with load_adapters, or call merge_and_unload first")
+        raise ValueError(
+            f"{type(model).__name__} already has LoRA layers ({names} ...); apply_lora twice would "
+            "wrap them twice. Load new adapters with load_adapters, or call merge_and_unload first"
+        )
     targets = _find_targets(model, config)
     saved = _saved_modules(model, config)
     overlap = [t for t in targets if any(t == s or t.startswith(s + ".") for s in saved)]
     if overlap:
-        raise ValueError(f"{overlap[:4]} are both LoRA targets and inside modules_to_save {saved}; a module is "
-                         "either adapted or trained fully, not both")
+        raise ValueError(
+            f"{overlap[:4]} are both LoRA targets and inside modules_to_save {saved}; a module is "
+            "either adapted or trained fully, not both"
+        )
     owners = _parameter_names(model)
     for name in targets:
         weight = model.get_submodule(name).weight
         tied = [o for o in owners[id(weight)] if o != f"{name}.weight"]
         if tied:
-            raise ValueError(f"{name}.weight is tied to {tied[0]}; a LoRA update on it would also change "
-                             f"{tied[0]} once merged. Leave {name!r} out of target_modules")
+            raise ValueError(
+                f"{name}.weight is tied to {tied[0]}; a LoRA update on it would also change "
+                f"{tied[0]} once merged. Leave {name!r} out of target_modules"
+            )
     # remember who was trainable, so that merge_and_unload gives back the model as it was
     model._lora_trainable_before = {n for n, p in model.named_parameters() if p.requires_grad}
     for p in model.parameters():
@@ -281,8 +298,7 @@ def _lora_config(model: nn.Module) -> LoRAConfig:
     if config is None:  # LoRALinear layers put in by hand: infer what can be inferred
         layers = _lora_layers(model)
         first = layers[0][1]
-        config = LoRAConfig(r=first.r, alpha=first.alpha, dropout=first.dropout,
-                            target_modules=[n for n, _ in layers])
+        config = LoRAConfig(r=first.r, alpha=first.alpha, dropout=first.dropout, target_modules=[n for n, _ in layers])
     return config
 
 
@@ -293,6 +309,7 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 # ---- merging -------------------------------------------------------------------------------------
+
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight (W += B A * scale): same outputs, no extra compute.
@@ -331,14 +348,14 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 # ---- adapter files -------------------------------------------------------------------------------
 
+
 def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The tensors an adapter consists of, under the model's own names: every `lora_A` / `lora_B` and
     the full state of `modules_to_save`. The base weights are not included."""
     _require_lora(model, "lora_state_dict")
     saved = _saved_modules(model, _lora_config(model))
     state = model.state_dict()
-    return {k: v for k, v in state.items()
-            if k.endswith(ADAPTER_SUFFIXES) or any(k.startswith(s + ".") for s in saved)}
+    return {k: v for k, v in state.items() if k.endswith(ADAPTER_SUFFIXES) or any(k.startswith(s + ".") for s in saved)}
 
 
 def save_adapters(model: nn.Module, directory: str | os.PathLike) -> Path:
@@ -383,23 +400,29 @@ def load_adapters(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     else:
         scales = {(layer.r, layer.alpha) for _, layer in _lora_layers(model)}
         if scales != {(config.r, float(config.alpha))}:
-            raise ValueError(f"the model's LoRA layers have (r, alpha) {sorted(scales)}, the adapter in {directory} "
-                             f"was trained with ({config.r}, {config.alpha:g}); apply the saved config instead "
-                             "(load into a model without LoRA layers)")
+            raise ValueError(
+                f"the model's LoRA layers have (r, alpha) {sorted(scales)}, the adapter in {directory} "
+                f"was trained with ({config.r}, {config.alpha:g}); apply the saved config instead "
+                "(load into a model without LoRA layers)"
+            )
     expected = lora_state_dict(model)
     missing = sorted(set(expected) - set(saved))
     unexpected = sorted(set(saved) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{weights_path} does not match the model's adapters: missing {missing[:5]}"
-                         f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                         f"{' ...' if len(unexpected) > 5 else ''}. The adapter was saved for another model or "
-                         f"another LoRA config (saved: target_modules={config.target_modules!r}, "
-                         f"modules_to_save={config.modules_to_save!r})")
+        raise ValueError(
+            f"{weights_path} does not match the model's adapters: missing {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+            f"{' ...' if len(unexpected) > 5 else ''}. The adapter was saved for another model or "
+            f"another LoRA config (saved: target_modules={config.target_modules!r}, "
+            f"modules_to_save={config.modules_to_save!r})"
+        )
     for name, tensor in saved.items():
         if tensor.shape != expected[name].shape:
-            raise ValueError(f"{weights_path}: {name} has shape {tuple(tensor.shape)}, the model expects "
-                             f"{tuple(expected[name].shape)}; the adapter was saved for a model of another size "
-                             f"or another rank (saved r={config.r})")
+            raise ValueError(
+                f"{weights_path}: {name} has shape {tuple(tensor.shape)}, the model expects "
+                f"{tuple(expected[name].shape)}; the adapter was saved for a model of another size "
+                f"or another rank (saved r={config.r})"
+            )
     layers = [layer for _, layer in _lora_layers(model)]
     merged = [layer for layer in layers if layer.merged]
     with torch.no_grad():

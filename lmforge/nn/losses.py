@@ -10,9 +10,11 @@ Per-example losses (for sample weights) are each example's SUM over the items it
 token losses, 1 for a sequence), so that with all weights 1 their total equals the mean loss times
 `count_loss_items`.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +29,9 @@ PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_class
 def token_loss_sum(logits: Tensor, labels: Tensor) -> Tensor:
     """Summed float32 cross-entropy of logits (..., V) against labels (...), IGNORE_INDEX skipped."""
     V = logits.size(-1)
-    return F.cross_entropy(logits.reshape(-1, V).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
+    return F.cross_entropy(
+        logits.reshape(-1, V).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
 
 
 def _mean(loss_sum: Tensor, targets: Tensor, num_items_in_batch: int | Tensor | None) -> Tensor:
@@ -47,8 +50,9 @@ def shifted_targets(labels: Tensor, length: int) -> Tensor:
     if target.size(1) < length:  # pad the target rather than copying the (large) logits
         return F.pad(target, (0, length - target.size(1)), value=IGNORE_INDEX)
     if target.size(1) > length:
-        raise ValueError(f"labels have {labels.size(1)} positions for {length} logits; expected {length} or "
-                         f"{length + 1}")
+        raise ValueError(
+            f"labels have {labels.size(1)} positions for {length} logits; expected {length} or {length + 1}"
+        )
     return target
 
 
@@ -88,11 +92,14 @@ def problem_type_of(logits: Tensor, labels: Tensor, problem_type: str | None) ->
     if problem_type is None:
         if logits.size(-1) == 1:
             return "regression"
-        return "single_label_classification" if labels.dtype in (torch.long, torch.int) else \
-            "multi_label_classification"
+        return (
+            "single_label_classification" if labels.dtype in (torch.long, torch.int) else "multi_label_classification"
+        )
     if problem_type not in PROBLEM_TYPES:
-        raise ValueError(f"unknown problem_type {problem_type!r}; use 'regression', 'single_label_classification' "
-                         "or 'multi_label_classification'")
+        raise ValueError(
+            f"unknown problem_type {problem_type!r}; use 'regression', 'single_label_classification' "
+            "or 'multi_label_classification'"
+        )
     return problem_type
 
 
@@ -117,8 +124,9 @@ def next_sentence_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(logits.view(-1, 2), labels.view(-1))
 
 
-def question_answering_loss(start_logits: Tensor, end_logits: Tensor, start_positions: Tensor,
-                            end_positions: Tensor) -> Tensor:
+def question_answering_loss(
+    start_logits: Tensor, end_logits: Tensor, start_positions: Tensor, end_positions: Tensor
+) -> Tensor:
     """Mean of the start and end cross-entropies; logits (B, T), positions (B,). Positions outside the
     input are clamped to T and ignored, as transformers does."""
     T = start_logits.size(1)
@@ -153,8 +161,9 @@ def example_losses(model: nn.Module, output: Any, labels: Tensor) -> Tensor:
             logits = logits[:, :-1]
         labels = labels[:, 1:]
     if logits.dim() == 3:  # per-token classes: (B, T, V) against (B, T)
-        per_token = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX,
-                                    reduction="none")  # (B, T)
+        per_token = F.cross_entropy(
+            logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
+        )  # (B, T)
         return per_token.sum(dim=1)
     problem = problem_type_of(logits, labels, getattr(getattr(model, "config", None), "problem_type", None))
     if problem == "regression":

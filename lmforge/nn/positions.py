@@ -3,6 +3,7 @@
 Sinusoidal and learned encodings are added to the token embeddings; rotary encodings rotate
 queries and keys inside attention, so relative offsets show up in the dot products.
 """
+
 from __future__ import annotations
 
 import torch

@@ -12,6 +12,7 @@ chunks of your files, then answer from them) with chunking.py (documents cut int
 knowledge_store.py (a knowledge base's saved folder).
 Names are imported on first use, so `import lmforge.pipelines` loads nothing heavy.
 """
+
 from __future__ import annotations
 
 import importlib

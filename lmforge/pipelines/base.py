@@ -7,6 +7,7 @@
 Sorting rows by length before batching (`lmforge.data.batching.length_sorted_batches`) means a batch of
 short sentences never pays for the padding of a long one; results are put back in the caller's order.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -14,9 +15,9 @@ import itertools
 import os
 import sys
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -82,11 +83,19 @@ class Pipeline:
     #: types that mean "one input" (others are iterated)
     single_types: ClassVar[tuple[type, ...]] = (str,)
 
-    def __init__(self, model: Any, tokenizer: Any = None, device: int | str | torch.device | None = None,
-                 batch_size: int = 8, **options: Any) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any = None,
+        device: int | str | torch.device | None = None,
+        batch_size: int = 8,
+        **options: Any,
+    ) -> None:
         if tokenizer is None:
-            raise ValueError(f"the {self.task} pipeline needs a tokenizer: pass tokenizer=... (a lmforge "
-                             "Tokenizer, e.g. Tokenizer.from_pretrained(model_dir))")
+            raise ValueError(
+                f"the {self.task} pipeline needs a tokenizer: pass tokenizer=... (a lmforge "
+                "Tokenizer, e.g. Tokenizer.from_pretrained(model_dir))"
+            )
         self._check_model(model)
         target = pipeline_device(device)
         if target is not None:
@@ -136,8 +145,10 @@ class Pipeline:
             return self._run(list(inputs), 0, opts, batch_size)
         if isinstance(inputs, Iterable) and not isinstance(inputs, (bytes, dict)):
             return self._iterate(iter(inputs), opts, batch_size)
-        raise TypeError(f"the {self.task} pipeline takes {self._input_kinds()}, or a list or iterator of them; "
-                        f"got {type(inputs).__name__}")
+        raise TypeError(
+            f"the {self.task} pipeline takes {self._input_kinds()}, or a list or iterator of them; "
+            f"got {type(inputs).__name__}"
+        )
 
     def _iterate(self, inputs: Iterator[Any], opts: dict[str, Any], batch_size: int) -> Iterator[Any]:
         """Results for an iterator of inputs, `batch_size` inputs at a time, yielded as they are ready."""
@@ -171,8 +182,10 @@ class Pipeline:
         allowed = inspect.signature(self._options).parameters
         unknown = sorted(k for k in options if k not in allowed)
         if unknown:
-            raise TypeError(f"the {self.task} pipeline has no option {', '.join(map(repr, unknown))}; its options "
-                            f"are: {', '.join(allowed)} (and batch_size)")
+            raise TypeError(
+                f"the {self.task} pipeline has no option {', '.join(map(repr, unknown))}; its options "
+                f"are: {', '.join(allowed)} (and batch_size)"
+            )
         return self._options(**options)
 
     @staticmethod
@@ -205,22 +218,34 @@ class Pipeline:
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
             raise ValueError(f"max_length must be a positive integer, got {max_length!r}")
         if max_length > limit:
-            raise ValueError(f"max_length={max_length} is more than the model takes ({limit} tokens); "
-                             f"use max_length <= {limit}")
+            raise ValueError(
+                f"max_length={max_length} is more than the model takes ({limit} tokens); use max_length <= {limit}"
+            )
         return max_length
 
     def _check_text(self, value: Any, index: int, what: str = "input", allow_blank: bool = False) -> str:
         """`value` if it is a usable text; else TypeError/ValueError naming the input and the fix."""
         if not isinstance(value, str):
-            raise TypeError(f"{self.task}: {what} {index} is a {type(value).__name__} ({describe(value)}), not a str; "
-                            f"pass text (convert it with str(...)) or drop it")
+            raise TypeError(
+                f"{self.task}: {what} {index} is a {type(value).__name__} ({describe(value)}), not a str; "
+                f"pass text (convert it with str(...)) or drop it"
+            )
         if not value or (not allow_blank and not value.strip()):
-            raise ValueError(f"{self.task}: {what} {index} is {'empty' if not value else 'blank'} "
-                             f"({describe(value)}); there is nothing to process: remove it or give it some text")
+            raise ValueError(
+                f"{self.task}: {what} {index} is {'empty' if not value else 'blank'} "
+                f"({describe(value)}); there is nothing to process: remove it or give it some text"
+            )
         return value
 
-    def _encode(self, texts: list[str], pairs: list[str] | None, indices: list[int], max_length: int,
-                truncation: bool, strategy: str = "longest_first") -> list[Any]:
+    def _encode(
+        self,
+        texts: list[str],
+        pairs: list[str] | None,
+        indices: list[int],
+        max_length: int,
+        truncation: bool,
+        strategy: str = "longest_first",
+    ) -> list[Any]:
         """Tokenize (with special tokens, offsets, word ids) as `tokenizers.Encoding`s cut to `max_length`
         tokens. A cut input gives one warning per call naming the inputs, or a ValueError when
         `truncation` is False."""
@@ -229,19 +254,25 @@ class Pipeline:
             try:
                 encodings = backend.encode_batch(inputs, add_special_tokens=True)
             except Exception as err:  # the backend raises a bare Exception
-                raise ValueError(f"{self.task}: cannot cut the inputs to {max_length} tokens ({err}); use a larger "
-                                 "max_length") from None
+                raise ValueError(
+                    f"{self.task}: cannot cut the inputs to {max_length} tokens ({err}); use a larger max_length"
+                ) from None
         cut = [indices[k] for k, enc in enumerate(encodings) if enc.overflowing]
         if cut and not truncation:
-            raise ValueError(f"{self.task}: input {index_list(cut)} is longer than {max_length} tokens (the model's "
-                             "limit); shorten it, or pass truncation=True to cut it to fit")
+            raise ValueError(
+                f"{self.task}: input {index_list(cut)} is longer than {max_length} tokens (the model's "
+                "limit); shorten it, or pass truncation=True to cut it to fit"
+            )
         if cut:
-            warn(f"{self.task}: input {index_list(cut)} is longer than {max_length} tokens (the model's limit) and "
-                 f"was truncated to {max_length}; pass truncation=False to get an error instead")
+            warn(
+                f"{self.task}: input {index_list(cut)} is longer than {max_length} tokens (the model's limit) and "
+                f"was truncated to {max_length}; pass truncation=False to get an error instead"
+            )
         for k, enc in enumerate(encodings):
             if not any(m == 0 for m in enc.special_tokens_mask):
-                raise ValueError(f"{self.task}: input {indices[k]} ({describe(texts[k])}) gives no tokens; give it "
-                                 "some text")
+                raise ValueError(
+                    f"{self.task}: input {indices[k]} ({describe(texts[k])}) gives no tokens; give it some text"
+                )
         return encodings
 
     def _row(self, encoding: Any) -> dict[str, list[int]]:
@@ -251,14 +282,16 @@ class Pipeline:
         return row
 
     def _pad_id(self) -> int:
-        for value in (self.tokenizer.pad_token_id, getattr(self.model.config, "pad_token_id", None),
-                      self.tokenizer.eos_token_id):
+        for value in (
+            self.tokenizer.pad_token_id,
+            getattr(self.model.config, "pad_token_id", None),
+            self.tokenizer.eos_token_id,
+        ):
             if value is not None:
                 return int(value)
         return 0  # masked out anyway
 
-    def _collate(self, rows: list[dict[str, Any]], pad_id: int | None = None, side: str = "right"
-                 ) -> dict[str, Tensor]:
+    def _collate(self, rows: list[dict[str, Any]], pad_id: int | None = None, side: str = "right") -> dict[str, Tensor]:
         """Pad a batch of rows to its longest: input_ids, attention_mask (and token_type_ids) (B, T)."""
         pad = self._pad_id() if pad_id is None else pad_id
         longest = max(len(r["input_ids"]) for r in rows)
@@ -267,8 +300,10 @@ class Pipeline:
             extra = [fill] * (longest - len(values))
             return values + extra if side == "right" else extra + values
 
-        batch = {"input_ids": [padded(r["input_ids"], pad) for r in rows],
-                 "attention_mask": [padded([1] * len(r["input_ids"]), 0) for r in rows]}
+        batch = {
+            "input_ids": [padded(r["input_ids"], pad) for r in rows],
+            "attention_mask": [padded([1] * len(r["input_ids"]), 0) for r in rows],
+        }
         if "token_type_ids" in rows[0]:
             batch["token_type_ids"] = [padded(r["token_type_ids"], 0) for r in rows]
         return {k: torch.tensor(v, dtype=torch.long, device=self.device) for k, v in batch.items()}
@@ -278,12 +313,15 @@ class Pipeline:
         return {k: v for k, v in batch.items() if k in self._forward_params}
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(task={self.task!r}, model={type(self.model).__name__}, "
-                f"device={self.device}, batch_size={self.batch_size})")
+        return (
+            f"{type(self).__name__}(task={self.task!r}, model={type(self.model).__name__}, "
+            f"device={self.device}, batch_size={self.batch_size})"
+        )
 
 
-def check_model_kind(task: str, model: Any, accepted: Sequence[str], predicate: Callable[[Any], bool],
-                     hint: str) -> None:
+def check_model_kind(
+    task: str, model: Any, accepted: Sequence[str], predicate: Callable[[Any], bool], hint: str
+) -> None:
     """TypeError when `predicate(model)` is False: names the model's class, what the task needs, and `hint`."""
     if not predicate(model):
         raise TypeError(f"the {task} pipeline needs {' or '.join(accepted)}, got {type(model).__name__}; {hint}")

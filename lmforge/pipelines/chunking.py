@@ -8,7 +8,7 @@ earlier. `fit_to_tokens` cuts again, smaller, any chunk with more tokens than th
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 # where a chunk may end (see chunk_text); cut before a blank line, after a sentence end, at a space
 _PARAGRAPH = re.compile(r"\n[^\S\n]*\n")
@@ -58,8 +58,7 @@ def chunk_text(text: str, chunk_chars: int = 600, overlap: int = 100) -> list[tu
     if isinstance(chunk_chars, bool) or not isinstance(chunk_chars, int) or chunk_chars < 2:
         raise ValueError(f"chunk_chars must be an integer >= 2, got {chunk_chars!r}")
     if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap <= chunk_chars // 2:
-        raise ValueError(f"overlap must be an integer from 0 to chunk_chars // 2 = {chunk_chars // 2}, got "
-                         f"{overlap!r}")
+        raise ValueError(f"overlap must be an integer from 0 to chunk_chars // 2 = {chunk_chars // 2}, got {overlap!r}")
     spans: list[tuple[int, int]] = []
     start = _skip_space(text, 0)
     while start < len(text):
@@ -76,8 +75,9 @@ def chunk_text(text: str, chunk_chars: int = 600, overlap: int = 100) -> list[tu
     return spans
 
 
-def fit_to_tokens(text: str, spans: list[tuple[int, int]], count: Callable[[list[str]], list[int]],
-                   max_tokens: int, overlap: int) -> list[tuple[int, int]]:
+def fit_to_tokens(
+    text: str, spans: list[tuple[int, int]], count: Callable[[list[str]], list[int]], max_tokens: int, overlap: int
+) -> list[tuple[int, int]]:
     """`spans` with every span of more than `max_tokens` tokens cut again into smaller chunks."""
     fitted: list[tuple[int, int]] = []
     pending = list(spans)

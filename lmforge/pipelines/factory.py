@@ -7,6 +7,7 @@
 A path or model id is loaded offline with the task's Auto class (the tokenizer from the same directory
 unless `tokenizer=` is given); nothing is ever downloaded.
 """
+
 from __future__ import annotations
 
 import os
@@ -47,8 +48,13 @@ def available_tasks() -> list[str]:
     return sorted(TASKS) + sorted(ALIASES)
 
 
-def _load(name: str, model: str | os.PathLike, auto_class: type[Any] | None, model_kwargs: dict[str, Any],
-          options: dict[str, Any]) -> Any:
+def _load(
+    name: str,
+    model: str | os.PathLike,
+    auto_class: type[Any] | None,
+    model_kwargs: dict[str, Any],
+    options: dict[str, Any],
+) -> Any:
     """The model of a directory or cached model id for task `name`, loaded offline; `options` gains the
     defaults the checkpoint implies (sentence-transformers pooling, the zero-shot scoring mode)."""
     directory = resolve_model_dir(model)
@@ -64,8 +70,15 @@ def _load(name: str, model: str | os.PathLike, auto_class: type[Any] | None, mod
     return auto_class.from_pretrained(directory, **model_kwargs)
 
 
-def pipeline(task: str, model: Any = None, tokenizer: Any = None, device: int | str | torch.device | None = None,
-             batch_size: int = 8, model_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> Pipeline:
+def pipeline(
+    task: str,
+    model: Any = None,
+    tokenizer: Any = None,
+    device: int | str | torch.device | None = None,
+    batch_size: int = 8,
+    model_kwargs: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> Pipeline:
     """The pipeline for `task`, ready to call.
 
     Args:
@@ -86,8 +99,10 @@ def pipeline(task: str, model: Any = None, tokenizer: Any = None, device: int | 
         raise ValueError(f"unknown task {task!r}; lmforge's pipelines are: {', '.join(available_tasks())}")
     pipeline_class, auto_class, defaults = TASKS[name]
     if model is None:
-        raise ValueError(f"pipeline({task!r}) needs model=...: a lmforge model object, or a local model directory "
-                         "or the id of a model in the local Hugging Face cache (lmforge never downloads)")
+        raise ValueError(
+            f"pipeline({task!r}) needs model=...: a lmforge model object, or a local model directory "
+            "or the id of a model in the local Hugging Face cache (lmforge never downloads)"
+        )
     options = dict(defaults)
     name_or_path = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
     if isinstance(model, (str, os.PathLike)):
@@ -96,14 +111,18 @@ def pipeline(task: str, model: Any = None, tokenizer: Any = None, device: int | 
             try:
                 tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(model))
             except FileNotFoundError as err:
-                raise ValueError(f"no tokenizer found with the model {str(model)!r} ({err}); pass tokenizer=... "
-                                 "(a Tokenizer or its directory)") from None
+                raise ValueError(
+                    f"no tokenizer found with the model {str(model)!r} ({err}); pass tokenizer=... "
+                    "(a Tokenizer or its directory)"
+                ) from None
         model = loaded
     elif model_kwargs:
         raise ValueError("model_kwargs only apply when model is a path or model id to load")
     if tokenizer is None:
-        raise ValueError(f"pipeline({task!r}) with a model object needs tokenizer=... (a lmforge Tokenizer or the "
-                         "directory holding tokenizer.json)")
+        raise ValueError(
+            f"pipeline({task!r}) with a model object needs tokenizer=... (a lmforge Tokenizer or the "
+            "directory holding tokenizer.json)"
+        )
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer)
     options.update(kwargs)

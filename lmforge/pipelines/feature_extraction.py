@@ -8,6 +8,7 @@ Mean pooling averages the real tokens (special tokens included, padding excluded
 scales to unit length: exactly sentence-transformers' Transformer -> Pooling(mean) -> Normalize, so
 all-MiniLM-L6-v2's vectors equal `SentenceTransformer(dir).encode(texts)`.
 """
+
 from __future__ import annotations
 
 import json
@@ -65,25 +66,39 @@ class FeatureExtractionPipeline(Pipeline):
 
     task = "feature-extraction"
 
-    def __init__(self, model: Any, tokenizer: Any = None, device: Any = None, batch_size: int = 8,
-                 **options: Any) -> None:
+    def __init__(
+        self, model: Any, tokenizer: Any = None, device: Any = None, batch_size: int = 8, **options: Any
+    ) -> None:
         super().__init__(trunk(model), tokenizer, device, batch_size, **options)
         if options.get("pooling") is not None:
             self.task = "sentence-embeddings"
 
     def _check_model(self, model: Any) -> None:
         if not hasattr(model, "config") or not isinstance(model, torch.nn.Module):
-            raise TypeError(f"the {self.task} pipeline needs a lmforge encoder (BertModel, a BERT head, GPTModel), "
-                            f"got {type(model).__name__}")
+            raise TypeError(
+                f"the {self.task} pipeline needs a lmforge encoder (BertModel, a BERT head, GPTModel), "
+                f"got {type(model).__name__}"
+            )
 
-    def _options(self, pooling: str | None = None, normalize: bool = False, return_tensors: bool = False,
-                 truncation: bool = True, max_length: int | None = None) -> dict[str, Any]:
+    def _options(
+        self,
+        pooling: str | None = None,
+        normalize: bool = False,
+        return_tensors: bool = False,
+        truncation: bool = True,
+        max_length: int | None = None,
+    ) -> dict[str, Any]:
         if pooling is not None and pooling not in POOLINGS:
             raise ValueError(f"pooling must be None (token features), 'mean' or 'cls', got {pooling!r}")
         if normalize and pooling is None:
             raise ValueError("normalize=True needs pooled vectors: pass pooling='mean' or 'cls'")
-        return {"pooling": pooling, "normalize": bool(normalize), "return_tensors": bool(return_tensors),
-                "truncation": bool(truncation), "max_length": self._limit(max_length)}
+        return {
+            "pooling": pooling,
+            "normalize": bool(normalize),
+            "return_tensors": bool(return_tensors),
+            "truncation": bool(truncation),
+            "max_length": self._limit(max_length),
+        }
 
     def preprocess(self, items: list[Any], start: int, opts: dict[str, Any]) -> list[Feature]:
         indices = list(range(start, start + len(items)))

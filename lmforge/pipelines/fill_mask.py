@@ -7,6 +7,7 @@
 `targets=[...]` scores only those words (a word missing from the vocabulary is replaced by its first
 token, with a warning). Probabilities are a softmax over the whole vocabulary, as in transformers.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -26,20 +27,35 @@ class FillMaskPipeline(Pipeline):
     task = "fill-mask"
 
     def _check_model(self, model: Any) -> None:
-        check_model_kind(self.task, model, ["a masked language model (BertForMaskedLM)"],
-                         lambda m: hasattr(m, "lm_head") and hasattr(m, "bert"),
-                         "load it with AutoModelForMaskedLM.from_pretrained(path)")
+        check_model_kind(
+            self.task,
+            model,
+            ["a masked language model (BertForMaskedLM)"],
+            lambda m: hasattr(m, "lm_head") and hasattr(m, "bert"),
+            "load it with AutoModelForMaskedLM.from_pretrained(path)",
+        )
 
-    def _options(self, top_k: int = 5, targets: str | list[str] | None = None, truncation: bool = True,
-                 max_length: int | None = None) -> dict[str, Any]:
+    def _options(
+        self,
+        top_k: int = 5,
+        targets: str | list[str] | None = None,
+        truncation: bool = True,
+        max_length: int | None = None,
+    ) -> dict[str, Any]:
         if self.tokenizer.mask_token_id is None:
-            raise ValueError("fill-mask needs a tokenizer with a mask token (tokenizer.mask_token is None); set one, "
-                             'e.g. tokenizer.mask_token = "[MASK]"')
+            raise ValueError(
+                "fill-mask needs a tokenizer with a mask token (tokenizer.mask_token is None); set one, "
+                'e.g. tokenizer.mask_token = "[MASK]"'
+            )
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
         target_ids = None if targets is None else self._target_ids(targets)
-        return {"top_k": top_k, "target_ids": target_ids, "truncation": bool(truncation),
-                "max_length": self._limit(max_length)}
+        return {
+            "top_k": top_k,
+            "target_ids": target_ids,
+            "truncation": bool(truncation),
+            "max_length": self._limit(max_length),
+        }
 
     def _target_ids(self, targets: str | list[str]) -> torch.Tensor:
         """Vocabulary ids of the target words (a word not in the vocabulary: its first token)."""
@@ -70,13 +86,16 @@ class FillMaskPipeline(Pipeline):
         texts = [self._check_text(item, i) for i, item in zip(indices, items)]
         mask_id = self.tokenizer.mask_token_id
         features = []
-        for index, text, enc in zip(indices, texts, self._encode(texts, None, indices, opts["max_length"],
-                                                                 opts["truncation"])):
+        for index, text, enc in zip(
+            indices, texts, self._encode(texts, None, indices, opts["max_length"], opts["truncation"])
+        ):
             positions = [t for t, token in enumerate(enc.ids) if token == mask_id]
             if not positions:
                 cut = " after truncation" if enc.overflowing else ""
-                raise ValueError(f"fill-mask: input {index} ({text[:40]!r}) has no mask token "
-                                 f"{self.tokenizer.mask_token!r}{cut}; put it where the word to predict goes")
+                raise ValueError(
+                    f"fill-mask: input {index} ({text[:40]!r}) has no mask token "
+                    f"{self.tokenizer.mask_token!r}{cut}; put it where the word to predict goes"
+                )
             features.append(Feature([{**self._row(enc), "mask_positions": positions}], {"ids": list(enc.ids)}))
         return features
 
@@ -109,7 +128,8 @@ class FillMaskPipeline(Pipeline):
                 filled[position] = token
                 # one mask: readable text without [CLS]/[SEP]; several: keep the other masks visible
                 sequence = self.tokenizer.decode(filled, skip_special_tokens=single)
-                row.append({"score": score, "token": token, "token_str": self.tokenizer.decode([token]),
-                            "sequence": sequence})
+                row.append(
+                    {"score": score, "token": token, "token_str": self.tokenizer.decode([token]), "sequence": sequence}
+                )
             results.append(row)
         return results[0] if single else results

@@ -20,6 +20,7 @@ Retrieval embeds the chunks with a sentence-embedding pipeline (normalised vecto
 cosine similarity with the question's vector (a dot product of unit vectors). The cutting is in chunking.py,
 the saved folder's format in knowledge_store.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,8 @@ from lmforge.pipelines.text_generation import TextGenerationPipeline
 from lmforge.textio import read_text
 
 SUFFIXES = (".txt", ".md", ".markdown", ".jsonl")
-DEFAULT_PROMPT = ("Answer the question using the context.\n\nContext:\n{context}\n\nQuestion: {question}\n"
-                  "Answer:")
+DEFAULT_PROMPT = "Answer the question using the context.\n\nContext:\n{context}\n\nQuestion: {question}\nAnswer:"
+
 
 # ---------------------------------------------------------------------------- reading files
 def _find_files(sources: str | os.PathLike | Iterable[str | os.PathLike]) -> list[tuple[Path, str]]:
@@ -54,8 +55,11 @@ def _find_files(sources: str | os.PathLike | Iterable[str | os.PathLike]) -> lis
         if path.is_dir():
             for file in sorted(path.rglob("*")):
                 relative = file.relative_to(path)
-                if file.is_file() and file.suffix.lower() in SUFFIXES \
-                        and not any(part.startswith(".") for part in relative.parts):
+                if (
+                    file.is_file()
+                    and file.suffix.lower() in SUFFIXES
+                    and not any(part.startswith(".") for part in relative.parts)
+                ):
                     found.append((file, relative.as_posix()))
         elif path.is_file():
             if path.suffix.lower() not in SUFFIXES:
@@ -66,8 +70,10 @@ def _find_files(sources: str | os.PathLike | Iterable[str | os.PathLike]) -> lis
     names = [name for _, name in found]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
-        raise ValueError(f"two files would have the same source name {repeated}; index one folder, or give the "
-                         "files by distinct paths")
+        raise ValueError(
+            f"two files would have the same source name {repeated}; index one folder, or give the "
+            "files by distinct paths"
+        )
     return found
 
 
@@ -86,11 +92,13 @@ def read_documents(sources: str | os.PathLike | Iterable[str | os.PathLike]) -> 
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path} line {number} is not JSON ({err}); each line must be an object with "
-                                 "a 'text'") from None
+                raise ValueError(
+                    f"{path} line {number} is not JSON ({err}); each line must be an object with a 'text'"
+                ) from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f"{path} line {number} has no 'text' string; each line must be an object like "
-                                 '{"text": "..."}')
+                raise ValueError(
+                    f'{path} line {number} has no \'text\' string; each line must be an object like {{"text": "..."}}'
+                )
             documents.append((f"{name}#{number}", record["text"]))
     return documents
 
@@ -115,11 +123,14 @@ def _resolve_embedder(embedder: Any) -> tuple[Any, str | None]:
     if isinstance(embedder, (str, os.PathLike)):
         return pipeline("sentence-embeddings", model=embedder), _embedder_name(embedder)
     if not isinstance(embedder, FeatureExtractionPipeline):
-        raise TypeError(f"embedder must be a sentence-embeddings pipeline or a model folder / id, got "
-                        f"{type(embedder).__name__}")
+        raise TypeError(
+            f"embedder must be a sentence-embeddings pipeline or a model folder / id, got {type(embedder).__name__}"
+        )
     if embedder.options.get("pooling") is None:
-        raise TypeError("embedder gives token vectors (feature-extraction); use a sentence-embeddings pipeline: "
-                        "pipeline('sentence-embeddings', model=...)")
+        raise TypeError(
+            "embedder gives token vectors (feature-extraction); use a sentence-embeddings pipeline: "
+            "pipeline('sentence-embeddings', model=...)"
+        )
     return embedder, _embedder_name(getattr(embedder, "name_or_path", None))
 
 
@@ -138,11 +149,12 @@ class KnowledgeBase:
     besides the format fields (embedder, chunking, roots, documents).
     """
 
-    def __init__(self, embeddings: Tensor, chunks: Sequence[Chunk], info: dict[str, Any],
-                 embedder: Any = None) -> None:
+    def __init__(self, embeddings: Tensor, chunks: Sequence[Chunk], info: dict[str, Any], embedder: Any = None) -> None:
         if embeddings.dim() != 2 or embeddings.size(0) != len(chunks):
-            raise ValueError(f"embeddings must be (N, D) with one row per chunk: got {tuple(embeddings.shape)} for "
-                             f"{len(chunks)} chunks")
+            raise ValueError(
+                f"embeddings must be (N, D) with one row per chunk: got {tuple(embeddings.shape)} for "
+                f"{len(chunks)} chunks"
+            )
         self.embeddings = embeddings.detach().to("cpu", torch.float32).contiguous()  # (N, D) unit rows
         self.chunks = list(chunks)
         self.info = info
@@ -154,8 +166,7 @@ class KnowledgeBase:
         return len(self.chunks)
 
     def __repr__(self) -> str:
-        return (f"KnowledgeBase({len(self)} chunks, {self.dims} dims, "
-                f"embedder={self.info['embedder'].get('model')!r})")
+        return f"KnowledgeBase({len(self)} chunks, {self.dims} dims, embedder={self.info['embedder'].get('model')!r})"
 
     @property
     def dims(self) -> int:
@@ -168,29 +179,40 @@ class KnowledgeBase:
         if self._embedder is None:
             name = self.info["embedder"].get("model")
             if not name:
-                raise ValueError("this knowledge base does not name its embedder (it was built from a model object); "
-                                 "pass KnowledgeBase.load(directory, embedder=...) with the same embedder")
+                raise ValueError(
+                    "this knowledge base does not name its embedder (it was built from a model object); "
+                    "pass KnowledgeBase.load(directory, embedder=...) with the same embedder"
+                )
             try:
                 self.embedder = name
             except FileNotFoundError as err:
-                raise FileNotFoundError(f"cannot load the embedder {name!r} this knowledge base was built with "
-                                        f"({err}); pass KnowledgeBase.load(directory, embedder=...)") from None
+                raise FileNotFoundError(
+                    f"cannot load the embedder {name!r} this knowledge base was built with "
+                    f"({err}); pass KnowledgeBase.load(directory, embedder=...)"
+                ) from None
         return self._embedder
 
     @embedder.setter
     def embedder(self, embedder: Any) -> None:
         pipe, _ = _resolve_embedder(embedder)
         if _embedder_dims(pipe) != self.dims:
-            raise ValueError(f"the embedder gives {_embedder_dims(pipe)}-dim vectors, but this knowledge base holds "
-                             f"{self.dims}-dim ones (built with {self.info['embedder'].get('model')!r}); use the "
-                             "embedder it was built with")
+            raise ValueError(
+                f"the embedder gives {_embedder_dims(pipe)}-dim vectors, but this knowledge base holds "
+                f"{self.dims}-dim ones (built with {self.info['embedder'].get('model')!r}); use the "
+                "embedder it was built with"
+            )
         self._embedder = pipe
-
 
     # ------------------------------------------------------------------ building
     @classmethod
-    def build(cls, folder_or_files: str | os.PathLike | Iterable[str | os.PathLike], embedder: Any,
-              chunk_chars: int = 600, overlap: int = 100, batch_size: int = 32) -> KnowledgeBase:
+    def build(
+        cls,
+        folder_or_files: str | os.PathLike | Iterable[str | os.PathLike],
+        embedder: Any,
+        chunk_chars: int = 600,
+        overlap: int = 100,
+        batch_size: int = 32,
+    ) -> KnowledgeBase:
         """Read, chunk and embed documents.
 
         Args:
@@ -214,13 +236,21 @@ class KnowledgeBase:
             spans = fit_to_tokens(text, chunk_text(text, chunk_chars, overlap), count, max_tokens, overlap)
             chunks += [Chunk(text[s:e], source, s, e) for s, e in spans]
         if not chunks:
-            raise ValueError(f"no text to index in {folder_or_files!r}: no .txt, .md or .jsonl file with text "
-                             "was found")
+            raise ValueError(
+                f"no text to index in {folder_or_files!r}: no .txt, .md or .jsonl file with text was found"
+            )
         roots = [folder_or_files] if isinstance(folder_or_files, (str, os.PathLike)) else list(folder_or_files)
-        info = {"embedder": {"model": name, "pooling": pipe.options.get("pooling"), "normalize": True,
-                             "max_length": max_tokens},
-                "chunking": {"chunk_chars": chunk_chars, "overlap": overlap},
-                "roots": [str(Path(r).resolve()) for r in roots], "documents": len(documents)}
+        info = {
+            "embedder": {
+                "model": name,
+                "pooling": pipe.options.get("pooling"),
+                "normalize": True,
+                "max_length": max_tokens,
+            },
+            "chunking": {"chunk_chars": chunk_chars, "overlap": overlap},
+            "roots": [str(Path(r).resolve()) for r in roots],
+            "documents": len(documents),
+        }
         embeddings = _embed(pipe, [c.text for c in chunks], batch_size)  # (N, D)
         return cls(embeddings, chunks, info, embedder=pipe)
 
@@ -250,9 +280,15 @@ class KnowledgeBase:
         values, indices = scores.topk(min(top_k, len(self)))
         return [{"score": float(v), **asdict(self.chunks[i])} for v, i in zip(values.tolist(), indices.tolist())]
 
-    def ask(self, question: str, top_k: int = 3, reader: Any = None, generator: Any = None,
-            prompt_template: str = DEFAULT_PROMPT, generation_options: dict[str, Any] | None = None
-            ) -> dict[str, Any]:
+    def ask(
+        self,
+        question: str,
+        top_k: int = 3,
+        reader: Any = None,
+        generator: Any = None,
+        prompt_template: str = DEFAULT_PROMPT,
+        generation_options: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """Answer `question` from the `top_k` best chunks.
 
         - `reader` (extractive): a question-answering pipeline, a QA model folder / id, or any callable
@@ -279,16 +315,24 @@ class KnowledgeBase:
         if reader is not None:
             return self._extract(question, hits, reader)
         best = hits[0]
-        return {"answer": best["text"], "score": best["score"], "source": best["source"], "start": best["start"],
-                "end": best["end"], "sources": hits}
+        return {
+            "answer": best["text"],
+            "score": best["score"],
+            "source": best["source"],
+            "start": best["start"],
+            "end": best["end"],
+            "sources": hits,
+        }
 
     @staticmethod
     def _extract(question: str, hits: list[dict[str, Any]], reader: Any) -> dict[str, Any]:
         if isinstance(reader, (str, os.PathLike)):
             reader = pipeline("question-answering", model=reader)
         if not callable(reader):
-            raise TypeError(f"reader must be a question-answering pipeline, a model folder / id or a callable, got "
-                            f"{type(reader).__name__}")
+            raise TypeError(
+                f"reader must be a question-answering pipeline, a model folder / id or a callable, got "
+                f"{type(reader).__name__}"
+            )
         best: tuple[dict[str, Any], dict[str, Any]] | None = None
         for hit in hits:
             result = reader(question=question, context=hit["text"])
@@ -299,20 +343,32 @@ class KnowledgeBase:
                 best = (result, hit)
         assert best is not None
         answer, hit = best
-        return {"answer": answer["answer"], "score": float(answer["score"]), "source": hit["source"],
-                "start": hit["start"] + int(answer["start"]), "end": hit["start"] + int(answer["end"]),
-                "sources": hits}
+        return {
+            "answer": answer["answer"],
+            "score": float(answer["score"]),
+            "source": hit["source"],
+            "start": hit["start"] + int(answer["start"]),
+            "end": hit["start"] + int(answer["end"]),
+            "sources": hits,
+        }
 
     @staticmethod
-    def _generate(question: str, hits: list[dict[str, Any]], generator: Any, prompt_template: str,
-                  generation_options: dict[str, Any] | None) -> dict[str, Any]:
+    def _generate(
+        question: str,
+        hits: list[dict[str, Any]],
+        generator: Any,
+        prompt_template: str,
+        generation_options: dict[str, Any] | None,
+    ) -> dict[str, Any]:
         if "{context}" not in prompt_template or "{question}" not in prompt_template:
             raise ValueError("prompt_template needs {context} and {question}")
         if isinstance(generator, (str, os.PathLike)):
             generator = pipeline("text-generation", model=generator)
         if not callable(generator):
-            raise TypeError(f"generator must be a text-generation pipeline, a model folder / id or a callable, got "
-                            f"{type(generator).__name__}")
+            raise TypeError(
+                f"generator must be a text-generation pipeline, a model folder / id or a callable, got "
+                f"{type(generator).__name__}"
+            )
         context = "\n\n".join(hit["text"] for hit in reversed(hits))  # best last: next to the question
         prompt = prompt_template.format(context=context, question=question)
         out = generator(prompt, **{"max_new_tokens": 64, "return_full_text": False, **(generation_options or {})})

@@ -37,21 +37,27 @@ class Chunk:
     end: int
 
 
-def write_store(directory: str | os.PathLike, embeddings: Tensor, chunks: list[Chunk], info: dict[str, Any]
-                ) -> Path:
+def write_store(directory: str | os.PathLike, embeddings: Tensor, chunks: list[Chunk], info: dict[str, Any]) -> Path:
     """Write `embeddings` (N, D) float32, `chunks` and `info` into `directory`, atomically: a reader sees the
     old knowledge base or the new one. An existing folder is replaced only if it is a knowledge base (or
     empty)."""
     directory = Path(directory)
-    if directory.exists() and (not directory.is_dir()
-                               or (any(directory.iterdir()) and not (directory / INDEX).is_file())):
-        raise ValueError(f"{directory} exists and is not a knowledge base; saving replaces the whole folder, so "
-                         "save to a new or empty folder")
+    if directory.exists() and (
+        not directory.is_dir() or (any(directory.iterdir()) and not (directory / INDEX).is_file())
+    ):
+        raise ValueError(
+            f"{directory} exists and is not a knowledge base; saving replaces the whole folder, so "
+            "save to a new or empty folder"
+        )
     count, dims = embeddings.shape
     index = {"format": FORMAT, "version": VERSION, "count": count, "dims": dims, "dtype": "float32", **info}
     with atomic_directory(directory) as tmp:
-        atomic_write_bytes(tmp / EMBEDDINGS, safetensors_bytes(
-            {"embeddings": embeddings.contiguous()}, metadata={"format": FORMAT, "count": str(count)}))
+        atomic_write_bytes(
+            tmp / EMBEDDINGS,
+            safetensors_bytes(
+                {"embeddings": embeddings.contiguous()}, metadata={"format": FORMAT, "count": str(count)}
+            ),
+        )
         atomic_write_text(tmp / CHUNKS, "".join(json.dumps(asdict(c), ensure_ascii=False) + "\n" for c in chunks))
         atomic_write_text(tmp / INDEX, json.dumps(index, indent=2, ensure_ascii=False) + "\n")
     return directory
@@ -62,12 +68,16 @@ def read_store(directory: str | os.PathLike) -> tuple[Tensor, list[Chunk], dict[
     agree; `info` is index.json without its format fields."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise FileNotFoundError(f"no knowledge base at {directory}; build one with KnowledgeBase.build(...)"
-                                ".save(directory) or `lmforge index`")
+        raise FileNotFoundError(
+            f"no knowledge base at {directory}; build one with KnowledgeBase.build(...)"
+            ".save(directory) or `lmforge index`"
+        )
     missing = [name for name in (INDEX, EMBEDDINGS, CHUNKS) if not (directory / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"{directory} is not a complete knowledge base: {', '.join(missing)} "
-                                f"{'is' if len(missing) == 1 else 'are'} missing; build it again")
+        raise FileNotFoundError(
+            f"{directory} is not a complete knowledge base: {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} missing; build it again"
+        )
     index = _read_index(directory / INDEX)
     embeddings = _read_embeddings(directory / EMBEDDINGS, index)
     chunks = _read_chunks(directory / CHUNKS, index["count"])
@@ -82,8 +92,10 @@ def _read_index(path: Path) -> dict[str, Any]:
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise ValueError(f"{path} is not a lmforge knowledge-base index (format {FORMAT!r} expected)")
     if not isinstance(index.get("version"), int) or index["version"] > VERSION:
-        raise ValueError(f"{path} has format version {index.get('version')!r}; this lmforge reads version "
-                         f"{VERSION} (upgrade lmforge, or build the knowledge base again)")
+        raise ValueError(
+            f"{path} has format version {index.get('version')!r}; this lmforge reads version "
+            f"{VERSION} (upgrade lmforge, or build the knowledge base again)"
+        )
     for key in ("count", "dims"):
         if isinstance(index.get(key), bool) or not isinstance(index.get(key), int) or index[key] < 1:
             raise ValueError(f"{path}: {key!r} must be a positive integer, got {index.get(key)!r}")
@@ -102,18 +114,21 @@ def _read_embeddings(path: Path, index: dict[str, Any]) -> Tensor:
         raise ValueError(f"{path} has no 'embeddings' tensor (found {sorted(tensors)})")
     embeddings = tensors["embeddings"]
     if embeddings.dtype != torch.float32 or embeddings.dim() != 2:
-        raise ValueError(f"{path}: embeddings must be float32 (N, D), got {embeddings.dtype} "
-                         f"{tuple(embeddings.shape)}")
+        raise ValueError(f"{path}: embeddings must be float32 (N, D), got {embeddings.dtype} {tuple(embeddings.shape)}")
     if tuple(embeddings.shape) != (index["count"], index["dims"]):
-        raise ValueError(f"{path} holds {tuple(embeddings.shape)} embeddings but index.json says "
-                         f"{index['count']} chunks of {index['dims']} dims; the files do not belong together: "
-                         "build the knowledge base again")
+        raise ValueError(
+            f"{path} holds {tuple(embeddings.shape)} embeddings but index.json says "
+            f"{index['count']} chunks of {index['dims']} dims; the files do not belong together: "
+            "build the knowledge base again"
+        )
     if not bool(torch.isfinite(embeddings).all()):
         raise ValueError(f"{path} holds NaN or infinite values; build the knowledge base again")
     norms = embeddings.norm(dim=1)
     if not bool(((norms - 1).abs() < 1e-3).all()):
-        raise ValueError(f"{path}: embeddings are not unit vectors (norms {float(norms.min()):.4g}.."
-                         f"{float(norms.max()):.4g}); build the knowledge base again")
+        raise ValueError(
+            f"{path}: embeddings are not unit vectors (norms {float(norms.min()):.4g}.."
+            f"{float(norms.max()):.4g}); build the knowledge base again"
+        )
     return embeddings
 
 
@@ -130,14 +145,25 @@ def _read_chunks(path: Path, count: int) -> list[Chunk]:
             record = json.loads(line)
             chunk = Chunk(record["text"], record["source"], record["start"], record["end"])
         except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"{path} line {number} is not a chunk ({type(err).__name__}: {err}); each line needs "
-                             "text, source, start, end: build the knowledge base again") from None
-        if not (isinstance(chunk.text, str) and isinstance(chunk.source, str) and isinstance(chunk.start, int)
-                and isinstance(chunk.end, int) and chunk.end - chunk.start == len(chunk.text)):
-            raise ValueError(f"{path} line {number}: text, source, start, end do not agree (end - start must be "
-                             "the length of text); build the knowledge base again")
+            raise ValueError(
+                f"{path} line {number} is not a chunk ({type(err).__name__}: {err}); each line needs "
+                "text, source, start, end: build the knowledge base again"
+            ) from None
+        if not (
+            isinstance(chunk.text, str)
+            and isinstance(chunk.source, str)
+            and isinstance(chunk.start, int)
+            and isinstance(chunk.end, int)
+            and chunk.end - chunk.start == len(chunk.text)
+        ):
+            raise ValueError(
+                f"{path} line {number}: text, source, start, end do not agree (end - start must be "
+                "the length of text); build the knowledge base again"
+            )
         chunks.append(chunk)
     if len(chunks) != count:
-        raise ValueError(f"{path} has {len(chunks)} chunks but index.json says {count}; the files do not belong "
-                         "together: build the knowledge base again")
+        raise ValueError(
+            f"{path} has {len(chunks)} chunks but index.json says {count}; the files do not belong "
+            "together: build the knowledge base again"
+        )
     return chunks

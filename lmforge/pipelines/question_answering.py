@@ -9,6 +9,7 @@ A context too long for the model is cut into overlapping chunks (`doc_stride` to
 that `lmforge finetune qa` evaluates with): P(start) * P(end) in each chunk, at most `max_answer_len` tokens,
 the best of all chunks; with `handle_impossible_answer` the no-answer ([CLS]) competes and wins as "" at 0..0.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -34,27 +35,39 @@ class QuestionAnsweringPipeline(Pipeline):
     single_types = (dict,)
 
     def _check_model(self, model: Any) -> None:
-        check_model_kind(self.task, model, ["BertForQuestionAnswering"],
-                         lambda m: isinstance(m, BertForQuestionAnswering),
-                         "load it with AutoModelForQuestionAnswering.from_pretrained(path)")
+        check_model_kind(
+            self.task,
+            model,
+            ["BertForQuestionAnswering"],
+            lambda m: isinstance(m, BertForQuestionAnswering),
+            "load it with AutoModelForQuestionAnswering.from_pretrained(path)",
+        )
 
     def _input_kinds(self) -> str:
         return 'a {"question": ..., "context": ...} dict (or question=..., context=...)'
 
-    def __call__(self, inputs: Any = None, *, question: str | list[str] | None = None,
-                 context: str | list[str] | None = None, **kwargs: Any) -> Any:
+    def __call__(
+        self,
+        inputs: Any = None,
+        *,
+        question: str | list[str] | None = None,
+        context: str | list[str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
         """Answer one {"question", "context"} dict, a list or iterator of them, or `question=`/`context=`
         (two str, two lists of the same length, or one question for a list of contexts)."""
         if question is not None or context is not None:
             if inputs is not None:
-                raise TypeError("question-answering: pass the inputs either as dicts or as question=/context=, "
-                                "not both")
+                raise TypeError(
+                    "question-answering: pass the inputs either as dicts or as question=/context=, not both"
+                )
             if question is None or context is None:
                 raise ValueError("question-answering needs both question=... and context=...")
             inputs = self._pair_up(question, context)
         elif inputs is None:
-            raise TypeError("question-answering needs inputs: {'question': ..., 'context': ...} or question=..., "
-                            "context=...")
+            raise TypeError(
+                "question-answering needs inputs: {'question': ..., 'context': ...} or question=..., context=..."
+            )
         return super().__call__(inputs, **kwargs)
 
     @staticmethod
@@ -64,26 +77,41 @@ class QuestionAnsweringPipeline(Pipeline):
         if isinstance(context, (list, tuple)):
             questions = [question] * len(context) if isinstance(question, str) else question
             if not isinstance(questions, (list, tuple)) or len(questions) != len(context):
-                raise ValueError("question-answering: question= and context= must be two str, two lists of the same "
-                                 "length, or one question str for a list of contexts")
+                raise ValueError(
+                    "question-answering: question= and context= must be two str, two lists of the same "
+                    "length, or one question str for a list of contexts"
+                )
             return [{"question": q, "context": c} for q, c in zip(questions, context)]
-        raise ValueError("question-answering: question= and context= must be two str, two lists of the same length, "
-                         "or one question str for a list of contexts")
+        raise ValueError(
+            "question-answering: question= and context= must be two str, two lists of the same length, "
+            "or one question str for a list of contexts"
+        )
 
-    def _options(self, top_k: int = 1, max_answer_len: int = MAX_ANSWER_LEN, max_seq_len: int | None = None,
-                 doc_stride: int | None = None, handle_impossible_answer: bool = False,
-                 align_to_words: bool = True) -> dict[str, Any]:
+    def _options(
+        self,
+        top_k: int = 1,
+        max_answer_len: int = MAX_ANSWER_LEN,
+        max_seq_len: int | None = None,
+        doc_stride: int | None = None,
+        handle_impossible_answer: bool = False,
+        align_to_words: bool = True,
+    ) -> dict[str, Any]:
         for name, value in (("top_k", top_k), ("max_answer_len", max_answer_len)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if doc_stride is not None and (isinstance(doc_stride, bool) or not isinstance(doc_stride, int)
-                                       or doc_stride < 0):
+        if doc_stride is not None and (
+            isinstance(doc_stride, bool) or not isinstance(doc_stride, int) or doc_stride < 0
+        ):
             raise ValueError(f"doc_stride must be an integer >= 0, got {doc_stride!r}")
         limit = self.model_max_length()
-        return {"top_k": top_k, "max_answer_len": max_answer_len,
-                "max_seq_len": self._limit(max_seq_len) if max_seq_len is not None else min(384, limit),
-                "doc_stride": doc_stride, "handle_impossible_answer": bool(handle_impossible_answer),
-                "align_to_words": bool(align_to_words)}
+        return {
+            "top_k": top_k,
+            "max_answer_len": max_answer_len,
+            "max_seq_len": self._limit(max_seq_len) if max_seq_len is not None else min(384, limit),
+            "doc_stride": doc_stride,
+            "handle_impossible_answer": bool(handle_impossible_answer),
+            "align_to_words": bool(align_to_words),
+        }
 
     def preprocess(self, items: list[Any], start: int, opts: dict[str, Any]) -> list[Feature]:
         n_special = self.tokenizer.backend.num_special_tokens_to_add(True)
@@ -91,25 +119,41 @@ class QuestionAnsweringPipeline(Pipeline):
         for k, item in enumerate(items):
             index = start + k
             if not isinstance(item, dict):
-                raise TypeError(f"{self.task}: input {index} is a {type(item).__name__}; pass "
-                                '{"question": ..., "context": ...}')
+                raise TypeError(
+                    f'{self.task}: input {index} is a {type(item).__name__}; pass {{"question": ..., "context": ...}}'
+                )
             if "question" not in item or "context" not in item:
-                raise ValueError(f"{self.task}: input {index} has keys {sorted(item)}; it needs 'question' and "
-                                 "'context'")
+                raise ValueError(
+                    f"{self.task}: input {index} has keys {sorted(item)}; it needs 'question' and 'context'"
+                )
             question = self._check_text(item["question"], index, what="question of input")
             context = self._check_text(item["context"], index, what="context of input")
             room = opts["max_seq_len"] - n_special - len(self.tokenizer.encode(question.lstrip()))
             if room < 1:
-                raise ValueError(f"{self.task}: the question of input {index} leaves no room for the context in "
-                                 f"{opts['max_seq_len']} tokens; shorten the question or raise max_seq_len")
+                raise ValueError(
+                    f"{self.task}: the question of input {index} leaves no room for the context in "
+                    f"{opts['max_seq_len']} tokens; shorten the question or raise max_seq_len"
+                )
             stride = opts["doc_stride"] if opts["doc_stride"] is not None else min(128, room // 2)
             if stride >= room:
-                raise ValueError(f"{self.task}: doc_stride={stride} must be smaller than the {room} context tokens "
-                                 f"a chunk of input {index} holds; lower doc_stride or raise max_seq_len")
-            chunks = prepare_qa_features([{"question": question, "context": context, "id": index}], self.tokenizer,
-                                         max_length=opts["max_seq_len"], doc_stride=stride)
-            rows = [{key: chunk[key] for key in ("input_ids", "token_type_ids")
-                     if key == "input_ids" or key in self._forward_params} for chunk in chunks]
+                raise ValueError(
+                    f"{self.task}: doc_stride={stride} must be smaller than the {room} context tokens "
+                    f"a chunk of input {index} holds; lower doc_stride or raise max_seq_len"
+                )
+            chunks = prepare_qa_features(
+                [{"question": question, "context": context, "id": index}],
+                self.tokenizer,
+                max_length=opts["max_seq_len"],
+                doc_stride=stride,
+            )
+            rows = [
+                {
+                    key: chunk[key]
+                    for key in ("input_ids", "token_type_ids")
+                    if key == "input_ids" or key in self._forward_params
+                }
+                for chunk in chunks
+            ]
             features.append(Feature(rows, {"context": context, "offsets": [c["offset_mapping"] for c in chunks]}))
         return features
 
@@ -121,10 +165,16 @@ class QuestionAnsweringPipeline(Pipeline):
 
     def postprocess(self, feature: Feature, outputs: list[Any], opts: dict[str, Any]) -> Any:
         cls_id = self.tokenizer.cls_token_id
-        chunks = [QAChunk(offsets, start_logits, end_logits,
-                          null_index=row["input_ids"].index(cls_id) if cls_id in row["input_ids"] else None,
-                          word_ids=self._word_ids(row["input_ids"], offsets) if opts["align_to_words"] else None)
-                  for row, offsets, (start_logits, end_logits) in zip(feature.rows, feature.meta["offsets"], outputs)]
+        chunks = [
+            QAChunk(
+                offsets,
+                start_logits,
+                end_logits,
+                null_index=row["input_ids"].index(cls_id) if cls_id in row["input_ids"] else None,
+                word_ids=self._word_ids(row["input_ids"], offsets) if opts["align_to_words"] else None,
+            )
+            for row, offsets, (start_logits, end_logits) in zip(feature.rows, feature.meta["offsets"], outputs)
+        ]
         spans = decode_answers(chunks, opts["top_k"], opts["max_answer_len"], opts["handle_impossible_answer"])
         context = feature.meta["context"]
         answers = [{"score": score, "start": s, "end": e, "answer": context[s:e]} for score, s, e in spans]

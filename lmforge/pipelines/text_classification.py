@@ -9,6 +9,7 @@
 Scores are softmax, sigmoid or the raw logits, chosen by `config.problem_type` as transformers does
 (override with `function_to_apply`).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -37,24 +38,40 @@ class TextClassificationPipeline(Pipeline):
     single_types = (str, dict)
 
     def _check_model(self, model: Any) -> None:
-        check_model_kind(self.task, model, ["BertForSequenceClassification", "GPTForSequenceClassification"],
-                         lambda m: isinstance(m, (BertForSequenceClassification, GPTForSequenceClassification)),
-                         "load it with AutoModelForSequenceClassification.from_pretrained(path)")
+        check_model_kind(
+            self.task,
+            model,
+            ["BertForSequenceClassification", "GPTForSequenceClassification"],
+            lambda m: isinstance(m, (BertForSequenceClassification, GPTForSequenceClassification)),
+            "load it with AutoModelForSequenceClassification.from_pretrained(path)",
+        )
 
     def _input_kinds(self) -> str:
         return 'a str or a {"text": ..., "text_pair": ...} dict'
 
-    def _options(self, top_k: int | None | str = _LEGACY, function_to_apply: str | None = None,
-                 truncation: bool = True, max_length: int | None = None) -> dict[str, Any]:
-        if top_k is not None and top_k != _LEGACY and (isinstance(top_k, bool) or not isinstance(top_k, int)
-                                                       or top_k < 1):
+    def _options(
+        self,
+        top_k: int | None | str = _LEGACY,
+        function_to_apply: str | None = None,
+        truncation: bool = True,
+        max_length: int | None = None,
+    ) -> dict[str, Any]:
+        if (
+            top_k is not None
+            and top_k != _LEGACY
+            and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1)
+        ):
             raise ValueError(f"top_k must be a positive integer or None (every label), got {top_k!r}")
         if function_to_apply is not None:
             if not isinstance(function_to_apply, str) or function_to_apply.lower() not in FUNCTIONS:
                 raise ValueError(f"function_to_apply must be one of {FUNCTIONS}, got {function_to_apply!r}")
             function_to_apply = function_to_apply.lower()
-        return {"top_k": top_k, "function_to_apply": function_to_apply or self._default_function(),
-                "truncation": bool(truncation), "max_length": self._limit(max_length)}
+        return {
+            "top_k": top_k,
+            "function_to_apply": function_to_apply or self._default_function(),
+            "truncation": bool(truncation),
+            "max_length": self._limit(max_length),
+        }
 
     def _default_function(self) -> str:
         """transformers' rule: regression -> none; multi-label or one output -> sigmoid; else softmax."""
@@ -73,8 +90,10 @@ class TextClassificationPipeline(Pipeline):
             if isinstance(item, dict):
                 unknown = sorted(set(item) - {"text", "text_pair"})
                 if "text" not in item or unknown:
-                    raise ValueError(f"{self.task}: input {index} is a dict with keys {sorted(item)}; a text pair is "
-                                     '{"text": first, "text_pair": second}')
+                    raise ValueError(
+                        f"{self.task}: input {index} is a dict with keys {sorted(item)}; a text pair is "
+                        '{"text": first, "text_pair": second}'
+                    )
                 texts.append(self._check_text(item["text"], index))
                 pair = item.get("text_pair")
                 pairs.append(None if pair is None else self._check_text(pair, index, what="text_pair of input"))
@@ -86,8 +105,13 @@ class TextClassificationPipeline(Pipeline):
         doubles = [k for k, p in enumerate(pairs) if p is not None]
         for group, with_pairs in ((singles, False), (doubles, True)):
             if group:
-                encoded = self._encode([texts[k] for k in group], [pairs[k] for k in group] if with_pairs else None,
-                                       [start + k for k in group], opts["max_length"], opts["truncation"])
+                encoded = self._encode(
+                    [texts[k] for k in group],
+                    [pairs[k] for k in group] if with_pairs else None,
+                    [start + k for k in group],
+                    opts["max_length"],
+                    opts["truncation"],
+                )
                 for k, enc in zip(group, encoded):
                     encodings[k] = enc
         return [Feature([self._row(enc)]) for enc in encodings]
@@ -107,8 +131,9 @@ class TextClassificationPipeline(Pipeline):
     def postprocess(self, feature: Feature, outputs: list[Any], opts: dict[str, Any]) -> Any:
         logits = outputs[0]  # (num_labels,)
         function = opts["function_to_apply"]
-        scores = (logits.softmax(-1) if function == "softmax" else logits.sigmoid() if function == "sigmoid"
-                  else logits).tolist()
+        scores = (
+            logits.softmax(-1) if function == "softmax" else logits.sigmoid() if function == "sigmoid" else logits
+        ).tolist()
         id2label = self.model.config.id2label
         top_k = opts["top_k"]
         if top_k == _LEGACY:

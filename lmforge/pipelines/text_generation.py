@@ -20,6 +20,7 @@ Two hooks shape what comes out:
   redact, rewrite, or replace a text by a refusal. `stream()` with filters yields the filtered text once,
   at the end, since a filter needs the whole text.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -57,7 +58,7 @@ class BadWordsLogitsProcessor:
         for prefix, last in self.phrases:
             n = prefix.numel()
             if n <= T:
-                hit = (input_ids[:, T - n:] == prefix.to(input_ids.device)).all(-1)  # (B,)
+                hit = (input_ids[:, T - n :] == prefix.to(input_ids.device)).all(-1)  # (B,)
                 logits[hit, last] = float("-inf")
         return logits
 
@@ -79,40 +80,72 @@ class TextGenerationPipeline(Pipeline):
     task = "text-generation"
 
     def _check_model(self, model: Any) -> None:
-        check_model_kind(self.task, model, ["a causal language model (GPTForCausalLM)"],
-                         lambda m: hasattr(m, "allocate_cache") and context_length(getattr(m, "config", None)),
-                         "load it with AutoModelForCausalLM.from_pretrained(path)")
+        check_model_kind(
+            self.task,
+            model,
+            ["a causal language model (GPTForCausalLM)"],
+            lambda m: hasattr(m, "allocate_cache") and context_length(getattr(m, "config", None)),
+            "load it with AutoModelForCausalLM.from_pretrained(path)",
+        )
 
-    def _options(self, max_new_tokens: int | None = None, do_sample: bool | None = None,
-                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                 repetition_penalty: float | None = None, seed: int | None = None,
-                 generator: torch.Generator | None = None, stop: str | list[str] | None = None,
-                 stop_sequence: str | list[str] | None = None, eos_token_id: int | list[int] | None = None,
-                 generation_config: Any = None, return_full_text: bool = True, num_return_sequences: int = 1,
-                 bad_words: Sequence[str | Sequence[int]] | None = None,
-                 output_filters: Sequence[TextFilter] | None = None, truncation: bool = True,
-                 skip_special_tokens: bool = True, return_tensors: bool = False) -> dict[str, Any]:
+    def _options(
+        self,
+        max_new_tokens: int | None = None,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        stop: str | list[str] | None = None,
+        stop_sequence: str | list[str] | None = None,
+        eos_token_id: int | list[int] | None = None,
+        generation_config: Any = None,
+        return_full_text: bool = True,
+        num_return_sequences: int = 1,
+        bad_words: Sequence[str | Sequence[int]] | None = None,
+        output_filters: Sequence[TextFilter] | None = None,
+        truncation: bool = True,
+        skip_special_tokens: bool = True,
+        return_tensors: bool = False,
+    ) -> dict[str, Any]:
         cfg = dataclasses.replace(generation_config) if generation_config is not None else GenerationConfig()
-        given = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
-                 "top_k": top_k, "top_p": top_p, "repetition_penalty": repetition_penalty, "seed": seed,
-                 "eos_token_id": eos_token_id}
+        given = {
+            "max_new_tokens": max_new_tokens,
+            "do_sample": do_sample,
+            "temperature": temperature,
+            "top_k": top_k,
+            "top_p": top_p,
+            "repetition_penalty": repetition_penalty,
+            "seed": seed,
+            "eos_token_id": eos_token_id,
+        }
         for key, value in given.items():
             if value is not None:
                 setattr(cfg, key, value)
-        stops = [s for group in (stop, stop_sequence, cfg.stop) for s in ([group] if isinstance(group, str)
-                                                                           else (group or []))]
+        stops = [
+            s
+            for group in (stop, stop_sequence, cfg.stop)
+            for s in ([group] if isinstance(group, str) else (group or []))
+        ]
         cfg.stop = list(dict.fromkeys(stops))
         if cfg.eos_token_id is None:  # the model's own end token, as generate() uses it
             cfg.eos_token_id = getattr(self.model.config, "eos_token_id", None)
         if cfg.pad_token_id is None:
             cfg.pad_token_id = self._pad_id()
         cfg.validate()
-        if isinstance(num_return_sequences, bool) or not isinstance(num_return_sequences, int) \
-                or num_return_sequences < 1:
+        if (
+            isinstance(num_return_sequences, bool)
+            or not isinstance(num_return_sequences, int)
+            or num_return_sequences < 1
+        ):
             raise ValueError(f"num_return_sequences must be a positive integer, got {num_return_sequences!r}")
         if num_return_sequences > 1 and cfg.greedy:
-            raise ValueError(f"num_return_sequences={num_return_sequences} with greedy decoding would give "
-                             f"{num_return_sequences} identical texts; pass do_sample=True (with a temperature > 0)")
+            raise ValueError(
+                f"num_return_sequences={num_return_sequences} with greedy decoding would give "
+                f"{num_return_sequences} identical texts; pass do_sample=True (with a temperature > 0)"
+            )
         filters = list(output_filters or [])
         for f in filters:
             if not callable(f):
@@ -121,10 +154,17 @@ class TextGenerationPipeline(Pipeline):
             generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         cfg.seed = None  # one generator for the whole call, so batches draw different numbers
         processors = [BadWordsLogitsProcessor(self._bad_word_ids(bad_words))] if bad_words else []
-        return {"config": cfg, "generator": generator, "return_full_text": bool(return_full_text),
-                "num_return_sequences": num_return_sequences, "processors": processors, "output_filters": filters,
-                "truncation": bool(truncation), "skip_special_tokens": bool(skip_special_tokens),
-                "return_tensors": bool(return_tensors)}
+        return {
+            "config": cfg,
+            "generator": generator,
+            "return_full_text": bool(return_full_text),
+            "num_return_sequences": num_return_sequences,
+            "processors": processors,
+            "output_filters": filters,
+            "truncation": bool(truncation),
+            "skip_special_tokens": bool(skip_special_tokens),
+            "return_tensors": bool(return_tensors),
+        }
 
     def _bad_word_ids(self, bad_words: Any) -> list[list[int]]:
         """Token sequences to block: an id list as given; a string as encoded, alone and after a space
@@ -158,39 +198,56 @@ class TextGenerationPipeline(Pipeline):
                 raise ValueError(f"{self.task}: prompt {index} ({prompt!r}) gives no tokens; give it some text")
             if len(ids) >= ctx and wanted > 0:  # no room for a single new token
                 if not opts["truncation"]:
-                    raise ValueError(f"{self.task}: prompt {index} has {len(ids)} tokens and the model's context is "
-                                     f"{ctx}, leaving no room to generate; shorten it, or pass truncation=True to "
-                                     "keep its last tokens")
+                    raise ValueError(
+                        f"{self.task}: prompt {index} has {len(ids)} tokens and the model's context is "
+                        f"{ctx}, leaving no room to generate; shorten it, or pass truncation=True to "
+                        "keep its last tokens"
+                    )
                 room = min(wanted, ctx // 2)  # at most half the context goes to new tokens
-                ids = ids[len(ids) - (ctx - room):]
+                ids = ids[len(ids) - (ctx - room) :]
                 truncated.append(index)
             if len(ids) + new > ctx:
                 new = ctx - len(ids)
                 clamped.append(index)
             features.append(Feature([{"input_ids": ids, "max_new_tokens": new}], {"prompt": prompt}))
         if truncated:
-            warn(f"{self.task}: prompt {index_list(truncated)} is too long for the model's context of {ctx} "
-                 f"tokens and was truncated from the left to its last {ctx - min(wanted, ctx // 2)} tokens; "
-                 "pass truncation=False to get an error instead")
+            warn(
+                f"{self.task}: prompt {index_list(truncated)} is too long for the model's context of {ctx} "
+                f"tokens and was truncated from the left to its last {ctx - min(wanted, ctx // 2)} tokens; "
+                "pass truncation=False to get an error instead"
+            )
         if clamped:
-            warn(f"{self.task}: max_new_tokens={wanted} would run past the model's context of {ctx} tokens "
-                 f"for prompt {index_list(clamped)}; generating only as many tokens as fit")
+            warn(
+                f"{self.task}: max_new_tokens={wanted} would run past the model's context of {ctx} tokens "
+                f"for prompt {index_list(clamped)}; generating only as many tokens as fit"
+            )
         return features
 
     def _batches(self, rows: list[dict[str, Any]], batch_size: int, opts: dict[str, Any]) -> list[list[int]]:
         """Length-sorted batches, split so that the longest prompt + the most new tokens fit the context
         (rows are left-padded to the longest prompt)."""
-        return fit_to_context(super()._batches(rows, batch_size, opts), [len(r["input_ids"]) for r in rows],
-                              [r["max_new_tokens"] for r in rows], context_length(self.model.config))
+        return fit_to_context(
+            super()._batches(rows, batch_size, opts),
+            [len(r["input_ids"]) for r in rows],
+            [r["max_new_tokens"] for r in rows],
+            context_length(self.model.config),
+        )
 
     # ------------------------------------------------------------------ generation
-    def _token_stream(self, input_ids: Tensor, attention_mask: Tensor | None, max_new_tokens: int,
-                      opts: dict[str, Any]) -> Iterator[Tensor]:
+    def _token_stream(
+        self, input_ids: Tensor, attention_mask: Tensor | None, max_new_tokens: int, opts: dict[str, Any]
+    ) -> Iterator[Tensor]:
         """`lmforge.generation.iter_generate` with this call's options: the next token of every row, (B,)."""
         cfg = dataclasses.replace(opts["config"], max_new_tokens=max_new_tokens)
-        return iter_generate(self.model, input_ids, attention_mask=attention_mask, generation_config=cfg,
-                             tokenizer=self.tokenizer, generator=opts["generator"],
-                             logits_processors=opts["processors"])
+        return iter_generate(
+            self.model,
+            input_ids,
+            attention_mask=attention_mask,
+            generation_config=cfg,
+            tokenizer=self.tokenizer,
+            generator=opts["generator"],
+            logits_processors=opts["processors"],
+        )
 
     def _forward(self, rows: list[dict[str, Any]], opts: dict[str, Any]) -> list[list[list[int]]]:
         n = opts["num_return_sequences"]
@@ -198,15 +255,18 @@ class TextGenerationPipeline(Pipeline):
         batch = self._collate(repeated, pad_id=opts["config"].pad_token_id, side="left")  # (B * n, T)
         mask = batch["attention_mask"]
         most_new = max(row["max_new_tokens"] for row in rows)
-        steps = list(self._token_stream(batch["input_ids"], None if bool(mask.all()) else mask, most_new, opts)) \
-            if most_new > 0 else []
+        steps = (
+            list(self._token_stream(batch["input_ids"], None if bool(mask.all()) else mask, most_new, opts))
+            if most_new > 0
+            else []
+        )
         new = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in repeated]  # (B * n, steps)
         eos = opts["config"].eos_token_id
         eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
         out = []
         for r, row in enumerate(rows):
             sequences = []
-            for tokens in new[r * n:(r + 1) * n]:
+            for tokens in new[r * n : (r + 1) * n]:
                 tokens = tokens[: row["max_new_tokens"]]
                 cut = next((t for t, token in enumerate(tokens) if token in eos_ids), len(tokens))
                 sequences.append(tokens[:cut])
@@ -266,7 +326,6 @@ class TextGenerationPipeline(Pipeline):
             return iter(())
         input_ids = torch.tensor([row["input_ids"]], device=self.device)  # (1, T)
         tokens = self._token_stream(input_ids, None, row["max_new_tokens"], opts)
-        return text_pieces(tokens, self.tokenizer, opts["config"].eos_token_id, opts["config"].stop,
-                           opts["skip_special_tokens"])
-
-
+        return text_pieces(
+            tokens, self.tokenizer, opts["config"].eos_token_id, opts["config"].stop, opts["skip_special_tokens"]
+        )

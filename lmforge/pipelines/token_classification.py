@@ -11,6 +11,7 @@ input's own characters (with "first"/"max"/"average" it always covers whole word
 tokenizer's pre-tokenized words (whitespace and punctuation split; every CJK character is its own
 word). Entities labelled with `ignore_labels` (default ["O"]) are dropped.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -41,20 +42,33 @@ class TokenClassificationPipeline(Pipeline):
     task = "token-classification"
 
     def _check_model(self, model: Any) -> None:
-        check_model_kind(self.task, model, ["BertForTokenClassification"],
-                         lambda m: isinstance(m, BertForTokenClassification),
-                         "load it with AutoModelForTokenClassification.from_pretrained(path)")
+        check_model_kind(
+            self.task,
+            model,
+            ["BertForTokenClassification"],
+            lambda m: isinstance(m, BertForTokenClassification),
+            "load it with AutoModelForTokenClassification.from_pretrained(path)",
+        )
 
-    def _options(self, aggregation_strategy: str = "none", ignore_labels: list[str] | None = None,
-                 truncation: bool = True, max_length: int | None = None) -> dict[str, Any]:
+    def _options(
+        self,
+        aggregation_strategy: str = "none",
+        ignore_labels: list[str] | None = None,
+        truncation: bool = True,
+        max_length: int | None = None,
+    ) -> dict[str, Any]:
         strategy = str(aggregation_strategy).lower()
         if strategy not in STRATEGIES:
             raise ValueError(f"aggregation_strategy must be one of {STRATEGIES}, got {aggregation_strategy!r}")
         ignore = ["O"] if ignore_labels is None else ignore_labels
         if isinstance(ignore, str) or not all(isinstance(x, str) for x in ignore):
             raise TypeError(f"ignore_labels must be a list of label names, got {ignore_labels!r}")
-        return {"aggregation_strategy": strategy, "ignore_labels": set(ignore), "truncation": bool(truncation),
-                "max_length": self._limit(max_length)}
+        return {
+            "aggregation_strategy": strategy,
+            "ignore_labels": set(ignore),
+            "truncation": bool(truncation),
+            "max_length": self._limit(max_length),
+        }
 
     def preprocess(self, items: list[Any], start: int, opts: dict[str, Any]) -> list[Feature]:
         indices = list(range(start, start + len(items)))
@@ -77,13 +91,31 @@ class TokenClassificationPipeline(Pipeline):
         tokens = []  # the real (non-special) tokens: index, word id, offsets, label scores
         for t, (special, word, (s, e)) in enumerate(zip(enc.special_tokens_mask, enc.word_ids, enc.offsets)):
             if not special:
-                tokens.append({"index": t, "word_id": word, "start": s, "end": e, "probs": probs[t],
-                               "label": id2label[int(best_ids[t])], "score": float(best_scores[t]),
-                               # the token ("##ing"); an unknown token shows the text it stands for
-                               "word": text[s:e] if enc.ids[t] == unk else enc.tokens[t]})
+                tokens.append(
+                    {
+                        "index": t,
+                        "word_id": word,
+                        "start": s,
+                        "end": e,
+                        "probs": probs[t],
+                        "label": id2label[int(best_ids[t])],
+                        "score": float(best_scores[t]),
+                        # the token ("##ing"); an unknown token shows the text it stands for
+                        "word": text[s:e] if enc.ids[t] == unk else enc.tokens[t],
+                    }
+                )
         if strategy == "none":
-            entities = [{"entity": tok["label"], "score": tok["score"], "index": tok["index"], "word": tok["word"],
-                         "start": tok["start"], "end": tok["end"]} for tok in tokens]
+            entities = [
+                {
+                    "entity": tok["label"],
+                    "score": tok["score"],
+                    "index": tok["index"],
+                    "word": tok["word"],
+                    "start": tok["start"],
+                    "end": tok["end"],
+                }
+                for tok in tokens
+            ]
         else:
             units = tokens if strategy == "simple" else self._words(tokens, strategy, id2label)
             entities = self._group(units, text)
@@ -108,8 +140,14 @@ class TokenClassificationPipeline(Pipeline):
             else:  # average
                 probs = torch.stack([m["probs"] for m in members]).mean(0)
             score, label = probs.max(-1)
-            units.append({"label": id2label[int(label)], "score": float(score), "start": members[0]["start"],
-                          "end": members[-1]["end"]})
+            units.append(
+                {
+                    "label": id2label[int(label)],
+                    "score": float(score),
+                    "start": members[0]["start"],
+                    "end": members[-1]["end"],
+                }
+            )
         return units
 
     @staticmethod
@@ -125,7 +163,13 @@ class TokenClassificationPipeline(Pipeline):
         entities = []
         for members in groups:
             start, end = members[0]["start"], members[-1]["end"]
-            entities.append({"entity_group": split_tag(members[0]["label"])[1],
-                             "score": sum(m["score"] for m in members) / len(members),
-                             "word": text[start:end], "start": start, "end": end})
+            entities.append(
+                {
+                    "entity_group": split_tag(members[0]["label"])[1],
+                    "score": sum(m["score"] for m in members) / len(members),
+                    "word": text[start:end],
+                    "start": start,
+                    "end": end,
+                }
+            )
         return entities

@@ -3,6 +3,7 @@
 The names are Hugging Face's, so familiar scripts read the same; the defaults are Hugging Face's
 fine-tuning defaults (AdamW 5e-5, linear decay, 3 epochs). Pretraining recipes set their own.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -76,27 +77,53 @@ class TrainingArguments:
         self._check_combinations()
 
     def _check_types(self) -> None:
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                     "logging_steps"):
+        for name in (
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+            "logging_steps",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"TrainingArguments.{name} must be a positive integer, got {value!r}")
         if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int):
-            raise ValueError(f"TrainingArguments.max_steps must be an integer (-1 = use num_train_epochs), "
-                             f"got {self.max_steps!r}")
+            raise ValueError(
+                f"TrainingArguments.max_steps must be an integer (-1 = use num_train_epochs), got {self.max_steps!r}"
+            )
         for name in ("eval_steps", "save_steps", "save_total_limit", "eval_max_batches", "early_stopping_patience"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise ValueError(f"TrainingArguments.{name} must be a positive integer or None, got {value!r}")
-        for name in ("num_train_epochs", "learning_rate", "min_lr_ratio", "weight_decay", "adam_beta1", "adam_beta2",
-                     "adam_epsilon", "warmup_ratio", "max_grad_norm", "peak_flops", "early_stopping_threshold"):
+        for name in (
+            "num_train_epochs",
+            "learning_rate",
+            "min_lr_ratio",
+            "weight_decay",
+            "adam_beta1",
+            "adam_beta2",
+            "adam_epsilon",
+            "warmup_ratio",
+            "max_grad_norm",
+            "peak_flops",
+            "early_stopping_threshold",
+        ):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or math.isnan(value)):
-                raise ValueError(f"TrainingArguments.{name} must be a number, got {value!r}"
-                                 + (" (in YAML write 1.0e-3, not 1e-3)" if isinstance(value, str) else ""))
-        for name in ("bf16", "fp16", "gradient_checkpointing", "fsdp", "load_best_model_at_end", "disable_tqdm",
-                     "group_by_length"):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value)
+            ):
+                raise ValueError(
+                    f"TrainingArguments.{name} must be a number, got {value!r}"
+                    + (" (in YAML write 1.0e-3, not 1e-3)" if isinstance(value, str) else "")
+                )
+        for name in (
+            "bf16",
+            "fp16",
+            "gradient_checkpointing",
+            "fsdp",
+            "load_best_model_at_end",
+            "disable_tqdm",
+            "group_by_length",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TrainingArguments.{name} must be true or false, got {getattr(self, name)!r}")
 
@@ -121,10 +148,15 @@ class TrainingArguments:
                 raise ValueError(f"{name} must be one of {STRATEGIES}, got {getattr(self, name)!r}")
         w = self.warmup_steps
         fraction = isinstance(w, float) and 0.0 < w < 1.0
-        if isinstance(w, bool) or not (isinstance(w, int) and w >= 0 or fraction or w == 0) \
-                or not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"warmup_steps must be an integer >= 0 or a fraction in (0, 1), got {w!r}; warmup_ratio "
-                             f"must be in [0, 1), got {self.warmup_ratio!r}")
+        if (
+            isinstance(w, bool)
+            or not (isinstance(w, int) and w >= 0 or fraction or w == 0)
+            or not 0.0 <= self.warmup_ratio < 1.0
+        ):
+            raise ValueError(
+                f"warmup_steps must be an integer >= 0 or a fraction in (0, 1), got {w!r}; warmup_ratio "
+                f"must be in [0, 1), got {self.warmup_ratio!r}"
+            )
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
@@ -139,13 +171,16 @@ class TrainingArguments:
             try:
                 torch.device(self.device)
             except (RuntimeError, TypeError):
-                raise ValueError(f"device {self.device!r} is not a torch device; use cpu, cuda, cuda:1, mps "
-                                 "or auto") from None
+                raise ValueError(
+                    f"device {self.device!r} is not a torch device; use cpu, cuda, cuda:1, mps or auto"
+                ) from None
         reports = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
         unknown = set(reports) - {*REPORTERS, "auto", "none", "all"}
         if unknown:
-            raise ValueError(f"report_to: unknown destination(s) {sorted(unknown)}; use 'jsonl', 'tensorboard', "
-                             "'auto' (jsonl + tensorboard when installed) or 'none'")
+            raise ValueError(
+                f"report_to: unknown destination(s) {sorted(unknown)}; use 'jsonl', 'tensorboard', "
+                "'auto' (jsonl + tensorboard when installed) or 'none'"
+            )
 
     def _check_combinations(self) -> None:
         if self.warmup_steps and self.warmup_ratio:
@@ -154,19 +189,28 @@ class TrainingArguments:
             raise ValueError("choose one of bf16=True and fp16=True, not both")
         if self.load_best_model_at_end:
             if self.eval_strategy == "no":
-                raise ValueError("load_best_model_at_end needs evaluations: set eval_strategy to 'steps' (with "
-                                 "eval_steps) or 'epoch'")
+                raise ValueError(
+                    "load_best_model_at_end needs evaluations: set eval_strategy to 'steps' (with "
+                    "eval_steps) or 'epoch'"
+                )
             if self.save_strategy != self.eval_strategy:
-                raise ValueError(f"load_best_model_at_end needs a checkpoint at every evaluation: save_strategy "
-                                 f"({self.save_strategy!r}) must equal eval_strategy ({self.eval_strategy!r})")
-            if self.eval_strategy == "steps" and (self.eval_steps is None or self.save_steps is None
-                                                  or self.save_steps % self.eval_steps):
-                raise ValueError(f"load_best_model_at_end with step strategies needs save_steps to be a multiple of "
-                                 f"eval_steps (got save_steps={self.save_steps}, eval_steps={self.eval_steps})")
+                raise ValueError(
+                    f"load_best_model_at_end needs a checkpoint at every evaluation: save_strategy "
+                    f"({self.save_strategy!r}) must equal eval_strategy ({self.eval_strategy!r})"
+                )
+            if self.eval_strategy == "steps" and (
+                self.eval_steps is None or self.save_steps is None or self.save_steps % self.eval_steps
+            ):
+                raise ValueError(
+                    f"load_best_model_at_end with step strategies needs save_steps to be a multiple of "
+                    f"eval_steps (got save_steps={self.save_steps}, eval_steps={self.eval_steps})"
+                )
         if self.early_stopping_patience is not None:
             if self.eval_strategy == "no" or (self.eval_strategy == "steps" and self.eval_steps is None):
-                raise ValueError("early_stopping_patience needs evaluations during training: set eval_strategy="
-                                 "'epoch', or eval_strategy='steps' with eval_steps")
+                raise ValueError(
+                    "early_stopping_patience needs evaluations during training: set eval_strategy="
+                    "'epoch', or eval_strategy='steps' with eval_steps"
+                )
 
     # ---- derived values ----------------------------------------------------------------------
     @property
@@ -208,7 +252,7 @@ class TrainingArguments:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainingArguments":
+    def from_dict(cls, d: dict[str, Any]) -> TrainingArguments:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:

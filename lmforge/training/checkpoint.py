@@ -6,6 +6,7 @@ A checkpoint is the model directory (Hugging Face layout, LoRA adapters next to 
 renamed (`utils.atomic_directory`), so a crash never leaves half a checkpoint; `trainer_state.json`
 marks a complete one.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,8 +54,11 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoints in `output_dir`, oldest first."""
     if not output_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in output_dir.iterdir()
-             if (m := CHECKPOINT_RE.match(p.name)) and (p / STATE_NAME).is_file()]
+    found = [
+        (int(m.group(1)), p)
+        for p in output_dir.iterdir()
+        if (m := CHECKPOINT_RE.match(p.name)) and (p / STATE_NAME).is_file()
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -63,7 +67,7 @@ def clean_unfinished_saves(output_dir: Path) -> None:
     for stale in output_dir.glob(".tmp-checkpoint-*"):
         shutil.rmtree(stale, ignore_errors=True)
     for old in output_dir.glob(".old-checkpoint-*"):
-        recover_directory(output_dir / old.name[len(".old-"):].rsplit("-", 1)[0])
+        recover_directory(output_dir / old.name[len(".old-") :].rsplit("-", 1)[0])
 
 
 def rotate_checkpoints(output_dir: Path, limit: int | None, best: str | None) -> None:
@@ -82,9 +86,11 @@ def rng_state() -> dict[str, Any]:
     """This process's Python, NumPy, torch (and CUDA) RNG states, as tensors and plain values
     (loadable with weights_only=True)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
-                                                    gauss],
-             "torch": torch.get_rng_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -113,9 +119,16 @@ def save_model_dir(model: nn.Module, directory: Path, tokenizer: Any, state_dict
         lora.save_adapters(model, directory)
 
 
-def write_checkpoint(final: Path, model: nn.Module, tokenizer: Any, state_dict: dict[str, Tensor] | None,
-                     training: dict[str, Any], all_rng: list[dict[str, Any]], state: TrainerState,
-                     args: dict[str, Any]) -> None:
+def write_checkpoint(
+    final: Path,
+    model: nn.Module,
+    tokenizer: Any,
+    state_dict: dict[str, Tensor] | None,
+    training: dict[str, Any],
+    all_rng: list[dict[str, Any]],
+    state: TrainerState,
+    args: dict[str, Any],
+) -> None:
     """Write checkpoint folder `final` atomically: the model directory, `training` (optimizer, scheduler
     and scaler states), every process's RNG state (`all_rng[rank]`) and the trainer state with `args`."""
     with atomic_directory(final) as tmp:
@@ -132,15 +145,20 @@ def read_trainer_state(path: Path, world_size: int) -> TrainerState:
     """The TrainerState saved in checkpoint `path`, for a run of `world_size` processes; warns when the
     checkpoint was written by another number of processes (random streams cannot continue identically)."""
     if not (path / STATE_NAME).is_file():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {STATE_NAME}); "
-                                "pass a checkpoint-<step> folder written by the Trainer")
+        raise FileNotFoundError(
+            f"{path} is not a complete checkpoint (no {STATE_NAME}); "
+            "pass a checkpoint-<step> folder written by the Trainer"
+        )
     saved = json.loads((path / STATE_NAME).read_text(encoding="utf-8"))
     saved.pop("args", None)
     saved_world = saved.get("world_size", 1)
     if saved_world != world_size:
-        warnings.warn(f"{path} was written by {saved_world} process(es) and this run has {world_size}: the "
-                      "weights, optimizer and data position continue exactly, but random streams such as dropout "
-                      "masks cannot continue identically", stacklevel=4)
+        warnings.warn(
+            f"{path} was written by {saved_world} process(es) and this run has {world_size}: the "
+            "weights, optimizer and data position continue exactly, but random streams such as dropout "
+            "masks cannot continue identically",
+            stacklevel=4,
+        )
     return TrainerState(**{**saved, "world_size": world_size})
 
 

@@ -7,6 +7,7 @@ every helper below degrades to the obvious single-process answer.
 The FSDP, DDP and distributed-checkpoint modules of torch are imported inside the helpers that need
 them: only multi-process runs use them, and importing them adds about a second to every start.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lmforge.nn import TransformerBlock
+
 
 @dataclass(frozen=True)
 class World:
@@ -125,8 +127,9 @@ def full_state_dict(model: nn.Module, world: World, fsdp: bool) -> dict[str, tor
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, world: World,
-                         fsdp: bool) -> dict[str, Any]:
+def full_optimizer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, world: World, fsdp: bool
+) -> dict[str, Any]:
     """The optimizer's whole state dict (FSDP shards gathered to full tensors on the CPU)."""
     if not (world.distributed and fsdp):
         return optimizer.state_dict()

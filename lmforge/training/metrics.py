@@ -10,6 +10,7 @@ Conventions: label -100 marks positions that are not scored (as in the models' l
 together with the prediction at that position; a ratio whose denominator is 0 is 0.0 (sklearn's
 zero_division=0), never NaN or a warning; empty input raises ValueError.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,12 +18,14 @@ import re
 import string
 import unicodedata
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from lmforge.constants import IGNORE_INDEX
+
 AVERAGES = ("binary", "macro", "micro", "weighted")
 
 
@@ -77,8 +80,10 @@ def precision_recall_f1(preds: Any, labels: Any, average: str = "binary", pos_la
     classes = np.union1d(p, y)
     if average == "binary":
         if len(classes) > 2:
-            raise ValueError(f"average='binary' needs at most 2 classes, found {len(classes)} "
-                             f"({classes.tolist()[:10]}); use average='macro', 'micro' or 'weighted'")
+            raise ValueError(
+                f"average='binary' needs at most 2 classes, found {len(classes)} "
+                f"({classes.tolist()[:10]}); use average='macro', 'micro' or 'weighted'"
+            )
         if len(classes) == 2 and pos_label not in classes.tolist():  # e.g. labels "neg"/"pos", pos_label 1
             raise ValueError(f"pos_label={pos_label!r} is not one of the classes {classes.tolist()}")
         classes = np.asarray([pos_label])
@@ -146,15 +151,20 @@ def entity_f1(pred_tag_seqs: Sequence[Sequence[str]], true_tag_seqs: Sequence[Se
             raise ValueError(f"sentence {i}: {len(pred)} predicted tags but {len(true)} true tags")
         p, t = entity_spans(pred), entity_spans(true)
         n_pred, n_true, n_correct = n_pred + len(p), n_true + len(t), n_correct + len(p & t)
-    return {"precision": float(_ratio(n_correct, n_pred)), "recall": float(_ratio(n_correct, n_true)),
-            "f1": float(_ratio(2 * n_correct, n_pred + n_true))}
+    return {
+        "precision": float(_ratio(n_correct, n_pred)),
+        "recall": float(_ratio(n_correct, n_true)),
+        "f1": float(_ratio(2 * n_correct, n_pred + n_true)),
+    }
 
 
 # ---- extractive question answering ------------------------------------------------------------
 # Characters read one per token: CJK ideographs (with extensions and compatibility forms) and Japanese
 # kana -- scripts written without spaces. Hangul is written with spaces and keeps word tokens.
-_CJK = ("\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
-        "\U00020000-\U0002a6df\U0002a700-\U0002ebef\U00030000-\U0003134f")
+_CJK = (
+    "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+    "\U00020000-\U0002a6df\U0002a700-\U0002ebef\U00030000-\U0003134f"
+)
 _CJK_RE = re.compile(f"[{_CJK}]")
 _TOKEN_RE = re.compile(f"[{_CJK}]|[^\\s{_CJK}]+")
 _SPACE_NEAR_CJK_RE = re.compile(f"\\s*([{_CJK}])\\s*")
@@ -219,8 +229,9 @@ def squad_f1(prediction: str, ground_truths: str | Iterable[str] | Mapping[str, 
     return max(_token_f1(prediction, gt) for gt in _ground_truths(ground_truths))
 
 
-def squad_metrics(predictions: Sequence[str] | Mapping[Any, str],
-                  references: Sequence[Any] | Mapping[Any, Any]) -> dict[str, float]:
+def squad_metrics(
+    predictions: Sequence[str] | Mapping[Any, str], references: Sequence[Any] | Mapping[Any, Any]
+) -> dict[str, float]:
     """{"exact_match", "f1"} in percent, averaged over questions.
 
     Pass two sequences in the same order, or two mappings keyed by question id (with the same ids).
@@ -231,9 +242,11 @@ def squad_metrics(predictions: Sequence[str] | Mapping[Any, str],
     if isinstance(predictions, Mapping):
         missing, extra = set(references) - set(predictions), set(predictions) - set(references)
         if missing or extra:
-            raise ValueError(f"ids differ: {len(missing)} references without prediction (e.g. "
-                             f"{sorted(map(str, missing))[:3]}), {len(extra)} predictions without reference "
-                             f"(e.g. {sorted(map(str, extra))[:3]})")
+            raise ValueError(
+                f"ids differ: {len(missing)} references without prediction (e.g. "
+                f"{sorted(map(str, missing))[:3]}), {len(extra)} predictions without reference "
+                f"(e.g. {sorted(map(str, extra))[:3]})"
+            )
         pairs = [(predictions[k], references[k]) for k in references]
     else:
         if len(predictions) != len(references):
@@ -297,15 +310,15 @@ def classification_metrics(eval_pred: EvalPrediction | tuple[Any, Any]) -> dict[
         preds, n_classes = (logits.reshape(len(logits), -1)[:, 0] > 0).astype(np.int64), 2
     else:
         preds, n_classes = logits.argmax(-1), logits.shape[-1]
-    out = {"accuracy": accuracy(preds, labels),
-           "f1_macro": precision_recall_f1(preds, labels, average="macro")["f1"]}
+    out = {"accuracy": accuracy(preds, labels), "f1_macro": precision_recall_f1(preds, labels, average="macro")["f1"]}
     if n_classes == 2:
         out.update(precision_recall_f1(preds, labels, average="binary", pos_label=1))
     return out
 
 
-def token_classification_metrics(id2label: Mapping[Any, str] | Sequence[str]
-                                 ) -> Callable[[EvalPrediction | tuple[Any, Any]], dict[str, float]]:
+def token_classification_metrics(
+    id2label: Mapping[Any, str] | Sequence[str],
+) -> Callable[[EvalPrediction | tuple[Any, Any]], dict[str, float]]:
     """A compute_metrics for token classification (NER): entity {"precision", "recall", "f1"} (see
     entity_f1) and token "accuracy".
 
@@ -324,8 +337,9 @@ def token_classification_metrics(id2label: Mapping[Any, str] | Sequence[str]
         logits, labels = _unpack(eval_pred)
         preds = logits.argmax(-1)
         if preds.shape != labels.shape:
-            raise ValueError(f"logits {logits.shape} do not match labels {labels.shape}: expected (N, T, C) "
-                             "logits for (N, T) labels")
+            raise ValueError(
+                f"logits {logits.shape} do not match labels {labels.shape}: expected (N, T, C) logits for (N, T) labels"
+            )
         preds, labels = preds.reshape(-1, labels.shape[-1]), labels.reshape(-1, labels.shape[-1])
         pred_tags, true_tags = [], []
         for p, y in zip(preds, labels):

@@ -1,4 +1,5 @@
 """AdamW with the usual no-decay groups, and the warmup + cosine / linear / constant learning-rate schedule."""
+
 from __future__ import annotations
 
 import math
@@ -55,6 +56,7 @@ def lr_factor(step: int, args: TrainingArguments, total_steps: int | None = None
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainingArguments,
-                    total_steps: int | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, args: TrainingArguments, total_steps: int | None = None
+) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, args, total_steps))

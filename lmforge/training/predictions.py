@@ -1,5 +1,6 @@
 """What evaluation gathers: each batch's logits and labels as numpy arrays (one tensor, or a tuple for
 models with several outputs), joined over the batches for `compute_metrics` and `Trainer.predict`."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -5,6 +5,7 @@ A recipe is a dict (YAML in `lmforge/configs/`) with sections `data`, `out`, `to
 max_length), `training` (TrainingArguments fields) and `sample` (GPT: generation options and a
 prompt; BERT: `text` with a [MASK] to fill).
 """
+
 from __future__ import annotations
 
 import copy
@@ -21,8 +22,15 @@ import yaml
 
 from lmforge.config import BertConfig, GPTConfig
 from lmforge.constants import IGNORE_INDEX
-from lmforge.data import (MLMCollator, RandomBlockDataset, SequentialBlockDataset, iter_documents, nsp_pairs,
-                          prepare_corpus, resolve_sources)
+from lmforge.data import (
+    MLMCollator,
+    RandomBlockDataset,
+    SequentialBlockDataset,
+    iter_documents,
+    nsp_pairs,
+    prepare_corpus,
+    resolve_sources,
+)
 from lmforge.data.mlm import _segments
 from lmforge.generation import stream
 from lmforge.models.bert import BertForMaskedLM, BertForPreTraining
@@ -45,9 +53,12 @@ class _RecipeLoader(yaml.SafeLoader):
 
 _RecipeLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:\d[\d_]*)?(?:\.[\d_]*)?[eE][-+]?\d+$|^[-+]?(?:\d[\d_]*\.[\d_]*|\.[\d_]+)$"
-               r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
-    list("-+0123456789."))
+    re.compile(
+        r"^[-+]?(?:\d[\d_]*)?(?:\.[\d_]*)?[eE][-+]?\d+$|^[-+]?(?:\d[\d_]*\.[\d_]*|\.[\d_]+)$"
+        r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"
+    ),
+    list("-+0123456789."),
+)
 
 
 def _yaml(text: str) -> Any:
@@ -72,8 +83,9 @@ def load_recipe(name_or_path: str) -> dict[str, Any]:
     if not path.is_file():
         path = CONFIG_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
-        raise FileNotFoundError(f"no recipe {name_or_path!r}: not a file, and not one of the bundled recipes "
-                                f"{available_recipes()}")
+        raise FileNotFoundError(
+            f"no recipe {name_or_path!r}: not a file, and not one of the bundled recipes {available_recipes()}"
+        )
     recipe = _yaml(path.read_text(encoding="utf-8")) or {}
     if not isinstance(recipe, dict):
         raise ValueError(f"recipe {path} must be a YAML mapping of sections {sorted(SECTIONS)}")
@@ -97,7 +109,7 @@ def apply_overrides(recipe: dict[str, Any], overrides: list[str]) -> dict[str, A
         for i, p in enumerate(parents):
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {'.'.join(parents[:i + 1])} is {node!r}, not a section of keys")
+                raise ValueError(f"override {item!r}: {'.'.join(parents[: i + 1])} is {node!r}, not a section of keys")
         node[leaf] = _yaml(raw)
     return recipe
 
@@ -134,8 +146,10 @@ def pretrain(recipe: dict[str, Any], resume: bool = False, device: str | None = 
         raise ValueError("a pretraining recipe needs training.max_steps (the number of optimizer steps)")
     existing = list_checkpoints(out)
     if not resume and existing:
-        raise ValueError(f"{out} already holds a training run ({existing[-1].name}); "
-                         "pass --resume to continue it, or --out NEW_DIR for a new run")
+        raise ValueError(
+            f"{out} already holds a training run ({existing[-1].name}); "
+            "pass --resume to continue it, or --out NEW_DIR for a new run"
+        )
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / RECIPE_FILE, json.dumps(recipe, indent=2, ensure_ascii=False) + "\n")
     set_seed(args.seed)
@@ -145,9 +159,16 @@ def pretrain(recipe: dict[str, Any], resume: bool = False, device: str | None = 
     run = setup(recipe, model_opts, tokenizer, sources, out, args)
     tokenizer.save_pretrained(out)
     print(f"lmforge: {run['model'].num_parameters() / 1e6:.2f}M parameters; {run['about']} -> {out}")
-    trainer = Trainer(run["model"], args, train_dataset=run["train"], eval_dataset=run["eval"], tokenizer=tokenizer,
-                      data_collator=run.get("collator"), compute_metrics=run.get("compute_metrics"),
-                      preprocess_logits_for_metrics=run.get("preprocess"))
+    trainer = Trainer(
+        run["model"],
+        args,
+        train_dataset=run["train"],
+        eval_dataset=run["eval"],
+        tokenizer=tokenizer,
+        data_collator=run.get("collator"),
+        compute_metrics=run.get("compute_metrics"),
+        preprocess_logits_for_metrics=run.get("preprocess"),
+    )
     result = trainer.train(resume_from_checkpoint=resume)
     metrics = {**result.metrics, "step": result.global_step, "output_dir": str(out)}
     metrics.update(run["report"](metrics, trainer))
@@ -170,21 +191,34 @@ def _tokenizer(recipe: dict[str, Any], out: Path, sources: list[str], family: st
     kind = "WordPiece" if family == "bert" else "byte-level BPE"
     print(f"lmforge: training a {kind} tokenizer (vocab {vocab}) on {', '.join(map(str, sources))}")
     if family == "bert":
-        return Tokenizer.train_wordpiece(iterator=iter_documents(sources), vocab_size=vocab,
-                                         min_frequency=int(opts.get("min_frequency", 2)),
-                                         lowercase=bool(opts.get("lowercase", True)))
-    return Tokenizer.train_bpe(iterator=iter_documents(sources), vocab_size=vocab,
-                               min_frequency=int(opts.get("min_frequency", 2)))
+        return Tokenizer.train_wordpiece(
+            iterator=iter_documents(sources),
+            vocab_size=vocab,
+            min_frequency=int(opts.get("min_frequency", 2)),
+            lowercase=bool(opts.get("lowercase", True)),
+        )
+    return Tokenizer.train_bpe(
+        iterator=iter_documents(sources), vocab_size=vocab, min_frequency=int(opts.get("min_frequency", 2))
+    )
 
 
-def _gpt_setup(recipe: dict[str, Any], model_opts: dict[str, Any], tokenizer: Any, sources: list[str], out: Path,
-               args: Any) -> dict[str, Any]:
+def _gpt_setup(
+    recipe: dict[str, Any], model_opts: dict[str, Any], tokenizer: Any, sources: list[str], out: Path, args: Any
+) -> dict[str, Any]:
     """GPT: the corpus as one token stream; training items are random blocks of context + 1 tokens."""
-    config = GPTConfig(**{**model_opts, "vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
-                          "bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id})
+    config = GPTConfig(
+        **{
+            **model_opts,
+            "vocab_size": len(tokenizer),
+            "eos_token_id": tokenizer.eos_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        }
+    )
     tokenizer.model_max_length = config.n_positions  # so truncation=True fits the model's context
-    meta = prepare_corpus(sources, tokenizer, out / "data", val_fraction=float(recipe.get("val_fraction", 0.05)),
-                          seed=args.seed)
+    meta = prepare_corpus(
+        sources, tokenizer, out / "data", val_fraction=float(recipe.get("val_fraction", 0.05)), seed=args.seed
+    )
     model = GPTForCausalLM(config)
     block = config.n_positions
     n_samples = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps
@@ -192,9 +226,11 @@ def _gpt_setup(recipe: dict[str, Any], model_opts: dict[str, Any], tokenizer: An
     def report(metrics: dict[str, Any], trainer: Any) -> dict[str, Any]:
         baseline = unigram_loss(meta.train_path, meta.val_path, meta.dtype, len(tokenizer))
         if "eval_loss" in metrics:
-            print(f"lmforge: validation loss {metrics['eval_loss']:.3f} (perplexity "
-                  f"{math.exp(metrics['eval_loss']):.1f}); unigram baseline {baseline:.3f} "
-                  f"(perplexity {math.exp(baseline):.1f})")
+            print(
+                f"lmforge: validation loss {metrics['eval_loss']:.3f} (perplexity "
+                f"{math.exp(metrics['eval_loss']):.1f}); unigram baseline {baseline:.3f} "
+                f"(perplexity {math.exp(baseline):.1f})"
+            )
         trainer.log({"unigram_baseline_loss": baseline})
         return {"unigram_baseline_loss": baseline}
 
@@ -205,10 +241,14 @@ def _gpt_setup(recipe: dict[str, Any], model_opts: dict[str, Any], tokenizer: An
             print(piece, end="", flush=True)
         print()
 
-    return {"model": model, "train": RandomBlockDataset(meta.train_path, block_size=block, num_samples=n_samples,
-                                                        seed=args.seed),
-            "eval": SequentialBlockDataset(meta.val_path, block_size=block), "report": report, "sample": sample,
-            "about": f"context {block}, {meta.train_tokens:,} training / {meta.val_tokens:,} validation tokens"}
+    return {
+        "model": model,
+        "train": RandomBlockDataset(meta.train_path, block_size=block, num_samples=n_samples, seed=args.seed),
+        "eval": SequentialBlockDataset(meta.val_path, block_size=block),
+        "report": report,
+        "sample": sample,
+        "about": f"context {block}, {meta.train_tokens:,} training / {meta.val_tokens:,} validation tokens",
+    }
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?;。！？；])\s*")
@@ -230,8 +270,8 @@ def bert_documents(sources: list[str], tokenizer: Any, min_tokens: int = 512) ->
     current: list[list[int]] = []
     size, i = 0, 0
     for doc in sentences:
-        current += [ids for ids in flat[i:i + len(doc)] if ids]
-        size += sum(len(ids) for ids in flat[i:i + len(doc)])
+        current += [ids for ids in flat[i : i + len(doc)] if ids]
+        size += sum(len(ids) for ids in flat[i : i + len(doc)])
         i += len(doc)
         if size >= min_tokens:
             documents.append(current)
@@ -241,24 +281,33 @@ def bert_documents(sources: list[str], tokenizer: Any, min_tokens: int = 512) ->
     return documents
 
 
-def _bert_setup(recipe: dict[str, Any], model_opts: dict[str, Any], tokenizer: Any, sources: list[str], out: Path,
-                args: Any) -> dict[str, Any]:
+def _bert_setup(
+    recipe: dict[str, Any], model_opts: dict[str, Any], tokenizer: Any, sources: list[str], out: Path, args: Any
+) -> dict[str, Any]:
     """BERT: documents -> [CLS] A [SEP] B [SEP] pairs (NSP) or packed segments (MLM only), masked by
     MLMCollator; the evaluation pairs are masked once (seeded), so every evaluation scores the same
     positions. Metrics: masked-token perplexity and next-sentence accuracy."""
     mlm = dict(recipe.get("mlm") or {})
     nsp = bool(mlm.get("nsp", True))
     max_length = int(mlm.get("max_length", 128))
-    config = BertConfig(**{"max_position_embeddings": max_length, **model_opts, "vocab_size": len(tokenizer),
-                           "pad_token_id": tokenizer.pad_token_id})
+    config = BertConfig(
+        **{
+            "max_position_embeddings": max_length,
+            **model_opts,
+            "vocab_size": len(tokenizer),
+            "pad_token_id": tokenizer.pad_token_id,
+        }
+    )
     tokenizer.model_max_length = max_length
     documents = bert_documents(sources, tokenizer, min_tokens=4 * max_length)
     order = list(range(len(documents)))
     random.Random(args.seed).shuffle(order)
     n_eval = max(2, round(float(recipe.get("val_fraction", 0.05)) * len(documents)))
     if len(documents) - n_eval < 2:
-        raise ValueError(f"the corpus has {len(documents)} documents (blank-line separated blocks); BERT "
-                         "pretraining needs a few more to hold some out for evaluation")
+        raise ValueError(
+            f"the corpus has {len(documents)} documents (blank-line separated blocks); BERT "
+            "pretraining needs a few more to hold some out for evaluation"
+        )
     train_docs = [documents[i] for i in order[n_eval:]]
     eval_docs = [documents[i] for i in order[:n_eval]]
 
@@ -267,14 +316,21 @@ def _bert_setup(recipe: dict[str, Any], model_opts: dict[str, Any], tokenizer: A
             return nsp_pairs(docs, max_length, seed, tokenizer)
         cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id  # MLM only: sentences packed to the length
         segments = [seg for doc in docs for seg in _segments(doc, max_length - 2)]
-        return [{"input_ids": [cls, *seg[:max_length - 2], sep]} for seg in segments]
+        return [{"input_ids": [cls, *seg[: max_length - 2], sep]} for seg in segments]
 
-    collator = MLMCollator(tokenizer, mlm_probability=float(mlm.get("probability", 0.15)),
-                           whole_word=bool(mlm.get("whole_word", False)), seed=args.seed)
-    fixed = MLMCollator(tokenizer, mlm_probability=collator.mlm_probability, whole_word=collator.whole_word,
-                        seed=args.seed + 1)
-    eval_set = [{k: v[0].tolist() if v.dim() == 2 else int(v[0]) for k, v in fixed([ex]).items()}
-                for ex in examples(eval_docs, args.seed + 1)]
+    collator = MLMCollator(
+        tokenizer,
+        mlm_probability=float(mlm.get("probability", 0.15)),
+        whole_word=bool(mlm.get("whole_word", False)),
+        seed=args.seed,
+    )
+    fixed = MLMCollator(
+        tokenizer, mlm_probability=collator.mlm_probability, whole_word=collator.whole_word, seed=args.seed + 1
+    )
+    eval_set = [
+        {k: v[0].tolist() if v.dim() == 2 else int(v[0]) for k, v in fixed([ex]).items()}
+        for ex in examples(eval_docs, args.seed + 1)
+    ]
     train_set = examples(train_docs, args.seed)
     model = (BertForPreTraining if nsp else BertForMaskedLM)(config)
 
@@ -298,25 +354,41 @@ def _bert_setup(recipe: dict[str, Any], model_opts: dict[str, Any], tokenizer: A
     def report(metrics: dict[str, Any], trainer: Any) -> dict[str, Any]:
         baseline = masked_unigram_loss(train_set, eval_set, len(tokenizer))
         if "eval_masked_lm_loss" in metrics:
-            nsp_part = (f", next-sentence accuracy {metrics['eval_nsp_accuracy']:.1%} (chance 50%)"
-                        if "eval_nsp_accuracy" in metrics else "")
-            print(f"lmforge: masked-token loss {metrics['eval_masked_lm_loss']:.3f} (perplexity "
-                  f"{metrics['eval_masked_lm_perplexity']:.1f}); unigram baseline {baseline:.3f} (perplexity "
-                  f"{math.exp(baseline):.1f}){nsp_part}")
+            nsp_part = (
+                f", next-sentence accuracy {metrics['eval_nsp_accuracy']:.1%} (chance 50%)"
+                if "eval_nsp_accuracy" in metrics
+                else ""
+            )
+            print(
+                f"lmforge: masked-token loss {metrics['eval_masked_lm_loss']:.3f} (perplexity "
+                f"{metrics['eval_masked_lm_perplexity']:.1f}); unigram baseline {baseline:.3f} (perplexity "
+                f"{math.exp(baseline):.1f}){nsp_part}"
+            )
         trainer.log({"unigram_baseline_masked_loss": baseline})
         return {"unigram_baseline_masked_loss": baseline}
 
     def sample(opts: dict[str, Any]) -> None:
-        for text in ([opts["text"]] if isinstance(opts.get("text"), str) else opts.get("text", [])):
+        for text in [opts["text"]] if isinstance(opts.get("text"), str) else opts.get("text", []):
             print(f"lmforge: fill-mask: {text}")
             for token, score in fill_mask(model, tokenizer, text, top_k=int(opts.get("top_k", 5))):
                 print(f"    {token!r:>16}  {score:.3f}")
 
-    about = (f"{'masked LM + next sentence' if nsp else 'masked LM'}, length {max_length}, {len(train_set):,} "
-             f"training / {len(eval_set):,} evaluation {'pairs' if nsp else 'segments'} from {len(documents):,} "
-             "documents")
-    return {"model": model, "train": train_set, "eval": eval_set, "collator": collator, "report": report,
-            "sample": sample, "compute_metrics": compute_metrics, "preprocess": preprocess, "about": about}
+    about = (
+        f"{'masked LM + next sentence' if nsp else 'masked LM'}, length {max_length}, {len(train_set):,} "
+        f"training / {len(eval_set):,} evaluation {'pairs' if nsp else 'segments'} from {len(documents):,} "
+        "documents"
+    )
+    return {
+        "model": model,
+        "train": train_set,
+        "eval": eval_set,
+        "collator": collator,
+        "report": report,
+        "sample": sample,
+        "compute_metrics": compute_metrics,
+        "preprocess": preprocess,
+        "about": about,
+    }
 
 
 def masked_unigram_loss(train: list[dict[str, Any]], evaluation: list[dict[str, Any]], vocab_size: int) -> float:

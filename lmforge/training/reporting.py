@@ -4,6 +4,7 @@ MFU), a PNG of the log history and TensorBoard scalars.
 matplotlib (a heavy import, needed once at the end of training) and tensorboard (optional) are imported
 only when used.
 """
+
 from __future__ import annotations
 
 import io
@@ -11,8 +12,9 @@ import json
 import math
 import numbers
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch.distributed as dist
 
@@ -32,8 +34,9 @@ class TrainerCallback:
     def on_train_end(self, trainer: Any) -> None: ...
 
 
-def model_flops_utilization(flops_per_token: float, tokens_per_second: float, peak_flops: float,
-                            world_size: int = 1) -> float:
+def model_flops_utilization(
+    flops_per_token: float, tokens_per_second: float, peak_flops: float, world_size: int = 1
+) -> float:
     """MFU: the share of the hardware's peak FLOP/s (`peak_flops` per process, `world_size` processes) that
     training `tokens_per_second` tokens at `flops_per_token` (6N + 12·L·C·T for a GPT) amounts to."""
     return flops_per_token * tokens_per_second / (peak_flops * world_size)
@@ -58,6 +61,7 @@ class MetricsLog:
         kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
         atomic_write_text(self.path, "".join(ln + "\n" for ln in kept))
 
+
 # Evaluation entries that are not quality metrics: timings, which would only clutter the metric panel.
 _EVAL_SKIP_SUFFIXES = ("_runtime", "_per_second")
 
@@ -65,7 +69,7 @@ _EVAL_SKIP_SUFFIXES = ("_runtime", "_per_second")
 def _number(value: Any) -> float | None:
     """value as a float if it is a real number (bools are not), else None."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        if hasattr(value, "ndim") and getattr(value, "ndim") == 0 and hasattr(value, "item"):
+        if hasattr(value, "ndim") and value.ndim == 0 and hasattr(value, "item"):
             return _number(value.item())  # a 0-d numpy array or torch tensor
         return None
     return float(value)
@@ -99,8 +103,11 @@ def plot_history(log_history: Sequence[dict[str, Any]], path: str | os.PathLike)
     keys = sorted({k for e in history for k in e if k.startswith("eval_")})
     loss, eval_loss, lr = _series(history, "loss"), _series(history, "eval_loss"), _series(history, "learning_rate")
     ppl = _series(history, "eval_perplexity")
-    others = [(k, _series(history, k)) for k in keys
-              if k not in ("eval_loss", "eval_perplexity") and not k.endswith(_EVAL_SKIP_SUFFIXES)]
+    others = [
+        (k, _series(history, k))
+        for k in keys
+        if k not in ("eval_loss", "eval_perplexity") and not k.endswith(_EVAL_SKIP_SUFFIXES)
+    ]
     others = [(k, s) for k, s in others if s[0]]
     panels: list[tuple[str, list[tuple[str, tuple[list[float], list[float]]]]]] = []
     if loss[0] or eval_loss[0]:
@@ -129,8 +136,14 @@ def plot_history(log_history: Sequence[dict[str, Any]], path: str | os.PathLike)
             for name, (steps, values) in lines:
                 evaluation = name.startswith("eval_")
                 # evaluations are few points: markers keep a single one visible
-                ax.plot(steps, values, label=name, marker="o" if evaluation else None,
-                        markersize=4, linewidth=1.2 if evaluation else 1.0)
+                ax.plot(
+                    steps,
+                    values,
+                    label=name,
+                    marker="o" if evaluation else None,
+                    markersize=4,
+                    linewidth=1.2 if evaluation else 1.0,
+                )
             ax.set_ylabel(title)
             ax.grid(True, alpha=0.3)
             if title == "eval perplexity" and max(lines[0][1][1]) > 10 * min(lines[0][1][1]) > 0:
@@ -192,7 +205,7 @@ class TensorBoardCallback(TrainerCallback):
             return
         writer = self._get_writer(trainer)
         for key, value in scalars.items():
-            tag = f"eval/{key[len('eval_'):]}" if key.startswith("eval_") else f"train/{key}"
+            tag = f"eval/{key[len('eval_') :]}" if key.startswith("eval_") else f"train/{key}"
             writer.add_scalar(tag, value, global_step=int(step))
         writer.flush()
 

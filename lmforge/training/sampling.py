@@ -7,11 +7,13 @@ total)) with G the global batch; each process takes a contiguous share of them a
 micro-batches. So resuming is a jump to a sample number, and a run resumed with another global batch
 continues from the sample where it stopped.
 """
+
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import Sampler
@@ -31,8 +33,19 @@ class SamplingPlan:
 
     MEGA_BATCHES = 50
 
-    def __init__(self, n: int, total: int, global_batch: int, micro: int, world: World, shuffle: bool,
-                 seed: int, base_step: int = 0, base_sample: int = 0, lengths: Sequence[int] | None = None) -> None:
+    def __init__(
+        self,
+        n: int,
+        total: int,
+        global_batch: int,
+        micro: int,
+        world: World,
+        shuffle: bool,
+        seed: int,
+        base_step: int = 0,
+        base_sample: int = 0,
+        lengths: Sequence[int] | None = None,
+    ) -> None:
         self.n, self.total, self.G, self.micro, self.world = n, total, global_batch, micro, world
         self.shuffle, self.seed, self.lengths = shuffle, seed, lengths
         # a run resumed with another global batch continues from the sample where it stopped
@@ -57,10 +70,10 @@ class SamplingPlan:
         assert lengths is not None
         out: list[int] = []
         for a in range(0, len(perm), size):
-            out += sorted(perm[a:a + size], key=lambda i: -lengths[i])  # stable: ties keep the random order
+            out += sorted(perm[a : a + size], key=lambda i: -lengths[i])  # stable: ties keep the random order
         longest = max(range(len(out)), key=lambda k: lengths[out[k]]) // self.G * self.G
         if longest and longest + self.G <= len(out):  # swap whole windows: both stay length-grouped
-            out[:self.G], out[longest:longest + self.G] = out[longest:longest + self.G], out[:self.G]
+            out[: self.G], out[longest : longest + self.G] = out[longest : longest + self.G], out[: self.G]
         return out
 
     def window(self, step: int) -> tuple[int, int]:
@@ -90,8 +103,15 @@ class PlanSampler(Sampler[list[int]]):
         return sum(len(self.plan.micro_batches(s)) for s in range(self.first_step, self.plan.steps))
 
 
-def build_plan(args: TrainingArguments, world: World, n: int, shuffle: bool, lengths: Sequence[int] | None,
-               base_step: int = 0, base_sample: int = 0) -> SamplingPlan:
+def build_plan(
+    args: TrainingArguments,
+    world: World,
+    n: int,
+    shuffle: bool,
+    lengths: Sequence[int] | None,
+    base_step: int = 0,
+    base_sample: int = 0,
+) -> SamplingPlan:
     """The plan of a run over `n` examples with `args` (max_steps, else num_train_epochs), continuing from
     (base_step, base_sample) when resumed with another global batch; `lengths` for group_by_length."""
     W = world.size
@@ -104,8 +124,9 @@ def build_plan(args: TrainingArguments, world: World, n: int, shuffle: bool, len
     if W > 1 and tail and tail < W:
         total -= tail  # a last window smaller than the number of processes: drop it
         warnings.warn(f"the last {tail} examples do not give every process one; they are skipped", stacklevel=4)
-    return SamplingPlan(n, total, G, args.per_device_train_batch_size, world, shuffle, args.seed, base_step,
-                        base_sample, lengths)
+    return SamplingPlan(
+        n, total, G, args.per_device_train_batch_size, world, shuffle, args.seed, base_step, base_sample, lengths
+    )
 
 
 def shuffles(dataset: Any) -> bool:
@@ -123,7 +144,9 @@ def example_lengths(dataset: Any, column: str) -> list[int]:
         elif "input_ids" in item:
             lengths.append(len(item["input_ids"]))
         else:
-            raise ValueError(f"group_by_length needs each example's length: example {i} has neither "
-                             f"'{column}' (length_column_name) nor 'input_ids' (its keys: {sorted(item)}); "
-                             "tokenize the examples first or add a length field")
+            raise ValueError(
+                f"group_by_length needs each example's length: example {i} has neither "
+                f"'{column}' (length_column_name) nor 'input_ids' (its keys: {sorted(item)}); "
+                "tokenize the examples first or add a length field"
+            )
     return lengths

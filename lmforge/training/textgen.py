@@ -10,6 +10,7 @@ ROUGE is implemented here and follows Google's `rouge-score` package with its de
 (`use_stemmer=False`): text is lowercased and split on anything that is not an ASCII letter or digit,
 so it suits English; letters outside a-z (á, ñ, 中) act as separators.
 """
+
 from __future__ import annotations
 
 import re
@@ -63,7 +64,7 @@ def rouge_tokenize(text: str) -> list[str]:
 
 
 def _ngrams(tokens: list[str], n: int) -> Counter:
-    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
 
 
 def _f_measure(overlap: int, n_pred: int, n_ref: int) -> float:
@@ -125,8 +126,14 @@ def score_generations(metric: str, predictions: Sequence[str], references: Seque
 
 
 # ---------------------------------------------------------------------------------- generation
-def generate_targets(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 64,
-                     batch_size: int = 16, stop: str | Sequence[str] | None = "\n") -> list[str]:
+def generate_targets(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    stop: str | Sequence[str] | None = "\n",
+) -> list[str]:
     """The greedy continuation of each prompt, as text: cut before the first stop string and at
     EOS, stripped of surrounding whitespace. Prompts are encoded like `prefix_example` encodes
     them for training (no special tokens).
@@ -155,8 +162,14 @@ def generate_targets(model: Any, tokenizer: Any, prompts: Sequence[str], max_new
     if eos is None:
         eos = tokenizer.eos_token_id
     eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
-    pad = next((p for p in (tokenizer.pad_token_id, getattr(model.config, "pad_token_id", None),
-                            tokenizer.eos_token_id) if p is not None), 0)
+    pad = next(
+        (
+            p
+            for p in (tokenizer.pad_token_id, getattr(model.config, "pad_token_id", None), tokenizer.eos_token_id)
+            if p is not None
+        ),
+        0,
+    )
     outputs: list[str] = [""] * len(rows)
     was_training = model.training
     model.eval()
@@ -169,13 +182,21 @@ def generate_targets(model: Any, tokenizer: Any, prompts: Sequence[str], max_new
             mask = torch.zeros((len(batch), longest), dtype=torch.long)
             for r, i in enumerate(batch):
                 ids = rows[i][0]
-                input_ids[r, longest - len(ids):] = torch.tensor(ids)
-                mask[r, longest - len(ids):] = 1
-            out = generate(model, input_ids.to(model.device), attention_mask=mask.to(model.device),
-                           max_new_tokens=most_new, do_sample=False, eos_token_id=eos, pad_token_id=pad,
-                           stop=stops, tokenizer=tokenizer if stops else None)
+                input_ids[r, longest - len(ids) :] = torch.tensor(ids)
+                mask[r, longest - len(ids) :] = 1
+            out = generate(
+                model,
+                input_ids.to(model.device),
+                attention_mask=mask.to(model.device),
+                max_new_tokens=most_new,
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=pad,
+                stop=stops,
+                tokenizer=tokenizer if stops else None,
+            )
             for r, i in enumerate(batch):
-                tokens = out[r, longest:longest + rows[i][1]].tolist()
+                tokens = out[r, longest : longest + rows[i][1]].tolist()
                 cut = next((t for t, token in enumerate(tokens) if token in eos_ids), len(tokens))
                 text = tokenizer.decode(tokens[:cut], skip_special_tokens=True)
                 cut_text = min((text.find(s) for s in stops if s in text), default=-1)
@@ -183,5 +204,3 @@ def generate_targets(model: Any, tokenizer: Any, prompts: Sequence[str], max_new
     finally:
         model.train(was_training)
     return outputs
-
-

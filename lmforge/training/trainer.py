@@ -10,6 +10,7 @@
 Datasets are anything with `len()` and `[i]` returning a dict: torch Datasets, lists of dicts,
 Hugging Face `datasets.Dataset`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,9 +23,10 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -40,10 +42,14 @@ from lmforge.training.args import TrainingArguments
 from lmforge.training.checkpoint import TrainerState
 from lmforge.training.metrics import EvalPrediction
 from lmforge.training.optim import build_optimizer, build_scheduler
-from lmforge.training.predictions import (PredictionOutput, batch_labels, concat_batches, model_outputs,
-                                          to_numpy)
-from lmforge.training.reporting import (MetricsLog, TensorBoardCallback, TrainerCallback, model_flops_utilization,
-                                        plot_history)
+from lmforge.training.predictions import PredictionOutput, batch_labels, concat_batches, model_outputs, to_numpy
+from lmforge.training.reporting import (
+    MetricsLog,
+    TensorBoardCallback,
+    TrainerCallback,
+    model_flops_utilization,
+    plot_history,
+)
 from lmforge.training.sampling import PlanSampler, SamplingPlan, build_plan, example_lengths, shuffles
 from lmforge.utils import atomic_write_text, matmul_peak_flops, resolve_device, set_seed
 
@@ -63,21 +69,32 @@ class Trainer:
     """Trains `model` on `train_dataset`; items are dicts the model accepts as keywords, with `labels`
     (or `label`), optionally `weight` (a per-example loss weight); text items need `tokenizer`."""
 
-    def __init__(self, model: nn.Module, args: TrainingArguments | None = None, train_dataset: Any = None,
-                 eval_dataset: Any = None, data_collator: Callable | None = None, tokenizer: Any = None,
-                 compute_metrics: Callable[[EvalPrediction], dict[str, float]] | None = None,
-                 callbacks: Sequence[TrainerCallback] | None = None, processing_class: Any = None,
-                 preprocess_logits_for_metrics: Callable[[Any, Any], Any] | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        args: TrainingArguments | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        data_collator: Callable | None = None,
+        tokenizer: Any = None,
+        compute_metrics: Callable[[EvalPrediction], dict[str, float]] | None = None,
+        callbacks: Sequence[TrainerCallback] | None = None,
+        processing_class: Any = None,
+        preprocess_logits_for_metrics: Callable[[Any, Any], Any] | None = None,
+    ) -> None:
         self.args = args = args or TrainingArguments()
         self.device = D.process_device(resolve_device(args.device))
         self.world = D.setup(self.device)
         if args.fp16 and self.device.type != "cuda":
-            raise ValueError(f"fp16=True needs a CUDA GPU (float16 with a GradScaler); this run is on "
-                             f"{self.device.type}: use bf16=True instead")
+            raise ValueError(
+                f"fp16=True needs a CUDA GPU (float16 with a GradScaler); this run is on "
+                f"{self.device.type}: use bf16=True instead"
+            )
         if args.gradient_checkpointing:
             if not hasattr(model, "gradient_checkpointing_enable"):
-                raise ValueError(f"{type(model).__name__} has no gradient_checkpointing_enable(); set "
-                                 "gradient_checkpointing=False")
+                raise ValueError(
+                    f"{type(model).__name__} has no gradient_checkpointing_enable(); set gradient_checkpointing=False"
+                )
             model.gradient_checkpointing_enable()
         self.model = model.to(self.device)  # the user's model (unwrapped)
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
@@ -105,8 +122,11 @@ class Trainer:
     def _default_collator(self) -> Callable:
         """Pads examples and keeps only what the model's forward accepts (plus labels and weights)."""
         params = inspect.signature(self.model.forward).parameters
-        keep = {name for name, p in params.items()
-                if p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)}
+        keep = {
+            name
+            for name, p in params.items()
+            if p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+        }
         causal = bool(getattr(self.model, "shifts_labels", False))
         config = getattr(self.model, "config", None)
         context = context_length(config)
@@ -115,8 +135,13 @@ class Trainer:
             limit = context
         else:
             limit = min(tokenizer_limit, context or tokenizer_limit)
-        return DataCollator(self.tokenizer, causal_lm=causal, keep=keep, max_length=limit,
-                            pad_token_id=getattr(config, "pad_token_id", None))
+        return DataCollator(
+            self.tokenizer,
+            causal_lm=causal,
+            keep=keep,
+            max_length=limit,
+            pad_token_id=getattr(config, "pad_token_id", None),
+        )
 
     # ---- the loop ----------------------------------------------------------------------------
     def train(self, resume_from_checkpoint: bool | str | os.PathLike | None = None) -> TrainOutput:
@@ -154,10 +179,14 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_train_begin(self)
 
-        loader = DataLoader(ds, batch_sampler=PlanSampler(plan, self.state.global_step),
-                            collate_fn=self.data_collator, num_workers=args.dataloader_num_workers,
-                            pin_memory=self.device.type == "cuda",
-                            generator=self._loader_generator())
+        loader = DataLoader(
+            ds,
+            batch_sampler=PlanSampler(plan, self.state.global_step),
+            collate_fn=self.data_collator,
+            num_workers=args.dataloader_num_workers,
+            pin_memory=self.device.type == "cuda",
+            generator=self._loader_generator(),
+        )
         batches = iter(loader)
         progress = self._progress(plan.steps)
         self._wrapped.train()
@@ -184,8 +213,11 @@ class Trainer:
                 if step % args.logging_steps == 0 or last:
                     elapsed = time.perf_counter() - window_start
                     logs = self._train_logs(running, grad_norm, window_tokens, elapsed, micro)
-                    progress.set_postfix(loss=f"{logs.get('loss', math.nan):.3f}", lr=f"{logs['learning_rate']:.1e}",
-                                         tok_s=f"{logs['tokens_per_second']:.0f}")
+                    progress.set_postfix(
+                        loss=f"{logs.get('loss', math.nan):.3f}",
+                        lr=f"{logs['learning_rate']:.1e}",
+                        tok_s=f"{logs['tokens_per_second']:.0f}",
+                    )
                     self.log(logs)
                     window_start, window_tokens, running = time.perf_counter(), 0, []
                 if self._due(args.eval_strategy, args.eval_steps, step, epoch_ended) and self.eval_dataset is not None:
@@ -205,8 +237,10 @@ class Trainer:
             if self._interrupts > 1:  # stopped at once, mid-step: a checkpoint now would not resume exactly
                 raise
             path = self.save_checkpoint()
-            raise KeyboardInterrupt(f"interrupted at step {self.state.global_step}; saved {path}, "
-                                    "continue with resume_from_checkpoint=True (CLI: --resume)") from None
+            raise KeyboardInterrupt(
+                f"interrupted at step {self.state.global_step}; saved {path}, "
+                "continue with resume_from_checkpoint=True (CLI: --resume)"
+            ) from None
         finally:
             if sigint is not None:
                 signal.signal(signal.SIGINT, sigint)
@@ -223,8 +257,10 @@ class Trainer:
             self.save_checkpoint()
         if args.load_best_model_at_end and self.state.best_model_checkpoint:
             self._load_weights(Path(self.state.best_model_checkpoint))
-            self._print(f"lmforge: loaded the best model ({args.best_metric_name} = {self.state.best_metric:.4g}) "
-                        f"from {self.state.best_model_checkpoint}")
+            self._print(
+                f"lmforge: loaded the best model ({args.best_metric_name} = {self.state.best_metric:.4g}) "
+                f"from {self.state.best_model_checkpoint}"
+            )
         self.save_model()
         if world.is_main:
             plot_history(self.state.log_history, self.output_dir / "training_curves.png")
@@ -251,9 +287,12 @@ class Trainer:
         processes): continue from its data position with this run's batch, and say so."""
         step, seen = self.state.global_step, self.state.samples_seen
         new = self._plan(n, base_step=step, base_sample=seen)
-        warnings.warn(f"{path} was trained with a global batch of {seen // max(step, 1)} examples per step and this "
-                      f"run uses {new.G}: training continues from example {seen} of the data stream with the new "
-                      f"batch ({new.steps} steps in all instead of {plan.steps})", stacklevel=3)
+        warnings.warn(
+            f"{path} was trained with a global batch of {seen // max(step, 1)} examples per step and this "
+            f"run uses {new.G}: training continues from example {seen} of the data stream with the new "
+            f"batch ({new.steps} steps in all instead of {plan.steps})",
+            stacklevel=3,
+        )
         saved = self.scheduler.state_dict()
         self.scheduler = build_scheduler(self.optimizer, self.args, new.steps)
         self.scheduler.load_state_dict(saved)
@@ -325,7 +364,7 @@ class Trainer:
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a sharded (DTensor) norm
         local_loss, grad_norm = torch.stack([loss_sum, norm.double()]).tolist()  # one synchronisation per step
-        loss_total, = D.all_reduce_sum([local_loss], self.device, world)
+        (loss_total,) = D.all_reduce_sum([local_loss], self.device, world)
         loss_value = loss_total / max(total_items, 1.0)
         if math.isfinite(loss_value) and (math.isfinite(grad_norm) or args.fp16):
             self.scaler.step(self.optimizer)  # with fp16 the scaler skips steps whose gradients overflowed
@@ -349,14 +388,18 @@ class Trainer:
                 f"{MAX_BAD_STEPS} steps in a row had a non-finite {what.split()[0]} (at step {step}); stopping. The "
                 f"weights were not updated by those steps; the last good checkpoint is "
                 f"{last if last else '(none saved yet)'}. Lower the learning rate, set max_grad_norm, use bf16 "
-                "instead of fp16, or check the data for empty or broken examples")
+                "instead of fp16, or check the data for empty or broken examples"
+            )
 
     # ---- evaluation --------------------------------------------------------------------------
     def evaluate(self, eval_dataset: Any = None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Mean loss per scored item over the evaluation set (perplexity for language models) and
         whatever `compute_metrics` returns, each prefixed `eval_`."""
-        out = self._predict_loop(eval_dataset if eval_dataset is not None else self.eval_dataset, metric_key_prefix,
-                                 keep_predictions=self.compute_metrics is not None)
+        out = self._predict_loop(
+            eval_dataset if eval_dataset is not None else self.eval_dataset,
+            metric_key_prefix,
+            keep_predictions=self.compute_metrics is not None,
+        )
         self.log(out.metrics)
         for cb in self.callbacks:
             cb.on_evaluate(self, out.metrics)
@@ -375,8 +418,12 @@ class Trainer:
         model, args = self.model, self.args
         was_training = model.training
         model.eval()
-        loader = DataLoader(ds, batch_size=args.per_device_eval_batch_size, collate_fn=self.data_collator,
-                            generator=self._loader_generator())
+        loader = DataLoader(
+            ds,
+            batch_size=args.per_device_eval_batch_size,
+            collate_fn=self.data_collator,
+            generator=self._loader_generator(),
+        )
         loss_sum, items, seen, started, token_loss = 0.0, 0, 0, time.perf_counter(), True
         preds: list[Any] = []
         labels: list[Any] = []
@@ -388,8 +435,11 @@ class Trainer:
                     break
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 batch.pop("weight", None)
-                with torch.autocast(self.device.type, dtype=torch.bfloat16 if args.bf16 else torch.float16,
-                                    enabled=args.bf16 or args.fp16):
+                with torch.autocast(
+                    self.device.type,
+                    dtype=torch.bfloat16 if args.bf16 else torch.float16,
+                    enabled=args.bf16 or args.fp16,
+                ):
                     out = run(**batch)
                 seen += len(batch["input_ids"])
                 token_loss = token_loss and "next_sentence_label" not in batch  # MLM + NSP: no perplexity
@@ -427,12 +477,17 @@ class Trainer:
             return metrics
         name = args.best_metric_name
         if name not in metrics:
-            raise ValueError(f"metric_for_best_model={args.metric_for_best_model!r} is not among the evaluation "
-                             f"metrics {sorted(k for k in metrics if not k.endswith(('_runtime', '_per_second')))}; "
-                             "choose one of those, or pass compute_metrics= that returns it")
+            raise ValueError(
+                f"metric_for_best_model={args.metric_for_best_model!r} is not among the evaluation "
+                f"metrics {sorted(k for k in metrics if not k.endswith(('_runtime', '_per_second')))}; "
+                "choose one of those, or pass compute_metrics= that returns it"
+            )
         value, best = metrics[name], self.state.best_metric
-        better = (best is None or (value > best + args.early_stopping_threshold if args.higher_is_better
-                                   else value < best - args.early_stopping_threshold))
+        better = best is None or (
+            value > best + args.early_stopping_threshold
+            if args.higher_is_better
+            else value < best - args.early_stopping_threshold
+        )
         if better:
             self.state.best_metric = value
             self.state.best_model_checkpoint = str(self.output_dir / f"checkpoint-{self.state.global_step}")
@@ -441,8 +496,10 @@ class Trainer:
             self.state.evals_without_improvement += 1
             patience = args.early_stopping_patience
             if patience and self.state.evals_without_improvement >= patience:
-                self._print(f"lmforge: early stopping at step {self.state.global_step}: {name} has not improved on "
-                            f"{best:.4g} for {patience} evaluations")
+                self._print(
+                    f"lmforge: early stopping at step {self.state.global_step}: {name} has not improved on "
+                    f"{best:.4g} for {patience} evaluations"
+                )
                 self.should_stop = True
         return metrics
 
@@ -452,20 +509,32 @@ class Trainer:
             print(message, flush=True)
 
     def _progress(self, total: int) -> Any:
-        return tqdm(total=total, initial=self.state.global_step, desc="train", unit="step",
-                    disable=self.args.disable_tqdm or not self.world.is_main, dynamic_ncols=True,
-                    mininterval=0.1 if sys.stderr.isatty() else 30.0)  # logs stay short when not a terminal
+        return tqdm(
+            total=total,
+            initial=self.state.global_step,
+            desc="train",
+            unit="step",
+            disable=self.args.disable_tqdm or not self.world.is_main,
+            dynamic_ncols=True,
+            mininterval=0.1 if sys.stderr.isatty() else 30.0,
+        )  # logs stay short when not a terminal
 
-    def _train_logs(self, losses: list[float], grad_norm: float, tokens: int, elapsed: float,
-                    micro: list[dict[str, Tensor]]) -> dict[str, Any]:
-        logs: dict[str, Any] = {"loss": sum(losses) / len(losses) if losses else float("nan"),
-                                "learning_rate": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                                "tokens_per_second": tokens / max(elapsed, 1e-9), "epoch": round(self.state.epoch, 4)}
+    def _train_logs(
+        self, losses: list[float], grad_norm: float, tokens: int, elapsed: float, micro: list[dict[str, Tensor]]
+    ) -> dict[str, Any]:
+        logs: dict[str, Any] = {
+            "loss": sum(losses) / len(losses) if losses else float("nan"),
+            "learning_rate": self.scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm,
+            "tokens_per_second": tokens / max(elapsed, 1e-9),
+            "epoch": round(self.state.epoch, 4),
+        }
         flops = getattr(self.model, "flops_per_token", None)
         if flops is not None and self._peak_flops:
             seq_len = micro[0]["input_ids"].shape[-1]
-            logs["mfu"] = model_flops_utilization(flops(seq_len), logs["tokens_per_second"], self._peak_flops,
-                                                  self.world.size)
+            logs["mfu"] = model_flops_utilization(
+                flops(seq_len), logs["tokens_per_second"], self._peak_flops, self.world.size
+            )
         return {k: v for k, v in logs.items() if not (isinstance(v, float) and not math.isfinite(v))}
 
     def log(self, logs: dict[str, Any], step: int | None = None) -> None:
@@ -498,10 +567,14 @@ class Trainer:
         optim_state = D.full_optimizer_state(self._wrapped, self.optimizer, self.world, self.args.fsdp)
         full = D.full_state_dict(self._wrapped, self.world, self.args.fsdp)
         if self.world.is_main:
-            training = {"optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
-                        "scaler": self.scaler.state_dict()}
-            ckpt.write_checkpoint(final, self.model, self.tokenizer, full, training, all_rng, self.state,
-                                  self.args.to_dict())
+            training = {
+                "optimizer": optim_state,
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+            }
+            ckpt.write_checkpoint(
+                final, self.model, self.tokenizer, full, training, all_rng, self.state, self.args.to_dict()
+            )
             ckpt.rotate_checkpoints(self.output_dir, self.args.save_total_limit, self.state.best_model_checkpoint)
         D.barrier(self.world)
         for cb in self.callbacks:
@@ -518,9 +591,11 @@ class Trainer:
 
     def _load_weights(self, path: Path) -> None:
         if self.args.fsdp and self.world.distributed:
-            raise NotImplementedError("loading a checkpoint into an FSDP-sharded model is not supported yet: resume "
-                                      "or load the best model with DDP (fsdp=False), or load the saved model "
-                                      "directory with from_pretrained")
+            raise NotImplementedError(
+                "loading a checkpoint into an FSDP-sharded model is not supported yet: resume "
+                "or load the best model with DDP (fsdp=False), or load the saved model "
+                "directory with from_pretrained"
+            )
         ckpt.load_model_weights(self.model, path)
 
     def _load_checkpoint(self, path: Path) -> None:
