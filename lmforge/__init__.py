@@ -5,8 +5,7 @@ Importing the package is cheap: heavy modules are loaded on first attribute acce
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from lmforge.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -23,7 +22,7 @@ _EXPORTS = {
     "sample_next_token": "lmforge.generation",
     "TrainingArguments": "lmforge.training.args",
     "Trainer": "lmforge.training.trainer",
-    "TrainerCallback": "lmforge.training.trainer",
+    "TrainerCallback": "lmforge.training.reporting",
     "EvalPrediction": "lmforge.training.metrics",
     "DataCollator": "lmforge.data.collate",
     "KnowledgeBase": "lmforge.pipelines",
@@ -79,11 +78,4 @@ _ALIASES = {
 __all__ = sorted(_EXPORTS) + sorted(_ALIASES) + ["__version__"]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _ALIASES:
-        module, target = _ALIASES[name]
-        return getattr(importlib.import_module(module), target)
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'lmforge' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__, __dir__ = lazy_exports(__name__, {**_EXPORTS, **_ALIASES})

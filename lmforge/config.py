@@ -93,6 +93,40 @@ class _HFConfig:
     def from_pretrained(cls, directory: str | os.PathLike) -> Any:
         return cls.from_json_file(Path(directory) / "config.json")
 
+    # set by each family: the config.json model_types it reads (the first is the default), and the
+    # settings of variants it does not implement (key -> the only value accepted)
+    model_types: ClassVar[tuple[str, ...]] = ()
+    unsupported: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def _rename_hf_keys(cls, d: dict[str, Any]) -> dict[str, Any]:
+        """Family hook: config.json keys -> the config's fields (the dict is the reader's own copy)."""
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Any:
+        """Read a config.json dict: check model_type, refuse unsupported variants rather than load a
+        different model, keep unknown keys in `extra` (written back on save)."""
+        d = dict(d)
+        model_type = d.pop("model_type", cls.model_types[0])
+        if model_type not in cls.model_types:
+            raise ValueError(
+                f"config has model_type {model_type!r}; {cls.__name__} reads {' or '.join(map(repr, cls.model_types))}"
+            )
+        d.pop("architectures", None)
+        if d.get("id2label") is not None:
+            d.pop("num_labels", None)  # the label map wins, as in Hugging Face
+        for key, default in cls.unsupported.items():
+            if d.get(key, default) != default:
+                raise ValueError(
+                    f"config.json sets {key}={d[key]!r}, which {cls.__name__} does not support (only {key}={default!r})"
+                )
+        d = cls._rename_hf_keys(d)
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in d.items() if k in names}
+        extra = {k: v for k, v in d.items() if k not in names}
+        return cls(**known, extra=extra)
+
 
 @dataclass
 class GPTConfig(_HFConfig):
@@ -129,7 +163,14 @@ class GPTConfig(_HFConfig):
     extra: dict[str, Any] = field(default_factory=dict)  # unknown config.json keys, kept on save
 
     model_type: ClassVar[str] = "gpt2"
-    model_types: ClassVar[tuple[str, ...]] = ("gpt2", "lmforge-gpt")  # the config.json model_types it reads
+    model_types: ClassVar[tuple[str, ...]] = ("gpt2", "lmforge-gpt")
+    # GPT-2 attention variants lmforge does not implement
+    unsupported: ClassVar[dict[str, Any]] = {
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "add_cross_attention": False,
+    }
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
@@ -191,34 +232,14 @@ class GPTConfig(_HFConfig):
         return out
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
-        d = dict(d)
-        model_type = d.pop("model_type", "gpt2")
-        if model_type not in cls.model_types:
-            raise ValueError(f"config has model_type {model_type!r}; GPTConfig reads 'gpt2' or 'lmforge-gpt'")
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+    def _rename_hf_keys(cls, d: dict[str, Any]) -> dict[str, Any]:
         if "dropout" not in d and "resid_pdrop" in d:
             d["dropout"] = d["resid_pdrop"]
         if "bias" not in d:
             d["bias"] = True  # GPT-2 always has biases
-        for drop in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "n_ctx", "architectures"):
+        for drop in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "n_ctx"):
             d.pop(drop, None)
-        if d.get("id2label") is not None:
-            d.pop("num_labels", None)  # the label map wins, as in Hugging Face
-        # GPT-2 attention variants lmforge does not implement: refuse rather than load a different model
-        for key, default in (
-            ("scale_attn_weights", True),
-            ("scale_attn_by_inverse_layer_idx", False),
-            ("reorder_and_upcast_attn", False),
-            ("add_cross_attention", False),
-        ):
-            if d.get(key, default) != default:
-                raise ValueError(
-                    f"config.json sets {key}={d[key]!r}, which lmforge's GPT does not support (only {key}={default!r})"
-                )
-        known = {k: v for k, v in d.items() if k in names}
-        extra = {k: v for k, v in d.items() if k not in names}
-        return cls(**known, extra=extra)
+        return d
 
 
 @dataclass
@@ -249,6 +270,12 @@ class BertConfig(_HFConfig):
 
     model_type: ClassVar[str] = "bert"
     model_types: ClassVar[tuple[str, ...]] = ("bert",)
+    # BERT variants lmforge does not implement
+    unsupported: ClassVar[dict[str, Any]] = {
+        "position_embedding_type": "absolute",
+        "is_decoder": False,
+        "add_cross_attention": False,
+    }
 
     def __post_init__(self) -> None:
         for name in (
@@ -288,27 +315,3 @@ class BertConfig(_HFConfig):
         out: dict[str, Any] = dict(self.extra)
         out.update({"model_type": "bert", "architectures": [architecture[0]], **d})
         return out
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> BertConfig:
-        d = dict(d)
-        model_type = d.pop("model_type", "bert")
-        if model_type not in cls.model_types:
-            raise ValueError(f"config has model_type {model_type!r}; BertConfig reads 'bert'")
-        d.pop("architectures", None)
-        if d.get("id2label") is not None:
-            d.pop("num_labels", None)  # the label map wins, as in Hugging Face
-        # BERT variants lmforge does not implement: refuse rather than load a different model
-        for key, default in (
-            ("position_embedding_type", "absolute"),
-            ("is_decoder", False),
-            ("add_cross_attention", False),
-        ):
-            if d.get(key, default) != default:
-                raise ValueError(
-                    f"config.json sets {key}={d[key]!r}, which lmforge's BERT does not support (only {key}={default!r})"
-                )
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        known = {k: v for k, v in d.items() if k in names}
-        extra = {k: v for k, v in d.items() if k not in names}
-        return cls(**known, extra=extra)

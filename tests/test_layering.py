@@ -4,7 +4,7 @@ Every module under lmforge/ is parsed (imports inside functions count too: they 
 together; only `if TYPE_CHECKING:` blocks, which never run, are skipped); the graph is built over lmforge's
 own modules. The layering, lowest first:
 
-    constants, utils  <-  nn  <-  hub (formats)  <-  config, models  <-  generation, tokenizer, data
+    constants, lazy, textio, utils  <-  nn  <-  hub (formats)  <-  config, models  <-  generation, tokenizer, data
                       <-  training, pipelines, interpret  <-  cli, serving
 
 (`nn` may use the hub's file readers, so the hub must stay below `nn`'s users and import no model.)
@@ -25,6 +25,8 @@ ROOT = Path(lmforge.__file__).parent
 # importer -> the only lmforge modules it may import (the bottom layers)
 MAY_ONLY_IMPORT = {
     "lmforge.constants": ("lmforge.constants",),
+    "lmforge.lazy": ("lmforge.lazy",),
+    "lmforge.textio": ("lmforge.textio", "lmforge.constants"),
     "lmforge.utils": ("lmforge.utils", "lmforge.constants"),
     "lmforge.nn": ("lmforge.nn", "lmforge.constants", "lmforge.utils", "lmforge.hub"),
 }

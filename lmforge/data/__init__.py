@@ -16,8 +16,7 @@ Names are imported on first use, so `import lmforge.data` does not load torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from lmforge.lazy import lazy_exports
 
 # public name -> module that defines it
 _EXPORTS = {
@@ -59,12 +58,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'lmforge.data' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -96,18 +96,16 @@ def read_weights(directory: Path) -> tuple[dict[str, Tensor], Path]:
     (never executes code).
     """
     directory = Path(directory)
-    st = directory / WEIGHTS_NAME
-    if file_present(st):
-        return read_safetensors(st), st
-    st_index = directory / WEIGHTS_INDEX_NAME
-    if file_present(st_index):
-        return read_sharded(st_index, read_safetensors), st_index
-    legacy = directory / LEGACY_WEIGHTS_NAME
-    if file_present(legacy):
-        return _read_pickle(legacy), legacy
-    legacy_index = directory / LEGACY_WEIGHTS_INDEX_NAME
-    if file_present(legacy_index):
-        return read_sharded(legacy_index, _read_pickle), legacy_index
+    candidates = (  # (file, reader of a single file, sharded?)
+        (WEIGHTS_NAME, read_safetensors, False),
+        (WEIGHTS_INDEX_NAME, read_safetensors, True),
+        (LEGACY_WEIGHTS_NAME, _read_pickle, False),
+        (LEGACY_WEIGHTS_INDEX_NAME, _read_pickle, True),
+    )
+    for name, reader, sharded in candidates:
+        path = directory / name
+        if file_present(path):
+            return (read_sharded(path, reader) if sharded else reader(path)), path
     raise FileNotFoundError(
         f"no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in {directory}, nor a sharded "
         f"{WEIGHTS_INDEX_NAME} / {LEGACY_WEIGHTS_INDEX_NAME}; a model directory is written "
