@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from lmforge.utils import atomic_write_text
+from lmforge.files import atomic_write_text
 
 POSITION_KINDS = ("learned", "sinusoidal", "rotary")
 PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")

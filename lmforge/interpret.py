@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from lmforge.constants import context_length
-from lmforge.utils import atomic_write_bytes
+from lmforge.files import atomic_write_bytes
 
 if TYPE_CHECKING:  # matplotlib is optional and loaded only to draw
     from matplotlib.figure import Figure

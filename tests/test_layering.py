@@ -4,7 +4,7 @@ Every module under lmforge/ is parsed (imports inside functions count too: they 
 together; only `if TYPE_CHECKING:` blocks, which never run, are skipped); the graph is built over lmforge's
 own modules. The layering, lowest first:
 
-    constants, lazy, textio, utils  <-  nn  <-  hub (formats)  <-  config, models  <-  generation, tokenizer, data
+    constants, files, lazy, textio, utils  <-  nn  <-  hub (formats)  <-  config, models  <-  generation, tokenizer, data
                       <-  training, pipelines, interpret  <-  cli, serving
 
 (`nn` may use the hub's file readers, so the hub must stay below `nn`'s users and import no model.)
@@ -27,8 +27,9 @@ MAY_ONLY_IMPORT = {
     "lmforge.constants": ("lmforge.constants",),
     "lmforge.lazy": ("lmforge.lazy",),
     "lmforge.textio": ("lmforge.textio", "lmforge.constants"),
+    "lmforge.files": ("lmforge.files",),
     "lmforge.utils": ("lmforge.utils", "lmforge.constants"),
-    "lmforge.nn": ("lmforge.nn", "lmforge.constants", "lmforge.utils", "lmforge.hub"),
+    "lmforge.nn": ("lmforge.nn", "lmforge.constants", "lmforge.files", "lmforge.utils", "lmforge.hub"),
 }
 
 # importer -> lmforge modules it must never import (everything above it)

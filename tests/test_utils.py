@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmforge.files import atomic_directory, atomic_write_text, recover_directory
 from lmforge.training.pretrain import apply_overrides, load_recipe
-from lmforge.utils import atomic_directory, atomic_write_text, matmul_peak_flops, recover_directory, resolve_device
+from lmforge.utils import matmul_peak_flops, resolve_device
 
 
 def test_atomic_write_replaces_and_leaves_no_temp(tmp_path: Path) -> None:

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.data.classification import read_records
+from lmforge.files import atomic_write_bytes
 from lmforge.textio import TextFileError
-from lmforge.utils import atomic_write_bytes
 
 CORPORA_DIR = Path(__file__).resolve().parent / "corpora"
 

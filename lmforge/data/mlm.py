@@ -196,7 +196,7 @@ class MLMCollator:
         return ids
 
 
-def _segments(sentences: Sequence[Sequence[int]], target: int) -> list[list[int]]:
+def split_segments(sentences: Sequence[Sequence[int]], target: int) -> list[list[int]]:
     """Pack consecutive sentences into segments of up to ~``target`` tokens (a longer sentence
     is a segment of its own; it is cut when paired)."""
     segments: list[list[int]] = []
@@ -237,7 +237,7 @@ def nsp_pairs(
     cls_id = _required_id(tokenizer, "cls_token", "needed for [CLS] A [SEP] B [SEP]")
     sep_id = _required_id(tokenizer, "sep_token", "needed for [CLS] A [SEP] B [SEP]")
     budget = max_length - 3
-    segmented = [_segments(document, max(1, budget // 2)) for document in documents]
+    segmented = [split_segments(document, max(1, budget // 2)) for document in documents]
     non_empty = [d for d, segments in enumerate(segmented) if segments]
     if len(non_empty) < 2:
         raise ValueError(

@@ -13,8 +13,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import Tensor
 
+from lmforge.files import atomic_write_bytes, atomic_write_text
 from lmforge.hub.resolve import file_present
-from lmforge.utils import atomic_write_bytes, atomic_write_text
 
 WEIGHTS_NAME = "model.safetensors"
 LEGACY_WEIGHTS_NAME = "pytorch_model.bin"

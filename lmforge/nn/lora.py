@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from safetensors.torch import save
 from torch import Tensor, nn
 
+from lmforge.files import atomic_write_bytes, atomic_write_text
 from lmforge.hub import ADAPTER_SUFFIXES, read_safetensors
 from lmforge.nn.layers import dropout as _dropout
-from lmforge.utils import atomic_write_bytes, atomic_write_text
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
-from lmforge.utils import atomic_directory, atomic_write_bytes, atomic_write_text
+from lmforge.files import atomic_directory, atomic_write_bytes, atomic_write_text
 
 FORMAT = "lmforge-knowledge-base"
 VERSION = 1

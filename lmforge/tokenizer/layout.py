@@ -17,8 +17,8 @@ from typing import Any
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as BackendTokenizer
 
+from lmforge.files import atomic_write_text
 from lmforge.tokenizer.backends import BERT_INPUT_NAMES, TokenizerParts
-from lmforge.utils import atomic_write_text
 
 #: Roles a special token can play, in the order Hugging Face lists them.
 SPECIAL_TOKEN_ROLES = (

@@ -3,7 +3,7 @@
 A checkpoint is the model directory (Hugging Face layout, LoRA adapters next to the weights) plus
 `optimizer.pt` (optimizer, scheduler and gradient-scaler states), one `rng_state*.pt` per process and
 `trainer_state.json` (step, data position, log history). It is written under a temporary name and
-renamed (`utils.atomic_directory`), so a crash never leaves half a checkpoint; `trainer_state.json`
+renamed (`files.atomic_directory`), so a crash never leaves half a checkpoint; `trainer_state.json`
 marks a complete one.
 """
 
@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lmforge.files import atomic_directory, recover_directory
 from lmforge.hub import load_hf_state_dict, read_weights, save_pretrained
 from lmforge.nn import lora
-from lmforge.utils import atomic_directory, recover_directory
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_NAME = "trainer_state.json"

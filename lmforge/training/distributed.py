@@ -113,11 +113,6 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user's model inside a DDP wrapper."""
-    return getattr(model, "module", model)
-
-
 def full_state_dict(model: nn.Module, world: World, fsdp: bool) -> dict[str, torch.Tensor] | None:
     """The whole model's state dict on rank 0 (None elsewhere); FSDP shards are gathered first."""
     if not (world.distributed and fsdp):

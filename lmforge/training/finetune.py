@@ -47,12 +47,13 @@ from lmforge.data import (
 )
 from lmforge.data.classification import MissingFieldError, read_records
 from lmforge.data.qa_spans import QAChunk, decode_answers
+from lmforge.files import atomic_write_text
 from lmforge.nn.lora import LoRAConfig, apply_lora, merge_and_unload, trainable_parameters
 from lmforge.training.args import TrainingArguments
 from lmforge.training.metrics import classification_metrics, squad_metrics, token_classification_metrics
 from lmforge.training.textgen import GENERATION_METRICS, generate_targets, score_generations
 from lmforge.training.trainer import Trainer
-from lmforge.utils import atomic_write_text, set_seed
+from lmforge.utils import set_seed
 
 TASKS = {
     "classification": "classification",

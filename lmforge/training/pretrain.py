@@ -31,7 +31,8 @@ from lmforge.data import (
     prepare_corpus,
     resolve_sources,
 )
-from lmforge.data.mlm import _segments
+from lmforge.data.mlm import split_segments
+from lmforge.files import atomic_write_text
 from lmforge.generation import stream
 from lmforge.models.bert import BertForMaskedLM, BertForPreTraining
 from lmforge.models.gpt import GPTForCausalLM
@@ -40,7 +41,7 @@ from lmforge.tokenizer import Tokenizer
 from lmforge.training.args import TrainingArguments
 from lmforge.training.checkpoint import list_checkpoints
 from lmforge.training.trainer import Trainer
-from lmforge.utils import atomic_write_text, set_seed
+from lmforge.utils import set_seed
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 RECIPE_FILE = "recipe.json"  # the effective recipe, saved in the run's folder so --resume can reuse it
@@ -315,7 +316,7 @@ def _bert_setup(
         if nsp:
             return nsp_pairs(docs, max_length, seed, tokenizer)
         cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id  # MLM only: sentences packed to the length
-        segments = [seg for doc in docs for seg in _segments(doc, max_length - 2)]
+        segments = [seg for doc in docs for seg in split_segments(doc, max_length - 2)]
         return [{"input_ids": [cls, *seg[: max_length - 2], sep]} for seg in segments]
 
     collator = MLMCollator(

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from lmforge.utils import atomic_write_bytes, atomic_write_text
+from lmforge.files import atomic_write_bytes, atomic_write_text
 
 
 class TrainerCallback:

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from lmforge.constants import NO_LENGTH_LIMIT, context_length
 from lmforge.data.collate import DataCollator
+from lmforge.files import atomic_write_text
 from lmforge.nn.losses import count_loss_items, weighted_loss
 from lmforge.training import checkpoint as ckpt
 from lmforge.training import distributed as D
@@ -51,7 +52,7 @@ from lmforge.training.reporting import (
     plot_history,
 )
 from lmforge.training.sampling import PlanSampler, SamplingPlan, build_plan, example_lengths, shuffles
-from lmforge.utils import atomic_write_text, matmul_peak_flops, resolve_device, set_seed
+from lmforge.utils import matmul_peak_flops, resolve_device, set_seed
 
 __all__ = ["Trainer", "TrainOutput", "PredictionOutput", "TrainerCallback", "TrainerState", "EvalPrediction"]
 
