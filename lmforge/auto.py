@@ -54,7 +54,7 @@ class AutoTokenizer:
 
 
 class _AutoModel:
-    """Picks the class for a task from `model_type`; subclasses name their task (`registry.TASKS`)."""
+    """Picks the class for a task from `model_type`; subclasses name their task (the name families register under)."""
 
     task: str
 

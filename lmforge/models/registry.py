@@ -8,20 +8,13 @@ A family decorates its model classes with `@register(task)`; the class's `config
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable
 from typing import TypeVar
 
-TASKS = (
-    "base-model",
-    "causal-lm",
-    "sequence-classification",
-    "masked-lm",
-    "pretraining",
-    "token-classification",
-    "question-answering",
-)
-
-_MODELS: dict[str, dict[str, type]] = {task: {} for task in TASKS}  # task -> model_type -> model class
+# task (e.g. "causal-lm", "masked-lm", "question-answering") -> model_type -> model class; a family
+# that brings a new task (e.g. "seq2seq-lm") creates its table by registering a class for it
+_MODELS: defaultdict[str, dict[str, type]] = defaultdict(dict)
 _CONFIGS: dict[str, type] = {}  # model_type -> config class
 _ARCHITECTURES: dict[str, type] = {}  # Hugging Face or lmforge class name -> model class
 
@@ -30,8 +23,6 @@ M = TypeVar("M", bound=type)
 
 def register(task: str) -> Callable[[M], M]:
     """Class decorator: the class serves `task` for every model_type its config class reads."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; one of {TASKS}")
 
     def add(cls: M) -> M:
         for model_type in cls.config_class.model_types:
@@ -51,7 +42,7 @@ def _unsupported(model_type: str, what: str, table: dict[str, type]) -> ValueErr
 def model_class(task: str, model_type: str, what: str) -> type:
     """The class for `task` and config.json's `model_type`; `what` (e.g. "AutoModel") names the caller
     in the error."""
-    table = _MODELS[task]
+    table = _MODELS.get(task, {})
     if model_type not in table:
         raise _unsupported(model_type, what, table)
     return table[model_type]
