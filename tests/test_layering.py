@@ -4,8 +4,8 @@ Every module under lmforge/ is parsed (imports inside functions count too: they 
 together; only `if TYPE_CHECKING:` blocks, which never run, are skipped); the graph is built over lmforge's
 own modules. The layering, lowest first:
 
-    constants, files, lazy, textio, utils  <-  nn  <-  hub (formats)  <-  config, models  <-  generation, tokenizer, data
-                      <-  training, pipelines, interpret  <-  cli, serving
+    constants, files, lazy, textio, utils  <-  nn  <-  hub (formats)  <-  config, models
+        <-  generation, tokenizer, data  <-  training, pipelines, interpret  <-  cli, serving
 
 (`nn` may use the hub's file readers, so the hub must stay below `nn`'s users and import no model.)
 """
