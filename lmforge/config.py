@@ -15,10 +15,11 @@ POSITION_KINDS = ("learned", "sinusoidal", "rotary")
 PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
 
 
-class _HFConfig:
-    """What every config shares: the sequence-classification label map (num_labels / id2label /
-    label2id / problem_type, as Hugging Face keeps them), `updated`, and config.json files.
-    Subclasses are dataclasses with those fields, an `extra` dict, `to_dict` and `from_dict`."""
+class PretrainedConfig:
+    """Base of every family's config (transformers' name). What every config shares: the
+    sequence-classification label map (num_labels / id2label / label2id / problem_type, as Hugging Face
+    keeps them), `updated`, reading config.json (`from_dict`) and writing it. Subclasses are dataclasses
+    with those fields and an `extra` dict; they set `model_type` / `model_types` and write `to_dict`."""
 
     num_labels: int | None
     id2label: dict[int, str] | None
@@ -129,7 +130,7 @@ class _HFConfig:
 
 
 @dataclass
-class GPTConfig(_HFConfig):
+class GPTConfig(PretrainedConfig):
     """A decoder-only Transformer. Field names are GPT-2's `config.json` keys where they exist.
 
     The defaults are GPT-2-shaped (learned positions, tanh GELU, biases, pre-norm with a final
@@ -243,7 +244,7 @@ class GPTConfig(_HFConfig):
 
 
 @dataclass
-class BertConfig(_HFConfig):
+class BertConfig(PretrainedConfig):
     """A bidirectional encoder (BERT). Field names are Hugging Face's BertConfig keys, and the
     defaults are bert-base's, so a BERT checkpoint's config.json reads unchanged."""
 

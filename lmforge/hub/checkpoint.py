@@ -73,7 +73,7 @@ def load_hf_state_dict(model: nn.Module, hf_state: dict[str, Tensor], source: st
             f"task, which {model_name} does not use; only the shared trunk was loaded",
             stacklevel=3,
         )
-    std = model.config.initializer_range
+    std = getattr(model.config, "initializer_range", 0.02)  # for fresh heads; 0.02 is transformers' default
     layer_norm = {h for h in fresh if isinstance(model.get_submodule(h.rsplit(".", 1)[0]), nn.LayerNorm)}
     for head in fresh:
         found = f"has {head} of shape {tuple(ours[head].shape)}" if head in ours else f"has no {head}"
@@ -125,7 +125,7 @@ def load_pretrained(
     model = cls(config)
     state, source = read_weights(directory)
     load_hf_state_dict(model, state, str(source))
-    if config.tie_word_embeddings and hasattr(model, "tie_weights"):
+    if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
         model.tie_weights()
     model.eval()
     if dtype is None or dtype == "auto":  # the dtype the checkpoint was saved in, as transformers 5 does
