@@ -129,6 +129,18 @@ def close(ours: Any, theirs: Any, tol: float = 1e-5) -> None:
         assert ours == (theirs.item() if hasattr(theirs, "item") else theirs), (ours, theirs)
 
 
+def ranked_clearly(results: Any) -> None:
+    """Every ranked list of candidates in `results` (dicts with a "score", best first) has its neighbours
+    more than GREEDY_MARGIN apart, so the order compared exactly with transformers' cannot flip on another
+    CPU (scores drift by ~5e-6 there at most)."""
+    if isinstance(results, list) and results and all(isinstance(r, dict) and "score" in r for r in results):
+        scores = [r["score"] for r in results]
+        assert all(a - b > GREEDY_MARGIN for a, b in zip(scores, scores[1:])), scores
+    elif isinstance(results, list):
+        for r in results:
+            ranked_clearly(r)
+
+
 # ---------------------------------------------------------------------------- text classification
 def test_text_classification_matches_transformers(wp: Tokenizer, tmp_path: Path) -> None:
     model = bert(BertForSequenceClassification, wp, id2label={0: "neg", 1: "neu", 2: "pos"})
@@ -137,6 +149,7 @@ def test_text_classification_matches_transformers(wp: Tokenizer, tmp_path: Path)
     texts = ["to be or not to be", "床前明月光", "shall i compare thee to a summer's day? thou art more lovely", "may"]
     close(ours(texts[0]), hf(texts[0]))  # [{"label", "score"}]
     close(ours(texts), hf(texts))  # one dict per text, in input order despite the length sorting
+    ranked_clearly(ours(texts, top_k=None))
     for top_k in (None, 2, 1):
         close(ours(texts[0], top_k=top_k), hf(texts[0], top_k=top_k))
         close(ours(texts, top_k=top_k), hf(texts, top_k=top_k))
@@ -180,6 +193,7 @@ def test_fill_mask_matches_transformers(wp: Tokenizer, tmp_path: Path) -> None:
     hf = hf_pipeline("fill-mask", saved(model, wp, tmp_path))
     ours = pipeline("fill-mask", model=model, tokenizer=wp)
     one, two = "to be or [MASK] to be", "[MASK] is the winter of our [MASK]"
+    ranked_clearly(ours([one, two, "床前[MASK]月光"]))
     close(ours(one), hf(one))  # top 5: score, token, token_str, sequence
     close(ours(two, top_k=3), hf(two, top_k=3))  # a list per mask
     close(ours([one, two, "床前[MASK]月光"]), [hf(one), hf(two), hf("床前[MASK]月光")])
@@ -197,6 +211,10 @@ def test_token_classification_matches_transformers(wp: Tokenizer, tmp_path: Path
     model = bert(BertForTokenClassification, wp, id2label=NER_LABELS, seed=3)
     hf = hf_pipeline("token-classification", saved(model, wp, tmp_path))
     ours = pipeline("ner", model=model, tokenizer=wp, aggregation_strategy=strategy, batch_size=2)
+    with torch.no_grad():  # each token's label beats the runner-up clearly: it cannot flip on another CPU
+        probs = model(**wp(NER_TEXTS, padding=True, return_tensors="pt")).logits.softmax(-1)  # (B, T, labels)
+    top2 = probs.topk(2, dim=-1).values
+    assert (top2[..., 0] - top2[..., 1]).min().item() > GREEDY_MARGIN
     for ignore in (None, []):
         kwargs = {} if ignore is None else {"ignore_labels": ignore}
         mine = ours(NER_TEXTS, **kwargs)
