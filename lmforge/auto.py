@@ -110,3 +110,9 @@ class AutoModelForQuestionAnswering(_AutoModel):
     """`AutoModelForQuestionAnswering.from_pretrained(path)`: answer-span start/end logits."""
 
     task = "question-answering"
+
+
+class AutoModelForSeq2SeqLM(_AutoModel):
+    """`AutoModelForSeq2SeqLM.from_pretrained(path)` for encoder-decoders (Marian, BART)."""
+
+    task = "seq2seq-lm"

@@ -85,3 +85,11 @@ class QuestionAnsweringModelOutput(ModelOutput):
     end_logits: Tensor | None = None  # (B, T)
     hidden_states: tuple[Tensor, ...] | None = None
     attentions: tuple[Tensor, ...] | None = None
+
+
+@dataclass
+class Seq2SeqLMOutput(ModelOutput):
+    loss: Tensor | None = None
+    logits: Tensor | None = None  # (B, T, V)
+    past_key_values: Any = None  # the decoder's lmforge.nn.KVCache when use_cache=True
+    encoder_last_hidden_state: Tensor | None = None  # (B, S, C)

@@ -1,7 +1,14 @@
 """Shared Transformer building blocks used by every model family."""
 
-from lmforge.nn.attention import AttentionMask, KVCache, MultiHeadAttention, causal_mask, reference_attention
-from lmforge.nn.layers import ACTIVATIONS, FeedForward, TransformerBlock, get_activation, layer_norm
+from lmforge.nn.attention import (
+    AttentionMask,
+    CrossAttention,
+    KVCache,
+    MultiHeadAttention,
+    causal_mask,
+    reference_attention,
+)
+from lmforge.nn.layers import ACTIVATIONS, DecoderBlock, FeedForward, TransformerBlock, get_activation, layer_norm
 from lmforge.nn.positions import (
     LearnedPositionalEmbedding,
     RotaryEmbedding,
@@ -11,6 +18,8 @@ from lmforge.nn.positions import (
 
 __all__ = [
     "AttentionMask",
+    "CrossAttention",
+    "DecoderBlock",
     "KVCache",
     "MultiHeadAttention",
     "causal_mask",

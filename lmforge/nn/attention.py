@@ -170,15 +170,40 @@ class MultiHeadAttention(nn.Module):
             if self.training and self.dropout:
                 y = F.dropout(weights, self.dropout) @ v
         else:
-            y = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=mask.allowed,
-                dropout_p=self.dropout if self.training else 0.0,
-                is_causal=mask.is_causal,
-            )
-            if mask.empty_rows is not None:
-                y = y.masked_fill(mask.empty_rows, 0.0)
+            y = fast_attention(q, k, v, mask, self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return apply(self.proj, y), weights
+
+
+def fast_attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, dropout_p: float = 0.0) -> Tensor:
+    """SDPA under `mask`: q (B, H, Tq, hs), k and v (B, H, Tk, hs) -> (B, H, Tq, hs); rows with nothing
+    to attend to give zeros."""
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.allowed, dropout_p=dropout_p, is_causal=mask.is_causal)
+    if mask.empty_rows is not None:
+        y = y.masked_fill(mask.empty_rows, 0.0)
+    return y
+
+
+class CrossAttention(nn.Module):
+    """Encoder-decoder attention: queries from the decoder (`q` = W^Q), keys and values from the encoder's
+    output (`kv` = [W^K; W^V], fused), output projection `proj` = W^O."""
+
+    def __init__(self, d_model: int, n_heads: int, bias: bool = True, dropout: float = 0.0) -> None:
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
+        self.q = nn.Linear(d_model, d_model, bias=bias)
+        self.kv = nn.Linear(d_model, 2 * d_model, bias=bias)
+        self.proj = nn.Linear(d_model, d_model, bias=bias)
+        self.dropout = dropout
+
+    def forward(self, x: Tensor, memory: Tensor, mask: AttentionMask) -> Tensor:
+        """x: (B, T, C) attends over memory: (B, S, C) (mask: which of the S positions are real) -> (B, T, C)."""
+        B, T, C = x.shape
+        S = memory.size(1)
+        q = apply(self.q, x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hs)
+        kv = apply(self.kv, memory).view(B, S, 2, self.n_heads, self.head_dim)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, S, hs)
+        y = fast_attention(q, k, v, mask, self.dropout if self.training else 0.0)
+        return apply(self.proj, y.transpose(1, 2).reshape(B, T, C))

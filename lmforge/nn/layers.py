@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from lmforge.nn.attention import AttentionMask, KVCache, MultiHeadAttention
+from lmforge.nn.attention import AttentionMask, CrossAttention, KVCache, MultiHeadAttention
 from lmforge.nn.inference import apply, hook_free
 from lmforge.nn.positions import RotaryEmbedding
 
@@ -25,6 +25,7 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu_pytorch_tanh": gelu_tanh,
     "relu": F.relu,
     "silu": F.silu,
+    "swish": F.silu,  # Marian's name for SiLU
 }
 
 
@@ -50,6 +51,7 @@ INPLACE_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu_pytorch_tanh": gelu_tanh_,
     "relu": torch.relu_,
     "silu": silu_,
+    "swish": silu_,
 }
 
 
@@ -155,6 +157,61 @@ class TransformerBlock(nn.Module):
             x = apply(self.ln_1, x + dropout(a, self.dropout, self.training))
             x = apply(self.ln_2, x + self.mlp(x))
         return x, weights
+
+
+class DecoderBlock(nn.Module):
+    """An encoder-decoder's decoder layer: causal self-attention, cross-attention over the encoder's
+    output (`memory`), feed-forward, each with a residual.
+
+    pre-norm:  x = x + attn(ln_1(x));  x = x + cross_attn(ln_cross(x), memory);  x = x + mlp(ln_2(x))
+    post-norm (original Transformer, Marian, BART):  x = ln_1(x + attn(x));  x = ln_cross(x + cross_attn(x, memory));
+        x = ln_2(x + mlp(x))
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        d_ff: int,
+        activation: str = "gelu",
+        bias: bool = True,
+        dropout: float = 0.0,
+        attn_dropout: float | None = None,
+        norm_position: str = "post",
+        eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        if norm_position not in ("pre", "post"):
+            raise ValueError(f"norm_position must be 'pre' or 'post', got {norm_position!r}")
+        self.pre_norm = norm_position == "pre"
+        attn_p = dropout if attn_dropout is None else attn_dropout
+        self.ln_1 = layer_norm(d_model, eps, bias)
+        self.attn = MultiHeadAttention(d_model, n_heads, bias, attn_p)
+        self.ln_cross = layer_norm(d_model, eps, bias)
+        self.cross_attn = CrossAttention(d_model, n_heads, bias, attn_p)
+        self.ln_2 = layer_norm(d_model, eps, bias)
+        self.mlp = FeedForward(d_model, d_ff, activation, bias, dropout)
+        self.dropout = dropout
+
+    def forward(
+        self,
+        x: Tensor,
+        memory: Tensor,
+        mask: AttentionMask,
+        memory_mask: AttentionMask,
+        cache: KVCache | None = None,
+        layer_idx: int = 0,
+    ) -> Tensor:
+        """x: (B, T, C), memory: (B, S, C) -> (B, T, C)."""
+        if self.pre_norm:
+            a, _ = self.attn(apply(self.ln_1, x), mask, None, cache, layer_idx)
+            x = x + dropout(a, self.dropout, self.training)
+            x = x + dropout(self.cross_attn(apply(self.ln_cross, x), memory, memory_mask), self.dropout, self.training)
+            return x + self.mlp(apply(self.ln_2, x))
+        a, _ = self.attn(x, mask, None, cache, layer_idx)
+        x = apply(self.ln_1, x + dropout(a, self.dropout, self.training))
+        x = apply(self.ln_cross, x + dropout(self.cross_attn(x, memory, memory_mask), self.dropout, self.training))
+        return apply(self.ln_2, x + self.mlp(x))
 
 
 def run_blocks(

@@ -9,16 +9,27 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+SINUSOIDAL_LAYOUTS = ("interleaved", "split")
 
-def sinusoidal_table(num_positions: int, dim: int) -> Tensor:
+
+def sinusoidal_table(num_positions: int, dim: int, layout: str = "interleaved") -> Tensor:
     """PE(pos, 2i) = sin(pos / 10000^(2i/dim)), PE(pos, 2i+1) = cos(pos / 10000^(2i/dim)).
 
+    layout "interleaved" (the original Transformer) puts sine and cosine in alternate columns; "split"
+    (Marian) puts all sines first, then all cosines: [sin(angle) | cos(angle)].
     Returns a (num_positions, dim) float32 table, computed in float64 for accuracy.
     """
+    if layout not in SINUSOIDAL_LAYOUTS:
+        raise ValueError(f"sinusoidal layout must be one of {SINUSOIDAL_LAYOUTS}, got {layout!r}")
     pos = torch.arange(num_positions, dtype=torch.float64)[:, None]  # (P, 1)
     two_i = torch.arange(0, dim, 2, dtype=torch.float64)  # (ceil(dim/2),) = 2i
     angle = pos / torch.pow(10000.0, two_i / dim)  # (P, ceil(dim/2))
     table = torch.zeros(num_positions, dim, dtype=torch.float64)
+    if layout == "split":  # ceil(dim/2) sine columns, then the cosines
+        half = angle.size(1)
+        table[:, :half] = torch.sin(angle)
+        table[:, half:] = torch.cos(angle[:, : dim // 2])
+        return table.float()
     table[:, 0::2] = torch.sin(angle)
     table[:, 1::2] = torch.cos(angle[:, : dim // 2])  # an odd dim has one fewer cosine column
     return table.float()
@@ -27,10 +38,10 @@ def sinusoidal_table(num_positions: int, dim: int) -> Tensor:
 class SinusoidalPositionalEmbedding(nn.Module):
     """Fixed sinusoidal encodings looked up by position id (no parameters)."""
 
-    def __init__(self, num_positions: int, dim: int) -> None:
+    def __init__(self, num_positions: int, dim: int, layout: str = "interleaved") -> None:
         super().__init__()
         self.num_positions = num_positions
-        self.register_buffer("table", sinusoidal_table(num_positions, dim), persistent=False)
+        self.register_buffer("table", sinusoidal_table(num_positions, dim, layout), persistent=False)
 
     def forward(self, position_ids: Tensor) -> Tensor:  # (B, T) -> (B, T, dim)
         return self.table[position_ids]
