@@ -81,6 +81,7 @@ _ALIASES = {
     "BertTokenizer": ("lmforge.tokenizer", "Tokenizer"),
     "BertTokenizerFast": ("lmforge.tokenizer", "Tokenizer"),
     "PreTrainedTokenizerFast": ("lmforge.tokenizer", "Tokenizer"),
+    "MarianTokenizer": ("lmforge.tokenizer", "MarianTokenizer"),
 }
 
 __all__ = sorted(_EXPORTS) + sorted(_ALIASES) + ["__version__"]

@@ -14,7 +14,9 @@ from typing import Any
 
 from lmforge.hub import read_config_dict, resolve_model_dir
 from lmforge.models import registry  # importing lmforge.models imports every family, which fills the registry
-from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizer import MarianTokenizer, Tokenizer
+from lmforge.tokenizer.layout import resolve_tokenizer_path
+from lmforge.tokenizer.marian import is_marian_dir
 
 
 def model_type_of(name_or_path: str | os.PathLike) -> str:
@@ -40,11 +42,14 @@ class AutoConfig:
 
 
 class AutoTokenizer:
-    """`AutoTokenizer.from_pretrained(path)` -> lmforge's Tokenizer for the directory's files."""
+    """`AutoTokenizer.from_pretrained(path)` -> lmforge's Tokenizer for the directory's files (a MarianTokenizer
+    for Marian's SentencePiece files)."""
 
     @staticmethod
     def from_pretrained(name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
-        tokenizer = Tokenizer.from_pretrained(name_or_path)  # a folder or a cached model id
+        path = resolve_tokenizer_path(name_or_path)  # a folder, a file in one, or a cached model id
+        tokenizer_class = MarianTokenizer if path.is_dir() and is_marian_dir(path) else Tokenizer
+        tokenizer = tokenizer_class.from_pretrained(path)
         for key in ("padding_side", "model_max_length"):
             if key in kwargs:
                 setattr(tokenizer, key, kwargs.pop(key))

@@ -9,11 +9,13 @@
   - ``layout.py``: the Hugging Face tokenizer directory: ``tokenizer.json`` and its config files, read and
     written, and the table of ``tokenizer_class`` names;
   - ``legacy.py``: legacy files of checkpoints without ``tokenizer.json``: GPT-2's ``vocab.json`` +
-    ``merges.txt``, BERT's ``vocab.txt`` (with ``added_tokens.json`` and the config files beside them).
+    ``merges.txt``, BERT's ``vocab.txt`` (with ``added_tokens.json`` and the config files beside them);
+  - ``marian.py``: ``MarianTokenizer``, Marian's two SentencePiece models over one shared ``vocab.json``.
 """
 
 from lmforge.tokenizer.batch import BatchEncoding
 from lmforge.tokenizer.core import Tokenizer
 from lmforge.tokenizer.layout import SPECIAL_TOKEN_ROLES
+from lmforge.tokenizer.marian import MarianTokenizer
 
-__all__ = ["SPECIAL_TOKEN_ROLES", "BatchEncoding", "Tokenizer"]
+__all__ = ["SPECIAL_TOKEN_ROLES", "BatchEncoding", "MarianTokenizer", "Tokenizer"]

@@ -93,6 +93,48 @@ def truncation_mode(truncation: bool | str) -> str | None:
         ) from None
 
 
+def check_return_tensors(return_tensors: str | None) -> None:
+    """Refuse a ``return_tensors`` other than None (lists), "pt" (torch) or "np" (numpy)."""
+    if return_tensors not in (None, "pt", "np"):
+        raise ValueError(f"return_tensors must be None, 'pt' or 'np', got {return_tensors!r}")
+
+
+def pack_batch(
+    columns: dict[str, list[list[Any]]],
+    pad_mode: str,
+    max_length: int | None,
+    pad_values: dict[str, Any],
+    side: str,
+    return_tensors: str | None,
+    is_batch: bool,
+) -> BatchEncoding:
+    """The :class:`BatchEncoding` of ``columns`` (key -> one row per text): rows padded as ``pad_mode`` asks (to the
+    longest ``input_ids`` row, or to ``max_length``) with ``pad_values[key]`` on ``side``, then made tensors of kind
+    ``return_tensors``, or kept as lists (one flat row when the input was a single text, ``is_batch`` False)."""
+    if pad_mode != "do_not_pad":
+        longest = max((len(row) for row in columns["input_ids"]), default=0)
+        target = max_length if pad_mode == "max_length" else longest
+        columns = {key: [pad_row(row, target, pad_values[key], side) for row in rows] for key, rows in columns.items()}
+    out = BatchEncoding()
+    for key, rows in columns.items():
+        if return_tensors is not None:
+            out[key] = to_tensor(rows, key, return_tensors)
+        else:
+            out[key] = rows if is_batch else rows[0]
+    return out
+
+
+def as_id_rows(sequences: Any) -> list[Any]:
+    """The rows of a 2-D tensor/array or a list of id sequences, for ``batch_decode``."""
+    if hasattr(sequences, "tolist"):
+        if getattr(sequences, "ndim", 2) != 2:
+            raise ValueError(
+                f"batch_decode takes a 2-D tensor/array, got {sequences.ndim}-D; use decode for a single sequence"
+            )
+        return sequences.tolist()
+    return list(sequences)
+
+
 def pad_row(row: list[Any], target: int, value: Any, side: str) -> list[Any]:
     """``row`` filled with ``value`` up to ``target`` items on ``side`` ("right" or "left")."""
     missing = target - len(row)

@@ -21,16 +21,16 @@ from tokenizers import AddedToken, Encoding
 from tokenizers import Tokenizer as BackendTokenizer
 
 from lmforge.constants import NO_LENGTH_LIMIT
-from lmforge.hub import cached_snapshot, is_repo_id
 from lmforge.tokenizer import legacy, train
 from lmforge.tokenizer.backends import TokenizerParts
 from lmforge.tokenizer.batch import (
     BatchEncoding,
     as_id_list,
+    as_id_rows,
     as_text_list,
-    pad_row,
+    check_return_tensors,
+    pack_batch,
     padding_mode,
-    to_tensor,
     truncation_mode,
 )
 from lmforge.tokenizer.layout import (
@@ -38,6 +38,7 @@ from lmforge.tokenizer.layout import (
     TOKENIZER_FILE,
     read_tokenizer_dir,
     read_tokenizer_file,
+    resolve_tokenizer_path,
     write_tokenizer_dir,
 )
 
@@ -199,9 +200,7 @@ class Tokenizer:
         transformers' ``BertTokenizer`` (see :mod:`lmforge.tokenizer.legacy`).
         ``tokenizer.json`` wins when present.
         """
-        path = Path(path).expanduser()
-        if not path.exists() and _looks_like_model_id(str(path)):
-            path = cached_snapshot(str(path))
+        path = resolve_tokenizer_path(path)
         if path.is_dir():
             if not (path / TOKENIZER_FILE).is_file():
                 return cls._from_parts(legacy.read_legacy_dir(path))
@@ -389,8 +388,7 @@ class Tokenizer:
                 raise ValueError(f"text has {len(texts)} items but text_pair has {len(pairs)}; pass one pair per text")
         pad_mode = padding_mode(padding, max_length)
         trunc_mode = truncation_mode(truncation)
-        if return_tensors not in (None, "pt", "np"):
-            raise ValueError(f"return_tensors must be None, 'pt' or 'np', got {return_tensors!r}")
+        check_return_tensors(return_tensors)
         if pad_mode != "do_not_pad" and self.pad_token_id is None:
             raise ValueError(
                 "padding was requested but this tokenizer has no pad token; set one first, e.g. "
@@ -419,25 +417,13 @@ class Tokenizer:
         if return_offsets_mapping:
             columns["offset_mapping"] = [list(e.offsets) for e in encodings]
 
-        if pad_mode != "do_not_pad":
-            longest = max((len(e.ids) for e in encodings), default=0)
-            target = max_length if pad_mode == "max_length" else longest
-            pad_values = {
-                "input_ids": self.pad_token_id,
-                "token_type_ids": 0,
-                "attention_mask": 0,
-                "offset_mapping": (0, 0),
-            }
-            for key, rows in columns.items():
-                columns[key] = [pad_row(row, target, pad_values[key], self.padding_side) for row in rows]
-
-        out = BatchEncoding()
-        for key, rows in columns.items():
-            if return_tensors is not None:
-                out[key] = to_tensor(rows, key, return_tensors)
-            else:
-                out[key] = rows if is_batch else rows[0]
-        return out
+        pad_values = {
+            "input_ids": self.pad_token_id,
+            "token_type_ids": 0,
+            "attention_mask": 0,
+            "offset_mapping": (0, 0),
+        }
+        return pack_batch(columns, pad_mode, max_length, pad_values, self.padding_side, return_tensors, is_batch)
 
     @contextlib.contextmanager
     def truncating(
@@ -500,13 +486,7 @@ class Tokenizer:
 
     def batch_decode(self, sequences: Any, skip_special_tokens: bool = False) -> list[str]:
         """:meth:`decode` for each row of a 2-D tensor/array or a list of id lists."""
-        if hasattr(sequences, "tolist"):
-            if getattr(sequences, "ndim", 2) != 2:
-                raise ValueError(
-                    f"batch_decode takes a 2-D tensor/array, got {sequences.ndim}-D; use decode for a single sequence"
-                )
-            sequences = sequences.tolist()
-        return [self.decode(seq, skip_special_tokens=skip_special_tokens) for seq in sequences]
+        return [self.decode(seq, skip_special_tokens=skip_special_tokens) for seq in as_id_rows(sequences)]
 
     # ------------------------------------------------------------------ helpers
     def _check_ids(self, ids: list[int]) -> list[int]:
@@ -551,8 +531,3 @@ class Tokenizer:
             f"model={type(self._backend.model).__name__}, {roles}, "
             f"padding_side={self.padding_side!r}, model_max_length={self.model_max_length})"
         )
-
-
-def _looks_like_model_id(name: str) -> bool:
-    """ "gpt2" or "org/name" (no path separators beyond one slash, no file suffix)."""
-    return is_repo_id(name) and not name.endswith((".json", ".txt"))

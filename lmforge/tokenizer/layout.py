@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import json
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from tokenizers import AddedToken
 from tokenizers import Tokenizer as BackendTokenizer
 
 from lmforge.files import atomic_write_text
+from lmforge.hub import cached_snapshot, is_repo_id
 from lmforge.tokenizer.backends import BERT_INPUT_NAMES, TokenizerParts
 
 #: Roles a special token can play, in the order Hugging Face lists them.
@@ -41,16 +43,19 @@ class LegacyVocab(enum.Enum):
 
     GPT2_BPE = "GPT-2's byte-level BPE"  # vocab.json + merges.txt
     BERT_WORDPIECE = "BERT's WordPiece"  # vocab.txt, [CLS] A [SEP] [B [SEP]], segment ids
+    MARIAN_SPM = "Marian's SentencePiece models"  # source.spm + target.spm + vocab.json (read by marian.py)
 
 
 #: ``tokenizer_class`` values lmforge understands -> the legacy vocabulary they mean. Other classes read the same
 #: files differently (RoBERTa adds <s>...</s>, GPT-1 uses </w> word ends, MPNet <s>...</s>), so without a
-#: tokenizer.json only these load; BERT's classes also return ``token_type_ids``.
+#: tokenizer.json only these load; BERT's classes also return ``token_type_ids``; Marian's load as a
+#: ``MarianTokenizer`` (marian.py), not a ``Tokenizer``.
 TOKENIZER_CLASSES: dict[str, LegacyVocab] = {
     "GPT2Tokenizer": LegacyVocab.GPT2_BPE,
     "GPT2TokenizerFast": LegacyVocab.GPT2_BPE,
     "BertTokenizer": LegacyVocab.BERT_WORDPIECE,
     "BertTokenizerFast": LegacyVocab.BERT_WORDPIECE,
+    "MarianTokenizer": LegacyVocab.MARIAN_SPM,
 }
 
 # Well-known special token strings -> the roles they play; used only when a tokenizer.json is
@@ -73,6 +78,16 @@ def legacy_vocab_of(config: Mapping[str, Any]) -> LegacyVocab | None:
 
 
 # ---------------------------------------------------------------------- reading
+def resolve_tokenizer_path(path: str | os.PathLike[str]) -> Path:
+    """A local path as given (a directory or a file in one), or the local Hugging Face cache snapshot of a model
+    id ("gpt2", "org/name": no path separators beyond one slash, no .json/.txt suffix)."""
+    resolved = Path(path).expanduser()
+    name = str(resolved)
+    if not resolved.exists() and is_repo_id(name) and not name.endswith((".json", ".txt")):
+        return cached_snapshot(name)
+    return resolved
+
+
 def read_tokenizer_file(path: Path) -> TokenizerParts:
     """A lone ``tokenizer.json``; special-token roles are inferred from well-known token strings."""
     if not path.is_file():

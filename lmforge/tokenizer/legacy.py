@@ -38,6 +38,7 @@ from lmforge.tokenizer.layout import (
     read_json,
     token_content,
 )
+from lmforge.tokenizer.marian import is_marian_dir
 
 # GPT-2's legacy files
 VOCAB_FILE = "vocab.json"
@@ -61,7 +62,13 @@ _FILES_OF = {LegacyVocab.GPT2_BPE: f"{VOCAB_FILE} + {MERGES_FILE}", LegacyVocab.
 
 def read_legacy_dir(directory: Path) -> TokenizerParts:
     """A directory without tokenizer.json, from BERT's vocab.txt or GPT-2's vocab.json + merges.txt; when both
-    kinds are there, the config's ``tokenizer_class`` decides."""
+    kinds are there, the config's ``tokenizer_class`` decides. Marian's SentencePiece files are refused with a
+    pointer to ``MarianTokenizer``."""
+    if is_marian_dir(directory):
+        raise ValueError(
+            f"{str(directory)!r} holds Marian's SentencePiece tokenizer, which is not a Tokenizer; load it with "
+            "lmforge.MarianTokenizer.from_pretrained or lmforge.AutoTokenizer.from_pretrained"
+        )
     has_bert = (directory / BERT_VOCAB_FILE).is_file()
     has_gpt2 = (directory / VOCAB_FILE).is_file() or (directory / MERGES_FILE).is_file()
     if has_bert and has_gpt2:
