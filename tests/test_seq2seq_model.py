@@ -109,6 +109,26 @@ def test_marian_loads_checkpoints_that_store_the_sinusoid_table_and_tied_copies(
     )
 
 
+def test_marian_config_keeps_layout_keys_of_older_files_and_refuses_separate_embeddings(tmp_path: Path) -> None:
+    hf = hf_marian()
+    hf.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text(encoding="utf-8"))
+    old = {**config, "normalize_before": True, "static_position_embeddings": True}  # ignored by transformers
+    (tmp_path / "config.json").write_text(json.dumps(old), encoding="utf-8")
+    ours = MarianMTModel.from_pretrained(tmp_path)
+    assert not ours.config.normalize_before and ours.config.extra["normalize_before"] is True
+    b = batch(hf.config.pad_token_id)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**b).logits, hf(**b).logits, atol=ATOL, rtol=0)
+    ours.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "config.json").read_text(encoding="utf-8"))["normalize_before"] is True
+
+    separate = {**config, "share_encoder_decoder_embeddings": False}
+    (tmp_path / "config.json").write_text(json.dumps(separate), encoding="utf-8")
+    with pytest.raises(ValueError, match="share_encoder_decoder_embeddings=False"):
+        MarianMTModel.from_pretrained(tmp_path)
+
+
 def test_interleaved_pre_norm_variant_saves_and_loads_through_the_auto_class(tmp_path: Path) -> None:
     torch.manual_seed(2)
     config = Seq2SeqConfig(**{k: v for k, v in SIZES.items() if k != "activation_dropout"}, normalize_before=True)

@@ -103,6 +103,17 @@ class Seq2SeqConfig(PretrainedConfig):
             )
         self._check_labels()
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Any:
+        """Read config.json. Marian's and BART's layouts are fixed by their model_type: layout keys that their
+        older files carry (e.g. normalize_before: false) are kept as they are, not read (transformers ignores
+        them too)."""
+        if cls.model_type == Seq2SeqConfig.model_type:
+            return super().from_dict(d)
+        config = super().from_dict({k: v for k, v in d.items() if k not in LAYOUT_KEYS})
+        config.extra.update({k: d[k] for k in LAYOUT_KEYS if k in d})
+        return config
+
     def to_dict(self, architecture: tuple[str, str] | None = None) -> dict[str, Any]:
         architecture = architecture or (self.default_architecture, self.default_architecture)
         fields_ = {k: v for k, v in vars(self).items() if k != "extra"}
