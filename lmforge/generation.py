@@ -6,6 +6,10 @@
 
 Left-padded batches need `attention_mask`; positions are counted from each row's first real token,
 so every row decodes exactly as it would alone.
+
+Beam search (`num_beams > 1`, `beam_search`) keeps the `num_beams` best-scoring continuations of each prompt;
+it only needs a step "next-token logits for these beams, after reordering the cache to their parents", so the
+same search serves decoder-only and encoder-decoder models.
 """
 
 from __future__ import annotations
@@ -23,6 +27,10 @@ from lmforge.nn import KVCache
 
 #: (token ids so far (B, t), next-token logits (B, V)) -> adjusted logits (B, V)
 LogitsProcessor = Callable[[Tensor, Tensor], Tensor]
+#: one beam-search step: (every beam's ids so far (N, t), the row each beam continues (N,)) -> next-token logits
+#: (N, V). The model reorders its cache by the parent rows, then runs the last token of each beam.
+BeamStep = Callable[[Tensor, Tensor], Tensor]
+_NEG = -1.0e9  # the score that rules a candidate out (finite, so sums stay ordered)
 
 
 @dataclass
@@ -39,6 +47,12 @@ class GenerationConfig:
     pad_token_id: int | None = None
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    min_new_tokens: int = 0
+    no_repeat_ngram_size: int = 0
+    num_beams: int = 1
+    num_return_sequences: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
 
     def validate(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
@@ -55,6 +69,23 @@ class GenerationConfig:
             self.stop = [self.stop]
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+        for name in ("min_new_tokens", "no_repeat_ngram_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0 (0 = off), got {value!r}")
+        if not isinstance(self.num_beams, int) or self.num_beams < 1:
+            raise ValueError(f"num_beams must be an integer >= 1 (1 = no beam search), got {self.num_beams!r}")
+        if not isinstance(self.num_return_sequences, int) or not 1 <= self.num_return_sequences <= self.num_beams:
+            raise ValueError(
+                f"num_return_sequences must be an integer in [1, num_beams={self.num_beams}] (each returned "
+                f"sequence is one of the final beams), got {self.num_return_sequences!r}"
+            )
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        if self.num_beams > 1 and self.do_sample:
+            raise ValueError("beam search is deterministic: num_beams > 1 needs do_sample=False")
+        if self.num_beams > 1 and self.stop:
+            raise ValueError("stop strings are not supported with beam search (num_beams > 1); use eos_token_id")
 
     @property
     def greedy(self) -> bool:
@@ -84,6 +115,31 @@ def sample_next_token(
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def ban_repeated_ngrams(logits: Tensor, ids: Tensor, n: int) -> Tensor:
+    """Set to -inf the logits (B, V) of tokens that would repeat an n-gram already in the row of ids (B, t)."""
+    t = ids.size(1)
+    if t + 1 < n:
+        return logits
+    logits = logits.clone()
+    for row, tokens in enumerate(ids.tolist()):
+        tail = tokens[t - n + 1 :]  # the n - 1 tokens the next one would extend
+        banned = [tokens[i + n - 1] for i in range(t - n + 1) if tokens[i : i + n - 1] == tail]
+        logits[row, banned] = float("-inf")
+    return logits
+
+
+def constrain_logits(logits: Tensor, ids: Tensor, new_tokens: int, cfg: GenerationConfig, eos_ids: Tensor) -> Tensor:
+    """The built-in rules on next-token logits (B, V) given the ids so far (B, t), `new_tokens` of them new:
+    repetition penalty, no repeated n-grams, and no EOS before `min_new_tokens`."""
+    if cfg.repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, ids, cfg.repetition_penalty)
+    if cfg.no_repeat_ngram_size:
+        logits = ban_repeated_ngrams(logits, ids, cfg.no_repeat_ngram_size)
+    if new_tokens < cfg.min_new_tokens and len(eos_ids):
+        logits = logits.index_fill(-1, eos_ids, float("-inf"))
+    return logits
 
 
 def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
@@ -128,6 +184,34 @@ def _options(generation_config: GenerationConfig | None, kwargs: dict[str, Any],
     return cfg
 
 
+def _new_token_budget(model: Any, T: int, max_new_tokens: int) -> int:
+    """How many tokens may follow a prompt of T tokens: `max_new_tokens`, cut (with a warning) to the context."""
+    ctx = context_length(model.config)
+    if T == 0:
+        raise ValueError("the prompt is empty: generation needs at least one prompt token")
+    if T > ctx:
+        raise ValueError(
+            f"the prompt has {T} tokens but the model's context is {ctx}; shorten the prompt "
+            f"or truncate it to the last {ctx} tokens"
+        )
+    if T + max_new_tokens > ctx:
+        warnings.warn(
+            f"max_new_tokens={max_new_tokens} would run past the model's context of {ctx} tokens; "
+            f"generating {ctx - T} tokens",
+            stacklevel=4,
+        )
+        return ctx - T
+    return max_new_tokens
+
+
+def _eos_and_pad(cfg: GenerationConfig, device: torch.device) -> tuple[Tensor, int]:
+    """The EOS ids as a tensor (possibly empty) and the id that pads finished rows (pad, else the first EOS, else 0)."""
+    eos = cfg.eos_token_id
+    eos_ids = torch.tensor([eos] if isinstance(eos, int) else (eos or []), device=device, dtype=torch.long)
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else (int(eos_ids[0]) if len(eos_ids) else 0)
+    return eos_ids, pad
+
+
 def iter_generate(
     model: Any,
     input_ids: Tensor,
@@ -144,32 +228,18 @@ def iter_generate(
     `logits_processors`: callables (ids so far (B, t), next-token logits (B, V)) -> logits (B, V), applied
     in order after the repetition penalty and before sampling (e.g. to block words: set their logits to -inf)."""
     cfg = _options(generation_config, kwargs, model)
+    if cfg.num_beams > 1:
+        raise ValueError("beam search picks its tokens only at the end: use generate(), not iter_generate/stream")
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
         attention_mask = attention_mask[None] if attention_mask is not None else None
     B, T = input_ids.shape
-    ctx = context_length(model.config)
-    if T == 0:
-        raise ValueError("the prompt is empty: generation needs at least one prompt token")
-    if T > ctx:
-        raise ValueError(
-            f"the prompt has {T} tokens but the model's context is {ctx}; shorten the prompt "
-            f"or truncate it to the last {ctx} tokens"
-        )
-    max_new = cfg.max_new_tokens
-    if T + max_new > ctx:
-        warnings.warn(
-            f"max_new_tokens={max_new} would run past the model's context of {ctx} tokens; generating {ctx - T} tokens",
-            stacklevel=3,
-        )
-        max_new = ctx - T
+    max_new = _new_token_budget(model, T, cfg.max_new_tokens)
     if max_new == 0:
         return
     if generator is None and cfg.seed is not None and not cfg.greedy:
         generator = torch.Generator(device=input_ids.device).manual_seed(cfg.seed)
-    eos = cfg.eos_token_id
-    eos_ids = torch.tensor([eos] if isinstance(eos, int) else (eos or []), device=input_ids.device)
-    pad = cfg.pad_token_id if cfg.pad_token_id is not None else (int(eos_ids[0]) if len(eos_ids) else 0)
+    eos_ids, pad = _eos_and_pad(cfg, input_ids.device)
     stopper = StopStrings(cfg.stop, tokenizer) if cfg.stop else None
 
     seq = torch.full((B, T + max_new), pad, dtype=input_ids.dtype, device=input_ids.device)  # (B, T + new)
@@ -187,8 +257,7 @@ def iter_generate(
     logits = model(input_ids, attention_mask=attention_mask, past_key_values=cache, logits_to_keep=1).logits[:, -1]
     for step in range(max_new):
         cur = T + step  # tokens so far
-        if cfg.repetition_penalty != 1.0:
-            logits = apply_repetition_penalty(logits, seq[:, :cur], cfg.repetition_penalty)
+        logits = constrain_logits(logits, seq[:, :cur], step, cfg, eos_ids)
         for process in logits_processors:
             logits = process(seq[:, :cur], logits)
         if cfg.greedy:
@@ -215,6 +284,120 @@ def iter_generate(
             logits = model(seq[:, : cur + 1], attention_mask=m, logits_to_keep=1).logits[:, -1]
 
 
+def beam_search(
+    first_logits: Tensor,
+    prompt: Tensor,
+    step: BeamStep,
+    cfg: GenerationConfig,
+    max_new_tokens: int,
+    logits_processors: Sequence[LogitsProcessor] = (),
+) -> Tensor:
+    """Beam search over B prompts, each given `num_beams` times in a row: prompt (B * K, T) and the logits of
+    the token after it, first_logits (B * K, V). Returns (B * R, T + n): the R = `num_return_sequences` best
+    finished hypotheses of each prompt, best first, padded after their EOS.
+
+    A beam's score is the sum of its tokens' log-probabilities (after `constrain_logits` and the processors);
+    a finished hypothesis is scored by that sum / (new tokens) ** length_penalty. Each step keeps the
+    max(2, 1 + #EOS) * K best continuations, so K of them can go on even if others end: the K best that do
+    not end are the next beams, and those among the K best that end (EOS, or the length limit) join the
+    finished hypotheses, which keep their K best. `early_stopping`: True stops a prompt once K hypotheses
+    are finished; False once the best running beam, scored at its current length, cannot beat the worst
+    finished one; "never" does the same but scores the beam at the longest length when length_penalty > 0.
+    """
+    K, R = cfg.num_beams, cfg.num_return_sequences
+    N, T = prompt.shape
+    B, L, dev = N // K, T + max_new_tokens, prompt.device
+    eos_ids, pad = _eos_and_pad(cfg, dev)
+    n_cand = max(2, 1 + len(eos_ids)) * K
+    in_top_k = torch.arange(n_cand, device=dev) < K  # (n_cand,)
+    offset = torch.arange(B, device=dev)[:, None] * K  # (B, 1): first row of each prompt's beams
+    beams = torch.full((B, K, L), pad, dtype=prompt.dtype, device=dev)  # running beams
+    beams[:, :, :T] = prompt.view(B, K, T)
+    scores = torch.zeros(B, K, device=dev)  # (B, K)
+    scores[:, 1:] = _NEG  # the K copies of a prompt are one beam at first
+    done = beams.clone()  # finished hypotheses (B, K, L), their scores, new-token counts and whether filled
+    done_scores = torch.full((B, K), _NEG, device=dev)
+    done_len = torch.zeros(B, K, dtype=torch.long, device=dev)
+    done_set = torch.zeros(B, K, dtype=torch.bool, device=dev)
+    improvable = torch.ones(B, 1, dtype=torch.bool, device=dev)
+    logits = first_logits
+    for new in range(max_new_tokens):
+        cur = T + new
+        ids = beams[:, :, :cur].reshape(N, cur)
+        logp = constrain_logits(logits.float().log_softmax(dim=-1), ids, new, cfg, eos_ids)  # (N, V)
+        for process in logits_processors:
+            logp = process(ids, logp)
+        V = logp.size(-1)
+        total = (logp.view(B, K, V) + scores[:, :, None]).view(B, K * V)
+        cand_scores, flat = total.topk(n_cand, dim=-1)  # (B, n_cand), best first
+        parent = flat // V
+        cand = beams.gather(1, parent[:, :, None].expand(-1, -1, L))  # (B, n_cand, L)
+        cand[:, :, cur] = flat % V
+        ends = torch.isin(cand[:, :, cur], eos_ids) | (cur + 1 >= L)  # (B, n_cand)
+
+        # the next running beams: the K best candidates that go on
+        live = cand_scores + ends.float() * _NEG
+        keep = live.topk(K, dim=-1).indices  # (B, K)
+        beams = cand.gather(1, keep[:, :, None].expand(-1, -1, L))
+        scores, parent = live.gather(1, keep), parent.gather(1, keep)
+
+        # the finished hypotheses: those ending among the K best, unless the prompt is already decided
+        final = cand_scores / (new + 1) ** cfg.length_penalty
+        full = done_set.all(dim=-1, keepdim=True) & (cfg.early_stopping is True)
+        final = final + (full | ~improvable).float() * _NEG + (~(ends & in_top_k)).float() * _NEG
+        merged = torch.cat([done_scores, final], dim=1).topk(K, dim=-1).indices  # (B, K)
+        done = torch.cat([done, cand], dim=1).gather(1, merged[:, :, None].expand(-1, -1, L))
+        done_scores = torch.cat([done_scores, final], dim=1).gather(1, merged)
+        cand_len = torch.full_like(flat, new + 1)  # (B, n_cand) new-token counts
+        done_len = torch.cat([done_len, cand_len], dim=1).gather(1, merged)
+        done_set = torch.cat([done_set, ends & in_top_k], dim=1).gather(1, merged)
+
+        # can the best running beam still beat the worst finished hypothesis?
+        length = L - T if cfg.early_stopping == "never" and cfg.length_penalty > 0 else new + 1
+        best = scores[:, :1] / length**cfg.length_penalty
+        worst = torch.where(done_set, done_scores.min(dim=-1, keepdim=True).values, _NEG)
+        improvable &= (best > worst).any(dim=-1, keepdim=True)
+        all_full = bool(done_set.all()) and cfg.early_stopping is True
+        if not bool(improvable.any()) or all_full or bool(ends.all()):
+            break
+        logits = step(beams.view(N, L)[:, : cur + 1], (parent + offset).view(N))
+    n = int(done_len[:, :R].max())
+    return done[:, :R].reshape(B * R, L)[:, : T + n]
+
+
+def beam_generate(
+    model: Any,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    cfg: GenerationConfig,
+    use_cache: bool = True,
+    logits_processors: Sequence[LogitsProcessor] = (),
+) -> Tensor:
+    """Beam search for a causal LM (a model with `allocate_cache`): prompts (B, T) -> (B * R, T + n)."""
+    K = cfg.num_beams
+    B, T = input_ids.shape
+    max_new = _new_token_budget(model, T, cfg.max_new_tokens)
+    if max_new == 0:
+        return input_ids.repeat_interleave(cfg.num_return_sequences, dim=0)
+    ids = input_ids.repeat_interleave(K, dim=0)  # (B * K, T): the beams of a prompt are adjacent rows
+    mask = None
+    if attention_mask is not None and not bool(attention_mask.all()):
+        mask = torch.ones(B * K, T + max_new, dtype=attention_mask.dtype, device=ids.device)  # (B * K, T + new)
+        mask[:, :T] = attention_mask.repeat_interleave(K, dim=0)  # the same for every beam: never reordered
+    cache: KVCache | None = model.allocate_cache(B * K, T + max_new) if use_cache else None
+    m = mask[:, :T] if mask is not None else None
+    first = model(ids, attention_mask=m, past_key_values=cache, logits_to_keep=1).logits[:, -1]
+
+    def step(seqs: Tensor, parents: Tensor) -> Tensor:
+        m = mask[:, : seqs.size(1)] if mask is not None else None
+        if cache is None:
+            return model(seqs, attention_mask=m, logits_to_keep=1).logits[:, -1]
+        cache.reorder(parents)
+        return model(seqs[:, -1:], attention_mask=m, past_key_values=cache).logits[:, -1]
+
+    return beam_search(first, ids, step, cfg, max_new, logits_processors)
+
+
 def generate(
     model: Any,
     input_ids: Tensor,
@@ -229,14 +412,22 @@ def generate(
 ) -> Tensor:
     """Prompt (B, T) followed by up to `max_new_tokens` new tokens: (B, T + n).
 
-    Options (keywords or a GenerationConfig): max_new_tokens, do_sample, temperature, top_k, top_p,
-    repetition_penalty, eos_token_id, pad_token_id, stop (strings; needs `tokenizer`), seed; and
-    `logits_processors` (see `iter_generate`).
+    Options (keywords or a GenerationConfig): max_new_tokens, min_new_tokens, do_sample, temperature, top_k,
+    top_p, repetition_penalty, no_repeat_ngram_size, eos_token_id, pad_token_id, stop (strings; needs
+    `tokenizer`), seed; beam search: num_beams, num_return_sequences (rows per prompt, (B * R, T + n)),
+    length_penalty, early_stopping (see `beam_search`); and `logits_processors` (see `iter_generate`).
     Generation stops when every row has produced EOS or a stop string; finished rows are padded.
     """
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
         attention_mask = attention_mask[None] if attention_mask is not None else None
+    if kwargs.get("num_beams", generation_config.num_beams if generation_config else 1) != 1:
+        cfg = _options(generation_config, kwargs, model)  # validates num_beams too
+        if streamer is not None:
+            raise ValueError("a streamer needs tokens as they are chosen; beam search picks them only at the end")
+        with torch.inference_mode():
+            out = beam_generate(model, input_ids, attention_mask, cfg, use_cache, logits_processors)
+        return out.clone()  # an ordinary tensor, usable in training code
     tokens = []
     with torch.inference_mode():
         for token in iter_generate(
