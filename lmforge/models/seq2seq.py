@@ -8,8 +8,9 @@
 
 The layouts differ only in settings of `Seq2SeqConfig`: Marian has sinusoidal positions laid out
 [all sines | all cosines] and no embedding LayerNorm; BART has learned positions stored two rows down
-(offset 2) and `layernorm_embedding`; the original Transformer has interleaved sinusoids; any of them
-can be pre-norm (with a final LayerNorm after each stack). Field names are transformers' config.json keys.
+(offset 2) and `layernorm_embedding`; the original Transformer (model_type "lmforge-seq2seq") has
+interleaved sinusoids and may be pre-norm (a final LayerNorm after each stack). Field names are transformers'
+config.json keys.
 """
 
 from __future__ import annotations
@@ -130,7 +131,8 @@ class Seq2SeqConfig(PretrainedConfig):
 
 @dataclass
 class MarianConfig(Seq2SeqConfig):
-    """MarianMT: post-norm, sinusoidal positions as [sines | cosines], embeddings scaled, SiLU ("swish")."""
+    """MarianMT: post-norm, sinusoidal positions as [sines | cosines]; OPUS-MT files set scaled embeddings
+    and SiLU ("swish")."""
 
     activation_function: str = "gelu"  # transformers' default; OPUS-MT checkpoints set "swish"
     scale_embedding: bool = False  # transformers' default; OPUS-MT checkpoints set true
