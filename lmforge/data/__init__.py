@@ -51,6 +51,9 @@ _EXPORTS = {
     "bible_corpus_file": "lmforge.data.bundled",
     "export_translation_corpus": "lmforge.data.bundled",
     "DEFAULT_TEST_BOOKS": "lmforge.data.bundled",
+    "load_summaries": "lmforge.data.bundled",
+    "lead_1": "lmforge.data.bundled",
+    "summary_split": "lmforge.data.bundled",
     "DataCollator": "lmforge.data.collate",
     "length_sorted_batches": "lmforge.data.batching",
 }
