@@ -55,6 +55,7 @@ _EXPORTS = {
     "lead_1": "lmforge.data.bundled",
     "summary_split": "lmforge.data.bundled",
     "DataCollator": "lmforge.data.collate",
+    "DataCollatorForSeq2Seq": "lmforge.data.collate",
     "length_sorted_batches": "lmforge.data.batching",
 }
 

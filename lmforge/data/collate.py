@@ -9,6 +9,10 @@ What it does, per key: `label` / `label_ids` become `labels`; token sequences (`
 longest example (labels with -100, so padding is never scored); everything else is stacked. Examples
 given as text (`{"text": ..., "text_pair"?: ..., "label": ...}`) are tokenized on the fly when a
 tokenizer is given. For causal language models without labels, labels = input_ids with padding -100.
+
+Encoder-decoders (translation, summarisation) use `DataCollatorForSeq2Seq`: source and target have their own
+lengths, so `input_ids` (+ `attention_mask`) and `labels` are padded separately, and with `model=` the
+decoder's teacher-forcing input is built here, as transformers' collator of the same name does.
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ import torch
 from torch import Tensor
 
 from lmforge.constants import IGNORE_INDEX
+from lmforge.models.seq2seq import shift_tokens_right
 
-__all__ = ["DataCollator", "pad_sequences"]
+__all__ = ["DataCollator", "DataCollatorForSeq2Seq", "pad_sequences"]
 
 #: keys holding one value per token, padded with this value
 TOKEN_KEYS = {"input_ids": None, "attention_mask": 0, "token_type_ids": 0, "position_ids": 0, "labels": IGNORE_INDEX}
@@ -175,3 +180,64 @@ class DataCollator:
                 f"cannot batch field {key!r}: {err}; give it a number or an equally long list in "
                 "every example, or drop it from the dataset"
             ) from None
+
+
+class DataCollatorForSeq2Seq:
+    """Pads (source, target) examples for an encoder-decoder: `input_ids` (and `attention_mask`, made of
+    ones when missing) right-padded with the pad id to the longest source, `labels` with `label_pad_token_id`
+    (-100: never scored) to the longest target, both rounded up to `pad_to_multiple_of`.
+
+    With `model=` (a model or its config), `decoder_input_ids` = labels shifted right behind the model's
+    decoder_start_token_id (padding -> pad id), so losses that pop the labels, or label smoothing, see the
+    same decoder input the model would build. The pad id comes from `tokenizer`, else `pad_token_id`, else
+    the model's config.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any = None,
+        model: Any = None,
+        pad_to_multiple_of: int | None = None,
+        label_pad_token_id: int = IGNORE_INDEX,
+        pad_token_id: int | None = None,
+    ) -> None:
+        self.config = getattr(model, "config", model)
+        candidates = (
+            getattr(tokenizer, "pad_token_id", None),
+            pad_token_id,
+            getattr(self.config, "pad_token_id", None),
+        )
+        pad = next((p for p in candidates if p is not None), None)
+        if pad is None:
+            raise ValueError("DataCollatorForSeq2Seq needs a pad id: pass tokenizer=, model= or pad_token_id=")
+        if self.config is not None and getattr(self.config, "decoder_start_token_id", None) is None:
+            raise ValueError("model= has no config.decoder_start_token_id to build decoder_input_ids from")
+        self.pad_id = int(pad)
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.label_pad_token_id = label_pad_token_id
+
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
+        if not examples:
+            raise ValueError("cannot collate an empty list of examples")
+        keys = set(examples[0])
+        unknown = keys - {"input_ids", "attention_mask", "labels"}
+        if "input_ids" not in keys or unknown:
+            raise ValueError(
+                f"seq2seq examples hold 'input_ids' (the source), optionally 'attention_mask' and 'labels' (the "
+                f"target ids); got keys {sorted(keys)}: tokenize both sides first and drop the text columns"
+            )
+        multiple = self.pad_to_multiple_of
+        sources = [ex["input_ids"] for ex in examples]
+        masks = [ex["attention_mask"] if "attention_mask" in ex else [1] * len(ex["input_ids"]) for ex in examples]
+        batch = {
+            "input_ids": pad_sequences(sources, self.pad_id, multiple),  # (B, S)
+            "attention_mask": pad_sequences(masks, 0, multiple),  # (B, S)
+        }
+        if "labels" in keys:
+            labels = pad_sequences([ex["labels"] for ex in examples], self.label_pad_token_id, multiple)  # (B, T)
+            batch["labels"] = labels
+            if self.config is not None:
+                batch["decoder_input_ids"] = shift_tokens_right(
+                    labels, self.config.pad_token_id, self.config.decoder_start_token_id
+                )  # (B, T)
+        return batch

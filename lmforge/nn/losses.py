@@ -26,11 +26,18 @@ PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_class
 
 
 # ---- token losses ------------------------------------------------------------------------------------
-def token_loss_sum(logits: Tensor, labels: Tensor) -> Tensor:
-    """Summed float32 cross-entropy of logits (..., V) against labels (...), IGNORE_INDEX skipped."""
+def token_loss_sum(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """Summed float32 cross-entropy of logits (..., V) against labels (...), IGNORE_INDEX skipped.
+
+    `label_smoothing` = eps scores each position as (1 - eps) * its NLL + eps * the mean NLL over all V
+    classes (PyTorch's and transformers' `label_smoothing_factor` definition)."""
     V = logits.size(-1)
     return F.cross_entropy(
-        logits.reshape(-1, V).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        logits.reshape(-1, V).float(),
+        labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+        label_smoothing=label_smoothing,
     )
 
 
@@ -149,6 +156,25 @@ def count_loss_items(model: nn.Module, batch: dict[str, Tensor]) -> int:
     if ids is not None and labels.dim() == 2 and not labels.is_floating_point() and labels.shape == ids.shape:
         return int(masked_lm_items(labels))  # token classification
     return len(labels)
+
+
+def smoothed_loss_sum(
+    model: nn.Module, batch: dict[str, Tensor], label_smoothing: float, forward: Callable[..., Any]
+) -> Tensor:
+    """Summed label-smoothed cross-entropy of a batch (to be divided by the window's item count, as the
+    models' mean losses are multiplied back by it). Token labels are shifted for causal LMs and used as they
+    are otherwise (masked LM, encoder-decoders, per-token or per-example classes). The forward pass keeps
+    `labels`, so an encoder-decoder builds its decoder inputs from them as usual."""
+    output = forward(**batch)
+    logits, labels = output.logits, batch["labels"]
+    if logits is None or labels.is_floating_point() or logits.dim() != labels.dim() + 1:
+        raise ValueError(
+            "label_smoothing_factor needs class labels (integer ids, one per logit row); this model's "
+            "labels are regression or multi-label targets: set label_smoothing_factor=0"
+        )
+    if getattr(model, "shifts_labels", False):  # causal LM: position t predicts label t + 1
+        labels = shifted_targets(labels, logits.size(1))  # (B, T)
+    return token_loss_sum(logits, labels, label_smoothing)
 
 
 def example_losses(model: nn.Module, output: Any, labels: Tensor) -> Tensor:

@@ -137,6 +137,19 @@ class Tokenizer:
         )
 
     @classmethod
+    def train_translation_bpe(
+        cls,
+        pairs: Iterable[tuple[str, str]],
+        vocab_size: int = 8000,
+        min_frequency: int = 2,
+        show_progress: bool = False,
+    ) -> Tokenizer:
+        """Train one byte-level BPE over both sides of translation pairs (e.g. ``load_translation_pairs()[0]``)
+        for an encoder-decoder with shared embeddings: ``<pad>`` = 0 (the decoder start), ``</s>`` = 1, the ids
+        ``Seq2SeqConfig`` expects; ``tokenizer(text)`` appends ``</s>``. See ``train.train_translation_bpe``."""
+        return cls._from_parts(train.train_translation_bpe(pairs, vocab_size, min_frequency, show_progress))
+
+    @classmethod
     def train_wordpiece(
         cls,
         files: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,

@@ -1,9 +1,11 @@
-"""Training a tokenizer from text: GPT-2-style byte-level BPE and BERT-style WordPiece.
+"""Training a tokenizer from text: GPT-2-style byte-level BPE (also over both sides of translation pairs, for
+encoder-decoders) and BERT-style WordPiece.
 
 Each recipe checks its arguments, builds the pipeline (``backends.py``), trains it on text files (read through
 :mod:`lmforge.textio`: compressed or not, UTF-8, a byte-order mark dropped) or on an iterator of strings, and
 returns the :class:`~lmforge.tokenizer.backends.TokenizerParts` that ``Tokenizer.train_bpe`` /
-``Tokenizer.train_wordpiece`` turn into a tokenizer. Special tokens take ids 0, 1, ... in the order given.
+``Tokenizer.train_translation_bpe`` / ``Tokenizer.train_wordpiece`` turn into a tokenizer. Special tokens take
+ids 0, 1, ... in the order given.
 """
 
 from __future__ import annotations
@@ -22,11 +24,14 @@ from lmforge.tokenizer.backends import (
     TokenizerParts,
     bert_template,
     bert_wordpiece_backend,
+    bos_eos_template,
     byte_level_bpe_backend,
 )
 
 #: The roles WordPiece training gives its first special tokens, in order.
 WORDPIECE_ROLES = ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token")
+#: The special tokens of a translation BPE, at ids 0, 1: pad (also the decoder start) and eos, as Seq2SeqConfig.
+SEQ2SEQ_SPECIAL_TOKENS = ("<pad>", "</s>")
 
 
 def train_bpe(
@@ -40,6 +45,40 @@ def train_bpe(
     """Byte-level BPE over every one of the 256 byte symbols (see ``Tokenizer.train_bpe``): ``special_tokens[0]``
     is bos and eos, ``special_tokens[1]`` pad, the rest role-less."""
     special_tokens = list(special_tokens)
+    backend = _train_byte_level_bpe(files, iterator, vocab_size, min_frequency, special_tokens, show_progress)
+    roles: dict[str, str] = {}
+    if special_tokens:
+        roles["bos_token"] = roles["eos_token"] = special_tokens[0]
+    if len(special_tokens) > 1:
+        roles["pad_token"] = special_tokens[1]
+    return TokenizerParts(backend, roles, special_tokens[2:])
+
+
+def train_translation_bpe(
+    pairs: Iterable[tuple[str, str]], vocab_size: int, min_frequency: int, show_progress: bool
+) -> TokenizerParts:
+    """One byte-level BPE over both sides of (source, target) pairs (see ``Tokenizer.train_translation_bpe``):
+    a joint vocabulary lets an encoder-decoder share one embedding between source, target and output.
+
+    The special tokens are :data:`SEQ2SEQ_SPECIAL_TOKENS`: ``<pad>`` = 0 (also the decoder start) and
+    ``</s>`` = 1, the ids ``Seq2SeqConfig`` expects by default; encoding with special tokens appends ``</s>``,
+    as a Marian tokenizer does. Byte-level BPE encodes any text, so there is no unknown token."""
+    pad, eos = SEQ2SEQ_SPECIAL_TOKENS
+    texts = (text for pair in pairs for text in pair)
+    backend = _train_byte_level_bpe(None, texts, vocab_size, min_frequency, list(SEQ2SEQ_SPECIAL_TOKENS), show_progress)
+    backend.post_processor = bos_eos_template(backend, None, eos)
+    return TokenizerParts(backend, {"pad_token": pad, "eos_token": eos})
+
+
+def _train_byte_level_bpe(
+    files: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None,
+    iterator: Iterable[str] | None,
+    vocab_size: int,
+    min_frequency: int,
+    special_tokens: list[str],
+    show_progress: bool,
+) -> BackendTokenizer:
+    """GPT-2's byte-level BPE pipeline trained on files or strings, with `special_tokens` at ids 0, 1, ..."""
     _check_unique(special_tokens)
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(alphabet) + len(special_tokens):
@@ -57,12 +96,7 @@ def train_bpe(
         show_progress=show_progress,
     )
     _train(backend, trainer, files, iterator)
-    roles: dict[str, str] = {}
-    if special_tokens:
-        roles["bos_token"] = roles["eos_token"] = special_tokens[0]
-    if len(special_tokens) > 1:
-        roles["pad_token"] = special_tokens[1]
-    return TokenizerParts(backend, roles, special_tokens[2:])
+    return backend
 
 
 def train_wordpiece(

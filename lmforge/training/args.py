@@ -45,6 +45,7 @@ class TrainingArguments:
     warmup_ratio: float = 0.0  # used when warmup_steps == 0
     lr_scheduler_type: str = "linear"
     max_grad_norm: float | None = 1.0
+    label_smoothing_factor: float = 0.0  # eps: targets (1 - eps) on the label + eps spread over all classes
     logging_steps: int = 10
     eval_strategy: str = "steps"
     eval_steps: int | None = None  # None = evaluate only at the end
@@ -106,6 +107,7 @@ class TrainingArguments:
             "max_grad_norm",
             "peak_flops",
             "early_stopping_threshold",
+            "label_smoothing_factor",
         ):
             value = getattr(self, name)
             if value is not None and (
@@ -161,6 +163,8 @@ class TrainingArguments:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
+        if not 0.0 <= self.label_smoothing_factor < 1.0:
+            raise ValueError(f"label_smoothing_factor must be in [0, 1), got {self.label_smoothing_factor}")
         if self.peak_flops is not None and self.peak_flops <= 0:
             raise ValueError(f"peak_flops must be > 0 or None (measure it), got {self.peak_flops}")
         if self.early_stopping_threshold < 0:

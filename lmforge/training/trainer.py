@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from lmforge.constants import NO_LENGTH_LIMIT, context_length
 from lmforge.data.collate import DataCollator
 from lmforge.files import atomic_write_text
-from lmforge.nn.losses import count_loss_items, weighted_loss
+from lmforge.nn.losses import count_loss_items, smoothed_loss_sum, weighted_loss
 from lmforge.training import checkpoint as ckpt
 from lmforge.training import distributed as D
 from lmforge.training.args import TrainingArguments
@@ -353,7 +353,11 @@ class Trainer:
             with ctx:
                 with torch.autocast(self.device.type, dtype=amp, enabled=args.bf16 or args.fp16):
                     if weight is not None:
+                        if args.label_smoothing_factor:
+                            raise ValueError("label_smoothing_factor does not combine with sample weights yet")
                         summed = weighted_loss(model, batch, weight, self._wrapped)
+                    elif count and args.label_smoothing_factor:
+                        summed = smoothed_loss_sum(model, batch, args.label_smoothing_factor, self._wrapped)
                     elif count:
                         summed = self._wrapped(**batch).loss.float() * count
                     else:  # nothing scored here (mean loss 0/0): a zero that still runs backward (DDP's sync)
