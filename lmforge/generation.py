@@ -10,6 +10,10 @@ so every row decodes exactly as it would alone.
 Beam search (`num_beams > 1`, `beam_search`) keeps the `num_beams` best-scoring continuations of each prompt;
 it only needs a step "next-token logits for these beams, after reordering the cache to their parents", so the
 same search serves decoder-only and encoder-decoder models.
+
+Both loops start from `_start`: a causal LM prefills its prompt; an encoder-decoder (config.is_encoder_decoder)
+encodes its source once and decodes from decoder_start_token_id, its cache holding the self-attention keys/values
+and the cross-attention keys/values (projected once). config.forced_eos_token_id forces EOS as the last token.
 """
 
 from __future__ import annotations
@@ -27,9 +31,9 @@ from lmforge.nn import KVCache
 
 #: (token ids so far (B, t), next-token logits (B, V)) -> adjusted logits (B, V)
 LogitsProcessor = Callable[[Tensor, Tensor], Tensor]
-#: one beam-search step: (every beam's ids so far (N, t), the row each beam continues (N,)) -> next-token logits
-#: (N, V). The model reorders its cache by the parent rows, then runs the last token of each beam.
-BeamStep = Callable[[Tensor, Tensor], Tensor]
+#: one decoding step: (every row's ids so far (N, t), the row each continues (N,), None = the same row) -> next-token
+#: logits (N, V). The model reorders its cache by the parent rows, then runs the last token of each row.
+BeamStep = Callable[[Tensor, Tensor | None], Tensor]
 _NEG = -1.0e9  # the score that rules a candidate out (finite, so sums stay ordered)
 
 
@@ -185,7 +189,7 @@ def _options(generation_config: GenerationConfig | None, kwargs: dict[str, Any],
 
 
 def _new_token_budget(model: Any, T: int, max_new_tokens: int) -> int:
-    """How many tokens may follow a prompt of T tokens: `max_new_tokens`, cut (with a warning) to the context."""
+    """How many tokens may follow T tokens of the decoder: `max_new_tokens`, cut (with a warning) to the context."""
     ctx = context_length(model.config)
     if T == 0:
         raise ValueError("the prompt is empty: generation needs at least one prompt token")
@@ -198,10 +202,115 @@ def _new_token_budget(model: Any, T: int, max_new_tokens: int) -> int:
         warnings.warn(
             f"max_new_tokens={max_new_tokens} would run past the model's context of {ctx} tokens; "
             f"generating {ctx - T} tokens",
-            stacklevel=4,
+            stacklevel=6,
         )
         return ctx - T
     return max_new_tokens
+
+
+@dataclass
+class _Start:
+    """A batch ready to decode: the ids the new tokens follow, `prefix` (N, T) (the prompt of a causal LM, the
+    decoder start token of an encoder-decoder), the logits of the first new token (N, V) (None when
+    max_new == 0), the `step` that gives the next ones, and processors the model's config asks for."""
+
+    prefix: Tensor
+    first: Tensor | None
+    step: BeamStep
+    max_new: int
+    processors: list[LogitsProcessor]
+
+
+def _start(
+    model: Any, input_ids: Tensor, attention_mask: Tensor | None, rows: int, max_new_tokens: int, use_cache: bool
+) -> _Start:
+    """Run the model on the inputs, each repeated `rows` times (adjacent: the beams of one input), up to the
+    first new token's logits. An encoder-decoder (config.is_encoder_decoder) encodes its source once here."""
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None  # no padding: the fast, mask-free path
+    if attention_mask is not None:
+        attention_mask = attention_mask.repeat_interleave(rows, dim=0)  # never reordered: same for every beam
+    if rows > 1:
+        input_ids = input_ids.repeat_interleave(rows, dim=0)
+    if getattr(model.config, "is_encoder_decoder", False):
+        start = _seq2seq_start(model, input_ids, attention_mask, max_new_tokens, use_cache)
+    else:
+        start = _causal_start(model, input_ids, attention_mask, max_new_tokens, use_cache)
+    forced_eos = getattr(model.config, "forced_eos_token_id", None)
+    if forced_eos is not None and start.max_new:
+        start.processors.append(_force_eos_at(start.prefix.size(1) + start.max_new - 1, forced_eos))
+    return start
+
+
+def _causal_start(
+    model: Any, ids: Tensor, attention_mask: Tensor | None, max_new_tokens: int, use_cache: bool
+) -> _Start:
+    """A decoder-only model: prefill the prompt ids (N, T) into a preallocated KV cache."""
+    N, T = ids.shape
+    max_new = _new_token_budget(model, T, max_new_tokens)
+    mask = None
+    if attention_mask is not None:
+        mask = torch.ones(N, T + max_new, dtype=attention_mask.dtype, device=ids.device)  # (N, T + new)
+        mask[:, :T] = attention_mask
+    cache: KVCache | None = model.allocate_cache(N, T + max_new) if use_cache and max_new else None
+
+    def step(seqs: Tensor, parents: Tensor | None) -> Tensor:
+        m = mask[:, : seqs.size(1)] if mask is not None else None
+        if cache is None:
+            return model(seqs, attention_mask=m, logits_to_keep=1).logits[:, -1]
+        if parents is not None:
+            cache.reorder(parents)
+        return model(seqs[:, -1:], attention_mask=m, past_key_values=cache).logits[:, -1]
+
+    first = None
+    if max_new:
+        m = mask[:, :T] if mask is not None else None
+        first = model(ids, attention_mask=m, past_key_values=cache, logits_to_keep=1).logits[:, -1]
+    return _Start(ids, first, step, max_new, [])
+
+
+def _seq2seq_start(
+    model: Any, source: Tensor, attention_mask: Tensor | None, max_new_tokens: int, use_cache: bool
+) -> _Start:
+    """An encoder-decoder: encode the source (N, S) once; the decoder starts from decoder_start_token_id, keeps a
+    self-attention KV cache and projects the encoder output to cross-attention keys/values once (in the cache)."""
+    start_id = model.config.decoder_start_token_id
+    if start_id is None:
+        raise ValueError("an encoder-decoder generates after config.decoder_start_token_id: set it")
+    if source.size(1) == 0:
+        raise ValueError("the source is empty: generation needs at least one source token")
+    memory = model.encode(source, attention_mask)  # (N, S, C)
+    prefix = torch.full((source.size(0), 1), start_id, dtype=source.dtype, device=source.device)  # (N, 1)
+    max_new = _new_token_budget(model, 1, max_new_tokens)
+    cache: KVCache | None = model.allocate_cache(source.size(0), 1 + max_new) if use_cache and max_new else None
+
+    def step(seqs: Tensor, parents: Tensor | None) -> Tensor:
+        if cache is None:
+            return model(attention_mask=attention_mask, decoder_input_ids=seqs, encoder_outputs=memory).logits[:, -1]
+        if parents is not None:
+            cache.reorder(parents)
+        out = model(
+            attention_mask=attention_mask, decoder_input_ids=seqs[:, -1:], encoder_outputs=memory, past_key_values=cache
+        )
+        return out.logits[:, -1]
+
+    first = step(prefix, None) if max_new else None
+    return _Start(prefix, first, step, max_new, [])
+
+
+def _force_eos_at(position: int, eos: int | list[int]) -> LogitsProcessor:
+    """The processor behind config.forced_eos_token_id: the token at `position` (counted over the whole decoder
+    sequence, so the last one allowed) is EOS."""
+    eos_ids = [eos] if isinstance(eos, int) else list(eos)
+
+    def force(ids: Tensor, logits: Tensor) -> Tensor:
+        if ids.size(1) != position:
+            return logits
+        forced = torch.full_like(logits, float("-inf"))
+        forced[:, eos_ids] = 0.0
+        return forced
+
+    return force
 
 
 def _eos_and_pad(cfg: GenerationConfig, device: torch.device) -> tuple[Tensor, int]:
@@ -233,32 +342,37 @@ def iter_generate(
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
         attention_mask = attention_mask[None] if attention_mask is not None else None
-    B, T = input_ids.shape
-    max_new = _new_token_budget(model, T, cfg.max_new_tokens)
-    if max_new == 0:
+    start = _start(model, input_ids, attention_mask, 1, cfg.max_new_tokens, use_cache)
+    yield from _next_tokens(start, cfg, tokenizer, generator, logits_processors)
+
+
+def _next_tokens(
+    start: _Start,
+    cfg: GenerationConfig,
+    tokenizer: Any,
+    generator: torch.Generator | None,
+    logits_processors: Sequence[LogitsProcessor],
+) -> Iterator[Tensor]:
+    """The greedy/sampling loop of `iter_generate` from a started batch: yields (B,) per step."""
+    if start.first is None:
         return
+    prefix, max_new, logits = start.prefix, start.max_new, start.first
+    processors = [*start.processors, *logits_processors]
+    B, T = prefix.shape
     if generator is None and cfg.seed is not None and not cfg.greedy:
-        generator = torch.Generator(device=input_ids.device).manual_seed(cfg.seed)
-    eos_ids, pad = _eos_and_pad(cfg, input_ids.device)
+        generator = torch.Generator(device=prefix.device).manual_seed(cfg.seed)
+    eos_ids, pad = _eos_and_pad(cfg, prefix.device)
     stopper = StopStrings(cfg.stop, tokenizer) if cfg.stop else None
 
-    seq = torch.full((B, T + max_new), pad, dtype=input_ids.dtype, device=input_ids.device)  # (B, T + new)
-    seq[:, :T] = input_ids
-    if attention_mask is not None and bool(attention_mask.all()):
-        attention_mask = None  # no padding: the fast, mask-free path
-    mask = None
-    if attention_mask is not None:
-        mask = torch.ones(B, T + max_new, dtype=attention_mask.dtype, device=input_ids.device)
-        mask[:, :T] = attention_mask
-    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    seq = torch.full((B, T + max_new), pad, dtype=prefix.dtype, device=prefix.device)  # (B, T + new)
+    seq[:, :T] = prefix
+    finished = torch.zeros(B, dtype=torch.bool, device=prefix.device)
     can_finish = bool(len(eos_ids)) or stopper is not None  # else every row runs to max_new_tokens
-    cache: KVCache | None = model.allocate_cache(B, T + max_new) if use_cache else None
 
-    logits = model(input_ids, attention_mask=attention_mask, past_key_values=cache, logits_to_keep=1).logits[:, -1]
     for step in range(max_new):
         cur = T + step  # tokens so far
         logits = constrain_logits(logits, seq[:, :cur], step, cfg, eos_ids)
-        for process in logits_processors:
+        for process in processors:
             logits = process(seq[:, :cur], logits)
         if cfg.greedy:
             token = logits.argmax(dim=-1)
@@ -277,11 +391,7 @@ def iter_generate(
                 finished |= stopper.hit(seq[:, T : cur + 1])
             if bool(finished.all()):
                 return
-        m = mask[:, : cur + 1] if mask is not None else None
-        if cache is not None:
-            logits = model(token[:, None], attention_mask=m, past_key_values=cache).logits[:, -1]
-        else:
-            logits = model(seq[:, : cur + 1], attention_mask=m, logits_to_keep=1).logits[:, -1]
+        logits = start.step(seq[:, : cur + 1], None)
 
 
 def beam_search(
@@ -373,29 +483,13 @@ def beam_generate(
     use_cache: bool = True,
     logits_processors: Sequence[LogitsProcessor] = (),
 ) -> Tensor:
-    """Beam search for a causal LM (a model with `allocate_cache`): prompts (B, T) -> (B * R, T + n)."""
-    K = cfg.num_beams
-    B, T = input_ids.shape
-    max_new = _new_token_budget(model, T, cfg.max_new_tokens)
-    if max_new == 0:
-        return input_ids.repeat_interleave(cfg.num_return_sequences, dim=0)
-    ids = input_ids.repeat_interleave(K, dim=0)  # (B * K, T): the beams of a prompt are adjacent rows
-    mask = None
-    if attention_mask is not None and not bool(attention_mask.all()):
-        mask = torch.ones(B * K, T + max_new, dtype=attention_mask.dtype, device=ids.device)  # (B * K, T + new)
-        mask[:, :T] = attention_mask.repeat_interleave(K, dim=0)  # the same for every beam: never reordered
-    cache: KVCache | None = model.allocate_cache(B * K, T + max_new) if use_cache else None
-    m = mask[:, :T] if mask is not None else None
-    first = model(ids, attention_mask=m, past_key_values=cache, logits_to_keep=1).logits[:, -1]
-
-    def step(seqs: Tensor, parents: Tensor) -> Tensor:
-        m = mask[:, : seqs.size(1)] if mask is not None else None
-        if cache is None:
-            return model(seqs, attention_mask=m, logits_to_keep=1).logits[:, -1]
-        cache.reorder(parents)
-        return model(seqs[:, -1:], attention_mask=m, past_key_values=cache).logits[:, -1]
-
-    return beam_search(first, ids, step, cfg, max_new, logits_processors)
+    """Beam search for a causal LM or an encoder-decoder: inputs (B, T) -> (B * R, T' + n), where T' is the
+    prompt's length (causal LM) or 1, the decoder start token (encoder-decoder)."""
+    start = _start(model, input_ids, attention_mask, cfg.num_beams, cfg.max_new_tokens, use_cache)
+    if start.first is None:
+        return start.prefix[:: cfg.num_beams].repeat_interleave(cfg.num_return_sequences, dim=0)
+    processors = [*start.processors, *logits_processors]
+    return beam_search(start.first, start.prefix, start.step, cfg, start.max_new, processors)
 
 
 def generate(
@@ -410,7 +504,8 @@ def generate(
     logits_processors: Sequence[LogitsProcessor] = (),
     **kwargs: Any,
 ) -> Tensor:
-    """Prompt (B, T) followed by up to `max_new_tokens` new tokens: (B, T + n).
+    """Prompt (B, T) followed by up to `max_new_tokens` new tokens: (B, T + n). For an encoder-decoder,
+    input_ids is the source and the result is decoder_start_token_id followed by the new tokens, (B, 1 + n).
 
     Options (keywords or a GenerationConfig): max_new_tokens, min_new_tokens, do_sample, temperature, top_k,
     top_p, repetition_penalty, no_repeat_ngram_size, eos_token_id, pad_token_id, stop (strings; needs
@@ -421,8 +516,8 @@ def generate(
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
         attention_mask = attention_mask[None] if attention_mask is not None else None
-    if kwargs.get("num_beams", generation_config.num_beams if generation_config else 1) != 1:
-        cfg = _options(generation_config, kwargs, model)  # validates num_beams too
+    cfg = _options(generation_config, kwargs, model)
+    if cfg.num_beams > 1:
         if streamer is not None:
             raise ValueError("a streamer needs tokens as they are chosen; beam search picks them only at the end")
         with torch.inference_mode():
@@ -430,24 +525,15 @@ def generate(
         return out.clone()  # an ordinary tensor, usable in training code
     tokens = []
     with torch.inference_mode():
-        for token in iter_generate(
-            model,
-            input_ids,
-            attention_mask,
-            generation_config,
-            tokenizer,
-            generator,
-            use_cache,
-            logits_processors,
-            **kwargs,
-        ):
+        start = _start(model, input_ids, attention_mask, 1, cfg.max_new_tokens, use_cache)
+        for token in _next_tokens(start, cfg, tokenizer, generator, logits_processors):
             tokens.append(token)
             if streamer is not None:
                 streamer(token)
     if not tokens:
-        return input_ids
+        return start.prefix.clone()
     # concatenated outside inference mode: the result is an ordinary tensor, usable in training code
-    return torch.cat([input_ids, torch.stack(tokens, dim=1)], dim=1)
+    return torch.cat([start.prefix, torch.stack(tokens, dim=1)], dim=1)
 
 
 class IncrementalDecoder:

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from lmforge import generation
 from lmforge.config import PretrainedConfig
 from lmforge.constants import IGNORE_INDEX
 from lmforge.hub import KeyMap, KeyRule
@@ -75,6 +76,7 @@ class Seq2SeqConfig(PretrainedConfig):
     bos_token_id: int | None = None
     eos_token_id: int | None = 1
     decoder_start_token_id: int | None = 0
+    forced_eos_token_id: int | None = None  # generation ends with this token at the length limit
     tie_word_embeddings: bool = True
     num_labels: int | None = None
     id2label: dict[int, str] | None = None
@@ -82,6 +84,7 @@ class Seq2SeqConfig(PretrainedConfig):
     problem_type: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    is_encoder_decoder: ClassVar[bool] = True  # generation encodes the source once, then decodes
     model_type: ClassVar[str] = "lmforge-seq2seq"
     model_types: ClassVar[tuple[str, ...]] = ("lmforge-seq2seq",)
     default_architecture: ClassVar[str] = "Seq2SeqForConditionalGeneration"  # config.json's "architectures"
@@ -140,6 +143,7 @@ class MarianConfig(Seq2SeqConfig):
     pad_token_id: int | None = 58100
     eos_token_id: int | None = 0
     decoder_start_token_id: int | None = 58100
+    forced_eos_token_id: int | None = 0  # transformers' default
     vocab_size: int = 58101
 
     model_type: ClassVar[str] = "marian"
@@ -169,6 +173,7 @@ class BartConfig(Seq2SeqConfig):
     bos_token_id: int | None = 0
     eos_token_id: int | None = 2
     decoder_start_token_id: int | None = 2
+    forced_eos_token_id: int | None = 2  # transformers' default
 
     model_type: ClassVar[str] = "bart"
     model_types: ClassVar[tuple[str, ...]] = ("bart",)
@@ -363,11 +368,21 @@ class Seq2SeqForConditionalGeneration(PreTrainedModel):
         return self.model.shared
 
     def allocate_cache(self, batch_size: int, max_len: int) -> KVCache:
-        """A preallocated self-attention KV cache for the decoder (cross-attention is recomputed)."""
+        """A preallocated self-attention KV cache for the decoder; it also keeps the cross-attention keys/values,
+        projected from the encoder's output on the first forward."""
         c = self.config
         heads = c.decoder_attention_heads
         max_len = min(max_len, c.max_position_embeddings)
         return KVCache(c.decoder_layers, batch_size, heads, max_len, c.d_model // heads, self.dtype, self.device)
+
+    def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """The encoder alone: source ids (B, S) -> memory (B, S, C), to pass as `encoder_outputs`."""
+        return self.model.encoder.encode(self.model.shared, input_ids, attention_mask)
+
+    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
+        """Source ids (B, S) -> decoder_start_token_id followed by new tokens (B * R, 1 + n), as transformers'
+        generate; see `lmforge.generation.generate` for the options."""
+        return generation.generate(self, input_ids, attention_mask=attention_mask, **kwargs)
 
     def forward(
         self,
@@ -392,7 +407,7 @@ class Seq2SeqForConditionalGeneration(PreTrainedModel):
         if encoder_outputs is None:
             if input_ids is None:
                 raise ValueError("pass input_ids (the source) or encoder_outputs")
-            encoder_outputs = self.model.encoder.encode(self.model.shared, input_ids, attention_mask)
+            encoder_outputs = self.encode(input_ids, attention_mask)
         if decoder_input_ids is None:
             if labels is None:
                 raise ValueError("pass decoder_input_ids or labels (shifted right to become the decoder's input)")

@@ -106,6 +106,8 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
         self.length = 0
+        # cross-attention keys/values per decoder layer, (B, H, S, hs) each: computed once from the encoder's output
+        self.cross: dict[int, tuple[Tensor, Tensor]] = {}
         self._split()
 
     def _split(self) -> None:
@@ -126,7 +128,8 @@ class KVCache:
         self.length += n
 
     def reorder(self, index: Tensor) -> None:
-        """Keep batch rows `index` (for beam search or dropping finished rows)."""
+        """Keep batch rows `index` (for beam search or dropping finished rows). The cross-attention keys/values
+        are kept as they are: rows are only reordered among rows with the same source (a prompt's beams)."""
         self.k = self.k[:, index]
         self.v = self.v[:, index]
         self._split()
@@ -198,12 +201,20 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(d_model, d_model, bias=bias)
         self.dropout = dropout
 
-    def forward(self, x: Tensor, memory: Tensor, mask: AttentionMask) -> Tensor:
-        """x: (B, T, C) attends over memory: (B, S, C) (mask: which of the S positions are real) -> (B, T, C)."""
+    def forward(
+        self, x: Tensor, memory: Tensor, mask: AttentionMask, cache: KVCache | None = None, layer_idx: int = 0
+    ) -> Tensor:
+        """x: (B, T, C) attends over memory: (B, S, C) (mask: which of the S positions are real) -> (B, T, C).
+        With a cache, the keys/values of memory are projected on the first call and reused afterwards."""
         B, T, C = x.shape
         S = memory.size(1)
         q = apply(self.q, x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hs)
-        kv = apply(self.kv, memory).view(B, S, 2, self.n_heads, self.head_dim)
-        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, S, hs)
+        if cache is not None and layer_idx in cache.cross:
+            k, v = cache.cross[layer_idx]
+        else:
+            kv = apply(self.kv, memory).view(B, S, 2, self.n_heads, self.head_dim)
+            k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, S, hs)
+            if cache is not None:
+                cache.cross[layer_idx] = (k, v)
         y = fast_attention(q, k, v, mask, self.dropout if self.training else 0.0)
         return apply(self.proj, y.transpose(1, 2).reshape(B, T, C))

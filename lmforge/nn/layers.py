@@ -206,11 +206,18 @@ class DecoderBlock(nn.Module):
         if self.pre_norm:
             a, _ = self.attn(apply(self.ln_1, x), mask, None, cache, layer_idx)
             x = x + dropout(a, self.dropout, self.training)
-            x = x + dropout(self.cross_attn(apply(self.ln_cross, x), memory, memory_mask), self.dropout, self.training)
+            x = x + dropout(
+                self.cross_attn(apply(self.ln_cross, x), memory, memory_mask, cache, layer_idx),
+                self.dropout,
+                self.training,
+            )
             return x + self.mlp(apply(self.ln_2, x))
         a, _ = self.attn(x, mask, None, cache, layer_idx)
         x = apply(self.ln_1, x + dropout(a, self.dropout, self.training))
-        x = apply(self.ln_cross, x + dropout(self.cross_attn(x, memory, memory_mask), self.dropout, self.training))
+        x = apply(
+            self.ln_cross,
+            x + dropout(self.cross_attn(x, memory, memory_mask, cache, layer_idx), self.dropout, self.training),
+        )
         return apply(self.ln_2, x + self.mlp(x))
 
 
