@@ -10,6 +10,23 @@ import numpy as np
 import torch
 
 
+class PaddingSide:
+    """The `padding_side` property every tokenizer class shares: where ``padding`` adds pad tokens,
+    "right" (default) or "left" (for batched generation), checked when set."""
+
+    _padding_side = "right"
+
+    @property
+    def padding_side(self) -> str:
+        return self._padding_side
+
+    @padding_side.setter
+    def padding_side(self, side: str) -> None:
+        if side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {side!r}")
+        self._padding_side = side
+
+
 class BatchEncoding(dict):
     """Output of :meth:`Tokenizer.__call__`: a dict (``input_ids``, ``attention_mask``, ...)
     whose keys are also readable as attributes, like Hugging Face's ``BatchEncoding``."""

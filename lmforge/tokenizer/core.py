@@ -25,6 +25,7 @@ from lmforge.tokenizer import legacy, train
 from lmforge.tokenizer.backends import TokenizerParts
 from lmforge.tokenizer.batch import (
     BatchEncoding,
+    PaddingSide,
     as_id_list,
     as_id_rows,
     as_text_list,
@@ -61,7 +62,7 @@ def _token_id_property(role: str) -> property:
     return property(fget, doc=f"Id of the {role.replace('_', ' ')}, or None.")
 
 
-class Tokenizer:
+class Tokenizer(PaddingSide):
     """A trained tokenizer with a Hugging Face-like API (``__call__``, ``encode``, ``decode``,
     ``save_pretrained`` / ``from_pretrained``).
 
@@ -291,17 +292,6 @@ class Tokenizer:
     def all_special_ids(self) -> list[int]:
         """Ids of :attr:`all_special_tokens`, same order."""
         return [self._backend.token_to_id(t) for t in self.all_special_tokens]
-
-    @property
-    def padding_side(self) -> str:
-        """Where ``padding`` adds pad tokens: "right" (default) or "left" (for generation)."""
-        return self._padding_side
-
-    @padding_side.setter
-    def padding_side(self, side: str) -> None:
-        if side not in ("right", "left"):
-            raise ValueError(f"padding_side must be 'right' or 'left', got {side!r}")
-        self._padding_side = side
 
     def get_vocab(self) -> dict[str, int]:
         """``{token: id}`` for the whole vocabulary, added tokens included."""

@@ -23,6 +23,7 @@ from lmforge.constants import NO_LENGTH_LIMIT
 from lmforge.files import atomic_write_bytes, atomic_write_text
 from lmforge.tokenizer.batch import (
     BatchEncoding,
+    PaddingSide,
     as_id_list,
     as_id_rows,
     as_text_list,
@@ -57,7 +58,7 @@ def is_marian_dir(directory: Path) -> bool:
     return not (directory / TOKENIZER_FILE).is_file() and (directory / SOURCE_SPM_FILE).is_file()
 
 
-class MarianTokenizer:
+class MarianTokenizer(PaddingSide):
     """Marian's SentencePiece tokenizer with the Hugging Face-shaped API of :class:`~lmforge.tokenizer.Tokenizer`.
 
     Args:
@@ -230,17 +231,6 @@ class MarianTokenizer:
     def all_special_ids(self) -> list[int]:
         """Ids of :attr:`all_special_tokens`, same order."""
         return [self._vocab[t] for t in self.all_special_tokens]
-
-    @property
-    def padding_side(self) -> str:
-        """Where ``padding`` adds pad tokens: "right" (default) or "left"."""
-        return self._padding_side
-
-    @padding_side.setter
-    def padding_side(self, side: str) -> None:
-        if side not in ("right", "left"):
-            raise ValueError(f"padding_side must be 'right' or 'left', got {side!r}")
-        self._padding_side = side
 
     def convert_tokens_to_ids(self, tokens: str | Sequence[str]) -> int | list[int]:
         """Id(s) of piece(s); a piece missing from the vocabulary gives ``unk_token_id``."""
