@@ -1,4 +1,4 @@
-"""Shared helpers for the lmforge-vs-Hugging Face benchmarks (bench_train.py, bench_generate.py).
+"""Shared helpers for the lmforge-vs-Hugging Face benchmarks (bench_train.py, bench_generate.py, bench_seq2seq.py).
 
 Both models get the SAME weights: lmforge's model is saved with `save_pretrained` (Hugging Face
 GPT-2 layout) and loaded with `transformers.GPT2LMHeadModel.from_pretrained(dir, attn_implementation="sdpa")`.
@@ -69,6 +69,54 @@ def build_pair(seed: int = 0, **overrides: Any) -> tuple[torch.nn.Module, torch.
     for name, t in to_hf_state_dict(ours).items():
         if not torch.equal(t, hf_state[name]):
             raise RuntimeError(f"weight {name} differs between lmforge and HF after save/load")
+    return ours, hf, config
+
+
+# The seq2seq benchmark shape: a 6+6-layer Marian (d_model 512, 8 heads, FFN 2048, vocab 8000), OPUS-MT-like.
+MARIAN_BENCH_CONFIG = dict(
+    vocab_size=8000,
+    d_model=512,
+    encoder_layers=6,
+    decoder_layers=6,
+    encoder_attention_heads=8,
+    decoder_attention_heads=8,
+    encoder_ffn_dim=2048,
+    decoder_ffn_dim=2048,
+    max_position_embeddings=512,
+    activation_function="swish",
+    scale_embedding=True,
+    pad_token_id=7999,
+    decoder_start_token_id=7999,
+    eos_token_id=0,
+    forced_eos_token_id=0,
+    dropout=0.0,
+    attention_dropout=0.0,
+    activation_dropout=0.0,
+)
+
+
+def build_seq2seq_pair(seed: int = 0, **overrides: Any) -> tuple[torch.nn.Module, torch.nn.Module, Any]:
+    """(lmforge model from AutoModelForSeq2SeqLM, transformers MarianMTModel, transformers config): a seeded
+    random MarianMTModel (sdpa) saved with save_pretrained and loaded by lmforge, every tensor checked."""
+    quiet_hf()
+    from transformers import MarianConfig, MarianMTModel
+
+    from lmforge import AutoModelForSeq2SeqLM
+    from lmforge.hub import to_hf_state_dict
+
+    torch.manual_seed(seed)
+    config = MarianConfig(**{**MARIAN_BENCH_CONFIG, **overrides})
+    hf = MarianMTModel(config)
+    with torch.no_grad():  # transformers initialises it to zeros; make it count (as a trained model's does)
+        hf.final_logits_bias.normal_(std=0.1)
+    with tempfile.TemporaryDirectory(prefix="lmforge-bench-") as d:
+        hf.save_pretrained(d)
+        hf = MarianMTModel.from_pretrained(d, attn_implementation="sdpa")
+        ours = AutoModelForSeq2SeqLM.from_pretrained(d)
+    hf_state = hf.state_dict()
+    for name, t in to_hf_state_dict(ours).items():
+        if name in hf_state and not torch.equal(t, hf_state[name]):
+            raise RuntimeError(f"weight {name} differs between lmforge and transformers after save/load")
     return ours, hf, config
 
 
