@@ -115,7 +115,7 @@ def build_seq2seq_pair(seed: int = 0, **overrides: Any) -> tuple[torch.nn.Module
         ours = AutoModelForSeq2SeqLM.from_pretrained(d)
     hf_state = hf.state_dict()
     for name, t in to_hf_state_dict(ours).items():
-        if name in hf_state and not torch.equal(t, hf_state[name]):
+        if name not in hf_state or not torch.equal(t, hf_state[name]):
             raise RuntimeError(f"weight {name} differs between lmforge and transformers after save/load")
     return ours, hf, config
 
