@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+DEFAULT_GENERATION_MAX_LENGTH = 128  # generation_max_length=None: room for a long sentence, incl. the start token
 SCHEDULERS = ("cosine", "linear", "constant")
 STRATEGIES = ("no", "steps", "epoch")
 REPORTERS = ("jsonl", "tensorboard")
@@ -27,6 +28,9 @@ class TrainingArguments:
     Evaluation, saving: `*_strategy` "steps" (every `*_steps`; None = only at the end), "epoch" or "no".
     A run with an eval_dataset is evaluated at the end unless eval_strategy is "no"; the model is
     always saved to output_dir at the end.
+    Generation (encoder-decoders, as transformers' Seq2SeqTrainingArguments): with `predict_with_generate`,
+    evaluation and prediction hand `model.generate` ids (`generation_num_beams` beams, at most
+    `generation_max_length` tokens counting the decoder start; None = 128) to `compute_metrics`.
     """
 
     output_dir: str = "runs/lmforge"
@@ -46,6 +50,9 @@ class TrainingArguments:
     lr_scheduler_type: str = "linear"
     max_grad_norm: float | None = 1.0
     label_smoothing_factor: float = 0.0  # eps: targets (1 - eps) on the label + eps spread over all classes
+    predict_with_generate: bool = False  # evaluate/predict: predictions = model.generate ids, not logits
+    generation_max_length: int | None = None  # decoded length incl. the decoder start; None = 128
+    generation_num_beams: int | None = None  # beams for predict_with_generate; None = 1 (greedy)
     logging_steps: int = 10
     eval_strategy: str = "steps"
     eval_steps: int | None = None  # None = evaluate only at the end
@@ -91,7 +98,14 @@ class TrainingArguments:
             raise ValueError(
                 f"TrainingArguments.max_steps must be an integer (-1 = use num_train_epochs), got {self.max_steps!r}"
             )
-        for name in ("eval_steps", "save_steps", "save_total_limit", "eval_max_batches", "early_stopping_patience"):
+        for name in (
+            "eval_steps",
+            "save_steps",
+            "save_total_limit",
+            "eval_max_batches",
+            "early_stopping_patience",
+            "generation_num_beams",
+        ):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise ValueError(f"TrainingArguments.{name} must be a positive integer or None, got {value!r}")
@@ -125,6 +139,7 @@ class TrainingArguments:
             "load_best_model_at_end",
             "disable_tqdm",
             "group_by_length",
+            "predict_with_generate",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TrainingArguments.{name} must be true or false, got {getattr(self, name)!r}")
@@ -163,6 +178,12 @@ class TrainingArguments:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
+        length = self.generation_max_length
+        if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 2):
+            raise ValueError(
+                "TrainingArguments.generation_max_length must be an integer >= 2 (the decoder start token and at "
+                f"least one new token) or None (= {DEFAULT_GENERATION_MAX_LENGTH}), got {length!r}"
+            )
         if not 0.0 <= self.label_smoothing_factor < 1.0:
             raise ValueError(f"label_smoothing_factor must be in [0, 1), got {self.label_smoothing_factor}")
         if self.peak_flops is not None and self.peak_flops <= 0:

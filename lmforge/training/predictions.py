@@ -1,5 +1,6 @@
-"""What evaluation gathers: each batch's logits and labels as numpy arrays (one tensor, or a tuple for
-models with several outputs), joined over the batches for `compute_metrics` and `Trainer.predict`."""
+"""What evaluation gathers: each batch's logits (or, with predict_with_generate, generated ids) and labels as
+numpy arrays (one tensor, or a tuple for models with several outputs), joined over the batches for `compute_metrics`
+and `Trainer.predict`."""
 
 from __future__ import annotations
 
@@ -51,15 +52,16 @@ def to_numpy(x: Any) -> Any:
     return (x.float() if x.is_floating_point() else x).numpy()
 
 
-def concat_batches(parts: list[Any]) -> Any:
-    """Join per-batch arrays along the batch axis, padding ragged sequence dims with IGNORE_INDEX."""
+def concat_batches(parts: list[Any], pad_value: int = IGNORE_INDEX) -> Any:
+    """Join per-batch arrays along the batch axis, padding ragged sequence dims with `pad_value` (IGNORE_INDEX
+    for logits and labels; the pad id for generated ids, which metrics decode)."""
     if isinstance(parts[0], tuple):
-        return tuple(concat_batches([p[i] for p in parts]) for i in range(len(parts[0])))
+        return tuple(concat_batches([p[i] for p in parts], pad_value) for i in range(len(parts[0])))
     if parts[0].ndim == 1 or all(p.shape[1:] == parts[0].shape[1:] for p in parts):
         return np.concatenate(parts)
     longest = max(p.shape[1] for p in parts)
     padded = []
     for p in parts:
         width = [(0, 0), (0, longest - p.shape[1])] + [(0, 0)] * (p.ndim - 2)
-        padded.append(np.pad(p, width, constant_values=IGNORE_INDEX))
+        padded.append(np.pad(p, width, constant_values=pad_value))
     return np.concatenate(padded)

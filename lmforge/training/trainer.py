@@ -33,13 +33,13 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from lmforge.constants import NO_LENGTH_LIMIT, context_length
-from lmforge.data.collate import DataCollator
+from lmforge.constants import IGNORE_INDEX, NO_LENGTH_LIMIT, context_length
+from lmforge.data.collate import DataCollator, DataCollatorForSeq2Seq
 from lmforge.files import atomic_write_text
 from lmforge.nn.losses import count_loss_items, smoothed_loss_sum, weighted_loss
 from lmforge.training import checkpoint as ckpt
 from lmforge.training import distributed as D
-from lmforge.training.args import TrainingArguments
+from lmforge.training.args import DEFAULT_GENERATION_MAX_LENGTH, TrainingArguments
 from lmforge.training.checkpoint import TrainerState
 from lmforge.training.metrics import EvalPrediction
 from lmforge.training.optim import build_optimizer, build_scheduler
@@ -101,6 +101,10 @@ class Trainer:
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.tokenizer = tokenizer if tokenizer is not None else processing_class
         self._lengths: list[int] | None = None  # example lengths for group_by_length, read once
+        if args.predict_with_generate and not callable(getattr(model, "generate", None)):
+            raise ValueError(
+                f"predict_with_generate=True needs a model with generate(); {type(model).__name__} has none"
+            )
         self.data_collator = data_collator or self._default_collator()
         self.compute_metrics = compute_metrics
         # (logits, labels) of one evaluation batch -> what to keep of it (e.g. argmax, or sums): saves memory
@@ -121,7 +125,10 @@ class Trainer:
         self._bad_steps = 0
 
     def _default_collator(self) -> Callable:
-        """Pads examples and keeps only what the model's forward accepts (plus labels and weights)."""
+        """Pads examples and keeps only what the model's forward accepts (plus labels and weights); an
+        encoder-decoder gets DataCollatorForSeq2Seq (sources and targets padded apart, decoder inputs built)."""
+        if getattr(getattr(self.model, "config", None), "is_encoder_decoder", False):
+            return DataCollatorForSeq2Seq(self.tokenizer, model=self.model)
         params = inspect.signature(self.model.forward).parameters
         keep = {
             name
@@ -452,7 +459,10 @@ class Trainer:
                     n = count_loss_items(model, batch)
                     loss_sum += float(out.loss) * n
                     items += n
-                if keep_predictions:
+                if keep_predictions and args.predict_with_generate:
+                    preds.append(to_numpy(self._generate(model, batch)))
+                    labels.append(to_numpy(batch_labels(batch)))
+                elif keep_predictions:
                     logits, labels_now = model_outputs(out), batch_labels(batch)
                     if self.preprocess_logits_for_metrics is not None:
                         logits = self.preprocess_logits_for_metrics(logits, labels_now)
@@ -464,7 +474,10 @@ class Trainer:
             metrics[f"{prefix}_loss"] = loss_sum / items
             if getattr(model, "num_loss_items", None) is not None and token_loss:  # a language model's mean token loss
                 metrics[f"{prefix}_perplexity"] = math.exp(min(metrics[f"{prefix}_loss"], 50.0))
-        predictions = concat_batches(preds) if preds else None
+        # generated ids are padded with the pad id (metrics decode them); logits with IGNORE_INDEX
+        pad_id = getattr(getattr(model, "config", None), "pad_token_id", None)
+        pad = pad_id if args.predict_with_generate and pad_id is not None else IGNORE_INDEX
+        predictions = concat_batches(preds, pad) if preds else None
         label_ids = concat_batches(labels) if labels and labels[0] is not None else None
         if self.compute_metrics is not None and predictions is not None and self.world.is_main:
             extra = self.compute_metrics(EvalPrediction(predictions, label_ids))
@@ -473,6 +486,18 @@ class Trainer:
         metrics.update({f"{prefix}_runtime": runtime, f"{prefix}_samples_per_second": seen / max(runtime, 1e-9)})
         metrics = D.broadcast_object(metrics, self.world)
         return PredictionOutput(predictions, label_ids, metrics)
+
+    def _generate(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        """predict_with_generate: the model's generate on the batch's source ids and mask only (labels and
+        decoder inputs never reach it) -> (B, 1 + n) ids, as transformers' Seq2SeqTrainer."""
+        args = self.args
+        max_length = args.generation_max_length or DEFAULT_GENERATION_MAX_LENGTH
+        return model.generate(
+            batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            max_new_tokens=max_length - 1,  # the length counts the decoder start token
+            num_beams=args.generation_num_beams or 1,
+        )
 
     def _evaluate_and_track(self) -> dict[str, float]:
         """Evaluate, then update the best metric and the early-stopping count."""
