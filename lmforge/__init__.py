@@ -29,6 +29,8 @@ _EXPORTS = {
     "ZeroShotClassificationPipeline": "lmforge.pipelines",
     "plot_attention": "lmforge.interpret",
     "attention_maps": "lmforge.interpret",
+    "plot_cross_attention": "lmforge.interpret",
+    "cross_attention_maps": "lmforge.interpret",
     "token_attributions": "lmforge.interpret",
     "LoRAConfig": "lmforge.nn.lora",
     "apply_lora": "lmforge.nn.lora",

@@ -3,6 +3,8 @@
     text -> tokens (readable labels from the tokenizer's offsets) -> one forward pass
          -> attentions: per layer (1, H, T, T) probabilities -> selected (L, H, T, T)   [attention_maps]
          -> d logit[target] / d word embedding, times the embedding, summed over C  [token_attributions]
+    source [-> greedy translation] -> an encoder-decoder's forward pass with the target
+         -> cross-attentions: per layer (1, H, T_tgt, T_src) -> selected (L, H, T_tgt, T_src)  [cross_attention_maps]
 
 Plots are drawn with matplotlib's object API (`Figure` + the Agg canvas), never pyplot, so no window
 opens and the user's backend and rcParams stay as they were. matplotlib is imported only when a plot
@@ -34,7 +36,16 @@ from lmforge.files import atomic_write_bytes
 if TYPE_CHECKING:  # matplotlib is optional and loaded only to draw
     from matplotlib.figure import Figure
 
-__all__ = ["attention_maps", "cjk_font", "plot_attention", "plot_attributions", "token_attributions", "token_labels"]
+__all__ = [
+    "attention_maps",
+    "cjk_font",
+    "cross_attention_maps",
+    "plot_attention",
+    "plot_attributions",
+    "plot_cross_attention",
+    "token_attributions",
+    "token_labels",
+]
 
 # Font family names with CJK coverage, most preferred first (matched as substrings, any case).
 CJK_FONT_NAMES = (
@@ -214,6 +225,11 @@ def _attention(
     text_pair: str | None,
 ) -> tuple[list[str], Tensor, list[int], list[int]]:
     """(tokens, maps (L, H, T, T), the layer indexes, the head indexes), indexes counted from 0."""
+    if _is_encoder_decoder(model):
+        raise TypeError(
+            f"{type(model).__name__} is an encoder-decoder: use cross_attention_maps(model, tokenizer, source, "
+            "target=None) for its source x target attention (plot_attention draws it)"
+        )
     if not _accepts(model, "output_attentions"):
         raise TypeError(
             f"{type(model).__name__} does not take output_attentions=True; use an lmforge GPT or "
@@ -250,49 +266,278 @@ def plot_attention(
     One heatmap per (layer, head): a row of panels per layer, a column per head (one column of
     head-averaged maps with `average_heads`). Rows of a map are queries, columns keys, both labelled
     with the tokens; one colour bar (0 to the largest weight shown) serves every panel. The file is
-    written atomically; missing parent folders are created.
+    written atomically; missing parent folders are created. For an encoder-decoder (Marian, BART, ...)
+    `text` is the source and the cross-attention over its greedy translation is drawn, as
+    `plot_cross_attention` does.
     """
+    if _is_encoder_decoder(model):
+        if text_pair is not None:
+            raise ValueError(
+                "text_pair has no meaning for an encoder-decoder; to draw the cross-attention over a given "
+                "translation call plot_cross_attention(model, tokenizer, source, path, target=...)"
+            )
+        return plot_cross_attention(
+            model, tokenizer, text, path, layers=layers, heads=heads, average_heads=average_heads
+        )
     path = _png_path(path)
     tokens, maps, layer_idx, head_idx = _attention(model, tokenizer, text, layers, heads, text_pair)
+    _plot_maps(maps, tokens, tokens, layer_idx, head_idx, average_heads, path, "query (attending)", "key (attended to)")
+    return path
+
+
+def _plot_maps(
+    maps: Tensor,
+    row_tokens: list[str],
+    col_tokens: list[str],
+    layer_idx: list[int],
+    head_idx: list[int],
+    average_heads: bool,
+    path: Path,
+    row_name: str,
+    col_name: str,
+) -> None:
+    """Draw maps (L, H, rows, cols) as a grid of heatmaps, a row of panels per layer and a column per head
+    (one column, the mean over heads, with `average_heads`), and write the PNG to `path`."""
     if average_heads:
-        maps = maps.mean(1, keepdim=True)  # (L, 1, T, T)
-    n_rows, n_cols, T = maps.size(0), maps.size(1), maps.size(-1)
+        maps = maps.mean(1, keepdim=True)  # (L, 1, rows, cols)
+    n_rows, n_cols = maps.size(0), maps.size(1)
+    T_rows, T_cols = maps.size(-2), maps.size(-1)
+    square = T_rows == T_cols and row_tokens == col_tokens
     if n_rows * n_cols > 64:
         warnings.warn(
             f"drawing {n_rows * n_cols} attention panels; pass layers=/heads= or average_heads=True "
             "for a figure that stays readable",
-            stacklevel=2,
+            stacklevel=3,
         )
 
     def draw(fig: Figure) -> None:
         axes = fig.subplots(n_rows, n_cols, squeeze=False)
         vmax = max(float(maps.max()), 1e-6)
-        ticks, labels = _ticks(tokens)
-        size = _tick_font_size(T)
+        x_ticks, x_labels = _ticks(col_tokens)
+        y_ticks, y_labels = _ticks(row_tokens)
+        x_size, y_size = _tick_font_size(T_cols), _tick_font_size(T_rows)
         image = None
         for r in range(n_rows):
             for c in range(n_cols):
                 ax = axes[r][c]
                 image = ax.imshow(
-                    maps[r, c].numpy(), cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest", aspect="equal"
+                    maps[r, c].numpy(),
+                    cmap="viridis",
+                    vmin=0.0,
+                    vmax=vmax,
+                    interpolation="nearest",
+                    aspect="equal" if square else "auto",
                 )
                 head = "heads averaged" if average_heads else f"head {head_idx[c]}"
                 ax.set_title(f"layer {layer_idx[r]}, {head}", fontsize=9)
-                ax.set_xticks(ticks)
-                ax.set_yticks(ticks)
+                ax.set_xticks(x_ticks)
+                ax.set_yticks(y_ticks)
                 # every panel has the same tokens: label the bottom row and the left column only
-                ax.set_xticklabels(labels if r == n_rows - 1 else [], rotation=90, fontsize=size)
-                ax.set_yticklabels(labels if c == 0 else [], fontsize=size)
+                ax.set_xticklabels(x_labels if r == n_rows - 1 else [], rotation=90, fontsize=x_size)
+                ax.set_yticklabels(y_labels if c == 0 else [], fontsize=y_size)
                 if r == n_rows - 1:
-                    ax.set_xlabel("key (attended to)", fontsize=8)
+                    ax.set_xlabel(col_name, fontsize=8)
                 if c == 0:
-                    ax.set_ylabel("query (attending)", fontsize=8)
+                    ax.set_ylabel(row_name, fontsize=8)
         fig.colorbar(image, ax=axes, shrink=0.8, label="attention weight")
 
-    panel = min(max(0.16 * T + 0.9, 2.2), 7.5)  # inches per heatmap: ~0.16 in per token, kept readable
-    label_room = 0.09 * min(max(map(len, tokens)), _MAX_LABEL_CHARS) + 0.6  # rotated tick labels
-    figsize = (n_cols * panel + label_room + 1.2, n_rows * (panel + 0.35) + label_room + 0.3)
-    _save_figure(draw, figsize, tokens, path)
+    def panel(n: int) -> float:  # inches per heatmap side: ~0.16 in per token, kept readable
+        return min(max(0.16 * n + 0.9, 2.2), 7.5)
+
+    x_room = 0.09 * min(max(map(len, col_tokens)), _MAX_LABEL_CHARS) + 0.6  # rotated tick labels
+    y_room = x_room if square else 0.09 * min(max(map(len, row_tokens)), _MAX_LABEL_CHARS) + 0.6
+    figsize = (n_cols * panel(T_cols) + y_room + 1.2, n_rows * (panel(T_rows) + 0.35) + x_room + 0.3)
+    _save_figure(draw, figsize, row_tokens + col_tokens, path)
+
+
+# ---------------------------------------------------------------------------------------------- cross-attention
+def _is_encoder_decoder(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def cross_attention_maps(
+    model: nn.Module,
+    tokenizer: Any,
+    source: str,
+    target: str | None = None,
+    layers: int | Sequence[int] | None = None,
+    heads: int | Sequence[int] | None = None,
+    max_new_tokens: int = 64,
+) -> tuple[list[str], list[str], Tensor]:
+    """An encoder-decoder's cross-attention between a source text and its translation.
+
+    Returns (source_tokens, target_tokens, attentions): a readable label per source token (as
+    `token_labels`, `</s>` included), a label per target token, and a float32 CPU tensor
+    (L, H, T_tgt, T_src) for the selected decoder layers and heads (default: all).
+
+    The target is `target` tokenized as labels (`text_target` for a Marian tokenizer), or, with
+    target=None, the model's greedy translation (`model.generate`, at most `max_new_tokens` tokens).
+    Row i belongs to target token y_i: it is the decoder step that reads the decoder start token and
+    y_1 .. y_{i-1} and predicts y_i (teacher forcing, decoder_input_ids = the target shifted right), so
+    the decoder start token is an input but not a row, and a final `</s>` is the last row.
+    attentions[l, h, i, j] is how much that step attends to source token j; each row sums to 1 over
+    the source. Runs in eval mode without gradients; the model is put back in the mode it was in.
+    """
+    src, tgt, maps, _, _ = _cross_attention(model, tokenizer, source, target, layers, heads, max_new_tokens)
+    return src, tgt, maps
+
+
+def _cross_attention(
+    model: nn.Module,
+    tokenizer: Any,
+    source: str,
+    target: str | None,
+    layers: int | Sequence[int] | None,
+    heads: int | Sequence[int] | None,
+    max_new_tokens: int,
+) -> tuple[list[str], list[str], Tensor, list[int], list[int]]:
+    """(source labels, target labels, maps (L, H, T_tgt, T_src), the layer indexes, the head indexes)."""
+    if not _is_encoder_decoder(model):
+        raise TypeError(
+            f"{type(model).__name__} is not an encoder-decoder, so it has no cross-attention; "
+            "use attention_maps / plot_attention for its self-attention"
+        )
+    config = model.config
+    start = getattr(config, "decoder_start_token_id", None)
+    if start is None:
+        raise ValueError("the model's config has no decoder_start_token_id; set it to decode a target")
+    device = _device(model)
+    inputs, src_labels = _encode_source(tokenizer, source, device)
+    _check_length(model, inputs["input_ids"].size(1))
+    with _eval_mode(model), torch.no_grad():
+        if target is None:
+            if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+                raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+            limit = context_length(config)  # the decoder start takes one position
+            max_new_tokens = min(max_new_tokens, limit - 1) if limit else max_new_tokens
+            generated = model.generate(  # (1, 1 + n): the decoder start, then the greedy tokens
+                inputs["input_ids"],
+                attention_mask=inputs.get("attention_mask"),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+            )
+            target_ids = generated[0, 1:].tolist()
+            tgt_labels = _id_labels(tokenizer, target_ids)
+        else:
+            _check_text(target, "target")
+            target_ids, tgt_labels = _encode_target(tokenizer, target)
+        if not target_ids:
+            raise ValueError("the target has no tokens; pass a target text the tokenizer can encode")
+        _check_length(model, len(target_ids))
+        decoder_input_ids = torch.tensor([[start, *target_ids[:-1]]], device=device)  # (1, T_tgt): shifted right
+        out = model(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs.get("attention_mask"),
+            decoder_input_ids=decoder_input_ids,
+            output_attentions=True,
+        )
+    per_layer = getattr(out, "cross_attentions", None)  # per decoder layer (1, H, T_tgt, T_src)
+    if not per_layer:
+        raise TypeError(f"{type(model).__name__} returned no cross_attentions for output_attentions=True")
+    layer_idx = _select(layers, len(per_layer), "layer")
+    head_idx = _select(heads, per_layer[0].size(1), "head")
+    maps = torch.stack([per_layer[i][0] for i in layer_idx])  # (L, H_all, T_tgt, T_src)
+    return src_labels, tgt_labels, maps[:, head_idx].float().cpu(), layer_idx, head_idx
+
+
+def _takes(fn: Any, name: str) -> bool:
+    """Whether the callable takes the keyword `name` (a tokenizer's __call__: offsets, text_target)."""
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _encode_source(tokenizer: Any, text: str, device: torch.device) -> tuple[dict[str, Tensor], list[str]]:
+    """The source's model inputs (1, S) and one label per token: from offsets where the tokenizer gives them,
+    else from decoding the ids (a Marian tokenizer)."""
+    if _takes(tokenizer, "return_offsets_mapping"):
+        inputs, labels = _encode(tokenizer, text, device=device)
+        return {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}, labels
+    _check_text(text)
+    enc = tokenizer(text, return_tensors="pt")
+    ids = enc["input_ids"][0].tolist()
+    if not ids:
+        raise ValueError(f"text {text[:40]!r} gives no tokens; pass text the tokenizer can encode")
+    inputs = {k: enc[k].to(device) for k in ("input_ids", "attention_mask") if k in enc}
+    return inputs, _id_labels(tokenizer, ids)
+
+
+def _encode_target(tokenizer: Any, text: str) -> tuple[list[int], list[str]]:
+    """A target text's label ids (special tokens added, e.g. the final </s>) and one label per token."""
+    if _takes(tokenizer, "text_target"):  # Marian: the target side has its own SentencePiece model
+        ids = tokenizer(text_target=text)["input_ids"]
+        return list(ids), _id_labels(tokenizer, list(ids))
+    if _takes(tokenizer, "return_offsets_mapping"):
+        inputs, labels = _encode(tokenizer, text)
+        return inputs["input_ids"][0].tolist(), labels
+    ids = list(tokenizer(text)["input_ids"])
+    return ids, _id_labels(tokenizer, ids)
+
+
+def _id_labels(tokenizer: Any, ids: list[int]) -> list[str]:
+    """One readable label per token id, without offsets (generated ids): special tokens show themselves;
+    the others show the text each adds to the decoded prefix of its run of ordinary tokens, so a word-start
+    piece "▁mundo" reads "mundo" and the byte pieces of one character all read as that character."""
+    special = set(getattr(tokenizer, "all_special_ids", ()) or ())
+    labels: list[str] = [""] * len(ids)
+    i = 0
+    while i < len(ids):
+        if ids[i] in special:
+            labels[i] = str(tokenizer.convert_ids_to_tokens([ids[i]])[0])
+            i += 1
+            continue
+        end = i
+        while end < len(ids) and ids[end] not in special:
+            end += 1
+        _run_labels(tokenizer, ids, i, end, labels)
+        i = end
+    return labels
+
+
+def _run_labels(tokenizer: Any, ids: list[int], start: int, end: int, labels: list[str]) -> None:
+    """Fill labels[start:end] for a run of ordinary tokens by decoding growing prefixes of the run."""
+    before, first = "", start  # the decoded text so far; the first token not labelled yet
+    for i in range(start, end):
+        text = tokenizer.decode(ids[start : i + 1])
+        if text.endswith("\ufffd") and i + 1 < end:  # a character cut into byte pieces: wait for the rest
+            continue
+        piece = text[len(before) :] if text.startswith(before) else tokenizer.decode(ids[first : i + 1])
+        label = "".join(ch if ch.isprintable() or ch.isspace() else _escape(ch) for ch in piece)  # no \x00 boxes
+        label = _label(label, "", False, not piece)
+        for j in range(first, i + 1):
+            labels[j] = label
+        before, first = text, i + 1
+
+
+def _escape(ch: str) -> str:
+    """A control character as its escape ("\\x00"): generated bytes may hold characters no font can draw."""
+    return ch.encode("unicode_escape").decode("ascii")
+
+
+def plot_cross_attention(
+    model: nn.Module,
+    tokenizer: Any,
+    source: str,
+    path: str | os.PathLike,
+    target: str | None = None,
+    layers: int | Sequence[int] | None = None,
+    heads: int | Sequence[int] | None = None,
+    average_heads: bool = False,
+    max_new_tokens: int = 64,
+) -> Path:
+    """Draw an encoder-decoder's cross-attention (see `cross_attention_maps`) as a PNG grid and return its path.
+
+    Source tokens run along x, target tokens down y (row i: the step that predicts target token i); one
+    panel per (layer, head) as in `plot_attention`, one column of head-averaged maps with `average_heads`,
+    one colour bar for all. target=None draws the model's greedy translation of `source`.
+    """
+    path = _png_path(path)
+    src, tgt, maps, layer_idx, head_idx = _cross_attention(
+        model, tokenizer, source, target, layers, heads, max_new_tokens
+    )
+    _plot_maps(maps, tgt, src, layer_idx, head_idx, average_heads, path, "target (predicted)", "source (attended to)")
     return path
 
 

@@ -35,7 +35,7 @@ BLOCKS = {
     "README.md": 6,
     "README.zh-CN.md": 6,
     "docs/architecture.md": 0,
-    "docs/interpretability.md": 1,
+    "docs/interpretability.md": 2,
     "docs/knowledge_base.md": 2,
     "docs/lora.md": 1,
     "docs/pipelines.md": 9,
@@ -181,7 +181,10 @@ def check_translation(namespace: dict, printed: str, folder: Path) -> None:
 
 def check_interpretability(namespace: dict, printed: str, folder: Path) -> None:
     assert "torch.Size([2, 2, 9, 9])" in printed and "['[CLS]', '床', '前', '明', '月', '光', '[SEP]']" in printed
-    for name in ("gpt_attention.png", "bert_attributions.png", "bert_attention.png"):
+    assert "['the', 'moon', 'is', 'bright', '</s>']" in printed and "torch.Size([2, 2, " in printed
+    assert namespace["tgt"][-1] == "</s>" and "".join(dict.fromkeys(namespace["tgt"][:-1])) == "明月光"
+    pngs = ("gpt_attention.png", "bert_attributions.png", "bert_attention.png", "cross_attention.png")
+    for name in (*pngs, "greedy_cross_attention.png"):
         assert (folder / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

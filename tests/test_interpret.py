@@ -397,12 +397,15 @@ def test_plot_attributions(tmp_path, bert_classifier, wordpiece):
 def test_docs_example_runs(tmp_path, monkeypatch, capsys):
     doc = (ROOT / "docs" / "interpretability.md").read_text(encoding="utf-8")
     blocks = re.findall(r"```python\n(.*?)```", doc, flags=re.S)
-    assert len(blocks) == 1
+    assert len(blocks) == 2  # self-attention and attributions; cross-attention (tests/test_cross_attention.py)
     monkeypatch.chdir(tmp_path)
-    exec(compile(blocks[0], "docs/interpretability.md", "exec"), {})
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "docs/interpretability.md", "exec"), namespace)
     out = capsys.readouterr().out
     assert "torch.Size([2, 2, 9, 9])" in out and "['[CLS]', '床', '前', '明', '月', '光', '[SEP]']" in out
-    for name in ("gpt_attention.png", "bert_attributions.png", "bert_attention.png"):
+    assert "['the', 'moon', 'is', 'bright', '</s>']" in out
+    for name in ("gpt_attention.png", "bert_attributions.png", "bert_attention.png", "cross_attention.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
     assert "lmforge attention MODEL" in doc
 

@@ -92,4 +92,8 @@ class Seq2SeqLMOutput(ModelOutput):
     loss: Tensor | None = None
     logits: Tensor | None = None  # (B, T, V)
     past_key_values: Any = None  # the decoder's lmforge.nn.KVCache when use_cache=True
+    # with output_attentions=True, per layer (transformers' names and field order):
+    decoder_attentions: tuple[Tensor, ...] | None = None  # causal self-attention (B, H, T, past + T)
+    cross_attentions: tuple[Tensor, ...] | None = None  # decoder queries over the source (B, H, T, S)
     encoder_last_hidden_state: Tensor | None = None  # (B, S, C)
+    encoder_attentions: tuple[Tensor, ...] | None = None  # (B, H, S, S); None when encoder_outputs was passed

@@ -295,12 +295,16 @@ class Seq2SeqStack(nn.Module):
         x = tokens(ids) * self.embed_scale + self.embed_positions(positions)  # (B, T, C)
         return dropout(apply(self.layernorm_embedding, x), self.config.dropout, self.training)
 
-    def encode(self, tokens: nn.Embedding, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
-        """Encoder: source ids (B, S) -> memory (B, S, C)."""
+    def encode(
+        self, tokens: nn.Embedding, input_ids: Tensor, attention_mask: Tensor | None, output_attentions: bool = False
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Encoder: source ids (B, S) -> memory (B, S, C), and each layer's (B, H, S, S) self-attention
+        weights if output_attentions (else an empty list)."""
         S = input_ids.size(1)
         x = self.embed(tokens, input_ids)
-        x, _, _ = run_blocks(self.layers, x, AttentionMask.build(attention_mask, S, S, causal=False))
-        return apply(self.ln_f, x)
+        mask = AttentionMask.build(attention_mask, S, S, causal=False)
+        x, _, attentions = run_blocks(self.layers, x, mask, output_attentions=output_attentions)
+        return apply(self.ln_f, x), attentions
 
     def decode(
         self,
@@ -310,18 +314,26 @@ class Seq2SeqStack(nn.Module):
         memory_padding: Tensor | None,
         decoder_attention_mask: Tensor | None = None,
         cache: KVCache | None = None,
-    ) -> Tensor:
-        """Decoder: target ids (B, T) and memory (B, S, C) -> hidden states (B, T, C)."""
+        output_attentions: bool = False,
+    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """Decoder: target ids (B, T) and memory (B, S, C) -> hidden states (B, T, C), and if output_attentions
+        each layer's self-attention (B, H, T, past + T) and cross-attention (B, H, T, S) weights (else empty
+        lists)."""
         T, S = decoder_input_ids.size(1), memory.size(1)
         past = cache.length if cache is not None else 0
         x = self.embed(tokens, decoder_input_ids, past)
         mask = AttentionMask.build(decoder_attention_mask, T, past + T, causal=True)
         memory_mask = AttentionMask.build(memory_padding, T, S, causal=False)
+        self_attentions: list[Tensor] = []
+        cross_attentions: list[Tensor] = []
         for i, block in enumerate(self.layers):
-            x = block(x, memory, mask, memory_mask, cache, i)
+            x, self_w, cross_w = block(x, memory, mask, memory_mask, cache, i, output_attentions)
+            if output_attentions:
+                self_attentions.append(self_w)
+                cross_attentions.append(cross_w)
         if cache is not None:
             cache.advance(T)
-        return apply(self.ln_f, x)
+        return apply(self.ln_f, x), self_attentions, cross_attentions
 
 
 class Seq2SeqModel(nn.Module):
@@ -377,7 +389,7 @@ class Seq2SeqForConditionalGeneration(PreTrainedModel):
 
     def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """The encoder alone: source ids (B, S) -> memory (B, S, C), to pass as `encoder_outputs`."""
-        return self.model.encoder.encode(self.model.shared, input_ids, attention_mask)
+        return self.model.encoder.encode(self.model.shared, input_ids, attention_mask)[0]
 
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
         """Source ids (B, S) -> decoder_start_token_id followed by new tokens (B * R, 1 + n), as transformers'
@@ -395,19 +407,27 @@ class Seq2SeqForConditionalGeneration(PreTrainedModel):
         past_key_values: KVCache | None = None,
         use_cache: bool = False,
         num_items_in_batch: int | Tensor | None = None,
+        output_attentions: bool = False,
         **kwargs: Any,
     ) -> Seq2SeqLMOutput:
         """Source ids (B, S) (or their `encoder_outputs` (B, S, C)) and decoder ids (B, T) -> logits (B, T, V).
 
         Without decoder_input_ids, `labels` shifted right behind decoder_start_token_id are used (as
-        transformers does); labels are not shifted by the loss (position t predicts labels[:, t])."""
+        transformers does); labels are not shifted by the loss (position t predicts labels[:, t]).
+        output_attentions=True also returns, per layer, the attention probabilities as transformers does:
+        `encoder_attentions` (B, H, S, S) (None when encoder_outputs is passed), `decoder_attentions`
+        (B, H, T, past + T) and `cross_attentions` (B, H, T, S), padded source positions weighted 0. They are
+        computed with the explicit formula; without output_attentions the fused SDPA kernels run."""
         if kwargs:
             raise TypeError(f"unexpected arguments for {type(self).__name__}.forward: {sorted(kwargs)}")
         c = self.config
+        encoder_attentions: list[Tensor] | None = None
         if encoder_outputs is None:
             if input_ids is None:
                 raise ValueError("pass input_ids (the source) or encoder_outputs")
-            encoder_outputs = self.encode(input_ids, attention_mask)
+            encoder_outputs, encoder_attentions = self.model.encoder.encode(
+                self.model.shared, input_ids, attention_mask, output_attentions
+            )
         if decoder_input_ids is None:
             if labels is None:
                 raise ValueError("pass decoder_input_ids or labels (shifted right to become the decoder's input)")
@@ -419,17 +439,25 @@ class Seq2SeqForConditionalGeneration(PreTrainedModel):
             decoder_input_ids = shift_tokens_right(labels, c.pad_token_id, c.decoder_start_token_id)
         if use_cache and past_key_values is None:
             past_key_values = self.allocate_cache(decoder_input_ids.size(0), c.max_position_embeddings)
-        h = self.model.decoder.decode(  # (B, T, C)
+        h, decoder_attentions, cross_attentions = self.model.decoder.decode(  # h: (B, T, C)
             self.model.shared,
             decoder_input_ids,
             encoder_outputs,
             attention_mask,
             decoder_attention_mask,
             past_key_values,
+            output_attentions,
         )
         logits = apply(self.lm_head, h) + self.final_logits_bias  # (B, T, V)
         loss = masked_lm_loss(logits, labels, num_items_in_batch) if labels is not None else None
-        return Seq2SeqLMOutput(loss, logits, past_key_values, encoder_outputs)
+        out = Seq2SeqLMOutput(
+            loss=loss, logits=logits, past_key_values=past_key_values, encoder_last_hidden_state=encoder_outputs
+        )
+        if output_attentions:
+            out.decoder_attentions = tuple(decoder_attentions)
+            out.cross_attentions = tuple(cross_attentions)
+            out.encoder_attentions = tuple(encoder_attentions) if encoder_attentions is not None else None
+        return out
 
     num_loss_items = staticmethod(masked_lm_items)  # positions `labels` scores (no shift), for exact accumulation
 

@@ -202,9 +202,16 @@ class CrossAttention(nn.Module):
         self.dropout = dropout
 
     def forward(
-        self, x: Tensor, memory: Tensor, mask: AttentionMask, cache: KVCache | None = None, layer_idx: int = 0
-    ) -> Tensor:
-        """x: (B, T, C) attends over memory: (B, S, C) (mask: which of the S positions are real) -> (B, T, C).
+        self,
+        x: Tensor,
+        memory: Tensor,
+        mask: AttentionMask,
+        cache: KVCache | None = None,
+        layer_idx: int = 0,
+        output_attentions: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """x: (B, T, C) attends over memory: (B, S, C) (mask: which of the S positions are real) -> (B, T, C),
+        and the (B, H, T, S) weights if output_attentions (computed explicitly then; SDPA otherwise).
         With a cache, the keys/values of memory are projected on the first call and reused afterwards."""
         B, T, C = x.shape
         S = memory.size(1)
@@ -216,5 +223,11 @@ class CrossAttention(nn.Module):
             k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, S, hs)
             if cache is not None:
                 cache.cross[layer_idx] = (k, v)
-        y = fast_attention(q, k, v, mask, self.dropout if self.training else 0.0)
-        return apply(self.proj, y.transpose(1, 2).reshape(B, T, C))
+        weights = None
+        if output_attentions:
+            y, weights = reference_attention(q, k, v, mask.as_bool(T, S, x.device))  # weights (B, H, T, S)
+            if self.training and self.dropout:
+                y = F.dropout(weights, self.dropout) @ v
+        else:
+            y = fast_attention(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, H, T, hs)
+        return apply(self.proj, y.transpose(1, 2).reshape(B, T, C)), weights

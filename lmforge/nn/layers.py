@@ -201,24 +201,23 @@ class DecoderBlock(nn.Module):
         memory_mask: AttentionMask,
         cache: KVCache | None = None,
         layer_idx: int = 0,
-    ) -> Tensor:
-        """x: (B, T, C), memory: (B, S, C) -> (B, T, C)."""
+        output_attentions: bool = False,
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """x: (B, T, C), memory: (B, S, C) -> (B, T, C), and if output_attentions the self-attention
+        weights (B, H, T, Tk) and the cross-attention weights (B, H, T, S) (else None, None)."""
         if self.pre_norm:
-            a, _ = self.attn(apply(self.ln_1, x), mask, None, cache, layer_idx)
+            a, self_w = self.attn(apply(self.ln_1, x), mask, None, cache, layer_idx, output_attentions)
             x = x + dropout(a, self.dropout, self.training)
-            x = x + dropout(
-                self.cross_attn(apply(self.ln_cross, x), memory, memory_mask, cache, layer_idx),
-                self.dropout,
-                self.training,
+            c, cross_w = self.cross_attn(
+                apply(self.ln_cross, x), memory, memory_mask, cache, layer_idx, output_attentions
             )
-            return x + self.mlp(apply(self.ln_2, x))
-        a, _ = self.attn(x, mask, None, cache, layer_idx)
+            x = x + dropout(c, self.dropout, self.training)
+            return x + self.mlp(apply(self.ln_2, x)), self_w, cross_w
+        a, self_w = self.attn(x, mask, None, cache, layer_idx, output_attentions)
         x = apply(self.ln_1, x + dropout(a, self.dropout, self.training))
-        x = apply(
-            self.ln_cross,
-            x + dropout(self.cross_attn(x, memory, memory_mask, cache, layer_idx), self.dropout, self.training),
-        )
-        return apply(self.ln_2, x + self.mlp(x))
+        c, cross_w = self.cross_attn(x, memory, memory_mask, cache, layer_idx, output_attentions)
+        x = apply(self.ln_cross, x + dropout(c, self.dropout, self.training))
+        return apply(self.ln_2, x + self.mlp(x)), self_w, cross_w
 
 
 def run_blocks(
