@@ -176,6 +176,22 @@ def _texts(a: argparse.Namespace) -> list[str]:
     return texts
 
 
+def _documents(a: argparse.Namespace) -> list[str]:
+    """summarize's documents: each TEXT argument, else each --file (the whole file), else all of standard input."""
+    if a.text:
+        return list(a.text)
+    if a.file:
+        docs = [Path(f).read_text(encoding="utf-8").strip() for f in a.file]
+        empty = [f for f, d in zip(a.file, docs) if not d]
+        if empty:
+            raise ValueError(f"--file {empty[0]} is empty; there is nothing to summarize")
+        return docs
+    doc = sys.stdin.read().strip()
+    if not doc:
+        raise ValueError("no document: give TEXT arguments, --file FILE, or the document on standard input")
+    return [doc]
+
+
 def _emit(a: argparse.Namespace, text: str, result: Any, human: Callable[[Any], str]) -> None:
     if a.json:
         print(json.dumps({"input": text, "output": result}, ensure_ascii=False))
@@ -197,8 +213,13 @@ def cmd_pipeline(a: argparse.Namespace) -> int:
         "fill-mask": "fill-mask",
         "ner": "token-classification",
         "embed": "sentence-embeddings",
+        "translate": "translation",
+        "summarize": "summarization",
     }[a.command]
     options: dict[str, Any] = {}
+    if a.command in ("translate", "summarize"):
+        options = {"num_beams": a.num_beams, "max_new_tokens": a.max_new_tokens, "truncation": a.truncation}
+        task = a.task or task
     if a.command == "classify" and a.top_k is not None:
         options["top_k"] = a.top_k
     if a.command == "fill-mask":
@@ -206,7 +227,7 @@ def cmd_pipeline(a: argparse.Namespace) -> int:
     if a.command == "ner":
         options["aggregation_strategy"] = a.aggregation
     pipe = pipeline(task, model=a.model, device=a.device, batch_size=a.batch_size)
-    texts = _texts(a)
+    texts = _documents(a) if a.command == "summarize" else _texts(a)
     results = pipe(texts, **options)
     for text, result in zip(texts, results):
         if a.command == "classify":
@@ -233,6 +254,8 @@ def cmd_pipeline(a: argparse.Namespace) -> int:
                     or "-"
                 ),
             )
+        elif a.command in ("translate", "summarize"):
+            _emit(a, text, result[0][pipe.result_key], str)
         else:
             vector = [round(float(v), 6) for v in (result[0] if result and isinstance(result[0], list) else result)]
             _emit(a, text, vector, lambda r: " ".join(f"{v:.4f}" for v in r))
@@ -261,7 +284,7 @@ def cmd_attention(a: argparse.Namespace) -> int:
     --attributions, gradient x input scores per token."""
     from lmforge.auto import AutoModel, AutoTokenizer
     from lmforge.hub import read_config_dict, resolve_model_dir
-    from lmforge.interpret import plot_attention, plot_attributions, token_attributions
+    from lmforge.interpret import plot_attention, plot_attributions, plot_cross_attention, token_attributions
     from lmforge.models.registry import architecture_class
 
     directory = resolve_model_dir(a.model)
@@ -273,7 +296,21 @@ def cmd_attention(a: argparse.Namespace) -> int:
         path = plot_attributions(model, tokenizer, a.text, a.out)
         for token, score in token_attributions(model, tokenizer, a.text):
             print(f"{score:+.4f}\t{token}")
+    elif getattr(model.config, "is_encoder_decoder", False):
+        path = plot_cross_attention(
+            model,
+            tokenizer,
+            a.text,
+            a.out,
+            target=a.target,
+            layers=a.layers,
+            heads=a.heads,
+            average_heads=a.average_heads,
+            max_new_tokens=a.max_new_tokens,
+        )
     else:
+        if a.target is not None:
+            raise ValueError("--target is for encoder-decoders (translation, summarisation); this model has no decoder")
         path = plot_attention(
             model, tokenizer, a.text, a.out, layers=a.layers, heads=a.heads, average_heads=a.average_heads
         )
@@ -388,10 +425,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "pretrain",
+        aliases=["train"],
         parents=[common],
-        help="pretrain a GPT on a corpus (default: bundled Shakespeare)",
-        description="Pretrain a GPT from a recipe (lmforge/configs/*.yaml or a YAML file). "
-        "With no arguments: the 'shakespeare' recipe on the bundled corpus.",
+        help="train a model from scratch from a recipe (default: a GPT on bundled Shakespeare)",
+        description="Train a model from scratch from a recipe (lmforge/configs/*.yaml or a YAML file): a GPT "
+        "(shakespeare, sanguo), a BERT (bert-shakespeare, ...) or an encoder-decoder (translate-en-es, "
+        "summarize-en). With no arguments: the 'shakespeare' recipe on the bundled corpus.",
     )
     p.add_argument(
         "recipe",
@@ -509,17 +548,38 @@ def build_parser() -> argparse.ArgumentParser:
         ("fill-mask", "predict the [MASK] tokens of texts with a masked LM"),
         ("ner", "find entities in texts with a token classifier"),
         ("embed", "sentence vectors (mean pooled, normalised) of texts"),
+        ("translate", "translate texts with an encoder-decoder (lmforge train translate-en-es, Marian)"),
+        ("summarize", "summarize documents with an encoder-decoder (lmforge train summarize-en, BART)"),
     ):
+        whole = name == "summarize"
         p = sub.add_parser(
             name,
             parents=[common],
             help=about,
-            description=f"{about[0].upper()}{about[1:]}. Texts come from the arguments, --file "
-            "(one per line) or standard input (one per line).",
+            description=f"{about[0].upper()}{about[1:]}. "
+            + (
+                "Each TEXT argument or --file is one document; with neither, all of standard input is one."
+                if whole
+                else "Texts come from the arguments, --file (one per line) or standard input (one per line)."
+            ),
         )
         p.add_argument("model", help="model directory or cached model id")
         p.add_argument("text", nargs="*", help="texts (default: --file or standard input)")
-        p.add_argument("--file", default=None, help="read texts from this file, one per line")
+        if whole:
+            p.add_argument("--file", action="append", default=[], help="a document to summarize (repeatable)")
+        else:
+            p.add_argument("--file", default=None, help="read texts from this file, one per line")
+        if name in ("translate", "summarize"):
+            p.add_argument("--num-beams", type=int, default=1, help="beam search width (default 1: greedy)")
+            p.add_argument("--max-new-tokens", type=int, default=None, help="longest output, in tokens")
+            p.add_argument(
+                "--truncation", action="store_true", help="cut an input longer than the model takes (default: error)"
+            )
+            p.add_argument(
+                "--task",
+                default=None,
+                help="pipeline task, e.g. translation_en_to_es (checked against the model's language pair)",
+            )
         p.add_argument("--json", action="store_true", help="print one JSON object per text")
         p.add_argument("--batch-size", type=int, default=32, help="texts per model call (default 32)")
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or mps (default: cpu)")
@@ -588,7 +648,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="draw attention maps (or token attributions) as a PNG",
         description="Per-layer, per-head attention heatmaps of MODEL on TEXT, labelled with the "
         "tokens (Chinese glyphs need a CJK font: pip install zhplot, or Noto Sans CJK). "
-        "--attributions: gradient x input scores of a classifier's predicted class.",
+        "--attributions: gradient x input scores of a classifier's predicted class. For an encoder-decoder "
+        "(translate-en-es, Marian, BART): the cross-attention between TEXT's tokens (x) and the output's (y).",
     )
     p.add_argument("model", help="model directory or cached model id")
     p.add_argument("text", help="the text to look at")
@@ -597,6 +658,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=int, nargs="+", default=None, help="head indexes (default: all)")
     p.add_argument("--average-heads", action="store_true", help="one map per layer, averaged over heads")
     p.add_argument("--attributions", action="store_true", help="token attributions of a classifier instead")
+    p.add_argument(
+        "--target",
+        default=None,
+        help="encoder-decoders: the output text to align with TEXT (default: the model's greedy translation)",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=64, help="encoder-decoders: longest greedy output")
     p.set_defaults(func=cmd_attention)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="action", metavar="ACTION")

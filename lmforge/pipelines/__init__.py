@@ -7,7 +7,8 @@
 Modules: base.py (the Pipeline class: batching by length, input checks, truncation), factory.py
 (`pipeline`), and one module per task: text_generation.py, text_classification.py, fill_mask.py,
 token_classification.py, question_answering.py, feature_extraction.py (also sentence-embeddings),
-zero_shot.py (zero-shot-classification, few-shot prompting); knowledge_base.py (KnowledgeBase: retrieve
+zero_shot.py (zero-shot-classification, few-shot prompting), text2text.py (text2text-generation,
+translation, summarization with encoder-decoders); knowledge_base.py (KnowledgeBase: retrieve
 chunks of your files, then answer from them) with chunking.py (documents cut into overlapping passages) and
 knowledge_store.py (a knowledge base's saved folder).
 Names are imported on first use, so `import lmforge.pipelines` loads nothing heavy.
@@ -24,6 +25,9 @@ _EXPORTS = {
     "Pipeline": "lmforge.pipelines.base",
     "TextGenerationPipeline": "lmforge.pipelines.text_generation",
     "BadWordsLogitsProcessor": "lmforge.pipelines.text_generation",
+    "Text2TextGenerationPipeline": "lmforge.pipelines.text2text",
+    "TranslationPipeline": "lmforge.pipelines.text2text",
+    "SummarizationPipeline": "lmforge.pipelines.text2text",
     "TextClassificationPipeline": "lmforge.pipelines.text_classification",
     "FillMaskPipeline": "lmforge.pipelines.fill_mask",
     "TokenClassificationPipeline": "lmforge.pipelines.token_classification",

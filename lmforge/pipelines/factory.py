@@ -23,6 +23,12 @@ from lmforge.pipelines.base import Pipeline
 from lmforge.pipelines.feature_extraction import FeatureExtractionPipeline, sentence_transformers_options
 from lmforge.pipelines.fill_mask import FillMaskPipeline
 from lmforge.pipelines.question_answering import QuestionAnsweringPipeline
+from lmforge.pipelines.text2text import (
+    SummarizationPipeline,
+    Text2TextGenerationPipeline,
+    TranslationPipeline,
+    translation_languages,
+)
 from lmforge.pipelines.text_classification import TextClassificationPipeline
 from lmforge.pipelines.text_generation import TextGenerationPipeline
 from lmforge.pipelines.token_classification import TokenClassificationPipeline
@@ -37,6 +43,9 @@ TASKS: dict[str, tuple[type[Pipeline], type[Any] | None, dict[str, Any]]] = {
     "question-answering": (QuestionAnsweringPipeline, auto.AutoModelForQuestionAnswering, {}),
     "feature-extraction": (FeatureExtractionPipeline, auto.AutoModel, {}),
     "sentence-embeddings": (FeatureExtractionPipeline, auto.AutoModel, {"pooling": "mean", "normalize": True}),
+    "text2text-generation": (Text2TextGenerationPipeline, auto.AutoModelForSeq2SeqLM, {}),
+    "translation": (TranslationPipeline, auto.AutoModelForSeq2SeqLM, {}),  # also translation_XX_to_YY
+    "summarization": (SummarizationPipeline, auto.AutoModelForSeq2SeqLM, {}),
     # no fixed Auto class: `checkpoint_choice` picks one from the checkpoint (NLI classifier, causal LM or encoder)
     "zero-shot-classification": (ZeroShotClassificationPipeline, None, {}),
 }
@@ -84,7 +93,8 @@ def pipeline(
     Args:
         task: one of `available_tasks()`: text-generation, text-classification (sentiment-analysis),
             fill-mask, token-classification (ner), question-answering, feature-extraction,
-            sentence-embeddings, zero-shot-classification.
+            sentence-embeddings, zero-shot-classification, text2text-generation, translation (or
+            translation_XX_to_YY, checked against the model's language pair), summarization.
         model: a lmforge model object, or a local directory / model id of the local Hugging Face cache,
             loaded with the task's Auto class (`model_kwargs` go to its `from_pretrained`, e.g. dtype).
         tokenizer: a Tokenizer or a path; by default the model's own directory (a model object needs one).
@@ -95,6 +105,12 @@ def pipeline(
     if not isinstance(task, str):
         raise TypeError(f"task must be a str, one of {available_tasks()}; got {type(task).__name__}")
     name = ALIASES.get(task, task)
+    if name.startswith("translation_"):
+        translation_languages(name)  # a malformed translation_XX_to_YY name fails here
+        options_task = {"task": name}
+        name = "translation"
+    else:
+        options_task = {"task": name} if name in ("translation", "summarization", "text2text-generation") else {}
     if name not in TASKS:
         raise ValueError(f"unknown task {task!r}; lmforge's pipelines are: {', '.join(available_tasks())}")
     pipeline_class, auto_class, defaults = TASKS[name]
@@ -126,7 +142,7 @@ def pipeline(
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer)
     options.update(kwargs)
-    pipe = pipeline_class(model, tokenizer, device=device, batch_size=batch_size, **options)
-    pipe.task = name
+    pipe = pipeline_class(model, tokenizer, device=device, batch_size=batch_size, **options_task, **options)
+    pipe.task = options_task.get("task", name)
     pipe.name_or_path = name_or_path  # the folder or model id it was loaded from (None: a model object)
     return pipe

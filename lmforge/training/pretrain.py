@@ -38,6 +38,7 @@ from lmforge.models.bert import BertForMaskedLM, BertForPreTraining
 from lmforge.models.gpt import GPTForCausalLM
 from lmforge.nn.losses import masked_lm_items, token_loss_sum
 from lmforge.tokenizer import Tokenizer
+from lmforge.training import seq2seq_recipe
 from lmforge.training.args import TrainingArguments
 from lmforge.training.checkpoint import list_checkpoints
 from lmforge.training.trainer import Trainer
@@ -45,7 +46,10 @@ from lmforge.utils import set_seed
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 RECIPE_FILE = "recipe.json"  # the effective recipe, saved in the run's folder so --resume can reuse it
-SECTIONS = {"description", "data", "out", "val_fraction", "tokenizer", "model", "mlm", "training", "sample"}
+SECTIONS = {
+    "description", "data", "out", "val_fraction", "tokenizer", "model", "mlm", "training", "sample",
+    "task", "lengths", "evaluate",  # seq2seq recipes (training/seq2seq_recipe.py)
+}  # fmt: skip
 
 
 class _RecipeLoader(yaml.SafeLoader):
@@ -128,15 +132,17 @@ def unigram_loss(train_path: Path, val_path: Path, dtype: str, vocab_size: int) 
 def pretrain(recipe: dict[str, Any], resume: bool = False, device: str | None = None) -> dict[str, Any]:
     """Run a pretraining recipe end to end; returns the final metrics and the output directory.
 
-    `model.type` picks the family: "gpt" (default; causal LM on random blocks of the token stream)
-    or "bert" (masked LM + next-sentence prediction on sentence pairs from the documents)."""
-    sources = recipe.get("data") or ["shakespeare"]
-    sources = [sources] if isinstance(sources, str) else list(sources)
-    resolve_sources(sources)  # a missing file fails here, before any work
+    `model.type` picks the family: "gpt" (default; causal LM on random blocks of the token stream),
+    "bert" (masked LM + next-sentence prediction on sentence pairs from the documents) or "seq2seq" (the
+    encoder-decoder on source/target pairs, scored by generation: `training/seq2seq_recipe.py`)."""
     model_opts = dict(recipe.get("model") or {})
     family = model_opts.pop("type", "gpt")
-    if family not in ("gpt", "bert"):
-        raise ValueError(f"model.type must be 'gpt' or 'bert', got {family!r}")
+    if family not in ("gpt", "bert", "seq2seq"):
+        raise ValueError(f"model.type must be 'gpt', 'bert' or 'seq2seq', got {family!r}")
+    sources = recipe.get("data") or ["shakespeare"]
+    sources = [sources] if isinstance(sources, str) else list(sources)
+    if family != "seq2seq":
+        resolve_sources(sources)  # a missing file fails here, before any work
     out = Path(recipe.get("out") or "runs/lmforge")
     training = dict(recipe.get("training") or {})
     training["output_dir"] = str(out)
@@ -155,9 +161,13 @@ def pretrain(recipe: dict[str, Any], resume: bool = False, device: str | None = 
     atomic_write_text(out / RECIPE_FILE, json.dumps(recipe, indent=2, ensure_ascii=False) + "\n")
     set_seed(args.seed)
 
-    tokenizer = _tokenizer(recipe, out, sources, family)
-    setup = _bert_setup if family == "bert" else _gpt_setup
-    run = setup(recipe, model_opts, tokenizer, sources, out, args)
+    if family == "seq2seq":
+        run = seq2seq_recipe.setup(recipe, model_opts, out, args, resume)
+        tokenizer = run["tokenizer"]
+    else:
+        tokenizer = _tokenizer(recipe, out, sources, family)
+        setup = _bert_setup if family == "bert" else _gpt_setup
+        run = setup(recipe, model_opts, tokenizer, sources, out, args)
     tokenizer.save_pretrained(out)
     print(f"lmforge: {run['model'].num_parameters() / 1e6:.2f}M parameters; {run['about']} -> {out}")
     trainer = Trainer(
