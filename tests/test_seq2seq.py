@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 from pathlib import Path
 
@@ -172,6 +173,31 @@ def test_rouge_is_rouge_score() -> None:
     assert score_generations("rouge", ["a b"], ["a b"]) == {"rouge1": 100.0, "rouge2": 100.0, "rougeL": 100.0}
     with pytest.raises(ValueError, match="unknown metric 'meteor'"):
         score_generations("meteor", ["a"], ["a"])
+
+
+class CharTokenizer:
+    """rouge-score's tokenizer interface, counting each CJK ideograph (and each ASCII word) as a token."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return re.findall(r"[a-z0-9]+|[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]", text.lower())
+
+
+def test_chinese_rouge_counts_characters_as_rouge_score_with_a_character_tokenizer() -> None:
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=CharTokenizer())
+    pairs = [
+        ("用于处理图像的命令行工具", "图像处理命令行工具"),
+        ("GNU 文本编辑器（文档）", "可扩展的 GNU 文本编辑器"),
+        ("Python 3 的 XML 解析库", "用于 python3 的 XML 库"),
+        ("完全不同", "毫无关系"),
+    ]
+    for pred, ref in pairs:
+        expected = scorer.score(ref, pred)
+        mine = rouge_scores(pred, ref, cjk_chars=True)
+        for key in ("rouge1", "rouge2", "rougeL"):
+            assert mine[key] == pytest.approx(expected[key].fmeasure, abs=1e-6), (pred, ref, key)
+    assert rouge_tokenize("GNU 文本编辑器", cjk_chars=True) == ["gnu", "文", "本", "编", "辑", "器"]
+    assert rouge(["图像工具"], ["图像处理工具"])["rouge1"] == 0.0  # the default tokeniser drops Chinese entirely
+    assert rouge(["图像工具"], ["图像处理工具"], cjk_chars=True)["rouge1"] == pytest.approx(100 * 2 * 4 / 10)
 
 
 # ------------------------------------------------------------------------------ generation

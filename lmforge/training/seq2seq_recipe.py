@@ -150,7 +150,7 @@ def setup(recipe: dict[str, Any], model_opts: dict[str, Any], out: Path, args: A
     def compute_metrics(pred: Any) -> dict[str, float]:
         """Validation score of the generated ids (greedy, or generation_num_beams) against the references."""
         hypotheses = [t.strip() for t in tokenizer.batch_decode(pred.predictions, skip_special_tokens=True)]
-        return score(task, hypotheses, validation_refs[: len(hypotheses)])
+        return score(task, hypotheses, validation_refs[: len(hypotheses)], pairs["target_lang"])
 
     def report(metrics: dict[str, Any], trainer: Any) -> dict[str, Any]:
         results = test_set_results(model, tokenizer, task, pairs, evaluate, out)
@@ -178,11 +178,12 @@ def setup(recipe: dict[str, Any], model_opts: dict[str, Any], out: Path, args: A
     }
 
 
-def score(task: str, hypotheses: list[str], references: list[str]) -> dict[str, float]:
-    """{"bleu"} (sacreBLEU, 13a, on detokenised text) for translation, {"rouge1", "rouge2", "rougeL"} otherwise."""
+def score(task: str, hypotheses: list[str], references: list[str], language: str | None = None) -> dict[str, float]:
+    """{"bleu"} (sacreBLEU, 13a, on detokenised text) for translation, {"rouge1", "rouge2", "rougeL"} otherwise
+    (rouge-score's tokens; for Chinese, `language="zh"`, each character is a token)."""
     if task == "translation":
         return {"bleu": bleu(hypotheses, references)}
-    return rouge(hypotheses, references)
+    return rouge(hypotheses, references, cjk_chars=language == "zh")
 
 
 def sacrebleu_signature(hypotheses: list[str], references: list[str]) -> str:
@@ -212,7 +213,7 @@ def test_set_results(
     beams = evaluate.get("num_beams", [1, 4])
     results: dict[str, Any] = {"task": task, "test_pairs": len(sources), "scores": {}, "seconds": {}}
     if task != "translation":
-        lead = score(task, [lead_1(s) for s in sources], references)
+        lead = score(task, [lead_1(s) for s in sources], references, pairs["target_lang"])
         results["scores"].update({f"lead1_{k}": v for k, v in lead.items()})
     for n in [beams] if isinstance(beams, int) else beams:
         name = "greedy" if n == 1 else f"beam{n}"
@@ -221,7 +222,7 @@ def test_set_results(
                        truncation=True)  # fmt: skip
         results["seconds"][name] = round(time.perf_counter() - start, 1)
         hypotheses = [o[0][pipe.result_key] for o in outputs]
-        scores = score(task, hypotheses, references)
+        scores = score(task, hypotheses, references, pairs["target_lang"])
         if task == "translation":
             results["sacrebleu_signature"] = sacrebleu_signature(hypotheses, references)
         results["scores"].update({f"{name}_{k}": v for k, v in scores.items()})

@@ -26,6 +26,7 @@ from lmforge.generation import generate
 
 GENERATION_METRICS = ("bleu", "rouge")
 _NON_ALNUM = re.compile(r"[^a-z0-9]+")
+_ALNUM_OR_CJK = re.compile(r"[a-z0-9]+|[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 
 
 # ---------------------------------------------------------------------------------- BLEU
@@ -58,8 +59,12 @@ def _reference_streams(hypotheses: Sequence[str], references: Sequence[Any]) -> 
 
 
 # ---------------------------------------------------------------------------------- ROUGE
-def rouge_tokenize(text: str) -> list[str]:
-    """rouge-score's default tokens: lowercase, runs of [a-z0-9] (everything else separates)."""
+def rouge_tokenize(text: str, cjk_chars: bool = False) -> list[str]:
+    """rouge-score's default tokens: lowercase, runs of [a-z0-9] (everything else separates). With
+    `cjk_chars`, each Chinese/Japanese/Korean ideograph is a token too (Chinese ROUGE is counted in
+    characters; rouge-score's default tokeniser would drop them all)."""
+    if cjk_chars:
+        return _ALNUM_OR_CJK.findall(text.lower())
     return [t for t in _NON_ALNUM.split(text.lower()) if t]
 
 
@@ -88,11 +93,11 @@ def _lcs_length(a: list[str], b: list[str]) -> int:
     return row[-1]
 
 
-def rouge_scores(prediction: str, reference: str) -> dict[str, float]:
+def rouge_scores(prediction: str, reference: str, cjk_chars: bool = False) -> dict[str, float]:
     """ROUGE-1, ROUGE-2 (n-gram overlap) and ROUGE-L (longest common subsequence) F-measures,
     0-1, of one prediction against one reference: the same numbers as rouge-score's
     `RougeScorer(["rouge1", "rouge2", "rougeL"]).score(reference, prediction)[k].fmeasure`."""
-    pred, ref = rouge_tokenize(prediction), rouge_tokenize(reference)
+    pred, ref = rouge_tokenize(prediction, cjk_chars), rouge_tokenize(reference, cjk_chars)
     scores = {}
     for n in (1, 2):
         p, r = _ngrams(pred, n), _ngrams(ref, n)
@@ -101,9 +106,10 @@ def rouge_scores(prediction: str, reference: str) -> dict[str, float]:
     return scores
 
 
-def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+def rouge(predictions: Sequence[str], references: Sequence[str], cjk_chars: bool = False) -> dict[str, float]:
     """Mean ROUGE-1 / ROUGE-2 / ROUGE-L F-measure over the pairs, on the 0-100 scale (as Hugging
-    Face's summarisation examples report it): {"rouge1", "rouge2", "rougeL"}."""
+    Face's summarisation examples report it): {"rouge1", "rouge2", "rougeL"}. `cjk_chars=True` for
+    Chinese: every ideograph counts as a token (see `rouge_tokenize`)."""
     if isinstance(predictions, str) or isinstance(references, str):
         raise TypeError("rouge takes lists of strings (one prediction and one reference per example), got a str")
     if len(predictions) != len(references):
@@ -112,7 +118,7 @@ def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, fl
         raise ValueError("no predictions to score")
     totals = Counter()
     for prediction, reference in zip(predictions, references):
-        totals.update(rouge_scores(prediction, reference))
+        totals.update(rouge_scores(prediction, reference, cjk_chars))
     return {k: 100.0 * totals[k] / len(predictions) for k in ("rouge1", "rouge2", "rougeL")}
 
 
