@@ -38,9 +38,9 @@ BLOCKS = {
     "docs/interpretability.md": 2,
     "docs/knowledge_base.md": 2,
     "docs/lora.md": 1,
-    "docs/pipelines.md": 9,
+    "docs/pipelines.md": 10,
     "docs/training.md": 0,
-    "docs/translation.md": 1,
+    "docs/translation.md": 2,
 }
 # (page, what the block needs) for every block marked <!-- not executed: needs X --> (keep this short).
 NOT_EXECUTED: list[tuple[str, str]] = []
@@ -54,7 +54,14 @@ README_SHRINK = {
     "examples[:400], examples[400:]": "examples[:24], examples[24:]",
     "num_train_epochs=3": "num_train_epochs=1",
 }
-SHRINK = {"README.md": README_SHRINK, "README.zh-CN.md": README_SHRINK}
+# the translation recipe (docs/translation.md) with a tiny model, 4 steps and 8 test verses
+TRANSLATION_SHRINK = {
+    '["out=runs/my-translator"]': '["out=runs/my-translator", "training.max_steps=4", "model.d_model=32", '
+    '"model.encoder_layers=1", "model.decoder_layers=1", "model.encoder_ffn_dim=64", "model.decoder_ffn_dim=64", '
+    '"tokenizer.vocab_size=400", "training.eval_steps=null", "evaluate.test_examples=8", '
+    '"evaluate.max_new_tokens=8", "evaluate.validation_examples=8", "training.generation_max_length=9", "sample=null"]',
+}
+SHRINK = {"README.md": README_SHRINK, "README.zh-CN.md": README_SHRINK, "docs/translation.md": TRANSLATION_SHRINK}
 BLOCK = re.compile(r"(?:<!-- not executed: needs (?P<needs>[^>]*?) -->\n)?```python\n(?P<code>.*?)```", re.DOTALL)
 
 
@@ -177,6 +184,9 @@ def check_translation(namespace: dict, printed: str, folder: Path) -> None:
     test = namespace["test"]
     assert len(test) > 0 and all(isinstance(pair, tuple) and len(pair) == 2 for pair in test)
     assert namespace["bible_books"]()[:2] == ["Gen", "Exod"]
+    assert set(namespace["result"]["test"]) == {"greedy_bleu", "beam4_bleu"}
+    assert (folder / "runs" / "my-translator" / "test_generations-beam4.jsonl").is_file()
+    assert namespace["translate"].task == "translation_en_to_es"
 
 
 def check_interpretability(namespace: dict, printed: str, folder: Path) -> None:
