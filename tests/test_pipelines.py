@@ -585,9 +585,10 @@ def test_over_long_input_warns_and_truncates(wp: Tokenizer) -> None:
 
 
 def test_pipeline_factory_errors_and_loading_from_a_directory(wp: Tokenizer, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="unknown task 'summarization'.*fill-mask.*text-generation"):
-        pipeline("summarization", model="x")
-    assert {"sentiment-analysis", "ner", "question-answering", "sentence-embeddings"} <= set(available_tasks())
+    with pytest.raises(ValueError, match="unknown task 'image-captioning'.*fill-mask.*text-generation"):
+        pipeline("image-captioning", model="x")
+    assert {"sentiment-analysis", "ner", "question-answering", "sentence-embeddings", "translation",
+            "summarization", "text2text-generation"} <= set(available_tasks())  # fmt: skip
     classifier = bert(BertForSequenceClassification, wp)
     with pytest.raises(TypeError, match="fill-mask pipeline needs a masked language model.*BertForSequenceClass"):
         pipeline("fill-mask", model=classifier, tokenizer=wp)
