@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -94,6 +94,10 @@ class GenerationConfig:
     @property
     def greedy(self) -> bool:
         return not self.do_sample or self.temperature == 0
+
+    def updated(self, **options: Any) -> GenerationConfig:
+        """A copy with each option that is not None set (a caller's explicit options over these defaults)."""
+        return replace(self, **{k: v for k, v in options.items() if v is not None})
 
 
 def sample_next_token(

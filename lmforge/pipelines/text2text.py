@@ -102,27 +102,23 @@ class Text2TextGenerationPipeline(Pipeline):
         return_tensors: bool = False,
         skip_special_tokens: bool = True,
     ) -> dict[str, Any]:
-        cfg = dataclasses.replace(generation_config) if generation_config is not None else GenerationConfig()
         if max_new_tokens is None and generation_config is None:  # as long as the decoder's positions allow
             max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, context_length(self.model.config, 1 << 30) - 1)
-        given = {
-            "max_new_tokens": max_new_tokens,
-            "min_new_tokens": min_new_tokens,
-            "num_beams": num_beams,
-            "length_penalty": length_penalty,
-            "early_stopping": early_stopping,
-            "no_repeat_ngram_size": no_repeat_ngram_size,
-            "num_return_sequences": num_return_sequences,
-            "do_sample": do_sample,
-            "temperature": temperature,
-            "top_k": top_k,
-            "top_p": top_p,
-            "repetition_penalty": repetition_penalty,
-            "seed": seed,
-        }
-        for key, value in given.items():
-            if value is not None:
-                setattr(cfg, key, value)
+        cfg = (generation_config or GenerationConfig()).updated(
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            num_beams=num_beams,
+            length_penalty=length_penalty,
+            early_stopping=early_stopping,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+            num_return_sequences=num_return_sequences,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+        )
         if cfg.pad_token_id is None:
             cfg.pad_token_id = self._pad_id()
         cfg.validate()

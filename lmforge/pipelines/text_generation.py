@@ -110,20 +110,16 @@ class TextGenerationPipeline(Pipeline):
         skip_special_tokens: bool = True,
         return_tensors: bool = False,
     ) -> dict[str, Any]:
-        cfg = dataclasses.replace(generation_config) if generation_config is not None else GenerationConfig()
-        given = {
-            "max_new_tokens": max_new_tokens,
-            "do_sample": do_sample,
-            "temperature": temperature,
-            "top_k": top_k,
-            "top_p": top_p,
-            "repetition_penalty": repetition_penalty,
-            "seed": seed,
-            "eos_token_id": eos_token_id,
-        }
-        for key, value in given.items():
-            if value is not None:
-                setattr(cfg, key, value)
+        cfg = (generation_config or GenerationConfig()).updated(
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+            eos_token_id=eos_token_id,
+        )
         stops = [
             s
             for group in (stop, stop_sequence, cfg.stop)
