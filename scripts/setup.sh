@@ -34,8 +34,8 @@ else
 fi
 
 if [ "${1:-}" = "test" ]; then
-  "${PIP[@]}" -e ".[test]"
+  "${PIP[@]}" -e ".[serve,test]"
 else
-  "${PIP[@]}" -e .
+  "${PIP[@]}" -e ".[serve]"
 fi
 echo "setup: lmforge is installed in $("$PY" -c 'import sys; print(sys.prefix)')"
