@@ -1,0 +1,659 @@
+"""Serving under load: `lmforge serve` against `transformers serve`, both OpenAI-compatible HTTP servers.
+
+Each server is started here as a subprocess on 127.0.0.1 (a free port, the same model directory, the same
+thread count through OMP_NUM_THREADS / MKL_NUM_THREADS, Hugging Face offline), waited for (GET /health,
+bounded), sent one warm-up request, then loaded level by level: at concurrency C, `max(8, 2C)` streaming
+POST /v1/completions requests (`stream_options.include_usage`) go out through C client workers, the next
+request leaving as soon as one finishes (closed loop). The requests are the same for both servers: prompts
+cut from the bundled Shakespeare corpus at seeded random places and lengths, `max_tokens` drawn from 16..128
+(capped so that prompt + output fit the model's context), temperature 0.8 and a seed per request. Nothing
+forces the output length: the tokens counted are the ones each server reports in its usage chunk.
+
+Per level: request throughput (req/s), output tokens/s, time to first token (TTFT) and inter-token latency
+(ITL, the gaps between streamed chunks) at p50 and p99, failed requests, and the CPUs the server process
+used. The peer, `transformers serve MODEL_DIR`, runs twice by default: with `--continuous-batching` (its
+batching mode, paged attention) and in its default mode (one `generate()` at a time); `--peer-mode` picks one.
+transformers applies a request's temperature only when the model's generation config samples, so both
+servers get a view of the model directory whose generation_config.json says do_sample=true (symlinks, the
+original is untouched). Servers are stopped with SIGTERM (then SIGKILL after a grace period).
+
+    python bench/bench_serve.py                       # runs/shakespeare, levels 1,4,16,64, both servers
+    python bench/bench_serve.py --quick --no-peer     # smoke run (< 1 min)
+    python bench/bench_serve.py --model DIR --levels 1,16
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import lzma
+import math
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import LoadMonitor, print_json, print_table, start_run, wait_for_quiet  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+GOAL_SCALING = 5.0  # lmforge output tokens/s at concurrency 16 >= 5x concurrency 1
+GOAL_PEER_RATIO = 2.0  # lmforge >= 2x the peer's throughput at concurrency 16
+
+
+# ---- the workload --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BenchRequest:
+    """One completion request of the workload: the same object is sent to every server."""
+
+    index: int
+    prompt: str
+    prompt_tokens: int  # as counted by the model directory's tokenizer
+    max_tokens: int
+    seed: int
+
+
+def shakespeare_text() -> str:
+    """The bundled Shakespeare corpus (the text the default model was trained on)."""
+    from lmforge.data.bundled import bundled_path
+
+    return lzma.decompress(bundled_path("shakespeare").read_bytes()).decode("utf-8")
+
+
+def model_context(model_dir: Path) -> int:
+    """The model's context length from its config.json (n_positions, max_position_embeddings or n_ctx)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+        if isinstance(config.get(key), int):
+            return int(config[key])
+    return 1024
+
+
+def make_workload(
+    model_dir: Path,
+    count: int,
+    seed: int = 0,
+    min_tokens: int = 16,
+    max_tokens: int = 128,
+    min_prompt: int = 8,
+    max_prompt: int = 256,
+) -> list[BenchRequest]:
+    """`count` seeded requests: a prompt of a random number of tokens cut from the Shakespeare corpus at a random
+    line, and `max_tokens` drawn uniformly; prompt + max_tokens stays within the model's context, so no server
+    has to truncate or refuse. Prompt lengths are measured with the model directory's own tokenizer."""
+    from lmforge import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    context = model_context(model_dir)
+    hi_out = max(1, min(max_tokens, context // 2))
+    lo_out = min(min_tokens, hi_out)
+    lines = shakespeare_text().splitlines(keepends=True)
+    rng = random.Random(seed)
+    requests = []
+    for i in range(count):
+        out = rng.randint(lo_out, hi_out)
+        budget = max(1, min(max_prompt, context - out - 2))  # 2 tokens of slack for re-tokenisation at the edge
+        want = rng.randint(min(min_prompt, budget), budget)
+        start = rng.randrange(len(lines) - 200)
+        window = "".join(lines[start : start + 200])
+        ids = tokenizer.encode(window)[:want]
+        prompt = tokenizer.decode(ids)
+        while ids and len(tokenizer.encode(prompt)) > want:  # decode -> encode may merge differently at the cut
+            ids = ids[:-1]
+            prompt = tokenizer.decode(ids)
+        requests.append(BenchRequest(i, prompt, len(tokenizer.encode(prompt)), out, seed * 100_003 + i))
+    return requests
+
+
+def sampling_model_dir(model_dir: Path, out_dir: Path) -> Path:
+    """A view of `model_dir` (symlinks to its files, same basename) whose generation_config.json says
+    do_sample=true. transformers serve applies a request's temperature only when the model's generation config
+    samples (otherwise it decodes greedily and warns that temperature is ignored); with this view both servers
+    sample at the requested temperature. Nothing in `model_dir` changes."""
+    view = out_dir / model_dir.name
+    view.mkdir(parents=True, exist_ok=True)
+    for item in model_dir.iterdir():
+        if item.name != "generation_config.json" and not (view / item.name).exists():
+            (view / item.name).symlink_to(item.resolve())
+    config_path = model_dir / "generation_config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    config["do_sample"] = True
+    (view / "generation_config.json").write_text(json.dumps(config, indent=2))
+    return view
+
+
+# ---- the client ----------------------------------------------------------------------------
+@dataclass
+class RequestResult:
+    """What one streamed request did, with times in seconds from the start of its level."""
+
+    index: int
+    ok: bool = False
+    error: str = ""
+    status: int = 0
+    sent: float = 0.0
+    first_token: float | None = None  # arrival of the first chunk carrying text
+    done: float = 0.0
+    chunk_times: list[float] = field(default_factory=list)  # arrivals of the chunks carrying text
+    text: str = ""
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None  # from the usage chunk
+    saw_done: bool = False  # "data: [DONE]" arrived (transformers serve does not send it)
+
+    @property
+    def output_tokens(self) -> int:
+        """Tokens produced: the server's usage count, else the number of text chunks."""
+        return self.completion_tokens if self.completion_tokens is not None else len(self.chunk_times)
+
+
+def completion_body(req: BenchRequest, model: str, temperature: float) -> dict[str, Any]:
+    """The JSON body of a streaming /v1/completions request (OpenAI's schema)."""
+    return {
+        "model": model,
+        "prompt": req.prompt,
+        "max_tokens": req.max_tokens,
+        "temperature": temperature,
+        "seed": req.seed,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+async def stream_completion(
+    client: Any, base_url: str, body: dict[str, Any], result: RequestResult, origin: float, headers: dict[str, str]
+) -> RequestResult:
+    """Send one streaming completion and record the arrival time of every text chunk and the usage chunk.
+    Failure = a non-200 status, an error chunk, a transport error or a stream with neither text nor usage."""
+    result.sent = time.perf_counter() - origin
+    try:
+        async with client.stream("POST", f"{base_url}/v1/completions", json=body, headers=headers) as response:
+            result.status = response.status_code
+            if response.status_code != 200:
+                result.error = f"HTTP {response.status_code}: {(await response.aread())[:300]!r}"
+                return result
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    result.saw_done = True
+                    break
+                now = time.perf_counter() - origin
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    result.error = f"error chunk: {json.dumps(chunk['error'])[:300]}"
+                    return result
+                for choice in chunk.get("choices") or []:
+                    text = choice.get("text") or ""
+                    if text:
+                        if result.first_token is None:
+                            result.first_token = now
+                        result.chunk_times.append(now)
+                        result.text += text
+                usage = chunk.get("usage")
+                if usage:
+                    result.prompt_tokens = usage.get("prompt_tokens")
+                    result.completion_tokens = usage.get("completion_tokens")
+        result.ok = result.completion_tokens is not None or bool(result.chunk_times)
+        if not result.ok:
+            result.error = "stream ended without text or usage"
+    except Exception as exc:  # transport errors, timeouts, bad JSON: a failed request, not a crashed benchmark
+        result.error = f"{type(exc).__name__}: {exc}"[:300]
+    finally:
+        result.done = time.perf_counter() - origin
+    return result
+
+
+async def run_level(
+    base_url: str,
+    model: str,
+    requests: list[BenchRequest],
+    concurrency: int,
+    temperature: float = 0.8,
+    api_key: str | None = None,
+    request_timeout: float = 300.0,
+) -> tuple[list[RequestResult], float]:
+    """Send `requests` through `concurrency` workers (each sends its next request when the previous one ends).
+    Returns the results in request order and the wall time from the first send to the last byte."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    timeout = httpx.Timeout(request_timeout, connect=30.0)
+    queue: asyncio.Queue[BenchRequest] = asyncio.Queue()
+    for req in requests:
+        queue.put_nowait(req)
+    results: dict[int, RequestResult] = {}
+    async with httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False) as client:
+        origin = time.perf_counter()
+
+        async def worker() -> None:
+            while True:
+                try:
+                    req = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                result = RequestResult(req.index)
+                results[req.index] = result
+                await stream_completion(
+                    client, base_url, completion_body(req, model, temperature), result, origin, headers
+                )
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - origin
+    return [results[r.index] for r in requests], wall
+
+
+# ---- statistics ----------------------------------------------------------------------------
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100) with linear interpolation between ranks; NaN for no values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def summarize(results: list[RequestResult], wall: float, concurrency: int) -> dict[str, Any]:
+    """One level's figures (vLLM's benchmark names): request throughput, output tokens/s, TTFT and ITL p50/p99
+    in ms (ITL = gaps between successive text chunks of a request), failed requests."""
+    ok = [r for r in results if r.ok]
+    ttft = [1e3 * (r.first_token - r.sent) for r in ok if r.first_token is not None]
+    itl = [1e3 * (b - a) for r in ok for a, b in zip(r.chunk_times, r.chunk_times[1:])]
+    out_tokens = sum(r.output_tokens for r in ok)
+    return {
+        "concurrency": concurrency,
+        "requests": len(results),
+        "completed": len(ok),
+        "failed": len(results) - len(ok),
+        "errors": sorted({r.error for r in results if not r.ok})[:3],
+        "wall_s": round(wall, 3),
+        "req_per_s": round(len(ok) / wall, 3) if wall > 0 else float("nan"),
+        "output_tokens": out_tokens,
+        "output_tok_per_s": round(out_tokens / wall, 2) if wall > 0 else float("nan"),
+        "prompt_tokens_reported": sum(r.prompt_tokens or 0 for r in ok),
+        "ttft_ms_p50": round(percentile(ttft, 50), 1),
+        "ttft_ms_p99": round(percentile(ttft, 99), 1),
+        "itl_ms_p50": round(percentile(itl, 50), 2),
+        "itl_ms_p99": round(percentile(itl, 99), 2),
+        "done_marker": sum(r.saw_done for r in ok),
+    }
+
+
+# ---- the servers ---------------------------------------------------------------------------
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def server_env(threads: int) -> dict[str, str]:
+    """The environment both servers get: the same thread count, Hugging Face offline and quiet."""
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def server_command(kind: str, model_dir: Path, port: int, peer_mode: str = "cb") -> tuple[list[str], str]:
+    """(argv, model name to send) for `lmforge serve` or `transformers serve` on 127.0.0.1:port."""
+    if kind == "lmforge":
+        name = model_dir.name
+        argv = [sys.executable, "-m", "lmforge", "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port)]
+        return argv + ["--served-model-name", name], name
+    if kind == "transformers":
+        # The CLI's console script is a two-line wrapper around transformers.cli.transformers.main.
+        launcher = "import sys; from transformers.cli.transformers import main; sys.argv[0] = 'transformers'; main()"
+        argv = [sys.executable, "-c", launcher, "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port)]
+        argv += ["--device", "cpu", "--log-level", "error"]
+        if peer_mode == "cb":
+            argv.append("--continuous-batching")
+        return argv, str(model_dir)  # a pinned transformers server only accepts its own model argument as the name
+    raise ValueError(f"unknown server {kind!r}")
+
+
+def _process_cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads) in seconds, from /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (float(fields[11]) + float(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
+class Server:
+    """A server subprocess: started on a free port, waited for, stopped with SIGTERM then SIGKILL."""
+
+    def __init__(self, kind: str, model_dir: Path, threads: int, peer_mode: str = "cb", log_dir: Path | None = None):
+        self.kind = kind
+        self.port = free_port()
+        self.argv, self.model_name = server_command(kind, model_dir, self.port, peer_mode)
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        log_dir = log_dir or Path(tempfile.mkdtemp(prefix="lmforge-bench-serve-"))
+        self.log_path = log_dir / f"{kind}.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            self.argv, stdout=self._log, stderr=subprocess.STDOUT, env=server_env(threads), cwd=str(ROOT)
+        )
+
+    def log_tail(self, chars: int = 3000) -> str:
+        """The end of the server's output (for error messages)."""
+        self._log.flush()
+        return self.log_path.read_bytes()[-chars:].decode("utf-8", "replace")
+
+    def wait_ready(self, timeout: float = 180.0) -> float:
+        """Poll GET /health until 200 (at most `timeout` seconds); returns the seconds it took."""
+        import httpx
+
+        start = time.perf_counter()
+        with httpx.Client(timeout=5.0, trust_env=False) as client:
+            while time.perf_counter() - start < timeout:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.kind} server exited with {self.proc.returncode}:\n{self.log_tail()}")
+                try:
+                    if client.get(f"{self.base_url}/health").status_code == 200:
+                        return time.perf_counter() - start
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.25)
+        raise TimeoutError(f"{self.kind} server not ready after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds the server process has used so far."""
+        return _process_cpu_seconds(self.proc.pid)
+
+    def stop(self, grace: float = 15.0) -> int | None:
+        """SIGTERM, wait up to `grace` seconds, then SIGKILL; returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=30)
+        self._log.close()
+        return self.proc.returncode
+
+
+def bench_server(
+    kind: str,
+    model_dir: Path,
+    workloads: dict[int, list[BenchRequest]],
+    threads: int,
+    temperature: float,
+    peer_mode: str = "cb",
+    ready_timeout: float = 180.0,
+    request_timeout: float = 300.0,
+) -> dict[str, Any]:
+    """Start one server, warm it up, run every concurrency level against it, stop it; returns its figures."""
+    server = Server(kind, model_dir, threads, peer_mode)
+    try:
+        ready_s = server.wait_ready(ready_timeout)
+        warm = BenchRequest(-1, "ROMEO:\n", 3, 8, 12345)
+        warm_results, _ = asyncio.run(
+            run_level(server.base_url, server.model_name, [warm], 1, temperature, request_timeout=request_timeout)
+        )
+        if not warm_results[0].ok:
+            raise RuntimeError(f"{kind}: warm-up request failed: {warm_results[0].error}\n{server.log_tail()}")
+        levels = []
+        for concurrency, requests in workloads.items():
+            cpu0, t0 = server.cpu_seconds(), time.perf_counter()
+            results, wall = asyncio.run(
+                run_level(
+                    server.base_url,
+                    server.model_name,
+                    requests,
+                    concurrency,
+                    temperature,
+                    request_timeout=request_timeout,
+                )
+            )
+            row = summarize(results, wall, concurrency)
+            row["server_cpus"] = round((server.cpu_seconds() - cpu0) / (time.perf_counter() - t0), 2)
+            levels.append(row)
+            print(
+                f"# {kind} c={concurrency}: {row['completed']}/{row['requests']} ok, "
+                f"{row['output_tok_per_s']} out tok/s, TTFT p50 {row['ttft_ms_p50']} ms, {row['wall_s']} s",
+                flush=True,
+            )
+    finally:
+        code = server.stop()
+    return {"server": kind, "ready_s": round(ready_s, 1), "exit_code": code, "argv": server.argv[-8:], "levels": levels}
+
+
+# ---- report ----------------------------------------------------------------------------------
+def level_rows(levels: list[dict[str, Any]]) -> list[list[Any]]:
+    """Table rows, one per concurrency level."""
+    return [
+        [
+            f"c={lv['concurrency']}",
+            lv["requests"],
+            lv["failed"],
+            f"{lv['wall_s']:.1f}",
+            f"{lv['req_per_s']:.2f}",
+            f"{lv['output_tok_per_s']:.1f}",
+            f"{lv['ttft_ms_p50']:.0f}",
+            f"{lv['ttft_ms_p99']:.0f}",
+            f"{lv['itl_ms_p50']:.1f}",
+            f"{lv['itl_ms_p99']:.1f}",
+            f"{lv['server_cpus']:.2f}",
+        ]
+        for lv in levels
+    ]
+
+
+HEADERS = [
+    "level",
+    "requests",
+    "failed",
+    "wall s",
+    "req/s",
+    "out tok/s",
+    "TTFT p50 ms",
+    "TTFT p99 ms",
+    "ITL p50 ms",
+    "ITL p99 ms",
+    "server CPUs",
+]
+
+
+def goals(ours: dict[str, Any], peers: list[dict[str, Any]]) -> list[tuple[str, bool | None, str]]:
+    """The three goals of issue 14 as (name, met or None when not measured, figures). The peer goal compares
+    with the best peer run at c=16 (the faster of transformers serve's modes that were run)."""
+    by_c = {lv["concurrency"]: lv for lv in ours["levels"]}
+    out: list[tuple[str, bool | None, str]] = []
+    name = f"lmforge out tok/s c=16 >= {GOAL_SCALING:g}x c=1"
+    if 1 in by_c and 16 in by_c:
+        scale = by_c[16]["output_tok_per_s"] / max(by_c[1]["output_tok_per_s"], 1e-9)
+        out.append((name, scale >= GOAL_SCALING, f"{scale:.2f}x"))
+    else:
+        out.append((name, None, "levels 1 and 16 not both run"))
+    if 64 in by_c:
+        out.append(("lmforge zero failed at c=64", by_c[64]["failed"] == 0, f"{by_c[64]['failed']} failed"))
+    else:
+        out.append(("lmforge zero failed at c=64", None, "level 64 not run"))
+    name = f"lmforge >= {GOAL_PEER_RATIO:g}x peer out tok/s at c=16"
+    at16 = [(lv["output_tok_per_s"], run["server"]) for run in peers for lv in run["levels"] if lv["concurrency"] == 16]
+    if 16 in by_c and at16:
+        best, label = max(at16)
+        ratio = by_c[16]["output_tok_per_s"] / max(best, 1e-9)
+        out.append((name, ratio >= GOAL_PEER_RATIO, f"{ratio:.2f}x (best peer: {label}, {best:.1f} tok/s)"))
+    else:
+        out.append((name, None, "no peer at c=16"))
+    return out
+
+
+def parse_levels(text: str) -> list[int]:
+    """'1,4,16' -> [1, 4, 16] (positive, in the given order)."""
+    levels = [int(x) for x in text.split(",") if x.strip()]
+    if not levels or min(levels) < 1:
+        raise argparse.ArgumentTypeError(f"levels must be positive integers, got {text!r}")
+    return levels
+
+
+def _run_all(
+    plan: list[tuple[str, str, str]],
+    runs: dict[str, dict[str, Any]],
+    serve_dir: Path,
+    workloads: dict[int, list[BenchRequest]],
+    args: argparse.Namespace,
+) -> None:
+    """Measure each (label, kind, peer mode) of `plan` in turn into `runs`; a peer that fails is reported and
+    skipped, lmforge failing stops the benchmark."""
+    for label, kind, mode in plan:
+        wait_for_quiet(args.wait_quiet)
+        monitor = LoadMonitor()
+        try:
+            run = bench_server(
+                kind,
+                serve_dir,
+                workloads,
+                args.threads,
+                args.temperature,
+                peer_mode=mode or "cb",
+                ready_timeout=args.ready_timeout,
+                request_timeout=args.request_timeout,
+            )
+        except Exception as exc:
+            if kind == "lmforge":
+                raise
+            print(f"# {label} could not be measured: {type(exc).__name__}: {str(exc)[:2000]}")
+            continue
+        run["server"] = label
+        run["load"] = monitor.stop()
+        runs[label] = run
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; prints the tables, the goals and a JSON line, and returns the summary."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=ROOT / "runs" / "shakespeare", help="model directory (both servers)")
+    p.add_argument("--levels", type=parse_levels, default=None, help="concurrency levels (default 1,4,16,64)")
+    p.add_argument("--requests", type=int, default=None, help="requests per level (default max(8, 2 x concurrency))")
+    p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True, help="also run transformers serve")
+    p.add_argument(
+        "--peer-mode",
+        choices=["cb", "sequential", "both"],
+        default=None,
+        help="transformers serve with --continuous-batching (cb), its default sequential generate(), or both "
+        "(default: both; cb with --quick)",
+    )
+    p.add_argument("--threads", type=int, default=2, help="torch threads of each server (OMP_NUM_THREADS)")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--min-tokens", type=int, default=16, help="smallest max_tokens drawn")
+    p.add_argument("--max-tokens", type=int, default=128, help="largest max_tokens drawn (capped at context / 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="smoke run: levels 1,4, 4 requests each, short outputs")
+    p.add_argument("--wait-quiet", type=float, default=60.0, help="seconds to wait for a quiet machine per server")
+    p.add_argument("--ready-timeout", type=float, default=180.0, help="seconds a server may take to come up")
+    p.add_argument("--request-timeout", type=float, default=300.0, help="seconds one request may take")
+    args = p.parse_args(argv)
+    if args.quick:
+        levels = args.levels or [1, 4]
+        per_level = args.requests or 4
+        args.max_tokens = min(args.max_tokens, 24)
+        args.min_tokens = min(args.min_tokens, 8)
+        args.wait_quiet = 0.0
+        peer_mode = args.peer_mode or "cb"
+    else:
+        levels = args.levels or [1, 4, 16, 64]
+        per_level = args.requests
+        peer_mode = args.peer_mode or "both"
+    model_dir = args.model.resolve()
+    if not (model_dir / "config.json").is_file():
+        sys.exit(f"no model at {model_dir}: train one with `bash scripts/quickstart.sh` or pass --model DIR")
+
+    info = start_run(args.threads)
+    workloads: dict[int, list[BenchRequest]] = {}
+    for i, c in enumerate(levels):
+        n = per_level or max(8, 2 * c)
+        workloads[c] = make_workload(
+            model_dir, n, seed=args.seed * 1000 + i, min_tokens=args.min_tokens, max_tokens=args.max_tokens
+        )
+    all_requests = [r for reqs in workloads.values() for r in reqs]
+    print(
+        f"# model {model_dir} (context {model_context(model_dir)}) | levels {levels} | "
+        f"{len(all_requests)} requests | prompt tokens {min(r.prompt_tokens for r in all_requests)}.."
+        f"{max(r.prompt_tokens for r in all_requests)} (sum {sum(r.prompt_tokens for r in all_requests)}) | "
+        f"max_tokens {min(r.max_tokens for r in all_requests)}..{max(r.max_tokens for r in all_requests)} "
+        f"(sum {sum(r.max_tokens for r in all_requests)}) | temperature {args.temperature} | threads {args.threads}",
+        flush=True,
+    )
+    plan = [("lmforge", "lmforge", "")]
+    if args.peer:
+        modes = ["cb", "sequential"] if peer_mode == "both" else [peer_mode]
+        plan += [(f"transformers-{m}", "transformers", m) for m in modes]
+    runs: dict[str, dict[str, Any]] = {}
+    view_root = Path(tempfile.mkdtemp(prefix="lmforge-bench-serve-model-"))
+    serve_dir = sampling_model_dir(model_dir, view_root) if args.temperature > 0 else model_dir
+    try:
+        _run_all(plan, runs, serve_dir, workloads, args)
+    finally:
+        shutil.rmtree(view_root, ignore_errors=True)
+
+    for label, run in runs.items():
+        print(f"\n## {label}  (ready in {run['ready_s']} s; load: {run['load']})")
+        print_table(HEADERS, level_rows(run["levels"]))
+        for lv in run["levels"]:
+            if lv["errors"]:
+                print(f"#   c={lv['concurrency']} errors: {lv['errors']}")
+
+    ours = runs["lmforge"]
+    peers = [run for label, run in runs.items() if label != "lmforge"]
+    for peer in peers:
+        print(f"\n## lmforge / {peer['server']}")
+        rows = []
+        for ours_lv, peer_lv in zip(ours["levels"], peer["levels"]):
+            rows.append(
+                [
+                    f"c={ours_lv['concurrency']}",
+                    f"{ours_lv['req_per_s'] / max(peer_lv['req_per_s'], 1e-9):.2f}x",
+                    f"{ours_lv['output_tok_per_s'] / max(peer_lv['output_tok_per_s'], 1e-9):.2f}x",
+                    f"{ours_lv['output_tokens']} / {peer_lv['output_tokens']}",
+                    f"{ours_lv['prompt_tokens_reported']} / {peer_lv['prompt_tokens_reported']}",
+                ]
+            )
+        print_table(["level", "req/s ratio", "out tok/s ratio", "output tokens", "prompt tokens (usage)"], rows)
+
+    print("\n## goals")
+    goal_list = goals(ours, peers)
+    for name, met, figure in goal_list:
+        verdict = "not measured" if met is None else ("MET" if met else "NOT MET")
+        print(f"# {name}: {figure} -> {verdict}")
+
+    summary = {
+        "bench": "serve",
+        "machine": info,
+        "model": str(model_dir),
+        "levels": levels,
+        "temperature": args.temperature,
+        "quick": args.quick,
+        "runs": runs,
+        "goals": [{"goal": n, "met": m, "figure": f} for n, m, f in goal_list],
+    }
+    print_json(summary)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
