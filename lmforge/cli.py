@@ -9,6 +9,7 @@
     lmforge qa MODEL --question Q --context TEXT|--context-file F [--top-k K] [--json]
     lmforge index FOLDER --model EMBEDDER --out INDEX_DIR
     lmforge ask INDEX_DIR QUESTION [--reader QA | --generator GPT]
+    lmforge serve MODEL [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-num-seqs N] ...
     lmforge attention MODEL TEXT --out map.png [--layers 0 1] [--heads 0] [--average-heads] [--attributions]
 
 A user error prints one line naming the problem and exits with status 2 (`--debug` shows the traceback).
@@ -666,6 +667,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64, help="encoder-decoders: longest greedy output")
     p.set_defaults(func=cmd_attention)
 
+    p = sub.add_parser(
+        "serve",
+        parents=[common],
+        help="serve a model over HTTP with OpenAI's API (completions, chat, embeddings, pipelines)",
+        description="Serve MODEL over HTTP with OpenAI's API: /v1/completions and /v1/chat/completions (causal "
+        "LMs with continuous batching; encoder-decoders), /v1/embeddings (encoder models), /v1/pipelines/TASK, "
+        "/v1/models, /health, /metrics (Prometheus) and a playground page at /. Binds 127.0.0.1 unless --host "
+        "says otherwise. SIGTERM or Ctrl+C: stop taking requests, finish those in flight, exit.",
+    )
+    p.add_argument("model", help="model directory or cached model id")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("LMFORGE_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on every route but /health and / (default: $LMFORGE_API_KEY)",
+    )
+    p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: folder name)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="most sequences decoded together (default 64)")
+    p.add_argument(
+        "--max-batch-tokens", type=int, default=2048, help="most tokens one step processes, prompts included"
+    )
+    p.add_argument("--max-queue", type=int, default=256, help="most waiting requests; more get 429 (default 256)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    p.add_argument(
+        "--cors-origin", action="append", default=[], metavar="URL", help="allow browser calls from URL (repeatable)"
+    )
+    p.add_argument(
+        "--drain-timeout", type=float, default=10.0, help="seconds to let requests finish on shutdown (default 10)"
+    )
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or mps (default cpu)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="action", metavar="ACTION")
     p.required = True
     t = p.add_parser(
@@ -680,6 +715,48 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, metavar="DIR", help="directory for tokenizer.json and its config")
     t.set_defaults(func=cmd_tokenizer_train)
     return parser
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        msg = f"lmforge serve needs the 'serve' extra ({e.name} is missing): pip install 'lmforge[serve]'"
+        raise ImportError(msg) from None
+    from lmforge.hub import resolve_model_dir
+    from lmforge.serving import serve
+    from lmforge.serving.app import ServerConfig
+    from lmforge.utils import resolve_device
+
+    for name in ("max_num_seqs", "max_batch_tokens", "max_queue", "max_body_bytes"):
+        if getattr(a, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if not 0 <= a.port < 65536:
+        raise ValueError(f"--port must be in [0, 65535], got {a.port}")
+    model_dir = resolve_model_dir(a.model)  # a missing folder fails here, before the server starts
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    if a.host not in ("127.0.0.1", "localhost", "::1") and not a.api_key:
+        print(f"lmforge serve: warning: listening on {a.host} without --api-key: anyone who can reach this "
+              "machine can use the model", file=sys.stderr)  # fmt: skip
+    config = ServerConfig(
+        model=str(model_dir),
+        served_model_name=a.served_model_name or Path(a.model.rstrip("/")).name,
+        api_key=a.api_key,
+        max_num_seqs=a.max_num_seqs,
+        max_batch_tokens=a.max_batch_tokens,
+        max_queue=a.max_queue,
+        max_body_bytes=a.max_body_bytes,
+        cors_origins=a.cors_origin,
+        device=str(resolve_device(a.device)),
+    )
+    print(f"lmforge serve: {a.model} at http://{a.host}:{a.port}/v1 (playground: http://{a.host}:{a.port}/)",
+          file=sys.stderr)  # fmt: skip
+    serve(config, host=a.host, port=a.port, drain_timeout=a.drain_timeout)
+    return 0
 
 
 def _version() -> str:

@@ -589,6 +589,39 @@ def stream(model: Any, tokenizer: Any, prompt: str, **kwargs: Any) -> Iterator[s
     return text_pieces(tokens, tokenizer, eos, stop)
 
 
+class TextStream:
+    """Push a row's new token ids one at a time, get its text in pieces: never a broken UTF-8 character, ending
+    just before a stop string, and holding back a suffix that may still become one (what streaming and the
+    server send)."""
+
+    def __init__(self, tokenizer: Any, stop: str | list[str] | None = None, skip_special_tokens: bool = True) -> None:
+        self.stop = [stop] if isinstance(stop, str) else list(stop or [])
+        self.decoder = IncrementalDecoder(tokenizer, skip_special_tokens)
+        self.pending = ""  # decoded text not yet given out
+        self.stopped = False  # a stop string was reached: nothing more comes
+
+    def push(self, token_id: int) -> str:
+        """The text that token_id makes safe to give out ("" while it is held back)."""
+        return self._release(self.decoder.push(token_id), final=False)
+
+    def finish(self) -> str:
+        """The rest, once the row has ended (EOS or the length limit)."""
+        return self._release(self.decoder.flush(), final=True)
+
+    def _release(self, piece: str, final: bool) -> str:
+        if self.stopped:
+            return ""
+        self.pending += piece
+        cut = min((self.pending.find(s) for s in self.stop if s in self.pending), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            out, self.pending = self.pending[:cut], ""
+            return out
+        keep = 0 if final else _partial_stop_suffix(self.pending, self.stop)
+        out, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
+        return out
+
+
 def text_pieces(
     tokens: Iterator[Tensor],
     tokenizer: Any,
@@ -598,29 +631,18 @@ def text_pieces(
 ) -> Iterator[str]:
     """Text pieces of a one-row token stream (from `iter_generate`): never a broken UTF-8 character,
     ending at EOS or just before a stop string (a suffix that may become one is held back)."""
-    stop = [stop] if isinstance(stop, str) else list(stop or [])
     eos_ids = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
-    decoder = IncrementalDecoder(tokenizer, skip_special_tokens)
-    pending = ""
-    while True:
+    text = TextStream(tokenizer, stop, skip_special_tokens)
+    while not text.stopped:
         # inference mode only while the model runs: the caller's loop body is not inside it
         with torch.inference_mode():
             token = next(tokens, None)
         finished = token is None or int(token[0]) in eos_ids
-        pending += decoder.flush() if finished else decoder.push(int(token[0]))
-        cut = min((pending.find(s) for s in stop if s in pending), default=-1)
-        if cut >= 0:
-            if cut:
-                yield pending[:cut]
-            return
+        piece = text.finish() if finished else text.push(int(token[0]))
+        if piece:
+            yield piece
         if finished:
-            break
-        keep = _partial_stop_suffix(pending, stop)
-        if len(pending) > keep:
-            yield pending[: len(pending) - keep]
-            pending = pending[len(pending) - keep :]
-    if pending:
-        yield pending
+            return
 
 
 def _partial_stop_suffix(text: str, stop: list[str]) -> int:

@@ -1,0 +1,710 @@
+"""The OpenAI-compatible HTTP server: a FastAPI app over one `Scheduler` that owns the model.
+
+    POST /v1/completions, /v1/chat/completions   causal LMs (continuous batching), encoder-decoders (one at a time)
+    POST /v1/embeddings                          encoder models: mean-pooled, normalised (as `lmforge embed`)
+    POST /v1/pipelines/{task}                    any lmforge pipeline: {"inputs": ..., options} -> its own JSON
+    GET  /v1/models, /health, /metrics, /        model list, readiness (503 while loading), Prometheus, playground
+
+Every error a client can cause is OpenAI's JSON shape with OpenAI's status; nothing a client sends reaches it as
+a traceback. `create_app(ServerConfig(...))` builds the app; `lmforge serve` runs it under uvicorn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lmforge.serving.chat import DEFAULT_CHAT_STOP, ChatTemplate, read_chat_template
+from lmforge.serving.scheduler import Piece, QueueFull, SamplingParams, Scheduler
+from lmforge.serving.scheduler import Request as Generation
+from lmforge.serving.schemas import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    parse,
+)
+
+log = logging.getLogger("lmforge.serve")
+STATIC = Path(__file__).parent / "static"
+OPEN_PATHS = ("/health", "/", "/favicon.ico")  # reachable without the API key
+
+
+@dataclass
+class ServerConfig:
+    """What `lmforge serve` was told; see its --help."""
+
+    model: str
+    served_model_name: str | None = None
+    api_key: str | None = None
+    max_num_seqs: int = 64
+    max_batch_tokens: int = 2048
+    max_queue: int = 256
+    max_body_bytes: int = 1 << 20
+    cors_origins: list[str] = field(default_factory=list)
+    device: str = "cpu"
+
+    @property
+    def name(self) -> str:
+        return self.served_model_name or Path(self.model).name or str(self.model)
+
+
+class Metrics:
+    """The Prometheus series /metrics exposes (a registry of the app's own, so apps do not share counters)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        r = self.registry = CollectorRegistry()
+        latency = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+        self.requests = Counter("lmforge_requests", "HTTP requests answered", ["route", "status"], registry=r)
+        self.request_seconds = Histogram(
+            "lmforge_request_duration_seconds", "Time from request to the end of the response", buckets=latency,
+            registry=r,
+        )  # fmt: skip
+        self.prompt_tokens = Counter("lmforge_prompt_tokens", "Prompt tokens prefilled", registry=r)
+        self.generation_tokens = Counter("lmforge_generation_tokens", "Tokens generated", registry=r)
+        self.queue_length = Gauge("lmforge_queue_length", "Requests waiting for a place in the batch", registry=r)
+        self.running = Gauge("lmforge_running_sequences", "Sequences being decoded", registry=r)
+        self.ttft = Histogram(
+            "lmforge_time_to_first_token_seconds", "Arrival to first token", buckets=latency, registry=r
+        )
+        self.itl = Histogram(
+            "lmforge_inter_token_latency_seconds", "Time between a sequence's tokens", buckets=latency, registry=r
+        )
+        self.batch_size = Histogram(
+            "lmforge_batch_size", "Sequences per decoding step", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
+        )  # fmt: skip
+
+
+class Engine:
+    """The loaded model, tokenizer, chat template and scheduler, and what they can serve."""
+
+    def __init__(self, config: ServerConfig, metrics: Metrics) -> None:
+        self.config, self.metrics = config, metrics
+        self.ready = threading.Event()
+        self.load_error: str | None = None
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.kind = "loading"  # then "causal-lm", "seq2seq-lm" or "encoder"
+        self.template: ChatTemplate | None = None
+        self.scheduler: Scheduler | None = None
+        self.pipelines: dict[str, Any] = {}
+        self.created = int(time.time())
+
+    def load(self) -> None:
+        """Load the model (on a background thread: /health answers 503 meanwhile)."""
+        try:
+            self._load()
+            self.ready.set()
+            log.info(json.dumps({"event": "ready", "model": self.config.name, "kind": self.kind}))
+        except Exception as error:  # reported by /health and every route; the server stays up to say so
+            self.load_error = f"{type(error).__name__}: {error}"
+            log.error(json.dumps({"event": "load_failed", "error": self.load_error}))
+
+    def _load(self) -> None:
+        from lmforge.auto import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, model_type_of
+        from lmforge.hub.resolve import resolve_model_dir
+        from lmforge.models import registry
+
+        path = self.config.model
+        directory = resolve_model_dir(path)
+        model_type = model_type_of(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        if _serves(registry, "causal-lm", model_type):
+            self.kind, self.model = "causal-lm", AutoModelForCausalLM.from_pretrained(path)
+        elif _serves(registry, "seq2seq-lm", model_type):
+            self.kind, self.model = "seq2seq-lm", AutoModelForSeq2SeqLM.from_pretrained(path)
+        else:
+            self.kind = "encoder"  # embeddings and pipelines load what they need
+        if self.model is not None:
+            self.model.to(self.config.device).eval()
+            tok = self.tokenizer
+            self.template = ChatTemplate(
+                read_chat_template(directory), getattr(tok, "bos_token", None), getattr(tok, "eos_token", None)
+            )
+        self.scheduler = Scheduler(
+            self.model,
+            self.tokenizer,
+            self.config.max_num_seqs,
+            self.config.max_batch_tokens,
+            self.config.max_queue,
+            self.metrics,
+        )
+        self.scheduler.start()
+
+    def check_ready(self) -> None:
+        if self.load_error:
+            raise APIError(500, f"the model failed to load: {self.load_error}", type="server_error")
+        if not self.ready.is_set():
+            raise APIError(503, "the model is still loading; retry shortly (GET /health says when it is ready)",
+                           type="server_error", code="model_loading")  # fmt: skip
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.config.name:
+            raise APIError(
+                404, f"The model '{name}' does not exist; this server serves '{self.config.name}'",
+                param="model", code="model_not_found",
+            )  # fmt: skip
+
+    @property
+    def context(self) -> int:
+        from lmforge.constants import context_length
+
+        return context_length(self.model.config)
+
+
+def _serves(registry: Any, task: str, model_type: str) -> bool:
+    try:
+        registry.model_class(task, model_type, "lmforge serve")
+        return True
+    except ValueError:
+        return False
+
+
+def _json_default(value: Any) -> Any:
+    """Pipelines return tensors and numpy values in places; JSON gets plain numbers and lists."""
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"cannot send a {type(value).__name__} as JSON")
+
+
+def _error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+# ---------------------------------------------------------------------------------------------- the gate
+class Gate:
+    """Pure ASGI middleware in front of every route: the API key, the body size limit, the access log and the
+    request metrics. (Pure ASGI, so streamed responses and client disconnects pass through untouched.)"""
+
+    def __init__(self, app: Any, config: ServerConfig, metrics: Metrics) -> None:
+        self.app, self.config, self.metrics = app, config, metrics
+        self.key = ("Bearer " + config.api_key).encode() if config.api_key else None
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start, status, path = time.perf_counter(), [0], scope["path"]
+        headers = dict(scope.get("headers") or [])
+
+        async def send_logged(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        async def refuse(error: APIError) -> None:
+            body = json.dumps(error.body()).encode()
+            await send_logged({"type": "http.response.start", "status": error.status,
+                               "headers": [(b"content-type", b"application/json")]})  # fmt: skip
+            await send_logged({"type": "http.response.body", "body": body})
+
+        received = [0]
+        limit = self.config.max_body_bytes
+
+        async def receive_limited() -> dict:
+            message = await receive()
+            if message["type"] == "http.request":
+                received[0] += len(message.get("body", b""))
+                if received[0] > limit:
+                    raise _BodyTooLarge
+            return message
+
+        try:
+            if self.key and path not in OPEN_PATHS and scope["method"] != "OPTIONS":
+                if not hmac.compare_digest(headers.get(b"authorization", b""), self.key):
+                    await refuse(APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                                          code="invalid_api_key"))  # fmt: skip
+                    return
+            length = headers.get(b"content-length")
+            if length is not None and length.isdigit() and int(length) > limit:
+                await refuse(_too_large(limit))
+                return
+            try:
+                await self.app(scope, receive_limited, send_logged)
+            except _BodyTooLarge:
+                if not status[0]:
+                    await refuse(_too_large(limit))
+        finally:
+            seconds = time.perf_counter() - start
+            route = path if not path.startswith("/v1/pipelines/") else "/v1/pipelines/{task}"
+            self.metrics.requests.labels(route if status[0] != 404 else "other", str(status[0])).inc()
+            self.metrics.request_seconds.observe(seconds)
+            client = scope.get("client")
+            log.info(json.dumps({
+                "time": round(time.time(), 3), "client": client[0] if client else None, "method": scope["method"],
+                "path": path, "status": status[0], "ms": round(1e3 * seconds, 1),
+            }))  # fmt: skip
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"the request body is larger than the server's limit of {limit} bytes (--max-body-bytes)",
+                    code="request_too_large")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- the app
+def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI:
+    """The FastAPI app serving `config.model`. The model loads when the app starts (in the background unless
+    told otherwise; /health answers 503 until it is ready)."""
+    metrics = Metrics()
+    engine = Engine(config, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if load_in_background:
+            threading.Thread(target=engine.load, name="lmforge-load", daemon=True).start()
+        else:
+            engine.load()
+        yield
+        if engine.scheduler is not None:
+            await asyncio.to_thread(engine.scheduler.stop)
+
+    app = FastAPI(title="lmforge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine = engine
+    if config.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"])  # fmt: skip
+    app.add_middleware(Gate, config=config, metrics=metrics)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, error: APIError) -> JSONResponse:
+        return _error_response(error)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        message = f"no route {request.method} {request.url.path}" if error.status_code in (404, 405) else error.detail
+        return _error_response(APIError(error.status_code, str(message), code="not_found"))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, error: Exception) -> JSONResponse:
+        log.exception("internal error on %s", request.url.path)  # the traceback stays in the server's log
+        return _error_response(APIError(500, "internal server error (the server's log has the details)",
+                                        type="server_error"))  # fmt: skip
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if engine.load_error:
+            return JSONResponse({"status": "error", "message": engine.load_error}, status_code=500)
+        if not engine.ready.is_set():
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/", include_in_schema=False)
+    async def playground() -> Response:
+        page = STATIC / "playground.html"
+        if not page.is_file():
+            return JSONResponse({"message": "lmforge server; the API is under /v1"})
+        return FileResponse(page, media_type="text/html; charset=utf-8")
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        card = {"id": config.name, "object": "model", "created": engine.created, "owned_by": "lmforge"}
+        return JSONResponse({"object": "list", "data": [card]})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        body = parse(CompletionRequest, await _json(request))
+        engine.check_model(body.model)
+        engine.check_ready()
+        prompts = _completion_prompts(engine, body)
+        if body.echo:
+            raise APIError(400, "echo is not supported", param="echo")
+        params = _sampling(engine, body, body.max_tokens, prompts, body.stop_list(), body.logprobs)
+        return await _respond(request, engine, prompts, params, body, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        body = parse(ChatRequest, await _json(request))
+        engine.check_model(body.model)
+        engine.check_ready()
+        if engine.template is None:
+            raise APIError(400, f"'{config.name}' is an encoder model; chat needs a causal LM or an encoder-decoder")
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            text = engine.template.render(messages)
+        except Exception as error:  # the model's own template refused these messages (raise_exception)
+            raise APIError(400, f"the chat template cannot render these messages: {error}", param="messages") from None
+        prompts = [_encode(engine, text, "messages")]
+        stop = body.stop_list() + (DEFAULT_CHAT_STOP if engine.template.is_default else [])
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        params = _sampling(engine, body, max_tokens, prompts, stop, top)
+        return await _respond(request, engine, prompts, params, body, chat=True)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> JSONResponse:
+        body = parse(EmbeddingRequest, await _json(request))
+        engine.check_model(body.model)
+        engine.check_ready()
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        if not texts or any(not t.strip() for t in texts):
+            raise APIError(400, "'input' must be a non-empty string or a list of non-empty strings", param="input")
+        if engine.kind != "encoder":
+            raise APIError(400, f"'{config.name}' is a {engine.kind} model; embeddings need an encoder model "
+                           "(e.g. serve all-MiniLM-L6-v2 or a BERT directory)", param="model")  # fmt: skip
+        pipe = await _pipeline(engine, "sentence-embeddings")
+        vectors = await _job(engine, lambda: pipe(texts))
+        tokens = sum(len(engine.tokenizer.encode(t)) for t in texts)
+        data = []
+        for i, vector in enumerate(vectors):
+            values = torch.as_tensor(vector, dtype=torch.float32).flatten()
+            if body.encoding_format == "base64":
+                embedding: Any = base64.b64encode(values.numpy().astype("<f4").tobytes()).decode()
+            else:
+                embedding = values.tolist()
+            data.append({"object": "embedding", "index": i, "embedding": embedding})
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        return JSONResponse({"object": "list", "data": data, "model": config.name, "usage": usage})
+
+    @app.post("/v1/pipelines/{task}")
+    async def pipelines(task: str, request: Request) -> Response:
+        from lmforge.pipelines import available_tasks
+
+        data = await _json(request)
+        engine.check_ready()
+        if task not in available_tasks() and not task.startswith("translation_"):
+            raise APIError(404, f"unknown pipeline task {task!r}; available: {', '.join(available_tasks())}",
+                           param="task", code="not_found")  # fmt: skip
+        if not isinstance(data, dict) or "inputs" not in data:
+            raise APIError(400, 'the body must be a JSON object {"inputs": ..., other options of the pipeline}',
+                           param="inputs")  # fmt: skip
+        options = {k: v for k, v in data.items() if k not in ("inputs", "model")}
+        engine.check_model(data.get("model"))
+        pipe = await _pipeline(engine, task)
+        result = await _job(engine, lambda: pipe(data["inputs"], **options))
+        return Response(json.dumps(result, default=_json_default, ensure_ascii=False),
+                        media_type="application/json")  # fmt: skip
+
+    return app
+
+
+async def _json(request: Request) -> Any:
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise APIError(400, f"the request body is not valid JSON ({error}); send a JSON object") from None
+
+
+async def _job(engine: Engine, fn: Callable[[], Any]) -> Any:
+    """fn() on the scheduler thread; a ValueError/TypeError from it is the client's (400)."""
+    future = engine.scheduler.run_job(fn)
+    try:
+        return await asyncio.wrap_future(future)
+    except (ValueError, TypeError, KeyError) as error:
+        raise APIError(400, str(error).strip("'\"")) from None
+
+
+async def _pipeline(engine: Engine, task: str) -> Any:
+    """The pipeline for `task` on the served model directory (built once, on the scheduler thread)."""
+    if task not in engine.pipelines:
+        from lmforge.pipelines import pipeline
+
+        def build() -> Any:
+            if engine.model is not None and task in ("text-generation", "text2text-generation", "translation",
+                                                     "summarization") or task.startswith("translation_"):  # fmt: skip
+                return pipeline(task, model=engine.model, tokenizer=engine.tokenizer)
+            return pipeline(task, model=engine.config.model)
+
+        engine.pipelines[task] = await _job(engine, build)
+    return engine.pipelines[task]
+
+
+def _encode(engine: Engine, text: str, param: str) -> list[int]:
+    ids = engine.tokenizer.encode(text)
+    if not ids:
+        raise APIError(400, f"'{param}' is empty: send some text", param=param)
+    return ids
+
+
+def _completion_prompts(engine: Engine, body: CompletionRequest) -> list[list[int]]:
+    """The prompt(s) as token ids: a string, a list of strings, a token list or a list of token lists."""
+    prompt = body.prompt
+    if isinstance(prompt, str):
+        return [_encode(engine, prompt, "prompt")]
+    if not prompt:
+        raise APIError(400, "'prompt' is empty: send a string or a list of strings", param="prompt")
+    if all(isinstance(p, int) for p in prompt):
+        prompts = [list(prompt)]
+    elif all(isinstance(p, str) for p in prompt):
+        prompts = [_encode(engine, p, "prompt") for p in prompt]
+    else:
+        prompts = [list(p) for p in prompt]
+    vocab = len(engine.tokenizer)
+    for ids in prompts:
+        if not ids:
+            raise APIError(400, "'prompt' has an empty entry", param="prompt")
+        if any(not 0 <= i < vocab for i in ids):
+            raise APIError(400, f"'prompt' token ids must be in [0, {vocab})", param="prompt")
+    return prompts
+
+
+def _sampling(
+    engine: Engine, body: Any, max_tokens: int | None, prompts: list[list[int]], stop: list[str], logprobs: int | None
+) -> SamplingParams:
+    """The request's SamplingParams, after checking the prompt and max_tokens fit the model's context."""
+    if engine.model is None:
+        raise APIError(400, f"'{engine.config.name}' is an encoder model: it does not generate text; use "
+                       "/v1/embeddings or /v1/pipelines/{task}", param="model")  # fmt: skip
+    ctx = engine.context
+    longest = max(len(p) for p in prompts)
+    if engine.kind == "causal-lm":
+        if longest >= ctx:
+            raise APIError(400, f"the prompt has {longest} tokens but the model's context is {ctx} tokens; "
+                           "shorten the prompt", param="prompt", code="context_length_exceeded")  # fmt: skip
+        if max_tokens is None:
+            max_tokens = ctx - longest
+        elif longest + max_tokens > ctx:
+            raise APIError(
+                400, f"the prompt ({longest} tokens) plus max_tokens ({max_tokens}) is {longest + max_tokens} "
+                f"tokens, more than the model's context of {ctx} tokens; lower max_tokens to {ctx - longest} "
+                "or shorten the prompt", param="max_tokens", code="context_length_exceeded",
+            )  # fmt: skip
+    else:  # an encoder-decoder: the prompt is the source, the output has its own positions
+        if longest > ctx:
+            raise APIError(400, f"the prompt has {longest} tokens but the model reads at most {ctx}",
+                           param="prompt", code="context_length_exceeded")  # fmt: skip
+        if max_tokens is None:
+            max_tokens = ctx - 1
+        elif max_tokens > ctx - 1:
+            raise APIError(400, f"max_tokens ({max_tokens}) is more than the {ctx - 1} tokens the model's "
+                           "decoder can write", param="max_tokens", code="context_length_exceeded")  # fmt: skip
+    if body.n > engine.config.max_num_seqs:
+        raise APIError(400, f"n={body.n} is more than the server's --max-num-seqs={engine.config.max_num_seqs}",
+                       param="n")  # fmt: skip
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed,
+        stop=stop, presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+        repetition_penalty=body.repetition_penalty, logprobs=logprobs,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- responses
+class _Choices:
+    """Pieces gathered into OpenAI's choices (non-streamed answers)."""
+
+    def __init__(self, count: int) -> None:
+        self.text = [""] * count
+        self.tokens: list[list[dict[str, Any]]] = [[] for _ in range(count)]
+        self.finish: list[str | None] = [None] * count
+
+    def add(self, piece: Piece) -> None:
+        self.text[piece.index] += piece.text
+        self.tokens[piece.index] += piece.logprobs or []
+        self.finish[piece.index] = piece.finish_reason or self.finish[piece.index]
+
+
+def _token_text(tokenizer: Any, token: int) -> str:
+    return tokenizer.decode([token])
+
+
+def _completion_logprobs(tokenizer: Any, entries: list[dict[str, Any]], offset: int = 0) -> dict[str, Any]:
+    """OpenAI's completions logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
+    tokens = [_token_text(tokenizer, e["id"]) for e in entries]
+    offsets, at = [], offset
+    for t in tokens:
+        offsets.append(at)
+        at += len(t)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [e["logprob"] for e in entries],
+        "top_logprobs": [{_token_text(tokenizer, i): lp for i, lp in e["top"]} for e in entries],
+        "text_offset": offsets,
+    }
+
+
+def _chat_logprobs(tokenizer: Any, entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """OpenAI's chat logprobs: {"content": [{token, logprob, bytes, top_logprobs: [...]}]}."""
+
+    def one(token: int, logprob: float) -> dict[str, Any]:
+        text = _token_text(tokenizer, token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**one(e["id"], e["logprob"]), "top_logprobs": [one(i, lp) for i, lp in e["top"]]}
+                        for e in entries]}  # fmt: skip
+
+
+async def _respond(
+    request: Request, engine: Engine, prompts: list[list[int]], params: SamplingParams, body: Any, chat: bool
+) -> Response:
+    """Run the generation (continuous batching for a causal LM) and answer, streamed or whole."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+
+    def emit(event: Any) -> None:  # called on the scheduler thread
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+        except RuntimeError:  # the event loop is closed: the server is gone
+            pass
+
+    generation = Generation(prompts, params, body.n, emit)
+    engine.metrics.prompt_tokens.inc(generation.prompt_tokens)
+    if engine.kind == "causal-lm":
+        try:
+            engine.scheduler.submit(generation)
+        except QueueFull as error:
+            raise APIError(429, str(error), type="rate_limit_exceeded", code="rate_limit_exceeded") from None
+    else:
+        engine.scheduler.run_job(lambda: _seq2seq_generate(engine, generation))
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": engine.config.name}  # fmt: skip
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(
+            _stream(engine, generation, events, head, chat, include_usage),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    choices = _Choices(generation.size)
+    while True:
+        try:
+            event = await asyncio.wait_for(events.get(), timeout=0.5)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                generation.cancel()
+                return Response(status_code=499)
+            continue
+        if event is None:
+            break
+        if isinstance(event, BaseException):
+            raise _as_api_error(event)
+        choices.add(event)
+    usage = _usage(generation)
+    out = []
+    for i in range(generation.size):
+        if chat:
+            choice: dict[str, Any] = {"index": i, "message": {"role": "assistant", "content": choices.text[i]}}
+            choice["logprobs"] = _chat_logprobs(engine.tokenizer, choices.tokens[i]) if params.logprobs is not None \
+                else None  # fmt: skip
+        else:
+            choice = {"index": i, "text": choices.text[i]}
+            choice["logprobs"] = _completion_logprobs(engine.tokenizer, choices.tokens[i]) \
+                if params.logprobs is not None else None  # fmt: skip
+        choice["finish_reason"] = choices.finish[i]
+        out.append(choice)
+    return JSONResponse({**head, "choices": out, "usage": usage})
+
+
+def _usage(generation: Generation) -> dict[str, int]:
+    p, c = generation.prompt_tokens, generation.completion_tokens
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def _as_api_error(error: BaseException) -> APIError:
+    if isinstance(error, APIError):
+        return error
+    if isinstance(error, ValueError):
+        return APIError(400, str(error))
+    log.error("generation failed: %r", error)
+    return APIError(500, f"generation failed: {type(error).__name__}", type="server_error")
+
+
+def _sse(data: Any) -> bytes:
+    return b"data: " + json.dumps(data, ensure_ascii=False).encode("utf-8") + b"\n\n"
+
+
+async def _stream(
+    engine: Engine, generation: Generation, events: asyncio.Queue, head: dict, chat: bool, include_usage: bool
+) -> AsyncIterator[bytes]:
+    """Server-sent events: a chunk per piece, the usage chunk if asked, then [DONE]. If the client goes away,
+    the generation is cancelled (the scheduler drops it at its next step)."""
+    head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+    tok = engine.tokenizer
+    extra = {"usage": None} if include_usage else {}
+    finished = False
+    try:
+        if chat:
+            for i in range(generation.size):
+                choice = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None}  # fmt: skip
+                yield _sse({**head, "choices": [choice], **extra})
+        while True:
+            event = await events.get()
+            if event is None:
+                break
+            if isinstance(event, BaseException):
+                yield _sse(_as_api_error(event).body())
+                break
+            piece: Piece = event
+            if not piece.text and piece.finish_reason is None and piece.logprobs is None:
+                continue  # text held back (an unfinished character or a possible stop string)
+            logprobs = None
+            if piece.logprobs is not None:
+                logprobs = _chat_logprobs(tok, piece.logprobs) if chat else _completion_logprobs(tok, piece.logprobs)
+            if chat:
+                delta = {"content": piece.text} if piece.text else {}
+                choice = {"index": piece.index, "delta": delta, "logprobs": logprobs,
+                          "finish_reason": piece.finish_reason}  # fmt: skip
+            else:
+                choice = {"index": piece.index, "text": piece.text, "logprobs": logprobs,
+                          "finish_reason": piece.finish_reason}  # fmt: skip
+            yield _sse({**head, "choices": [choice], **extra})
+        if include_usage:
+            yield _sse({**head, "choices": [], "usage": _usage(generation)})
+        yield b"data: [DONE]\n\n"
+        finished = True
+    finally:
+        if not finished:
+            generation.cancel()
+
+
+def _seq2seq_generate(engine: Engine, generation: Generation) -> None:
+    """An encoder-decoder's completions (on the scheduler thread, one request at a time): each prompt is a
+    source; each choice is generated with the request's options and given as one piece."""
+    p = generation.params
+    model, tok = engine.model, engine.tokenizer
+    for i, source in enumerate(generation.prompts):
+        ids = torch.tensor([source], device=model.device)
+        for j in range(generation.n):
+            if generation.cancelled:
+                generation.emit(None)
+                return
+            options: dict[str, Any] = {"max_new_tokens": p.max_tokens, "repetition_penalty": p.repetition_penalty}
+            if p.temperature > 0:
+                seed = p.seed + j if p.seed is not None else None
+                options.update(do_sample=True, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k or None,
+                               seed=seed)  # fmt: skip
+            out = model.generate(ids, **options)[0, 1:].tolist()  # after the decoder start token
+            eos = set(engine.scheduler.eos)
+            ended = next((k for k, t in enumerate(out) if t in eos), None)
+            kept = out if ended is None else out[:ended]
+            text = tok.decode(kept, skip_special_tokens=True)
+            cut = min((text.find(s) for s in p.stop if s in text), default=-1)
+            finish = "stop" if ended is not None or cut >= 0 else "length"
+            if cut >= 0:
+                text = text[:cut]
+            generation.completion_tokens += len(kept)
+            generation.emit(Piece(i * generation.n + j, text, kept, None, finish))
+    generation.emit(None)

@@ -1,0 +1,457 @@
+"""Continuous batching: one thread owns the model and runs one decoding step at a time for every active sequence.
+
+    HTTP handlers --submit(Request)--> waiting queue --admit (token budget, free slots)--> prefill (prompt alone)
+    --> slot in the SlotCache --> every step: one forward of all active rows (one new token each, their own
+    positions and lengths) --> per-row penalties and sampling --> text pieces to each request --> retire finished
+
+Each sequence owns a row ("slot") of a preallocated KV cache for the whole context and is numbered from position
+0 in it, so sequences of any lengths decode side by side: the step's attention mask hides each row's columns past
+its own length. Active rows are kept in slots 0..n-1 (a retiring row's slot is filled by the last one), so a
+step reads plain views of the cache. A sequence decoded alone runs exactly the arithmetic of `model.generate`.
+
+Everything else that needs the model (embeddings, pipelines, encoder-decoder generation) runs as a job on the
+same thread between steps, so the model is never used by two threads at once.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lmforge.constants import context_length
+from lmforge.generation import TextStream, apply_repetition_penalty, sample_next_token
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue holds --max-queue requests already (the server answers 429)."""
+
+
+@dataclass
+class SamplingParams:
+    """One request's decoding options, OpenAI's names; temperature 0 is greedy."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None  # how many alternatives per token (0: the chosen token only); None: off
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 and not self.penalised
+
+    @property
+    def penalised(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+
+@dataclass
+class Piece:
+    """What one step gives a request for one of its sequences (choice `index`)."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[dict[str, Any]] | None = None  # per token: {"id", "logprob", "top": [(id, logprob), ...]}
+    finish_reason: str | None = None
+
+
+#: what a request receives: a piece of a choice, None (all choices finished) or the error that ended it
+Event = Piece | BaseException | None
+
+
+class Request:
+    """A completion request: `n` continuations of each prompt, choices numbered prompt-major.
+
+    `emit(piece)` is called on the scheduler thread for every piece (the HTTP layer hands it to its event loop);
+    `emit(None)` once all choices have finished, or `emit(error)` instead if the scheduler failed. `cancel()`
+    (the client went away) retires the request's sequences at the next step.
+    """
+
+    def __init__(self, prompts: list[list[int]], params: SamplingParams, n: int, emit: Callable[[Event], None]) -> None:
+        self.prompts, self.params, self.n, self.emit = prompts, params, n, emit
+        self.arrival = time.perf_counter()
+        self.cancelled = False
+        self.prompt_tokens = sum(len(p) for p in prompts)  # once per prompt, whatever n is (as OpenAI counts)
+        self.completion_tokens = 0
+        self.first_token_at: float | None = None
+        self._left = len(prompts) * n
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    @property
+    def size(self) -> int:
+        """Rows this request needs in the batch."""
+        return len(self.prompts) * self.n
+
+
+class Sequence:
+    """One continuation being generated: its slot's position, its tokens, its text and its sampling state."""
+
+    def __init__(self, request: Request, index: int, prompt: list[int], tokenizer: Any, eos: set[int]) -> None:
+        p = request.params
+        self.request, self.index, self.prompt = request, index, prompt
+        self.out: list[int] = []
+        self.length = len(prompt)  # tokens in the cache
+        self.text = TextStream(tokenizer, p.stop)
+        self.eos = eos
+        self.generator: torch.Generator | None = None
+        if not p.greedy:
+            seed = p.seed + index if p.seed is not None else random.getrandbits(62)
+            self.generator = torch.Generator().manual_seed(seed)
+        self.counts: Tensor | None = None  # (V,) how often each token was generated (presence/frequency penalties)
+        self.last_token_at = 0.0
+
+    def pick(self, logits: Tensor) -> int:
+        """The next token from this row's logits (V,) under its request's options."""
+        p = self.request.params
+        if p.penalised:
+            logits = logits.float().clone()
+            if p.repetition_penalty != 1.0:
+                seen = torch.tensor(self.prompt + self.out)[None]
+                logits = apply_repetition_penalty(logits[None], seen, p.repetition_penalty)[0]
+            if self.counts is not None:
+                logits -= p.frequency_penalty * self.counts + p.presence_penalty * (self.counts > 0).float()
+        if p.temperature == 0:
+            return int(logits.argmax())
+        top_p = p.top_p if p.top_p < 1.0 else None
+        return int(sample_next_token(logits[None], p.temperature, p.top_k or None, top_p, self.generator)[0])
+
+    def record(self, token: int, vocab: int) -> None:
+        self.out.append(token)
+        p = self.request.params
+        if p.presence_penalty or p.frequency_penalty:
+            if self.counts is None:
+                self.counts = torch.zeros(vocab)
+            self.counts[token] += 1
+
+
+class SlotCache:
+    """Keys and values of up to `slots` sequences, each in its own row from position 0: (n_layer, slots, H, ctx, hs).
+
+    The model sees the usual KV-cache interface. For a step over the active rows 0..n-1, `bind(lengths)` sets
+    where each row writes its new key (its own length) and `length` (the longest row), which makes the model
+    read positions [0, longest + 1) of every row; the step's attention mask hides what a shorter row has not
+    written.
+    """
+
+    def __init__(self, model: Any, slots: int) -> None:
+        probe = model.allocate_cache(1, 1)  # the model's own layout, dtype and device
+        n_layer, _, heads, _, head_dim = probe.k.shape
+        self.ctx = context_length(model.config)
+        shape = (n_layer, slots, heads, self.ctx, head_dim)
+        self.k = torch.zeros(shape, dtype=probe.k.dtype, device=probe.k.device)
+        self.v = torch.zeros_like(self.k)
+        self.slots = slots
+        self.length = 0
+        self.cross: dict[int, tuple[Tensor, Tensor]] = {}  # the interface's cross-attention entry (unused here)
+        self._rows = self._cols = torch.zeros(0, dtype=torch.long)
+
+    def bind(self, lengths: Tensor) -> None:
+        """Rows 0..n-1 take part in the next step; row i writes at position lengths[i]."""
+        n = lengths.numel()
+        self._rows, self._cols = torch.arange(n), lengths
+        self.length = int(lengths.max())
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store the new k, v (n, H, 1, hs) at each row's own position; return rows 0..n-1 up to the longest."""
+        n = k.size(0)
+        self.k[layer][self._rows, :, self._cols] = k[:, :, 0]  # (n, H, hs) into each row's own column
+        self.v[layer][self._rows, :, self._cols] = v[:, :, 0]
+        end = self.length + 1
+        return self.k[layer, :n, :, :end], self.v[layer, :n, :, :end]
+
+    def advance(self, n: int) -> None:
+        """Called by the model after the forward; the scheduler keeps the lengths itself."""
+
+    def store(self, slot: int, k: Tensor, v: Tensor) -> None:
+        """Copy a prefilled prompt's keys/values (n_layer, H, T, hs) into `slot`."""
+        T = k.size(2)
+        self.k[:, slot, :, :T] = k
+        self.v[:, slot, :, :T] = v
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy row `src`'s first `length` positions to row `dst` (to keep the active rows in 0..n-1)."""
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
+
+@dataclass
+class _Job:
+    fn: Callable[[], Any]
+    future: Future
+
+
+class Scheduler:
+    """The thread that owns `model`: continuous batching of completion requests, plus jobs run between steps.
+
+    max_num_seqs: most sequences decoded together (rows of the KV cache). max_batch_tokens: most tokens one step
+    may process (one per active sequence, plus the prompts prefilled in that step). max_queue: most requests
+    waiting; beyond it `submit` raises QueueFull.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        max_num_seqs: int = 64,
+        max_batch_tokens: int = 2048,
+        max_queue: int = 256,
+        metrics: Any = None,
+    ) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.max_num_seqs, self.max_batch_tokens, self.max_queue = max_num_seqs, max_batch_tokens, max_queue
+        self.metrics = metrics
+        eos = getattr(model.config, "eos_token_id", None) if model is not None else None
+        self.eos = {eos} if isinstance(eos, int) else set(eos or [])
+        self.waiting: deque[Request] = deque()
+        self.jobs: deque[_Job] = deque()
+        self.active: list[Sequence] = []
+        self.cache: SlotCache | None = None
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ other threads
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="lmforge-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish the step in progress, cancel what is left and end the thread."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, request: Request) -> None:
+        """Queue a request (raises QueueFull when --max-queue requests are already waiting)."""
+        with self._wake:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"the server's queue is full ({self.max_queue} requests waiting); retry later")
+            self.waiting.append(request)
+            self._wake.notify()
+        self._gauge()
+
+    def run_job(self, fn: Callable[[], Any]) -> Future:
+        """Run fn() on the scheduler thread between steps; its result (or exception) arrives in the Future."""
+        job = _Job(fn, Future())
+        with self._wake:
+            self.jobs.append(job)
+            self._wake.notify()
+        return job.future
+
+    @property
+    def queue_length(self) -> int:
+        return len(self.waiting)
+
+    # ------------------------------------------------------------------ the scheduler thread
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._stopping or self.waiting or self.jobs or self.active):
+                    self._wake.wait()
+                if self._stopping:
+                    break
+                jobs = list(self.jobs)
+                self.jobs.clear()
+            for job in jobs:
+                self._run_job(job)
+            try:
+                with torch.inference_mode():
+                    self._admit()
+                    if self.active:
+                        self._step()
+            except Exception as error:  # a bug or an out-of-memory: fail the requests in flight, keep serving
+                self._fail_all(error)
+        self._fail_all(RuntimeError("the server is shutting down"))
+
+    def _run_job(self, job: _Job) -> None:
+        if not job.future.set_running_or_notify_cancel():
+            return
+        try:
+            with torch.inference_mode():
+                job.future.set_result(job.fn())
+        except BaseException as error:  # handed to the waiting handler, which answers with an error
+            job.future.set_exception(error)
+
+    def _free_rows(self) -> int:
+        return self.max_num_seqs - len(self.active)
+
+    def _admit(self) -> None:
+        """Move waiting requests into the batch while rows are free and the step's token budget allows."""
+        budget = self.max_batch_tokens - len(self.active)
+        admitted = False
+        while True:
+            with self._wake:
+                if not self.waiting:
+                    break
+                request = self.waiting[0]
+                if request.cancelled:
+                    self.waiting.popleft()
+                    request.emit(None)
+                    continue
+                cost = sum(len(p) for p in request.prompts)
+                if request.size > self._free_rows() or (admitted and cost > budget):
+                    break  # first come, first served: the head of the queue waits for room
+                self.waiting.popleft()
+            self._prefill(request)
+            budget -= cost
+            admitted = True
+        self._gauge()
+
+    def _ensure_cache(self, rows: int) -> SlotCache:
+        """A cache with at least `rows` slots (grown by doubling, up to max_num_seqs; rows are copied over)."""
+        if self.cache is not None and self.cache.slots >= rows:
+            return self.cache
+        slots = min(self.max_num_seqs, max(4, 1 << math.ceil(math.log2(max(rows, 1)))))
+        grown = SlotCache(self.model, slots)
+        if self.cache is not None:
+            for i, seq in enumerate(self.active):
+                grown.k[:, i, :, : seq.length] = self.cache.k[:, i, :, : seq.length]
+                grown.v[:, i, :, : seq.length] = self.cache.v[:, i, :, : seq.length]
+        self.cache = grown
+        return grown
+
+    def _prefill(self, request: Request) -> None:
+        """Run each prompt alone (as generate does), copy its keys/values into the request's rows, pick the
+        first token of each sequence."""
+        cache = self._ensure_cache(len(self.active) + request.size)
+        for p, prompt in enumerate(request.prompts):
+            ids = torch.tensor([prompt], device=self.cache.k.device)
+            own = self.model.allocate_cache(1, len(prompt))
+            logits = self.model(ids, past_key_values=own, logits_to_keep=1).logits[0, -1]  # (V,)
+            for j in range(request.n):
+                seq = Sequence(request, p * request.n + j, prompt, self.tokenizer, self.eos)
+                cache.store(len(self.active), own.k[:, 0], own.v[:, 0])
+                self.active.append(seq)
+                self._take(seq, logits)
+        self._retire()
+
+    def _step(self) -> None:
+        """One forward of every active row's last token; each row picks its next token."""
+        n = len(self.active)
+        lengths = torch.tensor([s.length for s in self.active])  # (n,) each row's tokens so far
+        ids = torch.tensor([[s.out[-1]] for s in self.active], device=self.cache.k.device)  # (n, 1)
+        width = int(lengths.max()) + 1
+        mask = (torch.arange(width)[None] <= lengths[:, None]).long()  # (n, width): each row's own positions
+        self.cache.bind(lengths)
+        logits = self.model(
+            ids, attention_mask=mask, position_ids=lengths[:, None], past_key_values=self.cache, logits_to_keep=1
+        ).logits[:, -1]  # (n, V)
+        if self.metrics is not None:
+            self.metrics.batch_size.observe(n)
+        greedy = [i for i, s in enumerate(self.active) if s.request.params.greedy]
+        best = logits[greedy].argmax(-1).tolist() if greedy else []
+        chosen = dict(zip(greedy, best))
+        for i, seq in enumerate(self.active):
+            seq.length += 1
+            self._take(seq, logits[i], chosen.get(i))
+        self._retire()
+
+    def _take(self, seq: Sequence, logits: Tensor, token: int | None = None) -> None:
+        """Pick (unless given) and record seq's next token; hand its text to the request."""
+        request = seq.request
+        if request.cancelled:
+            return
+        if token is None:
+            token = seq.pick(logits)
+        vocab = logits.size(-1)
+        seq.record(token, vocab)
+        request.completion_tokens += 1
+        now = time.perf_counter()
+        if self.metrics is not None:
+            if request.first_token_at is None:
+                self.metrics.ttft.observe(now - request.arrival)
+            elif seq.last_token_at:
+                self.metrics.itl.observe(now - seq.last_token_at)
+            self.metrics.generation_tokens.inc()
+        if request.first_token_at is None:
+            request.first_token_at = now
+        seq.last_token_at = now
+        logprobs = _logprobs(logits, token, request.params.logprobs)
+        finish = None
+        if token in seq.eos:
+            text, finish = seq.text.finish(), "stop"
+        else:
+            text = seq.text.push(token)
+            if seq.text.stopped:
+                finish = "stop"
+            elif len(seq.out) >= request.params.max_tokens or seq.length + 1 >= self.cache.ctx:
+                text += seq.text.finish()
+                finish = "length"
+        request.emit(Piece(seq.index, text, [token], logprobs, finish))
+        if finish is not None:
+            seq.text.stopped = True
+            request._left -= 1
+            if request._left == 0:
+                request.emit(None)
+
+    def _retire(self) -> None:
+        """Drop finished and cancelled sequences; the last active row moves into each freed slot."""
+        i = 0
+        while i < len(self.active):
+            seq = self.active[i]
+            if seq.text.stopped or seq.request.cancelled:
+                last = len(self.active) - 1
+                if i != last:
+                    self.cache.move(last, i, self.active[last].length)
+                    self.active[i] = self.active[last]
+                self.active.pop()
+                if seq.request.cancelled and seq.request._left > 0:
+                    seq.request._left = 0
+                    seq.request.emit(None)
+                continue
+            i += 1
+
+    def _fail_all(self, error: BaseException) -> None:
+        """End every request in flight or waiting with `error` (each handler answers with it)."""
+        requests = {id(s.request): s.request for s in self.active}
+        with self._wake:
+            requests.update({id(r): r for r in self.waiting})
+            self.waiting.clear()
+            jobs = list(self.jobs)
+            self.jobs.clear()
+        self.active.clear()
+        for request in requests.values():
+            if request._left > 0:
+                request._left = 0
+                request.emit(error)
+        for job in jobs:
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(error)
+        self._gauge()
+
+    def _gauge(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_length.set(len(self.waiting))
+            self.metrics.running.set(len(self.active))
+
+
+def _logprobs(logits: Tensor, token: int, top: int | None) -> list[dict[str, Any]] | None:
+    """[{"id", "logprob", "top": [(id, logprob), ...]}] for the chosen token under the model's distribution."""
+    if top is None:
+        return None
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    alternatives: list[tuple[int, float]] = []
+    if top > 0:
+        values, ids = logp.topk(min(top, logp.numel()))
+        alternatives = list(zip(ids.tolist(), values.tolist()))
+    return [{"id": token, "logprob": float(logp[token]), "top": alternatives}]
