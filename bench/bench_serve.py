@@ -11,8 +11,9 @@ forces the output length: the tokens counted are the ones each server reports in
 
 Per level: request throughput (req/s), output tokens/s, time to first token (TTFT) and inter-token latency
 (ITL, the gaps between streamed chunks) at p50 and p99, failed requests, and the CPUs the server process
-used. The peer, `transformers serve MODEL_DIR`, runs twice by default: with `--continuous-batching` (its
-batching mode, paged attention) and in its default mode (one `generate()` at a time); `--peer-mode` picks one.
+and this client process used (they share the machine). The peer, `transformers serve MODEL_DIR`, runs twice
+by default: with `--continuous-batching` (its batching mode, paged attention) and in its default mode (one
+`generate()` at a time); `--peer-mode` picks one.
 transformers applies a request's temperature only when the model's generation config samples, so both
 servers get a view of the model directory whose generation_config.json says do_sample=true (symlinks, the
 original is untouched). Servers are stopped with SIGTERM (then SIGKILL after a grace period).
@@ -417,7 +418,7 @@ def bench_server(
             raise RuntimeError(f"{kind}: warm-up request failed: {warm_results[0].error}\n{server.log_tail()}")
         levels = []
         for concurrency, requests in workloads.items():
-            cpu0, t0 = server.cpu_seconds(), time.perf_counter()
+            cpu0, client0, t0 = server.cpu_seconds(), time.process_time(), time.perf_counter()
             results, wall = asyncio.run(
                 run_level(
                     server.base_url,
@@ -429,16 +430,26 @@ def bench_server(
                 )
             )
             row = summarize(results, wall, concurrency)
-            row["server_cpus"] = round((server.cpu_seconds() - cpu0) / (time.perf_counter() - t0), 2)
+            elapsed = time.perf_counter() - t0
+            row["server_cpus"] = round((server.cpu_seconds() - cpu0) / elapsed, 2)
+            row["client_cpus"] = round((time.process_time() - client0) / elapsed, 2)  # this benchmark process
             levels.append(row)
             print(
                 f"# {kind} c={concurrency}: {row['completed']}/{row['requests']} ok, "
                 f"{row['output_tok_per_s']} out tok/s, TTFT p50 {row['ttft_ms_p50']} ms, {row['wall_s']} s",
                 flush=True,
             )
+        server_cpu_s = server.cpu_seconds()
     finally:
         code = server.stop()
-    return {"server": kind, "ready_s": round(ready_s, 1), "exit_code": code, "argv": server.argv[-8:], "levels": levels}
+    return {
+        "server": kind,
+        "server_cpu_s": round(server_cpu_s, 1),
+        "ready_s": round(ready_s, 1),
+        "exit_code": code,
+        "argv": server.argv[-8:],
+        "levels": levels,
+    }
 
 
 # ---- report ----------------------------------------------------------------------------------
@@ -457,6 +468,7 @@ def level_rows(levels: list[dict[str, Any]]) -> list[list[Any]]:
             f"{lv['itl_ms_p50']:.1f}",
             f"{lv['itl_ms_p99']:.1f}",
             f"{lv['server_cpus']:.2f}",
+            f"{lv['client_cpus']:.2f}",
         ]
         for lv in levels
     ]
@@ -474,6 +486,7 @@ HEADERS = [
     "ITL p50 ms",
     "ITL p99 ms",
     "server CPUs",
+    "client CPUs",
 ]
 
 
@@ -522,7 +535,7 @@ def _run_all(
     skipped, lmforge failing stops the benchmark."""
     for label, kind, mode in plan:
         wait_for_quiet(args.wait_quiet)
-        monitor = LoadMonitor()
+        monitor, start = LoadMonitor(), time.perf_counter()
         try:
             run = bench_server(
                 kind,
@@ -540,7 +553,11 @@ def _run_all(
             print(f"# {label} could not be measured: {type(exc).__name__}: {str(exc)[:2000]}")
             continue
         run["server"] = label
-        run["load"] = monitor.stop()
+        load = monitor.stop()
+        # LoadMonitor counts the server as "other"; what is left is load from outside this benchmark.
+        server_share = run["server_cpu_s"] / max(time.perf_counter() - start, 1e-9)
+        load["outside_cpus"] = round(max(0.0, load["other_cpus"] - server_share), 2)
+        run["load"] = load
         runs[label] = run
 
 
