@@ -420,6 +420,7 @@ class Scheduler:
                     seq.request.emit(None)
                 continue
             i += 1
+        self._gauge()
 
     def _fail_all(self, error: BaseException) -> None:
         """End every request in flight or waiting with `error` (each handler answers with it)."""

