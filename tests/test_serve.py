@@ -493,3 +493,35 @@ def test_the_models_own_chat_template_renders_as_transformers_does(tiny_dir: Pat
         assert r.json()["usage"]["prompt_tokens"] == len(ref)
     finally:
         s.stop()
+
+
+def test_an_encoder_decoder_answers_completions(tmp_path: Path) -> None:
+    """A seq2seq model: the prompt is the source (with the tokenizer's </s>), the answer its greedy output."""
+    from lmforge.models.seq2seq import Seq2SeqConfig, Seq2SeqForConditionalGeneration
+
+    pairs = [("the king rode a horse.", "el rey montó un caballo."), ("the moon is bright.", "la luna brilla.")] * 4
+    tok = Tokenizer.train_translation_bpe(pairs, vocab_size=300)
+    torch.manual_seed(0)
+    config = Seq2SeqConfig(vocab_size=len(tok), d_model=16, encoder_layers=1, decoder_layers=1,
+                           encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                           decoder_ffn_dim=32, max_position_embeddings=64, dropout=0.0)  # fmt: skip
+    model = Seq2SeqForConditionalGeneration(config).eval()
+    model.save_pretrained(tmp_path / "s2s", tokenizer=tok)
+    source = tok.encode("the king rode a horse.", add_special_tokens=True)
+    out = model.generate(torch.tensor([source]), max_new_tokens=10)[0, 1:].tolist()
+    ended = config.eos_token_id in out
+    ref = out[: out.index(config.eos_token_id)] if ended else out
+    s = Server(tmp_path / "s2s")
+    try:
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": "the king rode a horse.", "max_tokens": 10,
+                                                        "temperature": 0}, timeout=TIMEOUT)  # fmt: skip
+        assert r.status_code == 200, r.text
+        answer = r.json()
+        assert answer["choices"][0]["text"] == tok.decode(ref, skip_special_tokens=True)
+        generated = len(ref) + ended  # EOS counts, as for a causal LM
+        assert answer["usage"] == {"prompt_tokens": len(source), "completion_tokens": generated,
+                                   "total_tokens": len(source) + generated}  # fmt: skip
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": "x", "max_tokens": 100}, timeout=TIMEOUT)
+        assert r.status_code == 400 and "63 tokens the model's decoder can write" in r.json()["error"]["message"]
+    finally:
+        s.stop()

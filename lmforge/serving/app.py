@@ -442,7 +442,9 @@ async def _pipeline(engine: Engine, task: str) -> Any:
 
 
 def _encode(engine: Engine, text: str, param: str) -> list[int]:
-    ids = engine.tokenizer.encode(text)
+    """A prompt's ids: a causal LM continues the text as it is; an encoder-decoder reads its source with the
+    special tokens its tokenizer adds (e.g. Marian's </s>), as its pipelines do."""
+    ids = engine.tokenizer.encode(text, add_special_tokens=engine.kind == "seq2seq-lm")
     if not ids:
         raise APIError(400, f"'{param}' is empty: send some text", param=param)
     return ids
@@ -705,6 +707,6 @@ def _seq2seq_generate(engine: Engine, generation: Generation) -> None:
             finish = "stop" if ended is not None or cut >= 0 else "length"
             if cut >= 0:
                 text = text[:cut]
-            generation.completion_tokens += len(kept)
+            generation.completion_tokens += len(kept) + (ended is not None)  # EOS is a generated token too
             generation.emit(Piece(i * generation.n + j, text, kept, None, finish))
     generation.emit(None)
