@@ -4,13 +4,16 @@ A tiny GPT is trained in the test for a few seconds on English lines and Chinese
 text, Chinese characters included, rather than random byte tokens), served by `python -m lmforge serve` in a
 subprocess on 127.0.0.1, and the page at GET / is driven as a user would: what it streams must equal what a plain,
 non-streamed request returns for the same greedy settings, Chinese must arrive whole (no U+FFFD), Stop must end a
-reply early without an error, and with --api-key the server's 401 message shows until the key is typed in.
+reply early without an error, and with --api-key the server's 401 message shows until the key is typed in. The
+server's own event stream is also replayed to the page one byte per read (every character cut apart) and with an
+error event spliced in, paths real network reads on 127.0.0.1 do not reliably take.
 
 Needs chromium and chromedriver (`bash scripts/system-packages.sh test`); nothing is downloaded.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -426,3 +429,24 @@ def test_characters_cut_between_reads_arrive_whole(server: str, browser: Any, li
     assert page.text("output") == expected and "\ufffd" not in page.text("output")
     tokens = answer["usage"]["completion_tokens"]
     assert page.text("stats").startswith(f"{tokens} tokens ·"), page.text("stats")  # the usage chunk was parsed too
+
+
+def test_an_error_event_mid_stream_is_shown_and_the_text_so_far_kept(server: str, browser: Any) -> None:
+    """The server's first text events, then an error event in its shape (as it sends when generation fails after
+    the stream started) and [DONE]: the page shows the error's message and keeps the text that came before it."""
+    body = {"prompt": "To be, or not", "temperature": 0, "max_tokens": 12, "stream": True}
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        events = [e for e in response.read().split(b"\n\n") if e.startswith(b"data: {")]
+    kept = events[:3]
+    text = "".join(json.loads(e[len(b"data: ") :])["choices"][0]["text"] for e in kept)
+    assert text
+    error = {"message": "generation failed: RuntimeError", "type": "server_error", "param": None, "code": None}
+    stream = b"\n\n".join([*kept, b"data: " + json.dumps({"error": error}).encode(), b"data: [DONE]", b""])
+
+    page = Page(browser, server)
+    page.settings("completion", "0", "12")
+    page.fill("prompt", "To be, or not")
+    browser.execute_script(REPLAY, "/v1/completions", [list(stream)])
+    assert page.send() == "error: generation failed: RuntimeError"
+    assert page.text("output") == text
