@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 import json
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -472,3 +474,60 @@ def test_an_encoder_decoder_answers_completions(tmp_path: Path) -> None:
         assert r.status_code == 400 and "63 tokens the model's decoder can write" in r.json()["error"]["message"]
     finally:
         s.stop()
+
+
+def test_health_is_503_until_the_model_is_loaded_and_cors_is_off_unless_asked(tiny_dir: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from lmforge.serving import ServerConfig, create_app
+
+    loading = TestClient(create_app(ServerConfig(model=str(tiny_dir))))  # no lifespan yet: nothing loaded
+    r = loading.get("/health")
+    assert r.status_code == 503 and r.json() == {"status": "loading"}
+    r = loading.post("/v1/completions", json={"prompt": "hi"})
+    assert r.status_code == 503 and "still loading" in r.json()["error"]["message"]
+    preflight = {"Origin": "http://example.test", "Access-Control-Request-Method": "POST"}
+    with TestClient(create_app(ServerConfig(model=str(tiny_dir)), load_in_background=False)) as plain:
+        assert plain.get("/health").status_code == 200
+        assert "access-control-allow-origin" not in plain.options("/v1/completions", headers=preflight).headers
+    config = ServerConfig(model=str(tiny_dir), cors_origins=["http://example.test"])
+    with TestClient(create_app(config, load_in_background=False)) as cors:
+        r = cors.options("/v1/completions", headers=preflight)
+        assert r.headers["access-control-allow-origin"] == "http://example.test"
+
+
+def test_a_missing_model_is_a_one_line_error_before_the_server_starts(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "lmforge", "serve", str(tmp_path / "nothing"), "--port", "0"],
+        capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert out.stderr.startswith("lmforge serve: error:") and "nothing" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_32_concurrent_greedy_requests_through_the_server_equal_generate(server: Server, loaded) -> None:
+    """Through HTTP: 32 greedy requests at once (so they share decoding steps) each equal model.generate."""
+    model, tok = loaded
+    prompts = prompts_of(tok, 32)
+    results: dict[int, dict] = {}
+
+    def ask(i: int) -> None:
+        body = {"prompt": prompts[i], "max_tokens": 10, "temperature": 0, "logprobs": 0}
+        results[i] = httpx.post(server.url + "/v1/completions", json=body, timeout=TIMEOUT).json()
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT)
+    rows = []
+    for i, ids in enumerate(prompts):
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=10)[0].tolist()
+        rows.append(ref)
+        choice = results[i]["choices"][0]
+        new = ref[len(ids) : len(ids) + results[i]["usage"]["completion_tokens"]]  # up to its EOS, if any
+        eos = model.config.eos_token_id
+        assert choice["text"] == tok.decode([t for t in new if t != eos], skip_special_tokens=True)
+        assert len(choice["logprobs"]["tokens"]) == len(new)
+        assert choice["finish_reason"] == ("stop" if eos in new else "length")
+    assert greedy_margin(model, rows, [len(p) for p in prompts]) > GREEDY_MARGIN
