@@ -184,6 +184,7 @@ def client(server: Server) -> openai.OpenAI:
 
 def test_models_health_and_the_playground(server: Server, tiny_dir: Path, client: openai.OpenAI) -> None:
     assert [m.id for m in client.models.list().data] == [tiny_dir.name]
+    assert httpx.get(server.url + "/v1/models").json()["data"][0]["max_model_len"] == 128
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
     page = httpx.get(server.url + "/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]

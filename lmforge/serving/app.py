@@ -330,6 +330,8 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
     @app.get("/v1/models")
     async def models() -> JSONResponse:
         card = {"id": config.name, "object": "model", "created": engine.created, "owned_by": "lmforge"}
+        if engine.model is not None:
+            card["max_model_len"] = engine.context  # vLLM's name: the context, prompt + output tokens
         return JSONResponse({"object": "list", "data": [card]})
 
     @app.post("/v1/completions")
