@@ -1,0 +1,198 @@
+"""bench/bench_serve.py: the workload, the SSE client (against httpx's in-process mock transport), the statistics,
+and one bounded --quick run against a real `lmforge serve` subprocess on 127.0.0.1 (a tiny model, 2 levels of 4
+requests of at most 8 tokens)."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+
+import httpx
+import pytest
+import torch
+
+from lmforge import GPTConfig, GPTForCausalLM, Tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+TEXTS = ["To be, or not to be, that is the question.", "Now is the winter of our discontent."] * 20
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    """The benchmark script imported as a module (it is not part of the package)."""
+    spec = importlib.util.spec_from_file_location("bench_serve", ROOT / "bench" / "bench_serve.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_serve"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random GPT (context 64) with a byte-level BPE, saved in Hugging Face's layout."""
+    tok = Tokenizer.train_bpe(iterator=TEXTS, vocab_size=300)
+    torch.manual_seed(0)
+    config = GPTConfig(
+        vocab_size=len(tok),
+        n_positions=64,
+        n_layer=1,
+        n_head=2,
+        n_embd=32,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    path = tmp_path_factory.mktemp("tiny-gpt")
+    GPTForCausalLM(config).save_pretrained(path, tokenizer=tok)
+    return path
+
+
+# ------------------------------------------------------------------------------ workload
+def test_workload_is_seeded_and_fits_the_context(bench: ModuleType, model_dir: Path) -> None:
+    first = bench.make_workload(model_dir, 12, seed=3, min_tokens=4, max_tokens=128)
+    again = bench.make_workload(model_dir, 12, seed=3, min_tokens=4, max_tokens=128)
+    other = bench.make_workload(model_dir, 12, seed=4, min_tokens=4, max_tokens=128)
+    assert first == again and first != other
+    tok = Tokenizer.from_pretrained(model_dir)
+    for req in first:
+        assert req.prompt and req.prompt_tokens == len(tok.encode(req.prompt))
+        assert 4 <= req.max_tokens <= 32  # capped at context / 2 = 32
+        assert req.prompt_tokens + req.max_tokens <= 64
+    assert len({r.prompt for r in first}) > 1 and len({r.max_tokens for r in first}) > 1
+    assert len({r.seed for r in first}) == 12
+
+
+def test_sampling_view_links_the_files_and_turns_sampling_on(
+    bench: ModuleType, model_dir: Path, tmp_path: Path
+) -> None:
+    view = bench.sampling_model_dir(model_dir, tmp_path)
+    assert view.name == model_dir.name
+    assert json.loads((view / "generation_config.json").read_text())["do_sample"] is True
+    assert (view / "model.safetensors").resolve() == (model_dir / "model.safetensors").resolve()
+    assert not (model_dir / "generation_config.json").exists()  # the original directory is untouched
+
+
+# ------------------------------------------------------------------------------ client
+def sse(*chunks: object) -> bytes:
+    """A server-sent-events body: each chunk as a `data:` line (dicts as JSON)."""
+    return b"".join(f"data: {c if isinstance(c, str) else json.dumps(c)}\n\n".encode() for c in chunks)
+
+
+def run_one(bench: ModuleType, handler: Callable[[httpx.Request], httpx.Response]) -> tuple[object, dict]:
+    """Send one request through the bench's client to an in-process mock server; returns (result, body sent)."""
+    seen: dict = {}
+
+    def record(request: httpx.Request) -> httpx.Response:
+        seen.update(json.loads(request.content))
+        seen["_path"] = request.url.path
+        return handler(request)
+
+    async def go() -> object:
+        result = bench.RequestResult(0)
+        async with httpx.AsyncClient(transport=httpx.MockTransport(record)) as client:
+            req = bench.BenchRequest(0, "ROMEO:", 2, 5, 7)
+            body = bench.completion_body(req, "tiny", 0.8)
+            return await bench.stream_completion(client, "http://127.0.0.1:9", body, result, 0.0, {})
+
+    return asyncio.run(go()), seen
+
+
+def test_client_counts_text_chunks_and_usage(bench: ModuleType) -> None:
+    body = sse(
+        {"object": "text_completion", "choices": [{"index": 0, "text": "Ay", "finish_reason": None}]},
+        {"object": "text_completion", "choices": [{"index": 0, "text": "", "finish_reason": None}]},
+        {"object": "text_completion", "choices": [{"index": 0, "text": ", sir", "finish_reason": "length"}]},
+        {"object": "text_completion", "choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 5}},
+        "[DONE]",
+    )
+    result, sent = run_one(bench, lambda r: httpx.Response(200, content=body))
+    assert sent["_path"] == "/v1/completions" and sent["stream"] is True
+    assert sent["stream_options"] == {"include_usage": True} and sent["max_tokens"] == 5 and sent["seed"] == 7
+    assert result.ok and not result.error and result.saw_done
+    assert result.text == "Ay, sir" and len(result.chunk_times) == 2  # the empty chunk is not a token arrival
+    assert result.output_tokens == 5 and result.prompt_tokens == 2  # the usage count wins over the chunk count
+    assert result.first_token is not None and result.sent <= result.first_token <= result.done
+
+
+def test_client_without_usage_or_done_counts_chunks(bench: ModuleType) -> None:
+    body = sse(*({"choices": [{"index": 0, "text": w}]} for w in ["a", "b", "c"]))  # transformers sends no [DONE]
+    result, _ = run_one(bench, lambda r: httpx.Response(200, content=body))
+    assert result.ok and not result.saw_done and result.completion_tokens is None and result.output_tokens == 3
+
+
+@pytest.mark.parametrize(
+    ("response", "message"),
+    [
+        (httpx.Response(429, json={"error": {"message": "queue full", "type": "rate_limit"}}), "HTTP 429"),
+        (httpx.Response(200, content=sse({"choices": [{"text": "x"}]}, {"error": {"message": "boom"}})), "boom"),
+        (httpx.Response(200, content=sse("[DONE]")), "without text or usage"),
+        (httpx.Response(200, content=b"data: {not json\n\n"), "JSONDecodeError"),
+    ],
+)
+def test_client_failures_are_counted_not_raised(bench: ModuleType, response: httpx.Response, message: str) -> None:
+    result, _ = run_one(bench, lambda r: response)
+    assert not result.ok and message in result.error
+
+
+# ------------------------------------------------------------------------------ statistics
+def test_percentile_and_summary(bench: ModuleType) -> None:
+    assert bench.percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.5
+    assert bench.percentile([1.0, 2.0], 99) == pytest.approx(1.99)
+    assert bench.percentile([], 50) != bench.percentile([], 50)  # NaN
+    good = bench.RequestResult(0, ok=True, sent=0.0, first_token=0.1, done=0.4, chunk_times=[0.1, 0.2, 0.4])
+    good.completion_tokens, good.prompt_tokens = 3, 5
+    bad = bench.RequestResult(1, ok=False, error="HTTP 503: b'busy'")
+    row = bench.summarize([good, bad], wall=2.0, concurrency=2)
+    assert (row["requests"], row["completed"], row["failed"], row["errors"]) == (2, 1, 1, ["HTTP 503: b'busy'"])
+    assert row["req_per_s"] == 0.5 and row["output_tok_per_s"] == 1.5 and row["prompt_tokens_reported"] == 5
+    assert row["ttft_ms_p50"] == 100.0 and row["itl_ms_p50"] == 150.0  # gaps of 100 and 200 ms
+
+
+def test_goals_need_the_levels_they_judge(bench: ModuleType) -> None:
+    def run(name: str, **tok_s: float) -> dict:
+        levels = [
+            {"concurrency": int(c[1:]), "output_tok_per_s": v, "failed": 0}
+            for c, v in tok_s.items()  # keys like c1, c16
+        ]
+        return {"server": name, "levels": levels}
+
+    ours = run("lmforge", c1=10.0, c16=60.0, c64=70.0)
+    met = bench.goals(ours, [run("transformers-cb", c16=20.0), run("transformers-sequential", c16=25.0)])
+    assert [m for _, m, _ in met] == [True, True, True] and "2.40x" in met[2][2] and "sequential" in met[2][2]
+    unmet = bench.goals(run("lmforge", c1=10.0, c16=40.0), [run("transformers-cb", c16=30.0)])
+    assert [m for _, m, _ in unmet] == [False, None, False]
+
+
+# ------------------------------------------------------------------------------ a real run
+@pytest.fixture
+def restore_threads() -> Iterator[None]:
+    """start_run sets this process's torch threads; put them back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_quick_run_against_lmforge_serve(
+    bench: ModuleType, model_dir: Path, restore_threads: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--quick", "--no-peer", "--model", str(model_dir), "--levels", "1,2", "--requests", "4"]
+    argv += ["--max-tokens", "8", "--threads", "1", "--ready-timeout", "120", "--request-timeout", "60"]
+    summary = bench.main(argv)
+    out = capsys.readouterr().out
+    run = summary["runs"]["lmforge"]
+    assert run["exit_code"] is not None  # stopped
+    workloads = [bench.make_workload(model_dir, 4, seed=i, min_tokens=8, max_tokens=8) for i in range(2)]
+    for level, concurrency, workload in zip(run["levels"], [1, 2], workloads):
+        assert level["concurrency"] == concurrency and level["requests"] == 4
+        assert level["failed"] == 0 and level["completed"] == 4, level["errors"]
+        assert 4 <= level["output_tokens"] <= 4 * 8  # at least one token each, never past max_tokens
+        assert level["prompt_tokens_reported"] == sum(r.prompt_tokens for r in workload)
+        assert level["done_marker"] == 4  # every stream ended with data: [DONE]
+        assert level["ttft_ms_p50"] > 0 and level["req_per_s"] > 0 and level["output_tok_per_s"] > 0
+    assert "| c=1 " in out and "out tok/s" in out and "## goals" in out and "not measured" in out
+    assert json.loads(out.split("JSON ", 1)[1].splitlines()[0])["runs"]["lmforge"]["levels"][0]["failed"] == 0
