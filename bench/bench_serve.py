@@ -10,10 +10,10 @@ cut from the bundled Shakespeare corpus at seeded random places and lengths, `ma
 forces the output length: the tokens counted are the ones each server reports in its usage chunk.
 
 Per level: request throughput (req/s), output tokens/s, time to first token (TTFT) and inter-token latency
-(ITL, the gaps between streamed chunks) at p50 and p99, failed requests, and the CPUs the server process
-and this client process used (they share the machine). The peer, `transformers serve MODEL_DIR`, runs twice
-by default: with `--continuous-batching` (its batching mode, paged attention) and in its default mode (one
-`generate()` at a time); `--peer-mode` picks one.
+(ITL, the gaps between streamed chunks) at p50 and p99, failed requests, and the CPUs used by the server
+process, by this client process (they share the machine) and by anything else ("outside"). The peer,
+`transformers serve MODEL_DIR`, runs twice by default: with `--continuous-batching` (its batching mode, paged
+attention) and in its default mode (one `generate()` at a time); `--peer-mode` picks one.
 transformers applies a request's temperature only when the model's generation config samples, so both
 servers get a view of the model directory whose generation_config.json says do_sample=true (symlinks, the
 original is untouched). Servers are stopped with SIGTERM (then SIGKILL after a grace period).
@@ -418,6 +418,7 @@ def bench_server(
             raise RuntimeError(f"{kind}: warm-up request failed: {warm_results[0].error}\n{server.log_tail()}")
         levels = []
         for concurrency, requests in workloads.items():
+            monitor = LoadMonitor()
             cpu0, client0, t0 = server.cpu_seconds(), time.process_time(), time.perf_counter()
             results, wall = asyncio.run(
                 run_level(
@@ -433,6 +434,8 @@ def bench_server(
             elapsed = time.perf_counter() - t0
             row["server_cpus"] = round((server.cpu_seconds() - cpu0) / elapsed, 2)
             row["client_cpus"] = round((time.process_time() - client0) / elapsed, 2)  # this benchmark process
+            # CPUs busy with neither the server nor this client: other work on the shared machine.
+            row["outside_cpus"] = round(max(0.0, monitor.stop()["other_cpus"] - row["server_cpus"]), 2)
             levels.append(row)
             print(
                 f"# {kind} c={concurrency}: {row['completed']}/{row['requests']} ok, "
@@ -469,6 +472,7 @@ def level_rows(levels: list[dict[str, Any]]) -> list[list[Any]]:
             f"{lv['itl_ms_p99']:.1f}",
             f"{lv['server_cpus']:.2f}",
             f"{lv['client_cpus']:.2f}",
+            f"{lv['outside_cpus']:.2f}",
         ]
         for lv in levels
     ]
@@ -487,6 +491,7 @@ HEADERS = [
     "ITL p99 ms",
     "server CPUs",
     "client CPUs",
+    "outside CPUs",
 ]
 
 
