@@ -156,7 +156,7 @@ def test_percentile_and_summary(bench: ModuleType) -> None:
 def test_goals_need_the_levels_they_judge(bench: ModuleType) -> None:
     def run(name: str, **tok_s: float) -> dict:
         levels = [
-            {"concurrency": int(c[1:]), "output_tok_per_s": v, "failed": 0}
+            {"concurrency": int(c[1:]), "output_tok_per_s": v, "failed": 0, "failed_all_runs": 0, "runs": 3}
             for c, v in tok_s.items()  # keys like c1, c16
         ]
         return {"server": name, "levels": levels}
@@ -166,6 +166,22 @@ def test_goals_need_the_levels_they_judge(bench: ModuleType) -> None:
     assert [m for _, m, _ in met] == [True, True, True] and "2.40x" in met[2][2] and "sequential" in met[2][2]
     unmet = bench.goals(run("lmforge", c1=10.0, c16=40.0), [run("transformers-cb", c16=30.0)])
     assert [m for _, m, _ in unmet] == [False, None, False]
+    ours["levels"][2]["failed_all_runs"] = 1  # one failure in any run fails the goal
+    assert bench.goals(ours, [])[1][1] is False and bench.goals(ours, [])[2][1] is None
+
+
+def test_median_level_keeps_the_middle_run_and_all_failures(bench: ModuleType) -> None:
+    tries = [
+        {"output_tok_per_s": v, "failed": f, "errors": e, "wall_s": w}
+        for v, f, e, w in [(30.0, 0, [], 1.0), (10.0, 2, ["HTTP 503"], 3.0), (20.0, 0, [], 2.0)]
+    ]
+    row = bench.median_level(tries)
+    assert row["output_tok_per_s"] == 20.0 and row["wall_s"] == 2.0 and row["failed"] == 0
+    assert row["failed_all_runs"] == 2 and row["errors"] == ["HTTP 503"] and row["runs"] == 3
+    assert row["output_tok_per_s_runs"] == [30.0, 10.0, 20.0]
+    assert (
+        bench._with_spread(20.0, [30.0, 10.0, 20.0]) == "20.0 (10..30)" and bench._with_spread(20.0, [20.0]) == "20.0"
+    )
 
 
 # ------------------------------------------------------------------------------ a real run
@@ -189,7 +205,7 @@ def test_quick_run_against_lmforge_serve(
     workloads = [bench.make_workload(model_dir, 4, seed=i, min_tokens=8, max_tokens=8) for i in range(2)]
     for level, concurrency, workload in zip(run["levels"], [1, 2], workloads):
         assert level["concurrency"] == concurrency and level["requests"] == 4
-        assert level["failed"] == 0 and level["completed"] == 4, level["errors"]
+        assert level["failed_all_runs"] == 0 and level["completed"] == 4 and level["runs"] == 1, level["errors"]
         assert 4 <= level["output_tokens"] <= 4 * 8  # at least one token each, never past max_tokens
         assert level["prompt_tokens_reported"] == sum(r.prompt_tokens for r in workload)
         assert level["done_marker"] == 4  # every stream ended with data: [DONE]
