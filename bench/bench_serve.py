@@ -4,11 +4,14 @@ Each server is started here as a subprocess on 127.0.0.1 (a free port, the same 
 thread count through OMP_NUM_THREADS / MKL_NUM_THREADS, Hugging Face offline), waited for (GET /health,
 bounded), sent one warm-up request, then loaded level by level: at concurrency C, `max(8, 2C)` streaming
 POST /v1/completions requests (`stream_options.include_usage`) go out through C client workers, the next
-request leaving as soon as one finishes (closed loop); each level runs 3 times in a row (--repeat), the run with
-the median output tokens/s is reported. The requests are the same for both servers: prompts
-cut from the bundled Shakespeare corpus at seeded random places and lengths, `max_tokens` drawn from 16..128
-(capped so that prompt + output fit the model's context), temperature 0.8 and a seed per request. Nothing
-forces the output length: the tokens counted are the ones each server reports in its usage chunk.
+request leaving as soon as one finishes (closed loop). All servers are up at once (idle, they use no CPU) and
+take turns: each level runs 3 times per server (--repeat), the servers alternating within each round, so the
+drift of a shared machine hits them alike; a run during which other processes took more than 0.25 CPUs
+(--max-outside) is run again, and the run with the median output tokens/s is reported. The requests are the
+same for every server: prompts cut from the bundled Shakespeare corpus at seeded random places and lengths,
+`max_tokens` drawn from 16..128 (capped so that prompt + output fit the model's context), temperature 0.8 and
+a seed per request. Nothing forces the output length: the tokens counted are the ones each server reports in
+its usage chunk.
 
 Per level: request throughput (req/s), output tokens/s, time to first token (TTFT) and inter-token latency
 (ITL, the gaps between streamed chunks) at p50 and p99, failed requests, and the CPUs used by the server
@@ -351,6 +354,7 @@ class Server:
         self.port = free_port()
         self.argv, self.model_name = server_command(kind, model_dir, self.port, peer_mode)
         self.base_url = f"http://127.0.0.1:{self.port}"
+        self.ready_s = float("nan")
         log_dir = log_dir or Path(tempfile.mkdtemp(prefix="lmforge-bench-serve-"))
         self.log_path = log_dir / f"{kind}.log"
         self._log = open(self.log_path, "wb")
@@ -393,7 +397,8 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=30)
-        self._log.close()
+        if not self._log.closed:
+            self._log.close()
         return self.proc.returncode
 
 
@@ -418,66 +423,92 @@ def measure_level(
 
 
 def median_level(tries: list[dict[str, Any]]) -> dict[str, Any]:
-    """The run with the median output tokens/s (the lower middle one for an even count), plus every run's
-    tokens/s and the failures summed over all runs."""
-    ranked = sorted(tries, key=lambda row: row["output_tok_per_s"])
+    """The run with the median output tokens/s among the undisturbed runs (all runs if none; the lower middle
+    one for an even count), plus every run's tokens/s and the failures summed over all runs."""
+    clean = [t for t in tries if not t.get("disturbed")] or tries
+    ranked = sorted(clean, key=lambda row: row["output_tok_per_s"])
     row = dict(ranked[(len(ranked) - 1) // 2])
     row["runs"] = len(tries)
+    row["disturbed_runs"] = sum(bool(t.get("disturbed")) for t in tries)
     row["output_tok_per_s_runs"] = [t["output_tok_per_s"] for t in tries]
     row["failed_all_runs"] = sum(t["failed"] for t in tries)
     row["errors"] = sorted({e for t in tries for e in t["errors"]})[:3]
     return row
 
 
-def bench_server(
-    kind: str,
+def start_servers(
+    plan: list[tuple[str, str, str]],
     model_dir: Path,
-    workloads: dict[int, list[BenchRequest]],
     threads: int,
     temperature: float,
-    peer_mode: str = "cb",
-    ready_timeout: float = 180.0,
-    request_timeout: float = 300.0,
-    repeat: int = 1,
-) -> dict[str, Any]:
-    """Start one server, warm it up, run every concurrency level against it `repeat` times in a row (the run with
-    the median output tokens/s is reported; failures count over all runs), stop it; returns its figures."""
-    server = Server(kind, model_dir, threads, peer_mode)
-    try:
-        ready_s = server.wait_ready(ready_timeout)
-        warm = BenchRequest(-1, "ROMEO:\n", 3, 8, 12345)
-        warm_results, _ = asyncio.run(
-            run_level(server.base_url, server.model_name, [warm], 1, temperature, request_timeout=request_timeout)
-        )
-        if not warm_results[0].ok:
-            raise RuntimeError(f"{kind}: warm-up request failed: {warm_results[0].error}\n{server.log_tail()}")
-        levels = []
-        for concurrency, requests in workloads.items():
-            tries = []
-            for attempt in range(repeat):
-                row = measure_level(server, requests, concurrency, temperature, request_timeout)
-                tries.append(row)
-                print(
-                    f"# {kind} c={concurrency} run {attempt + 1}/{repeat}: {row['completed']}/{row['requests']} ok, "
-                    f"{row['output_tok_per_s']} out tok/s, TTFT p50 {row['ttft_ms_p50']} ms, {row['wall_s']} s, "
-                    f"outside load {row['outside_cpus']} CPUs",
-                    flush=True,
-                )
-            levels.append(median_level(tries))
-        server_cpu_s = server.cpu_seconds()
-    finally:
-        code = server.stop()
-    return {
-        "server": kind,
-        "server_cpu_s": round(server_cpu_s, 1),
-        "ready_s": round(ready_s, 1),
-        "exit_code": code,
-        "argv": server.argv[-8:],
-        "levels": levels,
-    }
+    ready_timeout: float,
+    request_timeout: float,
+) -> dict[str, Server]:
+    """Start every (label, kind, peer mode) of `plan`, one after the other, each waited for and sent a warm-up
+    request. A peer that fails to come up is reported and left out; lmforge failing raises."""
+    servers: dict[str, Server] = {}
+    for label, kind, mode in plan:
+        server = Server(kind, model_dir, threads, mode or "cb")
+        try:
+            server.ready_s = server.wait_ready(ready_timeout)
+            warm = BenchRequest(-1, "ROMEO:\n", 3, 8, 12345)
+            results, _ = asyncio.run(
+                run_level(server.base_url, server.model_name, [warm], 1, temperature, request_timeout=request_timeout)
+            )
+            if not results[0].ok:
+                raise RuntimeError(f"warm-up request failed: {results[0].error}\n{server.log_tail()}")
+        except Exception as exc:
+            server.stop()
+            if kind == "lmforge":
+                raise
+            print(f"# {label} could not be measured: {type(exc).__name__}: {str(exc)[:2000]}", flush=True)
+            continue
+        servers[label] = server
+        print(f"# {label} ready in {server.ready_s:.1f} s on {server.base_url}", flush=True)
+    return servers
 
 
-# ---- report ----------------------------------------------------------------------------------
+def bench_interleaved(
+    servers: dict[str, Server],
+    workloads: dict[int, list[BenchRequest]],
+    temperature: float,
+    request_timeout: float,
+    repeat: int,
+    max_outside: float,
+    retries: int,
+) -> dict[str, list[dict[str, Any]]]:
+    """Run every level `repeat` times per server, the servers taking turns within each round (the order rotates
+    from round to round), so slow drift of the shared machine hits every server alike; idle servers use no CPU
+    (< 0.01 CPUs measured). A run during which other work took more than `max_outside` CPUs is run again, at most
+    `retries` times per level and server, and kept out of the median unless nothing better came. Returns the
+    reported row of each level per server (`median_level`)."""
+    labels = list(servers)
+    rows: dict[str, list[dict[str, Any]]] = {label: [] for label in labels}
+    for concurrency, requests in workloads.items():
+        tries: dict[str, list[dict[str, Any]]] = {label: [] for label in labels}
+        left = {label: retries for label in labels}
+        for round_ in range(repeat):
+            shift = round_ % len(labels)
+            for label in labels[shift:] + labels[:shift]:
+                while True:
+                    row = measure_level(servers[label], requests, concurrency, temperature, request_timeout)
+                    row["disturbed"] = row["outside_cpus"] > max_outside
+                    tries[label].append(row)
+                    print(
+                        f"# {label} c={concurrency} run {round_ + 1}/{repeat}: {row['completed']}/{row['requests']} "
+                        f"ok, {row['output_tok_per_s']} out tok/s, TTFT p50 {row['ttft_ms_p50']} ms, "
+                        f"{row['wall_s']} s, outside load {row['outside_cpus']} CPUs"
+                        + (" (disturbed: again)" if row["disturbed"] and left[label] > 0 else ""),
+                        flush=True,
+                    )
+                    if not row["disturbed"] or left[label] <= 0:
+                        break
+                    left[label] -= 1
+        for label in labels:
+            rows[label].append(median_level(tries[label]))
+    return rows
+
+
 def _with_spread(value: float, runs: list[float]) -> str:
     """'705.3' or, over several runs, '705.3 (680.1..790.0)'."""
     return f"{value:.1f}" if len(runs) < 2 else f"{value:.1f} ({min(runs):.0f}..{max(runs):.0f})"
@@ -488,7 +519,8 @@ def level_rows(levels: list[dict[str, Any]]) -> list[list[Any]]:
     return [
         [
             f"c={lv['concurrency']}",
-            f"{lv['requests']} x {lv['runs']}",
+            f"{lv['requests']} x {lv['runs']}"
+            + (f" ({lv['disturbed_runs']} disturbed)" if lv["disturbed_runs"] else ""),
             lv["failed_all_runs"],
             f"{lv['wall_s']:.1f}",
             f"{lv['req_per_s']:.2f}",
@@ -564,35 +596,36 @@ def _run_all(
     workloads: dict[int, list[BenchRequest]],
     args: argparse.Namespace,
 ) -> None:
-    """Measure each (label, kind, peer mode) of `plan` in turn into `runs`; a peer that fails is reported and
-    skipped, lmforge failing stops the benchmark."""
-    for label, kind, mode in plan:
-        wait_for_quiet(args.wait_quiet)
+    """Start the servers of `plan`, measure them interleaved into `runs`, stop them all (also on errors)."""
+    wait_for_quiet(args.wait_quiet)
+    servers: dict[str, Server] = {}
+    try:
+        servers = start_servers(
+            plan, serve_dir, args.threads, args.temperature, args.ready_timeout, args.request_timeout
+        )
         monitor, start = LoadMonitor(), time.perf_counter()
-        try:
-            run = bench_server(
-                kind,
-                serve_dir,
-                workloads,
-                args.threads,
-                args.temperature,
-                peer_mode=mode or "cb",
-                ready_timeout=args.ready_timeout,
-                request_timeout=args.request_timeout,
-                repeat=args.repeat,
-            )
-        except Exception as exc:
-            if kind == "lmforge":
-                raise
-            print(f"# {label} could not be measured: {type(exc).__name__}: {str(exc)[:2000]}")
-            continue
-        run["server"] = label
+        cpu0 = {label: server.cpu_seconds() for label, server in servers.items()}
+        rows = bench_interleaved(
+            servers,
+            workloads,
+            args.temperature,
+            args.request_timeout,
+            args.repeat,
+            args.max_outside,
+            args.repeat if args.max_outside < float("inf") else 0,
+        )
         load = monitor.stop()
-        # LoadMonitor counts the server as "other"; what is left is load from outside this benchmark.
-        server_share = run["server_cpu_s"] / max(time.perf_counter() - start, 1e-9)
-        load["outside_cpus"] = round(max(0.0, load["other_cpus"] - server_share), 2)
-        run["load"] = load
-        runs[label] = run
+        # LoadMonitor counts the servers as "other"; what is left is load from outside this benchmark.
+        servers_share = sum(s.cpu_seconds() - cpu0[k] for k, s in servers.items()) / (time.perf_counter() - start)
+        load["outside_cpus"] = round(max(0.0, load["other_cpus"] - servers_share), 2)
+        for label, server in servers.items():
+            runs[label] = {"server": label, "ready_s": round(server.ready_s, 1), "argv": server.argv[-8:]}
+            runs[label].update(levels=rows[label], load=load)
+    finally:
+        for label, server in servers.items():
+            code = server.stop()
+            if label in runs:
+                runs[label]["exit_code"] = code
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -616,6 +649,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeat", type=int, default=None, help="runs of each level, median reported (default 3; 1 quick)")
     p.add_argument("--quick", action="store_true", help="smoke run: levels 1,4, 4 requests each, short outputs")
+    p.add_argument(
+        "--max-outside",
+        type=float,
+        default=0.25,
+        help="a run during which other processes took more CPUs than this is run again (default 0.25; not --quick)",
+    )
     p.add_argument("--wait-quiet", type=float, default=60.0, help="seconds to wait for a quiet machine per server")
     p.add_argument("--ready-timeout", type=float, default=180.0, help="seconds a server may take to come up")
     p.add_argument("--request-timeout", type=float, default=300.0, help="seconds one request may take")
@@ -628,6 +667,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.wait_quiet = 0.0
         peer_mode = args.peer_mode or "cb"
         args.repeat = args.repeat or 1
+        args.max_outside = float("inf")  # a smoke run takes what it gets
     else:
         levels = args.levels or [1, 4, 16, 64]
         per_level = args.requests
@@ -665,8 +705,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     finally:
         shutil.rmtree(view_root, ignore_errors=True)
 
+    if runs:
+        print(f"\n# load over the measurement (all servers): {next(iter(runs.values()))['load']}")
     for label, run in runs.items():
-        print(f"\n## {label}  (ready in {run['ready_s']} s; load: {run['load']})")
+        print(f"\n## {label}  (ready in {run['ready_s']} s)")
         print_table(HEADERS, level_rows(run["levels"]))
         for lv in run["levels"]:
             if lv["errors"]:

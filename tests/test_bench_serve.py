@@ -179,9 +179,12 @@ def test_median_level_keeps_the_middle_run_and_all_failures(bench: ModuleType) -
     assert row["output_tok_per_s"] == 20.0 and row["wall_s"] == 2.0 and row["failed"] == 0
     assert row["failed_all_runs"] == 2 and row["errors"] == ["HTTP 503"] and row["runs"] == 3
     assert row["output_tok_per_s_runs"] == [30.0, 10.0, 20.0]
-    assert (
-        bench._with_spread(20.0, [30.0, 10.0, 20.0]) == "20.0 (10..30)" and bench._with_spread(20.0, [20.0]) == "20.0"
-    )
+    assert bench._with_spread(20.0, [30.0, 10.0, 20.0]) == "20.0 (10..30)"
+    assert bench._with_spread(20.0, [20.0]) == "20.0"
+    tries[0]["disturbed"] = True  # a run under outside load is kept out of the median when others exist
+    row = bench.median_level(tries)
+    assert row["output_tok_per_s"] == 10.0 and row["disturbed_runs"] == 1 and row["runs"] == 3
+    assert bench.median_level([tries[0]])["output_tok_per_s"] == 30.0  # ... and used when nothing better came
 
 
 # ------------------------------------------------------------------------------ a real run
