@@ -679,10 +679,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     info = start_run(args.threads)
     workloads: dict[int, list[BenchRequest]] = {}
-    for i, c in enumerate(levels):
+    for c in levels:  # a level's requests depend on its concurrency, not on which other levels run
         n = per_level or max(8, 2 * c)
         workloads[c] = make_workload(
-            model_dir, n, seed=args.seed * 1000 + i, min_tokens=args.min_tokens, max_tokens=args.max_tokens
+            model_dir, n, seed=args.seed * 1000 + c, min_tokens=args.min_tokens, max_tokens=args.max_tokens
         )
     all_requests = [r for reqs in workloads.values() for r in reqs]
     print(

@@ -205,7 +205,7 @@ def test_quick_run_against_lmforge_serve(
     out = capsys.readouterr().out
     run = summary["runs"]["lmforge"]
     assert run["exit_code"] is not None  # stopped
-    workloads = [bench.make_workload(model_dir, 4, seed=i, min_tokens=8, max_tokens=8) for i in range(2)]
+    workloads = [bench.make_workload(model_dir, 4, seed=c, min_tokens=8, max_tokens=8) for c in (1, 2)]
     for level, concurrency, workload in zip(run["levels"], [1, 2], workloads):
         assert level["concurrency"] == concurrency and level["requests"] == 4
         assert level["failed_all_runs"] == 0 and level["completed"] == 4 and level["runs"] == 1, level["errors"]
