@@ -532,3 +532,27 @@ def test_32_concurrent_greedy_requests_through_the_server_equal_generate(server:
         assert len(choice["logprobs"]["tokens"]) == len(new)
         assert choice["finish_reason"] == ("stop" if eos in new else "length")
     assert greedy_margin(model, rows, [len(p) for p in prompts]) > GREEDY_MARGIN
+
+
+def test_batched_sampling_follows_each_rows_distribution() -> None:
+    """sample_rows: 4,000 rows (own generators) drawn at once follow softmax(logits / T), top-k and top-p."""
+    from types import SimpleNamespace
+
+    from lmforge.serving.scheduler import sample_rows
+
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
+
+    def rows(n: int, **options) -> list:
+        params = SamplingParams(max_tokens=1, **options)
+        return [SimpleNamespace(request=SimpleNamespace(params=params), generator=torch.Generator().manual_seed(i))
+                for i in range(n)]  # fmt: skip
+
+    for temperature in (0.5, 1.0, 2.0):
+        picked = torch.tensor(sample_rows(logits.expand(4000, -1), rows(4000, temperature=temperature)))
+        freq = torch.bincount(picked, minlength=5).float() / 4000
+        torch.testing.assert_close(freq, torch.softmax(logits / temperature, -1), atol=0.025, rtol=0)
+    assert set(sample_rows(logits.expand(500, -1), rows(500, top_k=2))) == {0, 1}
+    # top_p 0.8 at T=1: softmax is [0.55, 0.20, 0.12, 0.07, 0.03]; tokens 0, 1, 2 are kept (0.55 + 0.20 < 0.8)
+    assert set(sample_rows(logits.expand(500, -1), rows(500, top_p=0.8))) == {0, 1, 2}
+    again = sample_rows(logits.expand(50, -1), rows(50, top_p=0.8))
+    assert again == sample_rows(logits.expand(50, -1), rows(50, top_p=0.8))  # seeded: the same draws
