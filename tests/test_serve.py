@@ -270,6 +270,8 @@ def test_n_seed_and_logprobs(client: openai.OpenAI, tiny_dir: Path, loaded) -> N
         ({"max_tokens": 5}, 400, "prompt", "required"),
         ({"prompt": "hi", "model": "gpt-4"}, 404, "model", "gpt-4"),
         ({"prompt": "hi", "stop": [""]}, 400, "stop", "empty"),
+        ({"prompt": "hi", "n": 33}, 400, "n", "--max-num-seqs=32"),
+        ({"prompt": ["a", "b", "c"], "n": 11}, 400, "prompt", "33 sequences"),
     ],
 )
 def test_bad_requests_get_openai_errors(server: Server, body: dict, status: int, param: str, words: str) -> None:

@@ -504,9 +504,11 @@ def _sampling(
         elif max_tokens > ctx - 1:
             raise APIError(400, f"max_tokens ({max_tokens}) is more than the {ctx - 1} tokens the model's "
                            "decoder can write", param="max_tokens", code="context_length_exceeded")  # fmt: skip
-    if body.n > engine.config.max_num_seqs:
-        raise APIError(400, f"n={body.n} is more than the server's --max-num-seqs={engine.config.max_num_seqs}",
-                       param="n")  # fmt: skip
+    rows, limit = len(prompts) * body.n, engine.config.max_num_seqs
+    if engine.kind == "causal-lm" and rows > limit:  # decoded together: they must fit the batch at once
+        raise APIError(400, f"{len(prompts)} prompt(s) x n={body.n} is {rows} sequences, more than the server's "
+                       f"--max-num-seqs={limit}; send fewer prompts per request or a smaller n",
+                       param="n" if len(prompts) == 1 else "prompt")  # fmt: skip
     return SamplingParams(
         max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed,
         stop=stop, presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
