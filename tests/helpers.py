@@ -78,6 +78,28 @@ def greedy_margin(
     return min(gaps)
 
 
+def save_tiny_gpt(
+    directory: Path, texts: Sequence[str], vocab_size: int = 400, n_positions: int = 64, n_layer: int = 1
+) -> Path:
+    """A seeded random GPT (2 heads, width 32) and a byte-level BPE trained on `texts`, saved in Hugging Face's
+    layout in `directory`; returns it."""
+    from lmforge import GPTConfig, GPTForCausalLM, Tokenizer
+
+    tok = Tokenizer.train_bpe(iterator=list(texts), vocab_size=vocab_size)
+    torch.manual_seed(0)
+    config = GPTConfig(
+        vocab_size=len(tok),
+        n_positions=n_positions,
+        n_layer=n_layer,
+        n_head=2,
+        n_embd=32,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    GPTForCausalLM(config).save_pretrained(directory, tokenizer=tok)
+    return directory
+
+
 # ---------------------------------------------------------------------------------------------- a real server
 TIMEOUT = 60.0  # seconds any one wait on a server may take
 

@@ -15,8 +15,9 @@ from types import ModuleType
 import httpx
 import pytest
 import torch
+from helpers import save_tiny_gpt
 
-from lmforge import GPTConfig, GPTForCausalLM, Tokenizer
+from lmforge import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXTS = ["To be, or not to be, that is the question.", "Now is the winter of our discontent."] * 20
@@ -36,20 +37,7 @@ def bench() -> ModuleType:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random GPT (context 64) with a byte-level BPE, saved in Hugging Face's layout."""
-    tok = Tokenizer.train_bpe(iterator=TEXTS, vocab_size=300)
-    torch.manual_seed(0)
-    config = GPTConfig(
-        vocab_size=len(tok),
-        n_positions=64,
-        n_layer=1,
-        n_head=2,
-        n_embd=32,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    path = tmp_path_factory.mktemp("tiny-gpt")
-    GPTForCausalLM(config).save_pretrained(path, tokenizer=tok)
-    return path
+    return save_tiny_gpt(tmp_path_factory.mktemp("tiny-gpt"), TEXTS, vocab_size=300)
 
 
 # ------------------------------------------------------------------------------ workload

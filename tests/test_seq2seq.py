@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import sacrebleu  # test-only oracle (test extra)
 import torch
-from helpers import GREEDY_MARGIN, greedy_margin
+from helpers import GREEDY_MARGIN, greedy_margin, save_tiny_gpt
 from rouge_score import rouge_scorer  # test-only oracle (test extra)
 
-from lmforge import GPTConfig, GPTForCausalLM, Tokenizer
+from lmforge import GPTForCausalLM, Tokenizer
 from lmforge.data import (
     DEFAULT_TEST_BOOKS,
     bible_books,
@@ -51,20 +51,7 @@ def bible() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
 def tiny_gpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random GPT and a byte-level BPE trained on the test pairs, saved in Hugging Face's layout."""
     texts = [t for pair in PAIRS for t in pair] * 3
-    tok = Tokenizer.train_bpe(iterator=texts, vocab_size=400)
-    torch.manual_seed(0)
-    config = GPTConfig(
-        vocab_size=len(tok),
-        n_positions=64,
-        n_layer=1,
-        n_head=2,
-        n_embd=32,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    out = tmp_path_factory.mktemp("gpt")
-    GPTForCausalLM(config).save_pretrained(out, tokenizer=tok)
-    return out
+    return save_tiny_gpt(tmp_path_factory.mktemp("gpt"), texts)
 
 
 # ------------------------------------------------------------------------------ data

@@ -17,9 +17,9 @@ import httpx
 import openai
 import pytest
 import torch
-from helpers import GREEDY_MARGIN, TIMEOUT, Server, greedy_margin
+from helpers import GREEDY_MARGIN, TIMEOUT, Server, greedy_margin, save_tiny_gpt
 
-from lmforge.models.gpt import GPTConfig, GPTForCausalLM
+from lmforge.models.gpt import GPTForCausalLM
 from lmforge.serving.scheduler import Request, SamplingParams, Scheduler
 from lmforge.tokenizer import Tokenizer
 
@@ -35,20 +35,7 @@ TEXTS = [
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A seeded random GPT (context 128) with a byte-level BPE trained on English and Chinese lines."""
-    tok = Tokenizer.train_bpe(iterator=TEXTS * 5, vocab_size=400)
-    torch.manual_seed(0)
-    config = GPTConfig(
-        vocab_size=len(tok),
-        n_positions=128,
-        n_layer=2,
-        n_head=2,
-        n_embd=32,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    out = tmp_path_factory.mktemp("serve-gpt")
-    GPTForCausalLM(config).save_pretrained(out, tokenizer=tok)
-    return out
+    return save_tiny_gpt(tmp_path_factory.mktemp("serve-gpt"), TEXTS * 5, n_positions=128, n_layer=2)
 
 
 @pytest.fixture(scope="module")
