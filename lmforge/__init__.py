@@ -47,6 +47,11 @@ _EXPORTS = {
     "AutoModelForTokenClassification": "lmforge.auto",
     "AutoModelForQuestionAnswering": "lmforge.auto",
     "AutoModelForSeq2SeqLM": "lmforge.auto",
+    "AutoModelForSpeechSeq2Seq": "lmforge.auto",
+    "WhisperConfig": "lmforge.models.whisper",
+    "WhisperForConditionalGeneration": "lmforge.models.whisper",
+    "WhisperFeatureExtractor": "lmforge.speech",
+    "load_audio": "lmforge.speech",
     "Seq2SeqConfig": "lmforge.models.seq2seq",
     "Seq2SeqForConditionalGeneration": "lmforge.models.seq2seq",
     "MarianConfig": "lmforge.models.seq2seq",
@@ -84,6 +89,8 @@ _ALIASES = {
     "BertTokenizerFast": ("lmforge.tokenizer", "Tokenizer"),
     "PreTrainedTokenizerFast": ("lmforge.tokenizer", "Tokenizer"),
     "MarianTokenizer": ("lmforge.tokenizer", "MarianTokenizer"),
+    "WhisperTokenizer": ("lmforge.tokenizer", "Tokenizer"),
+    "WhisperTokenizerFast": ("lmforge.tokenizer", "Tokenizer"),
 }
 
 __all__ = sorted(_EXPORTS) + sorted(_ALIASES) + ["__version__"]

@@ -121,3 +121,10 @@ class AutoModelForSeq2SeqLM(_AutoModel):
     """`AutoModelForSeq2SeqLM.from_pretrained(path)` for encoder-decoders (Marian, BART)."""
 
     task = "seq2seq-lm"
+
+
+class AutoModelForSpeechSeq2Seq(_AutoModel):
+    """`AutoModelForSpeechSeq2Seq.from_pretrained(path)` for speech recognisers that read audio features and write
+    text (Whisper)."""
+
+    task = "speech-seq2seq"

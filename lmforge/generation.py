@@ -226,19 +226,30 @@ class _Start:
 
 
 def _start(
-    model: Any, input_ids: Tensor, attention_mask: Tensor | None, rows: int, max_new_tokens: int, use_cache: bool
+    model: Any,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    rows: int,
+    max_new_tokens: int,
+    use_cache: bool,
+    decoder_input_ids: Tensor | None = None,
 ) -> _Start:
     """Run the model on the inputs, each repeated `rows` times (adjacent: the beams of one input), up to the
-    first new token's logits. An encoder-decoder (config.is_encoder_decoder) encodes its source once here."""
+    first new token's logits. An encoder-decoder (config.is_encoder_decoder) encodes its source once here; its
+    decoder starts from `decoder_input_ids` (B, P) when given (e.g. Whisper's prompt), else decoder_start_token_id."""
     if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None  # no padding: the fast, mask-free path
     if attention_mask is not None:
         attention_mask = attention_mask.repeat_interleave(rows, dim=0)  # never reordered: same for every beam
     if rows > 1:
         input_ids = input_ids.repeat_interleave(rows, dim=0)
+        if decoder_input_ids is not None:
+            decoder_input_ids = decoder_input_ids.repeat_interleave(rows, dim=0)
     if getattr(model.config, "is_encoder_decoder", False):
-        start = _seq2seq_start(model, input_ids, attention_mask, max_new_tokens, use_cache)
+        start = _seq2seq_start(model, input_ids, attention_mask, max_new_tokens, use_cache, decoder_input_ids)
     else:
+        if decoder_input_ids is not None:
+            raise ValueError("decoder_input_ids is for encoder-decoders; a causal LM continues input_ids")
         start = _causal_start(model, input_ids, attention_mask, max_new_tokens, use_cache)
     forced_eos = getattr(model.config, "forced_eos_token_id", None)
     if forced_eos is not None and start.max_new:
@@ -274,19 +285,34 @@ def _causal_start(
 
 
 def _seq2seq_start(
-    model: Any, source: Tensor, attention_mask: Tensor | None, max_new_tokens: int, use_cache: bool
+    model: Any,
+    source: Tensor,
+    attention_mask: Tensor | None,
+    max_new_tokens: int,
+    use_cache: bool,
+    decoder_input_ids: Tensor | None = None,
 ) -> _Start:
-    """An encoder-decoder: encode the source (N, S) once; the decoder starts from decoder_start_token_id, keeps a
-    self-attention KV cache and projects the encoder output to cross-attention keys/values once (in the cache)."""
-    start_id = model.config.decoder_start_token_id
-    if start_id is None:
-        raise ValueError("an encoder-decoder generates after config.decoder_start_token_id: set it")
+    """An encoder-decoder: encode the source (N, S, ...) once (token ids, or e.g. audio features); the decoder starts
+    from `decoder_input_ids` (N, P) or else decoder_start_token_id, keeps a self-attention KV cache and projects the
+    encoder output to cross-attention keys/values once (in the cache)."""
     if source.size(1) == 0:
         raise ValueError("the source is empty: generation needs at least one source token")
+    if decoder_input_ids is None:
+        start_id = model.config.decoder_start_token_id
+        if start_id is None:
+            raise ValueError("an encoder-decoder generates after config.decoder_start_token_id: set it")
+        prefix = torch.full((source.size(0), 1), start_id, dtype=torch.long, device=source.device)  # (N, 1)
+    else:
+        if decoder_input_ids.dim() != 2 or decoder_input_ids.size(0) != source.size(0):
+            raise ValueError(
+                f"decoder_input_ids must be (batch, length) with one row per source; got "
+                f"{tuple(decoder_input_ids.shape)} for {source.size(0)} sources"
+            )
+        prefix = decoder_input_ids.to(device=source.device, dtype=torch.long)  # (N, P)
     memory = model.encode(source, attention_mask)  # (N, S, C)
-    prefix = torch.full((source.size(0), 1), start_id, dtype=source.dtype, device=source.device)  # (N, 1)
-    max_new = _new_token_budget(model, 1, max_new_tokens)
-    cache: KVCache | None = model.allocate_cache(source.size(0), 1 + max_new) if use_cache and max_new else None
+    P = prefix.size(1)
+    max_new = _new_token_budget(model, P, max_new_tokens)
+    cache: KVCache | None = model.allocate_cache(source.size(0), P + max_new) if use_cache and max_new else None
 
     def step(seqs: Tensor, parents: Tensor | None) -> Tensor:
         if cache is None:
@@ -298,7 +324,15 @@ def _seq2seq_start(
         )
         return out.logits[:, -1]
 
-    first = step(prefix, None) if max_new else None
+    first = None
+    if max_new:  # the whole prompt in one forward, filling the cache
+        if cache is None:
+            first = step(prefix, None)
+        else:
+            out = model(
+                attention_mask=attention_mask, decoder_input_ids=prefix, encoder_outputs=memory, past_key_values=cache
+            )
+            first = out.logits[:, -1]
     return _Start(prefix, first, step, max_new, [])
 
 
@@ -334,6 +368,7 @@ def iter_generate(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     logits_processors: Sequence[LogitsProcessor] = (),
+    decoder_input_ids: Tensor | None = None,
     **kwargs: Any,
 ) -> Iterator[Tensor]:
     """Yield the next token of every row, (B,), one step at a time. Finished rows yield the pad id.
@@ -346,7 +381,7 @@ def iter_generate(
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
         attention_mask = attention_mask[None] if attention_mask is not None else None
-    start = _start(model, input_ids, attention_mask, 1, cfg.max_new_tokens, use_cache)
+    start = _start(model, input_ids, attention_mask, 1, cfg.max_new_tokens, use_cache, decoder_input_ids)
     yield from _next_tokens(start, cfg, tokenizer, generator, logits_processors)
 
 
@@ -486,10 +521,12 @@ def beam_generate(
     cfg: GenerationConfig,
     use_cache: bool = True,
     logits_processors: Sequence[LogitsProcessor] = (),
+    decoder_input_ids: Tensor | None = None,
 ) -> Tensor:
     """Beam search for a causal LM or an encoder-decoder: inputs (B, T) -> (B * R, T' + n), where T' is the
-    prompt's length (causal LM) or 1, the decoder start token (encoder-decoder)."""
-    start = _start(model, input_ids, attention_mask, cfg.num_beams, cfg.max_new_tokens, use_cache)
+    prompt's length (causal LM) or the decoder prompt's (encoder-decoder: 1, the decoder start token, unless
+    decoder_input_ids is given)."""
+    start = _start(model, input_ids, attention_mask, cfg.num_beams, cfg.max_new_tokens, use_cache, decoder_input_ids)
     if start.first is None:
         return start.prefix[:: cfg.num_beams].repeat_interleave(cfg.num_return_sequences, dim=0)
     processors = [*start.processors, *logits_processors]
@@ -506,10 +543,12 @@ def generate(
     use_cache: bool = True,
     streamer: Callable[[Tensor], None] | None = None,
     logits_processors: Sequence[LogitsProcessor] = (),
+    decoder_input_ids: Tensor | None = None,
     **kwargs: Any,
 ) -> Tensor:
     """Prompt (B, T) followed by up to `max_new_tokens` new tokens: (B, T + n). For an encoder-decoder,
-    input_ids is the source and the result is decoder_start_token_id followed by the new tokens, (B, 1 + n).
+    input_ids is the source and the result is decoder_start_token_id followed by the new tokens, (B, 1 + n), or,
+    with `decoder_input_ids` (B, P), that decoder prompt followed by the new tokens, (B, P + n).
 
     Options (keywords or a GenerationConfig): max_new_tokens, min_new_tokens, do_sample, temperature, top_k,
     top_p, repetition_penalty, no_repeat_ngram_size, eos_token_id, pad_token_id, stop (strings; needs
@@ -525,11 +564,11 @@ def generate(
         if streamer is not None:
             raise ValueError("a streamer needs tokens as they are chosen; beam search picks them only at the end")
         with torch.inference_mode():
-            out = beam_generate(model, input_ids, attention_mask, cfg, use_cache, logits_processors)
+            out = beam_generate(model, input_ids, attention_mask, cfg, use_cache, logits_processors, decoder_input_ids)
         return out.clone()  # an ordinary tensor, usable in training code
     tokens = []
     with torch.inference_mode():
-        start = _start(model, input_ids, attention_mask, 1, cfg.max_new_tokens, use_cache)
+        start = _start(model, input_ids, attention_mask, 1, cfg.max_new_tokens, use_cache, decoder_input_ids)
         for token in _next_tokens(start, cfg, tokenizer, generator, logits_processors):
             tokens.append(token)
             if streamer is not None:

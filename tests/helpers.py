@@ -150,3 +150,94 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.stdout.read()
+
+
+# ---------------------------------------------------------------------------------------------- a tiny Whisper
+WHISPER_SPECIALS = [
+    "<|endoftext|>",
+    "<|startoftranscript|>",
+    "<|en|>",
+    "<|zh|>",
+    "<|de|>",
+    "<|translate|>",
+    "<|transcribe|>",
+    "<|startoflm|>",
+    "<|startofprev|>",
+    "<|nocaptions|>",
+    "<|notimestamps|>",
+]
+WHISPER_MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a"), ("Ġ", "s"), ("o", "n"), ("e", "r")]
+
+
+def save_tiny_whisper(directory: Path, seed: int = 0, multilingual: bool = True, spread: float = 0.5) -> Path:
+    """A seeded random transformers Whisper (width 32, 2 + 2 layers, 3000 input frames), its tokenizer (byte-level
+    BPE: 256 bytes + a few merges, then Whisper's special tokens, as transformers' WhisperTokenizer saves them),
+    preprocessor_config.json and a generation_config.json in openai/whisper-*'s shape (language and task ids,
+    forced_decoder_ids, suppress_tokens), in `directory`. `spread`: noise added to the weights so that decoding
+    depends on the audio. English-only (multilingual=False): no language or task tokens, as whisper-tiny.en."""
+    import json
+
+    from tokenizers import pre_tokenizers
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperTokenizer
+
+    directory.mkdir(parents=True, exist_ok=True)
+    chars = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(chars)}
+    for a, b in WHISPER_MERGES:
+        vocab[a + b] = len(vocab)
+    specials = WHISPER_SPECIALS if multilingual else [t for t in WHISPER_SPECIALS if t[2:-2] not in ("en", "zh", "de")]
+    vocab[specials[0]] = len(vocab)  # <|endoftext|> closes vocab.json, as in Whisper's
+    (directory / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    merges = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in WHISPER_MERGES)
+    (directory / "merges.txt").write_text(merges, encoding="utf-8")
+    tok = WhisperTokenizer(
+        str(directory / "vocab.json"), str(directory / "merges.txt"), additional_special_tokens=specials[1:]
+    )
+    tok.save_pretrained(directory)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in specials}
+    eos, start, no_ts = ids["<|endoftext|>"], ids["<|startoftranscript|>"], ids["<|notimestamps|>"]
+    torch.manual_seed(seed)
+    config = WhisperConfig(
+        vocab_size=len(tok),
+        num_mel_bins=80,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_source_positions=1500,
+        max_target_positions=48,
+        pad_token_id=eos,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        decoder_start_token_id=start,
+        begin_suppress_tokens=[220, eos],
+    )
+    model = WhisperForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name != "model.encoder.embed_positions.weight":  # the fixed sinusoids stay as they are
+                p.add_(spread * torch.randn_like(p))
+    model.save_pretrained(directory)
+    generation = {
+        "decoder_start_token_id": start,
+        "bos_token_id": eos,
+        "eos_token_id": eos,
+        "pad_token_id": eos,
+        "begin_suppress_tokens": [220, eos],
+        "suppress_tokens": [1, 2, 3, 4, 5, 60, 61, ids["<|startoflm|>"], ids["<|startofprev|>"]],
+        "no_timestamps_token_id": no_ts,
+        "max_length": 48,
+        "is_multilingual": multilingual,
+    }
+    if multilingual:
+        generation["lang_to_id"] = {t: ids[t] for t in ("<|en|>", "<|zh|>", "<|de|>")}
+        generation["task_to_id"] = {"translate": ids["<|translate|>"], "transcribe": ids["<|transcribe|>"]}
+        generation["forced_decoder_ids"] = [[1, None], [2, ids["<|transcribe|>"]]]
+    else:
+        generation["forced_decoder_ids"] = [[1, no_ts]]
+    (directory / "generation_config.json").write_text(json.dumps(generation, indent=2), encoding="utf-8")
+    WhisperFeatureExtractor().save_pretrained(directory)
+    return directory

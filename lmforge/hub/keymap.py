@@ -20,12 +20,15 @@ class KeyRule:
     """lmforge name <-> Hugging Face name; `{i}` stands for a layer number. `transpose`: GPT-2's
     Conv1D stores (in, out) where nn.Linear stores (out, in). `parts`: the values of `{part}` in the
     Hugging Face name; one lmforge tensor is those tensors concatenated along dim 0 (BERT's separate
-    query, key and value are lmforge's fused `qkv`)."""
+    query, key and value are lmforge's fused `qkv`). `absent`: parts that Hugging Face files do not hold because
+    they are zero by construction (Whisper has no key bias: a bias on the keys adds the same amount to every score of
+    a query, which softmax ignores); they are left out on save and read as zeros on load."""
 
     ours: str
     theirs: str
     transpose: bool = False
     parts: tuple[str, ...] = ()
+    absent: tuple[str, ...] = ()
 
     def _regex(self, pattern: str) -> re.Pattern[str]:
         regex = re.escape(pattern).replace(r"\{i\}", r"(?P<i>\d+)")
@@ -75,7 +78,8 @@ def convert(state: dict[str, Tensor], rules: list[KeyRule], to_hf: bool) -> tupl
                 if len(targets) == 1:
                     out[targets[0]] = tensor
                 else:  # separate tensors that do not share storage (safetensors refuses shared ones)
-                    out.update(zip(targets, (t.clone() for t in tensor.chunk(len(targets), dim=0))))
+                    pieces = zip(rule.parts, targets, tensor.chunk(len(targets), dim=0))
+                    out.update((target, t.clone()) for part, target, t in pieces if part not in rule.absent)
                 break
             hit = rule.from_hf(name)
             if hit is None:
@@ -91,6 +95,9 @@ def convert(state: dict[str, Tensor], rules: list[KeyRule], to_hf: bool) -> tupl
             unmatched.append(name)
     for target, (rule, found) in fused.items():
         names = [found[k][0] for k in sorted(found)]
+        for k, part in enumerate(rule.parts):  # zero by construction, not stored
+            if part in rule.absent and k not in found and found:
+                found[k] = (f"{part} (absent: zeros)", torch.zeros_like(next(iter(found.values()))[1]))
         if len(found) < len(rule.parts):
             absent = [p for k, p in enumerate(rule.parts) if k not in found]
             unmatched.extend(f"{n} (its {'/'.join(absent)} part(s) are absent)" for n in names)

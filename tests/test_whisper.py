@@ -1,0 +1,240 @@
+"""Whisper against transformers (the oracle) on tiny random models built in the test: logits within 1e-5 both ways
+(their directory loaded by lmforge, lmforge's saved directory loaded by transformers), the loss, transcription tokens
+identical to transformers' `generate` (prompt from generation_config.json, language detection, suppressed tokens,
+greedy and beam search, English-only models), the tokenizer's text, and loading from the offline Hugging Face cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import save_tiny_whisper
+from safetensors.torch import load_file
+from transformers import WhisperForConditionalGeneration as HFWhisper  # test-only oracle
+from transformers import WhisperTokenizer as HFWhisperTokenizer
+
+import lmforge
+from lmforge import AutoModelForSpeechSeq2Seq, AutoTokenizer, WhisperFeatureExtractor, WhisperForConditionalGeneration
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_whisper(tmp_path_factory.mktemp("whisper") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny_en(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_whisper(tmp_path_factory.mktemp("whisper-en") / "tiny.en", seed=1, multilingual=False)
+
+
+def features(batch: int, seed: int = 1) -> torch.Tensor:
+    """Random log-Mel-like features (B, 80, 3000)."""
+    return torch.randn(batch, 80, 3000, generator=torch.Generator().manual_seed(seed))
+
+
+def test_logits_and_loss_equal_transformers_both_ways(tiny: Path, tmp_path: Path) -> None:
+    theirs = HFWhisper.from_pretrained(tiny).eval()
+    ours = AutoModelForSpeechSeq2Seq.from_pretrained(tiny)
+    assert type(ours) is WhisperForConditionalGeneration
+    x = features(2)
+    dec = torch.tensor([[265, 266, 270, 274, 68, 10, 75], [265, 268, 270, 274, 200, 3, 9]])
+    labels = torch.tensor([[266, 270, 274, 68, 10, 75, 264], [268, 270, 274, 200, 3, -100, -100]])
+    with torch.no_grad():
+        expected = theirs(input_features=x, decoder_input_ids=dec, labels=labels)
+        got = ours(input_features=x, decoder_input_ids=dec, labels=labels)
+        no_dec = ours(input_features=x, labels=labels)  # labels shifted right behind the start token, as transformers
+    torch.testing.assert_close(got.logits, expected.logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got.loss, expected.loss, rtol=0, atol=1e-5)
+    torch.testing.assert_close(no_dec.loss, theirs(input_features=x, labels=labels).loss, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got.encoder_last_hidden_state, expected.encoder_last_hidden_state, rtol=0, atol=1e-5)
+    assert float(expected.logits.std()) > 0.5  # weights spread: the comparison is not of near-constants
+
+    ours.save_pretrained(tmp_path / "ours")
+    saved = load_file(tmp_path / "ours" / "model.safetensors")
+    assert set(saved) == set(load_file(tiny / "model.safetensors")) - {"proj_out.weight"}  # tied, not stored
+    assert not any(k.endswith("k_proj.bias") for k in saved)  # Whisper has no key bias
+    back = HFWhisper.from_pretrained(tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            back(input_features=x, decoder_input_ids=dec).logits, expected.logits, atol=1e-5, rtol=0
+        )
+    config = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert config["model_type"] == "whisper" and config["architectures"] == ["WhisperForConditionalGeneration"]
+
+
+def test_attention_weights_equal_transformers(tiny: Path) -> None:
+    theirs = HFWhisper.from_pretrained(tiny, attn_implementation="eager").eval()
+    ours = WhisperForConditionalGeneration.from_pretrained(tiny)
+    x, dec = features(1, seed=3), torch.tensor([[265, 266, 270, 274, 68]])
+    with torch.no_grad():
+        expected = theirs(input_features=x, decoder_input_ids=dec, output_attentions=True)
+        got = ours(input_features=x, decoder_input_ids=dec, output_attentions=True)
+    for name in ("encoder_attentions", "decoder_attentions", "cross_attentions"):
+        for a, b in zip(getattr(got, name), getattr(expected, name)):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert got.cross_attentions[0].shape == (1, 2, 5, 1500)
+
+
+def test_key_bias_is_zero_and_sinusoids_match(tiny: Path) -> None:
+    ours = WhisperForConditionalGeneration.from_pretrained(tiny)
+    C = ours.config.d_model
+    for block in ours.model.encoder.layers:
+        assert torch.equal(block.attn.qkv.bias[C : 2 * C], torch.zeros(C))
+    for block in ours.model.decoder.layers:
+        assert torch.equal(block.cross_attn.kv.bias[:C], torch.zeros(C))
+    fresh = WhisperForConditionalGeneration(ours.config)  # a new model computes the table the checkpoint stores
+    torch.testing.assert_close(
+        fresh.model.encoder.embed_positions.weight, ours.model.encoder.embed_positions.weight, rtol=0, atol=1e-4
+    )
+
+
+GENERATE_CASES = [
+    {},  # language detected per clip, then transcribe (forced_decoder_ids [[1, None], [2, transcribe]])
+    {"language": "en"},
+    {"language": "<|de|>", "task": "translate"},
+    {"task": "translate"},
+    {"num_beams": 3},
+    {"num_beams": 2, "language": "zh", "length_penalty": 0.5},
+]
+
+
+@pytest.mark.parametrize("options", GENERATE_CASES, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "auto")
+def test_generate_token_identical_to_transformers(tiny: Path, options: dict) -> None:
+    theirs = HFWhisper.from_pretrained(tiny).eval()
+    ours = WhisperForConditionalGeneration.from_pretrained(tiny)
+    x = features(4)
+    expected = theirs.generate(x, max_new_tokens=20, **options)
+    got = ours.generate(x, max_new_tokens=20, **options)
+    assert got.tolist() == expected.tolist()
+    assert len({tuple(r) for r in got.tolist()}) > 1  # the clips are transcribed differently
+    uncached = ours.generate(x, max_new_tokens=20, use_cache=False, **options)
+    assert uncached.tolist() == got.tolist()
+
+
+def test_num_return_sequences_gives_the_best_beams(tiny: Path) -> None:
+    """transformers' Whisper repeats each clip R times and returns the best beam R times; lmforge returns the R best
+    distinct beams, the first of which is transformers' answer."""
+    theirs = HFWhisper.from_pretrained(tiny).eval()
+    ours = WhisperForConditionalGeneration.from_pretrained(tiny)
+    x = features(4)
+    best = theirs.generate(x, max_new_tokens=20, num_beams=3).tolist()
+    got = ours.generate(x, max_new_tokens=20, num_beams=3, num_return_sequences=2).tolist()
+    assert len(got) == 8
+    pad = ours.generation_config["pad_token_id"]
+    strip = [[t for t in row if t != pad] for row in got]
+    assert strip[::2] == [[t for t in row if t != pad] for row in best]
+    assert all(a != b for a, b in zip(strip[::2], strip[1::2]))
+
+
+def test_prompt_and_language_detection(tiny: Path) -> None:
+    ours = WhisperForConditionalGeneration.from_pretrained(tiny)
+    ids = json.loads((tiny / "generation_config.json").read_text())
+    sot = ids["decoder_start_token_id"]
+    transcribe, translate = ids["task_to_id"]["transcribe"], ids["task_to_id"]["translate"]
+    no_ts, en = ids["no_timestamps_token_id"], ids["lang_to_id"]["<|en|>"]
+    x = features(4)
+    detected = ours.detect_language(x).tolist()
+    assert set(detected) <= set(ids["lang_to_id"].values()) and len(set(detected)) > 1
+    assert ours.prompt_ids(x).tolist() == [[sot, lang, transcribe, no_ts] for lang in detected]
+    assert ours.prompt_ids(x[:1], language="en").tolist() == [[sot, en, transcribe, no_ts]]
+    assert ours.prompt_ids(x[:1], language="en", task="translate").tolist() == [[sot, en, translate, no_ts]]
+    with pytest.raises(ValueError, match=r"language 'xx' is not one this model knows; use a code among \['de', 'en'"):
+        ours.generate(x, language="xx")
+    with pytest.raises(ValueError, match="task must be one of"):
+        ours.generate(x, language="en", task="summarize")
+    with pytest.raises(ValueError, match=r"shape \(batch, 80, 3000\) \(30 s\); got \(1, 80, 100\)"):
+        ours.generate(torch.zeros(1, 80, 100))
+
+
+def test_english_only_model(tiny_en: Path) -> None:
+    theirs = HFWhisper.from_pretrained(tiny_en).eval()
+    ours = WhisperForConditionalGeneration.from_pretrained(tiny_en)
+    x = features(3, seed=5)
+    g = ours.generation_config
+    assert ours.prompt_ids(x).tolist() == [[g["decoder_start_token_id"], g["no_timestamps_token_id"]]] * 3
+    for options in ({}, {"num_beams": 2}):
+        assert (
+            ours.generate(x, max_new_tokens=15, **options).tolist()
+            == theirs.generate(x, max_new_tokens=15, **options).tolist()
+        )
+    with pytest.raises(ValueError, match="English-only Whisper model: it takes no language or task"):
+        ours.generate(x, language="en")
+
+
+def test_suppressed_tokens_never_appear(tiny: Path) -> None:
+    ours = WhisperForConditionalGeneration.from_pretrained(tiny)
+    g = ours.generation_config
+    x = features(4, seed=7)
+    free = ours.generate(x, max_new_tokens=20)
+    g_saved = dict(g)
+    try:
+        # ban every token the model chose: it must pick others
+        chosen = sorted({t for row in free.tolist() for t in row} - {g["eos_token_id"]})
+        g["suppress_tokens"] = list(g["suppress_tokens"]) + chosen
+        banned = ours.generate(x, max_new_tokens=20)
+        assert not set(chosen) & {t for row in banned.tolist() for t in row}
+        g["begin_suppress_tokens"] = [220, g["eos_token_id"], *{row[0] for row in banned.tolist()}]
+        first = ours.generate(x, max_new_tokens=5)
+        assert not {row[0] for row in first.tolist()} & set(g["begin_suppress_tokens"])
+    finally:
+        ours.generation_config = g_saved
+
+
+def test_tokenizer_text_equals_transformers(tiny: Path) -> None:
+    ours, theirs = AutoTokenizer.from_pretrained(tiny), HFWhisperTokenizer.from_pretrained(tiny)
+    model = WhisperForConditionalGeneration.from_pretrained(tiny)
+    tokens = model.generate(features(4), max_new_tokens=20).tolist()
+    assert ours.batch_decode(tokens, skip_special_tokens=True) == theirs.batch_decode(tokens, skip_special_tokens=True)
+    text = "the cat sat on the mat in the sun"
+    assert ours.encode(text) == theirs.encode(text, add_special_tokens=False)
+    prompt = model.prompt_ids(language="en")[0].tolist()
+    assert ours.decode(prompt) == "<|startoftranscript|><|en|><|transcribe|><|notimestamps|>"
+    assert ours.decode(prompt, skip_special_tokens=True) == ""
+    assert lmforge.WhisperTokenizer is lmforge.Tokenizer
+
+
+def test_saved_directory_transcribes_the_same_in_transformers(tiny: Path, tmp_path: Path) -> None:
+    ours = WhisperForConditionalGeneration.from_pretrained(tiny)
+    ours.save_pretrained(tmp_path / "ours", tokenizer=AutoTokenizer.from_pretrained(tiny))
+    theirs = HFWhisper.from_pretrained(tmp_path / "ours").eval()
+    x = features(2, seed=11)
+    assert theirs.generate(x, max_new_tokens=12).tolist() == ours.generate(x, max_new_tokens=12).tolist()
+    assert json.loads((tmp_path / "ours" / "generation_config.json").read_text())["lang_to_id"]
+
+
+def put_in_hf_cache(cache: Path, repo_id: str, source: Path, commit: str = "c" * 40) -> None:
+    """`source`'s files laid out as huggingface_hub's cache does: blobs/, snapshots/<commit>/ of relative symlinks,
+    refs/main."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for i, f in enumerate(sorted(source.iterdir())):
+        blob = repo / "blobs" / f"blob{i:04d}"
+        shutil.copyfile(f, blob)
+        os.symlink(os.path.relpath(blob, snapshot), snapshot / f.name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+
+def test_loads_offline_from_the_hf_cache(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = tmp_path / "hub"
+    put_in_hf_cache(cache, "openai/whisper-tiny", tiny)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = AutoModelForSpeechSeq2Seq.from_pretrained("openai/whisper-tiny")
+    assert model.generation_config["lang_to_id"]  # generation_config.json read from the snapshot too
+    extractor = WhisperFeatureExtractor.from_pretrained("openai/whisper-tiny")
+    tokenizer = AutoTokenizer.from_pretrained("openai/whisper-tiny")
+    expected = WhisperForConditionalGeneration.from_pretrained(tiny)
+    x = features(1, seed=2)
+    assert model.generate(x, max_new_tokens=8).tolist() == expected.generate(x, max_new_tokens=8).tolist()
+    assert extractor.feature_size == 80 and tokenizer.convert_tokens_to_ids("<|en|>") == 266
+    with pytest.raises(FileNotFoundError, match="openai/whisper-small' is not a local directory and is not in the"):
+        AutoModelForSpeechSeq2Seq.from_pretrained("openai/whisper-small")
