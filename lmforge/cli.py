@@ -6,6 +6,7 @@
     lmforge convert SOURCE OUT [--dtype bfloat16]
     lmforge finetune TASK --model DIR --train FILE [--eval FILE] [--out DIR] [--epochs N] [--lora] ...
     lmforge classify | fill-mask | ner | embed MODEL [TEXT ...] [--file F] [--json]   (no TEXT: standard input)
+    lmforge transcribe MODEL FILE ... [--language en] [--task transcribe] [--num-beams N] [--json]
     lmforge qa MODEL --question Q --context TEXT|--context-file F [--top-k K] [--json]
     lmforge index FOLDER --model EMBEDDER --out INDEX_DIR
     lmforge ask INDEX_DIR QUESTION [--reader QA | --generator GPT]
@@ -260,6 +261,23 @@ def cmd_pipeline(a: argparse.Namespace) -> int:
         else:
             vector = [round(float(v), 6) for v in (result[0] if result and isinstance(result[0], list) else result)]
             _emit(a, text, vector, lambda r: " ".join(f"{v:.4f}" for v in r))
+    return 0
+
+
+def cmd_transcribe(a: argparse.Namespace) -> int:
+    """Speech to text with a Whisper model: one line (or JSON object) per audio file."""
+    from lmforge.pipelines import pipeline
+
+    pipe = pipeline("automatic-speech-recognition", model=a.model, device=a.device, batch_size=a.batch_size)
+    options = {"language": a.language, "task": a.task, "num_beams": a.num_beams, "max_new_tokens": a.max_new_tokens}
+    results = pipe(list(a.files), **options)
+    for path, result in zip(a.files, results):
+        if a.json:
+            print(json.dumps({"file": path, "text": result["text"]}, ensure_ascii=False))
+        elif len(a.files) == 1:
+            print(result["text"].strip())
+        else:
+            print(f"{path}\t{result['text'].strip()}")
     return 0
 
 
@@ -594,6 +612,37 @@ def build_parser() -> argparse.ArgumentParser:
                 help="how sub-tokens join into words and entities (default simple)",
             )
         p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser(
+        "transcribe",
+        parents=[common],
+        help="speech to text with a Whisper model (openai/whisper-* from the local Hugging Face cache, offline)",
+        description="Transcribe audio files (WAV, FLAC, OGG, MP3) with a Whisper model: a directory or a model id in "
+        "the local Hugging Face cache (e.g. openai/whisper-tiny). Audio longer than 30 s is cut into consecutive "
+        "30-s windows whose texts are joined; a progress bar counts them.",
+    )
+    p.add_argument("model", help="model directory or cached model id (e.g. openai/whisper-tiny)")
+    p.add_argument("files", nargs="+", metavar="FILE", help="audio files")
+    p.add_argument(
+        "--language", default=None, help="spoken language code, e.g. en, de, zh (default: detected per window)"
+    )
+    p.add_argument(
+        "--task",
+        default=None,
+        choices=["transcribe", "translate"],
+        help="transcribe (default) or translate into English",
+    )
+    p.add_argument("--num-beams", type=int, default=1, help="beam search width (default 1: greedy)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="longest text per 30-s window, in tokens (default: the model's)",
+    )
+    p.add_argument("--json", action="store_true", help='print one JSON object per file: {"file": ..., "text": ...}')
+    p.add_argument("--batch-size", type=int, default=8, help="30-s windows per model call (default 8)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or mps (default: cpu)")
+    p.set_defaults(func=cmd_transcribe)
 
     p = sub.add_parser(
         "qa",

@@ -8,7 +8,8 @@ Modules: base.py (the Pipeline class: batching by length, input checks, truncati
 (`pipeline`), and one module per task: text_generation.py, text_classification.py, fill_mask.py,
 token_classification.py, question_answering.py, feature_extraction.py (also sentence-embeddings),
 zero_shot.py (zero-shot-classification, few-shot prompting), text2text.py (text2text-generation,
-translation, summarization with encoder-decoders); knowledge_base.py (KnowledgeBase: retrieve
+translation, summarization with encoder-decoders), speech_recognition.py (automatic-speech-recognition with
+Whisper); knowledge_base.py (KnowledgeBase: retrieve
 chunks of your files, then answer from them) with chunking.py (documents cut into overlapping passages) and
 knowledge_store.py (a knowledge base's saved folder).
 Names are imported on first use, so `import lmforge.pipelines` loads nothing heavy.
@@ -33,6 +34,7 @@ _EXPORTS = {
     "TokenClassificationPipeline": "lmforge.pipelines.token_classification",
     "QuestionAnsweringPipeline": "lmforge.pipelines.question_answering",
     "FeatureExtractionPipeline": "lmforge.pipelines.feature_extraction",
+    "AutomaticSpeechRecognitionPipeline": "lmforge.pipelines.speech_recognition",
     "ZeroShotClassificationPipeline": "lmforge.pipelines.zero_shot",
     "FewShotClassifier": "lmforge.pipelines.zero_shot",
     "few_shot_prompt": "lmforge.pipelines.zero_shot",

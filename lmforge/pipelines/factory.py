@@ -23,6 +23,7 @@ from lmforge.pipelines.base import Pipeline
 from lmforge.pipelines.feature_extraction import FeatureExtractionPipeline, sentence_transformers_options
 from lmforge.pipelines.fill_mask import FillMaskPipeline
 from lmforge.pipelines.question_answering import QuestionAnsweringPipeline
+from lmforge.pipelines.speech_recognition import AutomaticSpeechRecognitionPipeline
 from lmforge.pipelines.text2text import (
     SummarizationPipeline,
     Text2TextGenerationPipeline,
@@ -46,6 +47,7 @@ TASKS: dict[str, tuple[type[Pipeline], type[Any] | None, dict[str, Any]]] = {
     "text2text-generation": (Text2TextGenerationPipeline, auto.AutoModelForSeq2SeqLM, {}),
     "translation": (TranslationPipeline, auto.AutoModelForSeq2SeqLM, {}),  # also translation_XX_to_YY
     "summarization": (SummarizationPipeline, auto.AutoModelForSeq2SeqLM, {}),
+    "automatic-speech-recognition": (AutomaticSpeechRecognitionPipeline, auto.AutoModelForSpeechSeq2Seq, {}),
     # no fixed Auto class: `checkpoint_choice` picks one from the checkpoint (NLI classifier, causal LM or encoder)
     "zero-shot-classification": (ZeroShotClassificationPipeline, None, {}),
 }
@@ -94,7 +96,9 @@ def pipeline(
         task: one of `available_tasks()`: text-generation, text-classification (sentiment-analysis),
             fill-mask, token-classification (ner), question-answering, feature-extraction,
             sentence-embeddings, zero-shot-classification, text2text-generation, translation (or
-            translation_XX_to_YY, checked against the model's language pair), summarization.
+            translation_XX_to_YY, checked against the model's language pair), summarization,
+            automatic-speech-recognition (audio files or arrays -> {"text": ...}; the feature extractor comes from
+            the model's preprocessor_config.json unless `feature_extractor=` is given).
         model: a lmforge model object, or a local directory / model id of the local Hugging Face cache,
             loaded with the task's Auto class (`model_kwargs` go to its `from_pretrained`, e.g. dtype).
         tokenizer: a Tokenizer or a path; by default the model's own directory (a model object needs one).
@@ -132,6 +136,10 @@ def pipeline(
                     "(a Tokenizer or its directory)"
                 ) from None
         model = loaded
+        if name == "automatic-speech-recognition" and kwargs.get("feature_extractor") is None:
+            directory = resolve_model_dir(name_or_path)
+            if (directory / "preprocessor_config.json").is_file():
+                kwargs["feature_extractor"] = directory
     elif model_kwargs:
         raise ValueError("model_kwargs only apply when model is a path or model id to load")
     if tokenizer is None:
