@@ -163,7 +163,7 @@ class WhisperEncoder(nn.Module):
         x = input_features.to(self.conv1.weight.dtype)
         x = F.gelu(self.conv1(x))  # (B, C, 3000)
         x = F.gelu(self.conv2(x))  # (B, C, 1500)
-        x = x.transpose(1, 2) + self.embed_positions.weight  # (B, 1500, C)
+        x = x.transpose(1, 2).contiguous() + self.embed_positions.weight  # (B, 1500, C), rows contiguous
         x = dropout(x, c.dropout, self.training)
         x, _, attentions = run_blocks(self.layers, x, AttentionMask(), output_attentions=output_attentions)
         return apply(self.layer_norm, x), attentions

@@ -118,8 +118,9 @@ def log_mel_spectrogram(
         filters = mel_filterbank(n_mels, n_fft, sampling_rate)
     window = torch.hann_window(n_fft)  # periodic, as in Whisper
     spec = torch.stft(x, n_fft, hop_length, window=window, center=True, pad_mode="reflect", return_complex=True)
-    power = torch.view_as_real(spec[..., :-1]).pow(2).sum(-1)  # (B, F, T): |X|^2, last frame dropped
-    mel = filters.T @ power  # (B, n_mels, T)
+    parts = torch.view_as_real(spec)  # (B, F, T + 1, 2): real and imaginary parts
+    power = parts[..., 0].square().addcmul_(parts[..., 1], parts[..., 1])  # (B, F, T + 1): |X|^2
+    mel = filters.T @ power[..., :-1]  # (B, n_mels, T): the last frame dropped, as Whisper does
     log_spec = mel.clamp_(min=1e-10).log10_()
     floor = log_spec.amax(dim=(1, 2), keepdim=True) - 8.0  # (B, 1, 1): 80 dB below each clip's peak
     return torch.maximum(log_spec, floor, out=log_spec).add_(4.0).div_(4.0)
