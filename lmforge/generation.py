@@ -233,10 +233,12 @@ def _start(
     max_new_tokens: int,
     use_cache: bool,
     decoder_input_ids: Tensor | None = None,
+    encoder_outputs: Tensor | None = None,
 ) -> _Start:
     """Run the model on the inputs, each repeated `rows` times (adjacent: the beams of one input), up to the
-    first new token's logits. An encoder-decoder (config.is_encoder_decoder) encodes its source once here; its
-    decoder starts from `decoder_input_ids` (B, P) when given (e.g. Whisper's prompt), else decoder_start_token_id."""
+    first new token's logits. An encoder-decoder (config.is_encoder_decoder) encodes its source once here (unless
+    its `encoder_outputs` (B, S, C) are given); its decoder starts from `decoder_input_ids` (B, P) when given (e.g.
+    Whisper's prompt), else decoder_start_token_id."""
     if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None  # no padding: the fast, mask-free path
     if attention_mask is not None:
@@ -245,11 +247,15 @@ def _start(
         input_ids = input_ids.repeat_interleave(rows, dim=0)
         if decoder_input_ids is not None:
             decoder_input_ids = decoder_input_ids.repeat_interleave(rows, dim=0)
+        if encoder_outputs is not None:
+            encoder_outputs = encoder_outputs.repeat_interleave(rows, dim=0)
     if getattr(model.config, "is_encoder_decoder", False):
-        start = _seq2seq_start(model, input_ids, attention_mask, max_new_tokens, use_cache, decoder_input_ids)
+        start = _seq2seq_start(
+            model, input_ids, attention_mask, max_new_tokens, use_cache, decoder_input_ids, encoder_outputs
+        )
     else:
-        if decoder_input_ids is not None:
-            raise ValueError("decoder_input_ids is for encoder-decoders; a causal LM continues input_ids")
+        if decoder_input_ids is not None or encoder_outputs is not None:
+            raise ValueError("decoder_input_ids and encoder_outputs are for encoder-decoders; a causal LM has neither")
         start = _causal_start(model, input_ids, attention_mask, max_new_tokens, use_cache)
     forced_eos = getattr(model.config, "forced_eos_token_id", None)
     if forced_eos is not None and start.max_new:
@@ -291,10 +297,12 @@ def _seq2seq_start(
     max_new_tokens: int,
     use_cache: bool,
     decoder_input_ids: Tensor | None = None,
+    encoder_outputs: Tensor | None = None,
 ) -> _Start:
-    """An encoder-decoder: encode the source (N, S, ...) once (token ids, or e.g. audio features); the decoder starts
-    from `decoder_input_ids` (N, P) or else decoder_start_token_id, keeps a self-attention KV cache and projects the
-    encoder output to cross-attention keys/values once (in the cache)."""
+    """An encoder-decoder: encode the source (N, S, ...) once (token ids, or e.g. audio features), or take its
+    `encoder_outputs` (N, S, C) as given; the decoder starts from `decoder_input_ids` (N, P) or else
+    decoder_start_token_id, keeps a self-attention KV cache and projects the encoder output to cross-attention
+    keys/values once (in the cache)."""
     if source.size(1) == 0:
         raise ValueError("the source is empty: generation needs at least one source token")
     if decoder_input_ids is None:
@@ -309,7 +317,9 @@ def _seq2seq_start(
                 f"{tuple(decoder_input_ids.shape)} for {source.size(0)} sources"
             )
         prefix = decoder_input_ids.to(device=source.device, dtype=torch.long)  # (N, P)
-    memory = model.encode(source, attention_mask)  # (N, S, C)
+    if encoder_outputs is not None and encoder_outputs.size(0) != source.size(0):
+        raise ValueError(f"encoder_outputs has {encoder_outputs.size(0)} rows for {source.size(0)} sources")
+    memory = model.encode(source, attention_mask) if encoder_outputs is None else encoder_outputs  # (N, S, C)
     P = prefix.size(1)
     max_new = _new_token_budget(model, P, max_new_tokens)
     cache: KVCache | None = model.allocate_cache(source.size(0), P + max_new) if use_cache and max_new else None
@@ -369,6 +379,7 @@ def iter_generate(
     use_cache: bool = True,
     logits_processors: Sequence[LogitsProcessor] = (),
     decoder_input_ids: Tensor | None = None,
+    encoder_outputs: Tensor | None = None,
     **kwargs: Any,
 ) -> Iterator[Tensor]:
     """Yield the next token of every row, (B,), one step at a time. Finished rows yield the pad id.
@@ -381,7 +392,9 @@ def iter_generate(
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
         attention_mask = attention_mask[None] if attention_mask is not None else None
-    start = _start(model, input_ids, attention_mask, 1, cfg.max_new_tokens, use_cache, decoder_input_ids)
+    start = _start(
+        model, input_ids, attention_mask, 1, cfg.max_new_tokens, use_cache, decoder_input_ids, encoder_outputs
+    )
     yield from _next_tokens(start, cfg, tokenizer, generator, logits_processors)
 
 
@@ -522,11 +535,21 @@ def beam_generate(
     use_cache: bool = True,
     logits_processors: Sequence[LogitsProcessor] = (),
     decoder_input_ids: Tensor | None = None,
+    encoder_outputs: Tensor | None = None,
 ) -> Tensor:
     """Beam search for a causal LM or an encoder-decoder: inputs (B, T) -> (B * R, T' + n), where T' is the
     prompt's length (causal LM) or the decoder prompt's (encoder-decoder: 1, the decoder start token, unless
     decoder_input_ids is given)."""
-    start = _start(model, input_ids, attention_mask, cfg.num_beams, cfg.max_new_tokens, use_cache, decoder_input_ids)
+    start = _start(
+        model,
+        input_ids,
+        attention_mask,
+        cfg.num_beams,
+        cfg.max_new_tokens,
+        use_cache,
+        decoder_input_ids,
+        encoder_outputs,
+    )
     if start.first is None:
         return start.prefix[:: cfg.num_beams].repeat_interleave(cfg.num_return_sequences, dim=0)
     processors = [*start.processors, *logits_processors]
@@ -544,11 +567,13 @@ def generate(
     streamer: Callable[[Tensor], None] | None = None,
     logits_processors: Sequence[LogitsProcessor] = (),
     decoder_input_ids: Tensor | None = None,
+    encoder_outputs: Tensor | None = None,
     **kwargs: Any,
 ) -> Tensor:
     """Prompt (B, T) followed by up to `max_new_tokens` new tokens: (B, T + n). For an encoder-decoder,
     input_ids is the source and the result is decoder_start_token_id followed by the new tokens, (B, 1 + n), or,
-    with `decoder_input_ids` (B, P), that decoder prompt followed by the new tokens, (B, P + n).
+    with `decoder_input_ids` (B, P), that decoder prompt followed by the new tokens, (B, P + n); `encoder_outputs`
+    (B, S, C), when the caller has encoded the source already, saves encoding it again.
 
     Options (keywords or a GenerationConfig): max_new_tokens, min_new_tokens, do_sample, temperature, top_k,
     top_p, repetition_penalty, no_repeat_ngram_size, eos_token_id, pad_token_id, stop (strings; needs
@@ -564,11 +589,15 @@ def generate(
         if streamer is not None:
             raise ValueError("a streamer needs tokens as they are chosen; beam search picks them only at the end")
         with torch.inference_mode():
-            out = beam_generate(model, input_ids, attention_mask, cfg, use_cache, logits_processors, decoder_input_ids)
+            out = beam_generate(
+                model, input_ids, attention_mask, cfg, use_cache, logits_processors, decoder_input_ids, encoder_outputs
+            )
         return out.clone()  # an ordinary tensor, usable in training code
     tokens = []
     with torch.inference_mode():
-        start = _start(model, input_ids, attention_mask, 1, cfg.max_new_tokens, use_cache, decoder_input_ids)
+        start = _start(
+            model, input_ids, attention_mask, 1, cfg.max_new_tokens, use_cache, decoder_input_ids, encoder_outputs
+        )
         for token in _next_tokens(start, cfg, tokenizer, generator, logits_processors):
             tokens.append(token)
             if streamer is not None:

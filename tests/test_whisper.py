@@ -18,7 +18,13 @@ from transformers import WhisperForConditionalGeneration as HFWhisper  # test-on
 from transformers import WhisperTokenizer as HFWhisperTokenizer
 
 import lmforge
-from lmforge import AutoModelForSpeechSeq2Seq, AutoTokenizer, WhisperFeatureExtractor, WhisperForConditionalGeneration
+from lmforge import (
+    AutoModelForSpeechSeq2Seq,
+    AutoTokenizer,
+    WhisperFeatureExtractor,
+    WhisperForConditionalGeneration,
+    generation,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -150,6 +156,32 @@ def test_prompt_and_language_detection(tiny: Path) -> None:
         ours.generate(x, language="en", task="summarize")
     with pytest.raises(ValueError, match=r"shape \(batch, 80, 3000\) \(30 s\); got \(1, 80, 100\)"):
         ours.generate(torch.zeros(1, 80, 100))
+
+
+def test_audio_encoded_once(tiny: Path) -> None:
+    """Language detection and decoding share one encoder pass (transformers encodes twice); passing encoder_outputs
+    to lmforge.generation.generate gives the same tokens as letting it encode."""
+    ours = WhisperForConditionalGeneration.from_pretrained(tiny)
+    calls = []
+    hook = ours.model.encoder.register_forward_hook(lambda *_: calls.append(1))
+    x = features(2)
+    for options in ({}, {"num_beams": 2}):
+        calls.clear()
+        ours.generate(x, max_new_tokens=5, **options)
+        assert len(calls) == 1
+    hook.remove()
+    prompt = ours.prompt_ids(x, language="en")
+    with torch.inference_mode():
+        memory = ours.encode(x)
+    for options in ({}, {"num_beams": 3}):
+        given = generation.generate(
+            ours, x, decoder_input_ids=prompt, encoder_outputs=memory, max_new_tokens=6, **options
+        )
+        assert (
+            given.tolist()
+            == generation.generate(ours, x, decoder_input_ids=prompt, max_new_tokens=6, **options).tolist()
+        )
+        assert given[:, :4].tolist() == prompt.tolist()  # generation.generate returns the prompt too
 
 
 def test_english_only_model(tiny_en: Path) -> None:

@@ -410,18 +410,24 @@ class WhisperForConditionalGeneration(PreTrainedModel):
         return int(start)
 
     def prompt_ids(
-        self, input_features: Tensor | None = None, language: str | None = None, task: str | None = None
+        self,
+        input_features: Tensor | None = None,
+        language: str | None = None,
+        task: str | None = None,
+        encoder_outputs: Tensor | None = None,
     ) -> Tensor:
         """The decoder prompt of each clip (B, P): <|startoftranscript|> [<|lang|>] [<|task|>] [<|notimestamps|>],
         built as transformers' Whisper builds it: from generation_config.json's forced_decoder_ids unless `language`
-        or `task` is given; `language` ("en", "<|en|>") detected from the audio when a multilingual model leaves it
-        open; `task` "transcribe" (the default once a language is given) or "translate" (into English)."""
+        or `task` is given; `language` ("en", "<|en|>") detected from the audio (or its `encoder_outputs`) when a
+        multilingual model leaves it open; `task` "transcribe" (the default once a language is given) or "translate"
+        (into English)."""
         g = self.generation_config
         lang_to_id: dict[str, int] = g.get("lang_to_id") or {}
         task_to_id: dict[str, int] = g.get("task_to_id") or {}
         if g.get("is_multilingual") is False and (language is not None or task is not None):
             raise ValueError("this is an English-only Whisper model: it takes no language or task; drop them")
-        batch = input_features.size(0) if input_features is not None else 1
+        known = input_features if input_features is not None else encoder_outputs
+        batch = known.size(0) if known is not None else 1
         init: list[int | None] = [self._start_id()]
         if language is None and task is None:
             for position, token in g.get("forced_decoder_ids") or []:  # (1, lang), (2, task), ... in order
@@ -435,9 +441,9 @@ class WhisperForConditionalGeneration(PreTrainedModel):
         if language is not None:
             lang_ids = [self._language_id(language, lang_to_id)] * batch
         elif lang_to_id and (len(init) == 1 or init[1] is None):
-            if input_features is None:
+            if known is None:
                 raise ValueError("the language is to be detected from the audio: pass input_features (or a language)")
-            lang_ids = self.detect_language(input_features).tolist()
+            lang_ids = self.detect_language(input_features, encoder_outputs).tolist()
         if lang_ids is not None:
             for row, lang in zip(rows, lang_ids):
                 if len(row) > 1:
@@ -458,7 +464,7 @@ class WhisperForConditionalGeneration(PreTrainedModel):
             if no_timestamps is not None and row[-1] != no_timestamps:
                 row.append(no_timestamps)
             row[:] = [t for t in row if t is not None]
-        device = input_features.device if input_features is not None else self.device
+        device = known.device if known is not None else self.device
         return torch.tensor(rows, dtype=torch.long, device=device)
 
     @staticmethod
@@ -485,7 +491,9 @@ class WhisperForConditionalGeneration(PreTrainedModel):
         the R best beams of each clip (transformers' Whisper repeats the best one R times). `max_new_tokens` defaults to
         what generation_config.json's max_length (and the decoder's positions) leave after the prompt."""
         g = self.generation_config
-        prompt = self.prompt_ids(input_features, language, task)  # (B, P)
+        with torch.inference_mode():  # encoded once, for the language detection and the decoding
+            memory = self.encode(input_features)  # (B, 1500, C)
+        prompt = self.prompt_ids(input_features, language, task, encoder_outputs=memory)  # (B, P)
         P = prompt.size(1)
         if max_new_tokens is None:
             max_new_tokens = min(
@@ -499,6 +507,7 @@ class WhisperForConditionalGeneration(PreTrainedModel):
             self,
             input_features,
             decoder_input_ids=prompt,
+            encoder_outputs=memory,
             max_new_tokens=max_new_tokens,
             logits_processors=processors,
             **kwargs,
