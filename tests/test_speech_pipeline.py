@@ -171,3 +171,19 @@ def test_cli_transcribe_user_errors(tiny: Path, wavs: dict[str, Path], capsys: p
     assert "language 'xx' is not one this model knows" in capsys.readouterr().err
     assert main(["transcribe", str(tiny.parent / "nope"), str(wavs["a"])]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_ten_minute_file_on_the_command_line(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A long recording (10 minutes: 20 windows) is transcribed window by window, with a progress bar; the text is
+    the windows' texts joined (a 2-hour file is 240 windows the same way)."""
+    audio = np.concatenate([clip(30.0, seed) for seed in range(20)])  # each window a different sound
+    path = tmp_path / "lecture.flac"
+    sf.write(path, audio, SR)
+    assert main(["transcribe", str(tiny), str(path), "--max-new-tokens", "3", "--batch-size", "8", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert "20/20" in err and "window" in err  # the progress bar
+    text = json.loads(out)["text"]
+    asr = pipeline("automatic-speech-recognition", model=tiny, max_new_tokens=3)
+    windows = asr([sf.read(path, dtype="float32")[0][i : i + 480000] for i in range(0, len(audio), 480000)])
+    assert text == join_windows([w["text"] for w in windows])
+    assert len({w["text"] for w in windows}) > 5

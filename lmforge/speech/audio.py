@@ -75,7 +75,7 @@ def load_audio(path: str | os.PathLike, sampling_rate: int = SAMPLING_RATE) -> n
         raise IsADirectoryError(f"{str(path)!r} is a directory; pass an audio file (WAV, FLAC, OGG, MP3)")
     sf = _import("soundfile")
     try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)  # (frames, channels)
+        data, rate = sf.read(str(path), dtype="float32")  # (frames,) for mono, else (frames, channels)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
         size = path.stat().st_size
         detail = "the file is empty (0 bytes)" if size == 0 else str(e).strip()
