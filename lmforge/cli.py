@@ -408,6 +408,7 @@ def cmd_convert(a: argparse.Namespace) -> int:
         if hits:
             note = " (transposed: Conv1D -> Linear)" if rule.transpose else ""
             note += f" (joined: {', '.join(rule.parts)})" if rule.parts else ""
+            note += f" ({', '.join(rule.absent)}: not stored, zeros)" if rule.absent else ""
             print(f"  {rule.theirs:44s} -> {rule.ours}{note}  x{hits}")
     dtype = DTYPES[a.dtype]
     model.to(getattr(torch, dtype))
@@ -417,6 +418,10 @@ def cmd_convert(a: argparse.Namespace) -> int:
         tokenizer = None
         print("  (no tokenizer files in the source; only the model is written)")
     model.save_pretrained(a.out, tokenizer=tokenizer)
+    if (source / "preprocessor_config.json").is_file():  # a speech model's feature settings go with it
+        import shutil
+
+        shutil.copyfile(source / "preprocessor_config.json", Path(a.out) / "preprocessor_config.json")
     print(f"lmforge convert: wrote {a.out} ({dtype}); it loads with lmforge and with transformers")
     return 0
 

@@ -270,3 +270,41 @@ def test_loads_offline_from_the_hf_cache(tiny: Path, tmp_path: Path, monkeypatch
     assert extractor.feature_size == 80 and tokenizer.convert_tokens_to_ids("<|en|>") == 266
     with pytest.raises(FileNotFoundError, match="openai/whisper-small' is not a local directory and is not in the"):
         AutoModelForSpeechSeq2Seq.from_pretrained("openai/whisper-small")
+
+
+def test_gradients_equal_transformers(tiny: Path) -> None:
+    """Training: the loss's gradients equal transformers' (the fused q/k/v gradient is theirs stacked; the key bias,
+    which transformers does not have, gets exactly zero: softmax ignores it)."""
+    theirs = HFWhisper.from_pretrained(tiny).train()
+    ours = WhisperForConditionalGeneration.from_pretrained(tiny).train()
+    x = features(2, seed=4)
+    labels = torch.tensor([[266, 270, 274, 68, 10, 75, 264], [268, 270, 274, 200, 3, 264, -100]])
+    theirs(input_features=x, labels=labels).loss.backward()
+    ours(input_features=x, labels=labels).loss.backward()
+    hf = dict(theirs.named_parameters())
+    C = ours.config.d_model
+    enc, dec = ours.model.encoder, ours.model.decoder
+    pairs = [
+        (enc.conv1.weight.grad, hf["model.encoder.conv1.weight"].grad),
+        (enc.layers[0].attn.qkv.weight.grad[:C], hf["model.encoder.layers.0.self_attn.q_proj.weight"].grad),
+        (enc.layers[1].attn.qkv.weight.grad[C : 2 * C], hf["model.encoder.layers.1.self_attn.k_proj.weight"].grad),
+        (dec.layers[1].cross_attn.kv.weight.grad[C:], hf["model.decoder.layers.1.encoder_attn.v_proj.weight"].grad),
+        (dec.embed_tokens.weight.grad, hf["model.decoder.embed_tokens.weight"].grad),
+        (dec.embed_positions.weight.grad, hf["model.decoder.embed_positions.weight"].grad),
+    ]
+    for got, expected in pairs:
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+        assert float(expected.abs().max()) > 1e-3  # not an all-zero gradient
+    assert enc.embed_positions.weight.grad is None  # the fixed sinusoids are not trained
+    torch.testing.assert_close(enc.layers[0].attn.qkv.bias.grad[C : 2 * C], torch.zeros(C), rtol=0, atol=1e-6)
+
+
+def test_convert_keeps_the_speech_files(tiny: Path, tmp_path: Path) -> None:
+    from lmforge.cli import main
+
+    assert main(["convert", str(tiny), str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
+    names = {p.name for p in (tmp_path / "bf16").iterdir()}
+    assert {"generation_config.json", "preprocessor_config.json", "tokenizer.json", "model.safetensors"} <= names
+    model = WhisperForConditionalGeneration.from_pretrained(tmp_path / "bf16")
+    assert model.dtype == torch.bfloat16 and model.generation_config["lang_to_id"]
+    assert HFWhisper.from_pretrained(tmp_path / "bf16").dtype == torch.bfloat16
