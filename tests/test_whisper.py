@@ -158,6 +158,22 @@ def test_prompt_and_language_detection(tiny: Path) -> None:
         ours.generate(torch.zeros(1, 80, 100))
 
 
+@pytest.mark.parametrize("max_length", [10, 48])
+def test_default_length_follows_transformers(tiny: Path, max_length: int) -> None:
+    """Without max_new_tokens, generation_config.json's max_length bounds the new tokens plus (most of) the prompt,
+    within the decoder's positions, as in transformers."""
+    theirs = HFWhisper.from_pretrained(tiny).eval()
+    ours = WhisperForConditionalGeneration.from_pretrained(tiny)
+    theirs.generation_config.max_length = ours.generation_config["max_length"] = max_length
+    x = features(3, seed=8)
+    ours.generation_config["begin_suppress_tokens"] = theirs.generation_config.begin_suppress_tokens = None
+    ours.generation_config["suppress_tokens"] = [ours.generation_config["eos_token_id"]]  # run to the limit
+    theirs.generation_config.suppress_tokens = [ours.generation_config["eos_token_id"]]
+    got, expected = ours.generate(x), theirs.generate(x)
+    assert got.tolist() == expected.tolist()
+    assert got.shape[1] == (max_length if max_length < 44 else 44)
+
+
 def test_audio_encoded_once(tiny: Path) -> None:
     """Language detection and decoding share one encoder pass (transformers encodes twice); passing encoder_outputs
     to lmforge.generation.generate gives the same tokens as letting it encode."""

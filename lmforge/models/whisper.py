@@ -203,7 +203,7 @@ class WhisperDecoder(nn.Module):
     ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """ids (B, T), memory (B, S, C) -> (B, T, C), and if output_attentions each layer's self-attention
         (B, H, T, past + T) and cross-attention (B, H, T, S) weights (else empty lists)."""
-        T, S = input_ids.size(1), memory.size(1)
+        T = input_ids.size(1)
         past = cache.length if cache is not None else 0
         if past + T > self.config.max_target_positions:
             raise ValueError(
@@ -224,7 +224,6 @@ class WhisperDecoder(nn.Module):
                 cross_attentions.append(cross_w)
         if cache is not None:
             cache.advance(T)
-        del S
         return apply(self.layer_norm, x), self_attentions, cross_attentions
 
 
@@ -489,17 +488,16 @@ class WhisperForConditionalGeneration(PreTrainedModel):
         to the longest (n = 0 when every row ended at once). Greedy by
         default; `num_beams`, `length_penalty` etc. as in `lmforge.generation.generate`; `num_return_sequences` gives
         the R best beams of each clip (transformers' Whisper repeats the best one R times). `max_new_tokens` defaults to
-        what generation_config.json's max_length (and the decoder's positions) leave after the prompt."""
+        generation_config.json's max_length (448 for OpenAI's checkpoints), within the decoder's positions."""
         g = self.generation_config
         with torch.inference_mode():  # encoded once, for the language detection and the decoding
             memory = self.encode(input_features)  # (B, 1500, C)
         prompt = self.prompt_ids(input_features, language, task, encoder_outputs=memory)  # (B, P)
         P = prompt.size(1)
-        if max_new_tokens is None:
-            max_new_tokens = min(
-                g.get("max_length") or self.config.max_target_positions, self.config.max_target_positions
-            )
-            max_new_tokens = max(max_new_tokens - P, 0)
+        if max_new_tokens is None:  # transformers' rule: max_length counts the new tokens and (most of) the prompt
+            limit = self.config.max_target_positions
+            total = min((g.get("max_length") or limit) + min(limit // 2 - 1, P), limit)
+            max_new_tokens = max(total - P, 0)
         processors = [*suppression_processors(g, P), *(logits_processors or [])]
         kwargs.setdefault("eos_token_id", g.get("eos_token_id", self.config.eos_token_id))
         kwargs.setdefault("pad_token_id", g.get("pad_token_id", self.config.pad_token_id))
