@@ -138,7 +138,8 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
             windows = [audio[i : i + self.window] for i in range(0, len(audio), self.window)]
             features.append(Feature(rows=[{"audio": w} for w in windows]))
         total = sum(len(f.rows) for f in features)
-        show = opts["progress"] if opts["progress"] is not None else total > 1
+        long_audio = any(len(f.rows) > 1 for f in features)
+        show = opts["progress"] if opts["progress"] is not None else long_audio
         self._bar = tqdm(total=total, unit="window", desc="transcribing", disable=not show)
         return features
 
