@@ -215,6 +215,21 @@ def test_english_only_model(tiny_en: Path) -> None:
         ours.generate(x, language="en")
 
 
+def test_prompt_from_an_older_config_json(tiny: Path, tmp_path: Path) -> None:
+    """Checkpoints without generation_config.json keep forced_decoder_ids in config.json; transformers falls back to
+    them, and so does lmforge."""
+    shutil.copytree(tiny, tmp_path / "old")
+    (tmp_path / "old" / "generation_config.json").unlink()
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    config["forced_decoder_ids"] = [[1, 267], [2, 269], [3, 274]]  # <|zh|> <|translate|> <|notimestamps|>
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    ours = WhisperForConditionalGeneration.from_pretrained(tmp_path / "old")
+    theirs = HFWhisper.from_pretrained(tmp_path / "old").eval()
+    x = features(2, seed=9)
+    assert ours.prompt_ids(x).tolist() == [[265, 267, 269, 274]] * 2
+    assert ours.generate(x, max_new_tokens=10).tolist() == theirs.generate(x, max_new_tokens=10).tolist()
+
+
 def test_suppressed_tokens_never_appear(tiny: Path) -> None:
     ours = WhisperForConditionalGeneration.from_pretrained(tiny)
     g = ours.generation_config

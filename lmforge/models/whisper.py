@@ -564,6 +564,8 @@ def default_generation_config(config: WhisperConfig) -> dict[str, Any]:
     }
     if config.suppress_tokens is not None:
         g["suppress_tokens"] = config.suppress_tokens
+    if config.extra.get("forced_decoder_ids"):  # older checkpoints keep the prompt in config.json
+        g["forced_decoder_ids"] = config.extra["forced_decoder_ids"]
     return g
 
 
