@@ -35,8 +35,8 @@ fi
 
 if [ "${1:-}" = "test" ]; then
   bash scripts/system-packages.sh test || echo "setup: continuing without those system packages: the tests that need them skip (and fail in CI)" >&2
-  "${PIP[@]}" -e ".[serve,test]"
+  "${PIP[@]}" -e ".[serve,speech,test]"
 else
-  "${PIP[@]}" -e ".[serve]"
+  "${PIP[@]}" -e ".[serve,speech]"
 fi
 echo "setup: lmforge is installed in $("$PY" -c 'import sys; print(sys.prefix)')"

@@ -5,6 +5,7 @@ within 1e-5 on sweeps, noise, different lengths and batches."""
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -168,3 +169,13 @@ def test_bad_audio_files(tmp_path) -> None:
         load_audio(silent)
     with pytest.raises(IsADirectoryError, match="is a directory"):
         load_audio(tmp_path)
+
+
+def test_missing_speech_extra_is_named(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sf.write(tmp_path / "a.wav", sweep(0.5), SR)
+    monkeypatch.setitem(sys.modules, "soundfile", None)  # as if it were not installed
+    with pytest.raises(ImportError, match=r"needs the 'soundfile' package: install the speech extra: pip install"):
+        load_audio(tmp_path / "a.wav")
+    monkeypatch.setitem(sys.modules, "soxr", None)
+    with pytest.raises(ImportError, match="needs the 'soxr' package"):
+        resample(sweep(0.5), SR, 8000)
