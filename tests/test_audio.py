@@ -86,6 +86,18 @@ def test_batched_features_equal_one_by_one_and_transformers(oracle: HFWhisperFea
     )
 
 
+def test_unpadded_features() -> None:
+    """n_samples=None keeps the longest clip's length (no 30-s padding): its frames equal the padded run's first."""
+    clip = sweep(2.0)
+    full = log_mel_spectrogram(clip)  # (1, 80, 3000)
+    short = log_mel_spectrogram([clip, clip[:8000]], n_samples=None)  # (2, 80, 200)
+    assert short.shape == (2, 80, 200)
+    # same spectrum where the frames see the same samples; the floor (max - 8) is the same clip's
+    torch.testing.assert_close(short[0, :, :190], full[0, :, :190], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="100 samples are too few for a window of 400"):
+        log_mel_spectrogram(clip[:100], n_samples=None)
+
+
 def test_numpy_output_and_normalize(oracle: HFWhisperFeatureExtractor) -> None:
     clip = sweep(4.0) + 0.2
     ours = WhisperFeatureExtractor()(clip, sampling_rate=SR, return_tensors="np", do_normalize=True)["input_features"]

@@ -113,6 +113,8 @@ def log_mel_spectrogram(
     if not clips:
         raise ValueError("no audio given")
     length = n_samples if n_samples is not None else max(c.numel() for c in clips)
+    if length <= n_fft // 2:
+        raise ValueError(f"{length} samples are too few for a window of {n_fft}; give at least {n_fft // 2 + 1}")
     x = pad_or_trim(clips, length)  # (B, N)
     if filters is None:
         filters = mel_filterbank(n_mels, n_fft, sampling_rate)
