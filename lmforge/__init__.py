@@ -50,6 +50,7 @@ _EXPORTS = {
     "AutoModelForSpeechSeq2Seq": "lmforge.auto",
     "WhisperConfig": "lmforge.models.whisper",
     "WhisperForConditionalGeneration": "lmforge.models.whisper",
+    "WhisperModel": "lmforge.models.whisper",
     "WhisperFeatureExtractor": "lmforge.speech",
     "load_audio": "lmforge.speech",
     "Seq2SeqConfig": "lmforge.models.seq2seq",

@@ -339,3 +339,28 @@ def test_convert_keeps_the_speech_files(tiny: Path, tmp_path: Path) -> None:
     model = WhisperForConditionalGeneration.from_pretrained(tmp_path / "bf16")
     assert model.dtype == torch.bfloat16 and model.generation_config["lang_to_id"]
     assert HFWhisper.from_pretrained(tmp_path / "bf16").dtype == torch.bfloat16
+
+
+def test_whisper_model_trunk_equals_transformers(tiny: Path, tmp_path: Path) -> None:
+    from transformers import WhisperModel as HFWhisperModel
+
+    ours = lmforge.AutoModel.from_pretrained(tiny)  # the trunk of a WhisperForConditionalGeneration directory
+    assert type(ours) is lmforge.WhisperModel
+    theirs = HFWhisperModel.from_pretrained(tiny).eval()
+    x, dec = features(2, seed=6), torch.tensor([[265, 266, 270, 274, 68], [265, 268, 270, 274, 9]])
+    with torch.no_grad():
+        got, expected = ours(input_features=x, decoder_input_ids=dec), theirs(input_features=x, decoder_input_ids=dec)
+    torch.testing.assert_close(got.last_hidden_state, expected.last_hidden_state, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got.encoder_last_hidden_state, expected.encoder_last_hidden_state, rtol=0, atol=1e-5)
+    ours.save_pretrained(tmp_path / "trunk")
+    assert not any(k.startswith(("model.", "proj_out")) for k in load_file(tmp_path / "trunk" / "model.safetensors"))
+    back = HFWhisperModel.from_pretrained(tmp_path / "trunk").eval()
+    with torch.no_grad():
+        again = back(input_features=x, decoder_input_ids=dec).last_hidden_state
+    torch.testing.assert_close(again, expected.last_hidden_state, rtol=0, atol=1e-5)
+    full = WhisperForConditionalGeneration.from_pretrained(tmp_path / "trunk")  # a trunk file read by the head model
+    with torch.no_grad():
+        logits = full(input_features=x, decoder_input_ids=dec).logits
+    torch.testing.assert_close(
+        logits, HFWhisper.from_pretrained(tiny)(input_features=x, decoder_input_ids=dec).logits, rtol=0, atol=1e-5
+    )

@@ -97,3 +97,15 @@ class Seq2SeqLMOutput(ModelOutput):
     cross_attentions: tuple[Tensor, ...] | None = None  # decoder queries over the source (B, H, T, S)
     encoder_last_hidden_state: Tensor | None = None  # (B, S, C)
     encoder_attentions: tuple[Tensor, ...] | None = None  # (B, H, S, S); None when encoder_outputs was passed
+
+
+@dataclass
+class Seq2SeqModelOutput(ModelOutput):
+    """An encoder-decoder trunk's output (transformers' names): the decoder's last hidden states and the encoder's."""
+
+    last_hidden_state: Tensor | None = None  # (B, T, C): the decoder's
+    past_key_values: Any = None
+    decoder_attentions: tuple[Tensor, ...] | None = None
+    cross_attentions: tuple[Tensor, ...] | None = None
+    encoder_last_hidden_state: Tensor | None = None  # (B, S, C)
+    encoder_attentions: tuple[Tensor, ...] | None = None

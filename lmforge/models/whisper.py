@@ -37,7 +37,7 @@ from lmforge.config import PretrainedConfig
 from lmforge.files import atomic_write_text
 from lmforge.hub import KeyMap, KeyRule, resolve_model_dir
 from lmforge.models.base import PreTrainedModel, init_normal
-from lmforge.models.outputs import Seq2SeqLMOutput
+from lmforge.models.outputs import Seq2SeqLMOutput, Seq2SeqModelOutput
 from lmforge.models.registry import register
 from lmforge.models.seq2seq import shift_tokens_right
 from lmforge.nn import AttentionMask, DecoderBlock, KVCache, LearnedPositionalEmbedding, TransformerBlock, layer_norm
@@ -276,6 +276,69 @@ WHISPER_KEYS: list[KeyRule] = [
     *_rename("model.decoder.layer_norm", "model.decoder.layer_norm"),
     KeyRule("proj_out.weight", "proj_out.weight"),
 ]
+
+
+# the bare trunk (transformers' WhisperModel): the same names without "model." and without the output projection
+WHISPER_BASE_KEYS = [
+    KeyRule(r.ours.removeprefix("model."), r.theirs.removeprefix("model."), r.transpose, r.parts, r.absent)
+    for r in WHISPER_KEYS
+    if r.ours.startswith("model.")
+]
+
+
+@register("base-model")
+class WhisperModel(PreTrainedModel):
+    """The encoder and the decoder without the output projection (transformers' `WhisperModel`): the decoder's
+    hidden states (B, T, C) and the encoder's (B, 1500, C), e.g. as audio features for another head. Reads
+    WhisperModel files and the trunk of WhisperForConditionalGeneration files."""
+
+    config_class = WhisperConfig
+    hf_architecture = "WhisperModel"
+    hf_key_map = KeyMap(WHISPER_BASE_KEYS, re.compile(r"(?!)"), other_heads=("proj_out.",), prefix="model.", base=True)
+
+    def __init__(self, config: WhisperConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = WhisperEncoder(config)
+        self.decoder = WhisperDecoder(config)
+        init_normal(self, config.init_std)
+        for conv in (self.encoder.conv1, self.encoder.conv2):
+            nn.init.normal_(conv.weight, std=config.init_std)
+            nn.init.zeros_(conv.bias)
+        self.encoder.reset_positions()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.decoder.embed_tokens
+
+    def forward(
+        self,
+        input_features: Tensor | None = None,
+        decoder_input_ids: Tensor | None = None,
+        decoder_attention_mask: Tensor | None = None,
+        encoder_outputs: Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        output_attentions: bool = False,
+        attention_mask: Tensor | None = None,
+    ) -> Seq2SeqModelOutput:
+        """Features (B, n_mels, 3000) (or `encoder_outputs`) and decoder ids (B, T) -> the decoder's last hidden
+        states (B, T, C) and the encoder's (B, 1500, C); `attention_mask` is accepted and unused."""
+        encoder_attentions: list[Tensor] | None = None
+        if encoder_outputs is None:
+            if input_features is None:
+                raise ValueError("pass input_features (log-Mel features of the audio) or encoder_outputs")
+            encoder_outputs, encoder_attentions = self.encoder(input_features, output_attentions)
+        if decoder_input_ids is None:
+            raise ValueError("pass decoder_input_ids (e.g. the prompt <|startoftranscript|> ...)")
+        h, self_w, cross_w = self.decoder(
+            decoder_input_ids, encoder_outputs, decoder_attention_mask, past_key_values, output_attentions
+        )
+        out = Seq2SeqModelOutput(
+            last_hidden_state=h, past_key_values=past_key_values, encoder_last_hidden_state=encoder_outputs
+        )
+        if output_attentions:
+            out.decoder_attentions, out.cross_attentions = tuple(self_w), tuple(cross_w)
+            out.encoder_attentions = tuple(encoder_attentions) if encoder_attentions is not None else None
+        return out
 
 
 @register("speech-seq2seq")
