@@ -227,15 +227,6 @@ class WhisperDecoder(nn.Module):
         return apply(self.layer_norm, x), self_attentions, cross_attentions
 
 
-class WhisperStacks(nn.Module):
-    """The encoder and the decoder (transformers' `model.` of WhisperForConditionalGeneration)."""
-
-    def __init__(self, config: WhisperConfig) -> None:
-        super().__init__()
-        self.encoder = WhisperEncoder(config)
-        self.decoder = WhisperDecoder(config)
-
-
 def _attention_rules(ours: str, theirs: str) -> list[KeyRule]:
     """Separate q/k/v projections <-> the fused `qkv` (k has no bias in the checkpoint), and the output projection."""
     return [
@@ -355,13 +346,8 @@ class WhisperForConditionalGeneration(PreTrainedModel):
     def __init__(self, config: WhisperConfig) -> None:
         super().__init__()
         self.config = config
-        self.model = WhisperStacks(config)
-        self.proj_out = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        init_normal(self, config.init_std)
-        for conv in (self.model.encoder.conv1, self.model.encoder.conv2):
-            nn.init.normal_(conv.weight, std=config.init_std)
-            nn.init.zeros_(conv.bias)
-        self.model.encoder.reset_positions()
+        self.model = WhisperModel(config)  # the trunk, initialised
+        self.proj_out = nn.Linear(config.d_model, config.vocab_size, bias=False)  # tied: the token embedding
         self.tie_weights()
         self.generation_config: dict[str, Any] = default_generation_config(config)
 
