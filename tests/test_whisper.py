@@ -262,6 +262,28 @@ def test_tokenizer_text_equals_transformers(tiny: Path) -> None:
     assert lmforge.WhisperTokenizer is lmforge.Tokenizer
 
 
+def test_tokenizer_from_legacy_files(tiny: Path, tmp_path: Path) -> None:
+    """A Whisper folder without tokenizer.json (vocab.json + merges.txt + added_tokens.json, tokenizer_class
+    WhisperTokenizer) reads as GPT-2's byte-level BPE plus the added tokens, as transformers reads it."""
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        shutil.copyfile(tiny / name, legacy / name)
+    vocab = json.loads((tiny / "vocab.json").read_text())
+    added = {t["content"]: t["id"] for t in json.loads((tiny / "tokenizer.json").read_text())["added_tokens"]}
+    added = {k: v for k, v in added.items() if k not in vocab}
+    (legacy / "added_tokens.json").write_text(json.dumps(added))
+    special = {"eos_token": "<|endoftext|>", "additional_special_tokens": sorted(added, key=added.get)}
+    (legacy / "special_tokens_map.json").write_text(json.dumps(special))
+    ours, theirs = AutoTokenizer.from_pretrained(legacy), HFWhisperTokenizer.from_pretrained(legacy)
+    tokens = WhisperForConditionalGeneration.from_pretrained(tiny).generate(features(3), max_new_tokens=12).tolist()
+    assert ours.batch_decode(tokens, skip_special_tokens=True) == theirs.batch_decode(tokens, skip_special_tokens=True)
+    prompt = [added[t] for t in ("<|startoftranscript|>", "<|de|>", "<|transcribe|>", "<|notimestamps|>")]
+    assert ours.decode(prompt + tokens[0], skip_special_tokens=True) == theirs.decode(tokens[0])
+    text = "the cat sat in the hat"
+    assert ours.encode(text) == theirs.encode(text, add_special_tokens=False)
+
+
 def test_saved_directory_transcribes_the_same_in_transformers(tiny: Path, tmp_path: Path) -> None:
     ours = WhisperForConditionalGeneration.from_pretrained(tiny)
     ours.save_pretrained(tmp_path / "ours", tokenizer=AutoTokenizer.from_pretrained(tiny))

@@ -53,6 +53,8 @@ class LegacyVocab(enum.Enum):
 TOKENIZER_CLASSES: dict[str, LegacyVocab] = {
     "GPT2Tokenizer": LegacyVocab.GPT2_BPE,
     "GPT2TokenizerFast": LegacyVocab.GPT2_BPE,
+    "WhisperTokenizer": LegacyVocab.GPT2_BPE,  # GPT-2's byte-level BPE files + Whisper's added tokens
+    "WhisperTokenizerFast": LegacyVocab.GPT2_BPE,
     "BertTokenizer": LegacyVocab.BERT_WORDPIECE,
     "BertTokenizerFast": LegacyVocab.BERT_WORDPIECE,
     "MarianTokenizer": LegacyVocab.MARIAN_SPM,
