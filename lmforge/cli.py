@@ -268,6 +268,9 @@ def cmd_transcribe(a: argparse.Namespace) -> int:
     """Speech to text with a Whisper model: one line (or JSON object) per audio file."""
     from lmforge.pipelines import pipeline
 
+    for path in a.files:  # before the model loads: a typo answers at once
+        if not Path(path).exists():
+            raise FileNotFoundError(f"audio file {path!r} does not exist; check the path")
     pipe = pipeline("automatic-speech-recognition", model=a.model, device=a.device, batch_size=a.batch_size)
     options = {"language": a.language, "task": a.task, "num_beams": a.num_beams, "max_new_tokens": a.max_new_tokens}
     results = pipe(list(a.files), **options)
