@@ -5,7 +5,9 @@ Decoding one token at a time runs every layer's ~6 leaf modules once per token o
 step (6 layers x 6 leaves x 64 tokens). `apply(module, x)` gives exactly `module(x)`, running the same
 kernel directly on the module's weights when nothing could observe the difference: no autograd graph
 is being recorded, the module is a plain `nn.Linear` / `nn.LayerNorm` (not a subclass such as a LoRA
-layer), and no hook is registered on it or globally. Otherwise it calls the module as usual.
+layer), and no hook is registered on it or globally. A module class may declare `direct_call = True`
+(its forward records nothing for autograd, e.g. `Int8Linear`) to be called the same way. Otherwise it
+calls the module as usual.
 """
 
 from __future__ import annotations
@@ -37,4 +39,6 @@ def apply(module: nn.Module, x: Tensor) -> Tensor:
         if kind is nn.Linear:
             return F.linear(x, module.weight, module.bias)
         return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
+    if getattr(kind, "direct_call", False) and hook_free(module):  # e.g. Int8Linear: forward holds no autograd
+        return module.forward(x)
     return module(x)
