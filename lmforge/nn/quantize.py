@@ -133,7 +133,8 @@ class Int8Linear(nn.Module):
         rows = x.reshape(-1, self.in_features)  # (M, in)
         if self.passes == 1 and rows.size(0) == 1:  # one row: per-tensor is per-row already
             y = torch.ops.quantized.linear_dynamic(rows, self.packed, True)
-            y = y if self.bias is None else y + self.bias
+            if self.bias is not None:
+                y += self.bias
             return y.view(*x.shape[:-1], self.out_features)
         # Per-row scaling: each row's largest |value| becomes 1 before the kernel's per-tensor quantization, so
         # a row is quantized on its own range (and gives the same answer in any batch).
@@ -143,8 +144,10 @@ class Int8Linear(nn.Module):
         if self.passes == 2:  # what the first pass rounded away, in a second pass: ~14-bit activations
             residual = r - kernel_rounding(r)
             t = residual.abs().amax(dim=1, keepdim=True).clamp(min=1e-30)
-            y = torch.addcmul(y, torch.ops.quantized.linear_dynamic(residual / t, self.packed, True), t)
-        y = y * s if self.bias is None else torch.addcmul(self.bias, y, s)
+            y += torch.ops.quantized.linear_dynamic(residual / t, self.packed, True).mul_(t)
+        y.mul_(s)  # in place: a broadcasting addcmul took 3 ms per (1280, 1536) call here, mul_ + add_ 0.3
+        if self.bias is not None:
+            y += self.bias
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
