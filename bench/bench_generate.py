@@ -39,6 +39,8 @@ from common import (
     wait_for_quiet,
 )
 
+from lmforge.nn.inference import decode_layout  # noqa: E402
+
 
 def decode_gemm_floor_ms(model: torch.nn.Module, batch: int, seconds: float = 0.5) -> float:
     """Best-case ms for just the matmuls of one decode step (every Linear of the model applied to
@@ -138,6 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     info = start_run(args.threads)
     ours, hf, config = build_pair(args.seed)
+    decode_layout(ours)  # the weight layout from_pretrained gives (lmforge.nn.inference)
     ours.eval()
     hf.eval()
     assert config.eos_token_id is None and hf.generation_config.eos_token_id is None

@@ -177,12 +177,14 @@ def bench_generation(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     import transformers
 
     from lmforge import GPTConfig, GPTForCausalLM, Tokenizer, pipeline
+    from lmforge.nn.inference import decode_layout
 
     corpus = sentences(4000, seed=1)
     tok = Tokenizer.train_bpe(iterator=corpus, vocab_size=BENCH_CONFIG["vocab_size"])
     torch.manual_seed(args.seed)
     config = GPTConfig(**{**BENCH_CONFIG, "vocab_size": tok.vocab_size})  # eos_token_id None: never stops early
     model = GPTForCausalLM(config).eval()
+    decode_layout(model)  # the weight layout from_pretrained gives (lmforge.nn.inference)
     model.save_pretrained(workdir / "gen")
     tok.save_pretrained(workdir / "gen")
     ours = pipeline("text-generation", model=model, tokenizer=tok)

@@ -12,6 +12,7 @@ from torch import nn
 from lmforge import hub
 from lmforge.constants import DTYPES
 from lmforge.hub import KeyMap
+from lmforge.nn.inference import decode_layout
 from lmforge.nn.quantize import cpu_has_native_bf16, is_quantized, quantize
 
 
@@ -91,6 +92,7 @@ class PreTrainedModel(nn.Module):
                 "(or use dtype alone, without quantize)"
             )
         model = hub.load_pretrained(cls, path, **kwargs)
+        decode_layout(model)  # faster one-row matmuls when decoding; same values (lmforge.nn.inference)
         if mode is not None:
             model.quantize(mode)
         elif model.dtype == torch.bfloat16 and model.device.type == "cpu" and not cpu_has_native_bf16():
