@@ -320,3 +320,22 @@ def test_gpt_config_width_below_the_threshold_is_left_in_float() -> None:
     with pytest.warns(UserWarning, match="left the model as it was: no Linear layer has both sides >= 64"):
         model.quantize("int8")  # nothing to gain on 32-wide layers: they stay exact
     assert not model.is_quantized
+
+
+def test_server_with_quantize_int8_answers_as_the_int8_model_does(trained_gpt) -> None:
+    from fastapi.testclient import TestClient
+
+    from lmforge.serving import ServerConfig, create_app
+
+    run, _ = trained_gpt
+    app = create_app(ServerConfig(model=str(run), quantize="int8"), load_in_background=False)
+    with TestClient(app) as http:
+        assert app.state.engine.model.is_quantized
+        body = {"model": "run", "prompt": "ROMEO:\nWhat light", "max_tokens": 10, "temperature": 0}
+        reply = http.post("/v1/completions", json=body)
+    assert reply.status_code == 200, reply.text
+    model, tok = GPTForCausalLM.from_pretrained(run, quantize="int8"), Tokenizer.from_pretrained(run)
+    ids = torch.tensor([tok.encode(body["prompt"])])
+    with torch.inference_mode():
+        want = tok.decode(model.generate(ids, max_new_tokens=10)[0, ids.size(1) :].tolist())
+    assert reply.json()["choices"][0]["text"] == want
