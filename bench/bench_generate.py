@@ -1,9 +1,12 @@
-"""Greedy generation throughput with the KV cache: lmforge vs Hugging Face GPT2LMHeadModel (sdpa).
+"""Greedy generation throughput with the KV cache: lmforge (fp32 and int8) vs Hugging Face GPT2LMHeadModel
+(sdpa, fp32) vs CTranslate2 (fp32 and int8, when installed: pip install -e .[bench]).
 
-Same weights (save_pretrained -> GPT2LMHeadModel.from_pretrained), same random prompts of 32
-tokens, 128 new tokens, no early stop (eos_token_id None in the config; min_new_tokens for HF).
-Calls alternate lmforge / HF within each repeat; medians are reported, and the generated tokens
-must be identical.
+Same weights (save_pretrained -> GPT2LMHeadModel.from_pretrained; CTranslate2's own TransformersConverter
+on that same directory), same random prompts of 32 tokens, 128 new tokens, no early stop (eos_token_id None
+in the config; min_new_tokens for HF, min_length for CTranslate2). Calls alternate between the engines
+within each repeat (the order rotates); medians are reported. fp32 tokens must be identical across lmforge,
+HF and CTranslate2; the int8 engines' agreement with fp32 is reported (quantization changes some tokens).
+The run also prints a matmul (GFLOP/s) and a memory-read (GB/s) probe of this machine.
 
     python bench/bench_generate.py            # full run (~1-2 min on 2 cores)
     python bench/bench_generate.py --quick    # smoke check (< 30 s)
@@ -12,9 +15,13 @@ must be identical.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
+import tempfile
 import time
+from collections.abc import Callable
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,12 +30,16 @@ import torch.nn.functional as F  # noqa: E402
 from common import (
     LoadMonitor,
     Samples,
+    bandwidth_probe,
     build_pair,
+    matmul_probe,
     print_json,
     print_table,
     start_run,  # noqa: E402
     wait_for_quiet,
 )
+
+from lmforge.nn.inference import decode_layout  # noqa: E402
 
 
 def decode_gemm_floor_ms(model: torch.nn.Module, batch: int, seconds: float = 0.5) -> float:
@@ -52,6 +63,51 @@ def decode_gemm_floor_ms(model: torch.nn.Module, batch: int, seconds: float = 0.
     return 1e3 * best
 
 
+FP32_ENGINES = ("lmforge", "hf", "ct2-fp32")
+RATIOS = [
+    ("lmforge", "hf"),
+    ("lmforge", "ct2-fp32"),
+    ("lmforge-int8", "ct2-int8"),
+    ("lmforge-int8", "hf"),
+    ("lmforge-int8", "lmforge"),
+]
+GOALS = [("lmforge", "ct2-fp32", 1.0), ("lmforge-int8", "ct2-int8", 1.3), ("lmforge-int8", "hf", 3.0)]
+
+
+def ctranslate2_runners(
+    model: torch.nn.Module, vocab_size: int, workdir: str, threads: int, new_tokens: int
+) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """CTranslate2 fp32 and int8 generators converted by its own TransformersConverter from `model`'s saved
+    directory; each runner takes and returns token ids like `generate` (prompt + new tokens)."""
+    import ctranslate2
+    from ctranslate2.converters import TransformersConverter
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    model.save_pretrained(workdir)
+    # CTranslate2 speaks token strings: a word-level vocabulary "t0".."tN" stands for the ids
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="t0", eos_token="t0", unk_token="t0").save_pretrained(
+        workdir
+    )
+    runners = {}
+    for kind in ("float32", "int8"):
+        out = os.path.join(workdir, f"ct2-{kind}")
+        TransformersConverter(workdir).convert(out, quantization=kind, force=True)
+        gen = ctranslate2.Generator(out, device="cpu", compute_type=kind, intra_threads=threads)
+
+        def run(ids: torch.Tensor, gen: Any = gen) -> torch.Tensor:
+            prompts = [[f"t{i}" for i in row] for row in ids.tolist()]
+            res = gen.generate_batch(
+                prompts, max_length=new_tokens, min_length=new_tokens, sampling_topk=1, include_prompt_in_result=False
+            )
+            return torch.cat([ids, torch.tensor([r.sequences_ids[0] for r in res])], dim=1)
+
+        runners["ct2-fp32" if kind == "float32" else "ct2-int8"] = run
+    return runners
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
@@ -70,6 +126,12 @@ def main(argv: list[str] | None = None) -> dict:
         help="wait up to S seconds for idle CPUs before timing (default 120; 0 with --quick)",
     )
     p.add_argument("--no-check", action="store_true", help="do not fail when the tokens differ")
+    p.add_argument(
+        "--engines",
+        nargs="+",
+        default=None,
+        help="engines to run (default: all available): lmforge hf lmforge-int8 ct2-fp32 ct2-int8",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.repeats, args.warmup = min(args.steps, 32), 2, 1
@@ -78,6 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     info = start_run(args.threads)
     ours, hf, config = build_pair(args.seed)
+    decode_layout(ours)  # the weight layout from_pretrained gives (lmforge.nn.inference)
     ours.eval()
     hf.eval()
     assert config.eos_token_id is None and hf.generation_config.eos_token_id is None
@@ -98,8 +161,22 @@ def main(argv: list[str] | None = None) -> dict:
         )
 
     runners = {"lmforge": run_ours, "hf": run_hf}
+    ours_int8 = copy.deepcopy(ours).quantize("int8")
+    runners["lmforge-int8"] = lambda ids: ours_int8.generate(ids, max_new_tokens=N)
+    workdir = tempfile.TemporaryDirectory(prefix="lmforge-bench-ct2-")
+    try:
+        runners.update(ctranslate2_runners(ours, config.vocab_size, workdir.name, args.threads, N))
+    except ImportError:
+        print("# ctranslate2 is not installed (pip install -e .[bench]): its columns are left out")
+    if args.engines:
+        unknown = set(args.engines) - set(runners)
+        if unknown:
+            raise SystemExit(f"unknown or unavailable engines {sorted(unknown)}; available: {sorted(runners)}")
+        runners = {k: v for k, v in runners.items() if k in args.engines or k in ("lmforge", "hf")}
     wait_for_quiet(args.wait_quiet)
     print(f"# load at start: loadavg {os.getloadavg()[0]:.2f}")
+    probes = {"matmul_gflops": round(matmul_probe(1024, 0.5) / 1e9, 1), "read_gb_per_s": round(bandwidth_probe(), 1)}
+    print(f"# probes: fp32 matmul {probes['matmul_gflops']} GFLOP/s, memory read {probes['read_gb_per_s']} GB/s")
     results, rows, all_identical = {}, [], True
     mon = LoadMonitor()
     for B in args.batch:
@@ -111,22 +188,30 @@ def main(argv: list[str] | None = None) -> dict:
             for fn in runners.values():
                 fn(prompts[i])
         times = {name: Samples() for name in runners}
-        mismatches = []
+        mismatches: list[tuple] = []
+        agreement: dict[str, list[float]] = {}
         for r in range(args.repeats):
             ids = prompts[args.warmup + r]
-            order = list(runners) if r % 2 == 0 else list(runners)[::-1]
+            names = list(runners)
+            order = names[r % len(names) :] + names[: r % len(names)]  # each engine takes each place in turn
             outs = {}
             for name in order:
                 t0 = time.perf_counter()
                 outs[name] = runners[name](ids)
                 times[name].add(time.perf_counter() - t0)
-            a, b = outs["lmforge"], outs["hf"]
-            if a.shape != b.shape or not torch.equal(a, b):
-                where = (a != b).nonzero()[0].tolist() if a.shape == b.shape else "shape"
-                mismatches.append((r, tuple(a.shape), tuple(b.shape), where))
+            for name in [n for n in runners if n in FP32_ENGINES and n != "lmforge"]:
+                a, b = outs["lmforge"], outs[name]
+                if a.shape != b.shape or not torch.equal(a, b):
+                    where = (a != b).nonzero()[0].tolist() if a.shape == b.shape else "shape"
+                    mismatches.append((name, r, tuple(a.shape), tuple(b.shape), where))
+            for name in [n for n in runners if n not in FP32_ENGINES]:
+                same = (outs[name][:, -N:] == outs["lmforge"][:, -N:]).float().mean()
+                agreement.setdefault(name, []).append(float(same))
         identical = not mismatches
         all_identical &= identical
         res = {"identical_tokens": identical, "mismatches": [str(m) for m in mismatches]}
+        for name, values in agreement.items():
+            res[f"{name}_token_agreement_with_fp32"] = round(sum(values) / len(values), 4)
         for name in runners:
             t = times[name].median
             res[name] = {
@@ -143,31 +228,33 @@ def main(argv: list[str] | None = None) -> dict:
                     f"{1e3 * min(times[name].values) / N:.2f}..{1e3 * max(times[name].values) / N:.2f}",
                 ]
             )
-        res["ratio"] = round(times["hf"].median / times["lmforge"].median, 3)
+        for mine, peer in RATIOS:
+            if mine in runners and peer in runners:
+                ratio = times[peer].median / times[mine].median
+                res[f"ratio_{mine}_vs_{peer}"] = round(ratio, 3)
+                rows.append([f"ratio {mine}/{peer}", B, f"{ratio:.2f}x", "", ""])
+        res["ratio"] = res["ratio_lmforge_vs_hf"]
         res["best_ratio"] = round(min(times["hf"].values) / min(times["lmforge"].values), 3)
         res["gemm_floor_ms_per_step"] = round(decode_gemm_floor_ms(ours, B, 0.2 if args.quick else 0.5), 3)
-        rows.append(
-            [
-                "ratio lmforge/hf",
-                B,
-                f"{res['ratio']:.2f}x",
-                f"best {res['best_ratio']:.2f}x",
-                "identical" if identical else "DIFFER",
-            ]
-        )
+        rows.append(["lmforge fp32 tokens", B, "identical" if identical else "DIFFER", "", ""])
         results[f"batch_{B}"] = res
     load = mon.stop()
 
     print()
     print(
-        f"greedy generation, prompt {args.prompt} + {N} new tokens, KV cache, fp32, {args.threads} threads, "
+        f"greedy generation, prompt {args.prompt} + {N} new tokens, KV cache, {args.threads} threads, "
         f"{args.repeats} alternating repeats (medians; ms/step = call time / new tokens, prefill included)"
     )
     print_table(["model", "batch", "new tokens/s", "ms/step", "ms/step range"], rows)
     for B in args.batch:
         res = results[f"batch_{B}"]
         same = "identical" if res["identical_tokens"] else "DIFFER: " + str(res["mismatches"])
-        print(f"batch {B}: generated tokens {same}")
+        print(f"batch {B}: fp32 engines' tokens {same}")
+        for name in runners:
+            if f"{name}_token_agreement_with_fp32" in res:
+                print(
+                    f"batch {B}: {name} greedy tokens equal to fp32's: {res[f'{name}_token_agreement_with_fp32']:.1%}"
+                )
     print(
         f"load during the run: other processes used {load['other_cpus']:.2f} of {load['cpus']} CPUs; this process "
         f"{load['this_process_cpus']:.2f}; loadavg {load['loadavg_start']} -> {load['loadavg_end']}"
@@ -190,8 +277,17 @@ def main(argv: list[str] | None = None) -> dict:
                 f"target batch {B}: >= {want:g}x HF with identical tokens: {'MET' if met[f'batch_{B}'] else 'NOT met'} "
                 f"({r['ratio']:.2f}x, {'identical' if r['identical_tokens'] else 'tokens differ'})"
             )
+    for B in args.batch:
+        r = results[f"batch_{B}"]
+        for mine, peer, want in GOALS:
+            key = f"ratio_{mine}_vs_{peer}"
+            if key in r:
+                ok = r[key] >= want
+                met[f"batch_{B}_{mine}_vs_{peer}"] = ok
+                print(f"goal batch {B}: {mine} >= {want:g}x {peer}: {'MET' if ok else 'NOT met'} ({r[key]:.2f}x)")
     summary = {
         "bench": "generate",
+        "probes": probes,
         "prompt": args.prompt,
         "new_tokens": N,
         "threads": args.threads,
@@ -203,7 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print_json(summary)
     if not all_identical and not args.no_check:
-        print("ERROR: lmforge and HF generated different tokens", file=sys.stderr)
+        print("ERROR: the fp32 engines generated different tokens", file=sys.stderr)
         sys.exit(1)
     return summary
 

@@ -2,7 +2,8 @@
 
 1. text-classification over 2,000 real sentences of varied length (lmforge/data/corpora/en_sentiment.tsv.xz)
    with a MiniLM-shaped classifier (all-MiniLM-L6-v2's trunk + a fresh 2-label head), batch size 32 for
-   both. lmforge sorts the texts by length before batching (results come back in input order);
+   both; lmforge also with quantize="int8" (its labels' agreement with fp32 is reported). lmforge sorts the
+   texts by length before batching (results come back in input order);
    transformers batches them in the order given. Labels must agree and scores match to 1e-4.
 2. text-generation at batch 1: a GPT-2-shaped model (6 layers, width 384, context 256, random weights,
    no EOS so every call makes exactly 64 tokens), greedy, 64 new tokens per prompt. Texts must be equal.
@@ -100,11 +101,12 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 
 
 def alternate(runners: dict[str, Callable[[int], Any]], repeats: int) -> tuple[dict[str, Samples], list[dict]]:
-    """Each repeat calls every runner once (the order flips every repeat); returns times and outputs."""
+    """Each repeat calls every runner once (the order rotates every repeat); returns times and outputs."""
     times = {name: Samples() for name in runners}
     outputs = []
     for r in range(repeats):
-        order = list(runners) if r % 2 == 0 else list(runners)[::-1]
+        names = list(runners)
+        order = names[r % len(names) :] + names[: r % len(names)]
         outs = {}
         for name in order:
             seconds, outs[name] = timed(lambda: runners[name](r))
@@ -132,12 +134,15 @@ def bench_classification(args: argparse.Namespace, workdir: Path) -> dict[str, A
     hf = transformers.pipeline(
         "text-classification", model=str(workdir / "clf"), batch_size=args.batch_size, device="cpu"
     )
+    # int8: the same saved classifier loaded with quantize="int8" (lmforge.nn.quantize)
+    ours_int8 = pipeline("text-classification", model=str(workdir / "clf"), quantize="int8", batch_size=args.batch_size)
     lengths = [len(ids) for ids in tok(texts)["input_ids"]]
-    runners = {"lmforge": lambda r: ours(texts), "hf": lambda r: hf(texts)}
+    runners = {"lmforge": lambda r: ours(texts), "hf": lambda r: hf(texts), "lmforge-int8": lambda r: ours_int8(texts)}
     warm = texts[: 4 * args.batch_size]  # untimed warm-up on a slice
-    ours(warm)
-    hf(warm)
+    for run in runners.values():
+        run(warm)
     times, outputs = alternate(runners, args.repeats)
+    int8_labels = outputs[0]["lmforge-int8"]
     a, b = outputs[0]["lmforge"], outputs[0]["hf"]
     same_labels = all(x["label"] == y["label"] for x, y in zip(a, b)) and len(a) == len(b)
     max_diff = max(abs(x["score"] - y["score"]) for x, y in zip(a, b))
@@ -152,6 +157,8 @@ def bench_classification(args: argparse.Namespace, workdir: Path) -> dict[str, A
     for name, t in times.items():
         res[name] = {"texts_per_s": round(len(texts) / t.median, 1), "s_per_call": [round(v, 3) for v in t.values]}
     res["ratio"] = round(times["hf"].median / times["lmforge"].median, 3)
+    res["ratio_int8_vs_fp32"] = round(times["lmforge"].median / times["lmforge-int8"].median, 3)
+    res["int8_label_agreement"] = round(sum(x["label"] == y["label"] for x, y in zip(a, int8_labels)) / len(a), 4)
     # padding each side computes: sorted buckets vs batches in input order
     ordered = [texts[i : i + args.batch_size] for i in range(0, len(texts), args.batch_size)]
     padded_in_order = sum(
@@ -170,12 +177,14 @@ def bench_generation(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     import transformers
 
     from lmforge import GPTConfig, GPTForCausalLM, Tokenizer, pipeline
+    from lmforge.nn.inference import decode_layout
 
     corpus = sentences(4000, seed=1)
     tok = Tokenizer.train_bpe(iterator=corpus, vocab_size=BENCH_CONFIG["vocab_size"])
     torch.manual_seed(args.seed)
     config = GPTConfig(**{**BENCH_CONFIG, "vocab_size": tok.vocab_size})  # eos_token_id None: never stops early
     model = GPTForCausalLM(config).eval()
+    decode_layout(model)  # the weight layout from_pretrained gives (lmforge.nn.inference)
     model.save_pretrained(workdir / "gen")
     tok.save_pretrained(workdir / "gen")
     ours = pipeline("text-generation", model=model, tokenizer=tok)
@@ -269,10 +278,12 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{clf[name]['texts_per_s']:,.0f}",
                 f"{min(clf[name]['s_per_call']):.2f}..{max(clf[name]['s_per_call']):.2f}",
             ]
-            for name in ("lmforge", "hf")
+            for name in ("lmforge", "hf", "lmforge-int8")
         ]
-        + [["ratio hf/lmforge", f"{clf['ratio']:.2f}x", ""]],
+        + [["ratio hf/lmforge", f"{clf['ratio']:.2f}x", ""]]
+        + [["ratio lmforge/lmforge-int8", f"{clf['ratio_int8_vs_fp32']:.2f}x", ""]],
     )
+    print(f"int8 labels equal to fp32's: {clf['int8_label_agreement']:.2%}")
     pad = clf["padded_tokens"]
     print(
         f"padded tokens computed: length-sorted {pad['sorted']:,} vs input order {pad['input_order']:,} "
@@ -310,6 +321,11 @@ def main(argv: list[str] | None = None) -> dict:
     for name, ok in met.items():
         ratio = clf["ratio"] if name == "text_classification" else gen["ratio"]
         print(f"target {name}: >= 2x HF: {'MET' if ok else 'NOT met'} ({ratio:.2f}x)")
+    met["text_classification_int8_vs_fp32"] = clf["ratio_int8_vs_fp32"] >= 2.0
+    print(
+        f"target text_classification int8: >= 2x lmforge fp32: "
+        f"{'MET' if met['text_classification_int8_vs_fp32'] else 'NOT met'} ({clf['ratio_int8_vs_fp32']:.2f}x)"
+    )
     summary = {
         "bench": "pipelines",
         "threads": args.threads,

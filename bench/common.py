@@ -142,6 +142,18 @@ def matmul_probe(n: int = 2048, seconds: float = 1.0, trials: int = 3) -> float:
     return best
 
 
+def bandwidth_probe(megabytes: int = 256, trials: int = 5) -> float:
+    """GB/s of reading a buffer much larger than the caches (a sum over it): what weight streaming can reach."""
+    buf = torch.ones(megabytes * (1 << 20) // 4)
+    buf.sum()
+    best = float("inf")
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t0)
+    return buf.numel() * 4 / best / 1e9
+
+
 def measure_peak(quick: bool = False) -> dict[str, float]:
     """fp32 matmul peak from lmforge.utils.matmul_peak_flops (best of 3) and our own probe
     (2048^3 and 3072^3 into a preallocated output, best windows)."""

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge import __version__
-from lmforge.constants import context_length
+from lmforge.constants import DTYPES, context_length
 
 USER_ERRORS = (
     ValueError,
@@ -84,6 +84,14 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
     return 0
 
 
+def precision(a: argparse.Namespace) -> dict[str, str]:
+    """--quantize / --dtype as from_pretrained / pipeline options (only those given)."""
+    out = {"quantize": a.quantize} if a.quantize else {}
+    if a.dtype:
+        out["dtype"] = DTYPES[a.dtype]
+    return out
+
+
 def cmd_generate(a: argparse.Namespace) -> int:
     import torch
 
@@ -94,7 +102,9 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from lmforge.utils import resolve_device
 
     model_dir = resolve_model_dir(a.model_dir)  # a folder, or a model id in the local Hugging Face cache
-    model = GPTForCausalLM.from_pretrained(model_dir, device=resolve_device(a.device))  # bad device: ValueError
+    model = GPTForCausalLM.from_pretrained(
+        model_dir, device=resolve_device(a.device), **precision(a)
+    )  # bad device: ValueError
     tokenizer = Tokenizer.from_pretrained(model_dir)
     prompt = a.prompt if a.prompt != "-" else sys.stdin.read()
     if a.threads:
@@ -228,7 +238,7 @@ def cmd_pipeline(a: argparse.Namespace) -> int:
         options["top_k"] = a.top_k or 5
     if a.command == "ner":
         options["aggregation_strategy"] = a.aggregation
-    pipe = pipeline(task, model=a.model, device=a.device, batch_size=a.batch_size)
+    pipe = pipeline(task, model=a.model, device=a.device, batch_size=a.batch_size, **precision(a))
     texts = _documents(a) if a.command == "summarize" else _texts(a)
     results = pipe(texts, **options)
     for text, result in zip(texts, results):
@@ -290,7 +300,7 @@ def cmd_qa(a: argparse.Namespace) -> int:
     if (a.context is None) == (a.context_file is None):
         raise ValueError("give the passage with --context TEXT or --context-file FILE (one of them)")
     context = a.context if a.context is not None else Path(a.context_file).read_text(encoding="utf-8")
-    pipe = pipeline("question-answering", model=a.model, device=a.device)
+    pipe = pipeline("question-answering", model=a.model, device=a.device, **precision(a))
     answers = pipe(question=a.question, context=context, top_k=a.top_k)
     answers = answers if isinstance(answers, list) else [answers]
     for ans in answers:
@@ -342,11 +352,11 @@ def cmd_attention(a: argparse.Namespace) -> int:
 
 def cmd_index(a: argparse.Namespace) -> int:
     """Chunk and embed a folder of documents into a knowledge base on disk."""
-    from lmforge.pipelines import KnowledgeBase
+    from lmforge.pipelines import KnowledgeBase, pipeline
 
     kb = KnowledgeBase.build(
         a.sources if len(a.sources) > 1 else a.sources[0],
-        embedder=a.model,
+        embedder=pipeline("sentence-embeddings", model=a.model, **precision(a)) if precision(a) else a.model,
         chunk_chars=a.chunk_chars,
         overlap=a.overlap,
         batch_size=a.batch_size,
@@ -358,16 +368,23 @@ def cmd_index(a: argparse.Namespace) -> int:
 
 def cmd_ask(a: argparse.Namespace) -> int:
     """Retrieve the chunks most similar to the question, then answer (extractive reader or generator)."""
-    from lmforge.pipelines import KnowledgeBase
+    from lmforge.pipelines import KnowledgeBase, pipeline
 
     if a.reader and a.generator:
         raise ValueError("choose one of --reader (extractive QA model) and --generator (GPT model)")
     kb = KnowledgeBase.load(a.index)
+    reader, generator = a.reader, a.generator
+    embedder = kb.info["embedder"].get("model")
+    if precision(a) and embedder:  # every model the question meets, at that precision
+        kb.embedder = pipeline("sentence-embeddings", model=embedder, **precision(a))
+    if precision(a):
+        reader = reader and pipeline("question-answering", model=reader, **precision(a))
+        generator = generator and pipeline("text-generation", model=generator, **precision(a))
     result = kb.ask(
         a.question,
         top_k=a.top_k,
-        reader=a.reader,
-        generator=a.generator,
+        reader=reader,
+        generator=generator,
         generation_options={"max_new_tokens": a.max_new_tokens} if a.generator else None,
     )
     if a.json:
@@ -378,16 +395,6 @@ def cmd_ask(a: argparse.Namespace) -> int:
     for src in result["sources"]:
         print(f"  {src['score']:.3f}  {src['source']}:{src['start']}-{src['end']}")
     return 0
-
-
-DTYPES = {
-    "float32": "float32",
-    "fp32": "float32",
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-    "float16": "float16",
-    "fp16": "float16",
-}
 
 
 def cmd_convert(a: argparse.Namespace) -> int:
@@ -449,6 +456,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    # every command that runs a model: the weights' precision
+    runs_model = argparse.ArgumentParser(add_help=False, parents=[common])
+    runs_model.add_argument(
+        "--quantize",
+        choices=["int8"],
+        default=None,
+        help="int8: int8 weights, activations quantized per step (CPU; ~4x smaller, several times faster)",
+    )
+    runs_model.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default=None,
+        help="weights in this dtype (default: the checkpoint's); bfloat16 is fast on GPUs and CPUs with AMX / "
+        "AVX512-BF16, emulated (slow) elsewhere",
+    )
 
     p = sub.add_parser(
         "pretrain",
@@ -488,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "generate",
-        parents=[common],
+        parents=[runs_model],
         help="continue a prompt with a trained model (streams)",
         description="Stream a continuation of PROMPT from the model in MODEL_DIR.",
     )
@@ -581,7 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
         whole = name == "summarize"
         p = sub.add_parser(
             name,
-            parents=[common],
+            parents=[runs_model],
             help=about,
             description=f"{about[0].upper()}{about[1:]}. "
             + (
@@ -654,7 +676,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "qa",
-        parents=[common],
+        parents=[runs_model],
         help="answer a question from a passage (extractive)",
         description="Find the answer span to QUESTION in the passage with a question-answering model; "
         "long passages are split into overlapping chunks.",
@@ -670,7 +692,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "index",
-        parents=[common],
+        parents=[runs_model],
         help="build a knowledge base: chunk and embed documents",
         description="Read .txt/.md/.jsonl files (a folder or files), split them into overlapping "
         "chunks, embed each with a sentence-embedding model and save the index to --out.",
@@ -685,7 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "ask",
-        parents=[common],
+        parents=[runs_model],
         help="answer a question from a knowledge base (lmforge index)",
         description="Retrieve the top-k chunks of INDEX by cosine similarity to QUESTION, then answer "
         "with an extractive QA model (--reader), a generator (--generator), or, with "
@@ -726,7 +748,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "serve",
-        parents=[common],
+        parents=[runs_model],
         help="serve a model over HTTP with OpenAI's API (completions, chat, embeddings, pipelines)",
         description="Serve MODEL over HTTP with OpenAI's API: /v1/completions and /v1/chat/completions (causal "
         "LMs with continuous batching; encoder-decoders), /v1/embeddings (encoder models), /v1/pipelines/TASK, "
@@ -809,6 +831,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         max_body_bytes=a.max_body_bytes,
         cors_origins=a.cors_origin,
         device=str(resolve_device(a.device)),
+        **precision(a),
     )
     print(f"lmforge serve: {a.model} at http://{a.host}:{a.port}/v1 (playground: http://{a.host}:{a.port}/)",
           file=sys.stderr)  # fmt: skip

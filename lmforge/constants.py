@@ -13,6 +13,16 @@ from typing import Any
 IGNORE_INDEX = -100
 NO_LENGTH_LIMIT = int(1e30)
 
+# the floating-point dtypes users may name (CLI --dtype, from_pretrained(dtype=...)) -> torch's names
+DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+}
+
 # config keys that hold the number of positions a model takes, by family (first present wins)
 _CONTEXT_KEYS = ("n_positions", "max_position_embeddings", "max_target_positions")
 

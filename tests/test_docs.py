@@ -39,6 +39,7 @@ BLOCKS = {
     "README.md": 7,
     "README.zh-CN.md": 7,
     "docs/architecture.md": 0,
+    "docs/inference.md": 1,
     "docs/interpretability.md": 2,
     "docs/knowledge_base.md": 2,
     "docs/lora.md": 1,

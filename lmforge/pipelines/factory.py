@@ -19,6 +19,7 @@ from lmforge import auto
 from lmforge.auto import AutoTokenizer, model_type_of
 from lmforge.hub import resolve_model_dir
 from lmforge.models import registry
+from lmforge.models.base import resolve_dtype
 from lmforge.pipelines.base import Pipeline
 from lmforge.pipelines.feature_extraction import FeatureExtractionPipeline, sentence_transformers_options
 from lmforge.pipelines.fill_mask import FillMaskPipeline
@@ -88,6 +89,8 @@ def pipeline(
     device: int | str | torch.device | None = None,
     batch_size: int = 8,
     model_kwargs: dict[str, Any] | None = None,
+    dtype: torch.dtype | str | None = None,
+    quantize: str | None = None,
     **kwargs: Any,
 ) -> Pipeline:
     """The pipeline for `task`, ready to call.
@@ -103,6 +106,8 @@ def pipeline(
             loaded with the task's Auto class (`model_kwargs` go to its `from_pretrained`, e.g. dtype).
         tokenizer: a Tokenizer or a path; by default the model's own directory (a model object needs one).
         device: None (leave the model where it is), -1 / "cpu", 0 / "cuda:0", a torch.device.
+        dtype: the model's weights in another dtype, e.g. "bfloat16" / "bf16" (GPUs, CPUs with native bf16).
+        quantize: "int8" for int8 Linear layers (CPU inference: smaller and faster; `lmforge.nn.quantize`).
         batch_size: rows per forward pass; inputs are sorted by length first, results come back in order.
         **kwargs: the pipeline's options, the defaults of every call (e.g. `aggregation_strategy="simple"`).
     """
@@ -125,8 +130,9 @@ def pipeline(
         )
     options = dict(defaults)
     name_or_path = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
+    precision = {k: v for k, v in (("dtype", dtype), ("quantize", quantize)) if v is not None}
     if isinstance(model, (str, os.PathLike)):
-        loaded = _load(name, model, auto_class, model_kwargs or {}, options)
+        loaded = _load(name, model, auto_class, {**(model_kwargs or {}), **precision}, options)
         if tokenizer is None:
             try:
                 tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(model))
@@ -142,6 +148,11 @@ def pipeline(
                 kwargs["feature_extractor"] = directory
     elif model_kwargs:
         raise ValueError("model_kwargs only apply when model is a path or model id to load")
+    else:  # a model object: converted in place, as from_pretrained would have
+        if dtype is not None:
+            model.to(resolve_dtype(dtype))
+        if quantize is not None:
+            model.quantize(quantize)
     if tokenizer is None:
         raise ValueError(
             f"pipeline({task!r}) with a model object needs tokenizer=... (a lmforge Tokenizer or the "

@@ -60,6 +60,13 @@ class ServerConfig:
     max_body_bytes: int = 1 << 20
     cors_origins: list[str] = field(default_factory=list)
     device: str = "cpu"
+    dtype: str | None = None  # e.g. "bfloat16"
+    quantize: str | None = None  # "int8": int8 Linear layers (CPU)
+
+    @property
+    def precision(self) -> dict[str, str]:
+        """The from_pretrained / pipeline options for the weights' precision."""
+        return {k: v for k, v in (("dtype", self.dtype), ("quantize", self.quantize)) if v is not None}
 
     @property
     def name(self) -> str:
@@ -130,9 +137,9 @@ class Engine:
         model_type = model_type_of(path)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         if _serves(registry, "causal-lm", model_type):
-            self.kind, self.model = "causal-lm", AutoModelForCausalLM.from_pretrained(path)
+            self.kind, self.model = "causal-lm", AutoModelForCausalLM.from_pretrained(path, **self.config.precision)
         elif _serves(registry, "seq2seq-lm", model_type):
-            self.kind, self.model = "seq2seq-lm", AutoModelForSeq2SeqLM.from_pretrained(path)
+            self.kind, self.model = "seq2seq-lm", AutoModelForSeq2SeqLM.from_pretrained(path, **self.config.precision)
         else:
             self.kind = "encoder"  # embeddings and pipelines load what they need
         if self.model is not None:
@@ -434,10 +441,10 @@ async def _pipeline(engine: Engine, task: str) -> Any:
         from lmforge.pipelines import pipeline
 
         def build() -> Any:
-            if engine.model is not None and task in ("text-generation", "text2text-generation", "translation",
-                                                     "summarization") or task.startswith("translation_"):  # fmt: skip
-                return pipeline(task, model=engine.model, tokenizer=engine.tokenizer)
-            return pipeline(task, model=engine.config.model)
+            generative = task in ("text-generation", "text2text-generation", "translation", "summarization")
+            if engine.model is not None and (generative or task.startswith("translation_")):
+                return pipeline(task, model=engine.model, tokenizer=engine.tokenizer)  # the served model itself
+            return pipeline(task, model=engine.config.model, **engine.config.precision)
 
         engine.pipelines[task] = await _job(engine, build)
     return engine.pipelines[task]
