@@ -281,7 +281,9 @@ def cmd_transcribe(a: argparse.Namespace) -> int:
     for path in a.files:  # before the model loads: a typo answers at once
         if not Path(path).exists():
             raise FileNotFoundError(f"audio file {path!r} does not exist; check the path")
-    pipe = pipeline("automatic-speech-recognition", model=a.model, device=a.device, batch_size=a.batch_size)
+    pipe = pipeline(
+        "automatic-speech-recognition", model=a.model, device=a.device, batch_size=a.batch_size, **precision(a)
+    )
     options = {"language": a.language, "task": a.task, "num_beams": a.num_beams, "max_new_tokens": a.max_new_tokens}
     results = pipe(list(a.files), **options)
     for path, result in zip(a.files, results):
@@ -645,7 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "transcribe",
-        parents=[common],
+        parents=[runs_model],
         help="speech to text with a Whisper model (openai/whisper-* from the local Hugging Face cache, offline)",
         description="Transcribe audio files (WAV, FLAC, OGG, MP3) with a Whisper model: a directory or a model id in "
         "the local Hugging Face cache (e.g. openai/whisper-tiny). Audio longer than 30 s is cut into consecutive "

@@ -309,7 +309,7 @@ def test_cli_generate_and_embed_with_quantize_int8(trained_gpt) -> None:
 
 def test_every_model_command_takes_quantize() -> None:
     commands = ["generate", "classify", "embed", "fill-mask", "ner", "qa", "ask", "index", "translate",
-                "summarize", "serve"]  # fmt: skip
+                "summarize", "serve", "transcribe"]  # fmt: skip
     for command in commands:
         out = run_cli(command, "--help")
         assert out.returncode == 0 and "--quantize {int8}" in out.stdout and "--dtype" in out.stdout, command
