@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -79,7 +80,6 @@ def ctranslate2_runners(
 ) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     """CTranslate2 fp32 and int8 generators converted by its own TransformersConverter from `model`'s saved
     directory; each runner takes and returns token ids like `generate` (prompt + new tokens)."""
-    import ctranslate2
     from ctranslate2.converters import TransformersConverter
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
@@ -91,21 +91,48 @@ def ctranslate2_runners(
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="t0", eos_token="t0", unk_token="t0").save_pretrained(
         workdir
     )
-    runners = {}
     for kind in ("float32", "int8"):
-        out = os.path.join(workdir, f"ct2-{kind}")
-        TransformersConverter(workdir).convert(out, quantization=kind, force=True)
-        gen = ctranslate2.Generator(out, device="cpu", compute_type=kind, intra_threads=threads)
+        TransformersConverter(workdir).convert(os.path.join(workdir, f"ct2-{kind}"), quantization=kind, force=True)
+    # CTranslate2 runs in a process of its own: in this one, its OpenMP runtime (a second libgomp) slowed
+    # lmforge's calls that followed by ~40% (measured), which no user running one engine would see.
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    worker = ctx.Process(target=ctranslate2_worker, args=(child, workdir, threads, new_tokens), daemon=True)
+    worker.start()
+    if parent.recv() != "ready":
+        raise RuntimeError("the CTranslate2 worker did not start")
 
-        def run(ids: torch.Tensor, gen: Any = gen) -> torch.Tensor:
-            prompts = [[f"t{i}" for i in row] for row in ids.tolist()]
-            res = gen.generate_batch(
-                prompts, max_length=new_tokens, min_length=new_tokens, sampling_topk=1, include_prompt_in_result=False
-            )
-            return torch.cat([ids, torch.tensor([r.sequences_ids[0] for r in res])], dim=1)
+    def runner(kind: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        def run(ids: torch.Tensor) -> torch.Tensor:
+            parent.send((kind, ids.tolist()))
+            return torch.cat([ids, torch.tensor(parent.recv())], dim=1)
 
-        runners["ct2-fp32" if kind == "float32" else "ct2-int8"] = run
-    return runners
+        return run
+
+    return {"ct2-fp32": runner("float32"), "ct2-int8": runner("int8")}
+
+
+def ctranslate2_worker(conn: Any, workdir: str, threads: int, new_tokens: int) -> None:
+    """The CTranslate2 process: loads both generators, then answers (kind, prompt ids) with the new ids."""
+    import ctranslate2
+
+    gens = {
+        kind: ctranslate2.Generator(
+            os.path.join(workdir, f"ct2-{kind}"), device="cpu", compute_type=kind, intra_threads=threads
+        )
+        for kind in ("float32", "int8")
+    }
+    conn.send("ready")
+    while True:
+        try:
+            kind, rows = conn.recv()
+        except EOFError:  # the benchmark is over
+            return
+        prompts = [[f"t{i}" for i in row] for row in rows]
+        res = gens[kind].generate_batch(
+            prompts, max_length=new_tokens, min_length=new_tokens, sampling_topk=1, include_prompt_in_result=False
+        )
+        conn.send([r.sequences_ids[0] for r in res])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -196,6 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
             order = names[r % len(names) :] + names[: r % len(names)]  # each engine takes each place in turn
             outs = {}
             for name in order:
+                time.sleep(0.3)  # untimed: the previous engine's OpenMP workers stop spin-waiting (~200 ms)
                 t0 = time.perf_counter()
                 outs[name] = runners[name](ids)
                 times[name].add(time.perf_counter() - t0)
