@@ -3,8 +3,10 @@
 Decoding a small model on a CPU is bound by reading the weights once per token: a batch-1 step of
 GPT-2-small shape streams ~16 MB of fp32 Linear weights. `quantize(model, "int8")` swaps every
 `nn.Linear` for an `Int8Linear`: weights stored as int8 with one scale per output channel
-(symmetric, w ≈ scale * q, |q| <= 127), activations quantized per call (dynamic quantization: one
-scale and zero point per call, computed from the input), accumulated in int32, rescaled to float.
+(symmetric, w ≈ scale * q, |q| <= 127), activations quantized on every call, per row (each row scaled to
+a largest |value| of 1, then rounded by the kernel to 7 bits), accumulated in int32, rescaled to float.
+A family may ask for a second pass over what the first rounded away on chosen layers (BERT: the
+LayerNorm-fed ones), for ~14-bit activations there.
 
 Kernel: PyTorch's own fbgemm (x86) / qnnpack (ARM) `quantized::linear_dynamic`, chosen by
 measurement on a 2-core AMD EPYC (AVX2), the 25 Linears of one GPT decode step (6 x 384, vocab
