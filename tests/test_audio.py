@@ -103,7 +103,10 @@ def test_numpy_output_and_normalize(oracle: HFWhisperFeatureExtractor) -> None:
     ours = WhisperFeatureExtractor()(clip, sampling_rate=SR, return_tensors="np", do_normalize=True)["input_features"]
     theirs = oracle(clip, sampling_rate=SR, return_tensors="np", do_normalize=True).input_features
     assert isinstance(ours, np.ndarray)
-    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
+    # normalising sums 64,000 float32 samples, in an order that depends on the thread count (and differs from
+    # numpy's), and log10 of the weakest Mel bins magnifies that rounding: seen 2e-5 with 2 threads. Whisper's
+    # own features (no normalising) are held to 1e-5 in the tests above.
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)
 
 
 def test_wrong_sampling_rate_is_refused() -> None:

@@ -21,7 +21,8 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str | None:
     if isinstance(dtype, str) and dtype != "auto":
         name = DTYPES.get(dtype.lower(), dtype)
         value = getattr(torch, name, None)
-        return value if isinstance(value, torch.dtype) else dtype
+        # anything but a floating-point dtype goes on as given, for the hub's error message
+        return value if isinstance(value, torch.dtype) and value.is_floating_point else dtype
     return dtype
 
 
