@@ -305,7 +305,9 @@ def test_save_load_round_trip(tmp_path, overrides):
     loaded = GPTForCausalLM.from_pretrained(tmp_path)
     assert loaded.config == m.config
     ids = batch(2, 10, seed=5)
-    assert torch.equal(loaded(ids).logits, m(ids).logits)
+    torch.testing.assert_close(
+        loaded(ids).logits, m(ids).logits, rtol=1e-5, atol=1e-6
+    )  # decode_layout: same weights, rounding may differ
     tied = m.config.tie_word_embeddings
     assert (loaded.lm_head.weight is loaded.transformer.wte.weight) == tied
     if not tied:

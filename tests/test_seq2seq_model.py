@@ -140,7 +140,9 @@ def test_interleaved_pre_norm_variant_saves_and_loads_through_the_auto_class(tmp
     b = batch(0)
     with torch.no_grad():
         out = model(**b)
-        assert torch.equal(loaded(**b).logits, out.logits)
+        torch.testing.assert_close(
+            loaded(**b).logits, out.logits, rtol=1e-5, atol=1e-6
+        )  # decode_layout: same weights, rounding may differ
         # decoding one token at a time with the KV cache gives the same logits as the whole sequence
         dec = out.logits.new_zeros(2, 5, dtype=torch.long)
         dec[:, 1:] = b["labels"][:, :-1].clamp(min=0)
