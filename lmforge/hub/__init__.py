@@ -17,6 +17,7 @@ from lmforge.hub.checkpoint import (
     load_pretrained,
     save_pretrained,
     to_hf_state_dict,
+    torch_dtype,
 )
 from lmforge.hub.keymap import KeyMap, KeyRule
 from lmforge.hub.resolve import cached_snapshot, hf_cache_dir, is_repo_id, read_config_dict, resolve_model_dir
@@ -33,6 +34,7 @@ from lmforge.hub.weights import (
 )
 
 __all__ = [
+    "torch_dtype",
     "ADAPTER_SUFFIXES",
     "KeyMap",
     "KeyRule",

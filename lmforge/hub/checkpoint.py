@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lmforge.constants import DTYPES
 from lmforge.hub.keymap import KeyMap
 from lmforge.hub.resolve import resolve_model_dir
 from lmforge.hub.weights import read_weights, write_weights
@@ -131,14 +132,15 @@ def load_pretrained(
     if dtype is None or dtype == "auto":  # the dtype the checkpoint was saved in, as transformers 5 does
         dtype = _saved_dtype(config)
     elif isinstance(dtype, str):
-        dtype = _torch_dtype(dtype, "dtype argument")
+        dtype = torch_dtype(dtype, "dtype argument")
     if dtype is not None or device is not None:
         model.to(device=device, dtype=dtype)
     return model
 
 
-def _torch_dtype(name: str, where: str) -> torch.dtype:
-    value = getattr(torch, name, None)
+def torch_dtype(name: str, where: str) -> torch.dtype:
+    """A floating-point torch dtype from its name or short name ("bfloat16", "bf16", "fp32", ...)."""
+    value = getattr(torch, DTYPES.get(name.lower(), name), None)
     if not isinstance(value, torch.dtype) or not value.is_floating_point:
         raise ValueError(f"{where}: {name!r} is not a floating-point torch dtype (e.g. float32, bfloat16)")
     return value
@@ -148,7 +150,7 @@ def _saved_dtype(config: Any) -> torch.dtype | None:
     """`torch_dtype` / `dtype` recorded in config.json (None when absent: float32)."""
     extra = getattr(config, "extra", {})
     name = extra.get("dtype") or extra.get("torch_dtype")
-    return _torch_dtype(name, "config.json dtype") if isinstance(name, str) else None
+    return torch_dtype(name, "config.json dtype") if isinstance(name, str) else None
 
 
 def save_pretrained(

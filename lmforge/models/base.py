@@ -10,20 +10,15 @@ import torch
 from torch import nn
 
 from lmforge import hub
-from lmforge.constants import DTYPES
 from lmforge.hub import KeyMap
 from lmforge.nn.inference import decode_layout
 from lmforge.nn.quantize import cpu_has_native_bf16, is_quantized, quantize
 
 
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str | None:
-    """'bf16' -> torch.bfloat16 etc.; torch dtypes, 'auto' and None pass through (the hub checks the rest)."""
-    if isinstance(dtype, str) and dtype != "auto":
-        name = DTYPES.get(dtype.lower(), dtype)
-        value = getattr(torch, name, None)
-        # anything but a floating-point dtype goes on as given, for the hub's error message
-        return value if isinstance(value, torch.dtype) and value.is_floating_point else dtype
-    return dtype
+    """'bf16' -> torch.bfloat16 etc. (the hub's names, and its error for a name that is no float dtype);
+    torch dtypes, 'auto' and None pass through."""
+    return hub.torch_dtype(dtype, "dtype argument") if isinstance(dtype, str) and dtype != "auto" else dtype
 
 
 def init_normal(model: nn.Module, std: float) -> None:
