@@ -47,6 +47,7 @@ _EXPORTS = {
     "AutoModelForTokenClassification": "lmforge.auto",
     "AutoModelForQuestionAnswering": "lmforge.auto",
     "AutoModelForSeq2SeqLM": "lmforge.auto",
+    "AutoModelForCTC": "lmforge.auto",
     "AutoModelForSpeechSeq2Seq": "lmforge.auto",
     "WhisperConfig": "lmforge.models.whisper",
     "WhisperForConditionalGeneration": "lmforge.models.whisper",

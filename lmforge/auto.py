@@ -123,6 +123,12 @@ class AutoModelForSeq2SeqLM(_AutoModel):
     task = "seq2seq-lm"
 
 
+class AutoModelForCTC(_AutoModel):
+    """`AutoModelForCTC.from_pretrained(path)` for speech encoders with a CTC head (`lmforge speech train`)."""
+
+    task = "speech-ctc"
+
+
 class AutoModelForSpeechSeq2Seq(_AutoModel):
     """`AutoModelForSpeechSeq2Seq.from_pretrained(path)` for speech recognisers that read audio features and write
     text (Whisper)."""

@@ -7,6 +7,7 @@
     lmforge finetune TASK --model DIR --train FILE [--eval FILE] [--out DIR] [--epochs N] [--lora] ...
     lmforge classify | fill-mask | ner | embed MODEL [TEXT ...] [--file F] [--json]   (no TEXT: standard input)
     lmforge transcribe MODEL FILE ... [--language en] [--task transcribe] [--num-beams N] [--json]
+    lmforge speech synth [TEXT] --out CORPUS | speech train CORPUS --out DIR | speech eval MODEL MANIFEST
     lmforge qa MODEL --question Q --context TEXT|--context-file F [--top-k K] [--json]
     lmforge index FOLDER --model EMBEDDER --out INDEX_DIR
     lmforge ask INDEX_DIR QUESTION [--reader QA | --generator GPT]
@@ -285,7 +286,13 @@ def cmd_transcribe(a: argparse.Namespace) -> int:
         "automatic-speech-recognition", model=a.model, device=a.device, batch_size=a.batch_size, **precision(a)
     )
     options = {"language": a.language, "task": a.task, "num_beams": a.num_beams, "max_new_tokens": a.max_new_tokens}
-    results = pipe(list(a.files), **options)
+    if not hasattr(pipe.model, "prompt_ids"):  # a CTC recognizer: no prompt, no token budget
+        for name in ("language", "task", "max_new_tokens"):
+            if options.pop(name) is not None:
+                raise ValueError(
+                    f"--{name.replace('_', '-')} applies to Whisper models; {a.model!r} is a CTC recognizer"
+                )
+    results = pipe(list(a.files), **{k: v for k, v in options.items() if v is not None})
     for path, result in zip(a.files, results):
         if a.json:
             print(json.dumps({"file": path, "text": result["text"]}, ensure_ascii=False))
@@ -293,6 +300,68 @@ def cmd_transcribe(a: argparse.Namespace) -> int:
             print(result["text"].strip())
         else:
             print(f"{path}\t{result['text'].strip()}")
+    return 0
+
+
+def cmd_speech_synth(a: argparse.Namespace) -> int:
+    """Speak bundled (or your) text with espeak-ng's voices into a corpus with unseen-sentence, unseen-voice test."""
+    from tqdm.auto import tqdm
+
+    from lmforge.speech.synth import SynthConfig, build_corpus, espeak_ng
+
+    espeak_ng()  # missing program: the install hint, before any work
+    config = SynthConfig(
+        text=a.text,
+        num_train=a.num_train,
+        num_test=a.num_test,
+        test_variants=a.test_voices,
+        variants=tuple(a.voices) if a.voices else None,
+        **({"accents": tuple(a.accents)} if a.accents else {}),
+        rates=(a.rates[0], a.rates[1]),
+        pitches=(a.pitches[0], a.pitches[1]),
+        seed=a.seed,
+    )
+    with tqdm(total=a.num_train + a.num_test, unit="clip", desc="speaking") as bar:
+        manifests = build_corpus(a.out, config, workers=a.workers, progress=bar.update)
+    for split, path in manifests.items():
+        print(f"lmforge speech synth: {split}: {path}")
+    return 0
+
+
+def cmd_speech_train(a: argparse.Namespace) -> int:
+    """Train the CTC recognizer (and its word n-gram model) on a synthetic corpus."""
+    from lmforge.speech.recipe import SpeechTrainConfig, train_recognizer
+
+    names = ("d_model", "layers", "heads", "ffn", "dropout", "max_steps", "batch_size", "learning_rate", "warmup_steps")
+    extra = ("eval_steps", "dev_size", "lm_text", "seed", "units")
+    given = {k: getattr(a, k) for k in (*names, *extra) if getattr(a, k) is not None}
+    config = SpeechTrainConfig(**given)
+    config.warmup_steps = min(config.warmup_steps, config.max_steps)
+    out = train_recognizer(a.corpus, a.out, config, log=lambda m: print(m, file=sys.stderr))
+    print(f"lmforge speech train: model -> {out}")
+    return 0
+
+
+def cmd_speech_eval(a: argparse.Namespace) -> int:
+    """Word and character error rates of a CTC recognizer on a manifest, overall and per voice."""
+    from lmforge.files import atomic_write_text
+    from lmforge.speech.recipe import evaluate_recognizer
+
+    result = evaluate_recognizer(a.model, a.manifest, beam_width=a.num_beams, limit=a.limit)
+    if a.out:
+        atomic_write_text(a.out, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    if a.json:
+        print(json.dumps(result, ensure_ascii=False))
+        return 0
+    for name in ("greedy", "beam_lm"):
+        if name in result:
+            r = result[name]
+            main = "per" if "per" in r else "wer"  # a phoneme model's greedy output is phonemes
+            figures = "  ".join(f"{k.upper()} {100 * r[k]:.2f}%" for k in ("wer", "cer", "per") if k in r)
+            print(f"{name}: {figures}  ({result['clips']} clips)")
+            for group in ("accent", "gender", "variant"):
+                cells = ", ".join(f"{g} {100 * v[main]:.1f}" for g, v in r[f"by_{group}"].items())
+                print(f"  {main.upper()} by {group}: {cells}")
     return 0
 
 
@@ -318,7 +387,13 @@ def cmd_attention(a: argparse.Namespace) -> int:
     --attributions, gradient x input scores per token."""
     from lmforge.auto import AutoModel, AutoTokenizer
     from lmforge.hub import read_config_dict, resolve_model_dir
-    from lmforge.interpret import plot_attention, plot_attributions, plot_cross_attention, token_attributions
+    from lmforge.interpret import (
+        plot_attention,
+        plot_attributions,
+        plot_audio_cross_attention,
+        plot_cross_attention,
+        token_attributions,
+    )
     from lmforge.models.registry import architecture_class
 
     directory = resolve_model_dir(a.model)
@@ -326,7 +401,21 @@ def cmd_attention(a: argparse.Namespace) -> int:
     cls = architecture_class(architecture) or AutoModel  # the class the checkpoint was saved as
     model = cls.from_pretrained(directory)
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    if a.attributions:
+    if hasattr(model, "prompt_ids"):  # Whisper: TEXT is an audio file
+        if a.attributions:
+            raise ValueError("--attributions is for text classifiers; a Whisper model draws its cross-attention")
+        path = plot_audio_cross_attention(
+            model,
+            tokenizer,
+            a.text,
+            a.out,
+            target=a.target,
+            layers=a.layers,
+            heads=a.heads,
+            average_heads=a.average_heads,
+            max_new_tokens=a.max_new_tokens,
+        )
+    elif a.attributions:
         path = plot_attributions(model, tokenizer, a.text, a.out)
         for token, score in token_attributions(model, tokenizer, a.text):
             print(f"{score:+.4f}\t{token}")
@@ -664,7 +753,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["transcribe", "translate"],
         help="transcribe (default) or translate into English",
     )
-    p.add_argument("--num-beams", type=int, default=1, help="beam search width (default 1: greedy)")
+    p.add_argument(
+        "--num-beams",
+        type=int,
+        default=None,
+        help="beam search width (Whisper: default 1, greedy; CTC recognizers: default 32 with their word n-gram model)",
+    )
     p.add_argument(
         "--max-new-tokens",
         type=int,
@@ -675,6 +769,99 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="30-s windows per model call (default 8)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or mps (default: cpu)")
     p.set_defaults(func=cmd_transcribe)
+
+    speech = sub.add_parser(
+        "speech", help="a speech recognizer trained here: synthetic corpus, training, evaluation"
+    ).add_subparsers(dest="action", metavar="ACTION")
+    speech.required = True
+    t = speech.add_parser(
+        "synth",
+        parents=[common],
+        help="speak text with espeak-ng's voices into a corpus (test sentences and voices unseen in train)",
+        description="Build a synthetic speech corpus with espeak-ng: 16 kHz FLAC files and train.jsonl / test.jsonl "
+        "manifests (audio, text, voice, accent, variant, gender, rate, pitch, duration). Test sentences and test "
+        "voice variants never occur in train. Deterministic for a seed; an interrupted build resumes.",
+    )
+    t.add_argument(
+        "text", nargs="?", default="bible", help="bible (default), shakespeare, or a text file (a sentence per line)"
+    )
+    t.add_argument("--out", required=True, metavar="DIR", help="corpus folder")
+    t.add_argument("--num-train", type=int, default=8000, help="training clips (default 8000)")
+    t.add_argument("--num-test", type=int, default=400, help="test clips (default 400)")
+    t.add_argument("--test-voices", type=int, default=8, help="voice variants heard only in test (default 8)")
+    t.add_argument(
+        "--voices",
+        nargs="+",
+        default=None,
+        metavar="VARIANT",
+        help="espeak-ng variants to use (default: all but the whispering ones)",
+    )
+    t.add_argument(
+        "--accents", nargs="+", default=None, help="espeak-ng English voices (default: all seven English ones)"
+    )
+    t.add_argument(
+        "--rates",
+        nargs=2,
+        type=int,
+        default=[140, 210],
+        metavar=("MIN", "MAX"),
+        help="words per minute (default 140 210)",
+    )
+    t.add_argument(
+        "--pitches", nargs=2, type=int, default=[25, 75], metavar=("MIN", "MAX"), help="pitch 0-99 (default 25 75)"
+    )
+    t.add_argument("--seed", type=int, default=0, help="what is drawn: sentences, voices, rates, pitches (default 0)")
+    t.add_argument("--workers", type=int, default=None, help="espeak-ng processes at once (default: CPU count)")
+    t.set_defaults(func=cmd_speech_synth)
+
+    t = speech.add_parser(
+        "train",
+        parents=[common],
+        help="train the CTC recognizer and its word n-gram model on a synthetic corpus",
+        description="Train a speech encoder with a CTC head from scratch on CORPUS/train.jsonl (a dev set of "
+        "unseen sentences is held out for the learning curve in OUT/metrics.jsonl), and a word trigram model on the "
+        "corpus's text source without its test and dev sentences. Resumes from OUT's newest checkpoint.",
+    )
+    t.add_argument("corpus", help="a folder made by `lmforge speech synth`")
+    t.add_argument("--out", required=True, metavar="DIR", help="model folder")
+    for flag, kind, about in (
+        ("max_steps", int, "optimizer steps (default 1250: ~55 min on 2 CPU cores)"),
+        ("batch_size", int, "clips per step (default 32)"),
+        ("learning_rate", float, "peak learning rate, cosine decay (default 1.5e-3)"),
+        ("warmup_steps", int, "(default 150)"),
+        ("eval_steps", int, "dev-set WER every N steps: the learning curve (default 200)"),
+        ("dev_size", int, "clips of train.jsonl held out as the dev set (default 200)"),
+        ("d_model", int, "width (default 256)"),
+        ("layers", int, "Transformer layers (default 8)"),
+        ("heads", int, "attention heads (default 4)"),
+        ("ffn", int, "feed-forward width (default 1024)"),
+        ("dropout", float, "(default 0.1)"),
+        ("seed", int, "(default 0)"),
+    ):
+        t.add_argument(f"--{flag.replace('_', '-')}", type=kind, default=None, help=about)
+    t.add_argument("--lm-text", default=None, help="text for the word n-gram model (default: the corpus's source)")
+    t.add_argument(
+        "--units",
+        choices=["phonemes", "letters"],
+        default=None,
+        help="what the CTC head writes: espeak-ng's phonemes, read into words through a lexicon (default), or letters",
+    )
+    t.set_defaults(func=cmd_speech_train)
+
+    t = speech.add_parser(
+        "eval",
+        parents=[common],
+        help="word and character error rates of a CTC recognizer on a manifest",
+        description="WER and CER (jiwer, lower case, punctuation removed) of greedy and beam-search (+ word n-gram "
+        "model) decoding, overall and per accent, voice gender and voice variant.",
+    )
+    t.add_argument("model", help="a model folder made by `lmforge speech train`")
+    t.add_argument("manifest", help="a manifest, e.g. CORPUS/test.jsonl")
+    t.add_argument("--num-beams", type=int, default=32, help="beam width (default 32)")
+    t.add_argument("--limit", type=int, default=None, help="only the first N clips")
+    t.add_argument("--out", default=None, help="also write the full result as JSON here")
+    t.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    t.set_defaults(func=cmd_speech_eval)
 
     p = sub.add_parser(
         "qa",
@@ -731,10 +918,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Per-layer, per-head attention heatmaps of MODEL on TEXT, labelled with the "
         "tokens (Chinese glyphs need a CJK font: pip install zhplot, or Noto Sans CJK). "
         "--attributions: gradient x input scores of a classifier's predicted class. For an encoder-decoder "
-        "(translate-en-es, Marian, BART): the cross-attention between TEXT's tokens (x) and the output's (y).",
+        "(translate-en-es, Marian, BART): the cross-attention between TEXT's tokens (x) and the output's (y). "
+        "For a Whisper model TEXT is an audio file: the cross-attention between audio time (x) and the transcript's "
+        "tokens (y).",
     )
     p.add_argument("model", help="model directory or cached model id")
-    p.add_argument("text", help="the text to look at")
+    p.add_argument("text", help="the text to look at (Whisper models: an audio file)")
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--layers", type=int, nargs="+", default=None, help="layer indexes (default: all)")
     p.add_argument("--heads", type=int, nargs="+", default=None, help="head indexes (default: all)")
@@ -743,7 +932,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--target",
         default=None,
-        help="encoder-decoders: the output text to align with TEXT (default: the model's greedy translation)",
+        help="encoder-decoders: the output text to align with TEXT (default: the model's greedy translation or "
+        "transcription)",
     )
     p.add_argument("--max-new-tokens", type=int, default=64, help="encoder-decoders: longest greedy output")
     p.set_defaults(func=cmd_attention)

@@ -541,6 +541,78 @@ def plot_cross_attention(
     return path
 
 
+def audio_cross_attention_maps(
+    model: nn.Module,
+    tokenizer: Any,
+    audio: str | os.PathLike | Any,
+    target: str | None = None,
+    layers: int | Sequence[int] | None = None,
+    heads: int | Sequence[int] | None = None,
+    language: str | None = None,
+    max_new_tokens: int = 64,
+) -> tuple[list[str], list[str], Tensor]:
+    """A Whisper model's cross-attention between the output tokens and the audio frames (first 30 s).
+
+    `audio`: a file path or 16 kHz mono samples. Returns (frame labels, token labels, attentions): one label per
+    encoder frame, its start time ("1.24s"; frames are 20 ms), one per output token, and a float32 CPU tensor
+    (L, H, T_tokens, T_frames) for the selected decoder layers and heads, cut to the audio's length (the rest of the
+    30-s window is padding). The tokens are `target` encoded by the tokenizer, or (target=None) the model's greedy
+    transcription. Row i is the decoder step that predicts token i after the Whisper prompt; each row sums to 1 over
+    all 1500 frames, so a cut row sums to at most 1."""
+    from lmforge.speech import WhisperFeatureExtractor, load_audio
+
+    if not hasattr(model, "prompt_ids"):
+        raise TypeError(f"{type(model).__name__} is not a Whisper model; audio attention maps need one")
+    samples = load_audio(audio) if isinstance(audio, (str, os.PathLike)) else audio
+    extractor = WhisperFeatureExtractor(feature_size=model.config.num_mel_bins)
+    device = _device(model)
+    features = extractor(samples, sampling_rate=extractor.sampling_rate)["input_features"].to(device, model.dtype)
+    with _eval_mode(model), torch.no_grad():
+        prompt = model.prompt_ids(features, language=language)[0].tolist()
+        if target is None:
+            ids = model.generate(features, language=language, max_new_tokens=max_new_tokens, num_beams=1)[0]
+            eos = model.generation_config.get("eos_token_id", model.config.eos_token_id)
+            target_ids = [t for t in ids.tolist() if t != eos] + ([eos] if eos is not None else [])
+        else:
+            _check_text(target, "target")
+            target_ids = list(tokenizer(target, add_special_tokens=False)["input_ids"])
+        if not target_ids:
+            raise ValueError("the target has no tokens; pass a target text the tokenizer can encode")
+        decoder_input_ids = torch.tensor([prompt + target_ids[:-1]], device=device)  # (1, P + T - 1)
+        out = model(input_features=features, decoder_input_ids=decoder_input_ids, output_attentions=True)
+    frames = min(-(-len(samples) // (2 * extractor.hop_length)), model.config.max_source_positions)  # 20-ms frames
+    first = len(prompt) - 1  # the step that reads the prompt's last token predicts target token 0
+    per_layer = out.cross_attentions  # per decoder layer (1, H, P + T - 1, 1500)
+    layer_idx = _select(layers, len(per_layer), "layer")
+    head_idx = _select(heads, per_layer[0].size(1), "head")
+    maps = torch.stack([per_layer[i][0, :, first:, :frames] for i in layer_idx])[:, head_idx]
+    frame_labels = [f"{0.02 * j:.2f}s" for j in range(frames)]
+    return frame_labels, _id_labels(tokenizer, target_ids), maps.float().cpu()
+
+
+def plot_audio_cross_attention(
+    model: nn.Module,
+    tokenizer: Any,
+    audio: str | os.PathLike | Any,
+    path: str | os.PathLike,
+    target: str | None = None,
+    layers: int | Sequence[int] | None = None,
+    heads: int | Sequence[int] | None = None,
+    average_heads: bool = False,
+    language: str | None = None,
+    max_new_tokens: int = 64,
+) -> Path:
+    """Draw `audio_cross_attention_maps` as a PNG grid (time along x, output tokens down y) and return its path."""
+    path = _png_path(path)
+    frames, tokens, maps = audio_cross_attention_maps(
+        model, tokenizer, audio, target, layers, heads, language, max_new_tokens
+    )
+    layer_idx = _select(layers, len(model.model.decoder.layers), "layer")
+    head_idx = _select(heads, model.config.decoder_attention_heads, "head")
+    _plot_maps(maps, tokens, frames, layer_idx, head_idx, average_heads, path, "token (predicted)", "audio time")
+    return path
+
+
 # ---------------------------------------------------------------------------------------------- attributions
 def token_attributions(
     model: nn.Module, tokenizer: Any, text: str, target: int | str | None = None, text_pair: str | None = None

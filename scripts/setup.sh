@@ -37,6 +37,7 @@ if [ "${1:-}" = "test" ]; then
   bash scripts/system-packages.sh test || echo "setup: continuing without those system packages: the tests that need them skip (and fail in CI)" >&2
   "${PIP[@]}" -e ".[serve,speech,test]"
 else
+  bash scripts/system-packages.sh || echo "setup: continuing without those system packages: only \`lmforge speech synth\` needs them" >&2
   "${PIP[@]}" -e ".[serve,speech]"
 fi
 echo "setup: lmforge is installed in $("$PY" -c 'import sys; print(sys.prefix)')"

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Install the Debian packages that lmforge's optional features and tests need, when they are missing.
 #
-#   bash scripts/system-packages.sh         # the packages features need at run time (none yet)
+#   bash scripts/system-packages.sh         # the packages features need at run time (espeak-ng: `lmforge speech synth`)
 #   bash scripts/system-packages.sh test    # ... plus the tests' (chromium + chromedriver: the serve playground test)
 #
 # Each package is checked first (its command on PATH, or `dpkg -s`), so a second run does nothing. Missing ones
 # are installed with apt-get (through sudo when not root), without recommended packages. Where that is not
 # possible (no apt-get, or neither root nor sudo) the script names the packages to install and exits 1.
-# To add a group later (e.g. speech: espeak-ng, sox), add a `need` line per package to the right branch below.
+# To add a package, add a `need` line to the right branch below.
 set -euo pipefail
 
 MISSING=()
@@ -24,9 +24,9 @@ need() {
   MISSING+=("$package")
 }
 
-# Features (run time): nothing yet. Speech would go here:
-#   need espeak-ng espeak-ng
-#   need sox sox
+# Features (run time): espeak-ng speaks the synthetic speech corpus (lmforge speech synth; tests/test_speech_ctc.py).
+# (Reading and resampling audio needs no system package: soundfile and soxr bring their own libraries.)
+need espeak-ng espeak-ng
 
 if [ "${1:-}" = "test" ]; then
   # tests/test_serve_browser.py drives Debian's chromium headless through selenium with Debian's chromedriver

@@ -45,7 +45,7 @@ BLOCKS = {
     "docs/lora.md": 1,
     "docs/pipelines.md": 10,
     "docs/serving.md": 1,
-    "docs/speech.md": 2,
+    "docs/speech.md": 3,
     "docs/training.md": 0,
     "docs/translation.md": 2,
 }
@@ -113,7 +113,8 @@ def stand_ins(folder: Path) -> None:
 
 def speech_stand_ins(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """docs/speech.md's placeholders: a tiny random Whisper as `openai/whisper-tiny` in a Hugging Face cache (the
-    page loads it by id, offline), a 5-s `talk.wav` and a 70-s `lecture.flac` (three 30-s windows)."""
+    page loads it by id, offline), a 5-s `talk.wav`, a 70-s `lecture.flac` (three 30-s windows) and a tiny CTC
+    recognizer at `runs/speech`."""
     import numpy as np
     import soundfile as sf
 
@@ -126,6 +127,15 @@ def speech_stand_ins(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     speech = (0.3 * np.sin(2 * np.pi * 300 * t * (1 + 0.1 * np.sin(t))) + 0.02 * np.sin(7 * t)).astype(np.float32)
     sf.write(folder / "talk.wav", speech[: 5 * 16000], 16000)
     sf.write(folder / "lecture.flac", speech, 16000)
+    # `lmforge speech train`'s folder: a tiny untrained CTC recognizer with a word trigram model
+    from lmforge.models.speech_ctc import SpeechCTCConfig, SpeechEncoderForCTC
+    from lmforge.speech.ctc_decode import NGramLM
+
+    torch.manual_seed(0)
+    config = SpeechCTCConfig(d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64)
+    recognizer = SpeechEncoderForCTC(config)
+    recognizer.language_model = NGramLM.train(["in the beginning god created the heaven and the earth"])
+    recognizer.save_pretrained(folder / "runs" / "speech")
 
 
 PAGE_STAND_INS = {"docs/speech.md": speech_stand_ins}
@@ -265,6 +275,7 @@ def check_serving(namespace: dict, printed: str, folder: Path) -> None:
 def check_speech(namespace: dict, printed: str, folder: Path) -> None:
     lines = printed.splitlines()
     assert lines[0].startswith("{'text': ") and lines[1].startswith("{'text': ") and lines[2] == "2"
+    assert lines[-2].startswith("{'text': ") and lines[-1].startswith("{'text': ")  # the trained recognizer
     assert "torch.Size([1, 80, 3000])" in printed
     assert "<|startoftranscript|><|en|><|transcribe|><|notimestamps|>" in printed
     assert namespace["results"][1]["text"]  # lecture.flac: three windows, joined

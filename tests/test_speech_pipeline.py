@@ -194,3 +194,33 @@ def test_ten_minute_file_on_the_command_line(tiny: Path, tmp_path: Path, capsys:
     windows = asr([sf.read(path, dtype="float32")[0][i : i + 480000] for i in range(0, len(audio), 480000)])
     assert text == join_windows([w["text"] for w in windows])
     assert len({w["text"] for w in windows}) > 5
+
+
+def test_audio_cross_attention_equals_transformers(tiny: Path, wavs: dict[str, Path], tmp_path: Path) -> None:
+    """`lmforge attention WHISPER talk.wav`: the decoder's cross-attention over the audio's 20-ms frames, the same
+    numbers as transformers' `cross_attentions` for the same prompt and tokens, cut to the audio's 3 s."""
+    from lmforge.interpret import audio_cross_attention_maps
+
+    model = WhisperForConditionalGeneration.from_pretrained(tiny)
+    tok = lmforge_tokenizer(tiny)
+    frames, tokens, maps = audio_cross_attention_maps(model, tok, wavs["a"], target="hello there", language="en")
+    target = tok("hello there", add_special_tokens=False)["input_ids"]
+    assert len(frames) == 150 and frames[:2] == ["0.00s", "0.02s"] and frames[-1] == "2.98s"
+    assert maps.shape == (2, 2, len(target), 150) and len(tokens) == len(target)
+    prompt = model.prompt_ids(language="en")[0].tolist()
+    x = HFWhisperFeatureExtractor.from_pretrained(tiny)(sf.read(wavs["a"])[0], sampling_rate=SR, return_tensors="pt")
+    hf = HFWhisper.from_pretrained(tiny, attn_implementation="eager").eval()
+    with torch.no_grad():
+        out = hf(x.input_features, decoder_input_ids=torch.tensor([prompt + target[:-1]]), output_attentions=True)
+    expected = torch.stack([a[0, :, len(prompt) - 1 :, :150] for a in out.cross_attentions])
+    torch.testing.assert_close(maps, expected, rtol=1e-4, atol=1e-5)
+    assert bool((maps.sum(-1) <= 1 + 1e-5).all())
+    png = tmp_path / "audio.png"
+    assert main(["attention", str(tiny), str(wavs["a"]), "--out", str(png), "--average-heads"]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def lmforge_tokenizer(directory: Path) -> object:
+    from lmforge.auto import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(directory)

@@ -38,6 +38,14 @@ class CausalLMOutput(ModelOutput):
 
 
 @dataclass
+class CTCOutput(ModelOutput):
+    loss: Tensor | None = None
+    logits: Tensor | None = None  # (B, T', V) per output frame
+    output_lengths: Tensor | None = None  # (B,) real output frames per clip
+    attentions: tuple[Tensor, ...] | None = None
+
+
+@dataclass
 class SequenceClassifierOutput(ModelOutput):
     loss: Tensor | None = None
     logits: Tensor | None = None  # (B, num_labels)

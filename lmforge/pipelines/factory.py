@@ -24,7 +24,7 @@ from lmforge.pipelines.base import Pipeline
 from lmforge.pipelines.feature_extraction import FeatureExtractionPipeline, sentence_transformers_options
 from lmforge.pipelines.fill_mask import FillMaskPipeline
 from lmforge.pipelines.question_answering import QuestionAnsweringPipeline
-from lmforge.pipelines.speech_recognition import AutomaticSpeechRecognitionPipeline
+from lmforge.pipelines.speech_recognition import AutomaticSpeechRecognitionPipeline, CTCSpeechRecognitionPipeline
 from lmforge.pipelines.text2text import (
     SummarizationPipeline,
     Text2TextGenerationPipeline,
@@ -72,6 +72,8 @@ def _load(
     directory = resolve_model_dir(model)
     if name == "sentence-embeddings":
         options.update(sentence_transformers_options(directory))
+    if name == "automatic-speech-recognition" and _is_ctc(model_type_of(directory)):
+        auto_class = auto.AutoModelForCTC
     if auto_class is None:
         auto_class, chosen = checkpoint_choice(directory)
         options.update(chosen)
@@ -80,6 +82,15 @@ def _load(
     except ValueError as err:
         raise ValueError(f"the {name} pipeline cannot use {os.fspath(model)!r}: {err}") from None
     return auto_class.from_pretrained(directory, **model_kwargs)
+
+
+def _is_ctc(model_type: str) -> bool:
+    """Whether config.json's `model_type` is a CTC speech recognizer (no tokenizer; its own pipeline class)."""
+    try:
+        registry.model_class(auto.AutoModelForCTC.task, model_type, "AutoModelForCTC")
+    except ValueError:
+        return False
+    return True
 
 
 def pipeline(
@@ -131,9 +142,16 @@ def pipeline(
     options = dict(defaults)
     name_or_path = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
     precision = {k: v for k, v in (("dtype", dtype), ("quantize", quantize)) if v is not None}
+    ctc = name == "automatic-speech-recognition" and (
+        _is_ctc(model_type_of(resolve_model_dir(model)))
+        if isinstance(model, (str, os.PathLike))
+        else hasattr(model, "ctc_head")
+    )
+    if ctc:
+        pipeline_class = CTCSpeechRecognitionPipeline
     if isinstance(model, (str, os.PathLike)):
         loaded = _load(name, model, auto_class, {**(model_kwargs or {}), **precision}, options)
-        if tokenizer is None:
+        if tokenizer is None and not ctc:
             try:
                 tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(model))
             except FileNotFoundError as err:
@@ -153,7 +171,7 @@ def pipeline(
             model.to(resolve_dtype(dtype))
         if quantize is not None:
             model.quantize(quantize)
-    if tokenizer is None:
+    if tokenizer is None and not ctc:
         raise ValueError(
             f"pipeline({task!r}) with a model object needs tokenizer=... (a lmforge Tokenizer or the "
             "directory holding tokenizer.json)"

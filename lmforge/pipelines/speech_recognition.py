@@ -1,4 +1,4 @@
-"""automatic-speech-recognition: audio in, text out, with a Whisper model.
+"""automatic-speech-recognition: audio in, text out, with a Whisper model or a CTC recognizer trained by lmforge.
 
     "talk.wav" | {"raw": samples, "sampling_rate": 44100} | {"array": ..., "sampling_rate": ...} | samples (16 kHz)
         -> 16 kHz mono float32 (read with soundfile, resampled with soxr)
@@ -11,6 +11,10 @@ task), in batches of `batch_size` windows, and the windows' texts are concatenat
 two of them only when neither has one at the junction. A word spoken across a boundary may come out cut or twice; this
 is the price of windows that do not depend on each other (transformers' long-form mode needs timestamp tokens instead).
 A progress bar (on standard error) counts the windows when the audio is longer than one window.
+
+CTC recognizers (`SpeechEncoderForCTC`, `lmforge speech train`) take the same inputs and windows; each window's
+features keep its own length (no padding to 30 s), and the letters are decoded greedily or, when the model folder
+has a word n-gram model, by beam search with it (`CTCSpeechRecognitionPipeline`).
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ import torch
 from tqdm.auto import tqdm
 
 from lmforge.pipelines.base import Feature, Pipeline, check_model_kind, describe
-from lmforge.speech import WhisperFeatureExtractor, check_samples, load_audio, resample, to_mono
+from lmforge.speech import WhisperFeatureExtractor, check_samples, load_audio, log_mel_spectrogram, resample, to_mono
+from lmforge.speech.ctc_decode import LM_WEIGHT, WORD_BONUS, BeamSearchDecoder, greedy_decode
 
 
 class AutomaticSpeechRecognitionPipeline(Pipeline):
@@ -179,3 +184,78 @@ def join_windows(texts: list[str]) -> str:
             out += " "
         out += text
     return out
+
+
+class CTCSpeechRecognitionPipeline(AutomaticSpeechRecognitionPipeline):
+    """Transcribe audio with a CTC recognizer (SpeechEncoderForCTC); no tokenizer: the alphabet is in the config.
+
+    Options: `num_beams` (None: 32 when the model has a word n-gram model (`model.language_model`), else 1;
+    1 = greedy), `lm_weight` (alpha) and `word_bonus` (beta) of the beam search (defaults: ctc_decode's LM_WEIGHT
+    and WORD_BONUS), `progress`.
+    Result: {"text": ...} in lower case without punctuation, as the model was trained."""
+
+    def __init__(self, model: Any, tokenizer: Any = None, feature_extractor: Any = None, **kwargs: Any) -> None:
+        if tokenizer is None:  # the model's alphabet is its tokenizer
+            tokenizer = list(getattr(getattr(model, "config", None), "alphabet", None) or ["<blank>"])
+        super().__init__(model, tokenizer, feature_extractor, **kwargs)
+        self._decoders: dict[tuple[int, float, float], BeamSearchDecoder] = {}
+
+    def _check_model(self, model: Any) -> None:
+        check_model_kind(
+            self.task,
+            model,
+            ["a CTC speech recognizer (SpeechEncoderForCTC)"],
+            lambda m: hasattr(m, "ctc_head") and hasattr(getattr(m, "config", None), "alphabet"),
+            "load one with lmforge.AutoModelForCTC.from_pretrained",
+        )
+
+    def _options(
+        self,
+        num_beams: int | None = None,
+        lm_weight: float = LM_WEIGHT,
+        word_bonus: float = WORD_BONUS,
+        progress: bool | None = None,
+    ) -> dict[str, Any]:
+        lm = getattr(self.model, "language_model", None)
+        beams = num_beams if num_beams is not None else (32 if lm is not None else 1)
+        if isinstance(beams, bool) or not isinstance(beams, int) or beams < 1:
+            raise ValueError(f"num_beams must be a positive integer, got {num_beams!r}")
+        if beams > 1 and lm is None:
+            raise ValueError(
+                "num_beams > 1 needs the model's word n-gram model (ngram_lm.json.gz in its folder, as "
+                "`lmforge speech train` writes it); use num_beams=1 for greedy decoding"
+            )
+        return {"beams": beams, "alpha": float(lm_weight), "beta": float(word_bonus), "progress": progress}
+
+    def _forward(self, rows: list[dict[str, Any]], opts: dict[str, Any]) -> list[str]:
+        """A batch of windows -> each window's text."""
+        c = self.model.config
+        features = [log_mel_spectrogram(r["audio"], c.num_mel_bins, n_samples=None)[0] for r in rows]  # (n_mels, T)
+        T = max(f.size(1) for f in features)
+        x = torch.zeros(len(rows), c.num_mel_bins, T)
+        mask = torch.zeros(len(rows), T, dtype=torch.long)
+        for i, f in enumerate(features):
+            x[i, :, : f.size(1)], mask[i, : f.size(1)] = f, 1
+        with torch.no_grad():
+            out = self.model(x.to(self.device, self.model.dtype), mask.to(self.device))
+        log_probs = out.logits.float().log_softmax(-1).cpu().numpy()  # (B, T', V)
+        texts = []
+        for i, n in enumerate(out.output_lengths.tolist()):
+            if opts["beams"] == 1:
+                texts.append(greedy_decode(log_probs[i, :n], c.alphabet))
+            else:
+                texts.append(self._decoder(opts).decode(log_probs[i, :n]))
+        if self._bar is not None:
+            self._bar.update(len(rows))
+        return texts
+
+    def _decoder(self, opts: dict[str, Any]) -> BeamSearchDecoder:
+        key = (opts["beams"], opts["alpha"], opts["beta"])
+        if key not in self._decoders:
+            self._decoders[key] = BeamSearchDecoder(
+                self.model.config.alphabet, self.model.language_model, opts["alpha"], opts["beta"], opts["beams"]
+            )
+        return self._decoders[key]
+
+    def postprocess(self, feature: Feature, outputs: list[Any], opts: dict[str, Any]) -> dict[str, str]:
+        return {"text": " ".join(t for t in outputs if t)}

@@ -1,7 +1,10 @@
 """Audio in: read a sound file as 16 kHz mono float32 samples, with errors that name the file and the fix.
 
-    file (WAV, FLAC, OGG/Vorbis/Opus, MP3: whatever libsndfile reads) --soundfile--> (frames, channels)
-        --mean over channels--> mono --soxr (high quality)--> the wanted sampling rate
+    file (WAV, FLAC, OGG/Vorbis/Opus, MP3: whatever libsndfile reads) --soundfile, 10-s blocks--> (frames, channels)
+        --mean over channels--> mono --soxr stream (high quality)--> the wanted sampling rate
+
+Files are decoded block by block, so a long recording never sits in memory at its original rate and channel count
+(a 2-hour 44.1 kHz stereo file would be 2.5 GB as float32): only the 16 kHz mono result is kept (460 MB for 2 hours).
 
 `soundfile` (libsndfile, bundled in its wheel) reads; `soxr` resamples. Neither is imported until a file is read,
 so the rest of lmforge does not need them (`pip install lmforge[speech]`).
@@ -75,7 +78,19 @@ def load_audio(path: str | os.PathLike, sampling_rate: int = SAMPLING_RATE) -> n
         raise IsADirectoryError(f"{str(path)!r} is a directory; pass an audio file (WAV, FLAC, OGG, MP3)")
     sf = _import("soundfile")
     try:
-        data, rate = sf.read(str(path), dtype="float32")  # (frames,) for mono, else (frames, channels)
+        with sf.SoundFile(str(path)) as f:
+            rate = int(f.samplerate)
+            stream = (
+                None if rate == sampling_rate else _import("soxr").ResampleStream(rate, sampling_rate, 1, quality="HQ")
+            )
+            pieces = []
+            while True:
+                block = f.read(10 * rate, dtype="float32", always_2d=True)  # (frames, channels)
+                last = len(block) < 10 * rate
+                mono = block.mean(axis=1, dtype=np.float32)
+                pieces.append(mono if stream is None else stream.resample_chunk(mono, last=last))
+                if last:
+                    break
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
         size = path.stat().st_size
         detail = "the file is empty (0 bytes)" if size == 0 else str(e).strip()
@@ -83,5 +98,4 @@ def load_audio(path: str | os.PathLike, sampling_rate: int = SAMPLING_RATE) -> n
             f"cannot read {str(path)!r} as audio ({detail}); lmforge reads WAV, FLAC, OGG and MP3 through "
             f"libsndfile: {_CONVERT}"
         ) from None
-    audio = check_samples(to_mono(data), repr(str(path)))
-    return resample(audio, int(rate), sampling_rate)
+    return check_samples(np.concatenate(pieces).astype(np.float32, copy=False), repr(str(path)))

@@ -453,7 +453,7 @@ class Trainer:
                     enabled=args.bf16 or args.fp16,
                 ):
                     out = run(**batch)
-                seen += len(batch["input_ids"])
+                seen += len(next(iter(batch.values())))
                 token_loss = token_loss and "next_sentence_label" not in batch  # MLM + NSP: no perplexity
                 if getattr(out, "loss", None) is not None:
                     n = count_loss_items(model, batch)
