@@ -18,6 +18,8 @@ Per level: request throughput (req/s), output tokens/s, time to first token (TTF
 process, by this client process (they share the machine) and by anything else ("outside"). The peer,
 `transformers serve MODEL_DIR`, runs twice by default: with `--continuous-batching` (its batching mode, paged
 attention) and in its default mode (one `generate()` at a time); `--peer-mode` picks one.
+lmforge also runs a second time as `lmforge serve --quantize int8` (same directory; `--no-int8` leaves it out),
+and the goals are reported for both.
 transformers applies a request's temperature only when the model's generation config samples, so both
 servers get a view of the model directory whose generation_config.json says do_sample=true (symlinks, the
 original is untouched). Servers are stopped with SIGTERM (then SIGKILL after a grace period).
@@ -320,10 +322,13 @@ def server_env(threads: int) -> dict[str, str]:
 
 
 def server_command(kind: str, model_dir: Path, port: int, peer_mode: str = "cb") -> tuple[list[str], str]:
-    """(argv, model name to send) for `lmforge serve` or `transformers serve` on 127.0.0.1:port."""
+    """(argv, model name to send) for `lmforge serve` or `transformers serve` on 127.0.0.1:port. For lmforge,
+    `peer_mode` "int8" serves the same directory with `--quantize int8`."""
     if kind == "lmforge":
         name = model_dir.name
         argv = [sys.executable, "-m", "lmforge", "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port)]
+        if peer_mode == "int8":
+            argv += ["--quantize", "int8"]
         return argv + ["--served-model-name", name], name
     if kind == "transformers":
         # The CLI's console script is a two-line wrapper around transformers.cli.transformers.main.
@@ -448,7 +453,7 @@ def start_servers(
     request. A peer that fails to come up is reported and left out; lmforge failing raises."""
     servers: dict[str, Server] = {}
     for label, kind, mode in plan:
-        server = Server(kind, model_dir, threads, mode or "cb")
+        server = Server(kind, model_dir, threads, mode or ("cb" if kind == "transformers" else ""))
         try:
             server.ready_s = server.wait_ready(ready_timeout)
             warm = BenchRequest(-1, "ROMEO:\n", 3, 8, 12345)
@@ -642,6 +647,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="transformers serve with --continuous-batching (cb), its default sequential generate(), or both "
         "(default: both; cb with --quick)",
     )
+    p.add_argument(
+        "--int8",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also run `lmforge serve --quantize int8` (default: yes, not with --quick)",
+    )
     p.add_argument("--threads", type=int, default=2, help="torch threads of each server (OMP_NUM_THREADS)")
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--min-tokens", type=int, default=16, help="smallest max_tokens drawn")
@@ -694,6 +705,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         flush=True,
     )
     plan = [("lmforge", "lmforge", "")]
+    if args.int8 if args.int8 is not None else not args.quick:
+        plan.append(("lmforge-int8", "lmforge", "int8"))
     if args.peer:
         modes = ["cb", "sequential"] if peer_mode == "both" else [peer_mode]
         plan += [(f"transformers-{m}", "transformers", m) for m in modes]
@@ -714,10 +727,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if lv["errors"]:
                 print(f"#   c={lv['concurrency']} errors: {lv['errors']}")
 
-    ours = runs["lmforge"]
-    peers = [run for label, run in runs.items() if label != "lmforge"]
-    for peer in peers:
-        print(f"\n## lmforge / {peer['server']}")
+    variants = [run for label, run in runs.items() if label.startswith("lmforge")]
+    peers = [run for label, run in runs.items() if not label.startswith("lmforge")]
+    for ours, peer in [(o, p) for o in variants for p in peers]:
+        print(f"\n## {ours['server']} / {peer['server']}")
         rows = []
         for ours_lv, peer_lv in zip(ours["levels"], peer["levels"]):
             rows.append(
@@ -732,10 +745,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print_table(["level", "req/s ratio", "out tok/s ratio", "output tokens", "prompt tokens (usage)"], rows)
 
     print("\n## goals")
-    goal_list = goals(ours, peers)
-    for name, met, figure in goal_list:
-        verdict = "not measured" if met is None else ("MET" if met else "NOT MET")
-        print(f"# {name}: {figure} -> {verdict}")
+    goal_list = []
+    for ours in variants:  # each lmforge variant against the same peers
+        for name, met, figure in goals(ours, peers):
+            name = name.replace("lmforge", ours["server"], 1)
+            verdict = "not measured" if met is None else ("MET" if met else "NOT MET")
+            print(f"# {name}: {figure} -> {verdict}")
+            goal_list.append((name, met, figure))
 
     summary = {
         "bench": "serve",
