@@ -481,8 +481,108 @@ def test_inference_fast_calls_equal_module_calls_and_respect_hooks():
     ids = torch.randint(0, 50, (2, 7))
     with torch.no_grad():
         fast = model(ids).logits
-    assert torch.equal(fast, model(ids).logits.detach())
+    # (eval mode without autograd may run the packed kernel: same values up to float rounding)
+    torch.testing.assert_close(fast, model(ids).logits.detach(), rtol=1e-5, atol=1e-6)
     calls = []
     model.transformer.h[1].attn.qkv.register_forward_hook(lambda mod, args, out: calls.append(out.shape[1]))
     model.generate(ids[:1], max_new_tokens=3)
     assert calls == [7, 1, 1]  # prefill, then one call per new token but the last
+
+
+@pytest.mark.parametrize("rows", [1, 2, 16, 37])
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_linear_equals_f_linear(rows, bias):
+    """In eval mode without autograd, `apply` may run oneDNN's packed matmul (x86); its values equal
+    F.linear's within float32 rounding for any row count, leading shape, bias or weight layout."""
+    from lmforge.nn.inference import PACKED_MIN_ONE_ROW, apply, decode_layout, packed_weight, packing_available
+
+    torch.manual_seed(rows)
+    linear = torch.nn.Linear(64, 96, bias=bias).eval()
+    for layout in ("row-major", "decode"):
+        if layout == "decode":
+            decode_layout(linear)
+        x = torch.randn(rows, 3, 64) if rows > 1 else torch.randn(1, 1, 64)
+        with torch.no_grad():
+            y = apply(linear, x)
+        assert y.shape == x.shape[:-1] + (96,)
+        torch.testing.assert_close(y, x @ linear.weight.T + (linear.bias if bias else 0), rtol=1e-5, atol=1e-5)
+        with torch.no_grad():
+            packed = packed_weight(linear, x)
+        # one row through a small layer stays on F.linear (it is faster there); more rows are packed on x86
+        assert (packed is not None) == (packing_available() and (rows > 1 or 64 * 96 >= PACKED_MIN_ONE_ROW))
+
+
+def test_packed_weights_follow_every_change_of_the_weights():
+    """The packed copy never serves stale weights: after an optimizer step (fused AdamW leaves the version
+    counter alone), load_state_dict, `weight.data = ...`, or a training forward, eval calls see the new values;
+    a model in training mode is not packed; a model that used packed weights still deep-copies and pickles."""
+    import copy
+    import pickle
+    import platform
+
+    from lmforge.nn.inference import _packed, apply, forget_packed, packing_available
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(32, 48).eval()
+    x = torch.randn(8, 32)
+
+    def check() -> None:
+        with torch.no_grad():
+            torch.testing.assert_close(apply(linear, x), F.linear(x, linear.weight, linear.bias), rtol=1e-5, atol=1e-5)
+
+    check()
+    assert (linear in _packed) == packing_available()
+    if platform.machine() in ("x86_64", "AMD64") and torch.backends.mkldnn.is_available():
+        assert packing_available()  # CI's x86 machines run the packed path, not only the fallback
+    optimizer = torch.optim.AdamW(linear.parameters(), lr=0.5, fused=True)
+    linear.train()
+    apply(linear, x).square().sum().backward()  # a training forward drops the copy
+    assert linear not in _packed
+    optimizer.step()
+    linear.eval()
+    check()
+    linear.load_state_dict({"weight": torch.randn(48, 32), "bias": torch.randn(48)})
+    check()
+    linear.weight.data = torch.randn(32, 48).t()  # new storage
+    check()
+    with torch.no_grad():
+        linear.weight.mul_(-1.0)  # in place: the version counter moves
+    check()
+    linear.weight.data.mul_(2.0)  # through .data: nothing records it; forget_packed is the documented remedy
+    forget_packed(linear)
+    assert linear not in _packed
+    check()
+    linear.train()
+    with torch.no_grad():
+        assert torch.equal(apply(linear, x), F.linear(x, linear.weight, linear.bias))  # not packed in training
+    linear.eval()
+    check()
+    clone = copy.deepcopy(linear)
+    again = pickle.loads(pickle.dumps(linear))
+    with torch.no_grad():
+        torch.testing.assert_close(apply(clone, x), apply(linear, x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(apply(again, x), apply(linear, x), rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():  # weights created under inference_mode (as a server's load) have no version counter
+        made = torch.nn.Linear(32, 48).eval()
+        torch.testing.assert_close(apply(made, x), F.linear(x, made.weight, made.bias), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:TF32 acceleration")  # said by mkldnn.flags() on builds without Intel GPUs
+def test_packed_linear_can_be_turned_off(monkeypatch):
+    """LMFORGE_PACKED_LINEAR=0 (read once per process) and torch.backends.mkldnn.flags(enabled=False) give
+    exactly F.linear's result."""
+    from lmforge.nn import inference
+
+    linear = torch.nn.Linear(32, 48).eval()
+    x = torch.randn(8, 32)
+    inference.packing_available.cache_clear()
+    monkeypatch.setenv("LMFORGE_PACKED_LINEAR", "0")
+    try:
+        assert not inference.packing_available()
+        with torch.no_grad():
+            assert torch.equal(inference.apply(linear, x), F.linear(x, linear.weight, linear.bias))
+    finally:
+        inference.packing_available.cache_clear()
+    monkeypatch.delenv("LMFORGE_PACKED_LINEAR")
+    with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False):
+        assert torch.equal(inference.apply(linear, x), F.linear(x, linear.weight, linear.bias))

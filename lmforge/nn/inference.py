@@ -8,14 +8,34 @@ is being recorded, the module is a plain `nn.Linear` / `nn.LayerNorm` (not a sub
 layer), and no hook is registered on it or globally. A module class may declare `direct_call = True`
 (its forward records nothing for autograd, e.g. `Int8Linear`) to be called the same way. Otherwise it
 calls the module as usual.
+
+On x86 CPUs a float32 Linear called this way runs oneDNN's matmul on a copy of its weight packed into
+oneDNN's blocked layout (made on first use, kept on the module, remade when the weight changes). PyTorch's
+default CPU matmul handles the few-row products of decoding poorly: on a 2-core AMD EPYC, 16 rows through a
+384 x 1536 layer take 0.21 ms with `F.linear` and 0.07 ms packed, and a 384 x 51865 vocabulary layer at 8
+rows 8.9 ms instead of 2.0. The cost is memory: the packed copy doubles the memory of the Linear weights
+used for inference. `LMFORGE_PACKED_LINEAR=0` in the environment turns it off.
 """
 
 from __future__ import annotations
+
+import os
+import platform
+import weakref
+from functools import cache
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
+
+# One row through a layer smaller than this: `F.linear` on the decode layout (see decode_layout) is as fast
+# or faster than the packed kernel, whose fixed cost is ~15 µs a call.
+PACKED_MIN_ONE_ROW = 1 << 20
+
+# Linear -> (weight, its data_ptr, its version, packed copy). Kept off the module: an opaque oneDNN tensor
+# cannot be deep-copied or pickled, and a copied module simply packs its own weight again.
+_packed: weakref.WeakKeyDictionary[nn.Module, tuple[Tensor, int, int, Tensor]] = weakref.WeakKeyDictionary()
 
 
 def hook_free(module: nn.Module) -> bool:
@@ -37,11 +57,65 @@ def apply(module: nn.Module, x: Tensor) -> Tensor:
     kind = type(module)
     if (kind is nn.Linear or kind is nn.LayerNorm) and not torch.is_grad_enabled() and hook_free(module):
         if kind is nn.Linear:
+            packed = packed_weight(module, x)
+            if packed is not None:
+                return torch.ops.mkldnn._linear_pointwise(x, packed, module.bias, "none", [], "")
             return F.linear(x, module.weight, module.bias)
         return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
+    if _packed and kind is nn.Linear:  # a forward for training: the weight may change next, without a trace
+        _packed.pop(module, None)
     if getattr(kind, "direct_call", False) and hook_free(module):  # e.g. Int8Linear: forward holds no autograd
         return module.forward(x)
     return module(x)
+
+
+@cache
+def packing_available() -> bool:
+    """oneDNN's packed matmul is used on x86 CPUs where PyTorch has it, unless LMFORGE_PACKED_LINEAR=0."""
+    if os.environ.get("LMFORGE_PACKED_LINEAR", "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    machine = platform.machine().lower()
+    return (
+        machine in ("x86_64", "amd64", "i686", "x86")
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
+
+
+def packed_weight(module: nn.Linear, x: Tensor) -> Tensor | None:
+    """The module's weight packed for oneDNN (cached per module), or None where `F.linear` is the better
+    kernel: not float32 on the CPU, a single row through a small layer, or packing unavailable (not x86,
+    LMFORGE_PACKED_LINEAR=0, or oneDNN turned off with `torch.backends.mkldnn.flags(enabled=False)`).
+
+    Only a module in eval mode is packed, and a forward with autograd on drops its copy: that is how a
+    weight change is noticed when nothing else records it (a fused optimizer's step leaves the tensor's
+    version counter as it was; so does writing through `weight.data`). Otherwise the copy is made again
+    when the weight's version or storage changes. After changing an eval-mode model's weights through
+    `.data` with no training forward in between, call `forget_packed(model)`."""
+    w = module.weight
+    if module.training or not (
+        x.dtype is torch.float32 and w.dtype is torch.float32 and x.device.type == "cpu" == w.device.type
+    ):
+        return None
+    if x.numel() <= x.size(-1) and w.numel() < PACKED_MIN_ONE_ROW:
+        return None
+    if not (packing_available() and torch.backends.mkldnn.enabled):
+        return None
+    version = 0 if w.is_inference() else w._version  # (a model loaded under inference_mode has no counter)
+    cached = _packed.get(module)
+    if cached is None or cached[0] is not w or cached[1] != w.data_ptr() or cached[2] != version:
+        # Made again after any change to the weight (an optimizer step, load_state_dict, `weight.data = ...`).
+        # The batch-size hint (8) only tunes the blocking; every row count is computed correctly with it.
+        cached = (w, w.data_ptr(), version, torch.ops.mkldnn._reorder_linear_weight(w.detach(), 8))
+        _packed[module] = cached
+    return cached[3]
+
+
+def forget_packed(model: nn.Module) -> None:
+    """Drop the packed weight copies of the model's Linear layers (they are made again on next use)."""
+    for module in model.modules():
+        _packed.pop(module, None)
 
 
 def decode_layout(model: nn.Module) -> nn.Module:
