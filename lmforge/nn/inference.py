@@ -69,6 +69,31 @@ def apply(module: nn.Module, x: Tensor) -> Tensor:
     return module(x)
 
 
+# Activations (by Hugging Face config name) that oneDNN applies inside the packed matmul, as its post-op:
+# (algorithm, approximation) for `_linear_pointwise`.
+FUSED_ACTIVATIONS: dict[str, tuple[str, str]] = {
+    "gelu": ("gelu", "none"),
+    "gelu_new": ("gelu", "tanh"),
+    "gelu_pytorch_tanh": ("gelu", "tanh"),
+    "relu": ("relu", ""),
+    "silu": ("swish", ""),
+    "swish": ("swish", ""),
+}
+
+
+def apply_activated(module: nn.Module, x: Tensor, activation: str) -> Tensor | None:
+    """`act(module(x))` as one oneDNN call (the activation applied as the matmul's output is written), or
+    None where that path does not apply (see `packed_weight`; also a Linear subclass or a hooked module).
+    Saves a read and a write of the (B, T, d_ff) activations per feed-forward layer."""
+    fused = FUSED_ACTIVATIONS.get(activation)
+    if fused is None or type(module) is not nn.Linear or torch.is_grad_enabled() or not hook_free(module):
+        return None
+    packed = packed_weight(module, x)
+    if packed is None:
+        return None
+    return torch.ops.mkldnn._linear_pointwise(x, packed, module.bias, fused[0], [], fused[1])
+
+
 @cache
 def packing_available() -> bool:
     """oneDNN's packed matmul is used on x86 CPUs where PyTorch has it, unless LMFORGE_PACKED_LINEAR=0."""

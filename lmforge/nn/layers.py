@@ -9,7 +9,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from lmforge.nn.attention import AttentionMask, CrossAttention, KVCache, MultiHeadAttention
-from lmforge.nn.inference import apply, hook_free
+from lmforge.nn.inference import apply, apply_activated, hook_free
 from lmforge.nn.positions import RotaryEmbedding
 
 
@@ -87,11 +87,12 @@ class FeedForward(nn.Module):
         self.dropout = dropout
 
     def forward(self, x: Tensor) -> Tensor:  # (B, T, C) -> (B, T, C)
-        h = apply(self.fc, x)  # (B, T, d_ff)
         if self._can_act_inplace():
-            h = self.act_inplace(h)  # BERT encoder forward on 2 CPU cores: GELU 40 -> 14 ms of ~490 ms
+            h = apply_activated(self.fc, x, self.activation)  # (B, T, d_ff) fc and activation in one call
+            if h is None:  # not on the packed path: in place, BERT encoder on 2 cores GELU 40 -> 14 ms of ~490
+                h = self.act_inplace(apply(self.fc, x))
         else:
-            h = self.act(h)
+            h = self.act(apply(self.fc, x))
         return dropout(apply(self.proj, h), self.dropout, self.training)
 
     def _can_act_inplace(self) -> bool:
