@@ -27,7 +27,6 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from common import (
     LoadMonitor,
     Samples,
@@ -40,19 +39,20 @@ from common import (
     wait_for_quiet,
 )
 
-from lmforge.nn.inference import decode_layout  # noqa: E402
+from lmforge.nn.inference import apply, decode_layout  # noqa: E402
 
 
 def decode_gemm_floor_ms(model: torch.nn.Module, batch: int, seconds: float = 0.5) -> float:
     """Best-case ms for just the matmuls of one decode step (every Linear of the model applied to
-    `batch` rows, lm_head included), with the model's own weights: reading ~55 MB of fp32 weights
+    `batch` rows, lm_head included), with the model's own weights and lmforge's own kernel choice
+    (`nn.inference.apply`: oneDNN's packed matmul where it applies): reading ~55 MB of fp32 weights
     bounds a batch-1 step from below whatever the rest of the code does."""
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     xs = {m.in_features: torch.randn(batch, m.in_features) for m in linears}
 
     def step() -> None:
         for m in linears:
-            F.linear(xs[m.in_features], m.weight, m.bias)
+            apply(m, xs[m.in_features])
 
     with torch.inference_mode():
         step()
