@@ -108,8 +108,8 @@ def packing_available() -> bool:
 def packed_weight(module: nn.Linear, x: Tensor) -> Tensor | None:
     """The module's weight packed for oneDNN (cached per module), or None where `F.linear` is the better
     kernel: not float32 on the CPU, packing unavailable (not x86, LMFORGE_PACKED_LINEAR=0, or oneDNN turned
-    off with `torch.backends.mkldnn.flags(enabled=False)`), or inside `torch.compile` (inductor packs weights itself when freezing; a copy made here is not a graph
-    constant and would fail its lowering).
+    off with `torch.backends.mkldnn.flags(enabled=False)`), or inside `torch.compile` (inductor packs weights
+    itself when freezing; a copy made here is not a graph constant and would fail its lowering).
 
     Only a module in eval mode is packed, and a forward with autograd on drops its copy: that is how a
     weight change is noticed when nothing else records it (a fused optimizer's step leaves the tensor's
