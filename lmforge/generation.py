@@ -241,6 +241,9 @@ def _start(
     Whisper's prompt), else decoder_start_token_id."""
     if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None  # no padding: the fast, mask-free path
+    seq2seq = getattr(model.config, "is_encoder_decoder", False)
+    if seq2seq and rows > 1 and encoder_outputs is None and input_ids.size(1) > 0:
+        encoder_outputs = model.encode(input_ids, attention_mask)  # (B, S, C): each source once, not once per beam
     if attention_mask is not None:
         attention_mask = attention_mask.repeat_interleave(rows, dim=0)  # never reordered: same for every beam
     if rows > 1:
@@ -249,7 +252,7 @@ def _start(
             decoder_input_ids = decoder_input_ids.repeat_interleave(rows, dim=0)
         if encoder_outputs is not None:
             encoder_outputs = encoder_outputs.repeat_interleave(rows, dim=0)
-    if getattr(model.config, "is_encoder_decoder", False):
+    if seq2seq:
         start = _seq2seq_start(
             model, input_ids, attention_mask, max_new_tokens, use_cache, decoder_input_ids, encoder_outputs
         )

@@ -277,10 +277,35 @@ def test_kv_cache_full_error():
 
 
 def test_kv_cache_reorder_keeps_rows():
-    cache = KVCache(n_layer=1, batch_size=3, n_heads=1, max_len=2, head_dim=1)
-    cache.update(0, torch.tensor([1.0, 2.0, 3.0]).view(3, 1, 1, 1), torch.zeros(3, 1, 1, 1))
-    cache.reorder(torch.tensor([2, 0]))
-    assert cache.k[0, :, 0, 0, 0].tolist() == [3.0, 1.0]
+    """reorder keeps the chosen rows' filled positions (keys and values, every layer), rows may repeat, and
+    decoding goes on from there."""
+    cache = KVCache(n_layer=2, batch_size=3, n_heads=1, max_len=4, head_dim=1)
+    for step in range(2):  # two positions written, as two decode steps would
+        for layer in range(2):
+            k = torch.tensor([1.0, 2.0, 3.0]).view(3, 1, 1, 1) + 10 * step + 100 * layer
+            cache.update(layer, k, -k)
+        cache.advance(1)
+    cache.reorder(torch.tensor([2, 0, 0]))
+    assert cache.k.shape == (2, 3, 1, 4, 1)
+    assert cache.k[1, :, 0, :2, 0].tolist() == [[103.0, 113.0], [101.0, 111.0], [101.0, 111.0]]
+    assert torch.equal(cache.v[:, :, :, :2], -cache.k[:, :, :, :2])
+    k, v = cache.update(0, torch.full((3, 1, 1, 1), 7.0), torch.full((3, 1, 1, 1), -7.0))
+    assert k[:, 0, :, 0].tolist() == [[3.0, 13.0, 7.0], [1.0, 11.0, 7.0], [1.0, 11.0, 7.0]]
+    assert torch.equal(v, -k)
+
+
+@pytest.mark.parametrize("index", [[0, 0, 2, 3], [1, 0, 2, 3], [3, 1, 2, 0], [2, 2, 0, 0], [0, 1, 2, 3]])
+def test_kv_cache_reorder_equals_gathering_the_rows(index):
+    """Whether few rows move (copied in place, even when rows swap) or many (a new buffer), the filled
+    positions after reorder are exactly those of the chosen rows."""
+    torch.manual_seed(0)
+    cache = KVCache(n_layer=2, batch_size=4, n_heads=2, max_len=6, head_dim=3)
+    for layer in range(2):
+        cache.update(layer, torch.randn(4, 2, 3, 3), torch.randn(4, 2, 3, 3))
+    cache.advance(3)
+    want_k, want_v = cache.k[:, index, :, :3].clone(), cache.v[:, index, :, :3].clone()
+    cache.reorder(torch.tensor(index))
+    assert torch.equal(cache.k[:, :, :, :3], want_k) and torch.equal(cache.v[:, :, :, :3], want_v)
 
 
 # ---------------------------------------------------------------------------------- positions

@@ -129,9 +129,26 @@ class KVCache:
 
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows `index` (for beam search or dropping finished rows). The cross-attention keys/values
-        are kept as they are: rows are only reordered among rows with the same source (a prompt's beams)."""
-        self.k = self.k[:, index]
-        self.v = self.v[:, index]
+        are kept as they are: rows are only reordered among rows with the same source (a prompt's beams).
+
+        Only the `length` filled positions are copied: beam search reorders every step, and copying whole rows
+        (`k[:, index]`) took a quarter of a Marian beam-4 batch-8 step. Most beams keep their own row from one
+        step to the next (~85% there), so when at most half the rows change, only those are copied, in place."""
+        n, rows = self.length, self.k.size(1)
+        if n and index.numel() == rows:
+            moved = (index != torch.arange(rows, device=index.device)).nonzero().flatten()  # rows that change
+            if 2 * moved.numel() <= rows:
+                if moved.numel():
+                    parents = index[moved]
+                    for buf in (self.k, self.v):  # the right side is gathered first: a source row may move too
+                        buf[:, moved, :, :n] = buf[:, parents, :, :n]
+                return
+        shape = (self.k.size(0), index.numel()) + tuple(self.k.shape[2:])
+        k, v = self.k.new_empty(shape), self.v.new_empty(shape)  # positions >= length are written before read
+        if n:
+            torch.index_select(self.k.narrow(3, 0, n), 1, index, out=k.narrow(3, 0, n))
+            torch.index_select(self.v.narrow(3, 0, n), 1, index, out=v.narrow(3, 0, n))
+        self.k, self.v = k, v
         self._split()
 
 
