@@ -254,7 +254,7 @@ def _start(
             encoder_outputs = encoder_outputs.repeat_interleave(rows, dim=0)
     if seq2seq:
         start = _seq2seq_start(
-            model, input_ids, attention_mask, max_new_tokens, use_cache, decoder_input_ids, encoder_outputs
+            model, input_ids, attention_mask, max_new_tokens, use_cache, decoder_input_ids, encoder_outputs, rows
         )
     else:
         if decoder_input_ids is not None or encoder_outputs is not None:
@@ -301,11 +301,13 @@ def _seq2seq_start(
     use_cache: bool,
     decoder_input_ids: Tensor | None = None,
     encoder_outputs: Tensor | None = None,
+    group: int = 1,
 ) -> _Start:
     """An encoder-decoder: encode the source (N, S, ...) once (token ids, or e.g. audio features), or take its
     `encoder_outputs` (N, S, C) as given; the decoder starts from `decoder_input_ids` (N, P) or else
     decoder_start_token_id, keeps a self-attention KV cache and projects the encoder output to cross-attention
-    keys/values once (in the cache)."""
+    keys/values once (in the cache). Rows come in groups of `group` copies of one source (its beams), which
+    share one copy of those keys/values."""
     if source.size(1) == 0:
         raise ValueError("the source is empty: generation needs at least one source token")
     if decoder_input_ids is None:
@@ -326,6 +328,8 @@ def _seq2seq_start(
     P = prefix.size(1)
     max_new = _new_token_budget(model, P, max_new_tokens)
     cache: KVCache | None = model.allocate_cache(source.size(0), P + max_new) if use_cache and max_new else None
+    if cache is not None:
+        cache.cross_group = group
 
     def step(seqs: Tensor, parents: Tensor | None) -> Tensor:
         if cache is None:

@@ -635,3 +635,31 @@ def test_compiled_model_leaves_kernels_to_the_compiler():
     assert any("linear" in t for t in seen), seen
     assert not any("_linear_pointwise" in t for t in seen), seen
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("padding", ["none", "padded", "empty source"])
+def test_cross_attention_shares_keys_values_within_a_group(padding):
+    """Rows in groups of copies of one source (beams) keep one copy of the cross-attention keys/values per group;
+    outputs equal those of one copy per row, for decode steps and a longer prefix, with source padding, and
+    when a source is all padding (the plain path then runs)."""
+    from lmforge.nn import CrossAttention
+
+    torch.manual_seed(0)
+    attn = CrossAttention(16, 4).eval()
+    G, g, S = 3, 2, 5
+    memory = torch.randn(G, S, 16).repeat_interleave(g, 0)  # (G * g, S, C): each source's rows are copies
+    pad = torch.ones(G, S, dtype=torch.long)
+    if padding != "none":
+        pad[1, 3:] = 0
+    if padding == "empty source":
+        pad[2] = 0
+    pad = None if padding == "none" else pad.repeat_interleave(g, 0)
+    caches = {1: KVCache(1, G * g, 4, 8, 4), g: KVCache(1, G * g, 4, 8, 4)}
+    caches[g].cross_group = g
+    with torch.no_grad():
+        for T in (3, 1, 1):
+            x = torch.randn(G * g, T, 16)
+            mask = AttentionMask.build(pad, T, S, causal=False)
+            (want, _), (got, _) = (attn(x, memory, mask, caches[n], 0) for n in (1, g))
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert caches[g].cross[0][0].shape == (G, 4, S, 4) and caches[1].cross[0][0].shape == (G * g, 4, S, 4)

@@ -108,6 +108,9 @@ class KVCache:
         self.length = 0
         # cross-attention keys/values per decoder layer, (B, H, S, hs) each: computed once from the encoder's output
         self.cross: dict[int, tuple[Tensor, Tensor]] = {}
+        # rows come in groups of this many sharing one source (a source's beams): the cross-attention keys/values
+        # are then kept once per group, (B / cross_group, H, S, hs), and the group's queries read them together
+        self.cross_group = 1
         self._split()
 
     def _split(self) -> None:
@@ -135,6 +138,10 @@ class KVCache:
         (`k[:, index]`) took a quarter of a Marian beam-4 batch-8 step. Most beams keep their own row from one
         step to the next (~85% there), so when at most half the rows change, only those are copied, in place."""
         n, rows = self.length, self.k.size(1)
+        if self.cross_group > 1 and index.numel() != rows:
+            raise ValueError(
+                "rows sharing cross-attention keys/values (cross_group > 1) can only be reordered, not dropped"
+            )
         if n and index.numel() == rows:
             moved = (index != torch.arange(rows, device=index.device)).nonzero().flatten()  # rows that change
             if 2 * moved.numel() <= rows:
@@ -232,14 +239,29 @@ class CrossAttention(nn.Module):
         With a cache, the keys/values of memory are projected on the first call and reused afterwards."""
         B, T, C = x.shape
         S = memory.size(1)
-        q = apply(self.q, x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hs)
+        H, hs = self.n_heads, self.head_dim
+        q = apply(self.q, x).view(B, T, H, hs).transpose(1, 2)  # (B, H, T, hs)
+        g = getattr(cache, "cross_group", 1) if cache is not None else 1  # rows sharing one source
         if cache is not None and layer_idx in cache.cross:
             k, v = cache.cross[layer_idx]
         else:
-            kv = apply(self.kv, memory).view(B, S, 2, self.n_heads, self.head_dim)
-            k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, S, hs)
+            src = memory[::g] if g > 1 else memory  # (B / g, S, C): a group's rows hold copies of one memory
+            kv = apply(self.kv, src).view(src.size(0), S, 2, H, hs)
+            k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B / g, H, S, hs)
             if cache is not None:
                 cache.cross[layer_idx] = (k, v)
+        if g > 1 and not output_attentions and mask.empty_rows is None:
+            # The g rows of a group attend as g x T queries to the group's one copy of the keys/values: the same
+            # dot products, a quarter of the memory traffic for 4 beams.
+            G = B // g
+            qg = q.reshape(G, g, H, T, hs).transpose(1, 2).reshape(G, H, g * T, hs)
+            allowed = None if mask.allowed is None else mask.allowed[::g, :, :1]  # (G, 1, 1, S): padding only
+            p = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(qg, k, v, attn_mask=allowed, dropout_p=p)  # (G, H, g * T, hs)
+            y = y.view(G, H, g, T, hs).transpose(1, 2).reshape(B, H, T, hs)
+            return apply(self.proj, y.transpose(1, 2).reshape(B, T, C)), None
+        if g > 1:  # attention maps or rows with nothing to attend to: the plain path, on one copy per row
+            k, v = k.repeat_interleave(g, 0), v.repeat_interleave(g, 0)
         weights = None
         if output_attentions:
             y, weights = reference_attention(q, k, v, mask.as_bool(T, S, x.device))  # weights (B, H, T, S)
