@@ -148,7 +148,9 @@ def test_any_module_with_linears_and_gpt_classifier_head() -> None:
     x = torch.randn(5, 4)
     before = net(x)
     apply_lora(net, LoRAConfig(r=2, target_modules=["0"], modules_to_save=["2"]))
-    assert isinstance(net[0], LoRALinear) and torch.equal(net(x), before)
+    # B = 0: the same function (to float32 rounding: with autograd on, an AMD CPU runs the base product on oneDNN)
+    assert isinstance(net[0], LoRALinear)
+    torch.testing.assert_close(net(x), before, rtol=1e-6, atol=1e-6)
     assert [n for n, p in net.named_parameters() if p.requires_grad] == ["0.lora_A", "0.lora_B", "2.weight", "2.bias"]
     torch.manual_seed(0)
     cls = GPTForSequenceClassification(

@@ -663,3 +663,75 @@ def test_cross_attention_shares_keys_values_within_a_group(padding):
             (want, _), (got, _) = (attn(x, memory, mask, caches[n], 0) for n in (1, g))
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert caches[g].cross[0][0].shape == (G, 4, S, 4) and caches[1].cross[0][0].shape == (G * g, 4, S, 4)
+
+
+@pytest.mark.parametrize("shape", [(7, 33), (2, 5, 33)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_onednn_linear_matches_f_linear_values_and_gradients(shape, bias):
+    """nn.cpu_linear.linear: the forward and the three gradients equal F.linear's to float32 rounding, for 2-D and
+    3-D inputs, with and without bias, and only the gradients asked for are computed."""
+    from lmforge.nn.cpu_linear import linear
+    from lmforge.nn.inference import packing_available
+
+    assert packing_available() or platform_is_not_x86(), "x86 machines must run the oneDNN path"
+    if not packing_available():
+        return
+    torch.manual_seed(0)
+    x = torch.randn(*shape, requires_grad=True)
+    w = torch.randn(17, 33, requires_grad=True)
+    b = torch.randn(17, requires_grad=True) if bias else None
+    grad = torch.randn(*shape[:-1], 17)
+    params = [t for t in (x, w, b) if t is not None]
+    y = linear(x, w, b)
+    got = torch.autograd.grad(y, params, grad)
+    want_y = F.linear(x, w, b)
+    want = torch.autograd.grad(want_y, params, grad)
+    torch.testing.assert_close(y, want_y, rtol=1e-5, atol=1e-5)
+    for g, h in zip(got, want):
+        torch.testing.assert_close(g, h, rtol=1e-5, atol=1e-5)
+    frozen = torch.randn(17, 33)  # a frozen weight (LoRA's base): only dX
+    (gx,) = torch.autograd.grad(linear(x, frozen).sum(), [x])
+    torch.testing.assert_close(gx, torch.ones(*shape[:-1], 17) @ frozen, rtol=1e-5, atol=1e-5)
+
+
+def platform_is_not_x86() -> bool:
+    import platform
+
+    return platform.machine().lower() not in ("x86_64", "amd64")
+
+
+def test_training_matmul_choice_follows_the_environment(monkeypatch):
+    """LMFORGE_TRAINING_MATMUL=onednn / aten decides which kernel a Linear with autograd runs (seen in the graph);
+    a model trained a step either way reaches the same loss to float32 rounding; a bad value is named."""
+    from lmforge import GPTConfig, GPTForCausalLM
+    from lmforge.nn import cpu_linear
+    from lmforge.nn.inference import apply, packing_available
+
+    linear = torch.nn.Linear(8, 4)
+    x = torch.randn(3, 8)
+    losses = {}
+    try:
+        for choice in ("onednn", "aten"):
+            monkeypatch.setenv("LMFORGE_TRAINING_MATMUL", choice)
+            cpu_linear.training_onednn.cache_clear()
+            name = type(apply(linear, x).grad_fn).__name__
+            onednn = choice == "onednn" and packing_available()
+            assert ("OneDNN" in name) == onednn, name
+            torch.manual_seed(0)
+            model = GPTForCausalLM(GPTConfig(vocab_size=64, n_positions=16, n_layer=2, n_head=2, n_embd=32))
+            opt = torch.optim.SGD(model.parameters(), lr=0.5)
+            ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
+            for _ in range(3):
+                loss = model(ids, labels=ids).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+            losses[choice] = model(ids, labels=ids).loss.item()
+        assert losses["onednn"] == pytest.approx(losses["aten"], rel=1e-4)
+        monkeypatch.setenv("LMFORGE_TRAINING_MATMUL", "mkl")
+        cpu_linear.training_onednn.cache_clear()
+        with pytest.raises(ValueError, match="LMFORGE_TRAINING_MATMUL must be auto, onednn or aten; got 'mkl'"):
+            apply(linear, x)
+    finally:
+        monkeypatch.delenv("LMFORGE_TRAINING_MATMUL", raising=False)
+        cpu_linear.training_onednn.cache_clear()

@@ -21,7 +21,6 @@ the memory of the Linear weights used for inference. `LMFORGE_PACKED_LINEAR=0` i
 from __future__ import annotations
 
 import os
-import platform
 import weakref
 from functools import cache
 
@@ -29,6 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
+
+from lmforge.nn.cpu_linear import linear as onednn_linear
+from lmforge.nn.cpu_linear import onednn_available, use_onednn
 
 # Linear -> (weight, its data_ptr, its version, packed copy). Kept off the module: an opaque oneDNN tensor
 # cannot be deep-copied or pickled, and a copied module simply packs its own weight again.
@@ -61,6 +63,8 @@ def apply(module: nn.Module, x: Tensor) -> Tensor:
         return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
     if _packed and kind is nn.Linear:  # a forward for training: the weight may change next, without a trace
         _packed.pop(module, None)
+    if kind is nn.Linear and torch.is_grad_enabled() and hook_free(module) and use_onednn(x, module.weight):
+        return onednn_linear(x, module.weight, module.bias)  # autograd on oneDNN's products (nn.cpu_linear)
     if getattr(kind, "direct_call", False) and hook_free(module):  # e.g. Int8Linear: forward holds no autograd
         return module.forward(x)
     return module(x)
@@ -96,13 +100,7 @@ def packing_available() -> bool:
     """oneDNN's packed matmul is used on x86 CPUs where PyTorch has it, unless LMFORGE_PACKED_LINEAR=0."""
     if os.environ.get("LMFORGE_PACKED_LINEAR", "1").strip().lower() in ("0", "false", "no", "off"):
         return False
-    machine = platform.machine().lower()
-    return (
-        machine in ("x86_64", "amd64", "i686", "x86")
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    )
+    return onednn_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
 def packed_weight(module: nn.Linear, x: Tensor) -> Tensor | None:
