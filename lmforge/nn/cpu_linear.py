@@ -17,12 +17,13 @@ per machine, so a resumed run computes exactly what the uninterrupted one did.
 from __future__ import annotations
 
 import os
-import platform
 from functools import cache
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from lmforge.utils import onednn_available
 
 
 class _OneDNNLinear(torch.autograd.Function):
@@ -66,17 +67,6 @@ def _cpu_vendor() -> str:
     except OSError:
         pass
     return ""
-
-
-@cache
-def onednn_available() -> bool:
-    """An x86 CPU and a PyTorch build with oneDNN's linear op."""
-    machine = platform.machine().lower()
-    return (
-        machine in ("x86_64", "amd64", "i686", "x86")
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    )
 
 
 @cache

@@ -30,7 +30,8 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
 from lmforge.nn.cpu_linear import linear as onednn_linear
-from lmforge.nn.cpu_linear import onednn_available, use_onednn
+from lmforge.nn.cpu_linear import use_onednn
+from lmforge.utils import onednn_available
 
 # Linear -> (weight, its data_ptr, its version, packed copy). Kept off the module: an opaque oneDNN tensor
 # cannot be deep-copied or pickled, and a copied module simply packs its own weight again.
