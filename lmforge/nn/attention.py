@@ -257,7 +257,7 @@ class CrossAttention(nn.Module):
             qg = q.reshape(G, g, H, T, hs).transpose(1, 2).reshape(G, H, g * T, hs)
             allowed = None if mask.allowed is None else mask.allowed[::g, :, :1]  # (G, 1, 1, S): padding only
             p = self.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(qg, k, v, attn_mask=allowed, dropout_p=p)  # (G, H, g * T, hs)
+            y = fast_attention(qg, k, v, AttentionMask(allowed=allowed), p)  # (G, H, g * T, hs)
             y = y.view(G, H, g, T, hs).transpose(1, 2).reshape(B, H, T, hs)
             return apply(self.proj, y.transpose(1, 2).reshape(B, T, C)), None
         if g > 1:  # attention maps or rows with nothing to attend to: the plain path, on one copy per row

@@ -20,6 +20,7 @@ import os
 from functools import cache
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
@@ -57,6 +58,11 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return _OneDNNLinear.apply(x, weight, bias)
 
 
+def autograd_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """`F.linear(x, weight, bias)`, on oneDNN where `use_onednn` says so (the one place that decides)."""
+    return linear(x, weight, bias) if use_onednn(x, weight) else F.linear(x, weight, bias)
+
+
 @cache
 def _cpu_vendor() -> str:
     try:
@@ -81,10 +87,11 @@ def training_onednn() -> bool:
 
 
 def use_onednn(x: Tensor, weight: Tensor) -> bool:
-    """True when a Linear with autograd on should run `linear` here (float32 on the CPU, no autocast, not being
-    compiled, oneDNN enabled, and `training_onednn()`)."""
+    """True when this Linear product should run `linear` here: autograd on, float32 on the CPU, no autocast, not
+    being compiled, oneDNN enabled, and `training_onednn()`."""
     return (
-        x.dtype is torch.float32
+        torch.is_grad_enabled()
+        and x.dtype is torch.float32
         and weight.dtype is torch.float32
         and x.device.type == "cpu" == weight.device.type
         and not torch.is_autocast_enabled("cpu")

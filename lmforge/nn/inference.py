@@ -29,8 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
-from lmforge.nn.cpu_linear import linear as onednn_linear
-from lmforge.nn.cpu_linear import use_onednn
+from lmforge.nn.cpu_linear import autograd_linear
 from lmforge.utils import onednn_available
 
 # Linear -> (weight, its data_ptr, its version, packed copy). Kept off the module: an opaque oneDNN tensor
@@ -64,8 +63,8 @@ def apply(module: nn.Module, x: Tensor) -> Tensor:
         return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
     if _packed and kind is nn.Linear:  # a forward for training: the weight may change next, without a trace
         _packed.pop(module, None)
-    if kind is nn.Linear and torch.is_grad_enabled() and hook_free(module) and use_onednn(x, module.weight):
-        return onednn_linear(x, module.weight, module.bias)  # autograd on oneDNN's products (nn.cpu_linear)
+    if kind is nn.Linear and hook_free(module):  # autograd on: oneDNN's products where faster (nn.cpu_linear)
+        return autograd_linear(x, module.weight, module.bias)
     if getattr(kind, "direct_call", False) and hook_free(module):  # e.g. Int8Linear: forward holds no autograd
         return module.forward(x)
     return module(x)

@@ -33,8 +33,7 @@ from torch import Tensor, nn
 
 from lmforge.files import atomic_write_bytes, atomic_write_text
 from lmforge.hub import ADAPTER_SUFFIXES, read_safetensors
-from lmforge.nn.cpu_linear import linear as onednn_linear
-from lmforge.nn.cpu_linear import use_onednn
+from lmforge.nn.cpu_linear import autograd_linear
 from lmforge.nn.layers import dropout as _dropout
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -156,10 +155,7 @@ class LoRALinear(nn.Module):
         return (self.lora_B.float() @ self.lora_A.float()) * self.scale
 
     def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
-        if torch.is_grad_enabled() and use_onednn(x, self.weight):  # the frozen base product, on oneDNN
-            y = onednn_linear(x, self.weight, self.bias)
-        else:
-            y = F.linear(x, self.weight, self.bias)
+        y = autograd_linear(x, self.weight, self.bias)  # the frozen base product (oneDNN where faster)
         if self.merged:
             return y
         h = F.linear(_dropout(x, self.dropout, self.training), self.lora_A)  # (..., r)
