@@ -76,6 +76,8 @@ def test_output_shapes(model):
     assert out.hidden_states is None and out.attentions is None and out.past_key_values is None
     assert model(ids, logits_to_keep=1).logits.shape == (2, 1, V)
     torch.testing.assert_close(model(ids, logits_to_keep=3).logits, out.logits[:, -3:])
+    index = torch.tensor([0, 2, ids.size(1) - 1])  # positions named by a tensor, as transformers allows
+    torch.testing.assert_close(model(ids, logits_to_keep=index).logits, out.logits[:, index])
     trunk = model.transformer(ids)
     assert trunk.last_hidden_state.shape == (2, 7, 32)
     assert out["logits"] is out.logits and out[0] is out.logits  # HF-style access

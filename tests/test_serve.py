@@ -20,7 +20,7 @@ import torch
 from helpers import GREEDY_MARGIN, TIMEOUT, Server, greedy_margin, save_tiny_gpt
 
 from lmforge.models.gpt import GPTForCausalLM
-from lmforge.serving.scheduler import Request, SamplingParams, Scheduler
+from lmforge.serving.scheduler import Request, SamplingParams, Scheduler, SlotCache
 from lmforge.tokenizer import Tokenizer
 
 TEXTS = [
@@ -121,6 +121,94 @@ def test_batched_with_31_others_greedy_equals_generate(loaded) -> None:
         checked += 1
     assert checked == 24
     assert greedy_margin(model, rows, lengths) > GREEDY_MARGIN
+
+
+def test_a_packed_step_equals_each_sequence_run_alone(loaded) -> None:
+    """One forward of one row holding two decoding sequences' newest tokens and a third sequence's whole prompt
+    (SlotCache, the scheduler's step) gives each sequence the logits and keys/values of its own forward."""
+    model, _ = loaded
+    seqs = [list(range(5, 17)), list(range(40, 45)), list(range(60, 69))]  # 12, 5 and 9 tokens
+    cache = SlotCache(model, 4)
+    with torch.inference_mode():
+        alone, caches = [], []
+        for ids in seqs:
+            own = model.allocate_cache(1, len(ids))
+            alone.append(model(torch.tensor([ids]), past_key_values=own).logits[0, -1])  # (V,)
+            caches.append(own)
+        for slot, ids in enumerate(seqs[:2]):  # rows 0 and 1 hold all but their newest token
+            n = len(ids) - 1
+            cache.k[:, slot, :, :n], cache.v[:, slot, :, :n] = caches[slot].k[:, 0, :, :n], caches[slot].v[:, 0, :, :n]
+        tokens = [seqs[0][-1], seqs[1][-1]] + seqs[2]
+        positions = [len(seqs[0]) - 1, len(seqs[1]) - 1] + list(range(len(seqs[2])))
+        slots = [0, 1] + [2] * len(seqs[2])
+        cache.bind(torch.tensor(slots), torch.tensor(positions), 2, [(2, len(seqs[2]))])
+        keep = torch.tensor([0, 1, len(tokens) - 1])
+        logits = model(torch.tensor([tokens]), position_ids=torch.tensor([positions]), past_key_values=cache,
+                       logits_to_keep=keep).logits[0]  # fmt: skip
+    assert logits.shape == (3, model.config.vocab_size)
+    for slot, ids in enumerate(seqs):
+        torch.testing.assert_close(logits[slot], alone[slot], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cache.k[:, slot, :, : len(ids)], caches[slot].k[:, 0], atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="position_ids"):
+        model(torch.tensor([tokens]), past_key_values=cache)
+
+
+def test_requests_arriving_while_others_decode_equal_generate(loaded) -> None:
+    """Each request is submitted when the one before it has its first token, so every prompt is prefilled in
+    the same forward as the decoding rows; a request with two prompts and n=2 takes four rows. Each greedy
+    answer equals model.generate alone (the batch changes the arithmetic, so the margin is checked first)."""
+    model, tok = loaded
+    prompts = prompts_of(tok, 12)[4:]
+    scheduler = Scheduler(model, tok, max_num_seqs=16)
+    collectors: list[Collector] = []
+
+    def submit(k: int) -> None:
+        if k == len(prompts):
+            return
+        collector = Collector()
+        collectors.append(collector)
+        fired = threading.Event()
+
+        def emit(event: object) -> None:
+            collector(event)
+            if not fired.is_set():  # the first piece: the next request comes in
+                fired.set()
+                submit(k + 1)
+
+        two = [prompts[k], prompts[(k + 3) % len(prompts)]] if k == 2 else [prompts[k]]
+        scheduler.submit(Request(two, SamplingParams(max_tokens=6 + 3 * k, temperature=0), 2 if k == 2 else 1, emit))
+
+    scheduler.start()
+    try:
+        submit(0)
+        deadline = time.monotonic() + TIMEOUT
+        while len(collectors) < len(prompts) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for c in collectors:
+            assert c.done.wait(TIMEOUT) and c.error is None
+    finally:
+        scheduler.stop()
+    assert len(collectors) == len(prompts)
+    rows, lengths = [], []
+    for k, c in enumerate(collectors):
+        choices = [(prompts[k], 0)] if k != 2 else [(prompts[2], 0), (prompts[2], 1), (prompts[5], 2), (prompts[5], 3)]
+        assert sorted(c.tokens) == [i for _, i in choices]
+        for ids, index in choices:
+            ref = model.generate(torch.tensor([ids]), max_new_tokens=6 + 3 * k)[0].tolist()
+            assert c.tokens[index] == ref[len(ids) : len(ids) + len(c.tokens[index])], (k, index)
+            rows.append(ref)
+            lengths.append(len(ids))
+    assert greedy_margin(model, rows, lengths) > GREEDY_MARGIN
+
+
+def test_the_scheduler_refuses_empty_and_too_long_prompts(loaded) -> None:
+    """Checked when submitted (the HTTP layer answers 400), so a bad request never reaches a step it shares."""
+    model, tok = loaded
+    scheduler = Scheduler(model, tok)
+    for prompt in ([], [5] * (model.config.n_positions + 1)):
+        with pytest.raises(ValueError, match=f"a prompt of {len(prompt)} tokens: give 1 to 128"):
+            scheduler.submit(Request([prompt], SamplingParams(max_tokens=4), 1, Collector()))
+    assert scheduler.queue_length == 0
 
 
 def test_a_seed_gives_the_same_sample_and_the_text_is_the_tokens(loaded) -> None:
@@ -470,6 +558,7 @@ def test_health_is_503_until_the_model_is_loaded_and_cors_is_off_unless_asked(ti
     from fastapi.testclient import TestClient
 
     from lmforge.serving import ServerConfig, create_app
+    from lmforge.serving.app import GIL_SWITCH_INTERVAL
 
     loading = TestClient(create_app(ServerConfig(model=str(tiny_dir))))  # no lifespan yet: nothing loaded
     r = loading.get("/health")
@@ -477,9 +566,12 @@ def test_health_is_503_until_the_model_is_loaded_and_cors_is_off_unless_asked(ti
     r = loading.post("/v1/completions", json={"prompt": "hi"})
     assert r.status_code == 503 and "still loading" in r.json()["error"]["message"]
     preflight = {"Origin": "http://example.test", "Access-Control-Request-Method": "POST"}
+    before = sys.getswitchinterval()
     with TestClient(create_app(ServerConfig(model=str(tiny_dir)), load_in_background=False)) as plain:
         assert plain.get("/health").status_code == 200
         assert "access-control-allow-origin" not in plain.options("/v1/completions", headers=preflight).headers
+        assert sys.getswitchinterval() == pytest.approx(min(before, GIL_SWITCH_INTERVAL))  # while serving
+    assert sys.getswitchinterval() == before  # given back when the app stops
     config = ServerConfig(model=str(tiny_dir), cors_origins=["http://example.test"])
     with TestClient(create_app(config, load_in_background=False)) as cors:
         r = cors.options("/v1/completions", headers=preflight)

@@ -104,8 +104,11 @@ class GPTModel(nn.Module):
         output_hidden_states: bool = False,
     ) -> BaseModelOutput:
         B, T = input_ids.shape
-        past = past_key_values.length if past_key_values is not None else 0
-        if past + T > self.config.n_positions:
+        packed = getattr(past_key_values, "packed", False)  # several sequences in one row (nn.attention.PackedCache)
+        past = past_key_values.length if past_key_values is not None and not packed else 0
+        if packed and position_ids is None:
+            raise ValueError("a packed cache needs position_ids: each token's position in its own sequence")
+        if past + T > self.config.n_positions and not packed:
             raise ValueError(
                 f"sequence of {past + T} tokens is longer than the model's context of "
                 f"{self.config.n_positions}; truncate the input (e.g. truncation=True, "
@@ -212,11 +215,12 @@ class GPTForCausalLM(GPTPreTrainedModel):
         use_cache: bool = False,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | Tensor = 0,
         num_items_in_batch: int | Tensor | None = None,
         **kwargs: Any,
     ) -> CausalLMOutput:
-        """input_ids (B, T) -> logits (B, T, V) (only the last `logits_to_keep` positions if > 0)."""
+        """input_ids (B, T) -> logits (B, T, V): only the last `logits_to_keep` positions if > 0, or the positions
+        a 1-D tensor of indices names (transformers' convention)."""
         if kwargs:
             raise TypeError(f"unexpected arguments for GPTForCausalLM.forward: {sorted(kwargs)}")
         if use_cache and past_key_values is None:
@@ -225,7 +229,9 @@ class GPTForCausalLM(GPTPreTrainedModel):
             input_ids, attention_mask, position_ids, past_key_values, output_attentions, output_hidden_states
         )
         h = out.last_hidden_state
-        if logits_to_keep:
+        if isinstance(logits_to_keep, Tensor):
+            h = h[:, logits_to_keep]  # (B, len(index), C)
+        elif logits_to_keep:
             h = h[:, -logits_to_keep:]
         logits = apply(self.lm_head, h)  # (B, T, V)
         loss = causal_lm_loss(logits, labels, num_items_in_batch) if labels is not None else None

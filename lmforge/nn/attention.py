@@ -159,6 +159,24 @@ class KVCache:
         self._split()
 
 
+class PackedCache:
+    """What a cache that takes one row of several sequences' tokens provides (the server's scheduler has one).
+
+    With `packed = True`, the model's input is (1, T): tokens of different sequences side by side, each at its own
+    position (`position_ids` given). Each attention layer hands its projections to `attend(layer, q, k, v)`
+    (each (1, H, T, hs)), which stores the keys/values where each sequence keeps them and returns the attention
+    output (1, H, T, hs), every token attending only to its own sequence. Context limits are the owner's to keep.
+    """
+
+    packed = True
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def advance(self, n: int) -> None:
+        """Called by the model after the forward; the owner keeps each sequence's length."""
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head attention with W^Q, W^K, W^V (fused into one `qkv` projection) and W^O (`proj`)."""
 
@@ -189,6 +207,11 @@ class MultiHeadAttention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, hs), views into qkv
         if self.rotary is not None:
             q, k = self.rotary(q, position_ids), self.rotary(k, position_ids)
+        if cache is not None and getattr(cache, "packed", False):
+            # one row holding several sequences' new tokens (a server's step): the cache knows where each
+            # sequence's keys live, so it stores these and computes the attention (see `PackedCache`)
+            y = cache.attend(layer_idx, q, k, v)  # (1, H, T, hs)
+            return apply(self.proj, y.transpose(1, 2).reshape(B, T, C)), None
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)  # (B, H, Tk, hs)
         weights = None

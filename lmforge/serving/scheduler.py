@@ -1,13 +1,15 @@
-"""Continuous batching: one thread owns the model and runs one decoding step at a time for every active sequence.
+"""Continuous batching: one thread owns the model and runs one step at a time for every active sequence.
 
-    HTTP handlers --submit(Request)--> waiting queue --admit (token budget, free slots)--> prefill (prompt alone)
-    --> slot in the SlotCache --> every step: one forward of all active rows (one new token each, their own
-    positions and lengths) --> per-row penalties and sampling --> text pieces to each request --> retire finished
+    HTTP handlers --submit(Request)--> waiting queue --admit (token budget, free slots)--> every step: one forward
+    of one row of tokens: the newest token of each decoding sequence and the whole prompt of each request just
+    admitted (its prefill) --> per-row penalties and sampling --> text pieces to each request --> retire finished
 
 Each sequence owns a row ("slot") of a preallocated KV cache for the whole context and is numbered from position
-0 in it, so sequences of any lengths decode side by side: the step's attention mask hides each row's columns past
-its own length. Active rows are kept in slots 0..n-1 (a retiring row's slot is filled by the last one), so a
-step reads plain views of the cache. A sequence decoded alone runs exactly the arithmetic of `model.generate`.
+0 in it, so sequences of any lengths decode side by side: a decoding token attends over its own row (the columns
+past its length masked), a prompt causally over itself. Prefilling in the step's forward reads the weights once
+for both (a separate prefill forward per request took a third of the scheduler's time at 16 requests). Active rows
+are kept in slots 0..n-1 (a retiring row's slot is filled by the last one), so a step reads plain views of the
+cache. The attention of a sequence is the arithmetic of `model.generate` (its prefill and its decoding steps).
 
 Everything else that needs the model (embeddings, pipelines, encoder-decoder generation) runs as a job on the
 same thread between steps, so the model is never used by two threads at once.
@@ -26,10 +28,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from lmforge.constants import context_length
 from lmforge.generation import TextStream, apply_repetition_penalty
+from lmforge.nn.attention import PackedCache
 
 
 class QueueFull(RuntimeError):
@@ -165,13 +169,16 @@ def sample_rows(logits: Tensor, seqs: list[Sequence]) -> list[int]:
     return index[:, 0].tolist()
 
 
-class SlotCache:
+class SlotCache(PackedCache):
     """Keys and values of up to `slots` sequences, each in its own row from position 0: (n_layer, slots, H, ctx, hs).
 
-    The model sees the usual KV-cache interface. For a step over the active rows 0..n-1, `bind(lengths)` sets
-    where each row writes its new key (its own length) and `length` (the longest row), which makes the model
-    read positions [0, longest + 1) of every row; the step's attention mask hides what a shorter row has not
-    written.
+    A step's input is one row of tokens (`nn.attention.PackedCache`): first the newest token of each decoding
+    sequence (rows 0..n-1, one each, at its own length), then the whole prompt of each sequence being prefilled
+    (a "segment" written into its own slot from position 0). `bind` says where each token goes; in each layer,
+    `attend` stores the new keys/values and computes the attention: the decoding rows over their own rows of the
+    cache (positions past a row's length masked), each prompt causally over itself. So prompts are prefilled in the
+    same forward as the step (the weights are read once for both), and a prompt's attention is exactly that of
+    `model.generate`'s prefill.
     """
 
     def __init__(self, model: Any, slots: int) -> None:
@@ -181,36 +188,56 @@ class SlotCache:
         shape = (n_layer, slots, heads, self.ctx, head_dim)
         self.k = torch.zeros(shape, dtype=probe.k.dtype, device=probe.k.device)
         self.v = torch.zeros_like(self.k)
-        self.slots = slots
-        self.length = 0
+        self.slots, self.heads = slots, heads
+        self.length = 0  # the model reads no past from a packed cache
         self.cross: dict[int, tuple[Tensor, Tensor]] = {}  # the interface's cross-attention entry (unused here)
-        self._rows = self._cols = torch.zeros(0, dtype=torch.long)
+        self._flat = torch.zeros(0, dtype=torch.long)
+        self._rows, self._width, self._mask = 0, 0, None
+        self._segments: list[tuple[int, int]] = []
 
-    def bind(self, lengths: Tensor) -> None:
-        """Rows 0..n-1 take part in the next step; row i writes at position lengths[i]."""
-        n = lengths.numel()
-        self._rows, self._cols = torch.arange(n), lengths
-        self.length = int(lengths.max())
+    def bind(self, slots: Tensor, positions: Tensor, decoding: int, segments: list[tuple[int, int]]) -> None:
+        """The next step's tokens: token i goes to slot slots[i] at positions[i]; the first `decoding` are rows
+        0..decoding-1's newest tokens; `segments` are the (start, length) of each prompt after them."""
+        device = self.k.device
+        heads = torch.arange(self.heads, device=device)
+        # where each (token, head)'s key goes in a layer's cache seen as (slots * H * ctx, hs): one index_copy_
+        self._flat = (((slots.to(device)[:, None] * self.heads + heads) * self.ctx) + positions.to(device)[:, None])
+        self._flat = self._flat.flatten()  # (T * H,)
+        self._rows, self._segments = decoding, segments
+        self._mask = None
+        if decoding:
+            lengths = positions[:decoding].to(device)  # (n,) each row's tokens before this one
+            self._width = int(lengths.max()) + 1
+            if bool((lengths != lengths[0]).any()):  # rows of different lengths: hide what a row has not written
+                hidden = torch.arange(self._width, device=device)[None] > lengths[:, None]  # (n, width)
+                dtype = self.k.dtype
+                self._mask = torch.zeros(hidden.shape, dtype=dtype, device=device).masked_fill_(hidden, -math.inf)
+                self._mask = self._mask[:, None, None, :]  # (n, 1, 1, width), added to the scores
 
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store the new k, v (n, H, 1, hs) at each row's own position; return rows 0..n-1 up to the longest."""
-        n = k.size(0)
-        self.k[layer][self._rows, :, self._cols] = k[:, :, 0]  # (n, H, hs) into each row's own column
-        self.v[layer][self._rows, :, self._cols] = v[:, :, 0]
-        end = self.length + 1
-        return self.k[layer, :n, :, :end], self.v[layer, :n, :, :end]
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """q, k, v: (1, H, T, hs) for the bound tokens -> the attention output (1, H, T, hs)."""
+        hs = k.size(-1)
+        self.k[layer].view(-1, hs).index_copy_(0, self._flat, k[0].transpose(0, 1).reshape(-1, hs))
+        self.v[layer].view(-1, hs).index_copy_(0, self._flat, v[0].transpose(0, 1).reshape(-1, hs))
+        parts = []
+        n = self._rows
+        if n:
+            qd = q[0, :, :n, None].transpose(0, 1)  # (n, H, 1, hs): each row's one query
+            kd, vd = self.k[layer, :n, :, : self._width], self.v[layer, :n, :, : self._width]  # (n, H, width, hs)
+            yd = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=self._mask)  # (n, H, 1, hs)
+            parts.append(yd[:, :, 0].transpose(0, 1)[None])  # (1, H, n, hs)
+        for start, length in self._segments:  # a prompt over itself, as a prefill does
+            end = start + length
+            parts.append(
+                F.scaled_dot_product_attention(
+                    q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], is_causal=length > 1
+                )
+            )
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
-    def advance(self, n: int) -> None:
-        """Called by the model after the forward; the scheduler keeps the lengths itself."""
-
-    def store(self, slot: int, k: Tensor, v: Tensor) -> None:
-        """Copy a prefilled prompt's keys/values (n_layer, H, T, hs) into `slot`."""
-        T = k.size(2)
-        self.k[:, slot, :, :T] = k
-        self.v[:, slot, :, :T] = v
-
-    def move(self, src: int, dst: int, length: int) -> None:
-        """Copy row `src`'s first `length` positions to row `dst` (to keep the active rows in 0..n-1)."""
+    def copy(self, src: int, dst: int, length: int) -> None:
+        """Copy row `src`'s first `length` positions to row `dst` (another choice of the same prompt, or to keep
+        the active rows in 0..n-1)."""
         self.k[:, dst, :, :length] = self.k[:, src, :, :length]
         self.v[:, dst, :, :length] = self.v[:, src, :, :length]
 
@@ -265,7 +292,12 @@ class Scheduler:
             self._thread.join(timeout)
 
     def submit(self, request: Request) -> None:
-        """Queue a request (raises QueueFull when --max-queue requests are already waiting)."""
+        """Queue a request (raises QueueFull when --max-queue requests are already waiting, ValueError for an
+        empty prompt or one longer than the model's context)."""
+        ctx = context_length(self.model.config)
+        for prompt in request.prompts:
+            if not prompt or len(prompt) > ctx:
+                raise ValueError(f"a prompt of {len(prompt)} tokens: give 1 to {ctx} (the model's context) tokens")
         with self._wake:
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"the server's queue is full ({self.max_queue} requests waiting); retry later")
@@ -299,9 +331,9 @@ class Scheduler:
                 self._run_job(job)
             try:
                 with torch.inference_mode():
-                    self._admit()
-                    if self.active:
-                        self._step()
+                    admitted = self._admit()
+                    if self.active or admitted:
+                        self._step(admitted)
             except Exception as error:  # a bug or an out-of-memory: fail the requests in flight, keep serving
                 self._fail_all(error)
         self._fail_all(RuntimeError("the server is shutting down"))
@@ -318,10 +350,12 @@ class Scheduler:
     def _free_rows(self) -> int:
         return self.max_num_seqs - len(self.active)
 
-    def _admit(self) -> None:
-        """Move waiting requests into the batch while rows are free and the step's token budget allows."""
+    def _admit(self) -> list[Request]:
+        """Take waiting requests into this step while rows are free and its token budget allows (their prompts
+        are prefilled in the step's forward)."""
         budget = self.max_batch_tokens - len(self.active)
-        admitted = False
+        rows = len(self.active)
+        admitted: list[Request] = []
         while True:
             with self._wake:
                 if not self.waiting:
@@ -332,13 +366,14 @@ class Scheduler:
                     request.emit(None)
                     continue
                 cost = sum(len(p) for p in request.prompts)
-                if request.size > self._free_rows() or (admitted and cost > budget):
+                if request.size > self.max_num_seqs - rows or (admitted and cost > budget):
                     break  # first come, first served: the head of the queue waits for room
                 self.waiting.popleft()
-            self._prefill(request)
+            admitted.append(request)
+            rows += request.size
             budget -= cost
-            admitted = True
         self._gauge()
+        return admitted
 
     def _ensure_cache(self, rows: int) -> SlotCache:
         """A cache with at least `rows` slots (grown by doubling, up to max_num_seqs; rows are copied over)."""
@@ -353,44 +388,59 @@ class Scheduler:
         self.cache = grown
         return grown
 
-    def _prefill(self, request: Request) -> None:
-        """Run each prompt alone (as generate does), copy its keys/values into the request's rows, pick the
-        first token of each sequence."""
-        cache = self._ensure_cache(len(self.active) + request.size)
-        for p, prompt in enumerate(request.prompts):
-            ids = torch.tensor([prompt], device=self.cache.k.device)
-            own = self.model.allocate_cache(1, len(prompt))
-            logits = self.model(ids, past_key_values=own, logits_to_keep=1).logits[0, -1]  # (V,)
-            for j in range(request.n):
-                seq = Sequence(request, p * request.n + j, prompt, self.tokenizer, self.eos)
-                cache.store(len(self.active), own.k[:, 0], own.v[:, 0])
-                self.active.append(seq)
-                self._take(seq, logits)
-        self._retire()
-
-    def _step(self) -> None:
-        """One forward of every active row's last token; each row picks its next token."""
+    def _step(self, admitted: list[Request]) -> None:
+        """One forward: the newest token of every active row, and the prompts of the requests just admitted;
+        every row (old and new) picks its next token."""
         n = len(self.active)
-        lengths = torch.tensor([s.length for s in self.active])  # (n,) each row's tokens so far
-        ids = torch.tensor([[s.out[-1]] for s in self.active], device=self.cache.k.device)  # (n, 1)
-        width = int(lengths.max()) + 1
-        mask = (torch.arange(width)[None] <= lengths[:, None]).long()  # (n, width): each row's own positions
-        self.cache.bind(lengths)
+        new_rows = sum(r.size for r in admitted)
+        cache = self._ensure_cache(n + new_rows)
+        tokens = [s.out[-1] for s in self.active]
+        positions = [s.length for s in self.active]
+        slots = list(range(n))
+        segments: list[tuple[int, int]] = []
+        keep = list(range(n))  # which positions' logits are needed: each row's newest, each prompt's last
+        fresh: list[Sequence] = []
+        for request in admitted:
+            for p, prompt in enumerate(request.prompts):
+                slot = n + len(fresh)
+                segments.append((len(tokens), len(prompt)))
+                keep.append(len(tokens) + len(prompt) - 1)
+                tokens += prompt
+                positions += range(len(prompt))
+                slots += [slot] * len(prompt)
+                fresh += [Sequence(request, p * request.n + j, prompt, self.tokenizer, self.eos) for j in range(request.n)]
+        device = cache.k.device
+        cache.bind(torch.tensor(slots), torch.tensor(positions), n, segments)
         logits = self.model(
-            ids, attention_mask=mask, position_ids=lengths[:, None], past_key_values=self.cache, logits_to_keep=1
-        ).logits[:, -1]  # (n, V)
+            torch.tensor([tokens], device=device),
+            position_ids=torch.tensor([positions], device=device),
+            past_key_values=cache,
+            logits_to_keep=torch.tensor(keep, device=device),
+        ).logits[0]  # (n + prompts, V)
+        # each prompt's keys/values were written to its first choice's slot; the other choices get copies
+        rows_logits = list(range(n))  # row -> its line of `logits`
+        first = n  # slot of the segment's first choice
+        for i, (_, length) in enumerate(segments):
+            choices = fresh[first - n].request.n
+            for j in range(1, choices):
+                cache.copy(first, first + j, length)
+            rows_logits += [n + i] * choices
+            first += choices
+        for seq in self.active:
+            seq.length += 1
+        self.active += fresh
         if self.metrics is not None:
-            self.metrics.batch_size.observe(n)
+            self.metrics.batch_size.observe(len(self.active))
         chosen: dict[int, int] = {}  # row -> token, for the rows picked together
         greedy = [i for i, s in enumerate(self.active) if s.request.params.greedy]
         if greedy:
-            chosen.update(zip(greedy, logits[greedy].argmax(-1).tolist()))
+            chosen.update(zip(greedy, logits[[rows_logits[i] for i in greedy]].argmax(-1).tolist()))
         sampled = [i for i, s in enumerate(self.active) if s.generator is not None and not s.request.params.penalised]
         if sampled:
-            chosen.update(zip(sampled, sample_rows(logits[sampled], [self.active[i] for i in sampled])))
+            picked = sample_rows(logits[[rows_logits[i] for i in sampled]], [self.active[i] for i in sampled])
+            chosen.update(zip(sampled, picked))
         for i, seq in enumerate(self.active):  # penalised rows pick alone
-            seq.length += 1
-            self._take(seq, logits[i], chosen.get(i))
+            self._take(seq, logits[rows_logits[i]], chosen.get(i))
         self._retire()
 
     def _take(self, seq: Sequence, logits: Tensor, token: int | None = None) -> None:
@@ -439,7 +489,7 @@ class Scheduler:
             if seq.text.stopped or seq.request.cancelled:
                 last = len(self.active) - 1
                 if i != last:
-                    self.cache.move(last, i, self.active[last].length)
+                    self.cache.copy(last, i, self.active[last].length)
                     self.active[i] = self.active[last]
                 self.active.pop()
                 if seq.request.cancelled and seq.request._left > 0:
