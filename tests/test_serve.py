@@ -244,6 +244,36 @@ def test_frequency_penalty_changes_repetitive_greedy_output(loaded) -> None:
     assert len(set(pen.tokens[0])) > len(set(plain.tokens[0]))
 
 
+def test_the_mailbox_delivers_every_event_in_order_to_its_queue() -> None:
+    """Events posted on another thread (as the scheduler does) reach each asyncio queue whole and in order."""
+    import asyncio
+
+    from lmforge.serving.app import Mailbox
+
+    async def main() -> list[list[int]]:
+        mailbox = Mailbox(asyncio.get_running_loop())
+        queues = [asyncio.Queue() for _ in range(3)]
+
+        def produce() -> None:
+            for i in range(300):
+                mailbox.post(queues[i % 3], i)
+            for q in queues:
+                mailbox.post(q, None)
+
+        thread = threading.Thread(target=produce)
+        thread.start()
+        got: list[list[int]] = []
+        for q in queues:
+            items = []
+            while (item := await asyncio.wait_for(q.get(), TIMEOUT)) is not None:
+                items.append(item)
+            got.append(items)
+        thread.join()
+        return got
+
+    assert asyncio.run(main()) == [list(range(k, 300, 3)) for k in range(3)]
+
+
 # ------------------------------------------------------------------------------ a real server
 @pytest.fixture(scope="module")
 def server(tiny_dir: Path) -> Iterator[Server]:
