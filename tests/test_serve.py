@@ -244,36 +244,6 @@ def test_frequency_penalty_changes_repetitive_greedy_output(loaded) -> None:
     assert len(set(pen.tokens[0])) > len(set(plain.tokens[0]))
 
 
-def test_the_mailbox_delivers_every_event_in_order_to_its_queue() -> None:
-    """Events posted on another thread (as the scheduler does) reach each asyncio queue whole and in order."""
-    import asyncio
-
-    from lmforge.serving.app import Mailbox
-
-    async def main() -> list[list[int]]:
-        mailbox = Mailbox(asyncio.get_running_loop())
-        queues = [asyncio.Queue() for _ in range(3)]
-
-        def produce() -> None:
-            for i in range(300):
-                mailbox.post(queues[i % 3], i)
-            for q in queues:
-                mailbox.post(q, None)
-
-        thread = threading.Thread(target=produce)
-        thread.start()
-        got: list[list[int]] = []
-        for q in queues:
-            items = []
-            while (item := await asyncio.wait_for(q.get(), TIMEOUT)) is not None:
-                items.append(item)
-            got.append(items)
-        thread.join()
-        return got
-
-    assert asyncio.run(main()) == [list(range(k, 300, 3)) for k in range(3)]
-
-
 # ------------------------------------------------------------------------------ a real server
 @pytest.fixture(scope="module")
 def server(tiny_dir: Path) -> Iterator[Server]:
@@ -588,7 +558,6 @@ def test_health_is_503_until_the_model_is_loaded_and_cors_is_off_unless_asked(ti
     from fastapi.testclient import TestClient
 
     from lmforge.serving import ServerConfig, create_app
-    from lmforge.serving.app import GIL_SWITCH_INTERVAL
 
     loading = TestClient(create_app(ServerConfig(model=str(tiny_dir))))  # no lifespan yet: nothing loaded
     r = loading.get("/health")
@@ -596,12 +565,9 @@ def test_health_is_503_until_the_model_is_loaded_and_cors_is_off_unless_asked(ti
     r = loading.post("/v1/completions", json={"prompt": "hi"})
     assert r.status_code == 503 and "still loading" in r.json()["error"]["message"]
     preflight = {"Origin": "http://example.test", "Access-Control-Request-Method": "POST"}
-    before = sys.getswitchinterval()
     with TestClient(create_app(ServerConfig(model=str(tiny_dir)), load_in_background=False)) as plain:
         assert plain.get("/health").status_code == 200
         assert "access-control-allow-origin" not in plain.options("/v1/completions", headers=preflight).headers
-        assert sys.getswitchinterval() == pytest.approx(min(before, GIL_SWITCH_INTERVAL))  # while serving
-    assert sys.getswitchinterval() == before  # given back when the app stops
     config = ServerConfig(model=str(tiny_dir), cors_origins=["http://example.test"])
     with TestClient(create_app(config, load_in_background=False)) as cors:
         r = cors.options("/v1/completions", headers=preflight)

@@ -16,11 +16,9 @@ import base64
 import hmac
 import json
 import logging
-import sys
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -47,7 +45,6 @@ from lmforge.serving.schemas import (
 log = logging.getLogger("lmforge.serve")
 STATIC = Path(__file__).parent / "static"
 OPEN_PATHS = ("/health", "/", "/favicon.ico")  # reachable without the API key
-GIL_SWITCH_INTERVAL = 1e-4  # seconds; see the lifespan in create_app
 
 
 @dataclass
@@ -105,37 +102,6 @@ class Metrics:
         )  # fmt: skip
 
 
-class Mailbox:
-    """Events from the scheduler thread to the event loop's queues, with one loop wake-up for what arrives
-    together: a step hands out a piece to each of its requests, and each `call_soon_threadsafe` writes to the
-    loop's wake-up socket, which gives up the GIL and wakes the loop to take it, once per piece."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self._items: deque[tuple[asyncio.Queue, Any]] = deque()
-        self._lock = threading.Lock()
-        self._scheduled = False
-
-    def post(self, queue: asyncio.Queue, event: Any) -> None:
-        """Called on the scheduler thread: `event` goes into `queue` on the loop, in order."""
-        with self._lock:
-            self._items.append((queue, event))
-            if self._scheduled:
-                return  # a wake-up is on its way and takes this one too
-            self._scheduled = True
-        try:
-            self.loop.call_soon_threadsafe(self._deliver)
-        except RuntimeError:  # the event loop is closed: the server is gone
-            pass
-
-    def _deliver(self) -> None:
-        with self._lock:
-            items, self._items = self._items, deque()
-            self._scheduled = False
-        for queue, event in items:
-            queue.put_nowait(event)
-
-
 class Engine:
     """The loaded model, tokenizer, chat template and scheduler, and what they can serve."""
 
@@ -150,12 +116,6 @@ class Engine:
         self.scheduler: Scheduler | None = None
         self.pipelines: dict[str, Any] = {}
         self.created = int(time.time())
-        self.mailbox: Mailbox | None = None  # made on the event loop's first request
-
-    def mailbox_for(self, loop: asyncio.AbstractEventLoop) -> Mailbox:
-        if self.mailbox is None or self.mailbox.loop is not loop:
-            self.mailbox = Mailbox(loop)
-        return self.mailbox
 
     def load(self) -> None:
         """Load the model (on a background thread: /health answers 503 meanwhile)."""
@@ -330,18 +290,9 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
         loader.start()
         if not load_in_background:
             await asyncio.to_thread(loader.join)
-        # The scheduler gives up the GIL inside every PyTorch op and must take it back after; while the event loop
-        # runs Python (the HTTP side), the interpreter hands it back only after the switch interval, 5 ms by
-        # default: a ~2 ms decoding step then waited for it several times. 0.1 ms: at 16 streams, 1,320 -> 2,500
-        # output tokens/s on a 2-core machine (docs/serving.md).
-        interval = sys.getswitchinterval()
-        sys.setswitchinterval(min(interval, GIL_SWITCH_INTERVAL))
-        try:
-            yield
-        finally:
-            sys.setswitchinterval(interval)
-            if engine.scheduler is not None:
-                await asyncio.to_thread(engine.scheduler.stop)
+        yield
+        if engine.scheduler is not None:
+            await asyncio.to_thread(engine.scheduler.stop)
 
     app = FastAPI(title="lmforge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
@@ -624,11 +575,14 @@ async def _respond(
     request: Request, engine: Engine, prompts: list[list[int]], params: SamplingParams, body: Any, chat: bool
 ) -> Response:
     """Run the generation (continuous batching for a causal LM) and answer, streamed or whole."""
-    mailbox = engine.mailbox_for(asyncio.get_running_loop())
+    loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
 
     def emit(event: Any) -> None:  # called on the scheduler thread
-        mailbox.post(events, event)
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+        except RuntimeError:  # the event loop is closed: the server is gone
+            pass
 
     generation = Generation(prompts, params, body.n, emit)
     engine.metrics.prompt_tokens.inc(generation.prompt_tokens)
