@@ -201,7 +201,7 @@ class SlotCache(PackedCache):
         device = self.k.device
         heads = torch.arange(self.heads, device=device)
         # where each (token, head)'s key goes in a layer's cache seen as (slots * H * ctx, hs): one index_copy_
-        self._flat = (((slots.to(device)[:, None] * self.heads + heads) * self.ctx) + positions.to(device)[:, None])
+        self._flat = ((slots.to(device)[:, None] * self.heads + heads) * self.ctx) + positions.to(device)[:, None]
         self._flat = self._flat.flatten()  # (T * H,)
         self._rows, self._segments = decoding, segments
         self._mask = None
@@ -408,7 +408,9 @@ class Scheduler:
                 tokens += prompt
                 positions += range(len(prompt))
                 slots += [slot] * len(prompt)
-                fresh += [Sequence(request, p * request.n + j, prompt, self.tokenizer, self.eos) for j in range(request.n)]
+                fresh += [
+                    Sequence(request, p * request.n + j, prompt, self.tokenizer, self.eos) for j in range(request.n)
+                ]
         device = cache.k.device
         cache.bind(torch.tensor(slots), torch.tensor(positions), n, segments)
         logits = self.model(
