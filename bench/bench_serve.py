@@ -2,7 +2,7 @@
 
 Each server is started here as a subprocess on 127.0.0.1 (a free port, the same model directory, the same
 thread count through OMP_NUM_THREADS / MKL_NUM_THREADS, Hugging Face offline), waited for (GET /health,
-bounded), sent one warm-up request, then loaded level by level: at concurrency C, `max(8, 2C)` streaming
+bounded), sent one warm-up request, then loaded level by level: at concurrency C, `max(128, 4C)` streaming
 POST /v1/completions requests (`stream_options.include_usage`) go out through C client workers, the next
 request leaving as soon as one finishes (closed loop). All servers are up at once (idle, they use no CPU) and
 take turns: each level runs 3 times per server (--repeat), the servers alternating within each round, so the
@@ -638,7 +638,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=ROOT / "runs" / "shakespeare", help="model directory (both servers)")
     p.add_argument("--levels", type=parse_levels, default=None, help="concurrency levels (default 1,4,16,64)")
-    p.add_argument("--requests", type=int, default=None, help="requests per level (default max(8, 2 x concurrency))")
+    p.add_argument(
+        "--requests",
+        type=int,
+        default=None,
+        help="requests per level (default max(128, 4 x concurrency): a level runs long enough that the "
+        "waves of its closed loop overlap, not mostly a ramp and a tail; until 2026-12-03 max(8, 2 x concurrency))",
+    )
     p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True, help="also run transformers serve")
     p.add_argument(
         "--peer-mode",
@@ -691,7 +697,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     info = start_run(args.threads)
     workloads: dict[int, list[BenchRequest]] = {}
     for c in levels:  # a level's requests depend on its concurrency, not on which other levels run
-        n = per_level or max(8, 2 * c)
+        n = per_level or max(128, 4 * c)
         workloads[c] = make_workload(
             model_dir, n, seed=args.seed * 1000 + c, min_tokens=args.min_tokens, max_tokens=args.max_tokens
         )
