@@ -189,8 +189,6 @@ class SlotCache(PackedCache):
         self.k = torch.zeros(shape, dtype=probe.k.dtype, device=probe.k.device)
         self.v = torch.zeros_like(self.k)
         self.slots, self.heads = slots, heads
-        self.length = 0  # the model reads no past from a packed cache
-        self.cross: dict[int, tuple[Tensor, Tensor]] = {}  # the interface's cross-attention entry (unused here)
         self._flat = torch.zeros(0, dtype=torch.long)
         self._rows, self._width, self._mask = 0, 0, None
         self._segments: list[tuple[int, int]] = []
@@ -347,9 +345,6 @@ class Scheduler:
         except BaseException as error:  # handed to the waiting handler, which answers with an error
             job.future.set_exception(error)
 
-    def _free_rows(self) -> int:
-        return self.max_num_seqs - len(self.active)
-
     def _admit(self) -> list[Request]:
         """Take waiting requests into this step while rows are free and its token budget allows (their prompts
         are prefilled in the step's forward)."""
@@ -412,10 +407,11 @@ class Scheduler:
                     Sequence(request, p * request.n + j, prompt, self.tokenizer, self.eos) for j in range(request.n)
                 ]
         device = cache.k.device
-        cache.bind(torch.tensor(slots), torch.tensor(positions), n, segments)
+        where = torch.tensor(positions, device=device)  # (T,) each token's position in its own sequence
+        cache.bind(torch.tensor(slots, device=device), where, n, segments)
         logits = self.model(
             torch.tensor([tokens], device=device),
-            position_ids=torch.tensor([positions], device=device),
+            position_ids=where[None],
             past_key_values=cache,
             logits_to_keep=torch.tensor(keep, device=device),
         ).logits[0]  # (n + prompts, V)
