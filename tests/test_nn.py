@@ -26,6 +26,7 @@ from lmforge.nn import (
     reference_attention,
     sinusoidal_table,
 )
+from lmforge.nn.inference import packing_available
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -534,6 +535,42 @@ def test_packed_linear_equals_f_linear(rows, bias):
         with torch.no_grad():
             packed = packed_weight(linear, x)
         assert (packed is not None) == packing_available()  # any row count is packed on x86
+
+
+def test_row_buckets_are_few_and_tight():
+    """A packed matmul runs at a bucketed row count: never fewer rows than given, at most one step (8, 64 or
+    256 rows) more, and few sizes in all, so a server packing prompts of any length compiles few kernels."""
+    from lmforge.nn.inference import row_bucket
+
+    buckets = [row_bucket(r) for r in range(1, 2049)]
+    assert [row_bucket(r) for r in range(9)] == list(range(9))  # decoding a few rows: as is
+    assert row_bucket(9) == 16 and row_bucket(129) == 192 and row_bucket(1025) == 1280
+    assert all(b >= r and b - r < (8 if r <= 128 else 64 if r <= 1024 else 256) for r, b in enumerate(buckets, 1))
+    assert len(set(buckets)) == 41
+
+
+@pytest.mark.skipif(not packing_available(), reason="oneDNN's packed matmul runs on x86 CPUs only")
+@pytest.mark.parametrize("activation", ["none", "gelu_new"])
+def test_padded_rows_leave_each_rows_result_unchanged(activation):
+    """Rows padded up to a bucket: each row's output is what the same matmul at exactly that many rows gives
+    (the padding changes no real row's sums), and F.linear's within float32 rounding."""
+    from lmforge.nn.inference import FUSED_ACTIVATIONS, apply, apply_activated, packed_weight, row_bucket
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 160).eval()
+    x = torch.randn(300, 64)
+    post, algorithm = FUSED_ACTIVATIONS.get(activation, ("none", ""))
+    with torch.no_grad():
+        packed = packed_weight(linear, x)
+        for rows in (9, 13, 37, 100, 129, 250):
+            assert row_bucket(rows) != rows
+            y = apply(linear, x[:rows]) if activation == "none" else apply_activated(linear, x[:rows], activation)
+            exact = torch.ops.mkldnn._linear_pointwise(x[:rows], packed, linear.bias, post, [], algorithm)
+            assert y.shape == (rows, 160)
+            torch.testing.assert_close(y, exact, rtol=1e-6, atol=1e-6)
+            ref = F.linear(x[:rows], linear.weight, linear.bias)
+            ref = ref if activation == "none" else F.gelu(ref, approximate="tanh")
+            torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_packed_weights_follow_every_change_of_the_weights():
