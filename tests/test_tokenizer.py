@@ -281,6 +281,24 @@ def test_offsets_of_a_split_multibyte_character(tok: Tokenizer) -> None:
 
 
 # ------------------------------------------------------------------ special tokens in text
+def test_skipped_special_tokens_follow_changes_to_them(tok: Tokenizer) -> None:
+    """decode(skip_special_tokens=True) skips the special tokens as they are now, after a decode has run:
+    a vocabulary token given a role, or listed as an additional special token, is skipped from then on."""
+    t = fresh(tok)
+    ids = t.encode("first doc second doc")
+    word = t.convert_ids_to_tokens(ids[1])
+    assert t.decode(ids, skip_special_tokens=True) == "first doc second doc"
+    t.sep_token = word  # already in the vocabulary: only its role changes
+    assert ids[1] in t.all_special_ids
+    assert t.decode(ids, skip_special_tokens=True) == t.decode([i for i in ids if i != ids[1]])
+    t.sep_token = None
+    assert t.decode(ids, skip_special_tokens=True) == "first doc second doc"
+    t.additional_special_tokens.append(word)
+    assert t.convert_ids_to_tokens(ids, skip_special_tokens=True) == [
+        t.convert_ids_to_tokens(i) for i in ids if i != ids[1]
+    ]
+
+
 def test_special_token_strings_in_text(tok: Tokenizer) -> None:
     text = f"first doc{EOS}second doc{PAD}"
     ids = tok.encode(text)

@@ -107,6 +107,7 @@ class Tokenizer(PaddingSide):
         for token in additional_special_tokens:
             self._require_in_vocab(token, "additional special token")
         self.additional_special_tokens: list[str] = list(additional_special_tokens)
+        self._special_ids: tuple[tuple, frozenset[int]] = ((), frozenset())  # (what it was made from, the ids)
         self.model_max_length = int(model_max_length)
         self.padding_side = padding_side
         self.model_input_names: list[str] = list(model_input_names)
@@ -293,6 +294,14 @@ class Tokenizer(PaddingSide):
         """Ids of :attr:`all_special_tokens`, same order."""
         return [self._backend.token_to_id(t) for t in self.all_special_tokens]
 
+    def _special_id_set(self) -> frozenset[int]:
+        """`set(all_special_ids)`, made again only when the special tokens change (a streamed decode asks for
+        it twice per token)."""
+        key = (tuple(self._special_tokens.values()), tuple(self.additional_special_tokens))
+        if self._special_ids[0] != key:
+            self._special_ids = (key, frozenset(self.all_special_ids))
+        return self._special_ids[1]
+
     def get_vocab(self) -> dict[str, int]:
         """``{token: id}`` for the whole vocabulary, added tokens included."""
         return self._backend.get_vocab(with_added_tokens=True)
@@ -303,7 +312,7 @@ class Tokenizer(PaddingSide):
             return self._backend.id_to_token(self._check_ids([int(ids)])[0])
         id_list = self._check_ids(as_id_list(ids))
         if skip_special_tokens:
-            special = set(self.all_special_ids)
+            special = self._special_id_set()
             id_list = [i for i in id_list if i not in special]
         return [self._backend.id_to_token(i) for i in id_list]
 
@@ -483,7 +492,7 @@ class Tokenizer(PaddingSide):
         """
         id_list = self._check_ids(as_id_list(ids, what="decode"))
         if skip_special_tokens:
-            special = set(self.all_special_ids)
+            special = self._special_id_set()
             id_list = [i for i in id_list if i not in special]
         return self._backend.decode(id_list, skip_special_tokens=skip_special_tokens)
 
