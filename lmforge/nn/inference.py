@@ -16,6 +16,8 @@ changes). PyTorch's default CPU matmul handles the few-row products of decoding 
 vocabulary layer at 8 rows 6.7 ms instead of 2.0, and one row through the 24 Linears of a 6 x 384 GPT (weights
 not in cache, as in any real decode step) 2.6 ms instead of 1.2. The cost is memory: the packed copy doubles
 the memory of the Linear weights used for inference. `LMFORGE_PACKED_LINEAR=0` in the environment turns it off.
+oneDNN compiles a kernel for each new row count, so products run at a few bucketed row counts (`row_bucket`):
+a server's step packs prompts of any length (bucketing took 16 in-process streams from 3,007 to 3,428 tokens/s).
 """
 
 from __future__ import annotations
