@@ -298,7 +298,7 @@ class Tokenizer(PaddingSide):
         """`set(all_special_ids)`, made again only when the special tokens change (a streamed decode asks for
         it twice per token)."""
         key = (tuple(self._special_tokens.values()), tuple(self.additional_special_tokens))
-        if self._special_ids[0] != key:
+        if getattr(self, "_special_ids", ((),))[0] != key:  # (absent from a tokenizer pickled by an older version)
             self._special_ids = (key, frozenset(self.all_special_ids))
         return self._special_ids[1]
 
