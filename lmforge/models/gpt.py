@@ -104,16 +104,18 @@ class GPTModel(nn.Module):
         output_hidden_states: bool = False,
     ) -> BaseModelOutput:
         B, T = input_ids.shape
-        packed = getattr(past_key_values, "packed", False)  # several sequences in one row (nn.attention.PackedCache)
-        past = past_key_values.length if past_key_values is not None and not packed else 0
-        if packed and position_ids is None:
-            raise ValueError("a packed cache needs position_ids: each token's position in its own sequence")
-        if past + T > self.config.n_positions and not packed:
-            raise ValueError(
-                f"sequence of {past + T} tokens is longer than the model's context of "
-                f"{self.config.n_positions}; truncate the input (e.g. truncation=True, "
-                f"max_length={self.config.n_positions})"
-            )
+        if getattr(past_key_values, "packed", False):  # several sequences in one row (nn.attention.PackedCache)
+            if position_ids is None:
+                raise ValueError("a packed cache needs position_ids: each token's position in its own sequence")
+            past = 0  # each sequence's length and context limit are the cache owner's to keep
+        else:
+            past = past_key_values.length if past_key_values is not None else 0
+            if past + T > self.config.n_positions:
+                raise ValueError(
+                    f"sequence of {past + T} tokens is longer than the model's context of "
+                    f"{self.config.n_positions}; truncate the input (e.g. truncation=True, "
+                    f"max_length={self.config.n_positions})"
+                )
         if attention_mask is not None and attention_mask.size(1) != past + T:
             raise ValueError(
                 f"attention_mask covers {attention_mask.size(1)} positions, expected {past + T} (past + new tokens)"
