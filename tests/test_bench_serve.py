@@ -1,4 +1,4 @@
-"""bench/bench_serve.py: the workload, the SSE client (against httpx's in-process mock transport), the statistics,
+"""bench/bench_serve.py: the workload, the SSE client (against an aiohttp server on 127.0.0.1), the statistics,
 and one bounded --quick run against a real `lmforge serve` subprocess on 127.0.0.1 (a tiny model, 2 levels of 4
 requests of at most 8 tokens)."""
 
@@ -8,11 +8,10 @@ import asyncio
 import importlib.util
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
-import httpx
 import pytest
 import torch
 from helpers import save_tiny_gpt
@@ -71,21 +70,33 @@ def sse(*chunks: object) -> bytes:
     return b"".join(f"data: {c if isinstance(c, str) else json.dumps(c)}\n\n".encode() for c in chunks)
 
 
-def run_one(bench: ModuleType, handler: Callable[[httpx.Request], httpx.Response]) -> tuple[object, dict]:
-    """Send one request through the bench's client to an in-process mock server; returns (result, body sent)."""
+def reply(status: int, body: bytes) -> tuple[int, bytes]:
+    """What the test server answers: a status and the raw body bytes."""
+    return status, body
+
+
+def run_one(bench: ModuleType, answer: tuple[int, bytes]) -> tuple[object, dict]:
+    """Send one request through the bench's client to a real aiohttp server on 127.0.0.1 (a free port) that
+    answers `answer`; returns (result, the JSON body it received plus its path)."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
     seen: dict = {}
 
-    def record(request: httpx.Request) -> httpx.Response:
-        seen.update(json.loads(request.content))
-        seen["_path"] = request.url.path
-        return handler(request)
+    async def handle(request: web.Request) -> web.Response:
+        seen.update(await request.json())
+        seen["_path"] = request.path
+        status, body = answer
+        return web.Response(status=status, body=body, content_type="text/event-stream")
 
     async def go() -> object:
-        result = bench.RequestResult(0)
-        async with httpx.AsyncClient(transport=httpx.MockTransport(record)) as client:
+        app = web.Application()
+        app.router.add_post("/v1/completions", handle)
+        async with TestServer(app, host="127.0.0.1") as server:
+            base = str(server.make_url("")).rstrip("/")
             req = bench.BenchRequest(0, "ROMEO:", 2, 5, 7)
-            body = bench.completion_body(req, "tiny", 0.8)
-            return await bench.stream_completion(client, "http://127.0.0.1:9", body, result, 0.0, {})
+            result, _ = await bench.run_level(base, "tiny", [req], 1, temperature=0.8, request_timeout=30.0)
+            return result[0]
 
     return asyncio.run(go()), seen
 
@@ -98,7 +109,7 @@ def test_client_counts_text_chunks_and_usage(bench: ModuleType) -> None:
         {"object": "text_completion", "choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 5}},
         "[DONE]",
     )
-    result, sent = run_one(bench, lambda r: httpx.Response(200, content=body))
+    result, sent = run_one(bench, reply(200, body))
     assert sent["_path"] == "/v1/completions" and sent["stream"] is True
     assert sent["stream_options"] == {"include_usage": True} and sent["max_tokens"] == 5 and sent["seed"] == 7
     assert result.ok and not result.error and result.saw_done
@@ -109,21 +120,21 @@ def test_client_counts_text_chunks_and_usage(bench: ModuleType) -> None:
 
 def test_client_without_usage_or_done_counts_chunks(bench: ModuleType) -> None:
     body = sse(*({"choices": [{"index": 0, "text": w}]} for w in ["a", "b", "c"]))  # transformers sends no [DONE]
-    result, _ = run_one(bench, lambda r: httpx.Response(200, content=body))
+    result, _ = run_one(bench, reply(200, body))
     assert result.ok and not result.saw_done and result.completion_tokens is None and result.output_tokens == 3
 
 
 @pytest.mark.parametrize(
     ("response", "message"),
     [
-        (httpx.Response(429, json={"error": {"message": "queue full", "type": "rate_limit"}}), "HTTP 429"),
-        (httpx.Response(200, content=sse({"choices": [{"text": "x"}]}, {"error": {"message": "boom"}})), "boom"),
-        (httpx.Response(200, content=sse("[DONE]")), "without text or usage"),
-        (httpx.Response(200, content=b"data: {not json\n\n"), "JSONDecodeError"),
+        (reply(429, json.dumps({"error": {"message": "queue full", "type": "rate_limit"}}).encode()), "HTTP 429"),
+        (reply(200, sse({"choices": [{"text": "x"}]}, {"error": {"message": "boom"}})), "boom"),
+        (reply(200, sse("[DONE]")), "without text or usage"),
+        (reply(200, b"data: {not json\n\n"), "JSONDecodeError"),
     ],
 )
-def test_client_failures_are_counted_not_raised(bench: ModuleType, response: httpx.Response, message: str) -> None:
-    result, _ = run_one(bench, lambda r: response)
+def test_client_failures_are_counted_not_raised(bench: ModuleType, response: tuple[int, bytes], message: str) -> None:
+    result, _ = run_one(bench, response)
     assert not result.ok and message in result.error
 
 
