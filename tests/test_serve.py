@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import signal
@@ -242,6 +243,87 @@ def test_frequency_penalty_changes_repetitive_greedy_output(loaded) -> None:
     (plain,) = run_requests(model, tok, [(ids, SamplingParams(max_tokens=12, temperature=0))])
     (pen,) = run_requests(model, tok, [(ids, SamplingParams(max_tokens=12, temperature=0, frequency_penalty=2.0))])
     assert len(set(pen.tokens[0])) > len(set(plain.tokens[0]))
+
+
+def test_each_steps_events_come_before_its_after_step_hook(loaded) -> None:
+    """The HTTP layer hands a step's pieces to its event loop in one go from `after_step`: every piece of a step
+    must be emitted before that step's hook runs, and the failure path ends with the hook too."""
+    model, tok = loaded
+    log: list[object] = []
+    scheduler = Scheduler(model, tok)
+    scheduler.after_step = lambda: log.append("|")
+    collectors = [Collector() for _ in range(3)]
+
+    def emitter(k: int, c: Collector):
+        def emit(event: object) -> None:
+            log.append((k, event))
+            c(event)
+
+        return emit
+
+    for k, (ids, c) in enumerate(zip(prompts_of(tok, 3), collectors)):
+        scheduler.submit(Request([ids], SamplingParams(max_tokens=6, temperature=0), 1, emitter(k, c)))
+    scheduler.start()
+    try:
+        for c in collectors:
+            assert c.done.wait(TIMEOUT)
+    finally:
+        scheduler.stop()
+    assert log[-1] == "|"  # the stop's failure path (nothing left to fail) flushes as well
+    segments: list[list[tuple[int, object]]] = [[]]
+    for entry in log:
+        if entry == "|":
+            segments.append([])
+        else:
+            segments[-1].append(entry)  # type: ignore[arg-type]
+    stepped = [seg for seg in segments if seg]
+    assert len(stepped) >= 2  # the pieces were spread over several steps, each closed by the hook
+    for seg in stepped:  # one step makes at most one piece per request
+        pieces = [k for k, e in seg if e is not None]
+        assert len(pieces) == len(set(pieces)), seg
+    emitted = [entry for entry in log if entry != "|"]
+    for k, c in enumerate(collectors):
+        assert sum(len(t) for t in c.tokens.values()) == sum(1 for kk, e in emitted if kk == k and e is not None)
+    # a failure (here with nothing started) reaches the waiting requests, then the hook
+    log.clear()
+    waiting = Collector()
+    scheduler = Scheduler(model, tok)
+    scheduler.after_step = lambda: log.append("|")
+    scheduler.submit(Request([prompts_of(tok, 1)[0]], SamplingParams(max_tokens=2), 1, emitter(9, waiting)))
+    scheduler._fail_all(RuntimeError("boom"))
+    assert len(log) == 2 and log[1] == "|"
+    assert log[0][0] == 9 and isinstance(log[0][1], RuntimeError)  # type: ignore[index]
+
+
+def test_the_mailbox_hands_a_steps_events_over_in_one_wakeup_per_loop() -> None:
+    from lmforge.serving.app import Mailbox
+
+    class Loop:  # records what would wake the event loop
+        def __init__(self, closed: bool = False) -> None:
+            self.calls: list[tuple] = []
+            self.closed = closed
+
+        def call_soon_threadsafe(self, fn, *args) -> None:
+            if self.closed:
+                raise RuntimeError("Event loop is closed")
+            self.calls.append((fn, args))
+
+    a, b, gone = Loop(), Loop(), Loop(closed=True)
+    qa, qb, qgone = asyncio.Queue(), asyncio.Queue(), asyncio.Queue()
+    box = Mailbox()
+    for i in range(16):
+        box.post(a, qa, i)
+    box.post(b, qb, "x")
+    box.post(gone, qgone, "lost")
+    assert not a.calls and not b.calls and qa.empty()  # nothing reaches a loop before the flush
+    box.flush()  # the closed loop's event is dropped, not raised
+    assert len(a.calls) == 1 and len(b.calls) == 1
+    for loop in (a, b):
+        fn, args = loop.calls[0]
+        fn(*args)  # what the loop runs
+    assert [qa.get_nowait() for _ in range(16)] == list(range(16)) and qb.get_nowait() == "x"
+    box.flush()  # nothing posted since: no wake-up
+    assert len(a.calls) == 1 and len(b.calls) == 1
 
 
 # ------------------------------------------------------------------------------ a real server

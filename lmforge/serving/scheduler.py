@@ -273,6 +273,9 @@ class Scheduler:
         self.active: list[Sequence] = []
         self.cache: SlotCache | None = None
         self._wake = threading.Condition()
+        # called on the scheduler thread after each step (and each batch of jobs) and after failing requests:
+        # where the HTTP layer hands the step's events to its event loop in one go (app.Mailbox)
+        self.after_step: Callable[[], None] | None = None
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -334,6 +337,8 @@ class Scheduler:
                         self._step(admitted)
             except Exception as error:  # a bug or an out-of-memory: fail the requests in flight, keep serving
                 self._fail_all(error)
+            if self.after_step is not None:
+                self.after_step()
         self._fail_all(RuntimeError("the server is shutting down"))
 
     def _run_job(self, job: _Job) -> None:
@@ -513,6 +518,8 @@ class Scheduler:
         for job in jobs:
             if job.future.set_running_or_notify_cancel():
                 job.future.set_exception(error)
+        if self.after_step is not None:
+            self.after_step()
         self._gauge()
 
     def _gauge(self) -> None:
