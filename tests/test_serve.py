@@ -326,6 +326,43 @@ def test_the_mailbox_hands_a_steps_events_over_in_one_wakeup_per_loop() -> None:
     assert len(a.calls) == 1 and len(b.calls) == 1
 
 
+def test_events_already_waiting_leave_in_one_write(loaded) -> None:
+    """A stream sends each event as soon as nothing else is waiting, and everything already waiting together:
+    a request's last piece, its usage chunk and [DONE] arrive in one step, so they go out in one write."""
+    from types import SimpleNamespace
+
+    from lmforge.serving.app import _stream
+    from lmforge.serving.scheduler import Piece
+
+    _, tok = loaded
+    generation = Request([[1, 2]], SamplingParams(max_tokens=3), 1, lambda event: None)
+    generation.completion_tokens = 3
+    head = {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": "tiny"}
+
+    async def run() -> tuple[bytes, list[bytes]]:
+        events: asyncio.Queue = asyncio.Queue()
+        stream = _stream(SimpleNamespace(tokenizer=tok), generation, events, head, False, True)
+        events.put_nowait(Piece(0, "To", [5], None, None))
+        first = await stream.__anext__()  # alone: nothing else was waiting
+        for event in (Piece(0, " be", [6], None, None), Piece(0, ",", [7], None, "length"), None):
+            events.put_nowait(event)
+        return first, [chunk async for chunk in stream]
+
+    first, rest = asyncio.run(run())
+
+    def parse(chunk: bytes) -> list[object]:
+        assert chunk.endswith(b"\n\n")
+        items = [e.removeprefix(b"data: ") for e in chunk[:-2].split(b"\n\n")]
+        return [i.decode() if i == b"[DONE]" else json.loads(i) for i in items]
+
+    assert [c["choices"][0]["text"] for c in parse(first)] == ["To"]
+    assert len(rest) == 1  # the rest in one write
+    texts, usage, done = parse(rest[0])[:2], parse(rest[0])[2], parse(rest[0])[3]
+    assert [c["choices"][0]["text"] for c in texts] == [" be", ","]
+    assert texts[1]["choices"][0]["finish_reason"] == "length"
+    assert usage["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5} and done == "[DONE]"
+
+
 # ------------------------------------------------------------------------------ a real server
 @pytest.fixture(scope="module")
 def server(tiny_dir: Path) -> Iterator[Server]:

@@ -690,24 +690,29 @@ def _sse(data: Any) -> bytes:
 async def _stream(
     engine: Engine, generation: Generation, events: asyncio.Queue, head: dict, chat: bool, include_usage: bool
 ) -> AsyncIterator[bytes]:
-    """Server-sent events: a chunk per piece, the usage chunk if asked, then [DONE]. If the client goes away,
-    the generation is cancelled (the scheduler drops it at its next step)."""
+    """Server-sent events: a chunk per piece, the usage chunk if asked, then [DONE]. Events already waiting go
+    out together, in one write (a request's last piece, its usage and [DONE] arrive in the same step). If the
+    client goes away, the generation is cancelled (the scheduler drops it at its next step)."""
     head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
     tok = engine.tokenizer
     extra = {"usage": None} if include_usage else {}
+    out: list[bytes] = []  # events ready to send
     finished = False
     try:
         if chat:
             for i in range(generation.size):
                 choice = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None}  # fmt: skip
-                yield _sse({**head, "choices": [choice], **extra})
+                out.append(_sse({**head, "choices": [choice], **extra}))
         while True:
+            if out and events.empty():  # nothing more to add without waiting: send what is ready
+                yield b"".join(out)
+                out = []
             event = await events.get()
             if event is None:
                 break
             if isinstance(event, BaseException):
-                yield _sse(_as_api_error(event).body())
+                out.append(_sse(_as_api_error(event).body()))
                 break
             piece: Piece = event
             if not piece.text and piece.finish_reason is None and piece.logprobs is None:
@@ -722,10 +727,11 @@ async def _stream(
             else:
                 choice = {"index": piece.index, "text": piece.text, "logprobs": logprobs,
                           "finish_reason": piece.finish_reason}  # fmt: skip
-            yield _sse({**head, "choices": [choice], **extra})
+            out.append(_sse({**head, "choices": [choice], **extra}))
         if include_usage:
-            yield _sse({**head, "choices": [], "usage": _usage(generation)})
-        yield b"data: [DONE]\n\n"
+            out.append(_sse({**head, "choices": [], "usage": _usage(generation)}))
+        out.append(b"data: [DONE]\n\n")
+        yield b"".join(out)
         finished = True
     finally:
         if not finished:
