@@ -8,11 +8,10 @@ request leaving as soon as one finishes (closed loop; aiohttp on uvloop, a clien
 shared cores to the server). All servers are up at once (idle, they use no CPU) and take turns: each level
 runs 3 times per server (--repeat), the servers alternating within each round, so the drift of a shared
 machine hits them alike; a run during which other processes took more than 0.25 CPUs (--max-outside) is run
-again, and the run with the median output tokens/s is reported. The requests are the
-same for every server: prompts cut from the bundled Shakespeare corpus at seeded random places and lengths,
-`max_tokens` drawn from 16..128 (capped so that prompt + output fit the model's context), temperature 0.8 and
-a seed per request. Nothing forces the output length: the tokens counted are the ones each server reports in
-its usage chunk.
+again, and the run with the median output tokens/s is reported. The requests are the same for every server:
+prompts cut from the bundled Shakespeare corpus at seeded random places and lengths, `max_tokens` drawn from
+16..128 (capped so that prompt + output fit the model's context), temperature 0.8 and a seed per request.
+Nothing forces the output length: the tokens counted are the ones each server reports in its usage chunk.
 
 Per level: request throughput (req/s), output tokens/s, time to first token (TTFT) and inter-token latency
 (ITL, the gaps between streamed chunks) at p50 and p99, failed requests, and the CPUs used by the server

@@ -70,11 +70,6 @@ def sse(*chunks: object) -> bytes:
     return b"".join(f"data: {c if isinstance(c, str) else json.dumps(c)}\n\n".encode() for c in chunks)
 
 
-def reply(status: int, body: bytes) -> tuple[int, bytes]:
-    """What the test server answers: a status and the raw body bytes."""
-    return status, body
-
-
 def run_one(bench: ModuleType, answer: tuple[int, bytes]) -> tuple[object, dict]:
     """Send one request through the bench's client to a real aiohttp server on 127.0.0.1 (a free port) that
     answers `answer`; returns (result, the JSON body it received plus its path)."""
@@ -109,7 +104,7 @@ def test_client_counts_text_chunks_and_usage(bench: ModuleType) -> None:
         {"object": "text_completion", "choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 5}},
         "[DONE]",
     )
-    result, sent = run_one(bench, reply(200, body))
+    result, sent = run_one(bench, (200, body))
     assert sent["_path"] == "/v1/completions" and sent["stream"] is True
     assert sent["stream_options"] == {"include_usage": True} and sent["max_tokens"] == 5 and sent["seed"] == 7
     assert result.ok and not result.error and result.saw_done
@@ -120,17 +115,17 @@ def test_client_counts_text_chunks_and_usage(bench: ModuleType) -> None:
 
 def test_client_without_usage_or_done_counts_chunks(bench: ModuleType) -> None:
     body = sse(*({"choices": [{"index": 0, "text": w}]} for w in ["a", "b", "c"]))  # transformers sends no [DONE]
-    result, _ = run_one(bench, reply(200, body))
+    result, _ = run_one(bench, (200, body))
     assert result.ok and not result.saw_done and result.completion_tokens is None and result.output_tokens == 3
 
 
 @pytest.mark.parametrize(
     ("response", "message"),
     [
-        (reply(429, json.dumps({"error": {"message": "queue full", "type": "rate_limit"}}).encode()), "HTTP 429"),
-        (reply(200, sse({"choices": [{"text": "x"}]}, {"error": {"message": "boom"}})), "boom"),
-        (reply(200, sse("[DONE]")), "without text or usage"),
-        (reply(200, b"data: {not json\n\n"), "JSONDecodeError"),
+        ((429, json.dumps({"error": {"message": "queue full", "type": "rate_limit"}}).encode()), "HTTP 429"),
+        ((200, sse({"choices": [{"text": "x"}]}, {"error": {"message": "boom"}})), "boom"),
+        ((200, sse("[DONE]")), "without text or usage"),
+        ((200, b"data: {not json\n\n"), "JSONDecodeError"),
     ],
 )
 def test_client_failures_are_counted_not_raised(bench: ModuleType, response: tuple[int, bytes], message: str) -> None:
