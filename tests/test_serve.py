@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import random
+import re
 import signal
 import subprocess
 import sys
@@ -363,6 +365,39 @@ def test_events_already_waiting_leave_in_one_write(loaded) -> None:
     assert usage["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5} and done == "[DONE]"
 
 
+def test_a_text_chunk_is_exactly_the_json_of_the_whole_chunk(loaded) -> None:
+    """Text pieces are spliced into pre-encoded chunk bytes: the result is byte for byte what encoding the whole
+    chunk gives, for completions and chat, any choice index, and text that JSON must escape."""
+    from types import SimpleNamespace
+
+    from lmforge.serving.app import _sse, _stream
+    from lmforge.serving.scheduler import Piece
+
+    _, tok = loaded
+    texts = ["To", " 你好，世界", " 🙂", ' say "hi"\\', "\n\t\x00\x1f", "\u2028"]
+    head = {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": "tiny"}
+
+    async def run(chat: bool, usage: bool) -> bytes:
+        generation = Request([[1, 2]], SamplingParams(max_tokens=9), 2, lambda event: None)
+        events: asyncio.Queue = asyncio.Queue()
+        for i, text in enumerate(texts):
+            events.put_nowait(Piece(i % 2, text, [5], None, None))
+        events.put_nowait(None)
+        stream = _stream(SimpleNamespace(tokenizer=tok), generation, events, head, chat, usage)
+        return b"".join([chunk async for chunk in stream])
+
+    for chat, usage in ((False, True), (True, False)):
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        expected = []
+        for i, text in enumerate(texts):
+            content = {"delta": {"content": text}} if chat else {"text": text}
+            choice = {"index": i % 2, **content, "logprobs": None, "finish_reason": None}
+            expected.append(_sse({**head, "object": kind, "choices": [choice], **({"usage": None} if usage else {})}))
+        events = asyncio.run(run(chat, usage)).split(b"\n\n")
+        first = 2 if chat else 0  # chat opens with a role chunk per choice
+        assert b"".join(e + b"\n\n" for e in events[first : first + len(texts)]) == b"".join(expected)
+
+
 # ------------------------------------------------------------------------------ a real server
 @pytest.fixture(scope="module")
 def server(tiny_dir: Path) -> Iterator[Server]:
@@ -415,6 +450,9 @@ def test_streamed_text_equals_the_whole_answer_chinese_included(client: openai.O
         assert text == whole.choices[0].text
         assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+        # one id per completion, shared by its chunks, in OpenAI's shape
+        assert {c.id for c in chunks} == {chunks[0].id} and chunks[0].id != whole.id
+        assert re.fullmatch(r"cmpl-[0-9a-f]{24}", whole.id) and re.fullmatch(r"cmpl-[0-9a-f]{24}", chunks[0].id)
 
 
 def test_chat_with_the_default_template(client: openai.OpenAI, tiny_dir: Path, loaded) -> None:
@@ -740,7 +778,7 @@ def test_batched_sampling_follows_each_rows_distribution() -> None:
 
     def rows(n: int, **options) -> list:
         params = SamplingParams(max_tokens=1, **options)
-        return [SimpleNamespace(request=SimpleNamespace(params=params), generator=torch.Generator().manual_seed(i))
+        return [SimpleNamespace(request=SimpleNamespace(params=params), generator=random.Random(i))
                 for i in range(n)]  # fmt: skip
 
     for temperature in (0.5, 1.0, 2.0):

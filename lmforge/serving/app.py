@@ -14,11 +14,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import itertools
 import json
 import logging
+import secrets
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.serving.chat import DEFAULT_CHAT_STOP, ChatTemplate, read_chat_template
@@ -154,6 +155,14 @@ class Engine:
         self.mailbox = Mailbox()  # the scheduler's events, on their way to the event loop
         self.pipelines: dict[str, Any] = {}
         self.created = int(time.time())
+        # completion ids: a random prefix for this process and a counter (uuid4 reads os.urandom per request,
+        # a system call that lets go of the GIL in the middle of the event loop's work)
+        self._ids = itertools.count()
+        self._id_prefix = secrets.token_hex(6)
+
+    def new_id(self, kind: str) -> str:
+        """A fresh completion id, e.g. "cmpl-" + 24 hex digits."""
+        return f"{kind}-{self._id_prefix}{next(self._ids):012x}"
 
     def load(self) -> None:
         """Load the model (on a background thread: /health answers 503 meanwhile)."""
@@ -629,16 +638,12 @@ async def _respond(
             raise APIError(429, str(error), type="rate_limit_exceeded", code="rate_limit_exceeded") from None
     else:
         engine.scheduler.run_job(lambda: _seq2seq_generate(engine, generation))
-    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    rid = engine.new_id("chatcmpl" if chat else "cmpl")
     head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": engine.config.name}  # fmt: skip
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(
-            _stream(engine, generation, events, head, chat, include_usage),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        return EventStream(_stream(engine, generation, events, head, chat, include_usage), generation.cancel)
     choices = _Choices(generation.size)
     while True:
         try:
@@ -683,8 +688,51 @@ def _as_api_error(error: BaseException) -> APIError:
     return APIError(500, f"generation failed: {type(error).__name__}", type="server_error")
 
 
+class EventStream(Response):
+    """Server-sent events: each chunk `chunks` yields goes out in one ASGI `send` as soon as it is yielded, and
+    `on_disconnect()` is called as soon as the client hangs up (the scheduler then drops the generation at its
+    next step).
+
+    Starlette's StreamingResponse does the same inside an anyio task group per response (a second task, cancel
+    scopes, context lookups); here one plain task waits for the client to leave. That task group was ~15% of the
+    event loop's work per request, and every microsecond the loop holds the GIL is one the model's thread waits.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, chunks: AsyncIterator[bytes], on_disconnect: Callable[[], None]) -> None:
+        self.chunks, self.on_disconnect = chunks, on_disconnect
+        self.status_code, self.background = 200, None
+        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        watcher = asyncio.ensure_future(self._watch(receive))
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            async for chunk in self.chunks:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            watcher.cancel()
+
+    async def _watch(self, receive: Callable) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.on_disconnect()
+
+
 def _sse(data: Any) -> bytes:
     return b"data: " + json.dumps(data, ensure_ascii=False).encode("utf-8") + b"\n\n"
+
+
+def _around_text(head: dict, index: int, chat: bool, extra: dict) -> tuple[bytes, bytes]:
+    """The event of a piece of text for choice `index`, cut where the text goes: the text's JSON string is
+    spliced in between, instead of encoding the whole chunk for every token (3 us of the event loop's time)."""
+    mark = "\x00"  # written as "\u0000", which nothing else in a chunk contains
+    text = {"delta": {"content": mark}} if chat else {"text": mark}
+    choice = {"index": index, **text, "logprobs": None, "finish_reason": None}
+    before, _, after = _sse({**head, "choices": [choice], **extra}).rpartition(b'"\\u0000"')
+    return before, after
 
 
 async def _stream(
@@ -697,6 +745,7 @@ async def _stream(
     tok = engine.tokenizer
     extra = {"usage": None} if include_usage else {}
     out: list[bytes] = []  # events ready to send
+    around: dict[int, tuple[bytes, bytes]] = {}  # choice index -> a text chunk's bytes before and after its text
     finished = False
     try:
         if chat:
@@ -720,6 +769,12 @@ async def _stream(
             logprobs = None
             if piece.logprobs is not None:
                 logprobs = _chat_logprobs(tok, piece.logprobs) if chat else _completion_logprobs(tok, piece.logprobs)
+            if piece.text and logprobs is None and piece.finish_reason is None:  # most pieces: text only
+                if piece.index not in around:
+                    around[piece.index] = _around_text(head, piece.index, chat, extra)
+                before, after = around[piece.index]
+                out.append(before + json.dumps(piece.text, ensure_ascii=False).encode("utf-8") + after)
+                continue
             if chat:
                 delta = {"content": piece.text} if piece.text else {}
                 choice = {"index": piece.index, "delta": delta, "logprobs": logprobs,
