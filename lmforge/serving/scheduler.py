@@ -443,18 +443,22 @@ class Scheduler:
         if sampled:
             picked = sample_rows(logits[[rows_logits[i] for i in sampled]], [self.active[i] for i in sampled])
             chosen.update(zip(sampled, picked))
+        vocab = logits.size(-1)
+        taken = 0
         for i, seq in enumerate(self.active):  # penalised rows pick alone
-            self._take(seq, logits[rows_logits[i]], chosen.get(i))
+            taken += self._take(seq, logits, rows_logits[i], vocab, chosen.get(i))
+        if self.metrics is not None:
+            self.metrics.generation_tokens.inc(taken)
         self._retire()
 
-    def _take(self, seq: Sequence, logits: Tensor, token: int | None = None) -> None:
-        """Pick (unless given) and record seq's next token; hand its text to the request."""
+    def _take(self, seq: Sequence, logits: Tensor, row: int, vocab: int, token: int | None = None) -> int:
+        """Pick (unless given) and record seq's next token from line `row` of `logits`; hand its text to the
+        request. Returns the number of tokens taken (0 for a cancelled request)."""
         request = seq.request
         if request.cancelled:
-            return
+            return 0
         if token is None:
-            token = seq.pick(logits)
-        vocab = logits.size(-1)
+            token = seq.pick(logits[row])
         seq.record(token, vocab)
         request.completion_tokens += 1
         now = time.perf_counter()
@@ -463,11 +467,11 @@ class Scheduler:
                 self.metrics.ttft.observe(now - request.arrival)
             elif seq.last_token_at:
                 self.metrics.itl.observe(now - seq.last_token_at)
-            self.metrics.generation_tokens.inc()
         if request.first_token_at is None:
             request.first_token_at = now
         seq.last_token_at = now
-        logprobs = _logprobs(logits, token, request.params.logprobs)
+        top = request.params.logprobs
+        logprobs = _logprobs(logits[row], token, top) if top is not None else None
         finish = None
         if token in seq.eos:
             text, finish = seq.text.finish(), "stop"
@@ -484,6 +488,7 @@ class Scheduler:
             request._left -= 1
             if request._left == 0:
                 request.emit(None)
+        return 1
 
     def _retire(self) -> None:
         """Drop finished and cancelled sequences; the last active row moves into each freed slot."""
@@ -529,10 +534,8 @@ class Scheduler:
             self.metrics.running.set(len(self.active))
 
 
-def _logprobs(logits: Tensor, token: int, top: int | None) -> list[dict[str, Any]] | None:
+def _logprobs(logits: Tensor, token: int, top: int) -> list[dict[str, Any]]:
     """[{"id", "logprob", "top": [(id, logprob), ...]}] for the chosen token under the model's distribution."""
-    if top is None:
-        return None
     logp = torch.log_softmax(logits.float(), dim=-1)
     alternatives: list[tuple[int, float]] = []
     if top > 0:
