@@ -549,27 +549,77 @@ def test_pipelines_route_runs_the_task(server: Server, loaded) -> None:
     assert r.json()[0]["generated_text"] == tok.decode(ref, skip_special_tokens=True)
 
 
-def test_a_client_that_goes_away_stops_its_generation(server: Server, tiny_dir: Path) -> None:
-    def generated() -> float:
-        for line in httpx.get(server.url + "/metrics").text.splitlines():
-            if line.startswith("lmforge_generation_tokens_total"):
-                return float(line.split()[-1])
-        raise AssertionError("no lmforge_generation_tokens_total in /metrics")
+def _metric(server: Server, name: str) -> float:
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"no {name} in /metrics")
 
-    before = generated()
+
+def _wait_for_metric(server: Server, name: str, value: float) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _metric(server, name) != value:
+        time.sleep(0.01)
+    assert _metric(server, name) == value
+
+
+def test_a_client_that_goes_away_stops_its_generation(server: Server, tiny_dir: Path) -> None:
+    """The client hangs up after the first streamed chunk: the scheduler drops the sequence long before its 120
+    tokens."""
+    before = _metric(server, "lmforge_generation_tokens_total")
     body = {"model": tiny_dir.name, "prompt": "the", "max_tokens": 120, "temperature": 0, "stream": True,
             "stop": ["never-appears"]}  # fmt: skip
     with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=TIMEOUT) as r:
-        lines = r.iter_lines()
-        next(line for line in lines if line.startswith("data:"))  # the first token arrived; hang up
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        metrics = httpx.get(server.url + "/metrics").text
-        if "lmforge_running_sequences 0.0" in metrics:
-            break
-        time.sleep(0.05)
-    assert "lmforge_running_sequences 0.0" in metrics
-    assert generated() - before < 120  # it stopped early
+        next(line for line in r.iter_lines() if line.startswith("data:"))  # the first token arrived; hang up
+    _wait_for_metric(server, "lmforge_running_sequences", 0.0)
+    assert _metric(server, "lmforge_generation_tokens_total") - before < 120  # it stopped early
+
+
+def test_a_client_that_goes_away_before_a_whole_answer_stops_its_generation(tiny_dir: Path) -> None:
+    """A request for the whole answer (not streamed) whose client hangs up once generation has begun: the
+    sequence is dropped within a step and the answer is 499 (nobody to read it). Driven through the app's ASGI
+    interface, so the moment of hanging up is exact."""
+    from fastapi.testclient import TestClient
+
+    from lmforge.serving import ServerConfig, create_app
+
+    app = create_app(ServerConfig(model=str(tiny_dir)), load_in_background=False)
+    body = json.dumps({"model": tiny_dir.name, "prompt": "the", "max_tokens": 120, "temperature": 0,
+                       "stop": ["never-appears"]}).encode()  # fmt: skip
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}  # fmt: skip
+    messages: list[dict] = []
+
+    def generated() -> float:
+        return app.state.engine.metrics.registry.get_sample_value("lmforge_generation_tokens_total")
+
+    async def call() -> None:
+        requests = iter([{"type": "http.request", "body": body, "more_body": False}])
+
+        async def receive() -> dict:
+            message = next(requests, None)
+            if message is not None:
+                return message
+            while generated() == 0:
+                await asyncio.sleep(0.001)  # generation has begun: hang up
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            messages.append(message)
+
+        await app(scope, receive, send)
+
+    with TestClient(app) as client:
+        client.portal.call(call)
+        engine = app.state.engine
+        deadline = time.monotonic() + 10
+        while engine.scheduler.active and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not engine.scheduler.active
+        assert generated() < 120  # it stopped early
+    assert messages[0]["type"] == "http.response.start" and messages[0]["status"] == 499
 
 
 def test_metrics_count_requests_and_latencies(server: Server, client: openai.OpenAI, tiny_dir: Path) -> None:

@@ -645,19 +645,16 @@ async def _respond(
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return EventStream(_stream(engine, generation, events, head, chat, include_usage), generation.cancel)
     choices = _Choices(generation.size)
-    while True:
-        try:
-            event = await asyncio.wait_for(events.get(), timeout=0.5)
-        except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                generation.cancel()
-                return Response(status_code=499)
-            continue
-        if event is None:
-            break
-        if isinstance(event, BaseException):
-            raise _as_api_error(event)
-        choices.add(event)
+    watcher = asyncio.ensure_future(_until_disconnect(request.receive, generation.cancel))
+    try:
+        while (event := await events.get()) is not None:  # a client that leaves: cancelled, then None
+            if isinstance(event, BaseException):
+                raise _as_api_error(event)
+            choices.add(event)
+    finally:
+        watcher.cancel()
+    if generation.cancelled:  # the client is gone: nobody to answer
+        return Response(status_code=499)
     usage = _usage(generation)
     out = []
     for i in range(generation.size):
@@ -706,7 +703,7 @@ class EventStream(Response):
         self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        watcher = asyncio.ensure_future(self._watch(receive))
+        watcher = asyncio.ensure_future(_until_disconnect(receive, self.on_disconnect))
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             async for chunk in self.chunks:
@@ -715,10 +712,14 @@ class EventStream(Response):
         finally:
             watcher.cancel()
 
-    async def _watch(self, receive: Callable) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        self.on_disconnect()
+
+async def _until_disconnect(receive: Callable, on_disconnect: Callable[[], None]) -> None:
+    """Wait (on ASGI `receive`, the request's body already read) until the client hangs up, then call
+    `on_disconnect()`. One waiting task per request, instead of polling: the scheduler drops a cancelled
+    generation at its next step."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    on_disconnect()
 
 
 def _sse(data: Any) -> bytes:
