@@ -627,8 +627,13 @@ class IncrementalDecoder:
         self.ids: list[int] = []
         self.prefix = 0  # start of the decoding window
         self.read = 0  # ids before this were already emitted
+        # lmforge's tokenizer hands out a decode with its lookups done once (two decodes per token add up)
+        make = getattr(tokenizer, "decoder", None)
+        self._decode_ids = make(skip_special_tokens) if callable(make) else None
 
     def _decode(self, ids: list[int]) -> str:
+        if self._decode_ids is not None:
+            return self._decode_ids(ids)
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip)
 
     def push(self, token_id: int) -> str:

@@ -299,6 +299,24 @@ def test_skipped_special_tokens_follow_changes_to_them(tok: Tokenizer) -> None:
     ]
 
 
+def test_a_decoder_decodes_as_decode_does(tok: Tokenizer) -> None:
+    """`decoder()` (what streamed text uses, twice per token) gives `decode`'s text for every window of a
+    sequence with special tokens (one of them a vocabulary word given a role), skipped or kept, and `decode`'s
+    error for an id out of range."""
+    t = fresh(tok)
+    ids = t.encode("first 你好, 🙂 doc") + [t.all_special_ids[0]] + t.encode(" second doc")
+    t.sep_token = t.convert_ids_to_tokens(ids[-1])  # " doc": skipped from now on
+    for skip in (True, False):
+        decode = t.decoder(skip_special_tokens=skip)
+        for start in range(len(ids)):
+            for end in range(start, len(ids) + 1):
+                assert decode(ids[start:end]) == t.decode(ids[start:end], skip_special_tokens=skip)
+        for bad in (-100, t.vocab_size):
+            with pytest.raises(ValueError, match=rf"token id {bad} is out of range"):
+                decode(ids[:2] + [bad])
+    assert t.decoder(skip_special_tokens=True)(ids[-2:]) != t.decoder()(ids[-2:])
+
+
 def test_special_token_strings_in_text(tok: Tokenizer) -> None:
     text = f"first doc{EOS}second doc{PAD}"
     ids = tok.encode(text)

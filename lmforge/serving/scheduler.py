@@ -190,6 +190,8 @@ class SlotCache(PackedCache):
         self.k = torch.zeros(shape, dtype=probe.k.dtype, device=probe.k.device)
         self.v = torch.zeros_like(self.k)
         self.slots, self.heads = slots, heads
+        self._head_offsets = torch.arange(heads, device=self.k.device) * self.ctx  # (H,) where each head's row starts
+        self._columns = torch.arange(self.ctx, device=self.k.device)  # (ctx,) positions, for the padding mask
         self._flat = torch.zeros(0, dtype=torch.long)
         self._rows, self._width, self._mask = 0, 0, None
         self._segments: list[tuple[int, int]] = []
@@ -198,20 +200,20 @@ class SlotCache(PackedCache):
         """The next step's tokens: token i goes to slot slots[i] at positions[i]; the first `decoding` are rows
         0..decoding-1's newest tokens; `segments` are the (start, length) of each prompt after them."""
         device = self.k.device
-        heads = torch.arange(self.heads, device=device)
+        positions = positions.to(device)
         # where each (token, head)'s key goes in a layer's cache seen as (slots * H * ctx, hs): one index_copy_
-        self._flat = ((slots.to(device)[:, None] * self.heads + heads) * self.ctx) + positions.to(device)[:, None]
-        self._flat = self._flat.flatten()  # (T * H,)
+        first = slots.to(device) * (self.heads * self.ctx) + positions  # (T,) the token's place for head 0
+        self._flat = (first[:, None] + self._head_offsets).flatten()  # (T * H,)
         self._rows, self._segments = decoding, segments
         self._mask = None
         if decoding:
-            lengths = positions[:decoding].to(device)  # (n,) each row's tokens before this one
-            self._width = int(lengths.max()) + 1
-            if bool((lengths != lengths[0]).any()):  # rows of different lengths: hide what a row has not written
-                hidden = torch.arange(self._width, device=device)[None] > lengths[:, None]  # (n, width)
-                dtype = self.k.dtype
-                self._mask = torch.zeros(hidden.shape, dtype=dtype, device=device).masked_fill_(hidden, -math.inf)
-                self._mask = self._mask[:, None, None, :]  # (n, 1, 1, width), added to the scores
+            lengths = positions[:decoding]  # (n,) each row's tokens before this one
+            known = lengths.tolist()
+            self._width = max(known) + 1
+            if min(known) != self._width - 1:  # rows of different lengths: hide what a row has not written
+                hidden = self._columns[: self._width] > lengths[:, None]  # (n, width)
+                mask = torch.zeros(hidden.shape, dtype=self.k.dtype, device=device).masked_fill_(hidden, -math.inf)
+                self._mask = mask[:, None, None, :]  # (n, 1, 1, width), added to the scores
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """q, k, v: (1, H, T, hs) for the bound tokens -> the attention output (1, H, T, hs)."""

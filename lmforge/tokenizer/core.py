@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -495,6 +495,22 @@ class Tokenizer(PaddingSide):
             special = self._special_id_set()
             id_list = [i for i in id_list if i not in special]
         return self._backend.decode(id_list, skip_special_tokens=skip_special_tokens)
+
+    def decoder(self, skip_special_tokens: bool = False) -> Callable[[list[int]], str]:
+        """`decode` as a function of a list of ints, for decoding many short lists in a row (a streamed text is
+        decoded twice per token): the special ids and the vocabulary size are looked up once, not per call
+        (they took three quarters of a short decode). Decodes as `decode` would and raises what it raises."""
+        backend, size = self._backend, self.vocab_size
+        special = self._special_id_set() if skip_special_tokens else frozenset()
+
+        def decode(ids: list[int]) -> str:
+            if ids and not (min(ids) >= 0 and max(ids) < size):
+                self._check_ids(ids)  # raises, naming the id
+            if special:
+                ids = [i for i in ids if i not in special]
+            return backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+        return decode
 
     def batch_decode(self, sequences: Any, skip_special_tokens: bool = False) -> list[str]:
         """:meth:`decode` for each row of a 2-D tensor/array or a list of id lists."""
