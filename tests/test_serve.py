@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
@@ -363,6 +363,52 @@ def test_events_already_waiting_leave_in_one_write(loaded) -> None:
     assert [c["choices"][0]["text"] for c in texts] == [" be", ","]
     assert texts[1]["choices"][0]["finish_reason"] == "length"
     assert usage["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5} and done == "[DONE]"
+
+
+def test_an_event_stream_sends_each_chunk_and_tells_when_the_client_is_gone() -> None:
+    """EventStream (the streamed answer over ASGI): headers, one body message per chunk, then the end; the
+    generation is cancelled (on_disconnect) when the client hangs up or a send fails, and only then."""
+    from lmforge.serving.app import EventStream
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for i in range(3):
+            yield b"data: %d\n\n" % i
+            await asyncio.sleep(0.01)
+
+    async def run(hang_up: bool, fail_at: int | None) -> tuple[list[dict], int, BaseException | None]:
+        sent: list[dict] = []
+        gone = asyncio.Event()
+        cancelled = []
+
+        async def receive() -> dict:
+            if hang_up:
+                await asyncio.sleep(0.005)  # after the first chunk
+                return {"type": "http.disconnect"}
+            await gone.wait()  # never, unless the test ends it
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            if fail_at is not None and len(sent) == fail_at:
+                raise OSError("the client is gone")
+            sent.append(message)
+
+        error = None
+        try:
+            await EventStream(chunks(), lambda: cancelled.append(1))({"type": "http"}, receive, send)
+        except OSError as e:
+            error = e
+        await asyncio.sleep(0.02)
+        return sent, len(cancelled), error
+
+    sent, cancelled, error = asyncio.run(run(hang_up=False, fail_at=None))
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200
+    assert (b"content-type", b"text/event-stream; charset=utf-8") in sent[0]["headers"]
+    assert [m["body"] for m in sent[1:]] == [b"data: 0\n\n", b"data: 1\n\n", b"data: 2\n\n", b""]
+    assert [m["more_body"] for m in sent[1:]] == [True, True, True, False] and cancelled == 0 and error is None
+    _, cancelled, _ = asyncio.run(run(hang_up=True, fail_at=None))
+    assert cancelled == 1
+    sent, cancelled, error = asyncio.run(run(hang_up=False, fail_at=2))
+    assert len(sent) == 2 and cancelled == 1 and isinstance(error, OSError)
 
 
 def test_a_text_chunk_is_exactly_the_json_of_the_whole_chunk(loaded) -> None:

@@ -498,8 +498,9 @@ class Tokenizer(PaddingSide):
 
     def decoder(self, skip_special_tokens: bool = False) -> Callable[[list[int]], str]:
         """`decode` as a function of a list of ints, for decoding many short lists in a row (a streamed text is
-        decoded twice per token): the special ids and the vocabulary size are looked up once, not per call
-        (they took three quarters of a short decode). Decodes as `decode` would and raises what it raises."""
+        decoded twice per token): the special ids and the vocabulary size are looked up once, when it is made,
+        not per call (they took three quarters of a short decode). Decodes as `decode` would then, and raises
+        what it raises."""
         backend, size = self._backend, self.vocab_size
         special = self._special_id_set() if skip_special_tokens else frozenset()
 
