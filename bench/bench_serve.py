@@ -267,7 +267,8 @@ async def run_level(
 
 
 def run_async(coroutine: Any) -> Any:
-    """Run a coroutine to completion on uvloop where it is installed (lmforge[serve] brings it), else asyncio."""
+    """Run a coroutine to completion on uvloop where it is installed (the bench and test extras bring it), else
+    asyncio."""
     try:
         import uvloop
     except ImportError:

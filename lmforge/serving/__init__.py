@@ -39,6 +39,10 @@ def serve(config: Any, host: str = "127.0.0.1", port: int = 8000, drain_timeout:
             access_log=False,  # the app writes its own structured access log (logger "lmforge.serve")
             timeout_graceful_shutdown=drain_timeout,
             log_level="info",
+            # Python's own event loop, not uvloop: uvloop keeps the GIL while it writes to a socket, so the
+            # model's thread waits through every streamed chunk's system call; asyncio's loop lets go of it.
+            # 16 streams +12% tokens/s (12 of 14 interleaved pairs), 1 and 64 streams unchanged (2026-12-03).
+            loop="asyncio",
         )
     )
     server.run()
