@@ -490,11 +490,7 @@ class Tokenizer(PaddingSide):
         ``decode(encode(s)) == s``; WordPiece (BERT) joins "##" pieces as transformers does, which
         cannot restore case, accents or spacing removed by its normaliser.
         """
-        id_list = self._check_ids(as_id_list(ids, what="decode"))
-        if skip_special_tokens:
-            special = self._special_id_set()
-            id_list = [i for i in id_list if i not in special]
-        return self._backend.decode(id_list, skip_special_tokens=skip_special_tokens)
+        return self.decoder(skip_special_tokens)(as_id_list(ids, what="decode"))
 
     def decoder(self, skip_special_tokens: bool = False) -> Callable[[list[int]], str]:
         """`decode` as a function of a list of ints, for decoding many short lists in a row (a streamed text is
