@@ -338,12 +338,14 @@ def server_env(threads: int) -> dict[str, str]:
 
 def server_command(kind: str, model_dir: Path, port: int, peer_mode: str = "cb") -> tuple[list[str], str]:
     """(argv, model name to send) for `lmforge serve` or `transformers serve` on 127.0.0.1:port. For lmforge,
-    `peer_mode` "int8" serves the same directory with `--quantize int8`."""
+    `peer_mode` "int8" serves the same directory with `--quantize int8`, "si<N>" with `--stream-interval N`."""
     if kind == "lmforge":
         name = model_dir.name
         argv = [sys.executable, "-m", "lmforge", "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port)]
         if peer_mode == "int8":
             argv += ["--quantize", "int8"]
+        elif peer_mode.startswith("si"):
+            argv += ["--stream-interval", peer_mode[2:]]
         return argv + ["--served-model-name", name], name
     if kind == "transformers":
         # The CLI's console script is a two-line wrapper around transformers.cli.transformers.main.
@@ -674,6 +676,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=None,
         help="also run `lmforge serve --quantize int8` (default: yes, not with --quick)",
     )
+    p.add_argument(
+        "--stream-interval",
+        type=int,
+        default=None,
+        metavar="STEPS",
+        help="also run `lmforge serve --stream-interval STEPS` (label lmforge-si<STEPS>)",
+    )
     p.add_argument("--threads", type=int, default=2, help="torch threads of each server (OMP_NUM_THREADS)")
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--min-tokens", type=int, default=16, help="smallest max_tokens drawn")
@@ -728,6 +737,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plan = [("lmforge", "lmforge", "")]
     if args.int8 if args.int8 is not None else not args.quick:
         plan.append(("lmforge-int8", "lmforge", "int8"))
+    if args.stream_interval is not None:
+        if args.stream_interval < 1:
+            sys.exit(f"--stream-interval must be >= 1, got {args.stream_interval}")
+        plan.append((f"lmforge-si{args.stream_interval}", "lmforge", f"si{args.stream_interval}"))
     if args.peer:
         modes = ["cb", "sequential"] if peer_mode == "both" else [peer_mode]
         plan += [(f"transformers-{m}", "transformers", m) for m in modes]

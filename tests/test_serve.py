@@ -247,6 +247,17 @@ def test_frequency_penalty_changes_repetitive_greedy_output(loaded) -> None:
     assert len(set(pen.tokens[0])) > len(set(plain.tokens[0]))
 
 
+def hand_overs(log: list[object]) -> list[list[tuple[int, object]]]:
+    """A log of (request, event) entries and "|" (the after_step hook) cut into what each hook handed over."""
+    segments: list[list[tuple[int, object]]] = [[]]
+    for entry in log:
+        if entry == "|":
+            segments.append([])
+        else:
+            segments[-1].append(entry)  # type: ignore[arg-type]
+    return segments
+
+
 def test_each_steps_events_come_before_its_after_step_hook(loaded) -> None:
     """The HTTP layer hands a step's pieces to its event loop in one go from `after_step`: every piece of a step
     must be emitted before that step's hook runs, and the failure path ends with the hook too."""
@@ -272,12 +283,7 @@ def test_each_steps_events_come_before_its_after_step_hook(loaded) -> None:
     finally:
         scheduler.stop()
     assert log[-1] == "|"  # the stop's failure path (nothing left to fail) flushes as well
-    segments: list[list[tuple[int, object]]] = [[]]
-    for entry in log:
-        if entry == "|":
-            segments.append([])
-        else:
-            segments[-1].append(entry)  # type: ignore[arg-type]
+    segments = hand_overs(log)
     stepped = [seg for seg in segments if seg]
     assert len(stepped) >= 2  # the pieces were spread over several steps, each closed by the hook
     for seg in stepped:  # one step makes at most one piece per request
@@ -295,6 +301,42 @@ def test_each_steps_events_come_before_its_after_step_hook(loaded) -> None:
     scheduler._fail_all(RuntimeError("boom"))
     assert len(log) == 2 and log[1] == "|"
     assert log[0][0] == 9 and isinstance(log[0][1], RuntimeError)  # type: ignore[index]
+
+
+def test_a_stream_interval_hands_several_steps_over_together(loaded) -> None:
+    """--stream-interval 3: the hook runs after every third step while rows decode, and once nothing does, so a
+    request gets up to three pieces per hand-over; the tokens are those of interval 1."""
+    model, tok = loaded
+    prompts = prompts_of(tok, 3)
+    params = SamplingParams(max_tokens=10, temperature=0, stop=["never-appears"])
+    every_step = run_requests(model, tok, [(ids, params) for ids in prompts])
+    log: list[object] = []
+    scheduler = Scheduler(model, tok, stream_interval=3)
+    scheduler.after_step = lambda: log.append("|")
+    collectors = [Collector() for _ in prompts]
+    for k, (ids, c) in enumerate(zip(prompts, collectors)):
+        scheduler.submit(Request([ids], params, 1, lambda e, k=k, c=c: (log.append((k, e)), c(e))))
+    scheduler.start()
+    try:
+        for c in collectors:
+            assert c.done.wait(TIMEOUT) and c.error is None
+        deadline = time.monotonic() + TIMEOUT
+        while log[-1] != "|" and time.monotonic() < deadline:
+            time.sleep(0.005)
+        held = len(log)
+    finally:
+        scheduler.stop()
+    assert [c.tokens for c in collectors] == [c.tokens for c in every_step]
+    steps = max(len(c.tokens[0]) for c in collectors)
+    assert steps % 3 != 0  # so the last steps' pieces wait for the idle hand-over, not for a third step
+    log = log[:held]  # before the stop's own hand-over
+    segments = hand_overs(log)
+    assert segments[-1] == []  # the last pieces were handed over
+    per_segment = [[sum(1 for kk, e in seg if kk == k and e is not None) for k in range(3)] for seg in segments]
+    assert max(max(counts) for counts in per_segment) == 3  # three steps' pieces in one hand-over
+    assert all(max(counts, default=0) <= 3 for counts in per_segment)
+    with pytest.raises(ValueError, match="stream_interval must be >= 1"):
+        Scheduler(model, tok, stream_interval=0)
 
 
 def test_the_mailbox_hands_a_steps_events_over_in_one_wakeup_per_loop() -> None:
@@ -668,6 +710,26 @@ def test_a_client_that_goes_away_before_a_whole_answer_stops_its_generation(tiny
     assert messages[0]["type"] == "http.response.start" and messages[0]["status"] == 499
 
 
+def test_a_server_with_a_stream_interval_streams_the_same_text(tiny_dir: Path) -> None:
+    """`ServerConfig(stream_interval=2)` (`--stream-interval 2`) reaches the scheduler; tokens of two steps go out
+    together and the streamed text is still the whole answer."""
+    from fastapi.testclient import TestClient
+
+    from lmforge.serving import ServerConfig, create_app
+
+    app = create_app(ServerConfig(model=str(tiny_dir), stream_interval=2), load_in_background=False)
+    with TestClient(app) as client:
+        assert app.state.engine.scheduler.stream_interval == 2
+        for prompt in ("床前明月光，", "the king rode"):
+            body = {"model": tiny_dir.name, "prompt": prompt, "max_tokens": 16, "temperature": 0}
+            whole = client.post("/v1/completions", json=body).json()
+            with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+                events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+            assert events[-1] == "[DONE]"
+            text = "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1])
+            assert text == whole["choices"][0]["text"]
+
+
 def test_metrics_count_requests_and_latencies(server: Server, client: openai.OpenAI, tiny_dir: Path) -> None:
     client.completions.create(model=tiny_dir.name, prompt="the", max_tokens=3, temperature=0)
     text = httpx.get(server.url + "/metrics").text
@@ -834,6 +896,11 @@ def test_a_missing_model_is_a_one_line_error_before_the_server_starts(tmp_path: 
     )  # fmt: skip
     assert out.returncode == 2
     assert out.stderr.startswith("lmforge serve: error:") and "nothing" in out.stderr and "Traceback" not in out.stderr
+    out = subprocess.run(
+        [sys.executable, "-m", "lmforge", "serve", str(tmp_path), "--port", "0", "--stream-interval", "0"],
+        capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    assert out.returncode == 2 and "--stream-interval must be >= 1, got 0" in out.stderr
 
 
 def test_32_concurrent_greedy_requests_through_the_server_equal_generate(server: Server, loaded) -> None:

@@ -59,6 +59,7 @@ class ServerConfig:
     max_batch_tokens: int = 2048
     max_queue: int = 256
     max_body_bytes: int = 1 << 20
+    stream_interval: int = 1  # steps whose tokens are handed to the event loop together (see Scheduler)
     cors_origins: list[str] = field(default_factory=list)
     device: str = "cpu"
     dtype: str | None = None  # e.g. "bfloat16"
@@ -202,6 +203,7 @@ class Engine:
             self.config.max_batch_tokens,
             self.config.max_queue,
             self.metrics,
+            self.config.stream_interval,
         )
         self.scheduler.after_step = self.mailbox.flush
         self.scheduler.start()

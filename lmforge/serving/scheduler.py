@@ -254,7 +254,9 @@ class Scheduler:
 
     max_num_seqs: most sequences decoded together (rows of the KV cache). max_batch_tokens: most tokens one step
     may process (one per active sequence, plus the prompts prefilled in that step). max_queue: most requests
-    waiting; beyond it `submit` raises QueueFull.
+    waiting; beyond it `submit` raises QueueFull. stream_interval: `after_step` runs after every this many steps
+    while sequences are decoding (always once none are, and after a failure), so the events of that many steps
+    are handed over together: fewer wake-ups of the HTTP layer, each stream's tokens in groups.
     """
 
     def __init__(
@@ -265,9 +267,13 @@ class Scheduler:
         max_batch_tokens: int = 2048,
         max_queue: int = 256,
         metrics: Any = None,
+        stream_interval: int = 1,
     ) -> None:
+        if stream_interval < 1:
+            raise ValueError(f"stream_interval must be >= 1 (steps between hand-overs), got {stream_interval}")
         self.model, self.tokenizer = model, tokenizer
         self.max_num_seqs, self.max_batch_tokens, self.max_queue = max_num_seqs, max_batch_tokens, max_queue
+        self.stream_interval = stream_interval
         self.metrics = metrics
         eos = getattr(model.config, "eos_token_id", None) if model is not None else None
         self.eos = {eos} if isinstance(eos, int) else set(eos or [])
@@ -276,9 +282,10 @@ class Scheduler:
         self.active: list[Sequence] = []
         self.cache: SlotCache | None = None
         self._wake = threading.Condition()
-        # called on the scheduler thread after each step (and each batch of jobs) and after failing requests:
-        # where the HTTP layer hands the step's events to its event loop in one go (app.Mailbox)
+        # called on the scheduler thread after every `stream_interval` steps (and once nothing is decoding, and
+        # after failing requests): where the HTTP layer hands the steps' events to its event loop (app.Mailbox)
         self.after_step: Callable[[], None] | None = None
+        self._steps_held = 0  # steps whose events after_step has not handed over yet
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -340,7 +347,9 @@ class Scheduler:
                         self._step(admitted)
             except Exception as error:  # a bug or an out-of-memory: fail the requests in flight, keep serving
                 self._fail_all(error)
-            if self.after_step is not None:
+            self._steps_held += 1
+            if self.after_step is not None and (self._steps_held >= self.stream_interval or not self.active):
+                self._steps_held = 0
                 self.after_step()
         self._fail_all(RuntimeError("the server is shutting down"))
 
@@ -526,6 +535,7 @@ class Scheduler:
         for job in jobs:
             if job.future.set_running_or_notify_cancel():
                 job.future.set_exception(error)
+        self._steps_held = 0
         if self.after_step is not None:
             self.after_step()
         self._gauge()
