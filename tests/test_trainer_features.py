@@ -958,8 +958,12 @@ def test_lora_resume_restores_the_adapters_exactly(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------- 12. DDP (torchrun)
 DDP_SCRIPT = """
-import json, sys
+import atexit, json, sys
 import torch
+import torch.distributed as dist
+
+# registered first, so it runs after lmforge's own exit handler: the process group must be gone by then
+atexit.register(lambda: print("process group left at exit:", not dist.is_initialized(), flush=True))
 from lmforge.config import GPTConfig
 from lmforge.models.gpt import GPTForCausalLM
 from lmforge.training import Trainer, TrainingArguments
@@ -1018,6 +1022,7 @@ def torchrun_two(script: Path, config: Path) -> subprocess.CompletedProcess:
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert proc.stdout.count("process group left at exit: True") == 2, proc.stdout  # lmforge leaves it, both ranks
     return proc
 
 

@@ -10,6 +10,7 @@ them: only multi-process runs use them, and importing them adds about a second t
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -47,7 +48,16 @@ def setup(device: torch.device) -> World:
         if device.type == "cuda":
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend)
+        # the group this process joined is left at exit: a group still alive when the interpreter tears down
+        # can abort the process ("terminate called without an active exception", seen with gloo + FSDP)
+        atexit.register(_leave)
     return World(rank, size, local_rank)
+
+
+def _leave() -> None:
+    """Destroy the default process group if it is still there (the program may have destroyed it itself)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def process_device(device: torch.device) -> torch.device:
