@@ -150,8 +150,9 @@ def test_trains_from_files(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text("\n".join(corpus()) + "\n", encoding="utf-8")
     from_file = Tokenizer.train_wordpiece(files=path, vocab_size=300, min_frequency=2)
-    # (the trainer breaks ties between equally frequent merges arbitrarily, so the vocabulary
-    # is not compared piece by piece with the iterator-trained one)
+    # the lines of a file train exactly what an iterator over them trains, piece for piece and id for id
+    with_endings = [line + "\n" for line in corpus()]
+    assert from_file.get_vocab() == Tokenizer.train_wordpiece(iterator=with_endings, vocab_size=300).get_vocab()
     assert tokens(from_file, "床前龘月") == ["床", "前", "[UNK]", "月"]
     assert from_file.cls_token_id == 2 and "##s" in from_file.get_vocab()
 
@@ -159,3 +160,88 @@ def test_trains_from_files(tmp_path):
 def test_too_few_special_tokens_is_refused():
     with pytest.raises(ValueError, match="pad, unk, cls, sep, mask"):
         Tokenizer.train_wordpiece(iterator=corpus(), special_tokens=("[PAD]", "[UNK]"))
+
+
+TRAIN_AND_PRINT = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from test_wordpiece import corpus
+from lmforge.tokenizer import Tokenizer
+print(json.dumps(Tokenizer.train_wordpiece(iterator=corpus(), vocab_size=300, min_frequency=2).get_vocab()))
+"""
+
+
+def test_training_twice_learns_the_same_vocabulary():
+    """tokenizers' own WordPieceTrainer numbers its ## symbols in hash-map order, which changes from one process to
+    the next, and ranks merges of equal counts by those numbers: on this corpus two runs learn different pieces.
+    Ours are the same in every process."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = str(Path(__file__).parent)
+    runs = [
+        subprocess.run([sys.executable, "-c", TRAIN_AND_PRINT, here], capture_output=True, text=True, check=True)
+        for _ in range(3)
+    ]
+    vocabs = [json.loads(run.stdout) for run in runs]
+    assert len(vocabs[0]) == 262 and vocabs[0] == vocabs[1] == vocabs[2]
+
+
+def test_the_vocabulary_is_the_one_tokenizers_learns_where_no_tie_decides():
+    """Where equally frequent merges do not compete (distinct counts), tokenizers' WordPieceTrainer is
+    deterministic: the same pieces at the same ids, the same encodings, as ours."""
+    from tokenizers import AddedToken, models, trainers
+
+    from lmforge.tokenizer.backends import bert_wordpiece_backend
+
+    lines = ["aaaa bbb cc d abab", "bab cdcd aab"] * 3 + ["ab ab ab ab dc"] * 2  # each merge count distinct
+    ours = Tokenizer.train_wordpiece(iterator=lines, vocab_size=40, min_frequency=2)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    backend = bert_wordpiece_backend(
+        models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="##"),
+        lowercase=True,
+        strip_accents=None,
+        handle_chinese_chars=True,
+    )
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=40,
+        min_frequency=2,
+        special_tokens=[AddedToken(t, special=True, normalized=False) for t in specials],
+        show_progress=False,
+    )
+    backend.train_from_iterator(lines, trainer)
+    theirs = backend.get_vocab()
+    assert set(ours.get_vocab()) == set(theirs)
+    assert {t for t in theirs if t.startswith("##")} >= {"##a", "##b", "##c", "##d"}
+    for text in lines + ["abcd dcba"]:
+        assert ours.convert_ids_to_tokens(ours.encode(text)) == backend.encode(text, add_special_tokens=False).tokens
+
+
+def test_private_use_characters_are_dropped_and_never_confused_with_inner_characters():
+    """Training marks a word's inner characters with private-use symbols of planes 15-16. BERT's normalizer drops
+    private-use characters from the text (training and encoding alike), so none can pass for such a symbol; a
+    pipeline that kept them is refused."""
+    from tokenizers import models, normalizers
+
+    from lmforge.tokenizer.backends import bert_wordpiece_backend
+    from lmforge.tokenizer.train import _wordpiece_vocab
+
+    odd = ["odd\U000f0041 text \ue000", "odd text"] * 3
+    tok = Tokenizer.train_wordpiece(iterator=odd, vocab_size=40, min_frequency=2)
+    plain = Tokenizer.train_wordpiece(iterator=["odd text", "odd text"] * 3, vocab_size=40, min_frequency=2)
+    assert tok.get_vocab() == plain.get_vocab() and "odd" in tok.get_vocab()
+    assert tokens(tok, "odd\U000f0041 text") == ["odd", "text"]
+    keeps = bert_wordpiece_backend(models.WordPiece(), lowercase=True, strip_accents=None, handle_chinese_chars=True)
+    keeps.normalizer = normalizers.Lowercase()
+    with pytest.raises(ValueError, match=r"private use planes 15-16 \(U\+F0041\).*remove such characters"):
+        _wordpiece_vocab(keeps, odd, 40, 2, ["[PAD]", "[UNK]"], False)
+
+
+def test_a_special_token_spelled_like_a_frequent_word_keeps_the_ids_contiguous():
+    specials = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "bos")
+    tok = Tokenizer.train_wordpiece(iterator=["bos bos the bos", "bos the"] * 5, vocab_size=60, special_tokens=specials)
+    vocab = tok.get_vocab()
+    assert vocab["bos"] == 5 and sorted(vocab.values()) == list(range(len(vocab)))
+    assert tokens(tok, "bos the") == ["bos", "the"]

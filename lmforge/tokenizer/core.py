@@ -173,6 +173,9 @@ class Tokenizer(PaddingSide):
         ``[CLS] A [SEP]`` / ``[CLS] A [SEP] B [SEP]`` with segment ids 0/1, and ``__call__``
         returning ``token_type_ids``. Files are read as in :meth:`train_bpe`.
 
+        The vocabulary is the same on every run over the same text (tokenizers' own WordPiece trainer
+        breaks ties between equally frequent merges differently from run to run).
+
         ``special_tokens`` take ids 0, 1, ... and play, in order, the roles pad, unk, cls, sep
         and mask; any further ones are additional special tokens.
         """

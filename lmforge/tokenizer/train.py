@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from tokenizers import AddedToken, models, pre_tokenizers, trainers
@@ -130,14 +130,11 @@ def train_wordpiece(
         strip_accents=strip_accents,
         handle_chinese_chars=True,
     )
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        special_tokens=[AddedToken(t, special=True, normalized=False) for t in special_tokens],
-        continuing_subword_prefix="##",
-        show_progress=show_progress,
+    vocab = _wordpiece_vocab(backend, _texts(files, iterator), vocab_size, min_frequency, special_tokens, show_progress)
+    backend.model = models.WordPiece(
+        vocab, unk_token=roles["unk_token"], continuing_subword_prefix="##", max_input_chars_per_word=100
     )
-    _train(backend, trainer, files, iterator)
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special_tokens])
     backend.post_processor = bert_template(backend, roles["cls_token"], roles["sep_token"])
     return TokenizerParts(
         backend,
@@ -145,6 +142,82 @@ def train_wordpiece(
         special_tokens[len(WORDPIECE_ROLES) :],
         {"model_input_names": list(BERT_INPUT_NAMES)},
     )
+
+
+#: How many characters can have a symbol for "this character inside a word": the code points of Unicode's
+#: supplementary private use planes 15 and 16, which BERT's normalizer removes from text (a pipeline that kept them
+#: is refused).
+_PLANE = 0xFFFE
+
+
+class _ContinuationMarks(dict[int, int]):
+    """str.translate table: a character's code -> the code of the private-use symbol that stands for it inside a
+    word, given out in order of first sight; `new` lists the characters seen since it was last emptied."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.new: list[int] = []
+
+    def __missing__(self, code: int) -> int:
+        n = len(self)
+        if n == 2 * _PLANE:
+            raise ValueError(f"WordPiece training supports up to {2 * _PLANE} distinct characters inside words")
+        self[code] = mark = (0xF0000 if n < _PLANE else 0x100000 - _PLANE) + n
+        self.new.append(code)
+        return mark
+
+
+def _wordpiece_vocab(
+    backend: BackendTokenizer,
+    texts: Iterable[str],
+    vocab_size: int,
+    min_frequency: int,
+    special_tokens: list[str],
+    show_progress: bool,
+) -> dict[str, int]:
+    """WordPiece's vocabulary (piece -> id) learnt from `texts` by BPE merges, as tokenizers' WordPieceTrainer
+    learns it, but the same on every run.
+
+    tokenizers' trainer gives the ``##x`` symbols their ids in hash-map order, and merges of equal counts are
+    ranked by those ids, so two runs on the same text learn different vocabularies (tokenizers issue #1794).
+    Here each word is split by `backend`'s own normalizer and pre-tokenizer, and every character after the first
+    is replaced by a private-use symbol of its own: BPE then learns over an alphabet whose ids are fixed (sorted
+    by code point), and the symbols are turned back into ``##`` pieces afterwards. Every character also joins the
+    alphabet on its own, as in the WordPiece trainer."""
+    marks = _ContinuationMarks()
+    normalize, split = backend.normalizer.normalize_str, backend.pre_tokenizer.pre_tokenize_str
+
+    def lines() -> Iterator[str]:  # each text as its words, inner characters marked, space-separated
+        for text in texts:
+            text = normalize(text)  # BERT's clean-text step drops private-use characters (category Co)
+            if text and max(text) >= "\U000f0000":
+                raise ValueError(
+                    "the normalized training text holds a character of Unicode's private use planes 15-16 "
+                    f"(U+{ord(max(text)):X}), which WordPiece training reserves; remove such characters"
+                )
+            words = [word[0] + word[1:].translate(marks) for word, _ in split(text)]
+            if marks.new:  # a character first seen inside a word: it is also a piece on its own
+                words += map(chr, marks.new)
+                marks.new.clear()
+            yield " ".join(words)
+
+    bpe = BackendTokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[AddedToken(t, special=True, normalized=False) for t in special_tokens],
+        show_progress=show_progress,
+    )
+    bpe.train_from_iterator(lines(), trainer)
+    unmark = {mark: code for code, mark in marks.items()}
+    specials = set(special_tokens)
+    vocab: dict[str, int] = {}
+    for symbol, _ in sorted(bpe.get_vocab().items(), key=lambda item: item[1]):  # special tokens first
+        piece = symbol if symbol in specials else symbol.translate(unmark)
+        # (a learnt word that spells a special token, e.g. "bos", is that token: ids stay 0..n-1 without a gap)
+        vocab.setdefault("##" + piece if ord(symbol[0]) in unmark else piece, len(vocab))
+    return vocab
 
 
 def _check_unique(special_tokens: list[str]) -> None:
@@ -159,6 +232,14 @@ def _train(
     iterator: Iterable[str] | None,
 ) -> None:
     """Train ``backend`` on exactly one of ``files`` / ``iterator``."""
+    backend.train_from_iterator(_texts(files, iterator), trainer)
+
+
+def _texts(
+    files: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None, iterator: Iterable[str] | None
+) -> Iterable[str]:
+    """The training text: ``iterator``, or the lines of each file in turn (endings kept: an iterator over the same
+    lines trains the same tokenizer). The arguments are checked now, before the (long) training starts."""
     if (files is None) == (iterator is None):
         raise ValueError(
             "pass exactly one of files=... (text file paths) or iterator=... (strings) to train; "
@@ -170,14 +251,12 @@ def _train(
                 "iterator must yield strings, got a single str (it would be read character by "
                 "character); wrap it in a list: iterator=[text]"
             )
-        backend.train_from_iterator(iterator, trainer)
-        return
+        return iterator
     paths = [files] if isinstance(files, (str, os.PathLike)) else list(files)  # type: ignore[arg-type]
     paths = [os.fspath(p) for p in paths]
     if not paths:
         raise ValueError("files is empty; pass at least one text file path")
-    for p in paths:  # all checked before the (long) training starts
+    for p in paths:
         if not os.path.isfile(p):
             raise FileNotFoundError(f"training file not found: {p!r}")
-    # the lines of each file in turn, endings kept: an iterator over the same lines trains the same tokenizer
-    backend.train_from_iterator(itertools.chain.from_iterable(map(textio.iter_lines, paths)), trainer)
+    return itertools.chain.from_iterable(map(textio.iter_lines, paths))
