@@ -15,9 +15,9 @@ Nothing forces the output length: the tokens counted are the ones each server re
 
 Per level: request throughput (req/s), output tokens/s, time to first token (TTFT) and inter-token latency
 (ITL, the gaps between streamed chunks) at p50 and p99, failed requests, and the CPUs used by the server
-process, by this client process (they share the machine) and by anything else ("outside"). The peer,
-`transformers serve MODEL_DIR`, runs twice by default: with `--continuous-batching` (its batching mode, paged
-attention) and in its default mode (one `generate()` at a time); `--peer-mode` picks one.
+(its process and any children), by this client process (they share the machine) and by anything else
+("outside"). The peer, `transformers serve MODEL_DIR`, runs twice by default: with `--continuous-batching`
+(its batching mode, paged attention) and in its default mode (one `generate()` at a time); `--peer-mode` picks one.
 lmforge also runs a second time as `lmforge serve --quantize int8` (same directory; `--no-int8` leaves it out),
 and the goals are reported for both.
 transformers applies a request's temperature only when the model's generation config samples, so both
@@ -359,13 +359,26 @@ def server_command(kind: str, model_dir: Path, port: int, peer_mode: str = "cb")
 
 
 def _process_cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads) in seconds, from /proc."""
+    """utime + stime of a process (all its threads) and of its descendants still running, in seconds, from
+    /proc: `transformers serve --continuous-batching` (5.25) does its model's work in a child process."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        return (float(fields[11]) + float(fields[12])) / os.sysconf("SC_CLK_TCK")
+        seconds = (float(fields[11]) + float(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return float("nan")
+    children: set[int] = set()
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                children.update(int(c) for c in f.read().split())
+    except (OSError, ValueError):
+        pass
+    for child in children:
+        more = _process_cpu_seconds(child)
+        if more == more:  # not NaN: a child that exited meanwhile is left out
+            seconds += more
+    return seconds
 
 
 class Server:
@@ -407,7 +420,7 @@ class Server:
         raise TimeoutError(f"{self.kind} server not ready after {timeout:.0f} s:\n{self.log_tail()}")
 
     def cpu_seconds(self) -> float:
-        """CPU seconds the server process has used so far."""
+        """CPU seconds the server (its process and their children) has used so far."""
         return _process_cpu_seconds(self.proc.pid)
 
     def stop(self, grace: float = 15.0) -> int | None:
