@@ -358,15 +358,22 @@ def server_command(kind: str, model_dir: Path, port: int, peer_mode: str = "cb")
     raise ValueError(f"unknown server {kind!r}")
 
 
-def _process_cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads) and of its descendants still running, in seconds, from
-    /proc: `transformers serve --continuous-batching` (5.25) does its model's work in a child process."""
+def _own_cpu_seconds(pid: int) -> float:
+    """utime + stime of one process (all its threads) in seconds, from /proc; NaN once it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        seconds = (float(fields[11]) + float(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return (float(fields[11]) + float(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return float("nan")
+
+
+def _process_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process and of its descendants still running: `transformers serve
+    --continuous-batching` (5.25) does its model's work in a child process."""
+    seconds = _own_cpu_seconds(pid)
+    if math.isnan(seconds):
+        return seconds
     children: set[int] = set()
     try:
         for task in os.listdir(f"/proc/{pid}/task"):
@@ -376,7 +383,7 @@ def _process_cpu_seconds(pid: int) -> float:
         pass
     for child in children:
         more = _process_cpu_seconds(child)
-        if more == more:  # not NaN: a child that exited meanwhile is left out
+        if not math.isnan(more):  # a child that exited meanwhile is left out
             seconds += more
     return seconds
 
@@ -420,7 +427,7 @@ class Server:
         raise TimeoutError(f"{self.kind} server not ready after {timeout:.0f} s:\n{self.log_tail()}")
 
     def cpu_seconds(self) -> float:
-        """CPU seconds the server (its process and their children) has used so far."""
+        """CPU seconds the server (its process and that process's children) has used so far."""
         return _process_cpu_seconds(self.proc.pid)
 
     def stop(self, grace: float = 15.0) -> int | None:
