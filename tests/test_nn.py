@@ -520,7 +520,7 @@ def test_inference_fast_calls_equal_module_calls_and_respect_hooks():
 def test_packed_linear_equals_f_linear(rows, bias):
     """In eval mode without autograd, `apply` may run oneDNN's packed matmul (x86); its values equal
     F.linear's within float32 rounding for any row count, leading shape, bias or weight layout."""
-    from lmforge.nn.inference import apply, decode_layout, packed_weight, packing_available
+    from lmforge.nn.inference import apply, decode_layout, packed_weight, packing_available, packs_one_row
 
     torch.manual_seed(rows)
     linear = torch.nn.Linear(64, 96, bias=bias).eval()
@@ -534,7 +534,30 @@ def test_packed_linear_equals_f_linear(rows, bias):
         torch.testing.assert_close(y, x @ linear.weight.T + (linear.bias if bias else 0), rtol=1e-5, atol=1e-5)
         with torch.no_grad():
             packed = packed_weight(linear, x)
-        assert (packed is not None) == packing_available()  # any row count is packed on x86
+        # on x86 every row count is packed, but one row only with AVX-512 (F.linear is faster there on AVX2)
+        assert (packed is not None) == (packing_available() and (rows > 1 or packs_one_row()))
+
+
+def test_one_row_is_packed_only_with_avx512(monkeypatch):
+    """Decoding one sequence multiplies one row: oneDNN's packed kernel where the CPU has AVX-512, F.linear on
+    AVX2 CPUs (where oneDNN's per-call cost exceeds the product's); two rows are packed on every x86 CPU. The
+    values agree within float32 rounding either way."""
+    import lmforge.nn.inference as inference
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert inference.packs_one_row() == capability.startswith("AVX512")
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 96).eval()
+    one, two = torch.randn(1, 1, 64), torch.randn(2, 64)
+    results = {}
+    for avx512 in (True, False):
+        monkeypatch.setattr(inference, "packs_one_row", lambda avx512=avx512: avx512)
+        with torch.no_grad():
+            assert (inference.packed_weight(linear, one) is not None) == (inference.packing_available() and avx512)
+            assert (inference.packed_weight(linear, two) is not None) == inference.packing_available()
+            results[avx512] = inference.apply(linear, one)
+    torch.testing.assert_close(results[True], results[False], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[False], F.linear(one, linear.weight, linear.bias), rtol=0, atol=0)
 
 
 def test_row_buckets_are_few_and_tight():
