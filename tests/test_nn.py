@@ -649,6 +649,25 @@ def test_packed_weights_follow_every_change_of_the_weights():
     with torch.inference_mode():  # weights created under inference_mode (as a server's load) have no version counter
         made = torch.nn.Linear(32, 48).eval()
         torch.testing.assert_close(apply(made, x), F.linear(x, made.weight, made.bias), rtol=1e-5, atol=1e-5)
+    linear.double()  # a packed layer converted: no float32 copy is used for it any more
+    with torch.no_grad():
+        assert torch.equal(apply(linear, x.double()), F.linear(x.double(), linear.weight, linear.bias))
+
+
+def test_fast_calls_read_swapped_parameters():
+    """`torch.func.functional_call` swaps a model's parameters for the call: the fast inference path (which
+    reads parameters without nn.Module's `__getattr__`) computes with the swapped ones, as the module would."""
+    from lmforge import GPTConfig, GPTForCausalLM
+
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=50, n_positions=16, n_layer=2, n_head=2, n_embd=16, tie_word_embeddings=False)
+    model, other = GPTForCausalLM(config).eval(), GPTForCausalLM(config).eval()
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        own = model(ids).logits
+        swapped = torch.func.functional_call(model, dict(other.named_parameters()), (ids,)).logits
+        torch.testing.assert_close(swapped, other(ids).logits, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model(ids).logits, own, rtol=0, atol=0)  # and the model's own weights after
 
 
 @pytest.mark.filterwarnings("ignore:TF32 acceleration")  # said by mkldnn.flags() on builds without Intel GPUs

@@ -165,7 +165,8 @@ class PackedCache:
     With `packed = True`, the model's input is (1, T): tokens of different sequences side by side, each at its own
     position (`position_ids` given). Each attention layer hands its projections to `attend(layer, q, k, v)`
     (each (1, H, T, hs)), which stores the keys/values where each sequence keeps them and returns the attention
-    output (1, H, T, hs), every token attending only to its own sequence. Context limits are the owner's to keep.
+    output with the heads side by side, (1, T, H * hs) (the input of W^O), every token attending only to its own
+    sequence. Context limits are the owner's to keep.
     """
 
     packed = True
@@ -210,8 +211,8 @@ class MultiHeadAttention(nn.Module):
         if cache is not None and getattr(cache, "packed", False):
             # one row holding several sequences' new tokens (a server's step): the cache knows where each
             # sequence's keys live, so it stores these and computes the attention (see `PackedCache`)
-            y = cache.attend(layer_idx, q, k, v)  # (1, H, T, hs)
-            return apply(self.proj, y.transpose(1, 2).reshape(B, T, C)), None
+            y = cache.attend(layer_idx, q, k, v)  # (1, T, C)
+            return apply(self.proj, y), None
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)  # (B, H, Tk, hs)
         weights = None

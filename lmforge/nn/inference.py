@@ -54,6 +54,13 @@ def hook_free(module: nn.Module) -> bool:
     )
 
 
+def _parameter(module: nn.Module, name: str) -> Tensor | None:
+    """`getattr(module, name)` for a parameter, without nn.Module's `__getattr__` (a Python call for every
+    parameter read, ~5 us in a decode step) where the parameter is where nn.Module keeps it."""
+    params = module._parameters
+    return params[name] if name in params else getattr(module, name)
+
+
 def apply(module: nn.Module, x: Tensor) -> Tensor:
     """`module(x)`; for a hook-free plain Linear / LayerNorm outside autograd, its functional form."""
     kind = type(module)
@@ -61,9 +68,11 @@ def apply(module: nn.Module, x: Tensor) -> Tensor:
         if kind is nn.Linear:
             packed = packed_weight(module, x)
             if packed is not None:
-                return packed_linear(x, packed, module.bias)
+                return packed_linear(x, packed, _parameter(module, "bias"))
             return F.linear(x, module.weight, module.bias)
-        return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
+        # torch.layer_norm: F.layer_norm without its Python wrapper (a __torch_function__ test, a cuDNN flag read)
+        weight, bias = _parameter(module, "weight"), _parameter(module, "bias")
+        return torch.layer_norm(x, module.normalized_shape, weight, bias, module.eps)
     if _packed and kind is nn.Linear:  # a forward for training: the weight may change next, without a trace
         _packed.pop(module, None)
     if kind is nn.Linear and hook_free(module):  # autograd on: oneDNN's products where faster (nn.cpu_linear)
@@ -156,20 +165,22 @@ def packed_weight(module: nn.Linear, x: Tensor) -> Tensor | None:
     version counter as it was; so does writing through `weight.data`). Otherwise the copy is made again
     when the weight's version or storage changes. After changing an eval-mode model's weights through
     `.data` with no training forward in between, call `forget_packed(model)`."""
-    w = module.weight
-    if torch.compiler.is_compiling():  # the compiler picks (and packs for) its own kernels
-        return None
-    if module.training or not (
-        x.dtype is torch.float32 and w.dtype is torch.float32 and x.device.type == "cpu" == w.device.type
-    ):
-        return None
+    # Called for every Linear of every step: the cheapest tests first, and the weight's dtype and device only
+    # when packing it (a packed copy exists only of a float32 CPU weight, and any change to the weight's
+    # dtype or device gives it new storage). In a decode step each Python operation here costs several times
+    # its cost in a loop: the step's kernels have pushed the interpreter's data out of the CPU's caches.
+    if x.dtype is not torch.float32 or not x.is_cpu or module.training or torch.compiler.is_compiling():
+        return None  # (the compiler picks, and packs for, its own kernels)
     if not (packing_available() and torch.backends.mkldnn.enabled):
         return None
     if x.numel() == x.size(-1) and not packs_one_row():
         return None
+    w = _parameter(module, "weight")
     version = 0 if w.is_inference() else w._version  # (a model loaded under inference_mode has no counter)
     cached = _packed.get(module)
     if cached is None or cached[0] is not w or cached[1] != w.data_ptr() or cached[2] != version:
+        if w.dtype is not torch.float32 or not w.is_cpu:
+            return None
         # Made again after any change to the weight (an optimizer step, load_state_dict, `weight.data = ...`).
         # The batch-size hint (8) only tunes the blocking; every row count is computed correctly with it.
         cached = (w, w.data_ptr(), version, torch.ops.mkldnn._reorder_linear_weight(w.detach(), 8))

@@ -190,6 +190,9 @@ class SlotCache(PackedCache):
         self.k = torch.zeros(shape, dtype=probe.k.dtype, device=probe.k.device)
         self.v = torch.zeros_like(self.k)
         self.slots, self.heads = slots, heads
+        # each layer's cache seen as (slots * H * ctx, hs), the rows the new keys/values are copied into
+        self._k_rows = [self.k[i].view(-1, head_dim) for i in range(n_layer)]
+        self._v_rows = [self.v[i].view(-1, head_dim) for i in range(n_layer)]
         self._head_offsets = torch.arange(heads, device=self.k.device) * self.ctx  # (H,) where each head's row starts
         self._columns = torch.arange(self.ctx, device=self.k.device)  # (ctx,) positions, for the padding mask
         self._flat = torch.zeros(0, dtype=torch.long)
@@ -201,40 +204,44 @@ class SlotCache(PackedCache):
         0..decoding-1's newest tokens; `segments` are the (start, length) of each prompt after them."""
         device = self.k.device
         positions = positions.to(device)
-        # where each (token, head)'s key goes in a layer's cache seen as (slots * H * ctx, hs): one index_copy_
+        # where each (head, token)'s key goes in a layer's cache seen as (slots * H * ctx, hs): one index_copy_
         first = slots.to(device) * (self.heads * self.ctx) + positions  # (T,) the token's place for head 0
-        self._flat = (first[:, None] + self._head_offsets).flatten()  # (T * H,)
+        self._flat = (self._head_offsets[:, None] + first).flatten()  # (H * T,) head-major, as k[0] is laid out
         self._rows, self._segments = decoding, segments
         self._mask = None
         if decoding:
             lengths = positions[:decoding]  # (n,) each row's tokens before this one
             known = lengths.tolist()
             self._width = max(known) + 1
+            # the decoding rows' keys/values up to the longest row, every layer: (n_layer, n, H, width, hs) views
+            self._kd = self.k[:, :decoding, :, : self._width]
+            self._vd = self.v[:, :decoding, :, : self._width]
             if min(known) != self._width - 1:  # rows of different lengths: hide what a row has not written
                 hidden = self._columns[: self._width] > lengths[:, None]  # (n, width)
                 mask = torch.zeros(hidden.shape, dtype=self.k.dtype, device=device).masked_fill_(hidden, -math.inf)
                 self._mask = mask[:, None, None, :]  # (n, 1, 1, width), added to the scores
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """q, k, v: (1, H, T, hs) for the bound tokens -> the attention output (1, H, T, hs)."""
+        """q, k, v: (1, H, T, hs) for the bound tokens -> the attention output, heads side by side: (1, T, H * hs).
+
+        Few tensor operations on purpose: in a decoding step each costs several microseconds, the step's own
+        kernels having pushed the interpreter's data out of the CPU's caches."""
         hs = k.size(-1)
-        self.k[layer].view(-1, hs).index_copy_(0, self._flat, k[0].transpose(0, 1).reshape(-1, hs))
-        self.v[layer].view(-1, hs).index_copy_(0, self._flat, v[0].transpose(0, 1).reshape(-1, hs))
+        self._k_rows[layer].index_copy_(0, self._flat, k[0].reshape(-1, hs))  # k[0]: (H, T, hs), copied (H * T, hs)
+        self._v_rows[layer].index_copy_(0, self._flat, v[0].reshape(-1, hs))
         parts = []
         n = self._rows
         if n:
             qd = q[0, :, :n, None].transpose(0, 1)  # (n, H, 1, hs): each row's one query
-            kd, vd = self.k[layer, :n, :, : self._width], self.v[layer, :n, :, : self._width]  # (n, H, width, hs)
-            yd = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=self._mask)  # (n, H, 1, hs)
-            parts.append(yd[:, :, 0].transpose(0, 1)[None])  # (1, H, n, hs)
+            yd = F.scaled_dot_product_attention(qd, self._kd[layer], self._vd[layer], attn_mask=self._mask)
+            parts.append(yd.reshape(1, n, -1))  # (n, H, 1, hs) -> (1, n, H * hs)
         for start, length in self._segments:  # a prompt over itself, as a prefill does
             end = start + length
-            parts.append(
-                F.scaled_dot_product_attention(
-                    q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], is_causal=length > 1
-                )
-            )
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+            y = F.scaled_dot_product_attention(
+                q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], is_causal=length > 1
+            )  # (1, H, length, hs)
+            parts.append(y.transpose(1, 2).reshape(1, length, -1))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def copy(self, src: int, dst: int, length: int) -> None:
         """Copy row `src`'s first `length` positions to row `dst` (another choice of the same prompt, or to keep
@@ -430,7 +437,8 @@ class Scheduler:
             torch.tensor([tokens], device=device),
             position_ids=where[None],
             past_key_values=cache,
-            logits_to_keep=torch.tensor(keep, device=device),
+            # every position's logits in a step without prompts (0: all; no gather)
+            logits_to_keep=torch.tensor(keep, device=device) if len(keep) < len(tokens) else 0,
         ).logits[0]  # (n + prompts, V)
         # each prompt's keys/values were written to its first choice's slot; the other choices get copies
         rows_logits = list(range(n))  # row -> its line of `logits`
