@@ -104,7 +104,7 @@ def apply_activated(module: nn.Module, x: Tensor, activation: str) -> Tensor | N
     packed = packed_weight(module, x)
     if packed is None:
         return None
-    return packed_linear(x, packed, module.bias, *fused)
+    return packed_linear(x, packed, _parameter(module, "bias"), *fused)
 
 
 def row_bucket(rows: int) -> int:
