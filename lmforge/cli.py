@@ -971,6 +971,12 @@ def build_parser() -> argparse.ArgumentParser:
         "wake-ups (more tokens/s under load on few cores; default 1: every token as soon as it is made)",
     )
     p.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="run every step through the model's modules (by default a GPT-2-style model's step runs as one "
+        "TorchScript function on the CPU: the same logits, faster)",
+    )
+    p.add_argument(
         "--cors-origin", action="append", default=[], metavar="URL", help="allow browser calls from URL (repeatable)"
     )
     p.add_argument(
@@ -1030,6 +1036,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         max_queue=a.max_queue,
         max_body_bytes=a.max_body_bytes,
         stream_interval=a.stream_interval,
+        enforce_eager=a.enforce_eager,
         cors_origins=a.cors_origin,
         device=str(resolve_device(a.device)),
         **precision(a),

@@ -22,8 +22,10 @@ import pytest
 import torch
 from helpers import GREEDY_MARGIN, TIMEOUT, Server, greedy_margin, save_tiny_gpt
 
+from lmforge.config import GPTConfig
 from lmforge.models.gpt import GPTForCausalLM
 from lmforge.serving.scheduler import Request, SamplingParams, Scheduler, SlotCache, _lines
+from lmforge.serving.step import CompiledStep
 from lmforge.tokenizer import Tokenizer
 
 TEXTS = [
@@ -164,6 +166,147 @@ def test_a_packed_step_equals_each_sequence_run_alone(loaded) -> None:
         torch.testing.assert_close(cache.k[:, slot, :, : len(ids)], caches[slot].k[:, 0], atol=1e-6, rtol=1e-6)
     with pytest.raises(ValueError, match="position_ids"):
         model(torch.tensor([tokens]), past_key_values=cache)
+
+
+# ------------------------------------------------------------------------------ the compiled step
+def bound_step(model, decoding: int, prompts: list[int], seed: int = 0):
+    """Two SlotCaches with the same random contents, bound to one step: `decoding` rows at random lengths, then a
+    prompt of each given length. Returns the caches and the step's input_ids, position_ids and kept positions."""
+    g = torch.Generator().manual_seed(seed)
+    caches = [SlotCache(model, 32), SlotCache(model, 32)]
+    k, v = torch.randn(caches[0].k.shape, generator=g), torch.randn(caches[0].v.shape, generator=g)  # float32
+    for cache in caches:
+        cache.k.copy_(k)
+        cache.v.copy_(v)
+    V = model.config.vocab_size
+    positions = torch.randint(3, 40, (decoding,), generator=g).tolist()
+    if decoding == 8:
+        positions = [17] * 8  # rows of one length: no mask
+    tokens, slots, keep, segments = (
+        torch.randint(0, V, (decoding,), generator=g).tolist(),
+        list(range(decoding)),
+        [],
+        [],
+    )
+    keep = list(range(decoding))
+    for i, length in enumerate(prompts):
+        segments.append((len(tokens), length))
+        keep.append(len(tokens) + length - 1)
+        tokens += torch.randint(0, V, (length,), generator=g).tolist()
+        positions += range(length)
+        slots += [decoding + i] * length
+    for cache in caches:
+        cache.bind(torch.tensor(slots), torch.tensor(positions), decoding, segments)
+    kept = torch.tensor(keep) if len(keep) < len(tokens) else None
+    return caches, torch.tensor([tokens]), torch.tensor([positions]), kept
+
+
+STEPS = [(1, []), (3, []), (8, []), (13, []), (0, [9]), (0, [1]), (4, [5, 1, 20]), (16, [30])]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"bias": False, "activation_function": "relu", "tie_word_embeddings": False},
+        {"activation_function": "gelu"},
+        {"dtype": torch.bfloat16},
+    ],
+    ids=["gpt2", "no-bias-relu-untied", "exact-gelu", "bfloat16"],
+)
+def test_the_compiled_step_computes_exactly_the_models_forward(options) -> None:
+    """CompiledStep (one TorchScript call) gives the logits and the cache contents of the model's own forward over
+    the same SlotCache bit for bit, in float32 and bfloat16: decoding rows of equal and different lengths, one row
+    (F.linear on CPUs without AVX-512), a row count that oneDNN runs padded (13 -> 16), prompts alone and beside
+    decoding rows."""
+    torch.manual_seed(0)
+    options = dict(options)
+    dtype = options.pop("dtype", torch.float32)
+    config = GPTConfig(vocab_size=97, n_positions=64, n_layer=2, n_head=2, n_embd=32, **options)
+    model = GPTForCausalLM(config).to(dtype).eval()
+    with torch.inference_mode():
+        step = CompiledStep.build(model)
+        assert step is not None
+        for decoding, prompts in STEPS:
+            (ours, theirs), input_ids, position_ids, keep = bound_step(model, decoding, prompts)
+            logits = step(input_ids, position_ids, ours, keep)
+            expected = model(
+                input_ids, position_ids=position_ids, past_key_values=theirs, logits_to_keep=0 if keep is None else keep
+            ).logits[0]
+            assert logits.shape == (decoding + len(prompts), 97)
+            assert torch.equal(logits, expected), (decoding, prompts)
+            assert torch.equal(ours.k, theirs.k) and torch.equal(ours.v, theirs.v)
+
+
+def test_the_compiled_step_follows_changes_to_the_weights() -> None:
+    """A weight changed in place, a parameter replaced: the next step reads the model as it is then."""
+    torch.manual_seed(0)
+    model = GPTForCausalLM(GPTConfig(vocab_size=97, n_positions=64, n_layer=2, n_head=2, n_embd=32)).eval()
+    with torch.inference_mode():
+        step = CompiledStep.build(model)
+    for change in (
+        lambda: model.transformer.h[0].mlp.fc.weight.mul_(1.5),  # packed copy made again
+        lambda: model.transformer.ln_f.bias.add_(0.25),
+        lambda: setattr(model.transformer.h[1].attn.proj, "weight", torch.nn.Parameter(torch.randn(32, 32))),
+    ):
+        with torch.no_grad():
+            change()
+        with torch.inference_mode():
+            (ours, theirs), input_ids, position_ids, keep = bound_step(model, 5, [7])
+            expected = model(input_ids, position_ids=position_ids, past_key_values=theirs, logits_to_keep=keep).logits
+            assert torch.equal(step(input_ids, position_ids, ours, keep), expected[0])
+
+
+def test_the_compiled_step_is_not_built_for_what_it_does_not_cover(loaded, caplog) -> None:
+    """Rotary positions, a hook, int8 layers, training mode: build says why and gives None (the scheduler then
+    calls the modules, with the same results)."""
+    from lmforge.nn.quantize import quantize
+
+    model, _ = loaded
+    base = dict(vocab_size=97, n_positions=64, n_layer=1, n_head=2, n_embd=32)
+    rotary = GPTForCausalLM(GPTConfig(position_embedding="rotary", **base)).eval()
+    hooked = GPTForCausalLM(GPTConfig(**base)).eval()
+    hooked.transformer.h[0].mlp.register_forward_hook(lambda *args: None)
+    cases = [
+        (rotary, "position_embedding='rotary'"),
+        (hooked, "a hook on transformer.h.0.mlp"),
+        (quantize(GPTForCausalLM(GPTConfig(**{**base, "n_embd": 128}))), "transformer.h.0.attn.qkv is a Int8Linear"),
+        (GPTForCausalLM(GPTConfig(**base)).train(), "training mode"),
+    ]
+    for candidate, reason in cases:
+        assert reason in (CompiledStep.unsupported(candidate) or "")
+        with caplog.at_level("INFO", logger="lmforge.serve"):
+            assert CompiledStep.build(candidate) is None
+        assert '"compiled": false' in caplog.text and reason.split("'")[0] in caplog.text
+    assert CompiledStep.unsupported(model) is None
+
+
+def test_the_scheduler_gives_the_same_tokens_compiled_and_eager(loaded) -> None:
+    """Greedy, sampled (seeded) and penalised requests side by side: the same tokens through the compiled step
+    (the default for a GPT) and through the modules (`eager=True`, `lmforge serve --enforce-eager`)."""
+    model, tok = loaded
+    specs = [
+        (ids, SamplingParams(max_tokens=12, temperature=[0, 0.8, 1.0][i % 3], seed=i, top_p=0.9 if i % 2 else 1.0,
+                             presence_penalty=0.5 if i == 4 else 0.0))
+        for i, ids in enumerate(prompts_of(tok, 9))
+    ]  # fmt: skip
+    compiled = run_requests(model, tok, specs)
+    eager = run_requests(model, tok, specs, eager=True)
+    assert [c.tokens for c in compiled] == [c.tokens for c in eager]
+    assert [c.text for c in compiled] == [c.text for c in eager]
+    scheduler = Scheduler(model, tok)
+    scheduler.start()
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while scheduler.compiled is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert isinstance(scheduler.compiled, CompiledStep)
+    finally:
+        scheduler.stop()
+    eager_scheduler = Scheduler(model, tok, eager=True)
+    eager_scheduler.start()
+    eager_scheduler.stop()
+    assert eager_scheduler.compiled is None
 
 
 def test_requests_arriving_while_others_decode_equal_generate(loaded) -> None:

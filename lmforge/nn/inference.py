@@ -130,7 +130,7 @@ def packed_linear(x: Tensor, packed: Tensor, bias: Tensor | None, post: str = "n
     padded[:rows] = x.reshape(rows, -1)
     padded[rows:] = 0
     y = torch.ops.mkldnn._linear_pointwise(padded, packed, bias, post, [], algorithm)[:rows]  # (rows, out)
-    return y.view(*x.shape[:-1], y.size(-1))
+    return y.view(x.shape[:-1] + y.shape[-1:])  # (..., out) (written so that TorchScript compiles it too)
 
 
 @cache

@@ -60,6 +60,7 @@ class ServerConfig:
     max_queue: int = 256
     max_body_bytes: int = 1 << 20
     stream_interval: int = 1  # steps whose tokens are handed to the event loop together (see Scheduler)
+    enforce_eager: bool = False  # the model's modules every step, not the compiled step (see serving.step)
     cors_origins: list[str] = field(default_factory=list)
     device: str = "cpu"
     dtype: str | None = None  # e.g. "bfloat16"
@@ -204,6 +205,7 @@ class Engine:
             self.config.max_queue,
             self.metrics,
             self.config.stream_interval,
+            eager=self.config.enforce_eager,
         )
         self.scheduler.after_step = self.mailbox.flush
         self.scheduler.start()

@@ -28,12 +28,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from lmforge.constants import context_length
 from lmforge.generation import TextStream, apply_repetition_penalty
-from lmforge.nn.attention import PackedCache
+from lmforge.serving.step import CompiledStep, SlotCache
 
 
 class QueueFull(RuntimeError):
@@ -170,86 +169,6 @@ def sample_rows(logits: Tensor, seqs: list[Sequence]) -> list[int]:
     return index[:, 0].tolist()
 
 
-class SlotCache(PackedCache):
-    """Keys and values of up to `slots` sequences, each in its own row from position 0: (n_layer, slots, H, ctx, hs).
-
-    A step's input is one row of tokens (`nn.attention.PackedCache`): first the newest token of each decoding
-    sequence (rows 0..n-1, one each, at its own length), then the whole prompt of each sequence being prefilled
-    (a "segment" written into its own slot from position 0). `bind` says where each token goes; in each layer,
-    `attend` stores the new keys/values and computes the attention: the decoding rows over their own rows of the
-    cache (positions past a row's length masked), each prompt causally over itself. So prompts are prefilled in the
-    same forward as the step (the weights are read once for both), and a prompt's attention is exactly that of
-    `model.generate`'s prefill.
-    """
-
-    def __init__(self, model: Any, slots: int) -> None:
-        probe = model.allocate_cache(1, 1)  # the model's own layout, dtype and device
-        n_layer, _, heads, _, head_dim = probe.k.shape
-        self.ctx = context_length(model.config)
-        shape = (n_layer, slots, heads, self.ctx, head_dim)
-        self.k = torch.zeros(shape, dtype=probe.k.dtype, device=probe.k.device)
-        self.v = torch.zeros_like(self.k)
-        self.slots, self.heads = slots, heads
-        # each layer's cache seen as (slots * H * ctx, hs), the rows the new keys/values are copied into
-        self._k_rows = [self.k[i].view(-1, head_dim) for i in range(n_layer)]
-        self._v_rows = [self.v[i].view(-1, head_dim) for i in range(n_layer)]
-        self._head_offsets = torch.arange(heads, device=self.k.device) * self.ctx  # (H,) where each head's row starts
-        self._columns = torch.arange(self.ctx, device=self.k.device)  # (ctx,) positions, for the padding mask
-        self._flat = torch.zeros(0, dtype=torch.long)
-        self._rows, self._width, self._mask = 0, 0, None
-        self._segments: list[tuple[int, int]] = []
-
-    def bind(self, slots: Tensor, positions: Tensor, decoding: int, segments: list[tuple[int, int]]) -> None:
-        """The next step's tokens: token i goes to slot slots[i] at positions[i]; the first `decoding` are rows
-        0..decoding-1's newest tokens; `segments` are the (start, length) of each prompt after them."""
-        device = self.k.device
-        positions = positions.to(device)
-        # where each (head, token)'s key goes in a layer's cache seen as (slots * H * ctx, hs): one index_copy_
-        first = slots.to(device) * (self.heads * self.ctx) + positions  # (T,) the token's place for head 0
-        self._flat = (self._head_offsets[:, None] + first).flatten()  # (H * T,) head-major, as k[0] is laid out
-        self._rows, self._segments = decoding, segments
-        self._mask = None
-        if decoding:
-            lengths = positions[:decoding]  # (n,) each row's tokens before this one
-            known = lengths.tolist()
-            self._width = max(known) + 1
-            # the decoding rows' keys/values up to the longest row, every layer: (n_layer, n, H, width, hs) views
-            self._kd = self.k[:, :decoding, :, : self._width]
-            self._vd = self.v[:, :decoding, :, : self._width]
-            if min(known) != self._width - 1:  # rows of different lengths: hide what a row has not written
-                hidden = self._columns[: self._width] > lengths[:, None]  # (n, width)
-                mask = torch.zeros(hidden.shape, dtype=self.k.dtype, device=device).masked_fill_(hidden, -math.inf)
-                self._mask = mask[:, None, None, :]  # (n, 1, 1, width), added to the scores
-
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """q, k, v: (1, H, T, hs) for the bound tokens -> the attention output, heads side by side: (1, T, H * hs).
-
-        Few tensor operations on purpose: in a decoding step each costs several microseconds, the step's own
-        kernels having pushed the interpreter's data out of the CPU's caches."""
-        hs = k.size(-1)
-        self._k_rows[layer].index_copy_(0, self._flat, k[0].reshape(-1, hs))  # k[0]: (H, T, hs), copied (H * T, hs)
-        self._v_rows[layer].index_copy_(0, self._flat, v[0].reshape(-1, hs))
-        parts = []
-        n = self._rows
-        if n:
-            qd = q[0, :, :n, None].transpose(0, 1)  # (n, H, 1, hs): each row's one query
-            yd = F.scaled_dot_product_attention(qd, self._kd[layer], self._vd[layer], attn_mask=self._mask)
-            parts.append(yd.reshape(1, n, -1))  # (n, H, 1, hs) -> (1, n, H * hs)
-        for start, length in self._segments:  # a prompt over itself, as a prefill does
-            end = start + length
-            y = F.scaled_dot_product_attention(
-                q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], is_causal=length > 1
-            )  # (1, H, length, hs)
-            parts.append(y.transpose(1, 2).reshape(1, length, -1))
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-
-    def copy(self, src: int, dst: int, length: int) -> None:
-        """Copy row `src`'s first `length` positions to row `dst` (another choice of the same prompt, or to keep
-        the active rows in 0..n-1)."""
-        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
-        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
-
-
 @dataclass
 class _Job:
     fn: Callable[[], Any]
@@ -263,7 +182,9 @@ class Scheduler:
     may process (one per active sequence, plus the prompts prefilled in that step). max_queue: most requests
     waiting; beyond it `submit` raises QueueFull. stream_interval: `after_step` runs after every this many steps
     while sequences are decoding (always once none are, and after a failure), so the events of that many steps
-    are handed over together: fewer wake-ups of the HTTP layer, each stream's tokens in groups.
+    are handed over together: fewer wake-ups of the HTTP layer, each stream's tokens in groups. eager: always call
+    the model's modules; otherwise a GPT-2-style model's step runs as one TorchScript function (`step.CompiledStep`:
+    the same logits, less Python per step).
     """
 
     def __init__(
@@ -275,12 +196,15 @@ class Scheduler:
         max_queue: int = 256,
         metrics: Any = None,
         stream_interval: int = 1,
+        eager: bool = False,
     ) -> None:
         if stream_interval < 1:
             raise ValueError(f"stream_interval must be >= 1 (steps between hand-overs), got {stream_interval}")
         self.model, self.tokenizer = model, tokenizer
         self.max_num_seqs, self.max_batch_tokens, self.max_queue = max_num_seqs, max_batch_tokens, max_queue
         self.stream_interval = stream_interval
+        self.eager = eager
+        self.compiled: CompiledStep | None = None  # built on the scheduler thread when it starts
         self.metrics = metrics
         eos = getattr(model.config, "eos_token_id", None) if model is not None else None
         self.eos = {eos} if isinstance(eos, int) else set(eos or [])
@@ -337,6 +261,9 @@ class Scheduler:
 
     # ------------------------------------------------------------------ the scheduler thread
     def _run(self) -> None:
+        if not self.eager and self.model is not None:
+            with torch.inference_mode():
+                self.compiled = CompiledStep.build(self.model)
         while True:
             with self._wake:
                 while not (self._stopping or self.waiting or self.jobs or self.active):
@@ -433,13 +360,9 @@ class Scheduler:
         device = cache.k.device
         where = torch.tensor(positions, device=device)  # (T,) each token's position in its own sequence
         cache.bind(torch.tensor(slots, device=device), where, n, segments)
-        logits = self.model(
-            torch.tensor([tokens], device=device),
-            position_ids=where[None],
-            past_key_values=cache,
-            # every position's logits in a step without prompts (0: all; no gather)
-            logits_to_keep=torch.tensor(keep, device=device) if len(keep) < len(tokens) else 0,
-        ).logits[0]  # (n + prompts, V)
+        # every position's logits in a step without prompts (no gather)
+        kept = torch.tensor(keep, device=device) if len(keep) < len(tokens) else None
+        logits = self._forward(torch.tensor([tokens], device=device), where[None], cache, kept)  # (n + prompts, V)
         # each prompt's keys/values were written to its first choice's slot; the other choices get copies
         rows_logits = list(range(n))  # row -> its line of `logits`
         first = n  # slot of the segment's first choice
@@ -469,6 +392,14 @@ class Scheduler:
         if self.metrics is not None:
             self.metrics.generation_tokens.inc(taken)
         self._retire()
+
+    def _forward(self, input_ids: Tensor, position_ids: Tensor, cache: SlotCache, keep: Tensor | None) -> Tensor:
+        """The step's logits (len(keep) or T, V) for input_ids (1, T): the compiled step where there is one."""
+        if self.compiled is not None:
+            return self.compiled(input_ids, position_ids, cache, keep)
+        return self.model(
+            input_ids, position_ids=position_ids, past_key_values=cache, logits_to_keep=0 if keep is None else keep
+        ).logits[0]
 
     def _take(self, seq: Sequence, logits: Tensor, row: int, vocab: int, token: int | None = None) -> int:
         """Pick (unless given) and record seq's next token from line `row` of `logits`; hand its text to the
