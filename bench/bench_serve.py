@@ -338,7 +338,8 @@ def server_env(threads: int) -> dict[str, str]:
 
 def server_command(kind: str, model_dir: Path, port: int, peer_mode: str = "cb") -> tuple[list[str], str]:
     """(argv, model name to send) for `lmforge serve` or `transformers serve` on 127.0.0.1:port. For lmforge,
-    `peer_mode` "int8" serves the same directory with `--quantize int8`, "si<N>" with `--stream-interval N`."""
+    `peer_mode` "int8" serves the same directory with `--quantize int8`, "si<N>" with `--stream-interval N`,
+    "eager" with `--enforce-eager`."""
     if kind == "lmforge":
         name = model_dir.name
         argv = [sys.executable, "-m", "lmforge", "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port)]
@@ -346,6 +347,8 @@ def server_command(kind: str, model_dir: Path, port: int, peer_mode: str = "cb")
             argv += ["--quantize", "int8"]
         elif peer_mode.startswith("si"):
             argv += ["--stream-interval", peer_mode[2:]]
+        elif peer_mode == "eager":
+            argv.append("--enforce-eager")
         return argv + ["--served-model-name", name], name
     if kind == "transformers":
         # The CLI's console script is a two-line wrapper around transformers.cli.transformers.main.
@@ -703,6 +706,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         metavar="STEPS",
         help="also run `lmforge serve --stream-interval STEPS` (label lmforge-si<STEPS>)",
     )
+    p.add_argument(
+        "--eager",
+        action="store_true",
+        help="also run `lmforge serve --enforce-eager` (label lmforge-eager: the model's modules every step, not "
+        "the compiled step)",
+    )
     p.add_argument("--threads", type=int, default=2, help="torch threads of each server (OMP_NUM_THREADS)")
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--min-tokens", type=int, default=16, help="smallest max_tokens drawn")
@@ -761,6 +770,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.stream_interval < 1:
             sys.exit(f"--stream-interval must be >= 1, got {args.stream_interval}")
         plan.append((f"lmforge-si{args.stream_interval}", "lmforge", f"si{args.stream_interval}"))
+    if args.eager:
+        plan.append(("lmforge-eager", "lmforge", "eager"))
     if args.peer:
         modes = ["cb", "sequential"] if peer_mode == "both" else [peer_mode]
         plan += [(f"transformers-{m}", "transformers", m) for m in modes]

@@ -220,13 +220,17 @@ def test_quick_run_against_lmforge_serve(
 ) -> None:
     argv = ["--quick", "--no-peer", "--model", str(model_dir), "--levels", "1,2", "--requests", "4"]
     argv += ["--max-tokens", "8", "--threads", "1", "--ready-timeout", "120", "--request-timeout", "60"]
-    summary = bench.main(argv + ["--stream-interval", "2"])
+    summary = bench.main(argv + ["--stream-interval", "2", "--eager"])
     out = capsys.readouterr().out
     run = summary["runs"]["lmforge"]
     assert run["exit_code"] is not None  # stopped
     grouped = summary["runs"]["lmforge-si2"]  # the same server with --stream-interval 2, side by side
     assert grouped["argv"][-4:-2] == ["--stream-interval", "2"] and "--stream-interval" not in run["argv"]
     assert [lv["completed"] for lv in grouped["levels"]] == [4, 4] and grouped["levels"][1]["done_marker"] == 4
+    eager = summary["runs"]["lmforge-eager"]  # and with --enforce-eager
+    assert eager["argv"][-3] == "--enforce-eager" and "--enforce-eager" not in run["argv"]
+    assert [lv["completed"] for lv in eager["levels"]] == [4, 4]
+    assert eager["levels"][0]["output_tokens"] == run["levels"][0]["output_tokens"]  # one stream: the same logits
     workloads = [bench.make_workload(model_dir, 4, seed=c, min_tokens=8, max_tokens=8) for c in (1, 2)]
     for level, concurrency, workload in zip(run["levels"], [1, 2], workloads):
         assert level["concurrency"] == concurrency and level["requests"] == 4
