@@ -309,6 +309,23 @@ def test_the_scheduler_gives_the_same_tokens_compiled_and_eager(loaded) -> None:
     assert eager_scheduler.compiled is None
 
 
+def test_a_compiled_step_that_fails_gives_way_to_the_modules(loaded, monkeypatch, caplog) -> None:
+    """If the compiled step raises in a step, the scheduler logs why, runs that step and the rest through the
+    modules, and the requests get the tokens they would have had."""
+    model, tok = loaded
+    specs = [(ids, SamplingParams(max_tokens=8, temperature=0)) for ids in prompts_of(tok, 3)]
+    expected = run_requests(model, tok, specs, eager=True)
+
+    def broken(self, *args):
+        raise RuntimeError("an unforeseen case")
+
+    monkeypatch.setattr(CompiledStep, "__call__", broken)
+    with caplog.at_level("WARNING", logger="lmforge.serve"):
+        got = run_requests(model, tok, specs)
+    assert [c.tokens for c in got] == [c.tokens for c in expected]
+    assert '"compiled": false' in caplog.text and "RuntimeError: an unforeseen case" in caplog.text
+
+
 def test_requests_arriving_while_others_decode_equal_generate(loaded) -> None:
     """Each request is submitted when the one before it has its first token, so every prompt is prefilled in
     the same forward as the decoding rows; a request with two prompts and n=2 takes four rows. Each greedy

@@ -17,6 +17,8 @@ same thread between steps, so the model is never used by two threads at once.
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import random
 import threading
@@ -33,6 +35,8 @@ from torch import Tensor
 from lmforge.constants import context_length
 from lmforge.generation import TextStream, apply_repetition_penalty
 from lmforge.serving.step import CompiledStep, SlotCache
+
+log = logging.getLogger("lmforge.serve")
 
 
 class QueueFull(RuntimeError):
@@ -396,7 +400,13 @@ class Scheduler:
     def _forward(self, input_ids: Tensor, position_ids: Tensor, cache: SlotCache, keep: Tensor | None) -> Tensor:
         """The step's logits (len(keep) or T, V) for input_ids (1, T): the compiled step where there is one."""
         if self.compiled is not None:
-            return self.compiled(input_ids, position_ids, cache, keep)
+            try:
+                return self.compiled(input_ids, position_ids, cache, keep)
+            except Exception as error:  # something the compiled step does not cover after all: the modules from now
+                # on (rerunning the step is safe: it writes the same keys and values to the same places)
+                reason = f"{type(error).__name__}: {error}"
+                log.warning(json.dumps({"event": "step", "compiled": False, "reason": reason}))
+                self.compiled = None
         return self.model(
             input_ids, position_ids=position_ids, past_key_values=cache, logits_to_keep=0 if keep is None else keep
         ).logits[0]
