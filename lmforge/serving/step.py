@@ -21,6 +21,7 @@ blocks, quantized or LoRA layers, hooks) the scheduler calls the model's modules
 import json
 import logging
 import math
+import threading
 import warnings
 from typing import Any, NamedTuple
 
@@ -227,17 +228,19 @@ def gpt_step(
 
 
 _script: Any = None  # gpt_step compiled by TorchScript (once per process), or the error that stopped it
+_script_lock = threading.Lock()  # (two schedulers starting at once compile it once)
 
 
 def _compiled_gpt_step() -> Any:
     global _script
-    if _script is None:
-        try:
-            with warnings.catch_warnings():  # deprecated as of PyTorch 2.13: see the module docstring
-                warnings.simplefilter("ignore", DeprecationWarning)
-                _script = torch.jit.script(gpt_step)
-        except Exception as error:  # no TorchScript in this PyTorch, or an op it lacks: the modules run instead
-            _script = error
+    with _script_lock:
+        if _script is None:
+            try:
+                with warnings.catch_warnings():  # deprecated as of PyTorch 2.13: see the module docstring
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    _script = torch.jit.script(gpt_step)
+            except Exception as error:  # no TorchScript in this PyTorch, or an op it lacks: the modules run instead
+                _script = error
     if isinstance(_script, Exception):
         raise RuntimeError(f"TorchScript could not compile the step: {_script}") from _script
     return _script
