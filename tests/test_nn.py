@@ -577,23 +577,77 @@ def test_row_buckets_are_few_and_tight():
 def test_padded_rows_leave_each_rows_result_unchanged(activation):
     """Rows padded up to a bucket: each row's output is what the same matmul at exactly that many rows gives
     (the padding changes no real row's sums), and F.linear's within float32 rounding."""
-    from lmforge.nn.inference import FUSED_ACTIVATIONS, apply, apply_activated, packed_weight, row_bucket
+    from lmforge.nn.inference import (
+        FUSED_ACTIVATIONS,
+        apply,
+        apply_activated,
+        fuses_tanh_gelu,
+        gelu_tanh_sigmoid_,
+        packed_weight,
+        row_bucket,
+    )
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 160).eval()
     x = torch.randn(300, 64)
     post, algorithm = FUSED_ACTIVATIONS.get(activation, ("none", ""))
+    apart = activation == "gelu_new" and not fuses_tanh_gelu()  # the GELU after the product (AVX2 CPUs)
     with torch.no_grad():
         packed = packed_weight(linear, x)
         for rows in (9, 13, 37, 100, 129, 250):
             assert row_bucket(rows) != rows
             y = apply(linear, x[:rows]) if activation == "none" else apply_activated(linear, x[:rows], activation)
-            exact = torch.ops.mkldnn._linear_pointwise(x[:rows], packed, linear.bias, post, [], algorithm)
+            if apart:
+                exact = torch.ops.mkldnn._linear_pointwise(x[:rows], packed, linear.bias, "none", [], "")
+                exact = gelu_tanh_sigmoid_(exact)
+            else:
+                exact = torch.ops.mkldnn._linear_pointwise(x[:rows], packed, linear.bias, post, [], algorithm)
             assert y.shape == (rows, 160)
             torch.testing.assert_close(y, exact, rtol=1e-6, atol=1e-6)
             ref = F.linear(x[:rows], linear.weight, linear.bias)
             ref = ref if activation == "none" else F.gelu(ref, approximate="tanh")
             torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_tanh_gelu_through_a_sigmoid_is_gpt2s_gelu():
+    """x * sigmoid(2u) is 0.5x(1 + tanh(u)) (GPT-2's GELU): against float64 as close as PyTorch's own tanh GELU,
+    computed in place."""
+    from lmforge.nn.inference import gelu_tanh_sigmoid_
+
+    x = torch.cat([torch.linspace(-12, 12, 20001), torch.randn(20000) * 3])
+    u = math.sqrt(2 / math.pi) * (x.double() + 0.044715 * x.double() ** 3)
+    exact = 0.5 * x.double() * (1 + torch.tanh(u))
+    y = x.clone()
+    assert gelu_tanh_sigmoid_(y) is y
+    ours = (y.double() - exact).abs().max().item()
+    torchs = (F.gelu(x, approximate="tanh").double() - exact).abs().max().item()
+    assert ours <= max(2 * torchs, 1e-6), (ours, torchs)
+    torch.testing.assert_close(y, F.gelu(x, approximate="tanh"), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not packing_available(), reason="oneDNN's packed matmul runs on x86 CPUs only")
+def test_the_tanh_gelu_is_fused_into_the_product_only_with_avx512(monkeypatch):
+    """On AVX-512 CPUs oneDNN applies GPT-2's GELU as the packed product is written; elsewhere the product is
+    followed by `gelu_tanh_sigmoid_` (oneDNN's post-op is slower there than PyTorch's sigmoid). Both agree within
+    float32 rounding; one row on AVX2 (F.linear) keeps PyTorch's own GELU."""
+    import lmforge.nn.inference as inference
+
+    assert inference.fuses_tanh_gelu() == torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 256).eval()
+    x = torch.randn(24, 64)
+    results = {}
+    with torch.no_grad():
+        packed = inference.packed_weight(linear, x)
+        plain = torch.ops.mkldnn._linear_pointwise(x, packed, linear.bias, "none", [], "")
+        for fused in (True, False):
+            monkeypatch.setattr(inference, "fuses_tanh_gelu", lambda fused=fused: fused)
+            results[fused] = inference.apply_activated(linear, x, "gelu_new")
+        assert torch.equal(
+            results[True], torch.ops.mkldnn._linear_pointwise(x, packed, linear.bias, "gelu", [], "tanh")
+        )
+        assert torch.equal(results[False], inference.gelu_tanh_sigmoid_(plain.clone()))
+    torch.testing.assert_close(results[True], results[False], rtol=1e-5, atol=1e-5)
 
 
 def test_packed_weights_follow_every_change_of_the_weights():

@@ -97,14 +97,35 @@ FUSED_ACTIVATIONS: dict[str, tuple[str, str]] = {
 def apply_activated(module: nn.Module, x: Tensor, activation: str) -> Tensor | None:
     """`act(module(x))` as one oneDNN call (the activation applied as the matmul's output is written), or
     None where that path does not apply (see `packed_weight`; also a Linear subclass or a hooked module).
-    Saves a read and a write of the (B, T, d_ff) activations per feed-forward layer."""
+    Saves a read and a write of the (B, T, d_ff) activations per feed-forward layer. The tanh GELU is applied
+    apart (`gelu_tanh_sigmoid_`) on CPUs without AVX-512 (`fuses_tanh_gelu`)."""
     fused = FUSED_ACTIVATIONS.get(activation)
     if fused is None or type(module) is not nn.Linear or torch.is_grad_enabled() or not hook_free(module):
         return None
     packed = packed_weight(module, x)
     if packed is None:
         return None
+    if fused[1] == "tanh" and not fuses_tanh_gelu():
+        return gelu_tanh_sigmoid_(packed_linear(x, packed, _parameter(module, "bias")))
     return packed_linear(x, packed, _parameter(module, "bias"), *fused)
+
+
+@cache
+def fuses_tanh_gelu() -> bool:
+    """Whether oneDNN applies the tanh GELU inside a packed product (its post-op): on CPUs with AVX-512. On AVX2
+    ones that post-op costs ~3.5 ns an element (a 112 x 256 x 1024 product 858 us with it, 445 without, on a 2-core
+    Zen 3 EPYC) and PyTorch's tanh ~1.6, while the same function through a sigmoid (`gelu_tanh_sigmoid_`) takes 102
+    us for those 112 x 1024 values: prompt-prefilling server steps 6% faster, decoding steps the same."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def gelu_tanh_sigmoid_(x: Tensor) -> Tensor:
+    """GPT-2's tanh GELU, 0.5x(1 + tanh(u)) with u = sqrt(2/pi)(x + 0.044715x^3), in place, written as x * sigmoid(2u)
+    (the same function: 0.5(1 + tanh(u)) = sigmoid(2u)). Error against float64 ~3.5e-7 (PyTorch's gelu ~3.2e-7).
+    Sigmoid vectorises well on AVX2 CPUs and tanh does not: half the time of PyTorch's tanh GELU there."""
+    u = x * x
+    u.mul_(0.07135481627260025).add_(1.5957691216057308).mul_(x)  # 2u = 2 sqrt(2/pi) (0.044715 x^2 + 1) x
+    return x.mul_(u.sigmoid_())
 
 
 def row_bucket(rows: int) -> int:

@@ -32,7 +32,15 @@ from torch import Tensor, nn
 from lmforge.constants import context_length
 from lmforge.models.gpt import GPTForCausalLM
 from lmforge.nn.attention import PackedCache
-from lmforge.nn.inference import FUSED_ACTIVATIONS, hook_free, packed_linear, packed_weight, packs_one_row
+from lmforge.nn.inference import (
+    FUSED_ACTIVATIONS,
+    fuses_tanh_gelu,
+    gelu_tanh_sigmoid_,
+    hook_free,
+    packed_linear,
+    packed_weight,
+    packs_one_row,
+)
 from lmforge.nn.layers import ACTIVATIONS, TransformerBlock
 from lmforge.nn.positions import LearnedPositionalEmbedding
 
@@ -168,11 +176,16 @@ class Block(NamedTuple):
     fc2: Linear
 
 
-def _linear(x: Tensor, layer: Linear, one_row_packed: bool, post: str = "none", algorithm: str = "") -> Tensor:
+def _linear(
+    x: Tensor, layer: Linear, one_row_packed: bool, post: str = "none", algorithm: str = "", fused_tanh: bool = True
+) -> Tensor:
     """As the model's `apply` / `apply_activated` compute a Linear (and `post`, the activation, as FeedForward
-    does): packed unless it is one row on a CPU where one row runs `F.linear` (`packs_one_row`)."""
+    does): packed unless it is one row on a CPU where one row runs `F.linear` (`packs_one_row`); the tanh GELU
+    after a packed product apart unless `fused_tanh` (`fuses_tanh_gelu`)."""
     packed = layer.packed
     if packed is not None and (one_row_packed or x.numel() != x.size(-1)):
+        if post == "gelu" and algorithm == "tanh" and not fused_tanh:
+            return gelu_tanh_sigmoid_(packed_linear(x, packed, layer.bias))
         return packed_linear(x, packed, layer.bias, post, algorithm)
     y = F.linear(x, layer.weight, layer.bias)
     if post == "gelu":
@@ -198,6 +211,7 @@ def gpt_step(
     post: str,
     algorithm: str,
     one_row_packed: bool,
+    fused_tanh: bool,
     k_rows: list[Tensor],
     v_rows: list[Tensor],
     index: Tensor,
@@ -220,7 +234,7 @@ def gpt_step(
         y = attend_slots(q, k, v, k_rows[i], v_rows[i], index, kd[i], vd[i], mask, rows, segments)  # (1, T, C)
         x = x + _linear(y, b.proj, one_row_packed)
         h = torch.layer_norm(x, [C], b.ln_2.weight, b.ln_2.bias, eps)
-        x = x + _linear(_linear(h, b.fc, one_row_packed, post, algorithm), b.fc2, one_row_packed)
+        x = x + _linear(_linear(h, b.fc, one_row_packed, post, algorithm, fused_tanh), b.fc2, one_row_packed)
     x = torch.layer_norm(x, [C], ln_f.weight, ln_f.bias, eps)
     if keep is not None:
         x = x[:, keep]  # (1, len(keep), C)
@@ -333,7 +347,7 @@ class CompiledStep:
         self.ln_f, self.head = norm(t.ln_f), linear(m.lm_head)
         self.heads, self.eps = m.config.n_head, t.ln_f.eps
         self.post, self.algorithm = FUSED_ACTIVATIONS[m.config.activation_function]
-        self.one_row_packed = packs_one_row()
+        self.one_row_packed, self.fused_tanh = packs_one_row(), fuses_tanh_gelu()
 
     def _current(self) -> bool:
         """Whether the tensors read are still the model's, and the packed copies still of their weights' values
@@ -352,8 +366,8 @@ class CompiledStep:
             self._read()
         return self.fn(
             input_ids, position_ids, keep, self.wte, self.wpe, self.blocks, self.ln_f, self.head, self.heads,
-            self.eps, self.post, self.algorithm, self.one_row_packed, cache.k_rows, cache.v_rows, cache.index,
-            cache.kd, cache.vd, cache.mask, cache.rows, cache.segments,
+            self.eps, self.post, self.algorithm, self.one_row_packed, self.fused_tanh, cache.k_rows, cache.v_rows,
+            cache.index, cache.kd, cache.vd, cache.mask, cache.rows, cache.segments,
         )  # fmt: skip
 
 
