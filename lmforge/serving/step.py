@@ -8,7 +8,7 @@ model is small and the batch a few rows, so much of the step is not arithmetic b
 kernels, and that Python costs several times what a loop measures: the kernels push the interpreter's data out
 of the CPU's caches. On a 2-core AMD EPYC (Zen 3) a 16-row decoding step of the quick-start model took 3.3 ms
 this way against 4.5 ms through the modules (BENCHMARKS.md, 2026-12-05); `torch.compile` made the same step
-3-5x slower (dynamic shapes, see the log of 2026-12-05 00:00).
+3-5x slower (dynamic shapes; BENCHMARKS.md, the entry of 2026-12-04 23:56).
 
 TorchScript is deprecated as of PyTorch 2.13 (`torch.jit.script` warns); lmforge uses it for this one function.
 Where it cannot be built (a PyTorch without TorchScript, a model this step does not cover: other positions or
@@ -282,8 +282,8 @@ class CompiledStep:
             return f"position_embedding={c.position_embedding!r} (only 'learned')"
         if c.activation_function not in FUSED_ACTIVATIONS:
             return f"activation {c.activation_function!r}"
-        if model.training:
-            return "the model is in training mode"
+        if any(module.training for module in model.modules()):
+            return "the model (or one of its layers) is in training mode"
         plain = {nn.Linear, nn.LayerNorm, nn.Embedding, LearnedPositionalEmbedding, TransformerBlock}
         for name, module in model.named_modules():
             if not hook_free(module):
