@@ -257,9 +257,10 @@ def test_the_compiled_step_follows_changes_to_the_weights() -> None:
             assert torch.equal(step(input_ids, position_ids, ours, keep), expected[0])
 
 
-def test_the_compiled_step_is_not_built_for_what_it_does_not_cover(loaded, caplog) -> None:
-    """Rotary positions, a hook, int8 layers, training mode: build says why and gives None (the scheduler then
-    calls the modules, with the same results)."""
+def test_the_compiled_step_is_not_built_for_what_it_does_not_cover(loaded, caplog, monkeypatch) -> None:
+    """Rotary positions, a hook, int8 layers, training mode, a PyTorch whose TorchScript cannot compile the step:
+    build says why and gives None (the scheduler then calls the modules, with the same results)."""
+    import lmforge.serving.step as step_module
     from lmforge.nn.quantize import quantize
 
     model, _ = loaded
@@ -279,6 +280,10 @@ def test_the_compiled_step_is_not_built_for_what_it_does_not_cover(loaded, caplo
             assert CompiledStep.build(candidate) is None
         assert '"compiled": false' in caplog.text and reason.split("'")[0] in caplog.text
     assert CompiledStep.unsupported(model) is None
+    monkeypatch.setattr(step_module, "_script", RuntimeError("no TorchScript here"))
+    with caplog.at_level("INFO", logger="lmforge.serve"):
+        assert CompiledStep.build(model) is None
+    assert "TorchScript could not compile the step: no TorchScript here" in caplog.text
 
 
 def test_the_scheduler_gives_the_same_tokens_compiled_and_eager(loaded) -> None:

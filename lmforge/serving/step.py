@@ -303,14 +303,14 @@ class CompiledStep:
     @classmethod
     def build(cls, model: nn.Module) -> "CompiledStep | None":
         """The compiled step for `model`, or None (logged) where the model's modules must run instead."""
-        why = cls.unsupported(model)
-        if why is None:
-            try:
+        try:
+            why = cls.unsupported(model)
+            if why is None:
                 step = cls(model)
                 log.info(json.dumps({"event": "step", "compiled": True}))
                 return step
-            except RuntimeError as error:
-                why = str(error)
+        except Exception as error:  # a speed-up only: whatever stops it, the modules serve
+            why = str(error) if isinstance(error, RuntimeError) else f"{type(error).__name__}: {error}"
         log.info(json.dumps({"event": "step", "compiled": False, "reason": why}))
         return None
 
