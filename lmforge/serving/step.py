@@ -48,34 +48,34 @@ log = logging.getLogger("lmforge.serve")
 
 
 # ---------------------------------------------------------------------------------------------- the slot cache
-def attend_slots(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    k_rows: Tensor,
-    v_rows: Tensor,
-    index: Tensor,
-    kd: Tensor,
-    vd: Tensor,
-    mask: Tensor | None,
-    rows: int,
-    segments: list[tuple[int, int]],
-) -> Tensor:
+class Bound(NamedTuple):
+    """Where one step's tokens go in a SlotCache, and what its decoding rows attend over (`SlotCache.bind`)."""
+
+    k_rows: list[Tensor]  # per layer, the cache seen as (slots * H * ctx, hs): the rows new keys are copied into
+    v_rows: list[Tensor]
+    index: Tensor  # (H * T,) each (head, token)'s row there, head-major
+    kd: Tensor  # (n_layer, rows, H, width, hs): the decoding rows' keys up to the longest row (a view)
+    vd: Tensor
+    mask: Tensor | None  # (rows, 1, 1, width), added to the scores where the rows' lengths differ
+    rows: int  # decoding rows: the first `rows` tokens, one per row
+    segments: list[tuple[int, int]]  # (start, length) of each prompt after them
+
+
+def attend_slots(q: Tensor, k: Tensor, v: Tensor, bound: Bound, layer: int) -> Tensor:
     """A step's attention in one layer (see `SlotCache`): q, k, v (1, H, T, hs) -> (1, T, H * hs), heads side by side.
 
-    The new keys/values go to k_rows / v_rows, the layer's cache seen as (slots * H * ctx, hs), at `index` (H * T,
-    head-major); the first `rows` queries attend over kd / vd, their rows of the cache up to the longest,
-    (rows, H, width, hs), under `mask` (rows, 1, 1, width) where lengths differ; each segment (start, length) of the
-    rest is a prompt attending causally over itself."""
+    The new keys/values are stored at `bound.index`; the first `bound.rows` queries attend over their rows of the
+    cache, each segment after them is a prompt attending causally over itself."""
+    k_rows, v_rows, index, rows = bound.k_rows[layer], bound.v_rows[layer], bound.index, bound.rows
     hs = k.size(-1)
     k_rows.index_copy_(0, index, k[0].reshape(-1, hs))  # k[0]: (H, T, hs), copied (H * T, hs)
     v_rows.index_copy_(0, index, v[0].reshape(-1, hs))
     parts: list[Tensor] = []
     if rows > 0:
         qd = q[0, :, :rows, None].transpose(0, 1)  # (rows, H, 1, hs): each row's one query
-        yd = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask)
+        yd = F.scaled_dot_product_attention(qd, bound.kd[layer], bound.vd[layer], attn_mask=bound.mask)
         parts.append(yd.reshape(1, rows, -1))  # (rows, H, 1, hs) -> (1, rows, H * hs)
-    for start, length in segments:  # a prompt over itself, as a prefill does
+    for start, length in bound.segments:  # a prompt over itself, as a prefill does
         end = start + length
         y = F.scaled_dot_product_attention(
             q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], is_causal=length > 1
@@ -104,16 +104,13 @@ class SlotCache(PackedCache):
         self.k = torch.zeros(shape, dtype=probe.k.dtype, device=probe.k.device)
         self.v = torch.zeros_like(self.k)
         self.slots, self.heads = slots, heads
-        # each layer's cache seen as (slots * H * ctx, hs), the rows the new keys/values are copied into
-        self.k_rows = [self.k[i].view(-1, head_dim) for i in range(n_layer)]
-        self.v_rows = [self.v[i].view(-1, head_dim) for i in range(n_layer)]
         self._head_offsets = torch.arange(heads, device=self.k.device) * self.ctx  # (H,) where each head's row starts
         self._columns = torch.arange(self.ctx, device=self.k.device)  # (ctx,) positions, for the padding mask
-        # what `bind` sets for the step: where the new keys go, the decoding rows' views and mask, the prompts
-        self.index = torch.zeros(0, dtype=torch.long)
-        self.rows, self.width, self.mask = 0, 0, None
-        self.kd, self.vd = self.k[:, :0], self.v[:, :0]
-        self.segments: list[tuple[int, int]] = []
+        # each layer's cache seen as (slots * H * ctx, hs), the rows the new keys/values are copied into
+        self._k_rows = [self.k[i].view(-1, head_dim) for i in range(n_layer)]
+        self._v_rows = [self.v[i].view(-1, head_dim) for i in range(n_layer)]
+        empty = torch.zeros(0, dtype=torch.long, device=self.k.device)
+        self.bound = Bound(self._k_rows, self._v_rows, empty, self.k[:, :0], self.v[:, :0], None, 0, [])
 
     def bind(self, slots: Tensor, positions: Tensor, decoding: int, segments: list[tuple[int, int]]) -> None:
         """The next step's tokens: token i goes to slot slots[i] at positions[i]; the first `decoding` are rows
@@ -122,27 +119,23 @@ class SlotCache(PackedCache):
         positions = positions.to(device)
         # where each (head, token)'s key goes in a layer's cache seen as (slots * H * ctx, hs): one index_copy_
         first = slots.to(device) * (self.heads * self.ctx) + positions  # (T,) the token's place for head 0
-        self.index = (self._head_offsets[:, None] + first).flatten()  # (H * T,) head-major, as k[0] is laid out
-        self.rows, self.segments = decoding, segments
-        self.mask = None
+        index = (self._head_offsets[:, None] + first).flatten()  # (H * T,) head-major, as k[0] is laid out
+        kd, vd, mask = self.k[:, :0], self.v[:, :0], None
         if decoding:
             lengths = positions[:decoding]  # (n,) each row's tokens before this one
             known = lengths.tolist()
-            self.width = max(known) + 1
+            width = max(known) + 1
             # the decoding rows' keys/values up to the longest row, every layer: (n_layer, n, H, width, hs) views
-            self.kd = self.k[:, :decoding, :, : self.width]
-            self.vd = self.v[:, :decoding, :, : self.width]
-            if min(known) != self.width - 1:  # rows of different lengths: hide what a row has not written
-                hidden = self._columns[: self.width] > lengths[:, None]  # (n, width)
+            kd, vd = self.k[:, :decoding, :, :width], self.v[:, :decoding, :, :width]
+            if min(known) != width - 1:  # rows of different lengths: hide what a row has not written
+                hidden = self._columns[:width] > lengths[:, None]  # (n, width)
                 mask = torch.zeros(hidden.shape, dtype=self.k.dtype, device=device).masked_fill_(hidden, -math.inf)
-                self.mask = mask[:, None, None, :]  # (n, 1, 1, width), added to the scores
+                mask = mask[:, None, None, :]  # (n, 1, 1, width), added to the scores
+        self.bound = Bound(self._k_rows, self._v_rows, index, kd, vd, mask, decoding, segments)
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """q, k, v: (1, H, T, hs) for the bound tokens -> the attention output, heads side by side: (1, T, H * hs)."""
-        return attend_slots(
-            q, k, v, self.k_rows[layer], self.v_rows[layer], self.index, self.kd[layer], self.vd[layer], self.mask,
-            self.rows, self.segments,
-        )  # fmt: skip
+        return attend_slots(q, k, v, self.bound, layer)
 
     def copy(self, src: int, dst: int, length: int) -> None:
         """Copy row `src`'s first `length` positions to row `dst` (another choice of the same prompt, or to keep
@@ -212,14 +205,7 @@ def gpt_step(
     algorithm: str,
     one_row_packed: bool,
     fused_tanh: bool,
-    k_rows: list[Tensor],
-    v_rows: list[Tensor],
-    index: Tensor,
-    kd: Tensor,
-    vd: Tensor,
-    mask: Tensor | None,
-    rows: int,
-    segments: list[tuple[int, int]],
+    bound: Bound,
 ) -> Tensor:
     """GPTForCausalLM's forward over a bound SlotCache, op for op: input_ids, position_ids (1, T) -> logits
     (len(keep), V), or (T, V) when keep is None."""
@@ -231,7 +217,7 @@ def gpt_step(
         h = torch.layer_norm(x, [C], b.ln_1.weight, b.ln_1.bias, eps)
         qkv = _linear(h, b.qkv, one_row_packed).view(1, T, 3, heads, hs)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (1, H, T, hs), views into qkv
-        y = attend_slots(q, k, v, k_rows[i], v_rows[i], index, kd[i], vd[i], mask, rows, segments)  # (1, T, C)
+        y = attend_slots(q, k, v, bound, i)  # (1, T, C)
         x = x + _linear(y, b.proj, one_row_packed)
         h = torch.layer_norm(x, [C], b.ln_2.weight, b.ln_2.bias, eps)
         x = x + _linear(_linear(h, b.fc, one_row_packed, post, algorithm, fused_tanh), b.fc2, one_row_packed)
@@ -366,8 +352,7 @@ class CompiledStep:
             self._read()
         return self.fn(
             input_ids, position_ids, keep, self.wte, self.wpe, self.blocks, self.ln_f, self.head, self.heads,
-            self.eps, self.post, self.algorithm, self.one_row_packed, self.fused_tanh, cache.k_rows, cache.v_rows,
-            cache.index, cache.kd, cache.vd, cache.mask, cache.rows, cache.segments,
+            self.eps, self.post, self.algorithm, self.one_row_packed, self.fused_tanh, cache.bound,
         )  # fmt: skip
 
 
