@@ -211,19 +211,27 @@ STEPS = [(1, []), (3, []), (8, []), (13, []), (0, [9]), (0, [1]), (4, [5, 1, 20]
         {"bias": False, "activation_function": "relu", "tie_word_embeddings": False},
         {"activation_function": "gelu"},
         {"dtype": torch.bfloat16},
+        {"int8": True},
     ],
-    ids=["gpt2", "no-bias-relu-untied", "exact-gelu", "bfloat16"],
+    ids=["gpt2", "no-bias-relu-untied", "exact-gelu", "bfloat16", "int8"],
 )
 def test_the_compiled_step_computes_exactly_the_models_forward(options) -> None:
     """CompiledStep (one TorchScript call) gives the logits and the cache contents of the model's own forward over
-    the same SlotCache bit for bit, in float32 and bfloat16: decoding rows of equal and different lengths, one row
-    (F.linear on CPUs without AVX-512), a row count that oneDNN runs padded (13 -> 16), prompts alone and beside
-    decoding rows."""
+    the same SlotCache bit for bit, in float32, bfloat16 and int8: decoding rows of equal and different lengths,
+    one row (F.linear on CPUs without AVX-512; int8's unscaled row), a row count that oneDNN runs padded (13 -> 16),
+    prompts alone and beside decoding rows."""
+    from lmforge.nn.quantize import Int8Linear, quantize
+
     torch.manual_seed(0)
     options = dict(options)
     dtype = options.pop("dtype", torch.float32)
-    config = GPTConfig(vocab_size=97, n_positions=64, n_layer=2, n_head=2, n_embd=32, **options)
+    int8 = options.pop("int8", False)
+    width = 64 if int8 else 32  # (int8 leaves layers under 64 features in float32)
+    config = GPTConfig(vocab_size=97, n_positions=64, n_layer=2, n_head=2, n_embd=width, **options)
     model = GPTForCausalLM(config).to(dtype).eval()
+    if int8:
+        quantize(model)
+        assert type(model.lm_head) is Int8Linear and type(model.transformer.h[1].mlp.proj) is Int8Linear
     with torch.inference_mode():
         step = CompiledStep.build(model)
         assert step is not None
@@ -239,15 +247,22 @@ def test_the_compiled_step_computes_exactly_the_models_forward(options) -> None:
 
 
 def test_the_compiled_step_follows_changes_to_the_weights() -> None:
-    """A weight changed in place, a parameter replaced: the next step reads the model as it is then."""
+    """A weight changed in place, a parameter replaced, the model quantized after the step was built: the next
+    step reads the model as it is then. A layer it does not cover swapped in (LoRA): the step raises, saying
+    why (the scheduler then runs the modules)."""
+    from lmforge.nn.lora import LoRAConfig, apply_lora
+    from lmforge.nn.quantize import Int8Linear, quantize
+
     torch.manual_seed(0)
-    model = GPTForCausalLM(GPTConfig(vocab_size=97, n_positions=64, n_layer=2, n_head=2, n_embd=32)).eval()
+    model = GPTForCausalLM(GPTConfig(vocab_size=97, n_positions=64, n_layer=2, n_head=2, n_embd=64)).eval()
     with torch.inference_mode():
         step = CompiledStep.build(model)
     for change in (
         lambda: model.transformer.h[0].mlp.fc.weight.mul_(1.5),  # packed copy made again
         lambda: model.transformer.ln_f.bias.add_(0.25),
-        lambda: setattr(model.transformer.h[1].attn.proj, "weight", torch.nn.Parameter(torch.randn(32, 32))),
+        lambda: setattr(model.transformer.h[1].attn.proj, "weight", torch.nn.Parameter(torch.randn(64, 64))),
+        lambda: quantize(model),  # every Linear swapped for an Int8Linear
+        lambda: setattr(model.transformer.h[0].mlp, "fc", Int8Linear(torch.nn.Linear(64, 256)).eval()),  # one anew
     ):
         with torch.no_grad():
             change()
@@ -255,10 +270,19 @@ def test_the_compiled_step_follows_changes_to_the_weights() -> None:
             (ours, theirs), input_ids, position_ids, keep = bound_step(model, 5, [7])
             expected = model(input_ids, position_ids=position_ids, past_key_values=theirs, logits_to_keep=keep).logits
             assert torch.equal(step(input_ids, position_ids, ours, keep), expected[0])
+    fresh = GPTForCausalLM(GPTConfig(vocab_size=97, n_positions=64, n_layer=1, n_head=2, n_embd=64)).eval()
+    with torch.inference_mode():
+        step = CompiledStep.build(fresh)
+    apply_lora(fresh, LoRAConfig(r=4, target_modules=["qkv"]))
+    fresh.eval()
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="no longer suits.*qkv is a LoRALinear"):
+        (ours, _), input_ids, position_ids, keep = bound_step(fresh, 3, [])
+        step(input_ids, position_ids, ours, keep)
 
 
 def test_the_compiled_step_is_not_built_for_what_it_does_not_cover(loaded, caplog, monkeypatch) -> None:
-    """Rotary positions, a hook, int8 layers, training mode, a PyTorch whose TorchScript cannot compile the step:
+    """Rotary positions, a hook, two-pass or reference-kernel int8 layers, training mode, a PyTorch whose
+    TorchScript cannot compile the step:
     build says why and gives None (the scheduler then calls the modules, with the same results)."""
     import lmforge.serving.step as step_module
     from lmforge.nn.quantize import quantize
@@ -271,7 +295,14 @@ def test_the_compiled_step_is_not_built_for_what_it_does_not_cover(loaded, caplo
     cases = [
         (rotary, "position_embedding='rotary'"),
         (hooked, "a hook on transformer.h.0.mlp"),
-        (quantize(GPTForCausalLM(GPTConfig(**{**base, "n_embd": 128}))), "transformer.h.0.attn.qkv is a Int8Linear"),
+        (
+            quantize(GPTForCausalLM(GPTConfig(**{**base, "n_embd": 128})), two_pass=("qkv",)),
+            "transformer.h.0.attn.qkv is an Int8Linear with 2 passes",
+        ),
+        (
+            quantize(GPTForCausalLM(GPTConfig(**{**base, "n_embd": 128})), packed=False),
+            "transformer.h.0.attn.qkv is an Int8Linear with the reference kernel",
+        ),
         (GPTForCausalLM(GPTConfig(**base)).train(), "training mode"),
     ]
     for candidate, reason in cases:
@@ -312,6 +343,26 @@ def test_the_scheduler_gives_the_same_tokens_compiled_and_eager(loaded) -> None:
     eager_scheduler.start()
     eager_scheduler.stop()
     assert eager_scheduler.compiled is None
+
+
+def test_an_int8_model_gives_the_same_tokens_compiled_and_eager(loaded) -> None:
+    """`lmforge serve --quantize int8`: the compiled step covers Int8Linear layers, with the same tokens as the
+    modules for greedy and seeded sampled requests side by side."""
+    from lmforge.nn.quantize import quantize
+
+    _, tok = loaded
+    torch.manual_seed(3)
+    config = GPTConfig(vocab_size=tok.vocab_size, n_positions=128, n_layer=2, n_head=2, n_embd=64)
+    model = quantize(GPTForCausalLM(config))
+    specs = [
+        (ids, SamplingParams(max_tokens=10, temperature=[0, 0.9][i % 2], seed=i))
+        for i, ids in enumerate(prompts_of(tok, 6))
+    ]
+    assert CompiledStep.unsupported(model) is None
+    compiled = run_requests(model, tok, specs)
+    eager = run_requests(model, tok, specs, eager=True)
+    assert [c.tokens for c in compiled] == [c.tokens for c in eager]
+    assert all(len(c.tokens[0]) == 10 for c in compiled)
 
 
 def test_a_compiled_step_that_fails_gives_way_to_the_modules(loaded, monkeypatch, caplog) -> None:

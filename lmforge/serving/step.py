@@ -12,8 +12,9 @@ this way against 4.5 ms through the modules (BENCHMARKS.md, 2026-12-05); `torch.
 
 TorchScript is deprecated as of PyTorch 2.13 (`torch.jit.script` warns); lmforge uses it for this one function.
 Where it cannot be built (a PyTorch without TorchScript, a model this step does not cover: other positions or
-blocks, quantized or LoRA layers, hooks) the scheduler calls the model's modules instead, with the same results;
-`lmforge serve --enforce-eager` always does.
+blocks, LoRA layers, two-pass int8 layers, hooks) the scheduler calls the model's modules instead, with the same
+results; `lmforge serve --enforce-eager` always does. Int8 models (`--quantize int8`) take the step too: one
+stream 1.7x and sixteen 1.2x faster than through the modules on that EPYC (BENCHMARKS.md, 2026-12-05 05:00).
 
 (No `from __future__ import annotations` in this file: TorchScript needs the NamedTuples' annotations as types.)
 """
@@ -23,7 +24,7 @@ import logging
 import math
 import threading
 import warnings
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,12 @@ from lmforge.nn.inference import (
 )
 from lmforge.nn.layers import ACTIVATIONS, TransformerBlock
 from lmforge.nn.positions import LearnedPositionalEmbedding
+from lmforge.nn.quantize import Int8Linear
+
+try:  # the packed weight of an int8 layer (`Int8Linear.packed`), as TorchScript types it
+    Int8Packed = torch.classes.quantized.LinearPackedParamsBase
+except (AttributeError, RuntimeError):  # a PyTorch without quantized kernels: the field stays None
+    Int8Packed = Tensor
 
 log = logging.getLogger("lmforge.serve")
 
@@ -146,11 +153,13 @@ class SlotCache(PackedCache):
 
 # ---------------------------------------------------------------------------------------------- the compiled step
 class Linear(NamedTuple):
-    """A Linear layer's tensors: oneDNN's packed copy of the weight where the model's `apply` runs it packed."""
+    """A Linear layer's tensors: oneDNN's packed copy of the weight where the model's `apply` runs it packed; for
+    an `Int8Linear`, its int8 kernel's packed weight instead (and `weight` empty)."""
 
     weight: Tensor
     bias: Tensor | None
     packed: Tensor | None
+    int8: Optional[Int8Packed]  # noqa: UP045 (`X | None` fails on a TorchScript class)
 
 
 class Norm(NamedTuple):
@@ -174,13 +183,17 @@ def _linear(
 ) -> Tensor:
     """As the model's `apply` / `apply_activated` compute a Linear (and `post`, the activation, as FeedForward
     does): packed unless it is one row on a CPU where one row runs `F.linear` (`packs_one_row`); the tanh GELU
-    after a packed product apart unless `fused_tanh` (`fuses_tanh_gelu`)."""
+    after a packed product apart unless `fused_tanh` (`fuses_tanh_gelu`); an int8 layer as `Int8Linear`."""
     packed = layer.packed
     if packed is not None and (one_row_packed or x.numel() != x.size(-1)):
         if post == "gelu" and algorithm == "tanh" and not fused_tanh:
             return gelu_tanh_sigmoid_(packed_linear(x, packed, layer.bias))
         return packed_linear(x, packed, layer.bias, post, algorithm)
-    y = F.linear(x, layer.weight, layer.bias)
+    int8 = layer.int8
+    if int8 is not None:
+        y = _int8_linear(x, int8, layer.bias)
+    else:
+        y = F.linear(x, layer.weight, layer.bias)
     if post == "gelu":
         return torch.ops.aten.gelu_(y, approximate=algorithm)
     if post == "relu":
@@ -188,6 +201,24 @@ def _linear(
     if post == "swish":
         return F.silu(y, inplace=True)
     return y
+
+
+def _int8_linear(x: Tensor, packed: Int8Packed, bias: Tensor | None) -> Tensor:
+    """`Int8Linear.forward` (one pass, the packed kernel) op for op: x (..., in) -> (..., out). One row goes
+    straight to the kernel; more rows are each scaled to a largest |value| of 1 first, the bias (which the
+    packed weight holds) taken out before the rescale and put back after."""
+    rows = x.reshape(-1, x.size(-1))  # (M, in)
+    if rows.size(0) == 1:
+        y = torch.ops.quantized.linear_dynamic(rows, packed, True)
+    else:
+        s = rows.abs().amax(dim=1, keepdim=True).clamp_(min=1e-30)  # (M, 1)
+        y = torch.ops.quantized.linear_dynamic(rows / s, packed, True)  # (M, out)
+        if bias is not None:
+            y -= bias
+        y.mul_(s)
+        if bias is not None:
+            y += bias
+    return y.view(x.shape[:-1] + y.shape[-1:])
 
 
 def gpt_step(
@@ -249,8 +280,10 @@ def _compiled_gpt_step() -> Any:
 class CompiledStep:
     """`model(input_ids, position_ids=..., past_key_values=cache, logits_to_keep=keep).logits[0]` for a SlotCache,
     as one TorchScript call. Build it with `CompiledStep.build(model)` (None for a model it does not cover). It
-    reads the weights when built, and builds itself again when one of them has been replaced or changed in place
-    (its version counter or storage differs)."""
+    reads the weights when built, and reads them again when one of them has been replaced or changed in place (its
+    version counter or storage differs) or a Linear layer swapped (raising if the model no longer suits the step,
+    e.g. a LoRA layer: the scheduler then calls the modules). Float Linears and one-pass `Int8Linear`s on the
+    packed int8 kernel (`lmforge serve --quantize int8`) are covered."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -270,12 +303,15 @@ class CompiledStep:
             return f"activation {c.activation_function!r}"
         if any(module.training for module in model.modules()):
             return "the model (or one of its layers) is in training mode"
-        plain = {nn.Linear, nn.LayerNorm, nn.Embedding, LearnedPositionalEmbedding, TransformerBlock}
+        plain = {nn.Linear, nn.LayerNorm, nn.Embedding, LearnedPositionalEmbedding, TransformerBlock, Int8Linear}
         for name, module in model.named_modules():
             if not hook_free(module):
                 return f"a hook on {name or 'the model'}"
             if not list(module.children()) and type(module) not in plain:
-                return f"{name} is a {type(module).__name__}"  # e.g. Int8Linear, a LoRA layer
+                return f"{name} is a {type(module).__name__}"  # e.g. a LoRA layer
+            if type(module) is Int8Linear and (module.packed is None or module.passes != 1):
+                why = "the reference kernel" if module.packed is None else f"{module.passes} passes"
+                return f"{name} is an Int8Linear with {why} (only one pass on the packed kernel)"
         for block in t.h:
             if type(block) is not TransformerBlock or not block.pre_norm or block.attn.rotary is not None:
                 return "a block that is not GPT-2's (pre-norm, learned positions)"
@@ -304,33 +340,41 @@ class CompiledStep:
         """Read the model's tensors (and packed copies) as they are now."""
         m = self.model
         t = m.transformer
-        self._read_from: list[tuple[Any, str, Tensor]] = []  # (a module's _parameters, name, the tensor read)
+        # (where it was read: a module's _parameters, _buffers, _modules or __dict__; its name there; what was read)
+        self._read_from: list[tuple[dict[str, Any], str, Any]] = []
         self._packed_from: list[tuple[Tensor, int, int]] = []  # (weight, its data_ptr, its version) of packed copies
 
-        def get(module: nn.Module, name: str) -> Tensor | None:
-            tensor = module._parameters.get(name) if name in module._parameters else getattr(module, name)
-            if tensor is not None:
-                self._read_from.append((module._parameters, name, tensor))
-            return tensor
+        def get(module: nn.Module, name: str) -> Any:
+            for where in (module._parameters, module._buffers, module.__dict__):
+                if name in where:
+                    value = where[name]
+                    self._read_from.append((where, name, value))
+                    return value
+            return getattr(module, name)
 
-        def linear(module: nn.Linear) -> Linear:
+        def linear(parent: nn.Module, name: str) -> Linear:
+            module = getattr(parent, name)
+            if name in parent._modules:  # a layer swapped for another (e.g. quantized later) is noticed too
+                self._read_from.append((parent._modules, name, module))
+            if type(module) is Int8Linear:
+                return Linear(torch.empty(0), get(module, "bias"), None, get(module, "packed"))
             # what the model's `apply` runs for a few rows: packed, or None where F.linear does
             packed = packed_weight(module, torch.zeros(2, module.in_features))
             weight = get(module, "weight")
             if packed is not None:
                 self._packed_from.append((weight, weight.data_ptr(), _version(weight)))
-            return Linear(weight, get(module, "bias"), packed)
+            return Linear(weight, get(module, "bias"), packed, None)
 
         def norm(module: nn.LayerNorm) -> Norm:
             return Norm(get(module, "weight"), get(module, "bias"))
 
         self.blocks = [
-            Block(norm(b.ln_1), linear(b.attn.qkv), linear(b.attn.proj), norm(b.ln_2), linear(b.mlp.fc),
-                  linear(b.mlp.proj))
+            Block(norm(b.ln_1), linear(b.attn, "qkv"), linear(b.attn, "proj"), norm(b.ln_2), linear(b.mlp, "fc"),
+                  linear(b.mlp, "proj"))
             for b in t.h
         ]  # fmt: skip
         self.wte, self.wpe = get(t.wte, "weight"), get(t.wpe, "weight")
-        self.ln_f, self.head = norm(t.ln_f), linear(m.lm_head)
+        self.ln_f, self.head = norm(t.ln_f), linear(m, "lm_head")
         self.heads, self.eps = m.config.n_head, t.ln_f.eps
         self.post, self.algorithm = FUSED_ACTIVATIONS[m.config.activation_function]
         self.one_row_packed, self.fused_tanh = packs_one_row(), fuses_tanh_gelu()
@@ -338,8 +382,8 @@ class CompiledStep:
     def _current(self) -> bool:
         """Whether the tensors read are still the model's, and the packed copies still of their weights' values
         (a tensor changed in place, or given other storage through `.data`, is read as it is now anyway)."""
-        for params, name, tensor in self._read_from:
-            if params.get(name) is not tensor:
+        for where, name, value in self._read_from:
+            if where.get(name) is not value:
                 return False
         for weight, ptr, version in self._packed_from:
             if weight.data_ptr() != ptr or _version(weight) != version:
@@ -348,7 +392,10 @@ class CompiledStep:
 
     def __call__(self, input_ids: Tensor, position_ids: Tensor, cache: SlotCache, keep: Tensor | None) -> Tensor:
         """input_ids, position_ids (1, T) -> logits (len(keep), V), or (T, V) for keep None."""
-        if not self._current():
+        if not self._current():  # a weight or a layer changed: read the model again, if the step still suits it
+            why = self.unsupported(self.model)
+            if why is not None:
+                raise RuntimeError(f"the model changed and no longer suits the compiled step: {why}")
             self._read()
         return self.fn(
             input_ids, position_ids, keep, self.wte, self.wpe, self.blocks, self.ln_f, self.head, self.heads,
