@@ -44,15 +44,7 @@ from lmforge.nn.inference import (
 )
 from lmforge.nn.layers import ACTIVATIONS, TransformerBlock
 from lmforge.nn.positions import LearnedPositionalEmbedding
-from lmforge.nn.quantize import Int8Linear
-
-try:  # the packed weight of an int8 layer (`Int8Linear.packed`), as TorchScript types it
-    Int8Packed = torch.classes.quantized.LinearPackedParamsBase
-    _INT8_KERNEL = hasattr(torch.ops.quantized, "linear_dynamic")
-except (AttributeError, RuntimeError):
-    _INT8_KERNEL = False
-if not _INT8_KERNEL:  # a PyTorch without the quantized kernels: the field stays None (no Int8Linear packs one)
-    Int8Packed = Tensor
+from lmforge.nn.quantize import Int8Linear, Int8Packed, int8_linear
 
 log = logging.getLogger("lmforge.serve")
 
@@ -194,7 +186,7 @@ def _linear(
         return packed_linear(x, packed, layer.bias, post, algorithm)
     int8 = layer.int8
     if int8 is not None:
-        y = _int8_linear(x, int8, layer.bias)
+        y = int8_linear(x, int8, layer.bias)
     else:
         y = F.linear(x, layer.weight, layer.bias)
     if post == "gelu":
@@ -204,32 +196,6 @@ def _linear(
     if post == "swish":
         return F.silu(y, inplace=True)
     return y
-
-
-if _INT8_KERNEL:
-
-    def _int8_linear(x: Tensor, packed: Int8Packed, bias: Tensor | None) -> Tensor:
-        """`Int8Linear.forward` (one pass, the packed kernel) op for op: x (..., in) -> (..., out). One row goes
-        straight to the kernel; more rows are each scaled to a largest |value| of 1 first, the bias (which the
-        packed weight holds) taken out before the rescale and put back after."""
-        rows = x.reshape(-1, x.size(-1))  # (M, in)
-        if rows.size(0) == 1:
-            y = torch.ops.quantized.linear_dynamic(rows, packed, True)
-        else:
-            s = rows.abs().amax(dim=1, keepdim=True).clamp_(min=1e-30)  # (M, 1)
-            y = torch.ops.quantized.linear_dynamic(rows / s, packed, True)  # (M, out)
-            if bias is not None:
-                y -= bias
-            y.mul_(s)
-            if bias is not None:
-                y += bias
-        return y.view(x.shape[:-1] + y.shape[-1:])
-
-else:
-
-    def _int8_linear(x: Tensor, packed: Int8Packed, bias: Tensor | None) -> Tensor:
-        """(No int8 kernel in this PyTorch: never called, as no Int8Linear has a packed weight then.)"""
-        raise RuntimeError("this PyTorch has no int8 kernel")
 
 
 def gpt_step(
