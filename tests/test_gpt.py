@@ -83,6 +83,42 @@ def test_output_shapes(model):
     assert out["logits"] is out.logits and out[0] is out.logits  # HF-style access
 
 
+def test_kept_positions_skip_the_last_feed_forward_with_the_same_logits_and_cache(model):
+    """logits_to_keep: the last block's feed-forward runs on the kept positions only (a prefill keeps one), the
+    logits equal the full forward's at those positions, every position still writes its keys and values to the
+    cache (bit for bit: they come before the drop), and padded rows, hidden states and a loss are unaffected."""
+    ids = batch(2, 9)
+    seen: list[tuple[int, ...]] = []
+    hook = model.transformer.h[-1].mlp.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    try:
+        with torch.no_grad():
+            full = model(ids).logits
+            seen.clear()
+            cache = model.allocate_cache(2, 16)
+            last = model(ids, past_key_values=cache, logits_to_keep=1).logits
+            assert seen == [(2, 1, 32)]  # one position per row through the last feed-forward
+            index = torch.tensor([1, 8])
+            torch.testing.assert_close(model(ids, logits_to_keep=index).logits, full[:, index], atol=1e-5, rtol=1e-5)
+            assert seen[-1] == (2, 2, 32)
+            reference = model.allocate_cache(2, 16)
+            model(ids, past_key_values=reference)  # every position, nothing dropped
+            seen.clear()
+            hidden = model(ids, logits_to_keep=2, output_hidden_states=True)  # all positions run, then picked
+            assert seen == [(2, 9, 32)] and hidden.hidden_states[-1].shape == (2, 9, 32)
+            mask = torch.ones_like(ids)
+            mask[0, :4] = 0  # left padding in the first row
+            padded = model(ids, attention_mask=mask, logits_to_keep=1).logits
+            torch.testing.assert_close(padded, model(ids, attention_mask=mask).logits[:, -1:], atol=1e-5, rtol=1e-5)
+    finally:
+        hook.remove()
+    torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hidden.logits, full[:, -2:], atol=1e-5, rtol=1e-5)
+    assert torch.equal(cache.k[:, :, :, :9], reference.k[:, :, :, :9]) and torch.equal(cache.v, reference.v)
+    assert cache.length == reference.length == 9
+    with pytest.raises(ValueError, match="keep drops positions the hidden states would hold"):
+        model.transformer(ids, output_hidden_states=True, keep=slice(-1, None))
+
+
 def test_loss_equals_shifted_cross_entropy(model):
     ids = batch(3, 9)
     labels = ids.clone()

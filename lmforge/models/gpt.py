@@ -102,7 +102,12 @@ class GPTModel(nn.Module):
         past_key_values: KVCache | None = None,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
+        keep: Tensor | slice | None = None,
     ) -> BaseModelOutput:
+        """input_ids (B, T) -> the final hidden states (B, T, C), or (B, len(keep), C) for the positions `keep`
+        names (the last block's feed-forward then runs on those only; not with output_hidden_states)."""
+        if keep is not None and output_hidden_states:
+            raise ValueError("keep drops positions the hidden states would hold: pass one or the other")
         B, T = input_ids.shape
         if getattr(past_key_values, "packed", False):  # several sequences in one row (nn.attention.PackedCache)
             if position_ids is None:
@@ -140,6 +145,7 @@ class GPTModel(nn.Module):
             output_attentions,
             output_hidden_states,
             self.gradient_checkpointing and self.training,
+            keep,
         )
         x = apply(self.ln_f, x)
         if output_hidden_states:
@@ -227,15 +233,27 @@ class GPTForCausalLM(GPTPreTrainedModel):
             raise TypeError(f"unexpected arguments for GPTForCausalLM.forward: {sorted(kwargs)}")
         if use_cache and past_key_values is None:
             past_key_values = self.allocate_cache(input_ids.size(0), self.config.n_positions)
-        out = self.transformer(
-            input_ids, attention_mask, position_ids, past_key_values, output_attentions, output_hidden_states
-        )
-        h = out.last_hidden_state
+        keep: Tensor | slice | None = None
         if isinstance(logits_to_keep, Tensor):
-            h = h[:, logits_to_keep]  # (B, len(index), C)
+            keep = logits_to_keep  # (len(index),) positions
         elif logits_to_keep:
-            h = h[:, -logits_to_keep:]
-        logits = apply(self.lm_head, h)  # (B, T, V)
+            keep = slice(-logits_to_keep, None)
+        # positions whose logits are not wanted skip the last block's feed-forward (a prefill keeps one); with
+        # every block's hidden states asked for, or a loss, all positions run and the kept ones are picked after
+        early = keep is not None and not output_hidden_states and labels is None
+        out = self.transformer(
+            input_ids,
+            attention_mask,
+            position_ids,
+            past_key_values,
+            output_attentions,
+            output_hidden_states,
+            keep if early else None,
+        )
+        h = out.last_hidden_state  # (B, T, C), or (B, len(keep), C) where kept early
+        if keep is not None and not early:
+            h = h[:, keep]
+        logits = apply(self.lm_head, h)  # (B, len(keep) or T, V)
         loss = causal_lm_loss(logits, labels, num_items_in_batch) if labels is not None else None
         return CausalLMOutput(loss, logits, out.past_key_values, out.hidden_states, out.attentions)
 

@@ -148,14 +148,22 @@ class TransformerBlock(nn.Module):
         cache: KVCache | None = None,
         layer_idx: int = 0,
         output_attentions: bool = False,
+        keep: Tensor | slice | None = None,
     ) -> tuple[Tensor, Tensor | None]:
+        """x (B, T, C) -> (B, T, C), or (B, len(keep), C): `keep` names the positions whose output is needed (a
+        last block whose other positions only had to write their keys and values to the cache); the others are
+        dropped after the attention, so the feed-forward runs on the kept positions only."""
         if self.pre_norm:
             a, weights = self.attn(apply(self.ln_1, x), mask, position_ids, cache, layer_idx, output_attentions)
             x = x + dropout(a, self.dropout, self.training)
+            if keep is not None:
+                x = x[:, keep]
             x = x + self.mlp(apply(self.ln_2, x))
         else:
             a, weights = self.attn(x, mask, position_ids, cache, layer_idx, output_attentions)
             x = apply(self.ln_1, x + dropout(a, self.dropout, self.training))
+            if keep is not None:
+                x = x[:, keep]
             x = apply(self.ln_2, x + self.mlp(x))
         return x, weights
 
@@ -230,21 +238,28 @@ def run_blocks(
     output_attentions: bool = False,
     output_hidden_states: bool = False,
     checkpointing: bool = False,
+    keep: Tensor | slice | None = None,
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """Apply the blocks in order: (output, the input of every block if output_hidden_states, every
     block's attention weights if output_attentions). `checkpointing` recomputes activations in the
-    backward pass instead of keeping them (training only; no KV cache then)."""
+    backward pass instead of keeping them (training only; no KV cache then). `keep`: the positions whose
+    output is wanted (the output is then (B, len(keep), C)); the last block's feed-forward runs on those
+    only (`TransformerBlock.forward`)."""
     hidden: list[Tensor] = []
     attentions: list[Tensor] = []
+    last = len(blocks) - 1
     for i, block in enumerate(blocks):
         if output_hidden_states:
             hidden.append(x)
+        kept = keep if i == last else None
         if checkpointing:
             x, w = torch.utils.checkpoint.checkpoint(
-                block, x, mask, position_ids, None, i, output_attentions, use_reentrant=False
+                block, x, mask, position_ids, None, i, output_attentions, kept, use_reentrant=False
             )
         else:
-            x, w = block(x, mask, position_ids, cache, i, output_attentions)
+            x, w = block(x, mask, position_ids, cache, i, output_attentions, kept)
         if output_attentions:
             attentions.append(w)
+    if keep is not None and not blocks:
+        x = x[:, keep]
     return x, hidden, attentions

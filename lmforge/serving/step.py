@@ -221,17 +221,18 @@ def gpt_step(
     x = F.embedding(input_ids, wte) + F.embedding(position_ids, wpe)  # (1, T, C)
     C = x.size(-1)
     hs = C // heads
+    last = len(blocks) - 1
     for i, b in enumerate(blocks):
         h = torch.layer_norm(x, [C], b.ln_1.weight, b.ln_1.bias, eps)
         qkv = _linear(h, b.qkv, one_row_packed).view(1, T, 3, heads, hs)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (1, H, T, hs), views into qkv
         y = attend_slots(q, k, v, bound, i)  # (1, T, C)
         x = x + _linear(y, b.proj, one_row_packed)
+        if keep is not None and i == last:  # as TransformerBlock: the last feed-forward for kept positions only
+            x = x[:, keep]  # (1, len(keep), C)
         h = torch.layer_norm(x, [C], b.ln_2.weight, b.ln_2.bias, eps)
         x = x + _linear(_linear(h, b.fc, one_row_packed, post, algorithm, fused_tanh), b.fc2, one_row_packed)
     x = torch.layer_norm(x, [C], ln_f.weight, ln_f.bias, eps)
-    if keep is not None:
-        x = x[:, keep]  # (1, len(keep), C)
     return _linear(x, head, one_row_packed)[0]
 
 
