@@ -24,6 +24,7 @@ from helpers import GREEDY_MARGIN, TIMEOUT, Server, greedy_margin, save_tiny_gpt
 
 from lmforge.config import GPTConfig
 from lmforge.models.gpt import GPTForCausalLM
+from lmforge.nn.inference import decode_layout
 from lmforge.serving.scheduler import Request, SamplingParams, Scheduler, SlotCache, _lines
 from lmforge.serving.step import CompiledStep
 from lmforge.tokenizer import Tokenizer
@@ -228,13 +229,17 @@ def test_the_compiled_step_computes_exactly_the_models_forward(options) -> None:
     int8 = options.pop("int8", False)
     width = 64 if int8 else 32  # (int8 leaves layers under 64 features in float32)
     config = GPTConfig(vocab_size=97, n_positions=64, n_layer=2, n_head=2, n_embd=width, **options)
-    model = GPTForCausalLM(config).to(dtype).eval()
+    model = decode_layout(GPTForCausalLM(config).to(dtype).eval())  # as from_pretrained lays the weights out
+    tied = config.tie_word_embeddings
+    assert (model.transformer.wte.weight.stride(0) == 1) == tied  # a tied table's rows are then spread out
     if int8:
         quantize(model)
         assert type(model.lm_head) is Int8Linear and type(model.transformer.h[1].mlp.proj) is Int8Linear
     with torch.inference_mode():
         step = CompiledStep.build(model)
         assert step is not None
+        assert step.wte.is_contiguous()  # the step gathers embeddings from row-major rows (a copy where tied)
+        assert (step.wte.data_ptr() != model.transformer.wte.weight.data_ptr()) == tied
         for decoding, prompts in STEPS:
             (ours, theirs), input_ids, position_ids, keep = bound_step(model, decoding, prompts)
             logits = step(input_ids, position_ids, ours, keep)
@@ -248,21 +253,25 @@ def test_the_compiled_step_computes_exactly_the_models_forward(options) -> None:
 
 def test_the_compiled_step_follows_changes_to_the_weights() -> None:
     """A weight changed in place, a parameter replaced, the model quantized after the step was built: the next
-    step reads the model as it is then. A layer it does not cover swapped in (LoRA): the step raises, saying
-    why (the scheduler then runs the modules)."""
+    step reads the model as it is then (the tied embedding too, of which the step keeps a row-major copy, also
+    once the output layer sharing it is an int8 layer). A layer it does not cover swapped in (LoRA): the step
+    raises, saying why (the scheduler then runs the modules)."""
     from lmforge.nn.lora import LoRAConfig, apply_lora
     from lmforge.nn.quantize import Int8Linear, quantize
 
     torch.manual_seed(0)
     model = GPTForCausalLM(GPTConfig(vocab_size=97, n_positions=64, n_layer=2, n_head=2, n_embd=64)).eval()
+    decode_layout(model)  # the tied table stored as (in, out) columns, as from_pretrained does
     with torch.inference_mode():
         step = CompiledStep.build(model)
     for change in (
         lambda: model.transformer.h[0].mlp.fc.weight.mul_(1.5),  # packed copy made again
         lambda: model.transformer.ln_f.bias.add_(0.25),
+        lambda: model.transformer.wte.weight.mul_(0.5),  # the embedding's row-major copy made again
         lambda: setattr(model.transformer.h[1].attn.proj, "weight", torch.nn.Parameter(torch.randn(64, 64))),
         lambda: quantize(model),  # every Linear swapped for an Int8Linear
         lambda: setattr(model.transformer.h[0].mlp, "fc", Int8Linear(torch.nn.Linear(64, 256)).eval()),  # one anew
+        lambda: model.transformer.wte.weight.mul_(2.0),  # the output layer is int8 now: only the copy notices
     ):
         with torch.no_grad():
             change()

@@ -320,7 +320,7 @@ class CompiledStep:
         t = m.transformer
         # (where it was read: a module's _parameters, _buffers, _modules or __dict__; its name there; what was read)
         self._read_from: list[tuple[dict[str, Any], str, Any]] = []
-        self._packed_from: list[tuple[Tensor, int, int]] = []  # (weight, its data_ptr, its version) of packed copies
+        self._copied: list[tuple[Tensor, int, int]] = []  # (tensor, its data_ptr, its version) of each copy made
 
         def get(module: nn.Module, name: str) -> Any:
             for where in (module._parameters, module._buffers, module.__dict__):
@@ -340,7 +340,7 @@ class CompiledStep:
             packed = packed_weight(module, torch.zeros(2, module.in_features))
             weight = get(module, "weight")
             if packed is not None:
-                self._packed_from.append((weight, weight.data_ptr(), _version(weight)))
+                self._copied.append((weight, weight.data_ptr(), _version(weight)))
             return Linear(weight, get(module, "bias"), packed, None)
 
         def norm(module: nn.LayerNorm) -> Norm:
@@ -351,19 +351,27 @@ class CompiledStep:
                   linear(b.mlp, "proj"))
             for b in t.h
         ]  # fmt: skip
-        self.wte, self.wpe = get(t.wte, "weight"), get(t.wpe, "weight")
+        # The embedding table row-major. A tied output layer stores the shared weight as (in, out) columns for
+        # one-row products (`decode_layout`), which spreads each token's row over the whole table (a value every
+        # V * 4 bytes, each on its own page): 72 rows took 95 us to gather from there, 6.5 us from a copy. So then
+        # a row-major copy (V x C more floats): 16 streams' forwards 2-3.5% faster (BENCHMARKS.md, 2026-12-05).
+        wte = get(t.wte, "weight")
+        self.wte, self.wpe = wte.contiguous(), get(t.wpe, "weight")
+        if self.wte is not wte:
+            self._copied.append((wte, wte.data_ptr(), _version(wte)))
         self.ln_f, self.head = norm(t.ln_f), linear(m, "lm_head")
         self.heads, self.eps = m.config.n_head, t.ln_f.eps
         self.post, self.algorithm = FUSED_ACTIVATIONS[m.config.activation_function]
         self.one_row_packed, self.fused_tanh = packs_one_row(), fuses_tanh_gelu()
 
     def _current(self) -> bool:
-        """Whether the tensors read are still the model's, and the packed copies still of their weights' values
-        (a tensor changed in place, or given other storage through `.data`, is read as it is now anyway)."""
+        """Whether the tensors read are still the model's, and the copies made (packed weights, a row-major
+        embedding) still of their tensors' values (a tensor changed in place, or given other storage through
+        `.data`, is read as it is now anyway)."""
         for where, name, value in self._read_from:
             if where.get(name) is not value:
                 return False
-        for weight, ptr, version in self._packed_from:
+        for weight, ptr, version in self._copied:
             if weight.data_ptr() != ptr or _version(weight) != version:
                 return False
         return True
