@@ -386,6 +386,27 @@ def test_incremental_decoder_never_splits_a_character(tok):
     assert sum(1 for p in pieces if p) > 3  # text arrives as it is complete, not all at the end
 
 
+def test_incremental_decoder_gives_decodes_text_by_bytes_and_by_window(tok):
+    """Random ids (characters broken everywhere, special tokens among them): the pieces and the flush join into
+    `decode`'s text, through the byte table (byte-level BPE) and through the decoding window (other tokenizers,
+    here WordPiece), special tokens skipped or kept."""
+    import random
+
+    rng = random.Random(1)
+    wordpiece = Tokenizer.train_wordpiece(iterator=["中文 words", "more 世界 words"] * 3, vocab_size=60)
+    for tokenizer, by_bytes in ((tok, True), (wordpiece, False)):
+        for skip in (True, False):
+            for _ in range(200):
+                ids = [rng.randrange(tokenizer.vocab_size) for _ in range(rng.randrange(1, 16))]
+                decoder = IncrementalDecoder(tokenizer, skip)
+                assert (decoder._bytes is not None) == by_bytes
+                text = "".join(decoder.push(i) for i in ids) + decoder.flush()
+                assert text == tokenizer.decode(ids, skip_special_tokens=skip), ids
+    decoder = IncrementalDecoder(tok)
+    with pytest.raises(ValueError, match=f"token id {tok.vocab_size} is out of range"):
+        decoder.push(tok.vocab_size)
+
+
 def test_incremental_decoder_skips_special_tokens_and_flushes(tok):
     eos = tok.eos_token_id
     decoder = IncrementalDecoder(tok)

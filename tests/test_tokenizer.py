@@ -317,6 +317,34 @@ def test_a_decoder_decodes_as_decode_does(tok: Tokenizer) -> None:
     assert t.decoder(skip_special_tokens=True)(ids[-2:]) != t.decoder()(ids[-2:])
 
 
+def test_token_bytes_decode_as_decode_does_for_byte_level_bpe_only(tok: Tokenizer) -> None:
+    """`token_bytes` (what a stream decodes one token at a time): for byte-level BPE, the bytes of any id sequence
+    read as UTF-8 (U+FFFD for a broken character) are `decode`'s text, special tokens skipped or kept, also for an
+    added non-ASCII token and after a word is made special; a WordPiece tokenizer has none (streams decode over a
+    window there)."""
+    import random
+
+    t = fresh(tok)
+    t.backend.add_tokens(["你好世界"])
+    t.sep_token = t.convert_ids_to_tokens(t.encode(" doc")[-1])  # a vocabulary word skipped from now on
+    rng = random.Random(0)
+    for skip in (True, False):
+        table = t.token_bytes(skip_special_tokens=skip)
+        assert table is not None and len(table) == t.vocab_size
+        assert t.token_bytes(skip_special_tokens=skip) is table  # made once
+        assert table[t.vocab_size - 1] == "你好世界".encode()
+        for _ in range(300):
+            ids = [rng.randrange(t.vocab_size) for _ in range(rng.randrange(1, 12))]
+            text = b"".join(table[i] for i in ids).decode("utf-8", errors="replace")
+            assert text == t.decode(ids, skip_special_tokens=skip), ids
+    word = t.sep_token_id
+    assert t.token_bytes(True)[word] == b"" and t.token_bytes(False)[word] == t.decode([word]).encode()
+    t.sep_token = None  # a word again: the table is made again
+    assert t.token_bytes(True)[word] == t.decode([word]).encode() != b""
+    wordpiece = Tokenizer.train_wordpiece(iterator=["some words to learn", "and some more"], vocab_size=60)
+    assert wordpiece.token_bytes() is None
+
+
 def test_special_token_strings_in_text(tok: Tokenizer) -> None:
     text = f"first doc{EOS}second doc{PAD}"
     ids = tok.encode(text)

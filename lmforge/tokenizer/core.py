@@ -512,6 +512,22 @@ class Tokenizer(PaddingSide):
 
         return decode
 
+    def token_bytes(self, skip_special_tokens: bool = False) -> list[bytes] | None:
+        """Each id's bytes in decoded text, for a byte-level BPE tokenizer (GPT-2's: each character of a token
+        stands for one byte, and a text is its tokens' bytes read as UTF-8); None for any other decoder. A stream
+        can then be decoded a token at a time by an incremental UTF-8 decoder (`generation.IncrementalDecoder`)
+        instead of twice a token over a window. Checked against `decode` over the whole vocabulary when made (None
+        if any slice differs), and made again when the vocabulary or the special tokens change."""
+        backend, size = self._backend, self.vocab_size
+        special = self._special_id_set() if skip_special_tokens else frozenset()
+        key = (skip_special_tokens, size, special)
+        cached = getattr(self, "_token_bytes", None)  # (absent from a tokenizer pickled by an older version)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        table = _byte_level_table(backend, size, special, skip_special_tokens)
+        self._token_bytes = (key, table)
+        return table
+
     def batch_decode(self, sequences: Any, skip_special_tokens: bool = False) -> list[str]:
         """:meth:`decode` for each row of a 2-D tensor/array or a list of id lists."""
         return [self.decode(seq, skip_special_tokens=skip_special_tokens) for seq in as_id_rows(sequences)]
@@ -559,3 +575,43 @@ class Tokenizer(PaddingSide):
             f"model={type(self._backend.model).__name__}, {roles}, "
             f"padding_side={self.padding_side!r}, model_max_length={self.model_max_length})"
         )
+
+
+def _gpt2_byte_chars() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte: printable Latin-1 bytes stand for themselves, the other 68
+    bytes (controls, space, DEL, NBSP, soft hyphen) for the characters from U+0100 on, in byte order."""
+    kept = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]  # "!".."~", "¡".."¬", "®".."ÿ"
+    shifted = [b for b in range(256) if b not in kept]
+    chars = {chr(b): b for b in kept}
+    chars.update({chr(256 + n): b for n, b in enumerate(shifted)})
+    return chars
+
+
+def _byte_level_table(
+    backend: BackendTokenizer, size: int, special: frozenset[int], skip_special_tokens: bool
+) -> list[bytes] | None:
+    """The bytes each id decodes to where the backend decodes byte-level BPE alone, checked against its decode."""
+    from tokenizers import decoders
+
+    if type(backend.decoder) is not decoders.ByteLevel:
+        return None
+    chars = _gpt2_byte_chars()
+    added = backend.get_added_tokens_decoder()
+    table: list[bytes] = []
+    for i in range(size):
+        if i in special:
+            table.append(b"")
+        elif i in added:  # an added token decodes to its own text
+            table.append(backend.decode([i], skip_special_tokens=skip_special_tokens).encode("utf-8"))
+        else:
+            token = backend.id_to_token(i)
+            if token is None or any(c not in chars for c in token):
+                return None
+            table.append(bytes(chars[c] for c in token))
+    step = 61  # slices that end inside characters too
+    for start in range(0, size, step):
+        ids = [i for i in range(start, min(start + step, size)) if i not in special]  # as `decode` skips them
+        text = b"".join(table[i] for i in ids).decode("utf-8", errors="replace")
+        if text != backend.decode(ids, skip_special_tokens=skip_special_tokens):
+            return None
+    return table
