@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tokenizers import AddedToken, Encoding
+from tokenizers import AddedToken, Encoding, decoders
 from tokenizers import Tokenizer as BackendTokenizer
 
 from lmforge.constants import NO_LENGTH_LIMIT
@@ -521,12 +521,10 @@ class Tokenizer(PaddingSide):
         backend, size = self._backend, self.vocab_size
         special = self._special_id_set() if skip_special_tokens else frozenset()
         key = (skip_special_tokens, size, special)
-        cached = getattr(self, "_token_bytes", None)  # (absent from a tokenizer pickled by an older version)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        table = _byte_level_table(backend, size, special, skip_special_tokens)
-        self._token_bytes = (key, table)
-        return table
+        tables = self.__dict__.setdefault("_token_bytes", {})  # one per key: skipping does not evict keeping
+        if key not in tables:
+            tables[key] = _byte_level_table(backend, size, special, skip_special_tokens)
+        return tables[key]
 
     def batch_decode(self, sequences: Any, skip_special_tokens: bool = False) -> list[str]:
         """:meth:`decode` for each row of a 2-D tensor/array or a list of id lists."""
@@ -591,8 +589,6 @@ def _byte_level_table(
     backend: BackendTokenizer, size: int, special: frozenset[int], skip_special_tokens: bool
 ) -> list[bytes] | None:
     """The bytes each id decodes to where the backend decodes byte-level BPE alone, checked against its decode."""
-    from tokenizers import decoders
-
     if type(backend.decoder) is not decoders.ByteLevel:
         return None
     chars = _gpt2_byte_chars()
