@@ -730,8 +730,13 @@ async def _until_disconnect(receive: Callable, on_disconnect: Callable[[], None]
     on_disconnect()
 
 
+# `json.dumps(x, ensure_ascii=False)` builds a new JSONEncoder on every call (any non-default option does): 1.2 us
+# against 0.17 for a streamed token's text through one encoder kept here, on the event loop's time
+_JSON = json.JSONEncoder(ensure_ascii=False)
+
+
 def _sse(data: Any) -> bytes:
-    return b"data: " + json.dumps(data, ensure_ascii=False).encode("utf-8") + b"\n\n"
+    return b"data: " + _JSON.encode(data).encode("utf-8") + b"\n\n"
 
 
 def _around_text(head: dict, index: int, chat: bool, extra: dict) -> tuple[bytes, bytes]:
@@ -782,7 +787,7 @@ async def _stream(
                 if piece.index not in around:
                     around[piece.index] = _around_text(head, piece.index, chat, extra)
                 before, after = around[piece.index]
-                out.append(before + json.dumps(piece.text, ensure_ascii=False).encode("utf-8") + after)
+                out.append(before + _JSON.encode(piece.text).encode("utf-8") + after)
                 continue
             if chat:
                 delta = {"content": piece.text} if piece.text else {}
