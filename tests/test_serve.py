@@ -575,7 +575,7 @@ def test_a_stream_interval_hands_several_steps_over_together(loaded) -> None:
 
 
 def test_the_mailbox_hands_a_steps_events_over_in_one_wakeup_per_loop() -> None:
-    from lmforge.serving.app import Mailbox
+    from lmforge.serving.app import Inbox, Mailbox
 
     class Loop:  # records what would wake the event loop
         def __init__(self, closed: bool = False) -> None:
@@ -588,21 +588,52 @@ def test_the_mailbox_hands_a_steps_events_over_in_one_wakeup_per_loop() -> None:
             self.calls.append((fn, args))
 
     a, b, gone = Loop(), Loop(), Loop(closed=True)
-    qa, qb, qgone = asyncio.Queue(), asyncio.Queue(), asyncio.Queue()
+    qa, qb, qgone = Inbox(a), Inbox(b), Inbox(gone)  # type: ignore[arg-type]
     box = Mailbox()
     for i in range(16):
-        box.post(a, qa, i)
-    box.post(b, qb, "x")
-    box.post(gone, qgone, "lost")
+        box.post(qa, i)
+    box.post(qb, "x")
+    box.post(qgone, "lost")
     assert not a.calls and not b.calls and qa.empty()  # nothing reaches a loop before the flush
     box.flush()  # the closed loop's event is dropped, not raised
     assert len(a.calls) == 1 and len(b.calls) == 1
     for loop in (a, b):
         fn, args = loop.calls[0]
         fn(*args)  # what the loop runs
-    assert [qa.get_nowait() for _ in range(16)] == list(range(16)) and qb.get_nowait() == "x"
+    assert list(qa.items) == list(range(16)) and list(qb.items) == ["x"] and qgone.empty()
     box.flush()  # nothing posted since: no wake-up
     assert len(a.calls) == 1 and len(b.calls) == 1
+
+
+def test_an_inbox_wakes_its_waiting_handler_in_order_and_survives_a_cancelled_one() -> None:
+    from lmforge.serving.app import Inbox
+
+    async def run() -> list[object]:
+        inbox = Inbox(asyncio.get_running_loop())
+        got: list[object] = []
+
+        async def consume(count: int) -> None:
+            for _ in range(count):
+                got.append(await inbox.get())
+
+        task = asyncio.ensure_future(consume(3))
+        await asyncio.sleep(0)  # the handler waits on an empty inbox
+        assert inbox.waiter is not None and not got
+        inbox.put("a")
+        inbox.put("b")  # two events before it runs: both arrive, in order
+        await asyncio.sleep(0)
+        assert got == ["a", "b"]
+        inbox.put("c")
+        await task
+        waiting = asyncio.ensure_future(inbox.get())  # a handler cancelled while waiting (its client left) ...
+        await asyncio.sleep(0)
+        waiting.cancel()
+        await asyncio.sleep(0)
+        inbox.put("d")  # ... does not break the next put
+        assert inbox.waiter is None and list(inbox.items) == ["d"]
+        return got
+
+    assert asyncio.run(run()) == ["a", "b", "c"]
 
 
 def test_events_already_waiting_leave_in_one_write(loaded) -> None:
@@ -610,7 +641,7 @@ def test_events_already_waiting_leave_in_one_write(loaded) -> None:
     a request's last piece, its usage chunk and [DONE] arrive in one step, so they go out in one write."""
     from types import SimpleNamespace
 
-    from lmforge.serving.app import _stream
+    from lmforge.serving.app import Inbox, _stream
     from lmforge.serving.scheduler import Piece
 
     _, tok = loaded
@@ -619,12 +650,12 @@ def test_events_already_waiting_leave_in_one_write(loaded) -> None:
     head = {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": "tiny"}
 
     async def run() -> tuple[bytes, list[bytes]]:
-        events: asyncio.Queue = asyncio.Queue()
+        events = Inbox(asyncio.get_running_loop())
         stream = _stream(SimpleNamespace(tokenizer=tok), generation, events, head, False, True)
-        events.put_nowait(Piece(0, "To", [5], None, None))
+        events.put(Piece(0, "To", [5], None, None))
         first = await stream.__anext__()  # alone: nothing else was waiting
         for event in (Piece(0, " be", [6], None, None), Piece(0, ",", [7], None, "length"), None):
-            events.put_nowait(event)
+            events.put(event)
         return first, [chunk async for chunk in stream]
 
     first, rest = asyncio.run(run())

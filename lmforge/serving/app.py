@@ -20,6 +20,7 @@ import logging
 import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -116,20 +117,20 @@ class Mailbox:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._items: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue, Any]] = []
+        self._items: list[tuple[Inbox, Any]] = []
 
-    def post(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, event: Any) -> None:
-        """Queue `event` for `queue` (which belongs to `loop`); it is put there at the next `flush`."""
+    def post(self, inbox: Inbox, event: Any) -> None:
+        """Queue `event` for `inbox`; it is put there, on the inbox's event loop, at the next `flush`."""
         with self._lock:
-            self._items.append((loop, queue, event))
+            self._items.append((inbox, event))
 
     def flush(self) -> None:
         """Hand everything posted so far to its loop: one `call_soon_threadsafe` per loop, order kept."""
         with self._lock:
             items, self._items = self._items, []
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
-        for loop, queue, event in items:
-            by_loop.setdefault(loop, []).append((queue, event))
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Inbox, Any]]] = {}
+        for inbox, event in items:
+            by_loop.setdefault(inbox.loop, []).append((inbox, event))
         for loop, batch in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_deliver, batch)
@@ -137,9 +138,38 @@ class Mailbox:
                 pass
 
 
-def _deliver(batch: list[tuple[asyncio.Queue, Any]]) -> None:
-    for queue, event in batch:
-        queue.put_nowait(event)
+def _deliver(batch: list[tuple[Inbox, Any]]) -> None:
+    for inbox, event in batch:
+        inbox.put(event)
+
+
+class Inbox:
+    """One request's events on its event loop: `put` there (by `Mailbox`), awaited with `get`. What
+    asyncio.Queue does for this one producer and one consumer, without its task counting and putter
+    bookkeeping: the event loop handles every streamed token here, and its time per token is time the model's
+    threads share the cores with (at 16 streams ~60 us of the loop's CPU per token, all told)."""
+
+    __slots__ = ("loop", "items", "waiter")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.items: deque[Any] = deque()
+        self.waiter: asyncio.Future | None = None  # the consumer's, while it waits
+
+    def put(self, event: Any) -> None:
+        self.items.append(event)
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():  # (done: the waiting task was cancelled)
+            waiter.set_result(None)
+
+    def empty(self) -> bool:
+        return not self.items
+
+    async def get(self) -> Any:
+        while not self.items:
+            self.waiter = self.loop.create_future()
+            await self.waiter
+        return self.items.popleft()
 
 
 class Engine:
@@ -628,10 +658,10 @@ async def _respond(
 ) -> Response:
     """Run the generation (continuous batching for a causal LM) and answer, streamed or whole."""
     loop = asyncio.get_running_loop()
-    events: asyncio.Queue = asyncio.Queue()
+    events = Inbox(loop)
 
     def emit(event: Any) -> None:  # called on the scheduler thread; handed to the loop after its step
-        engine.mailbox.post(loop, events, event)
+        engine.mailbox.post(events, event)
 
     generation = Generation(prompts, params, body.n, emit)
     engine.metrics.prompt_tokens.inc(generation.prompt_tokens)
@@ -750,7 +780,7 @@ def _around_text(head: dict, index: int, chat: bool, extra: dict) -> tuple[bytes
 
 
 async def _stream(
-    engine: Engine, generation: Generation, events: asyncio.Queue, head: dict, chat: bool, include_usage: bool
+    engine: Engine, generation: Generation, events: Inbox, head: dict, chat: bool, include_usage: bool
 ) -> AsyncIterator[bytes]:
     """Server-sent events: a chunk per piece, the usage chunk if asked, then [DONE]. Events already waiting go
     out together, in one write (a request's last piece, its usage and [DONE] arrive in the same step). If the
