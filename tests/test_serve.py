@@ -676,7 +676,7 @@ def test_events_already_waiting_leave_in_one_write(loaded) -> None:
 def test_an_event_stream_sends_each_chunk_and_tells_when_the_client_is_gone() -> None:
     """EventStream (the streamed answer over ASGI): headers, one body message per chunk, then the end; the
     generation is cancelled (on_disconnect) when the client hangs up or a send fails, and only then."""
-    from lmforge.serving.app import EventStream
+    from lmforge.serving.app import BODY_SEND, EventStream
 
     async def chunks() -> AsyncIterator[bytes]:
         for i in range(3):
@@ -718,13 +718,38 @@ def test_an_event_stream_sends_each_chunk_and_tells_when_the_client_is_gone() ->
     sent, cancelled, error = asyncio.run(run(hang_up=False, fail_at=2))
     assert len(sent) == 2 and cancelled == 1 and isinstance(error, OSError)
 
+    # under Gate (the server's app), the start goes through the layers in between and the body straight to
+    # the send Gate was given
+    async def under_gate() -> tuple[list[dict], list[dict]]:
+        outer: list[dict] = []
+        inner: list[dict] = []
+
+        async def receive() -> dict:
+            await asyncio.sleep(1)
+            return {"type": "http.disconnect"}
+
+        async def raw(message: dict) -> None:
+            outer.append(message)
+
+        async def layered(message: dict) -> None:
+            inner.append(message)
+            await raw(message)
+
+        scope = {"type": "http", BODY_SEND: raw}
+        await EventStream(chunks(), lambda: None)(scope, receive, layered)
+        return outer, inner
+
+    outer, inner = asyncio.run(under_gate())
+    assert [m["type"] for m in inner] == ["http.response.start"]
+    assert [m.get("body") for m in outer] == [None, b"data: 0\n\n", b"data: 1\n\n", b"data: 2\n\n", b""]
+
 
 def test_a_text_chunk_is_exactly_the_json_of_the_whole_chunk(loaded) -> None:
     """Text pieces are spliced into pre-encoded chunk bytes: the result is byte for byte what encoding the whole
     chunk gives, for completions and chat, any choice index, and text that JSON must escape."""
     from types import SimpleNamespace
 
-    from lmforge.serving.app import _sse, _stream
+    from lmforge.serving.app import Inbox, _sse, _stream
     from lmforge.serving.scheduler import Piece
 
     _, tok = loaded
@@ -733,10 +758,10 @@ def test_a_text_chunk_is_exactly_the_json_of_the_whole_chunk(loaded) -> None:
 
     async def run(chat: bool, usage: bool) -> bytes:
         generation = Request([[1, 2]], SamplingParams(max_tokens=9), 2, lambda event: None)
-        events: asyncio.Queue = asyncio.Queue()
+        events = Inbox(asyncio.get_running_loop())
         for i, text in enumerate(texts):
-            events.put_nowait(Piece(i % 2, text, [5], None, None))
-        events.put_nowait(None)
+            events.put(Piece(i % 2, text, [5], None, None))
+        events.put(None)
         stream = _stream(SimpleNamespace(tokenizer=tok), generation, events, head, chat, usage)
         return b"".join([chunk async for chunk in stream])
 

@@ -283,6 +283,9 @@ def _error_response(error: APIError) -> JSONResponse:
 
 
 # ---------------------------------------------------------------------------------------------- the gate
+BODY_SEND = "lmforge.body_send"  # where Gate leaves, in the ASGI scope, the `send` a streamed body's chunks may use
+
+
 class Gate:
     """Pure ASGI middleware in front of every route: the API key, the body size limit, the access log and the
     request metrics. (Pure ASGI, so streamed responses and client disconnects pass through untouched.)"""
@@ -331,6 +334,8 @@ class Gate:
                 await refuse(_too_large(limit))
                 return
             try:
+                # for a streamed body (EventStream), whose status and headers go through send_logged
+                scope[BODY_SEND] = send
                 await self.app(scope, receive_limited, send_logged)
             except _BodyTooLarge:
                 if not status[0]:
@@ -739,11 +744,14 @@ class EventStream(Response):
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         watcher = asyncio.ensure_future(_until_disconnect(receive, self.on_disconnect))
         sent = False
+        # the body's chunks skip the layers between `Gate` and here (CORS, Starlette's exception handling): they
+        # act on the response's start, which goes through them; each layer was a coroutine call per token
+        body = scope.get(BODY_SEND, send)
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             async for chunk in self.chunks:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+                await body({"type": "http.response.body", "body": chunk, "more_body": True})
+            await body({"type": "http.response.body", "body": b"", "more_body": False})
             sent = True
         finally:
             watcher.cancel()
