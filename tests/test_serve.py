@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import random
 import re
 import signal
@@ -437,6 +438,94 @@ def test_requests_arriving_while_others_decode_equal_generate(loaded) -> None:
             rows.append(ref)
             lengths.append(len(ids))
     assert greedy_margin(model, rows, lengths) > GREEDY_MARGIN
+
+
+def test_openmp_waits_warns_once_when_the_measured_forwards_block(caplog: pytest.LogCaptureFixture) -> None:
+    """OpenMPWaits: every `every`-th forward measured; the mean of the last `window` against `limit`; one warning."""
+    from lmforge.serving.scheduler import OpenMPWaits
+
+    counter = iter(range(0, 10_000, 10))  # each read 10 more switches than the last: 10 inside every forward
+    waits = OpenMPWaits(every=2, window=3, limit=8.0, read=lambda: next(counter))
+    with caplog.at_level("WARNING", logger="lmforge.serve"):
+        measured = [waits.start() for _ in range(2)]
+        assert measured[0] is None and measured[1] == 0  # the second forward of each two is measured
+        waits.stop(measured[0])
+        waits.stop(measured[1])
+        for _ in range(2):
+            assert waits.waits_per_step is None  # fewer than `window` measured: no verdict yet
+            waits.stop(waits.start())
+            waits.stop(waits.start())
+        assert waits.waits_per_step == 10.0 and waits.warned
+        for _ in range(8):
+            waits.stop(waits.start())
+    warnings = [json.loads(r.getMessage()) for r in caplog.records if "openmp_waits" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0]["waits_per_step"] == 10.0
+    assert "lmforge serve" in warnings[0]["why"] and "parallel kernels" in warnings[0]["why"]
+
+    quiet = iter(range(0, 10_000, 1))  # one switch inside each forward: below the limit
+    calm = OpenMPWaits(every=1, window=4, limit=8.0, read=lambda: next(quiet))
+    for _ in range(12):
+        calm.stop(calm.start())
+    assert calm.waits_per_step == 1.0 and not calm.warned
+
+
+OPENMP_PROBE = """
+import json, logging, os, sys, threading
+os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:2])  # before libgomp counts the CPUs
+import torch
+from lmforge import GPTConfig, GPTForCausalLM, Tokenizer
+from lmforge.serving.scheduler import Request, SamplingParams, Scheduler
+
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+torch.set_num_threads(2)
+loaded = {}
+def load():  # on a thread that ends, as `lmforge serve` loads: its OpenMP team goes with it
+    tok = Tokenizer.from_pretrained(sys.argv[2])
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=len(tok), n_positions=128, n_layer=4, n_head=4, n_embd=256, eos_token_id=None)
+    loaded.update(model=GPTForCausalLM(config).eval(), tok=tok)
+loader = threading.Thread(target=load)
+loader.start()
+loader.join()
+if sys.argv[1] == "main-thread-ran-kernels":
+    torch.randn(256, 256) @ torch.randn(256, 256)  # a parallel kernel: the main thread's own OpenMP team
+scheduler = Scheduler(loaded["model"], loaded["tok"])
+scheduler.start()
+done = threading.Event()
+for _ in range(6):
+    done.clear()
+    emit = lambda event: done.set() if event is None or isinstance(event, BaseException) else None
+    scheduler.submit(Request([[5, 6, 7]], SamplingParams(max_tokens=120, temperature=0), 1, emit))
+    assert done.wait(120)
+scheduler.stop()
+print(json.dumps({"waits_per_step": scheduler.waits.waits_per_step, "warned": scheduler.waits.warned}))
+"""
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="libgomp's threads spin only while it manages no more threads than CPUs: this needs Linux and 2 CPUs",
+)
+def test_a_scheduler_in_a_process_whose_main_thread_ran_parallel_kernels_warns_that_openmp_sleeps(
+    tiny_dir: Path,
+) -> None:
+    """The state OpenMPWaits is for, made for real: two OpenMP teams (the main thread's and the scheduler's) on
+    2 CPUs. Then the scheduler thread blocks ~20 times a forward and the log says so; started as `lmforge serve`
+    starts it (the model loaded on a thread that ends), it does not block and nothing is logged."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    verdicts = {}
+    for mode in ("main-thread-ran-kernels", "as-lmforge-serve"):
+        out = subprocess.run(
+            [sys.executable, "-c", OPENMP_PROBE, mode, str(tiny_dir)], capture_output=True, text=True,
+            timeout=4 * TIMEOUT, env=env,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr[-2000:]
+        verdicts[mode] = (json.loads(out.stdout.strip().splitlines()[-1]), out.stderr)
+    (slept, log_slept), (spun, log_spun) = verdicts["main-thread-ran-kernels"], verdicts["as-lmforge-serve"]
+    assert slept["warned"] and slept["waits_per_step"] >= 8.0, slept
+    assert '"event": "openmp_waits"' in log_slept and "lmforge serve" in log_slept
+    assert not spun["warned"] and spun["waits_per_step"] < 8.0, spun
+    assert "openmp_waits" not in log_spun
 
 
 def test_the_scheduler_refuses_empty_and_too_long_prompts(loaded) -> None:

@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import random
+import sys
 import threading
 import time
 from collections import deque
@@ -173,6 +174,62 @@ def sample_rows(logits: Tensor, seqs: list[Sequence]) -> list[int]:
     return index[:, 0].tolist()
 
 
+def _voluntary_switches() -> int:
+    """How often the calling thread has blocked (given up its CPU to wait) since it started (Linux)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
+
+
+class OpenMPWaits:
+    """Notices OpenMP threads that sleep between a step's kernels, and says so once in the log.
+
+    PyTorch's CPU kernels run on libgomp's threads, which spin between kernels while libgomp manages no more
+    threads than the process has CPUs. Once another thread of the process has run parallel kernels (its own
+    OpenMP team: e.g. the main thread of a notebook or script that used PyTorch before starting the server in
+    process), they spin only briefly and then sleep, and each of the step's kernels waits for a thread to wake.
+    On a 2-CPU AMD EPYC that cost one stream 47% and sixteen 28% of their tokens/s (BENCHMARKS.md, 2026-12-05
+    21:13). The sign is the scheduler thread blocking inside its forwards: every `every`-th forward is measured
+    (its thread's voluntary context switches, one system call on each side); `waits_per_step` is the mean of the
+    last `window` measured, and a warning is logged once it reaches `limit` (~20 a step in that state against
+    ~0-1 otherwise). `read` counts the thread's switches (None: not measured, e.g. not Linux)."""
+
+    def __init__(
+        self, every: int = 16, window: int = 32, limit: float = 8.0, read: Callable[[], int] | None = None
+    ) -> None:
+        self.every, self.window, self.limit = every, window, limit
+        self.read = read if read is not None else (_voluntary_switches if sys.platform == "linux" else None)
+        self.waits_per_step: float | None = None  # None until `window` forwards have been measured
+        self.warned = False
+        self._count = 0
+        self._recent: deque[int] = deque(maxlen=window)
+
+    def start(self) -> int | None:
+        """Before a forward: the switch count if this forward is measured, else None."""
+        self._count += 1
+        if self.read is None or self._count % self.every:
+            return None
+        return self.read()
+
+    def stop(self, started: int | None) -> None:
+        """After the forward that `start` returned `started` for."""
+        if started is None:
+            return
+        self._recent.append(self.read() - started)
+        if len(self._recent) < self.window:
+            return
+        self.waits_per_step = sum(self._recent) / len(self._recent)
+        if self.waits_per_step >= self.limit and not self.warned:
+            self.warned = True
+            advice = (
+                "the model's OpenMP threads sleep between kernels: another thread of this process ran PyTorch's "
+                "parallel kernels before the server started, so libgomp stopped spinning; steps can take up to "
+                "twice as long. Serve from a process of its own (`lmforge serve`), or start the server before "
+                "running PyTorch on other threads"
+            )
+            log.warning(json.dumps({"event": "openmp_waits", "waits_per_step": self.waits_per_step, "why": advice}))
+
+
 @dataclass
 class _Job:
     fn: Callable[[], Any]
@@ -210,6 +267,7 @@ class Scheduler:
         self.eager = eager
         self.compiled: CompiledStep | None = None  # built on the scheduler thread when it starts
         self.metrics = metrics
+        self.waits = OpenMPWaits()  # a process set up so that OpenMP's threads sleep between kernels: one warning
         eos = getattr(model.config, "eos_token_id", None) if model is not None else None
         self.eos = {eos} if isinstance(eos, int) else set(eos or [])
         self.waiting: deque[Request] = deque()
@@ -366,7 +424,9 @@ class Scheduler:
         cache.bind(torch.tensor(slots, device=device), where, n, segments)
         # every position's logits in a step without prompts (no gather)
         kept = torch.tensor(keep, device=device) if len(keep) < len(tokens) else None
+        started = self.waits.start()
         logits = self._forward(torch.tensor([tokens], device=device), where[None], cache, kept)  # (n + prompts, V)
+        self.waits.stop(started)
         # each prompt's keys/values were written to its first choice's slot; the other choices get copies
         rows_logits = list(range(n))  # row -> its line of `logits`
         first = n  # slot of the segment's first choice
