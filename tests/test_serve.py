@@ -440,9 +440,14 @@ def test_requests_arriving_while_others_decode_equal_generate(loaded) -> None:
     assert greedy_margin(model, rows, lengths) > GREEDY_MARGIN
 
 
-def test_openmp_waits_warns_once_when_the_measured_forwards_block(caplog: pytest.LogCaptureFixture) -> None:
-    """OpenMPWaits: every `every`-th forward measured; the mean of the last `window` against `limit`; one warning."""
+def test_openmp_waits_warns_once_when_the_measured_forwards_block(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OpenMPWaits: every `every`-th forward measured; the mean of the last `window` against `limit`; one warning,
+    whose advice names the cause: more torch threads than CPUs, else another thread's OpenMP team."""
     from lmforge.serving.scheduler import OpenMPWaits
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
 
     counter = iter(range(0, 10_000, 10))  # each read 10 more switches than the last: 10 inside every forward
     waits = OpenMPWaits(every=2, window=3, limit=8.0, read=lambda: next(counter))
@@ -460,7 +465,18 @@ def test_openmp_waits_warns_once_when_the_measured_forwards_block(caplog: pytest
             waits.stop(waits.start())
     warnings = [json.loads(r.getMessage()) for r in caplog.records if "openmp_waits" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0]["waits_per_step"] == 10.0
-    assert "lmforge serve" in warnings[0]["why"] and "parallel kernels" in warnings[0]["why"]
+    assert "lmforge serve" in warnings[0]["why"] and "another thread of this process" in warnings[0]["why"]
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: cpus + 2)
+    busy = iter(range(0, 10_000, 20))
+    oversubscribed = OpenMPWaits(every=1, window=2, limit=8.0, read=lambda: next(busy))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lmforge.serve"):
+        for _ in range(2):
+            oversubscribed.stop(oversubscribed.start())
+    (why,) = [json.loads(r.getMessage())["why"] for r in caplog.records if "openmp_waits" in r.getMessage()]
+    assert f"PyTorch runs {cpus + 2} threads on {cpus} CPUs" in why and f"--threads {cpus}" in why
 
     quiet = iter(range(0, 10_000, 1))  # one switch inside each forward: below the limit
     calm = OpenMPWaits(every=1, window=4, limit=8.0, read=lambda: next(quiet))
@@ -477,7 +493,7 @@ from lmforge import GPTConfig, GPTForCausalLM, Tokenizer
 from lmforge.serving.scheduler import Request, SamplingParams, Scheduler
 
 logging.basicConfig(level=logging.WARNING, format="%(message)s")
-torch.set_num_threads(2)
+torch.set_num_threads(4 if sys.argv[1] == "four-threads-on-two-cpus" else 2)
 loaded = {}
 def load():  # on a thread that ends, as `lmforge serve` loads: its OpenMP team goes with it
     tok = Tokenizer.from_pretrained(sys.argv[2])
@@ -509,12 +525,13 @@ print(json.dumps({"waits_per_step": scheduler.waits.waits_per_step, "warned": sc
 def test_a_scheduler_in_a_process_whose_main_thread_ran_parallel_kernels_warns_that_openmp_sleeps(
     tiny_dir: Path,
 ) -> None:
-    """The state OpenMPWaits is for, made for real: two OpenMP teams (the main thread's and the scheduler's) on
-    2 CPUs. Then the scheduler thread blocks ~20 times a forward and the log says so; started as `lmforge serve`
-    starts it (the model loaded on a thread that ends), it does not block and nothing is logged."""
+    """The states OpenMPWaits is for, made for real on 2 CPUs: two OpenMP teams (the main thread's and the
+    scheduler's), or 4 torch threads. Then the scheduler thread blocks ~20 times a forward and the log says why;
+    started as `lmforge serve` starts it (the model loaded on a thread that ends, 2 threads), it does not block and
+    nothing is logged."""
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     verdicts = {}
-    for mode in ("main-thread-ran-kernels", "as-lmforge-serve"):
+    for mode in ("main-thread-ran-kernels", "four-threads-on-two-cpus", "as-lmforge-serve"):
         out = subprocess.run(
             [sys.executable, "-c", OPENMP_PROBE, mode, str(tiny_dir)], capture_output=True, text=True,
             timeout=4 * TIMEOUT, env=env,
@@ -523,7 +540,10 @@ def test_a_scheduler_in_a_process_whose_main_thread_ran_parallel_kernels_warns_t
         verdicts[mode] = (json.loads(out.stdout.strip().splitlines()[-1]), out.stderr)
     (slept, log_slept), (spun, log_spun) = verdicts["main-thread-ran-kernels"], verdicts["as-lmforge-serve"]
     assert slept["warned"] and slept["waits_per_step"] >= 8.0, slept
-    assert '"event": "openmp_waits"' in log_slept and "lmforge serve" in log_slept
+    assert '"event": "openmp_waits"' in log_slept and "another thread of this process" in log_slept
+    crowded, log_crowded = verdicts["four-threads-on-two-cpus"]
+    assert crowded["warned"] and crowded["waits_per_step"] >= 8.0, crowded
+    assert "PyTorch runs 4 threads on 2 CPUs" in log_crowded and "--threads 2" in log_crowded
     assert not spun["warned"] and spun["waits_per_step"] < 8.0, spun
     assert "openmp_waits" not in log_spun
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import sys
 import threading
@@ -184,11 +185,12 @@ def _voluntary_switches() -> int:
 class OpenMPWaits:
     """Notices OpenMP threads that sleep between a step's kernels, and says so once in the log.
 
-    PyTorch's CPU kernels run on libgomp's threads, which spin between kernels while libgomp manages no more
-    threads than the process has CPUs. Once another thread of the process has run parallel kernels (its own
-    OpenMP team: e.g. the main thread of a notebook or script that used PyTorch before starting the server in
-    process), they spin only briefly and then sleep, and each of the step's kernels waits for a thread to wake.
-    On a 2-CPU AMD EPYC that cost one stream 47% and sixteen 28% of their tokens/s (BENCHMARKS.md, 2026-12-05
+    PyTorch's CPU kernels run on libgomp's threads, which spin between kernels only while libgomp manages no more
+    threads than the process has CPUs. Past that they spin briefly and then sleep, and each of the step's kernels
+    waits for a thread to wake. Two ways there: more torch threads than CPUs (`lmforge serve --threads 4` on 2
+    CPUs), or a second OpenMP team: another thread of the process ran parallel kernels (e.g. the main thread of a
+    notebook or script that used PyTorch before starting the server in process). On a 2-CPU AMD EPYC the second
+    cost one stream 47% and sixteen 28% of their tokens/s, the first one stream 65% (BENCHMARKS.md, 2026-12-05
     21:13). The sign is the scheduler thread blocking inside its forwards: every `every`-th forward is measured
     (its thread's voluntary context switches, one system call on each side); `waits_per_step` is the mean of the
     last `window` measured, and a warning is logged once it reaches `limit` (~20 a step in that state against
@@ -221,13 +223,25 @@ class OpenMPWaits:
         self.waits_per_step = sum(self._recent) / len(self._recent)
         if self.waits_per_step >= self.limit and not self.warned:
             self.warned = True
-            advice = (
-                "the model's OpenMP threads sleep between kernels: another thread of this process ran PyTorch's "
-                "parallel kernels before the server started, so libgomp stopped spinning; steps can take up to "
-                "twice as long. Serve from a process of its own (`lmforge serve`), or start the server before "
-                "running PyTorch on other threads"
-            )
+            advice = _openmp_advice()
             log.warning(json.dumps({"event": "openmp_waits", "waits_per_step": self.waits_per_step, "why": advice}))
+
+
+def _openmp_advice() -> str:
+    """Why the OpenMP threads sleep between kernels (see OpenMPWaits) and what to do, for the warning."""
+    threads = torch.get_num_threads()
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if threads > cpus:
+        return (
+            f"the model's OpenMP threads sleep between kernels: PyTorch runs {threads} threads on {cpus} CPUs, so "
+            f"libgomp stopped spinning and every kernel waits for a thread to wake. Use at most {cpus} "
+            f"(`lmforge serve --threads {cpus}`)"
+        )
+    return (
+        "the model's OpenMP threads sleep between kernels: another thread of this process ran PyTorch's parallel "
+        "kernels before the server started, so libgomp stopped spinning; steps can take up to twice as long. Serve "
+        "from a process of its own (`lmforge serve`), or start the server before running PyTorch on other threads"
+    )
 
 
 @dataclass
