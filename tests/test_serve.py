@@ -591,6 +591,27 @@ def test_frequency_penalty_changes_repetitive_greedy_output(loaded) -> None:
     assert len(set(pen.tokens[0])) > len(set(plain.tokens[0]))
 
 
+def test_logit_bias_is_added_before_the_pick_and_batched_rows_keep_their_own(loaded) -> None:
+    """OpenAI's logit_bias: +100 makes a token the only choice, -100 bans it (the next best is then the model's
+    second choice); a request without it, stepped in the same batch, answers as alone."""
+    model, tok = loaded
+    ids = tok.encode("the king")
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, -1]  # (V,) the first step's logits
+    first, second = logits.topk(2).indices.tolist()
+    forced = next(t for t in range(3, 60) if t not in tok.all_special_ids and t not in (first, second))
+    specs = [
+        (ids, SamplingParams(max_tokens=4, temperature=0)),
+        (ids, SamplingParams(max_tokens=4, temperature=0, logit_bias={forced: 100.0})),
+        (ids, SamplingParams(max_tokens=1, temperature=0, logit_bias={first: -100.0})),
+        (ids, SamplingParams(max_tokens=4, temperature=0.9, seed=5, logit_bias={forced: 100.0})),
+    ]
+    (plain, up, down, sampled), (alone,) = run_requests(model, tok, specs), run_requests(model, tok, specs[:1])
+    assert plain.tokens[0] == alone.tokens[0] and plain.tokens[0][0] == first
+    assert up.tokens[0] == [forced] * 4 and sampled.tokens[0] == [forced] * 4
+    assert down.tokens[0] == [second]
+
+
 def hand_overs(log: list[object]) -> list[list[tuple[int, object]]]:
     """A log of (request, event) entries and "|" (the after_step hook) cut into what each hook handed over."""
     segments: list[list[tuple[int, object]]] = [[]]
@@ -1001,6 +1022,53 @@ def test_bad_requests_get_openai_errors(server: Server, body: dict, status: int,
     assert error["param"] == param and words in error["message"] and set(error) == {"message", "type", "param", "code"}
 
 
+@pytest.mark.parametrize(
+    "path, body, param, words",
+    [
+        ("/v1/completions", {"logit_bias": {"abc": 1}}, "logit_bias", "token ids in [0, "),
+        ("/v1/completions", {"logit_bias": {"999999": 1}}, "logit_bias", "'999999'"),
+        ("/v1/completions", {"logit_bias": {"5": 101}}, "logit_bias", "[-100, 100], got 101"),
+        ("/v1/completions", {"echo": True}, "echo", "not supported"),
+        ("/v1/completions", {"suffix": "end"}, "suffix", "fill-in-the-middle"),
+        ("/v1/completions", {"best_of": 3}, "best_of", "ask for n choices"),
+        ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools",
+         "tool_choice='none'"),
+        ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions", "function_call='none'"),
+        ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format", "'json_object'"),
+    ],
+)  # fmt: skip
+def test_bad_bias_and_options_the_server_cannot_honour_are_refused(
+    server: Server, path: str, body: dict, param: str, words: str
+) -> None:
+    """Rather than answered as if they had not been sent: OpenAI's options that would change the answer."""
+    base = {"prompt": "hi"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]}
+    r = httpx.post(server.url + path, json={**base, "max_tokens": 2, **body}, timeout=TIMEOUT)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and words in error["message"], error
+
+
+def test_logit_bias_through_the_openai_client(client: openai.OpenAI, tiny_dir: Path, loaded) -> None:
+    model, tok = loaded
+    forced = next(t for t in range(3, 60) if t not in tok.all_special_ids and tok.decode([t]).strip())
+    out = client.completions.create(model=tiny_dir.name, prompt="the king", max_tokens=3, temperature=0,
+                                    logit_bias={str(forced): 100})  # fmt: skip
+    assert out.choices[0].text == tok.decode([forced] * 3) and out.usage.completion_tokens == 3
+    messages = [{"role": "user", "content": "床前明月光"}]
+    chat = client.chat.completions.create(model=tiny_dir.name, messages=messages, max_tokens=2, temperature=0,
+                                          logit_bias={str(forced): 100})  # fmt: skip
+    assert chat.choices[0].message.content == tok.decode([forced] * 2)
+    listed = client.chat.completions.create(  # tools may be listed when none may be called
+        model=tiny_dir.name, messages=messages, max_tokens=2, temperature=0, tool_choice="none",
+        tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+    )  # fmt: skip
+    plain = client.chat.completions.create(model=tiny_dir.name, messages=messages, max_tokens=2, temperature=0)
+    assert listed.choices[0].message.content == plain.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=tiny_dir.name, messages=messages, response_format={"type": "json_object"})
+    assert info.value.body["param"] == "response_format"
+
+
 def test_context_error_names_both_numbers(client: openai.OpenAI, tiny_dir: Path) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model=tiny_dir.name, prompt="the king", max_tokens=200)
@@ -1265,6 +1333,29 @@ def test_an_encoder_decoder_answers_completions(tmp_path: Path) -> None:
                                    "total_tokens": len(source) + generated}  # fmt: skip
         r = httpx.post(s.url + "/v1/completions", json={"prompt": "x", "max_tokens": 100}, timeout=TIMEOUT)
         assert r.status_code == 400 and "63 tokens the model's decoder can write" in r.json()["error"]["message"]
+        # logit_bias and the presence/frequency penalties act on the decoder's picks as on a causal LM's
+        banned = {"prompt": "the king rode a horse.", "max_tokens": 10, "temperature": 0,
+                  "logit_bias": {str(ref[0]): -100}}  # fmt: skip
+        r = httpx.post(s.url + "/v1/completions", json=banned, timeout=TIMEOUT)
+
+        def ban_first(ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+            return logits.index_fill(1, torch.tensor([ref[0]]), float("-inf"))
+
+        out = model.generate(torch.tensor([source]), max_new_tokens=10, logits_processors=[ban_first])[0, 1:].tolist()
+        kept = out[: out.index(config.eos_token_id)] if config.eos_token_id in out else out
+        assert r.json()["choices"][0]["text"] == tok.decode(kept, skip_special_tokens=True) and kept[0] != ref[0]
+        penalised = {**banned, "logit_bias": None, "frequency_penalty": 2.0}
+        r = httpx.post(s.url + "/v1/completions", json=penalised, timeout=TIMEOUT)
+
+        def penalise(ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:  # OpenAI's: 2.0 x count so far
+            counts = torch.bincount(ids[0, 1:], minlength=logits.size(-1)).float()
+            return logits - 2.0 * counts
+
+        out = model.generate(torch.tensor([source]), max_new_tokens=10, logits_processors=[penalise])[0, 1:].tolist()
+        kept = out[: out.index(config.eos_token_id)] if config.eos_token_id in out else out
+        assert r.json()["choices"][0]["text"] == tok.decode(kept, skip_special_tokens=True)
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": "x", "max_tokens": 3, "logprobs": 1}, timeout=TIMEOUT)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
     finally:
         s.stop()
 

@@ -436,9 +436,8 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
         body = parse(CompletionRequest, await _json(request))
         engine.check_model(body.model)
         engine.check_ready()
+        body.refuse_unsupported()
         prompts = _completion_prompts(engine, body)
-        if body.echo:
-            raise APIError(400, "echo is not supported", param="echo")
         params = _sampling(engine, body, body.max_tokens, prompts, body.stop_list(), body.logprobs)
         return await _respond(request, engine, prompts, params, body, chat=False)
 
@@ -449,6 +448,7 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
         engine.check_ready()
         if engine.template is None:
             raise APIError(400, f"'{config.name}' is an encoder model; chat needs a causal LM or an encoder-decoder")
+        body.refuse_unsupported()
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
             text = engine.template.render(messages)
@@ -593,6 +593,9 @@ def _sampling(
                 "or shorten the prompt", param="max_tokens", code="context_length_exceeded",
             )  # fmt: skip
     else:  # an encoder-decoder: the prompt is the source, the output has its own positions
+        if logprobs is not None:
+            raise APIError(400, "logprobs are not available from an encoder-decoder model; leave them out",
+                           param="logprobs")  # fmt: skip
         if longest > ctx:
             raise APIError(400, f"the prompt has {longest} tokens but the model reads at most {ctx}",
                            param="prompt", code="context_length_exceeded")  # fmt: skip
@@ -610,6 +613,7 @@ def _sampling(
         max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed,
         stop=stop, presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
         repetition_penalty=body.repetition_penalty, logprobs=logprobs,
+        logit_bias=body.bias(engine.model.config.vocab_size),
     )  # fmt: skip
 
 
@@ -845,6 +849,21 @@ async def _stream(
             generation.cancel()
 
 
+def _adjusted(p: SamplingParams) -> Any:
+    """A logits processor for `generate` (an encoder-decoder's decoder ids (B, t), logits (B, V)) applying the
+    presence/frequency penalties over the generated tokens and logit_bias, as the scheduler does for causal LMs
+    (generate applies the repetition penalty itself)."""
+
+    def process(ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        counts = None
+        if p.presence_penalty or p.frequency_penalty:
+            out = ids[:, 1:]  # after the decoder start token: the tokens generated so far
+            counts = torch.zeros_like(logits).scatter_add_(1, out, torch.ones(out.shape, dtype=logits.dtype))
+        return p.adjust(logits.float().clone(), None, counts)
+
+    return process
+
+
 def _seq2seq_generate(engine: Engine, generation: Generation) -> None:
     """An encoder-decoder's completions (on the scheduler thread, one request at a time): each prompt is a
     source; each choice is generated with the request's options and given as one piece."""
@@ -856,7 +875,8 @@ def _seq2seq_generate(engine: Engine, generation: Generation) -> None:
             if generation.cancelled:
                 generation.emit(None)
                 return
-            options: dict[str, Any] = {"max_new_tokens": p.max_tokens, "repetition_penalty": p.repetition_penalty}
+            options: dict[str, Any] = {"max_new_tokens": p.max_tokens, "repetition_penalty": p.repetition_penalty,
+                                       "logits_processors": [_adjusted(p)] if p.penalised else []}  # fmt: skip
             if p.temperature > 0:
                 seed = p.seed + j if p.seed is not None else None
                 options.update(do_sample=True, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k or None,

@@ -59,6 +59,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logprobs: int | None = None  # how many alternatives per token (0: the chosen token only); None: off
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
 
     @property
     def greedy(self) -> bool:
@@ -66,7 +67,23 @@ class SamplingParams:
 
     @property
     def penalised(self) -> bool:
-        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+        """Whether a row's logits are changed before it picks (penalties, logit_bias): such rows pick alone."""
+        return bool(
+            self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0 or self.logit_bias
+        )
+
+    def adjust(self, logits: Tensor, seen: Tensor | None, counts: Tensor | None) -> Tensor:
+        """Next-token logits (B, V) (float32, changed in place) under the penalties and logit_bias, in that order.
+        seen (B, L): the tokens the repetition penalty looks at (None: not applied here); counts (B, V) or (V,):
+        how often each token was generated, for the presence/frequency penalties (None: none yet)."""
+        if seen is not None and self.repetition_penalty != 1.0:
+            logits = apply_repetition_penalty(logits, seen, self.repetition_penalty)
+        if counts is not None and (self.presence_penalty or self.frequency_penalty):
+            logits -= self.frequency_penalty * counts + self.presence_penalty * (counts > 0).float()
+        if self.logit_bias:
+            ids = torch.tensor(list(self.logit_bias), device=logits.device)
+            logits[:, ids] += torch.tensor(list(self.logit_bias.values()), device=logits.device)
+        return logits
 
 
 @dataclass
@@ -132,12 +149,8 @@ class Sequence:
         """The next token from this row's logits (V,) under its request's options (penalties included)."""
         p = self.request.params
         if p.penalised:
-            logits = logits.float().clone()
-            if p.repetition_penalty != 1.0:
-                seen = torch.tensor(self.prompt + self.out)[None]
-                logits = apply_repetition_penalty(logits[None], seen, p.repetition_penalty)[0]
-            if self.counts is not None:
-                logits -= p.frequency_penalty * self.counts + p.presence_penalty * (self.counts > 0).float()
+            seen = torch.tensor(self.prompt + self.out)[None] if p.repetition_penalty != 1.0 else None
+            logits = p.adjust(logits[None].float().clone(), seen, self.counts)[0]
         if p.temperature == 0:
             return int(logits.argmax())
         return sample_rows(logits[None], [self])[0]

@@ -1,8 +1,9 @@
 """OpenAI's request bodies (pydantic) and error shape, as the server validates and answers them.
 
 Requests accept OpenAI's fields plus lmforge's extras (`top_k`, `repetition_penalty`); unknown fields are ignored,
-as OpenAI-compatible servers do, so clients that send e.g. `user` keep working. A bad value is an `APIError`
-with OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
+as OpenAI-compatible servers do, so clients that send e.g. `user` keep working. OpenAI fields that would change the
+answer in a way this server cannot (tool calls, JSON output, fill-in-the-middle, best_of) are refused rather than
+ignored. A bad value is an `APIError` with OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
 """
 
 from __future__ import annotations
@@ -53,6 +54,22 @@ class _Sampling(_Body):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     top_k: int = Field(0, ge=0)  # lmforge's extra: 0 = off
     repetition_penalty: float = Field(1.0, gt=0.0)  # lmforge's extra (transformers' meaning): 1 = off
+    logit_bias: dict[str, float] | None = None  # token id (a string in OpenAI's JSON) -> added to its logit
+
+    def bias(self, vocab: int) -> dict[int, float]:
+        """`logit_bias` checked, as {token id: bias}: ids in [0, vocab), biases in [-100, 100] (OpenAI's range)."""
+        out: dict[int, float] = {}
+        for key, value in (self.logit_bias or {}).items():
+            digits = key.strip()
+            token = int(digits) if digits.isascii() and digits.isdigit() else -1
+            if not 0 <= token < vocab:
+                raise APIError(400, f"logit_bias keys must be token ids in [0, {vocab}), got {key!r}",
+                               param="logit_bias", code="invalid_value")  # fmt: skip
+            if not -100.0 <= value <= 100.0:
+                raise APIError(400, f"logit_bias values must be in [-100, 100], got {value} for token {token}",
+                               param="logit_bias", code="invalid_value")  # fmt: skip
+            out[token] = out.get(token, 0.0) + value
+        return out
 
     def stop_list(self) -> list[str]:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -68,6 +85,17 @@ class CompletionRequest(_Sampling):
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def refuse_unsupported(self) -> None:
+        """A 400 for the OpenAI options this server does not implement (rather than answering without them)."""
+        if self.echo:
+            raise APIError(400, "echo is not supported; prepend the prompt to the answer yourself", param="echo")
+        if self.suffix:
+            raise APIError(400, "suffix (fill-in-the-middle) is not supported; leave it out", param="suffix")
+        if self.best_of is not None and self.best_of > 1:
+            raise APIError(400, "best_of is not supported; ask for n choices and pick among them", param="best_of")
 
 
 class ContentPart(_Body):
@@ -97,6 +125,25 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None  # OpenAI's older names for tools and tool_choice
+    function_call: Any = None
+    response_format: dict[str, Any] | None = None
+
+    def refuse_unsupported(self) -> None:
+        """A 400 for the OpenAI options this server does not implement (rather than answering without them):
+        tool calls (tools may be listed with tool_choice "none") and output formats other than text."""
+        for tools, choice, name in ((self.tools, self.tool_choice, "tools"),
+                                    (self.functions, self.function_call, "functions")):  # fmt: skip
+            if tools and choice != "none":
+                raise APIError(400, f"tool calling is not supported: the model has no tool-call format; leave out "
+                               f"'{name}' or send {'tool_choice' if name == 'tools' else 'function_call'}='none'",
+                               param=name)  # fmt: skip
+        kind = (self.response_format or {}).get("type", "text")
+        if kind != "text":
+            raise APIError(400, f"response_format {kind!r} is not supported (no constrained decoding); leave it out "
+                           "or send {'type': 'text'}", param="response_format")  # fmt: skip
 
 
 class EmbeddingRequest(_Body):
