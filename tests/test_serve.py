@@ -922,6 +922,10 @@ def client(server: Server) -> openai.OpenAI:
 
 def test_models_health_and_the_playground(server: Server, tiny_dir: Path, client: openai.OpenAI) -> None:
     assert [m.id for m in client.models.list().data] == [tiny_dir.name]
+    assert client.models.retrieve(tiny_dir.name).id == tiny_dir.name
+    with pytest.raises(openai.NotFoundError) as info:
+        client.models.retrieve("gpt-4")
+    assert info.value.body["code"] == "model_not_found" and tiny_dir.name in info.value.body["message"]
     assert httpx.get(server.url + "/v1/models").json()["data"][0]["max_model_len"] == 128
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
     page = httpx.get(server.url + "/")
@@ -1205,6 +1209,20 @@ def test_metrics_count_requests_and_latencies(server: Server, client: openai.Ope
     for name in ("lmforge_time_to_first_token_seconds_count", "lmforge_inter_token_latency_seconds_count",
                  "lmforge_batch_size_count", "lmforge_queue_length"):  # fmt: skip
         assert name in text
+    httpx.get(server.url + f"/v1/models/{tiny_dir.name}")
+    text = httpx.get(server.url + "/metrics").text
+    assert 'lmforge_requests_total{route="/v1/models/{name}",status="200"}' in text
+
+
+def test_metrics_route_labels_stay_few() -> None:
+    """Any path that is not a route (a 404, or a 401 for a probe with a wrong key) counts as "other"."""
+    from lmforge.serving.app import _route_label
+
+    assert _route_label("/v1/completions", 200) == "/v1/completions"
+    assert _route_label("/v1/pipelines/fill-mask", 400) == "/v1/pipelines/{task}"
+    assert _route_label("/v1/models/org/name", 404) == "other"
+    assert _route_label("/v1/models/shakespeare", 200) == "/v1/models/{name}"
+    assert _route_label("/wp-admin/setup.php", 401) == "other" and _route_label("/v1/models/", 401) == "other"
 
 
 # ------------------------------------------------------------------------------ servers with other options

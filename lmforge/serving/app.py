@@ -3,7 +3,8 @@
     POST /v1/completions, /v1/chat/completions   causal LMs (continuous batching), encoder-decoders (one at a time)
     POST /v1/embeddings                          encoder models: mean-pooled, normalised (as `lmforge embed`)
     POST /v1/pipelines/{task}                    any lmforge pipeline: {"inputs": ..., options} -> its own JSON
-    GET  /v1/models, /health, /metrics, /        model list, readiness (503 while loading), Prometheus, playground
+    GET  /v1/models[/{name}], /health, /metrics, /   model list (or card), readiness (503 while loading), Prometheus,
+                                                 playground
 
 Every error a client can cause is OpenAI's JSON shape with OpenAI's status; nothing a client sends reaches it as
 a traceback. `create_app(ServerConfig(...))` builds the app; `lmforge serve` runs it under uvicorn.
@@ -47,6 +48,19 @@ from lmforge.serving.schemas import (
 log = logging.getLogger("lmforge.serve")
 STATIC = Path(__file__).parent / "static"
 OPEN_PATHS = ("/health", "/", "/favicon.ico")  # reachable without the API key
+ROUTES = {"/health", "/", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings"}
+TEMPLATES = ("/v1/pipelines/{task}", "/v1/models/{name}")  # the routes with a part in the path
+
+
+def _route_label(path: str, status: int) -> str:
+    """The `route` label of a request in /metrics: the route, or "other" for any path that is not one (e.g. a
+    client probing with a wrong key), so that the label's values stay few."""
+    if status == 404:
+        return "other"
+    if path in ROUTES:
+        return path
+    return next((t for t in TEMPLATES if path.startswith(t.split("{")[0]) and len(path) > len(t.split("{")[0])),
+                "other")  # fmt: skip
 
 
 @dataclass
@@ -342,8 +356,7 @@ class Gate:
                     await refuse(_too_large(limit))
         finally:
             seconds = time.perf_counter() - start
-            route = path if not path.startswith("/v1/pipelines/") else "/v1/pipelines/{task}"
-            self.metrics.requests.labels(route if status[0] != 404 else "other", str(status[0])).inc()
+            self.metrics.requests.labels(_route_label(path, status[0]), str(status[0])).inc()
             self.metrics.request_seconds.observe(seconds)
             client = scope.get("client")
             log.info(json.dumps({
@@ -424,12 +437,20 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
 
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
-    async def models() -> JSONResponse:
+    def model_card() -> dict[str, Any]:
         card = {"id": config.name, "object": "model", "created": engine.created, "owned_by": "lmforge"}
         if engine.model is not None:
             card["max_model_len"] = engine.context  # vLLM's name: the context, prompt + output tokens
-        return JSONResponse({"object": "list", "data": [card]})
+        return card
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        return JSONResponse({"object": "list", "data": [model_card()]})
+
+    @app.get("/v1/models/{name:path}")  # OpenAI's "retrieve model" (names may hold a "/")
+    async def one_model(name: str) -> JSONResponse:
+        engine.check_model(name)
+        return JSONResponse(model_card())
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
