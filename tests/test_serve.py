@@ -1039,6 +1039,8 @@ def test_bad_requests_get_openai_errors(server: Server, body: dict, status: int,
          "tool_choice='none'"),
         ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions", "function_call='none'"),
         ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format", "'json_object'"),
+        ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs", "needs logprobs: true"),
+        ("/v1/completions", {"stream_options": {"include_usage": True}}, "stream_options", "stream: true"),
     ],
 )  # fmt: skip
 def test_bad_bias_and_options_the_server_cannot_honour_are_refused(

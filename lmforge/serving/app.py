@@ -457,7 +457,7 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
         body = parse(CompletionRequest, await _json(request))
         engine.check_model(body.model)
         engine.check_ready()
-        body.refuse_unsupported()
+        body.check_options()
         prompts = _completion_prompts(engine, body)
         params = _sampling(engine, body, body.max_tokens, prompts, body.stop_list(), body.logprobs)
         return await _respond(request, engine, prompts, params, body, chat=False)
@@ -469,7 +469,7 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
         engine.check_ready()
         if engine.template is None:
             raise APIError(400, f"'{config.name}' is an encoder model; chat needs a causal LM or an encoder-decoder")
-        body.refuse_unsupported()
+        body.check_options()
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
             text = engine.template.render(messages)

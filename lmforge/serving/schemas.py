@@ -71,6 +71,11 @@ class _Sampling(_Body):
             out[token] = out.get(token, 0.0) + value
         return out
 
+    def check_options(self) -> None:
+        """A 400 for options that contradict each other."""
+        if self.stream_options is not None and not self.stream:
+            raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
+
     def stop_list(self) -> list[str]:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if any(not s for s in stop):
@@ -88,8 +93,10 @@ class CompletionRequest(_Sampling):
     suffix: str | None = None
     best_of: int | None = None
 
-    def refuse_unsupported(self) -> None:
-        """A 400 for the OpenAI options this server does not implement (rather than answering without them)."""
+    def check_options(self) -> None:
+        """A 400 for contradicting options and for the OpenAI options this server does not implement (rather than
+        answering without them)."""
+        super().check_options()
         if self.echo:
             raise APIError(400, "echo is not supported; prepend the prompt to the answer yourself", param="echo")
         if self.suffix:
@@ -131,9 +138,13 @@ class ChatRequest(_Sampling):
     function_call: Any = None
     response_format: dict[str, Any] | None = None
 
-    def refuse_unsupported(self) -> None:
-        """A 400 for the OpenAI options this server does not implement (rather than answering without them):
-        tool calls (tools may be listed with tool_choice "none") and output formats other than text."""
+    def check_options(self) -> None:
+        """A 400 for contradicting options and for the OpenAI options this server does not implement (rather than
+        answering without them): tool calls (tools may be listed with tool_choice "none") and output formats other
+        than text."""
+        super().check_options()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         for tools, choice, name in ((self.tools, self.tool_choice, "tools"),
                                     (self.functions, self.function_call, "functions")):  # fmt: skip
             if tools and choice != "none":
