@@ -1075,6 +1075,41 @@ def test_logit_bias_through_the_openai_client(client: openai.OpenAI, tiny_dir: P
     assert info.value.body["param"] == "response_format"
 
 
+def test_tokenize_and_detokenize_then_ban_a_word_with_logit_bias(
+    server: Server, client: openai.OpenAI, tiny_dir: Path, loaded
+) -> None:
+    """/tokenize gives the ids the completions route reads (a chat's too, as its usage counts them); /detokenize
+    turns them back; with them logit_bias can ban what greedy decoding would write first."""
+    model, tok = loaded
+    post = lambda path, body: httpx.post(server.url + path, json=body, timeout=TIMEOUT)  # noqa: E731
+    r = post("/tokenize", {"prompt": "床前明月光，the king"})
+    assert r.status_code == 200
+    assert r.json() == {"count": len(tok.encode("床前明月光，the king")), "tokens": tok.encode("床前明月光，the king"),
+                        "max_model_len": 128}  # fmt: skip
+    assert post("/detokenize", {"tokens": r.json()["tokens"]}).json() == {"prompt": "床前明月光，the king"}
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "举头望明月"}]
+    chat = client.chat.completions.create(model=tiny_dir.name, messages=messages, max_tokens=1, temperature=0)
+    assert post("/tokenize", {"messages": messages}).json()["count"] == chat.usage.prompt_tokens
+    plain = client.completions.create(model=tiny_dir.name, prompt="the king", max_tokens=1, temperature=0)
+    first = post("/tokenize", {"prompt": plain.choices[0].text}).json()["tokens"]
+    assert len(first) == 1  # one token, written as it is
+    banned = client.completions.create(model=tiny_dir.name, prompt="the king", max_tokens=1, temperature=0,
+                                       logit_bias={str(first[0]): -100})  # fmt: skip
+    with torch.no_grad():
+        logits = model(torch.tensor([tok.encode("the king")])).logits[0, -1]
+    assert banned.choices[0].text == tok.decode([logits.topk(2).indices[1].item()])
+    bad = [
+        ("/tokenize", {}, "prompt"),
+        ("/tokenize", {"prompt": "a", "messages": messages}, "prompt"),
+        ("/detokenize", {"tokens": [10**6]}, "tokens"),
+        ("/detokenize", {"tokens": "x"}, "tokens"),
+        ("/tokenize", {"prompt": "a", "model": "gpt-4"}, "model"),
+    ]
+    for path, body, param in bad:
+        r = post(path, body)
+        assert r.status_code in (400, 404) and r.json()["error"]["param"] == param, r.text
+
+
 def test_context_error_names_both_numbers(client: openai.OpenAI, tiny_dir: Path) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model=tiny_dir.name, prompt="the king", max_tokens=200)
@@ -1376,6 +1411,8 @@ def test_an_encoder_decoder_answers_completions(tmp_path: Path) -> None:
         assert r.json()["choices"][0]["text"] == tok.decode(kept, skip_special_tokens=True)
         r = httpx.post(s.url + "/v1/completions", json={"prompt": "x", "max_tokens": 3, "logprobs": 1}, timeout=TIMEOUT)
         assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
+        r = httpx.post(s.url + "/tokenize", json={"prompt": "the king rode a horse."}, timeout=TIMEOUT)
+        assert r.json()["tokens"] == source  # the source as the model reads it: with the tokenizer's </s>
     finally:
         s.stop()
 

@@ -3,6 +3,7 @@
     POST /v1/completions, /v1/chat/completions   causal LMs (continuous batching), encoder-decoders (one at a time)
     POST /v1/embeddings                          encoder models: mean-pooled, normalised (as `lmforge embed`)
     POST /v1/pipelines/{task}                    any lmforge pipeline: {"inputs": ..., options} -> its own JSON
+    POST /tokenize, /detokenize                  text or chat messages -> token ids, and back (vLLM's routes)
     GET  /v1/models[/{name}], /health, /metrics, /   model list (or card), readiness (503 while loading), Prometheus,
                                                  playground
 
@@ -41,14 +42,17 @@ from lmforge.serving.schemas import (
     APIError,
     ChatRequest,
     CompletionRequest,
+    DetokenizeRequest,
     EmbeddingRequest,
+    TokenizeRequest,
     parse,
 )
 
 log = logging.getLogger("lmforge.serve")
 STATIC = Path(__file__).parent / "static"
 OPEN_PATHS = ("/health", "/", "/favicon.ico")  # reachable without the API key
-ROUTES = {"/health", "/", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings"}
+ROUTES = {"/health", "/", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings",
+          "/tokenize", "/detokenize"}
 TEMPLATES = ("/v1/pipelines/{task}", "/v1/models/{name}")  # the routes with a part in the path
 
 
@@ -467,20 +471,39 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
         body = parse(ChatRequest, await _json(request))
         engine.check_model(body.model)
         engine.check_ready()
-        if engine.template is None:
-            raise APIError(400, f"'{config.name}' is an encoder model; chat needs a causal LM or an encoder-decoder")
         body.check_options()
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        try:
-            text = engine.template.render(messages)
-        except Exception as error:  # the model's own template refused these messages (raise_exception)
-            raise APIError(400, f"the chat template cannot render these messages: {error}", param="messages") from None
-        prompts = [_encode(engine, text, "messages")]
+        prompts = [_encode(engine, _chat_text(engine, body.messages), "messages")]
         stop = body.stop_list() + (DEFAULT_CHAT_STOP if engine.template.is_default else [])
         top = (body.top_logprobs or 0) if body.logprobs else None
         max_tokens = body.max_completion_tokens or body.max_tokens
         params = _sampling(engine, body, max_tokens, prompts, stop, top)
         return await _respond(request, engine, prompts, params, body, chat=True)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> JSONResponse:
+        body = parse(TokenizeRequest, await _json(request))
+        engine.check_model(body.model)
+        engine.check_ready()
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "send either 'prompt' (a string) or 'messages' (a chat), not both or neither",
+                           param="prompt")  # fmt: skip
+        text = body.prompt if body.prompt is not None else _chat_text(engine, body.messages or [])
+        special = engine.kind == "seq2seq-lm" if body.add_special_tokens is None else body.add_special_tokens
+        ids = engine.tokenizer.encode(text, add_special_tokens=special)
+        answer: dict[str, Any] = {"count": len(ids), "tokens": ids}
+        if engine.model is not None:
+            answer["max_model_len"] = engine.context
+        return JSONResponse(answer)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> JSONResponse:
+        body = parse(DetokenizeRequest, await _json(request))
+        engine.check_model(body.model)
+        engine.check_ready()
+        vocab = len(engine.tokenizer)
+        if any(not 0 <= i < vocab for i in body.tokens):
+            raise APIError(400, f"'tokens' must be token ids in [0, {vocab})", param="tokens")
+        return JSONResponse({"prompt": engine.tokenizer.decode(body.tokens)})
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> JSONResponse:
@@ -559,6 +582,18 @@ async def _pipeline(engine: Engine, task: str) -> Any:
 
         engine.pipelines[task] = await _job(engine, build)
     return engine.pipelines[task]
+
+
+def _chat_text(engine: Engine, messages: list[Any]) -> str:
+    """Chat messages rendered by the model's chat template (or lmforge's default), ready to encode."""
+    if engine.template is None:
+        raise APIError(400, f"'{engine.config.name}' is an encoder model; chat needs a causal LM or an "
+                       "encoder-decoder", param="messages")  # fmt: skip
+    rendered = [{"role": m.role, "content": m.text()} for m in messages]
+    try:
+        return engine.template.render(rendered)
+    except Exception as error:  # the model's own template refused these messages (raise_exception)
+        raise APIError(400, f"the chat template cannot render these messages: {error}", param="messages") from None
 
 
 def _encode(engine: Engine, text: str, param: str) -> list[int]:

@@ -157,6 +157,22 @@ class ChatRequest(_Sampling):
                            "or send {'type': 'text'}", param="response_format")  # fmt: skip
 
 
+class TokenizeRequest(_Body):
+    """POST /tokenize (vLLM's): a prompt, or chat messages as the chat route renders them."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None  # None: as the server encodes prompts (an encoder-decoder adds them)
+
+
+class DetokenizeRequest(_Body):
+    """POST /detokenize (vLLM's): token ids back to text."""
+
+    model: str | None = None
+    tokens: list[int]
+
+
 class EmbeddingRequest(_Body):
     model: str | None = None
     input: str | list[str]
