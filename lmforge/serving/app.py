@@ -51,8 +51,17 @@ from lmforge.serving.schemas import (
 log = logging.getLogger("lmforge.serve")
 STATIC = Path(__file__).parent / "static"
 OPEN_PATHS = ("/health", "/", "/favicon.ico")  # reachable without the API key
-ROUTES = {"/health", "/", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings",
-          "/tokenize", "/detokenize"}
+ROUTES = {
+    "/health",
+    "/",
+    "/metrics",
+    "/v1/models",
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/embeddings",
+    "/tokenize",
+    "/detokenize",
+}
 TEMPLATES = ("/v1/pipelines/{task}", "/v1/models/{name}")  # the routes with a part in the path
 
 
