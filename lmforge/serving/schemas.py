@@ -143,7 +143,7 @@ class ChatRequest(_Sampling):
         answering without them): tool calls (tools may be listed with tool_choice "none") and output formats other
         than text."""
         super().check_options()
-        if self.top_logprobs is not None and not self.logprobs:
+        if self.top_logprobs and not self.logprobs:  # (0 asks for nothing: let it pass)
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         for tools, choice, name in ((self.tools, self.tool_choice, "tools"),
                                     (self.functions, self.function_call, "functions")):  # fmt: skip
