@@ -612,6 +612,38 @@ def test_logit_bias_is_added_before_the_pick_and_batched_rows_keep_their_own(loa
     assert down.tokens[0] == [second]
 
 
+def test_stop_token_ids_min_tokens_and_ignore_eos_as_generate_does(loaded) -> None:
+    """vLLM's extras: stop_token_ids end a sequence as EOS does (`generate(eos_token_id=[...])`), min_tokens holds
+    every end back that long (`min_new_tokens`), ignore_eos lets the model's EOS pass as a token."""
+    model, tok = loaded
+    ids = tok.encode("the king")
+    eos = model.config.eos_token_id
+    (plain,) = run_requests(model, tok, [(ids, SamplingParams(max_tokens=12, temperature=0))])
+    tokens = plain.tokens[0]
+    stop = next(t for t in tokens[2:] if t != eos)
+    k = tokens.index(stop)
+
+    def generate(**options: object) -> list[int]:
+        with torch.no_grad():
+            return model.generate(torch.tensor([ids]), max_new_tokens=12, **options)[0, len(ids) :].tolist()
+
+    ends = generate(eos_token_id=[eos, stop])
+    later = generate(eos_token_id=[eos, stop], min_new_tokens=k + 3)
+    specs = [
+        (ids, SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[stop])),
+        (ids, SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[stop], min_tokens=k + 3)),
+        (ids, SamplingParams(max_tokens=4, temperature=0, logit_bias={eos: 100.0})),
+        (ids, SamplingParams(max_tokens=4, temperature=0, logit_bias={eos: 100.0}, ignore_eos=True)),
+    ]
+    stopped, held, eos_ends, eos_passes = run_requests(model, tok, specs)
+    assert stopped.tokens[0] == tokens[: k + 1] == ends[: k + 1] and stopped.finish[0] == "stop"
+    assert stopped.text[0] == tok.decode(tokens[:k])  # the stop token ends the text, as EOS does
+    assert held.tokens[0] == later[: len(held.tokens[0])] and stop not in held.tokens[0][: k + 3]
+    assert len(held.tokens[0]) > k + 3 and (held.tokens[0][-1] == stop or len(held.tokens[0]) == 12)
+    assert eos_ends.tokens[0] == [eos] and eos_ends.finish[0] == "stop"
+    assert eos_passes.tokens[0] == [eos] * 4 and eos_passes.finish[0] == "length" and eos_passes.text[0] == ""
+
+
 def hand_overs(log: list[object]) -> list[list[tuple[int, object]]]:
     """A log of (request, event) entries and "|" (the after_step hook) cut into what each hook handed over."""
     segments: list[list[tuple[int, object]]] = [[]]
@@ -1041,6 +1073,9 @@ def test_bad_requests_get_openai_errors(server: Server, body: dict, status: int,
         ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format", "'json_object'"),
         ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs", "needs logprobs: true"),
         ("/v1/completions", {"stream_options": {"include_usage": True}}, "stream_options", "stream: true"),
+        ("/v1/completions", {"stop_token_ids": [10**6]}, "stop_token_ids", "token ids in [0, "),
+        ("/v1/completions", {"min_tokens": 5}, "min_tokens", "more than max_tokens (2)"),
+        ("/v1/completions", {"min_tokens": -1}, "min_tokens", "greater than or equal to 0"),
     ],
 )  # fmt: skip
 def test_bad_bias_and_options_the_server_cannot_honour_are_refused(
@@ -1073,6 +1108,12 @@ def test_logit_bias_through_the_openai_client(client: openai.OpenAI, tiny_dir: P
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=tiny_dir.name, messages=messages, response_format={"type": "json_object"})
     assert info.value.body["param"] == "response_format"
+    # vLLM's extras go through the client's extra_body
+    plain = client.completions.create(model=tiny_dir.name, prompt="the king", max_tokens=6, temperature=0)
+    first = tok.encode(plain.choices[0].text)[0]
+    cut = client.completions.create(model=tiny_dir.name, prompt="the king", max_tokens=6, temperature=0,
+                                    extra_body={"stop_token_ids": [first]})  # fmt: skip
+    assert cut.choices[0].text == "" and cut.choices[0].finish_reason == "stop" and cut.usage.completion_tokens == 1
 
 
 def test_tokenize_and_detokenize_then_ban_a_word_with_logit_bias(
@@ -1411,6 +1452,11 @@ def test_an_encoder_decoder_answers_completions(tmp_path: Path) -> None:
         assert r.json()["choices"][0]["text"] == tok.decode(kept, skip_special_tokens=True)
         r = httpx.post(s.url + "/v1/completions", json={"prompt": "x", "max_tokens": 3, "logprobs": 1}, timeout=TIMEOUT)
         assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
+        k = next(i for i, t in enumerate(ref) if t != ref[0])  # the first token unlike the first ends the answer
+        stopped = {**banned, "logit_bias": None, "stop_token_ids": [ref[k]]}
+        r = httpx.post(s.url + "/v1/completions", json=stopped, timeout=TIMEOUT)
+        assert r.json()["choices"][0]["text"] == tok.decode(ref[:k], skip_special_tokens=True)
+        assert r.json()["choices"][0]["finish_reason"] == "stop" and r.json()["usage"]["completion_tokens"] == k + 1
         r = httpx.post(s.url + "/tokenize", json={"prompt": "the king rode a horse."}, timeout=TIMEOUT)
         assert r.json()["tokens"] == source  # the source as the model reads it: with the tokenizer's </s>
     finally:

@@ -669,6 +669,13 @@ def _sampling(
         elif max_tokens > ctx - 1:
             raise APIError(400, f"max_tokens ({max_tokens}) is more than the {ctx - 1} tokens the model's "
                            "decoder can write", param="max_tokens", code="context_length_exceeded")  # fmt: skip
+    vocab = engine.model.config.vocab_size
+    stop_ids = body.stop_token_ids or []
+    if any(not 0 <= i < vocab for i in stop_ids):
+        raise APIError(400, f"stop_token_ids must be token ids in [0, {vocab})", param="stop_token_ids")
+    if body.min_tokens > max_tokens:
+        raise APIError(400, f"min_tokens ({body.min_tokens}) is more than max_tokens ({max_tokens})",
+                       param="min_tokens")  # fmt: skip
     rows, limit = len(prompts) * body.n, engine.config.max_num_seqs
     if engine.kind == "causal-lm" and rows > limit:  # decoded together: they must fit the batch at once
         raise APIError(400, f"{len(prompts)} prompt(s) x n={body.n} is {rows} sequences, more than the server's "
@@ -677,8 +684,8 @@ def _sampling(
     return SamplingParams(
         max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed,
         stop=stop, presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-        repetition_penalty=body.repetition_penalty, logprobs=logprobs,
-        logit_bias=body.bias(engine.model.config.vocab_size),
+        repetition_penalty=body.repetition_penalty, logprobs=logprobs, logit_bias=body.bias(vocab),
+        min_tokens=body.min_tokens, stop_token_ids=stop_ids, ignore_eos=body.ignore_eos,
     )  # fmt: skip
 
 
@@ -940,15 +947,16 @@ def _seq2seq_generate(engine: Engine, generation: Generation) -> None:
             if generation.cancelled:
                 generation.emit(None)
                 return
+            ends = p.ends(set(engine.scheduler.eos))
             options: dict[str, Any] = {"max_new_tokens": p.max_tokens, "repetition_penalty": p.repetition_penalty,
-                                       "logits_processors": [_adjusted(p)] if p.penalised else []}  # fmt: skip
+                                       "logits_processors": [_adjusted(p)] if p.penalised else [],
+                                       "min_new_tokens": p.min_tokens, "eos_token_id": sorted(ends)}  # fmt: skip
             if p.temperature > 0:
                 seed = p.seed + j if p.seed is not None else None
                 options.update(do_sample=True, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k or None,
                                seed=seed)  # fmt: skip
             out = model.generate(ids, **options)[0, 1:].tolist()  # after the decoder start token
-            eos = set(engine.scheduler.eos)
-            ended = next((k for k, t in enumerate(out) if t in eos), None)
+            ended = next((k for k, t in enumerate(out) if t in ends), None)
             kept = out if ended is None else out[:ended]
             text = tok.decode(kept, skip_special_tokens=True)
             cut = min((text.find(s) for s in p.stop if s in text), default=-1)

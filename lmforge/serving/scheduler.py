@@ -60,6 +60,13 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logprobs: int | None = None  # how many alternatives per token (0: the chosen token only); None: off
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    min_tokens: int = 0  # vLLM's extras: no end (EOS, stop_token_ids) before this many tokens,
+    stop_token_ids: list[int] = field(default_factory=list)  # more tokens that end a sequence as EOS does,
+    ignore_eos: bool = False  # the model's EOS does not end it (stop_token_ids still do)
+
+    def ends(self, eos: set[int]) -> set[int]:
+        """The tokens that end a sequence of this request, given the model's EOS ids."""
+        return (set() if self.ignore_eos else eos) | set(self.stop_token_ids)
 
     @property
     def greedy(self) -> bool:
@@ -69,7 +76,11 @@ class SamplingParams:
     def penalised(self) -> bool:
         """Whether a row's logits are changed before it picks (penalties, logit_bias): such rows pick alone."""
         return bool(
-            self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0 or self.logit_bias
+            self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+            or self.logit_bias
+            or self.min_tokens
         )
 
     def adjust(self, logits: Tensor, seen: Tensor | None, counts: Tensor | None) -> Tensor:
@@ -136,7 +147,7 @@ class Sequence:
         self.out: list[int] = []
         self.length = len(prompt)  # tokens in the cache
         self.text = TextStream(tokenizer, p.stop)
-        self.eos = eos
+        self.eos = p.ends(eos)  # the tokens that end this sequence
         # this row's own random numbers (one per sampled token): a Python generator, as a torch.Generator costs a
         # tensor per draw (16 rows: 29 us a step instead of 4)
         self.generator: random.Random | None = None
@@ -151,6 +162,8 @@ class Sequence:
         if p.penalised:
             seen = torch.tensor(self.prompt + self.out)[None] if p.repetition_penalty != 1.0 else None
             logits = p.adjust(logits[None].float().clone(), seen, self.counts)[0]
+            if len(self.out) < p.min_tokens and self.eos:  # not the end yet
+                logits[list(self.eos)] = float("-inf")
         if p.temperature == 0:
             return int(logits.argmax())
         return sample_rows(logits[None], [self])[0]

@@ -1,6 +1,7 @@
 """OpenAI's request bodies (pydantic) and error shape, as the server validates and answers them.
 
-Requests accept OpenAI's fields plus lmforge's extras (`top_k`, `repetition_penalty`); unknown fields are ignored,
+Requests accept OpenAI's fields plus extras (`top_k`, `repetition_penalty`; vLLM's `min_tokens`, `stop_token_ids`,
+`ignore_eos`); unknown fields are ignored,
 as OpenAI-compatible servers do, so clients that send e.g. `user` keep working. OpenAI fields that would change the
 answer in a way this server cannot (tool calls, JSON output, fill-in-the-middle, best_of) are refused rather than
 ignored. A bad value is an `APIError` with OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
@@ -55,6 +56,9 @@ class _Sampling(_Body):
     top_k: int = Field(0, ge=0)  # lmforge's extra: 0 = off
     repetition_penalty: float = Field(1.0, gt=0.0)  # lmforge's extra (transformers' meaning): 1 = off
     logit_bias: dict[str, float] | None = None  # token id (a string in OpenAI's JSON) -> added to its logit
+    min_tokens: int = Field(0, ge=0)  # vLLM's extras: no end before this many tokens,
+    stop_token_ids: list[int] | None = None  # tokens that end the answer as EOS does,
+    ignore_eos: bool = False  # the model's EOS does not end it
 
     def bias(self, vocab: int) -> dict[int, float]:
         """`logit_bias` checked, as {token id: bias}: ids in [0, vocab), biases in [-100, 100] (OpenAI's range)."""
