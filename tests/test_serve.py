@@ -21,7 +21,7 @@ import httpx
 import openai
 import pytest
 import torch
-from helpers import GREEDY_MARGIN, TIMEOUT, Server, greedy_margin, save_tiny_gpt
+from helpers import GREEDY_MARGIN, TIMEOUT, Server, greedy_margin, save_tiny_gpt, save_tiny_whisper
 
 from lmforge.config import GPTConfig
 from lmforge.models.gpt import GPTForCausalLM
@@ -1461,6 +1461,69 @@ def test_an_encoder_decoder_answers_completions(tmp_path: Path) -> None:
         assert r.json()["tokens"] == source  # the source as the model reads it: with the tokenizer's </s>
     finally:
         s.stop()
+
+
+def test_audio_transcriptions_through_the_openai_client(tmp_path: Path, server: Server) -> None:
+    """A Whisper directory: /v1/audio/transcriptions (and translations) take an uploaded file, as OpenAI's API, and
+    answer what the speech pipeline gives for the same file; the server never reads a path a client names."""
+    import numpy as np
+    import soundfile as sf
+
+    from lmforge import pipeline
+
+    whisper = save_tiny_whisper(tmp_path / "whisper")
+    t = np.arange(24_000) / 16_000  # 1.5 s: a tone with some noise
+    samples = 0.3 * np.sin(2 * np.pi * 220 * t) + 0.05 * np.random.default_rng(0).standard_normal(t.size)
+    wav, flac = tmp_path / "tone.wav", tmp_path / "tone.flac"
+    sf.write(wav, samples.astype(np.float32), 16_000)
+    sf.write(flac, np.stack([samples, samples], 1), 44_100)  # stereo at 44.1 kHz: averaged and resampled
+    asr = pipeline("automatic-speech-recognition", model=str(whisper))
+    expected = {path: asr(str(path))["text"] for path in (wav, flac)}
+    translated = asr(str(wav), task="translate")["text"]
+    raw = [round(float(x), 4) for x in samples[:8_000]]  # half a second, as JSON numbers
+    expected_raw = asr({"raw": np.array(raw, dtype=np.float32), "sampling_rate": 16_000})["text"]
+    s = Server(whisper)
+    try:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", timeout=TIMEOUT, max_retries=0)
+        for path in (wav, flac):
+            with path.open("rb") as f:
+                assert client.audio.transcriptions.create(model=whisper.name, file=f).text == expected[path]
+        with wav.open("rb") as f:
+            plain = client.audio.transcriptions.create(model=whisper.name, file=f, response_format="text")
+        assert plain == expected[wav]
+        r = httpx.post(s.url + "/v1/audio/translations", files={"file": wav.read_bytes()}, timeout=TIMEOUT)
+        assert r.json() == {"text": translated}
+        bad = [
+            ({"response_format": "verbose_json"}, "response_format", "needs timestamps"),
+            ({"temperature": "0.5"}, "temperature", "only 0"),
+            ({"prompt": "Hello."}, "prompt", "not supported"),
+            ({"model": "whisper-1"}, "model", "whisper-1"),
+        ]
+        for fields, param, words in bad:
+            r = httpx.post(s.url + "/v1/audio/transcriptions", data=fields, files={"file": wav.read_bytes()},
+                           timeout=TIMEOUT)  # fmt: skip
+            assert r.status_code in (400, 404) and r.json()["error"]["param"] == param, r.text
+            assert words in r.json()["error"]["message"]
+        r = httpx.post(s.url + "/v1/audio/transcriptions", files={"file": ("notes.txt", b"not audio")}, timeout=TIMEOUT)
+        assert (
+            r.status_code == 400
+            and "cannot read the uploaded file 'notes.txt' as audio" in r.json()["error"]["message"]
+        )
+        r = httpx.post(s.url + "/v1/audio/transcriptions", data={"model": whisper.name}, timeout=TIMEOUT)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "file"
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": "hi"}, timeout=TIMEOUT)
+        assert r.status_code == 400 and "/v1/audio/transcriptions" in r.json()["error"]["message"]
+        # the pipeline route takes samples, never a path on the server's disk
+        asr_route = s.url + "/v1/pipelines/automatic-speech-recognition"
+        r = httpx.post(asr_route, json={"inputs": {"raw": raw, "sampling_rate": 16_000}}, timeout=TIMEOUT)
+        assert r.status_code == 200 and r.json() == {"text": expected_raw}
+        for inputs in (str(wav), [str(wav)], "/etc/hostname"):
+            r = httpx.post(asr_route, json={"inputs": inputs}, timeout=TIMEOUT)
+            assert r.status_code == 400 and "does not read files from its own disk" in r.json()["error"]["message"]
+    finally:
+        s.stop()
+    r = httpx.post(server.url + "/v1/audio/transcriptions", files={"file": wav.read_bytes()[:2000]}, timeout=TIMEOUT)
+    assert r.status_code == 400 and "a causal LM; transcription needs a speech" in r.json()["error"]["message"]
 
 
 def test_health_is_503_until_the_model_is_loaded_and_cors_is_off_unless_asked(tiny_dir: Path) -> None:

@@ -2,6 +2,7 @@
 
     POST /v1/completions, /v1/chat/completions   causal LMs (continuous batching), encoder-decoders (one at a time)
     POST /v1/embeddings                          encoder models: mean-pooled, normalised (as `lmforge embed`)
+    POST /v1/audio/transcriptions, translations  speech models (Whisper, lmforge's CTC): an uploaded file -> text
     POST /v1/pipelines/{task}                    any lmforge pipeline: {"inputs": ..., options} -> its own JSON
     POST /tokenize, /detokenize                  text or chat messages -> token ids, and back (vLLM's routes)
     GET  /v1/models[/{name}], /health, /metrics, /   model list (or card), readiness (503 while loading), Prometheus,
@@ -61,6 +62,8 @@ ROUTES = {
     "/v1/embeddings",
     "/tokenize",
     "/detokenize",
+    "/v1/audio/transcriptions",
+    "/v1/audio/translations",
 }
 TEMPLATES = ("/v1/pipelines/{task}", "/v1/models/{name}")  # the routes with a part in the path
 
@@ -208,7 +211,7 @@ class Engine:
         self.load_error: str | None = None
         self.model: Any = None
         self.tokenizer: Any = None
-        self.kind = "loading"  # then "causal-lm", "seq2seq-lm" or "encoder"
+        self.kind = "loading"  # then "causal-lm", "seq2seq-lm", "speech" or "encoder"
         self.template: ChatTemplate | None = None
         self.scheduler: Scheduler | None = None
         self.mailbox = Mailbox()  # the scheduler's events, on their way to the event loop
@@ -246,6 +249,8 @@ class Engine:
             self.kind, self.model = "causal-lm", AutoModelForCausalLM.from_pretrained(path, **self.config.precision)
         elif _serves(registry, "seq2seq-lm", model_type):
             self.kind, self.model = "seq2seq-lm", AutoModelForSeq2SeqLM.from_pretrained(path, **self.config.precision)
+        elif _serves(registry, "speech-seq2seq", model_type) or _serves(registry, "speech-ctc", model_type):
+            self.kind = "speech"  # /v1/audio/transcriptions: the speech pipeline loads the model
         else:
             self.kind = "encoder"  # embeddings and pipelines load what they need
         if self.model is not None:
@@ -266,6 +271,14 @@ class Engine:
         )
         self.scheduler.after_step = self.mailbox.flush
         self.scheduler.start()
+
+    def describe(self) -> str:
+        """What the served model is, and where to send its requests (for errors that name a wrong route)."""
+        if self.kind == "speech":
+            return "a speech recognition model (send audio to /v1/audio/transcriptions)"
+        if self.kind == "encoder":
+            return "an encoder model (use /v1/embeddings or /v1/pipelines/{task})"
+        return {"causal-lm": "a causal LM", "seq2seq-lm": "an encoder-decoder"}.get(self.kind, f"a {self.kind} model")
 
     def check_ready(self) -> None:
         if self.load_error:
@@ -539,6 +552,14 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
         return JSONResponse({"object": "list", "data": data, "model": config.name, "usage": usage})
 
+    @app.post("/v1/audio/transcriptions")
+    async def transcriptions(request: Request) -> Response:
+        return await _transcribe(engine, request, "transcribe")
+
+    @app.post("/v1/audio/translations")  # Whisper's translation into English
+    async def translations(request: Request) -> Response:
+        return await _transcribe(engine, request, "translate")
+
     @app.post("/v1/pipelines/{task}")
     async def pipelines(task: str, request: Request) -> Response:
         from lmforge.pipelines import available_tasks
@@ -553,12 +574,88 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
                            param="inputs")  # fmt: skip
         options = {k: v for k, v in data.items() if k not in ("inputs", "model")}
         engine.check_model(data.get("model"))
+        if task == "automatic-speech-recognition" and _names_files(data["inputs"]):
+            raise APIError(400, "the server does not read files from its own disk: upload the audio to "
+                           "/v1/audio/transcriptions (multipart, as OpenAI's API) or send its samples, "
+                           '{"inputs": {"raw": [...], "sampling_rate": Hz}}', param="inputs")  # fmt: skip
         pipe = await _pipeline(engine, task)
         result = await _job(engine, lambda: pipe(data["inputs"], **options))
         return Response(json.dumps(result, default=_json_default, ensure_ascii=False),
                         media_type="application/json")  # fmt: skip
 
     return app
+
+
+def _names_files(inputs: Any) -> bool:
+    """Whether a speech pipeline's inputs hold a string (which it would read as a path on the server's disk)."""
+    return isinstance(inputs, str) or (isinstance(inputs, list) and any(isinstance(i, str) for i in inputs))
+
+
+TRANSCRIPTION_FORMATS = ("json", "text")  # OpenAI's verbose_json, srt and vtt need timestamps
+
+
+async def _transcribe(engine: Engine, request: Request, task: str) -> Response:
+    """OpenAI's /v1/audio/transcriptions (task "transcribe") and /v1/audio/translations ("translate"): a
+    multipart form with the audio in `file` (WAV, FLAC, OGG, MP3) and `model`, `language`, `response_format`
+    (json or text), `temperature` (0: greedy decoding, the only one offered), `prompt` (refused if not empty)."""
+    engine.check_ready()
+    if engine.kind != "speech":
+        raise APIError(400, f"'{engine.config.name}' is {engine.describe()}; transcription needs a speech "
+                       "recognition model (Whisper, or a recognizer from `lmforge speech train`)",
+                       param="model")  # fmt: skip
+    try:
+        form = await request.form()
+    except Exception as error:  # not multipart, or a malformed one
+        raise APIError(
+            400, f"send the audio as multipart/form-data with a 'file' field ({error})", param="file"
+        ) from None
+    try:
+        engine.check_model(_form_text(form, "model"))
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise APIError(400, "'file' is required: the audio file, as a multipart file field", param="file",
+                           code="missing_required_parameter")  # fmt: skip
+        response_format = _form_text(form, "response_format") or "json"
+        if response_format not in TRANSCRIPTION_FORMATS:
+            raise APIError(400, f"response_format {response_format!r} is not supported (it needs timestamps); use "
+                           f"{' or '.join(TRANSCRIPTION_FORMATS)}", param="response_format")  # fmt: skip
+        temperature = _form_text(form, "temperature") or "0"
+        try:
+            greedy = float(temperature) == 0
+        except ValueError:
+            greedy = False
+        if not greedy:
+            raise APIError(
+                400, f"temperature {temperature!r}: only 0 (greedy decoding) is offered", param="temperature"
+            )
+        if _form_text(form, "prompt"):
+            raise APIError(400, "prompt is not supported for transcription; leave it out", param="prompt")
+        options: dict[str, Any] = {"task": "translate"} if task == "translate" else {}
+        language = _form_text(form, "language")
+        if language:
+            options["language"] = language
+        data, name = await upload.read(), f"the uploaded file {upload.filename or 'file'!r}"
+    finally:
+        await form.close()
+    from lmforge.speech import SAMPLING_RATE, decode_audio
+
+    pipe = await _pipeline(engine, "automatic-speech-recognition")
+
+    def run() -> Any:  # (a file that is not audio: decode_audio's ValueError, so a 400)
+        return pipe({"raw": decode_audio(data, name), "sampling_rate": SAMPLING_RATE}, **options)
+
+    text = (await _job(engine, run))["text"]
+    if response_format == "text":
+        return Response(text, media_type="text/plain; charset=utf-8")
+    return JSONResponse({"text": text})
+
+
+def _form_text(form: Any, name: str) -> str | None:
+    """A multipart form's text field (None when absent; a file sent there is a 400)."""
+    value = form.get(name)
+    if value is not None and not isinstance(value, str):
+        raise APIError(400, f"'{name}' must be a text field, not a file", param=name)
+    return value
 
 
 async def _json(request: Request) -> Any:
@@ -596,7 +693,7 @@ async def _pipeline(engine: Engine, task: str) -> Any:
 def _chat_text(engine: Engine, messages: list[Any]) -> str:
     """Chat messages rendered by the model's chat template (or lmforge's default), ready to encode."""
     if engine.template is None:
-        raise APIError(400, f"'{engine.config.name}' is an encoder model; chat needs a causal LM or an "
+        raise APIError(400, f"'{engine.config.name}' is {engine.describe()}; chat needs a causal LM or an "
                        "encoder-decoder", param="messages")  # fmt: skip
     rendered = [{"role": m.role, "content": m.text()} for m in messages]
     try:
@@ -641,8 +738,8 @@ def _sampling(
 ) -> SamplingParams:
     """The request's SamplingParams, after checking the prompt and max_tokens fit the model's context."""
     if engine.model is None:
-        raise APIError(400, f"'{engine.config.name}' is an encoder model: it does not generate text; use "
-                       "/v1/embeddings or /v1/pipelines/{task}", param="model")  # fmt: skip
+        raise APIError(400, f"'{engine.config.name}' is {engine.describe()}: it does not generate text from a "
+                       "prompt", param="model")  # fmt: skip
     ctx = engine.context
     longest = max(len(p) for p in prompts)
     if engine.kind == "causal-lm":

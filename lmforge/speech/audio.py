@@ -12,6 +12,7 @@ so the rest of lmforge does not need them (`pip install lmforge[speech]`).
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -76,9 +77,20 @@ def load_audio(path: str | os.PathLike, sampling_rate: int = SAMPLING_RATE) -> n
         raise FileNotFoundError(f"audio file {str(path)!r} does not exist; check the path")
     if path.is_dir():
         raise IsADirectoryError(f"{str(path)!r} is a directory; pass an audio file (WAV, FLAC, OGG, MP3)")
+    return _read(str(path), repr(str(path)), sampling_rate, lambda: path.stat().st_size)
+
+
+def decode_audio(data: bytes, name: str = "the upload", sampling_rate: int = SAMPLING_RATE) -> np.ndarray:
+    """A sound file's bytes (WAV, FLAC, OGG, MP3) as mono float32 samples at `sampling_rate`: (N,), what
+    `load_audio` reads from the same file (the server's uploads). ValueError, naming `name`, as load_audio."""
+    return _read(io.BytesIO(data), name, sampling_rate, lambda: len(data))
+
+
+def _read(source: Any, name: str, sampling_rate: int, size: Any) -> np.ndarray:
+    """Decode `source` (a path or a binary file object) in 10-s blocks, each averaged to mono and resampled."""
     sf = _import("soundfile")
     try:
-        with sf.SoundFile(str(path)) as f:
+        with sf.SoundFile(source) as f:
             rate = int(f.samplerate)
             stream = (
                 None if rate == sampling_rate else _import("soxr").ResampleStream(rate, sampling_rate, 1, quality="HQ")
@@ -92,10 +104,9 @@ def load_audio(path: str | os.PathLike, sampling_rate: int = SAMPLING_RATE) -> n
                 if last:
                     break
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
-        size = path.stat().st_size
-        detail = "the file is empty (0 bytes)" if size == 0 else str(e).strip()
+        detail = "the file is empty (0 bytes)" if size() == 0 else str(e).strip()
         raise ValueError(
-            f"cannot read {str(path)!r} as audio ({detail}); lmforge reads WAV, FLAC, OGG and MP3 through "
+            f"cannot read {name} as audio ({detail}); lmforge reads WAV, FLAC, OGG and MP3 through "
             f"libsndfile: {_CONVERT}"
         ) from None
-    return check_samples(np.concatenate(pieces).astype(np.float32, copy=False), repr(str(path)))
+    return check_samples(np.concatenate(pieces).astype(np.float32, copy=False), name)
