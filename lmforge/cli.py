@@ -963,6 +963,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=256, help="most waiting requests; more get 429 (default 256)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
     p.add_argument(
+        "--max-upload-bytes", type=int, default=25 << 20,
+        help="largest audio upload to /v1/audio/* (default 25 MiB, OpenAI's limit)",
+    )  # fmt: skip
+    p.add_argument(
         "--stream-interval",
         type=int,
         default=1,
@@ -1014,7 +1018,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from lmforge.serving.app import ServerConfig
     from lmforge.utils import resolve_device
 
-    for name in ("max_num_seqs", "max_batch_tokens", "max_queue", "max_body_bytes", "stream_interval"):
+    for name in ("max_num_seqs", "max_batch_tokens", "max_queue", "max_body_bytes", "max_upload_bytes",
+                 "stream_interval"):  # fmt: skip
         if getattr(a, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     if not 0 <= a.port < 65536:
@@ -1035,6 +1040,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         max_batch_tokens=a.max_batch_tokens,
         max_queue=a.max_queue,
         max_body_bytes=a.max_body_bytes,
+        max_upload_bytes=a.max_upload_bytes,
         stream_interval=a.stream_interval,
         enforce_eager=a.enforce_eager,
         cors_origins=a.cors_origin,

@@ -1482,7 +1482,8 @@ def test_audio_transcriptions_through_the_openai_client(tmp_path: Path, server: 
     translated = asr(str(wav), task="translate")["text"]
     raw = [round(float(x), 4) for x in samples[:8_000]]  # half a second, as JSON numbers
     expected_raw = asr({"raw": np.array(raw, dtype=np.float32), "sampling_rate": 16_000})["text"]
-    s = Server(whisper)
+    largest = max(wav.stat().st_size, flac.stat().st_size) + 2_000  # uploads up to this; JSON bodies 1 MiB
+    s = Server(whisper, "--max-upload-bytes", str(largest))
     try:
         client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", timeout=TIMEOUT, max_retries=0)
         for path in (wav, flac):
@@ -1511,6 +1512,8 @@ def test_audio_transcriptions_through_the_openai_client(tmp_path: Path, server: 
         )
         r = httpx.post(s.url + "/v1/audio/transcriptions", data={"model": whisper.name}, timeout=TIMEOUT)
         assert r.status_code == 400 and r.json()["error"]["param"] == "file"
+        r = httpx.post(s.url + "/v1/audio/transcriptions", files={"file": bytes(largest)}, timeout=TIMEOUT)
+        assert r.status_code == 413 and "(--max-upload-bytes)" in r.json()["error"]["message"]
         r = httpx.post(s.url + "/v1/completions", json={"prompt": "hi"}, timeout=TIMEOUT)
         assert r.status_code == 400 and "/v1/audio/transcriptions" in r.json()["error"]["message"]
         # the pipeline route takes samples, never a path on the server's disk
@@ -1522,7 +1525,8 @@ def test_audio_transcriptions_through_the_openai_client(tmp_path: Path, server: 
             assert r.status_code == 400 and "does not read files from its own disk" in r.json()["error"]["message"]
     finally:
         s.stop()
-    r = httpx.post(server.url + "/v1/audio/transcriptions", files={"file": wav.read_bytes()[:2000]}, timeout=TIMEOUT)
+    # (this server's --max-body-bytes is 20,000: an upload of 48,000 is held to --max-upload-bytes instead)
+    r = httpx.post(server.url + "/v1/audio/transcriptions", files={"file": wav.read_bytes()}, timeout=TIMEOUT)
     assert r.status_code == 400 and "a causal LM; transcription needs a speech" in r.json()["error"]["message"]
 
 

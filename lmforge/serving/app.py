@@ -90,6 +90,7 @@ class ServerConfig:
     max_batch_tokens: int = 2048
     max_queue: int = 256
     max_body_bytes: int = 1 << 20
+    max_upload_bytes: int = 25 << 20  # an audio upload's body (/v1/audio/*): OpenAI's limit for audio files
     stream_interval: int = 1  # steps whose tokens are handed to the event loop together (see Scheduler)
     enforce_eager: bool = False  # the model's modules every step, not the compiled step (see serving.step)
     cors_origins: list[str] = field(default_factory=list)
@@ -353,7 +354,9 @@ class Gate:
             await send_logged({"type": "http.response.body", "body": body})
 
         received = [0]
-        limit = self.config.max_body_bytes
+        upload = path.startswith("/v1/audio/")
+        limit = self.config.max_upload_bytes if upload else self.config.max_body_bytes
+        too_large = _too_large(limit, "--max-upload-bytes" if upload else "--max-body-bytes")
 
         async def receive_limited() -> dict:
             message = await receive()
@@ -371,7 +374,7 @@ class Gate:
                     return
             length = headers.get(b"content-length")
             if length is not None and length.isdigit() and int(length) > limit:
-                await refuse(_too_large(limit))
+                await refuse(too_large)
                 return
             try:
                 # for a streamed body (EventStream), whose status and headers go through send_logged
@@ -379,7 +382,7 @@ class Gate:
                 await self.app(scope, receive_limited, send_logged)
             except _BodyTooLarge:
                 if not status[0]:
-                    await refuse(_too_large(limit))
+                    await refuse(too_large)
         finally:
             seconds = time.perf_counter() - start
             self.metrics.requests.labels(_route_label(path, status[0]), str(status[0])).inc()
@@ -395,8 +398,8 @@ class _BodyTooLarge(Exception):
     pass
 
 
-def _too_large(limit: int) -> APIError:
-    return APIError(413, f"the request body is larger than the server's limit of {limit} bytes (--max-body-bytes)",
+def _too_large(limit: int, option: str) -> APIError:
+    return APIError(413, f"the request body is larger than the server's limit of {limit} bytes ({option})",
                     code="request_too_large")  # fmt: skip
 
 
