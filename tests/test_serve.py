@@ -1530,6 +1530,25 @@ def test_audio_transcriptions_through_the_openai_client(tmp_path: Path, server: 
     assert r.status_code == 400 and "a causal LM; transcription needs a speech" in r.json()["error"]["message"]
 
 
+def test_an_upload_without_python_multipart_says_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    from fastapi.testclient import TestClient
+
+    from lmforge.serving import ServerConfig, create_app
+
+    app = create_app(ServerConfig(model=str(save_tiny_whisper(tmp_path / "whisper"))), load_in_background=False)
+    with TestClient(app) as client:
+        find_spec = importlib.util.find_spec
+        monkeypatch.setattr(
+            importlib.util, "find_spec", lambda name, *a: None if name == "python_multipart" else find_spec(name, *a)
+        )
+        r = client.post("/v1/audio/transcriptions", files={"file": b"RIFF"})
+    assert r.status_code == 500 and "pip install 'lmforge[serve]'" in r.json()["error"]["message"]
+
+
 def test_health_is_503_until_the_model_is_loaded_and_cors_is_off_unless_asked(tiny_dir: Path) -> None:
     from fastapi.testclient import TestClient
 

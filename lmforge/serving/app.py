@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import importlib.util
 import itertools
 import json
 import logging
@@ -606,6 +607,9 @@ async def _transcribe(engine: Engine, request: Request, task: str) -> Response:
         raise APIError(400, f"'{engine.config.name}' is {engine.describe()}; transcription needs a speech "
                        "recognition model (Whisper, or a recognizer from `lmforge speech train`)",
                        param="model")  # fmt: skip
+    if importlib.util.find_spec("python_multipart") is None:  # starlette's form parser
+        raise APIError(500, "this server cannot read uploads: install python-multipart (pip install 'lmforge[serve]') "
+                       "and restart it", type="server_error")  # fmt: skip
     try:
         form = await request.form()
     except Exception as error:  # not multipart, or a malformed one
