@@ -514,7 +514,7 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
             raise APIError(400, "send either 'prompt' (a string) or 'messages' (a chat), not both or neither",
                            param="prompt")  # fmt: skip
         text = body.prompt if body.prompt is not None else _chat_text(engine, body.messages or [])
-        special = engine.kind == "seq2seq-lm" if body.add_special_tokens is None else body.add_special_tokens
+        special = _adds_special_tokens(engine) if body.add_special_tokens is None else body.add_special_tokens
         ids = engine.tokenizer.encode(text, add_special_tokens=special)
         answer: dict[str, Any] = {"count": len(ids), "tokens": ids}
         if engine.model is not None:
@@ -526,9 +526,7 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
         body = parse(DetokenizeRequest, await _json(request))
         engine.check_model(body.model)
         engine.check_ready()
-        vocab = len(engine.tokenizer)
-        if any(not 0 <= i < vocab for i in body.tokens):
-            raise APIError(400, f"'tokens' must be token ids in [0, {vocab})", param="tokens")
+        _check_token_ids(body.tokens, len(engine.tokenizer), "tokens")
         return JSONResponse({"prompt": engine.tokenizer.decode(body.tokens)})
 
     @app.post("/v1/embeddings")
@@ -709,10 +707,21 @@ def _chat_text(engine: Engine, messages: list[Any]) -> str:
         raise APIError(400, f"the chat template cannot render these messages: {error}", param="messages") from None
 
 
+def _adds_special_tokens(engine: Engine) -> bool:
+    """Whether a prompt is encoded with the tokenizer's special tokens: a causal LM continues the text as it is;
+    an encoder-decoder reads its source with them (e.g. Marian's </s>), as its pipelines do."""
+    return engine.kind == "seq2seq-lm"
+
+
+def _check_token_ids(ids: list[int], vocab: int, param: str) -> None:
+    """A 400 naming `param` unless every id is in [0, vocab)."""
+    if any(not 0 <= i < vocab for i in ids):
+        raise APIError(400, f"'{param}' must be token ids in [0, {vocab})", param=param)
+
+
 def _encode(engine: Engine, text: str, param: str) -> list[int]:
-    """A prompt's ids: a causal LM continues the text as it is; an encoder-decoder reads its source with the
-    special tokens its tokenizer adds (e.g. Marian's </s>), as its pipelines do."""
-    ids = engine.tokenizer.encode(text, add_special_tokens=engine.kind == "seq2seq-lm")
+    """A prompt's ids, as the model reads them (`_adds_special_tokens`)."""
+    ids = engine.tokenizer.encode(text, add_special_tokens=_adds_special_tokens(engine))
     if not ids:
         raise APIError(400, f"'{param}' is empty: send some text", param=param)
     return ids
@@ -735,8 +744,7 @@ def _completion_prompts(engine: Engine, body: CompletionRequest) -> list[list[in
     for ids in prompts:
         if not ids:
             raise APIError(400, "'prompt' has an empty entry", param="prompt")
-        if any(not 0 <= i < vocab for i in ids):
-            raise APIError(400, f"'prompt' token ids must be in [0, {vocab})", param="prompt")
+        _check_token_ids(ids, vocab, "prompt")
     return prompts
 
 
@@ -775,8 +783,7 @@ def _sampling(
                            "decoder can write", param="max_tokens", code="context_length_exceeded")  # fmt: skip
     vocab = engine.model.config.vocab_size
     stop_ids = body.stop_token_ids or []
-    if any(not 0 <= i < vocab for i in stop_ids):
-        raise APIError(400, f"stop_token_ids must be token ids in [0, {vocab})", param="stop_token_ids")
+    _check_token_ids(stop_ids, vocab, "stop_token_ids")
     if body.min_tokens > max_tokens:
         raise APIError(400, f"min_tokens ({body.min_tokens}) is more than max_tokens ({max_tokens})",
                        param="min_tokens")  # fmt: skip

@@ -77,17 +77,18 @@ def load_audio(path: str | os.PathLike, sampling_rate: int = SAMPLING_RATE) -> n
         raise FileNotFoundError(f"audio file {str(path)!r} does not exist; check the path")
     if path.is_dir():
         raise IsADirectoryError(f"{str(path)!r} is a directory; pass an audio file (WAV, FLAC, OGG, MP3)")
-    return _read(str(path), repr(str(path)), sampling_rate, lambda: path.stat().st_size)
+    return _read(str(path), repr(str(path)), sampling_rate, path.stat().st_size)
 
 
 def decode_audio(data: bytes, name: str = "the upload", sampling_rate: int = SAMPLING_RATE) -> np.ndarray:
     """A sound file's bytes (WAV, FLAC, OGG, MP3) as mono float32 samples at `sampling_rate`: (N,), what
     `load_audio` reads from the same file (the server's uploads). ValueError, naming `name`, as load_audio."""
-    return _read(io.BytesIO(data), name, sampling_rate, lambda: len(data))
+    return _read(io.BytesIO(data), name, sampling_rate, len(data))
 
 
-def _read(source: Any, name: str, sampling_rate: int, size: Any) -> np.ndarray:
-    """Decode `source` (a path or a binary file object) in 10-s blocks, each averaged to mono and resampled."""
+def _read(source: Any, name: str, sampling_rate: int, size: int) -> np.ndarray:
+    """Decode `source` (a path or a binary file object of `size` bytes) in 10-s blocks, each averaged to mono and
+    resampled."""
     sf = _import("soundfile")
     try:
         with sf.SoundFile(source) as f:
@@ -104,7 +105,7 @@ def _read(source: Any, name: str, sampling_rate: int, size: Any) -> np.ndarray:
                 if last:
                     break
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
-        detail = "the file is empty (0 bytes)" if size() == 0 else str(e).strip()
+        detail = "the file is empty (0 bytes)" if size == 0 else str(e).strip()
         raise ValueError(
             f"cannot read {name} as audio ({detail}); lmforge reads WAV, FLAC, OGG and MP3 through "
             f"libsndfile: {_CONVERT}"
