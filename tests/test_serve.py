@@ -1036,6 +1036,194 @@ def test_n_seed_and_logprobs(client: openai.OpenAI, tiny_dir: Path, loaded) -> N
     assert len(content) >= 1 and len(content[0].top_logprobs) == 3 and content[0].logprob <= 0
 
 
+# ------------------------------------------------------------------------------ the Responses API
+RESPONSE_EVENTS = ["response.created", "response.in_progress", "response.output_item.added",
+                   "response.content_part.added"]  # fmt: skip
+RESPONSE_END = ["response.output_text.done", "response.content_part.done", "response.output_item.done"]
+
+
+def test_a_response_answers_what_chat_answers(client: openai.OpenAI, tiny_dir: Path) -> None:
+    """POST /v1/responses through the official client: `instructions` + `input` give the chat's answer for the
+    same system + user messages (greedy), its usage in the Responses API's names, and OpenAI's statuses."""
+    for max_tokens in (6, 40):  # (40: the default template's stop string may end it first)
+        chat = client.chat.completions.create(
+            model=tiny_dir.name, max_tokens=max_tokens, temperature=0,
+            messages=[{"role": "system", "content": "You are terse."}, {"role": "user", "content": "举头望明月"}],
+        )  # fmt: skip
+        out = client.responses.create(model=tiny_dir.name, instructions="You are terse.", input="举头望明月",
+                                      max_output_tokens=max_tokens, temperature=0)  # fmt: skip
+        assert out.output_text == chat.choices[0].message.content
+        assert (out.usage.input_tokens, out.usage.output_tokens) == (chat.usage.prompt_tokens,
+                                                                     chat.usage.completion_tokens)  # fmt: skip
+        assert out.usage.total_tokens == chat.usage.total_tokens
+        length = chat.choices[0].finish_reason == "length"
+        assert out.status == ("incomplete" if length else "completed")
+        assert (out.incomplete_details.reason if length else out.incomplete_details) == (
+            "max_output_tokens" if length else None
+        )
+        message = out.output[0]
+        assert (message.type, message.role, message.status) == ("message", "assistant", out.status)
+        assert re.fullmatch(r"resp_[0-9a-f]{24}", out.id) and re.fullmatch(r"msg_[0-9a-f]{24}", message.id)
+        assert out.model == tiny_dir.name and out.store is False and out.instructions == "You are terse."
+    # a conversation as messages (text parts, an earlier answer as output_text) renders as chat's messages do
+    turns = [{"role": "user", "content": [{"type": "input_text", "text": "the king"}]},
+             {"role": "assistant", "content": [{"type": "output_text", "text": " rode"}]},
+             {"type": "message", "role": "user", "content": "a horse"}]  # fmt: skip
+    out = client.responses.create(model=tiny_dir.name, input=turns, max_output_tokens=5, temperature=0)
+    chat = client.chat.completions.create(
+        model=tiny_dir.name, max_tokens=5, temperature=0,
+        messages=[{"role": "user", "content": "the king"}, {"role": "assistant", "content": " rode"},
+                  {"role": "user", "content": "a horse"}],
+    )  # fmt: skip
+    assert out.output_text == chat.choices[0].message.content
+    assert out.usage.input_tokens == chat.usage.prompt_tokens
+
+
+def test_a_streamed_response_sends_openais_events_in_order(client: openai.OpenAI, tiny_dir: Path) -> None:
+    """The stream's events in OpenAI's order with sequence numbers 0, 1, ...; the deltas (a Chinese prompt) add up
+    to the whole answer, and the last event holds the same response as asking unstreamed; the client's
+    `responses.stream` helper reads it."""
+    kw = dict(model=tiny_dir.name, input="床前明月光，", max_output_tokens=24, temperature=0)
+    whole = client.responses.create(**kw)
+    events = list(client.responses.create(**kw, stream=True))
+    kinds = [e.type for e in events]
+    deltas = kinds.count("response.output_text.delta")
+    end = [f"response.{whole.status}"]
+    assert kinds == RESPONSE_EVENTS + ["response.output_text.delta"] * deltas + RESPONSE_END + end
+    assert deltas >= 1 and [e.sequence_number for e in events] == list(range(len(events)))
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == whole.output_text and events[-4].text == text
+    last = events[-1].response
+    assert last.output_text == whole.output_text and last.usage == whole.usage and last.status == whole.status
+    assert events[0].response.status == "in_progress" and events[0].response.id == last.id != whole.id
+    assert {e.item_id for e in events if hasattr(e, "item_id")} == {last.output[0].id}
+    with client.responses.stream(**kw) as stream:  # the client's helper keeps a snapshot of the answer
+        helped = list(stream)
+    assert [e.snapshot for e in helped if e.type == "response.output_text.delta"][-1] == whole.output_text
+    assert helped[-1].type == f"response.{whole.status}" and helped[-1].response.output_text == whole.output_text
+
+
+def test_a_responses_logprobs_are_the_models(client: openai.OpenAI, tiny_dir: Path, loaded) -> None:
+    """include=["message.output_text.logprobs"] with top_logprobs: each output token's log-probability (greedy:
+    the best one, as the model's own logits say), whole and streamed (the deltas' lists add up to the done
+    event's)."""
+    model, tok = loaded
+    kw = dict(model=tiny_dir.name, input="the king", max_output_tokens=5, temperature=0, top_logprobs=2,
+              include=["message.output_text.logprobs"])  # fmt: skip
+    out = client.responses.create(**kw)
+    logprobs = out.output[0].content[0].logprobs
+    assert len(logprobs) == out.usage.output_tokens and all(len(e.top_logprobs) == 2 for e in logprobs)
+    ids = tok.encode("User: the king\n\nAssistant:")
+    best = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1], -1).max().item()
+    assert logprobs[0].logprob == pytest.approx(best, abs=1e-4) == logprobs[0].top_logprobs[0].logprob
+    assert "".join(e.token for e in logprobs) == out.output_text
+    events = list(client.responses.create(**kw, stream=True))
+    streamed = [e for ev in events if ev.type == "response.output_text.delta" for e in ev.logprobs]
+    done = next(e for e in events if e.type == "response.output_text.done").logprobs
+    assert [e.token for e in streamed] == [e.token for e in done][: len(streamed)] and len(done) == len(logprobs)
+    assert [e.logprob for e in done] == pytest.approx([e.logprob for e in logprobs], abs=1e-5)
+    plain = client.responses.create(model=tiny_dir.name, input="the king", max_output_tokens=3, temperature=0)
+    assert plain.output[0].content[0].logprobs == []
+
+
+def test_truncation_auto_drops_the_earliest_messages_until_the_input_fits(
+    client: openai.OpenAI, tiny_dir: Path, loaded
+) -> None:
+    """A conversation longer than the context: a 400 naming both numbers unless truncation is "auto", which
+    drops the earliest input messages (never the instructions) until prompt + max_output_tokens fit."""
+    _, tok = loaded
+    turns = [{"role": "user", "content": f"{TEXTS[i % 5]} {i}"} for i in range(12)]
+    kw = dict(model=tiny_dir.name, instructions="Be brief.", input=turns, max_output_tokens=8, temperature=0)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.responses.create(**kw)
+    assert info.value.body["code"] == "context_length_exceeded" and "128" in info.value.body["message"]
+    out = client.responses.create(**kw, truncation="auto")
+
+    def rendered(kept: list[dict]) -> int:
+        return len(
+            tok.encode(
+                "".join(
+                    f"{m['role'].capitalize()}: {m['content']}\n\n"
+                    for m in [{"role": "system", "content": "Be brief."}, *kept]
+                )
+                + "Assistant:"
+            )
+        )
+
+    first = next(k for k in range(len(turns)) if rendered(turns[k:]) + 8 <= 128)
+    assert first > 0 and out.usage.input_tokens == rendered(turns[first:]) and out.truncation == "auto"
+
+
+@pytest.mark.parametrize(
+    "body, param, words",
+    [
+        ({"previous_response_id": "resp_1"}, "previous_response_id", "stores no responses"),
+        ({"conversation": "conv_1"}, "conversation", "stores no responses"),
+        ({"background": True}, "background", "stream: true"),
+        ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools", "tool_choice='none'"),
+        ({"text": {"format": {"type": "json_object"}}}, "text.format", "json_object"),
+        ({"reasoning": {"effort": "low"}}, "reasoning", "no reasoning mode"),
+        ({"n": 2}, "n", "one answer"),
+        ({"input": []}, "input", "empty"),
+        ({"input": ""}, "input", "empty"),
+        ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]}, "input[0]", "only messages"),
+        ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input[0]",
+         "only text"),
+        ({"input": [{"role": "tool", "content": "x"}]}, "input[0]", "role 'tool'"),
+        ({"max_output_tokens": 500}, "max_output_tokens", "lower max_output_tokens to"),
+        ({"max_output_tokens": 0}, "max_output_tokens", "greater than or equal to 1"),
+        ({"temperature": 3}, "temperature", "less than or equal to 2"),
+    ],
+)  # fmt: skip
+def test_response_requests_it_cannot_honour_are_refused(server: Server, body: dict, param: str, words: str) -> None:
+    r = httpx.post(server.url + "/v1/responses", json={"input": "hi", "max_output_tokens": 4, **body},
+                   timeout=TIMEOUT)  # fmt: skip
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and words in error["message"], error
+
+
+def test_a_response_that_fails_while_streaming_ends_with_an_error_and_failed(loaded) -> None:
+    """After the first events, a failure is an `error` event, then `response.failed` (its status and error);
+    logprobs of tokens whose text was held back travel with the next delta."""
+    from types import SimpleNamespace
+
+    from lmforge.serving.app import Inbox, _stream_response
+    from lmforge.serving.responses import ResponseBuilder
+    from lmforge.serving.scheduler import Piece
+    from lmforge.serving.schemas import ResponsesRequest
+
+    _, tok = loaded
+    entry = lambda i: {"id": i, "logprob": -1.0, "top": []}  # noqa: E731
+
+    async def run(last: object) -> list[dict]:
+        generation = Request([[1, 2]], SamplingParams(max_tokens=9, logprobs=0), 1, lambda event: None)
+        events = Inbox(asyncio.get_running_loop())
+        for piece in (Piece(0, "", [5], [entry(5)], None), Piece(0, "你好", [6], [entry(6)], None), last):
+            events.put(piece)
+        events.put(None)
+        builder = ResponseBuilder("resp_1", "msg_1", "tiny", ResponsesRequest(input="hi"))
+        stream = _stream_response(SimpleNamespace(tokenizer=tok), generation, events, builder)
+        raw = b"".join([chunk async for chunk in stream]).decode()
+        out = []
+        for block in raw.strip().split("\n\n"):
+            kind, data = block.split("\n")
+            out.append(json.loads(data.removeprefix("data: ")))
+            assert kind == "event: " + out[-1]["type"]
+        return out
+
+    failed = asyncio.run(run(ValueError("bad stop string")))
+    assert [e["type"] for e in failed] == RESPONSE_EVENTS + ["response.output_text.delta", "error", "response.failed"]
+    delta, error, end = failed[-3:]
+    assert delta["delta"] == "你好" and [e["token"] for e in delta["logprobs"]] == [tok.decode([5]), tok.decode([6])]
+    assert (error["message"], error["sequence_number"]) == ("bad stop string", len(failed) - 2)
+    assert end["response"]["status"] == "failed" and end["response"]["error"]["message"] == "bad stop string"
+    done = asyncio.run(run(Piece(0, "!", [7], [entry(7)], "length")))
+    assert [e["type"] for e in done][-4:] == RESPONSE_END + ["response.incomplete"]
+    assert done[-4]["text"] == "你好!" and len(done[-4]["logprobs"]) == 3
+    assert done[-1]["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
+
+
 @pytest.mark.parametrize(
     "body, status, param, words",
     [
@@ -1459,6 +1647,15 @@ def test_an_encoder_decoder_answers_completions(tmp_path: Path) -> None:
         assert r.json()["choices"][0]["finish_reason"] == "stop" and r.json()["usage"]["completion_tokens"] == k + 1
         r = httpx.post(s.url + "/tokenize", json={"prompt": "the king rode a horse."}, timeout=TIMEOUT)
         assert r.json()["tokens"] == source  # the source as the model reads it: with the tokenizer's </s>
+        # the Responses API answers what chat answers for the same message (the rendered chat is the source)
+        chat = {"messages": [{"role": "user", "content": "the king"}], "max_tokens": 6, "temperature": 0}
+        r = httpx.post(s.url + "/v1/chat/completions", json=chat, timeout=TIMEOUT).json()
+        answer = httpx.post(s.url + "/v1/responses", json={"input": "the king", "max_output_tokens": 6,
+                                                           "temperature": 0}, timeout=TIMEOUT).json()  # fmt: skip
+        assert answer["output"][0]["content"][0]["text"] == r["choices"][0]["message"]["content"]
+        assert answer["usage"]["input_tokens"] == r["usage"]["prompt_tokens"]
+        r = httpx.post(s.url + "/v1/responses", json={"input": "x", "top_logprobs": 2}, timeout=TIMEOUT)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
     finally:
         s.stop()
 

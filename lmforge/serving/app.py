@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP server: a FastAPI app over one `Scheduler` that owns the model.
 
     POST /v1/completions, /v1/chat/completions   causal LMs (continuous batching), encoder-decoders (one at a time)
+    POST /v1/responses                           the same models through OpenAI's Responses API (text, stateless)
     POST /v1/embeddings                          encoder models: mean-pooled, normalised (as `lmforge embed`)
     POST /v1/audio/transcriptions, translations  speech models (Whisper, lmforge's CTC): an uploaded file -> text
     POST /v1/pipelines/{task}                    any lmforge pipeline: {"inputs": ..., options} -> its own JSON
@@ -38,6 +39,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.serving.chat import DEFAULT_CHAT_STOP, ChatTemplate, read_chat_template
+from lmforge.serving.responses import ResponseBuilder, responses_usage
 from lmforge.serving.scheduler import Piece, QueueFull, SamplingParams, Scheduler
 from lmforge.serving.scheduler import Request as Generation
 from lmforge.serving.schemas import (
@@ -46,6 +48,7 @@ from lmforge.serving.schemas import (
     CompletionRequest,
     DetokenizeRequest,
     EmbeddingRequest,
+    ResponsesRequest,
     TokenizeRequest,
     parse,
 )
@@ -60,6 +63,7 @@ ROUTES = {
     "/v1/models",
     "/v1/completions",
     "/v1/chat/completions",
+    "/v1/responses",
     "/v1/embeddings",
     "/tokenize",
     "/detokenize",
@@ -224,9 +228,9 @@ class Engine:
         self._ids = itertools.count()
         self._id_prefix = secrets.token_hex(6)
 
-    def new_id(self, kind: str) -> str:
-        """A fresh completion id, e.g. "cmpl-" + 24 hex digits."""
-        return f"{kind}-{self._id_prefix}{next(self._ids):012x}"
+    def new_id(self, kind: str, sep: str = "-") -> str:
+        """A fresh id, e.g. "cmpl-" + 24 hex digits (OpenAI's Responses API: "resp_", "msg_")."""
+        return f"{kind}{sep}{self._id_prefix}{next(self._ids):012x}"
 
     def load(self) -> None:
         """Load the model (on a background thread: /health answers 503 meanwhile)."""
@@ -505,6 +509,18 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
         params = _sampling(engine, body, max_tokens, prompts, stop, top)
         return await _respond(request, engine, prompts, params, body, chat=True)
 
+    @app.post("/v1/responses")
+    async def responses(request: Request) -> Response:
+        body = parse(ResponsesRequest, await _json(request))
+        engine.check_model(body.model)
+        engine.check_ready()
+        body.check_options()
+        prompts = [_response_prompt(engine, body)]
+        stop = body.stop_list() + (DEFAULT_CHAT_STOP if engine.template.is_default else [])
+        params = _sampling(engine, body, body.max_output_tokens, prompts, stop, body.logprobs,
+                           names=("input", "max_output_tokens"))  # fmt: skip
+        return await _respond_responses(request, engine, prompts, params, body)
+
     @app.post("/tokenize")
     async def tokenize(request: Request) -> JSONResponse:
         body = parse(TokenizeRequest, await _json(request))
@@ -749,9 +765,17 @@ def _completion_prompts(engine: Engine, body: CompletionRequest) -> list[list[in
 
 
 def _sampling(
-    engine: Engine, body: Any, max_tokens: int | None, prompts: list[list[int]], stop: list[str], logprobs: int | None
+    engine: Engine,
+    body: Any,
+    max_tokens: int | None,
+    prompts: list[list[int]],
+    stop: list[str],
+    logprobs: int | None,
+    names: tuple[str, str] = ("prompt", "max_tokens"),
 ) -> SamplingParams:
-    """The request's SamplingParams, after checking the prompt and max_tokens fit the model's context."""
+    """The request's SamplingParams, after checking the prompt and max_tokens fit the model's context (errors
+    name the request's fields for them: `names`, the prompt's and max_tokens')."""
+    prompt_param, max_param = names
     if engine.model is None:
         raise APIError(400, f"'{engine.config.name}' is {engine.describe()}: it does not generate text from a "
                        "prompt", param="model")  # fmt: skip
@@ -760,14 +784,14 @@ def _sampling(
     if engine.kind == "causal-lm":
         if longest >= ctx:
             raise APIError(400, f"the prompt has {longest} tokens but the model's context is {ctx} tokens; "
-                           "shorten the prompt", param="prompt", code="context_length_exceeded")  # fmt: skip
+                           "shorten the prompt", param=prompt_param, code="context_length_exceeded")  # fmt: skip
         if max_tokens is None:
             max_tokens = ctx - longest
         elif longest + max_tokens > ctx:
             raise APIError(
-                400, f"the prompt ({longest} tokens) plus max_tokens ({max_tokens}) is {longest + max_tokens} "
-                f"tokens, more than the model's context of {ctx} tokens; lower max_tokens to {ctx - longest} "
-                "or shorten the prompt", param="max_tokens", code="context_length_exceeded",
+                400, f"the prompt ({longest} tokens) plus {max_param} ({max_tokens}) is {longest + max_tokens} "
+                f"tokens, more than the model's context of {ctx} tokens; lower {max_param} to {ctx - longest} "
+                "or shorten the prompt", param=max_param, code="context_length_exceeded",
             )  # fmt: skip
     else:  # an encoder-decoder: the prompt is the source, the output has its own positions
         if logprobs is not None:
@@ -775,12 +799,12 @@ def _sampling(
                            param="logprobs")  # fmt: skip
         if longest > ctx:
             raise APIError(400, f"the prompt has {longest} tokens but the model reads at most {ctx}",
-                           param="prompt", code="context_length_exceeded")  # fmt: skip
+                           param=prompt_param, code="context_length_exceeded")  # fmt: skip
         if max_tokens is None:
             max_tokens = ctx - 1
         elif max_tokens > ctx - 1:
-            raise APIError(400, f"max_tokens ({max_tokens}) is more than the {ctx - 1} tokens the model's "
-                           "decoder can write", param="max_tokens", code="context_length_exceeded")  # fmt: skip
+            raise APIError(400, f"{max_param} ({max_tokens}) is more than the {ctx - 1} tokens the model's "
+                           "decoder can write", param=max_param, code="context_length_exceeded")  # fmt: skip
     vocab = engine.model.config.vocab_size
     stop_ids = body.stop_token_ids or []
     _check_token_ids(stop_ids, vocab, "stop_token_ids")
@@ -845,17 +869,15 @@ def _chat_logprobs(tokenizer: Any, entries: list[dict[str, Any]]) -> dict[str, A
                         for e in entries]}  # fmt: skip
 
 
-async def _respond(
-    request: Request, engine: Engine, prompts: list[list[int]], params: SamplingParams, body: Any, chat: bool
-) -> Response:
-    """Run the generation (continuous batching for a causal LM) and answer, streamed or whole."""
-    loop = asyncio.get_running_loop()
-    events = Inbox(loop)
+def _start(engine: Engine, prompts: list[list[int]], params: SamplingParams, n: int) -> tuple[Generation, Inbox]:
+    """Start the generation (the scheduler's continuous batching for a causal LM, a job for an encoder-decoder);
+    its pieces arrive in the returned inbox, then None."""
+    events = Inbox(asyncio.get_running_loop())
 
     def emit(event: Any) -> None:  # called on the scheduler thread; handed to the loop after its step
         engine.mailbox.post(events, event)
 
-    generation = Generation(prompts, params, body.n, emit)
+    generation = Generation(prompts, params, n, emit)
     engine.metrics.prompt_tokens.inc(generation.prompt_tokens)
     if engine.kind == "causal-lm":
         try:
@@ -864,12 +886,11 @@ async def _respond(
             raise APIError(429, str(error), type="rate_limit_exceeded", code="rate_limit_exceeded") from None
     else:
         engine.scheduler.run_job(lambda: _seq2seq_generate(engine, generation))
-    rid = engine.new_id("chatcmpl" if chat else "cmpl")
-    head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": engine.config.name}  # fmt: skip
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventStream(_stream(engine, generation, events, head, chat, include_usage), generation.cancel)
+    return generation, events
+
+
+async def _gather(request: Request, generation: Generation, events: Inbox) -> _Choices | None:
+    """A whole (not streamed) answer's pieces, or None if the client went away before it was written."""
     choices = _Choices(generation.size)
     watcher = asyncio.ensure_future(_until_disconnect(request.receive, generation.cancel))
     try:
@@ -879,7 +900,22 @@ async def _respond(
             choices.add(event)
     finally:
         watcher.cancel()
-    if generation.cancelled:  # the client is gone: nobody to answer
+    return None if generation.cancelled else choices
+
+
+async def _respond(
+    request: Request, engine: Engine, prompts: list[list[int]], params: SamplingParams, body: Any, chat: bool
+) -> Response:
+    """Run the generation and answer completions or chat, streamed or whole."""
+    generation, events = _start(engine, prompts, params, body.n)
+    rid = engine.new_id("chatcmpl" if chat else "cmpl")
+    head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": engine.config.name}  # fmt: skip
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return EventStream(_stream(engine, generation, events, head, chat, include_usage), generation.cancel)
+    choices = await _gather(request, generation, events)
+    if choices is None:  # the client is gone: nobody to answer
         return Response(status_code=499)
     usage = _usage(generation)
     out = []
@@ -895,6 +931,88 @@ async def _respond(
         choice["finish_reason"] = choices.finish[i]
         out.append(choice)
     return JSONResponse({**head, "choices": out, "usage": usage})
+
+
+def _response_prompt(engine: Engine, body: ResponsesRequest) -> list[int]:
+    """A Responses API request's prompt: `instructions` and `input` through the chat template. With truncation
+    "auto", the earliest input messages are dropped (the instructions kept) until the prompt and
+    max_output_tokens fit the model's context."""
+    messages = body.messages()
+    ids = _encode(engine, _chat_text(engine, messages), "input")
+    if body.truncation != "auto" or engine.model is None:
+        return ids
+    ctx, first = engine.context, 1 if body.instructions else 0  # messages[first:] are the input's
+
+    def fits(ids: list[int]) -> bool:
+        if engine.kind != "causal-lm":
+            return len(ids) <= ctx
+        return len(ids) < ctx and (body.max_output_tokens is None or len(ids) + body.max_output_tokens <= ctx)
+
+    while not fits(ids) and len(messages) - first > 1:
+        del messages[first]
+        ids = _encode(engine, _chat_text(engine, messages), "input")
+    return ids
+
+
+async def _respond_responses(
+    request: Request, engine: Engine, prompts: list[list[int]], params: SamplingParams, body: ResponsesRequest
+) -> Response:
+    """Run the generation and answer as OpenAI's Responses API does, streamed (its events) or whole."""
+    generation, events = _start(engine, prompts, params, 1)
+    builder = ResponseBuilder(engine.new_id("resp", "_"), engine.new_id("msg", "_"), engine.config.name, body)
+    if body.stream:
+        return EventStream(_stream_response(engine, generation, events, builder), generation.cancel)
+    choices = await _gather(request, generation, events)
+    if choices is None:
+        return Response(status_code=499)
+    logprobs = _chat_logprobs(engine.tokenizer, choices.tokens[0])["content"] if params.logprobs is not None \
+        else None  # fmt: skip
+    usage = responses_usage(generation.prompt_tokens, generation.completion_tokens)
+    return JSONResponse(builder.finished(choices.text[0], logprobs, choices.finish[0], usage))
+
+
+async def _stream_response(
+    engine: Engine, generation: Generation, events: Inbox, builder: ResponseBuilder
+) -> AsyncIterator[bytes]:
+    """The Responses API's events (`ResponseBuilder`): a delta per piece of text, each with the logprobs of the
+    tokens written since the last one (when asked for); events already waiting go out in one write."""
+    tok, wanted = engine.tokenizer, generation.params.logprobs is not None
+    out = builder.opening()
+    text: list[str] = []
+    entries: list[dict[str, Any]] = []  # every token's logprobs, for the done events
+    pending: list[dict[str, Any]] = []  # those not yet sent with a delta (tokens whose text was held back)
+    finish: str | None = None
+    finished = False
+    try:
+        while True:
+            if out and events.empty():
+                yield b"".join(out)
+                out = []
+            event = await events.get()
+            if event is None:
+                break
+            if isinstance(event, BaseException):
+                out += builder.failure(_as_api_error(event))
+                yield b"".join(out)
+                finished = True
+                return
+            piece: Piece = event
+            if piece.logprobs:
+                new = _chat_logprobs(tok, piece.logprobs)["content"]
+                entries += new
+                pending += new
+            if piece.text:
+                out.append(builder.delta(piece.text, pending))
+                text.append(piece.text)
+                pending = []
+            finish = piece.finish_reason or finish
+        usage = responses_usage(generation.prompt_tokens, generation.completion_tokens)
+        out += builder.closing("".join(text), entries if wanted else None, finish, usage)
+        yield b"".join(out)
+        finished = True
+    finally:
+        if not finished:
+            generation.cancel()
 
 
 def _usage(generation: Generation) -> dict[str, int]:

@@ -161,6 +161,111 @@ class ChatRequest(_Sampling):
                            "or send {'type': 'text'}", param="response_format")  # fmt: skip
 
 
+class InputPart(_Body):
+    """A part of a Responses API message: text in (`input_text`) or an earlier answer's text (`output_text`)."""
+
+    type: str
+    text: str | None = None
+
+
+class InputItem(_Body):
+    """An item of a Responses API `input` list: a message (`type` "message", or left out)."""
+
+    type: str = "message"
+    role: str | None = None
+    content: str | list[InputPart] | None = None
+
+    def message(self, at: int) -> ChatMessage:
+        """The item as a chat message; items other than text messages are a 400 naming `input[at]`."""
+        where = f"input[{at}]"
+        if self.type != "message":
+            raise APIError(400, f"{where} is a {self.type!r} item; only messages are supported (no tool calls or "
+                           "stored items)", param=where)  # fmt: skip
+        if self.role not in ("user", "assistant", "system", "developer"):
+            raise APIError(400, f"{where} has role {self.role!r}; use user, assistant, system or developer",
+                           param=where)  # fmt: skip
+        if isinstance(self.content, list):
+            for part in self.content:
+                if part.type not in ("input_text", "output_text") or part.text is None:
+                    raise APIError(400, f"{where}: only text content is supported, got a {part.type!r} part",
+                                   param=where)  # fmt: skip
+            text = "".join(part.text or "" for part in self.content)
+        else:
+            text = self.content or ""
+        return ChatMessage(role=self.role, content=text)
+
+
+class ResponsesRequest(_Sampling):
+    """OpenAI's Responses API (POST /v1/responses), text in and out, one answer, nothing stored: `input` (a
+    string, or messages), `instructions` (a system message before them), `max_output_tokens`, `temperature`,
+    `top_p`, `stream`, `top_logprobs` and `include` ["message.output_text.logprobs"], `truncation`, `metadata`;
+    the sampling extras of completions and chat are accepted too."""
+
+    input: str | list[InputItem]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    include: list[str] | None = None
+    truncation: Literal["auto", "disabled"] = "disabled"
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    store: bool | None = None
+    parallel_tool_calls: bool = True
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    text: dict[str, Any] | None = None
+    reasoning: dict[str, Any] | None = None
+    previous_response_id: str | None = None
+    conversation: Any = None
+    prompt: Any = None
+    background: bool = False
+
+    @property
+    def logprobs(self) -> int | None:
+        """How many alternatives each token's logprobs list (None: no logprobs asked for)."""
+        if "message.output_text.logprobs" in (self.include or []) or self.top_logprobs:
+            return self.top_logprobs or 0
+        return None
+
+    def check_options(self) -> None:
+        """A 400 for what this server cannot honour: stored state (`previous_response_id`, `conversation`,
+        `background`), prompt templates, tool calls, output formats other than text, reasoning, n > 1."""
+        super().check_options()
+        stored = {"previous_response_id": self.previous_response_id, "conversation": self.conversation}
+        for name, value in stored.items():
+            if value:
+                raise APIError(400, f"{name} is not supported: this server stores no responses; send the whole "
+                               "conversation in 'input'", param=name)  # fmt: skip
+        if self.background:
+            raise APIError(400, "background responses are not supported (nothing is stored); send stream: true "
+                           "to read the answer as it is written", param="background")  # fmt: skip
+        if self.prompt:
+            raise APIError(400, "prompt templates are not supported; send the text in 'input'", param="prompt")
+        if self.tools and self.tool_choice != "none":
+            raise APIError(400, "tool calling is not supported: the model has no tool-call format; leave out "
+                           "'tools' or send tool_choice='none'", param="tools")  # fmt: skip
+        kind = ((self.text or {}).get("format") or {}).get("type", "text")
+        if kind != "text":
+            raise APIError(400, f"text.format {kind!r} is not supported (no constrained decoding); leave it out or "
+                           "send {'format': {'type': 'text'}}", param="text.format")  # fmt: skip
+        if (self.reasoning or {}).get("effort") or (self.reasoning or {}).get("summary"):
+            raise APIError(400, "reasoning is not supported: the model has no reasoning mode; leave it out",
+                           param="reasoning")  # fmt: skip
+        if self.n != 1:
+            raise APIError(400, "a response has one answer; ask /v1/chat/completions for n choices", param="n")
+
+    def messages(self) -> list[ChatMessage]:
+        """`instructions` and `input` as chat messages (what the chat template renders)."""
+        if not self.input:
+            raise APIError(400, "'input' is empty: send a string or a list of messages", param="input")
+        if isinstance(self.input, str):
+            items = [ChatMessage(role="user", content=self.input)]
+        else:
+            items = [item.message(i) for i, item in enumerate(self.input)]
+        head = [ChatMessage(role="system", content=self.instructions)] if self.instructions else []
+        return head + items
+
+
 class TokenizeRequest(_Body):
     """POST /tokenize (vLLM's): a prompt, or chat messages as the chat route renders them."""
 
