@@ -1558,6 +1558,11 @@ def test_embeddings_equal_sentence_transformers() -> None:
         vector = np.frombuffer(base64.b64decode(raw["data"][0]["embedding"]), dtype="<f4")
         np.testing.assert_allclose(vector, ref[0], atol=1e-5)
         assert raw["usage"]["prompt_tokens"] > 0
+        same = client.embeddings.create(model="model", input=texts[:1], dimensions=384, encoding_format="float")
+        np.testing.assert_allclose(same.data[0].embedding, ref[0], atol=1e-5)
+        with pytest.raises(openai.BadRequestError) as info:  # OpenAI's shortened vectors: not for this model
+            client.embeddings.create(model="model", input=texts[:1], dimensions=128)
+        assert info.value.body["param"] == "dimensions" and "384 dimensions" in info.value.body["message"]
         r = httpx.post(s.url + "/v1/completions", json={"prompt": "hi"})
         assert r.status_code == 400 and "does not generate text" in r.json()["error"]["message"]
     finally:

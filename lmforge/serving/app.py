@@ -558,6 +558,10 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
                            "(e.g. serve all-MiniLM-L6-v2 or a BERT directory)", param="model")  # fmt: skip
         pipe = await _pipeline(engine, "sentence-embeddings")
         vectors = await _job(engine, lambda: pipe(texts))
+        size = torch.as_tensor(vectors[0]).numel()
+        if body.dimensions is not None and body.dimensions != size:  # (not cut: the model was not trained for it)
+            raise APIError(400, f"dimensions={body.dimensions}: this model's embeddings have {size} dimensions and "
+                           f"cannot be shortened; leave dimensions out or send {size}", param="dimensions")  # fmt: skip
         tokens = sum(len(engine.tokenizer.encode(t)) for t in texts)
         data = []
         for i, vector in enumerate(vectors):

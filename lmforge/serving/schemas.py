@@ -286,6 +286,7 @@ class EmbeddingRequest(_Body):
     model: str | None = None
     input: str | list[str]
     encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)  # OpenAI's shortened embeddings: only the model's own size here
 
 
 def parse(model: type[BaseModel], data: Any) -> Any:
