@@ -141,6 +141,10 @@ class ChatRequest(_Sampling):
     functions: list[Any] | None = None  # OpenAI's older names for tools and tool_choice
     function_call: Any = None
     response_format: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    web_search_options: dict[str, Any] | None = None
 
     def check_options(self) -> None:
         """A 400 for contradicting options and for the OpenAI options this server does not implement (rather than
@@ -159,6 +163,15 @@ class ChatRequest(_Sampling):
         if kind != "text":
             raise APIError(400, f"response_format {kind!r} is not supported (no constrained decoding); leave it out "
                            "or send {'type': 'text'}", param="response_format")  # fmt: skip
+        if self.audio or any(m != "text" for m in self.modalities or []):
+            raise APIError(400, "only text output is supported; leave out 'audio' and send modalities ['text']",
+                           param="modalities" if self.modalities else "audio")  # fmt: skip
+        if self.reasoning_effort:
+            raise APIError(400, "reasoning_effort is not supported: the model has no reasoning mode; leave it out",
+                           param="reasoning_effort")  # fmt: skip
+        if self.web_search_options is not None:
+            raise APIError(400, "web search is not supported; leave out web_search_options",
+                           param="web_search_options")  # fmt: skip
 
 
 class InputPart(_Body):
