@@ -1036,6 +1036,67 @@ def test_n_seed_and_logprobs(client: openai.OpenAI, tiny_dir: Path, loaded) -> N
     assert len(content) >= 1 and len(content[0].top_logprobs) == 3 and content[0].logprob <= 0
 
 
+def test_echo_gives_the_prompt_back_with_the_models_logprobs(client: openai.OpenAI, tiny_dir: Path, loaded) -> None:
+    """`echo: true`: each choice's text starts with its prompt; with `logprobs`, every prompt token after the
+    first has the log-probability the model gives it after the tokens before it (its own forward over the
+    prompt), then the generated tokens' as without echo; `max_tokens: 0` scores the prompt alone. Streamed, the
+    prompt comes first and the chunks add up to the same text and offsets."""
+    model, tok = loaded
+    prompt = "the king rode 床前"
+    ids = tok.encode(prompt)
+    logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)  # (L, V)
+    expected = [logp[i, t].item() for i, t in enumerate(ids[1:])]
+    kw = dict(model=tiny_dir.name, prompt=prompt, temperature=0, logprobs=2)
+    plain = client.completions.create(**kw, max_tokens=4)
+    out = client.completions.create(**kw, max_tokens=4, echo=True)
+    choice, L = out.choices[0], len(ids)
+    assert choice.text == prompt + plain.choices[0].text
+    lp = choice.logprobs
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:L] == pytest.approx(expected, abs=1e-4)
+    assert [max(t.values()) for t in lp.top_logprobs[1:L]] == pytest.approx(logp[:-1].max(-1).values.tolist(), abs=1e-4)
+    assert lp.tokens[:L] == [tok.decode([t]) for t in ids] and lp.tokens[L:] == plain.choices[0].logprobs.tokens
+    assert lp.token_logprobs[L:] == pytest.approx(plain.choices[0].logprobs.token_logprobs, abs=1e-5)
+    # offsets: the prompt's tokens from 0, the answer's from the end of the prompt's text (a token of part of a
+    # Chinese character reads as one U+FFFD, so the prompt's token texts need not add up to the prompt)
+    assert lp.text_offset[:L] == [sum(len(t) for t in lp.tokens[:k]) for k in range(L)]
+    assert lp.text_offset[L:] == [len(prompt) + sum(len(t) for t in lp.tokens[L:k]) for k in range(L, len(lp.tokens))]
+    assert out.usage.prompt_tokens == L and out.usage.completion_tokens == plain.usage.completion_tokens
+    scored = client.completions.create(**kw, max_tokens=0, echo=True)
+    assert scored.choices[0].text == prompt and scored.choices[0].finish_reason == "length"
+    assert scored.usage.completion_tokens == 0 and scored.choices[0].logprobs.token_logprobs == lp.token_logprobs[:L]
+    chunks = [c.choices[0] for c in client.completions.create(**kw, max_tokens=4, echo=True, stream=True)]
+    assert chunks[0].text == prompt and "".join(c.text for c in chunks) == choice.text
+    assert [o for c in chunks if c.logprobs for o in c.logprobs.text_offset] == lp.text_offset
+    as_ids = client.completions.create(model=tiny_dir.name, prompt=ids, max_tokens=0, echo=True)
+    assert as_ids.choices[0].text == tok.decode(ids) and as_ids.choices[0].logprobs is None
+    two = client.completions.create(model=tiny_dir.name, prompt=["the king", "床前"], max_tokens=2, echo=True, n=2,
+                                    temperature=1.0, seed=0)  # fmt: skip
+    assert [c.text[: len(p)] for c, p in zip(two.choices, ["the king"] * 2 + ["床前"] * 2)] == ["the king"] * 2 + [
+        "床前"
+    ] * 2
+
+
+def test_a_continuations_log_likelihood_as_lm_evaluation_harness_asks_for_it(
+    client: openai.OpenAI, tiny_dir: Path, loaded
+) -> None:
+    """lm-evaluation-harness's `local-completions` scores a continuation with token ids, `echo`, `logprobs: 1`,
+    `max_tokens: 1`, and reads token_logprobs[len(context):-1]: that sum is log p(continuation | context), and
+    the continuation is greedy where each token is the top one."""
+    model, tok = loaded
+    context, continuation = tok.encode("To be, or not"), tok.encode(" to be")
+    out = client.completions.create(model=tiny_dir.name, prompt=[context + continuation], max_tokens=1, echo=True,
+                                    logprobs=1, temperature=0)  # fmt: skip
+    lp = out.choices[0].logprobs
+    scores = lp.token_logprobs[len(context) : -1]
+    logp = torch.log_softmax(model(torch.tensor([context + continuation])).logits[0].float(), -1)
+    positions = range(len(context) - 1, len(context) + len(continuation) - 1)
+    assert sum(scores) == pytest.approx(sum(logp[i, t].item() for i, t in zip(positions, continuation)), abs=1e-3)
+    greedy = all(max(top, key=top.get) == tok.decode([t]) for top, t in zip(lp.top_logprobs[len(context) : -1],
+                                                                             continuation))  # fmt: skip
+    assert greedy == all(logp[i].argmax().item() == t for i, t in zip(positions, continuation))
+
+
 # ------------------------------------------------------------------------------ the Responses API
 RESPONSE_EVENTS = ["response.created", "response.in_progress", "response.output_item.added",
                    "response.content_part.added"]  # fmt: skip
@@ -1252,7 +1313,7 @@ def test_bad_requests_get_openai_errors(server: Server, body: dict, status: int,
         ("/v1/completions", {"logit_bias": {"abc": 1}}, "logit_bias", "token ids in [0, "),
         ("/v1/completions", {"logit_bias": {"999999": 1}}, "logit_bias", "'999999'"),
         ("/v1/completions", {"logit_bias": {"5": 101}}, "logit_bias", "[-100, 100], got 101"),
-        ("/v1/completions", {"echo": True}, "echo", "not supported"),
+        ("/v1/completions", {"max_tokens": 0}, "max_tokens", "0 only with echo: true"),
         ("/v1/completions", {"suffix": "end"}, "suffix", "fill-in-the-middle"),
         ("/v1/completions", {"best_of": 3}, "best_of", "ask for n choices"),
         ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools",
@@ -1656,6 +1717,9 @@ def test_an_encoder_decoder_answers_completions(tmp_path: Path) -> None:
         assert r.json()["choices"][0]["finish_reason"] == "stop" and r.json()["usage"]["completion_tokens"] == k + 1
         r = httpx.post(s.url + "/tokenize", json={"prompt": "the king rode a horse."}, timeout=TIMEOUT)
         assert r.json()["tokens"] == source  # the source as the model reads it: with the tokenizer's </s>
+        echoed = {"prompt": "the king rode a horse.", "max_tokens": 10, "temperature": 0, "echo": True}
+        r = httpx.post(s.url + "/v1/completions", json=echoed, timeout=TIMEOUT)
+        assert r.json()["choices"][0]["text"] == "the king rode a horse." + tok.decode(ref, skip_special_tokens=True)
         # the Responses API answers what chat answers for the same message (the rendered chat is the source)
         chat = {"messages": [{"role": "user", "content": "the king"}], "max_tokens": 6, "temperature": 0}
         r = httpx.post(s.url + "/v1/chat/completions", json=chat, timeout=TIMEOUT).json()

@@ -40,7 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.serving.chat import DEFAULT_CHAT_STOP, ChatTemplate, read_chat_template
 from lmforge.serving.responses import ResponseBuilder, responses_usage
-from lmforge.serving.scheduler import Piece, QueueFull, SamplingParams, Scheduler
+from lmforge.serving.scheduler import Piece, QueueFull, SamplingParams, Scheduler, token_logprobs
 from lmforge.serving.scheduler import Request as Generation
 from lmforge.serving.schemas import (
     APIError,
@@ -494,7 +494,8 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
         body.check_options()
         prompts = _completion_prompts(engine, body)
         params = _sampling(engine, body, body.max_tokens, prompts, body.stop_list(), body.logprobs)
-        return await _respond(request, engine, prompts, params, body, chat=False)
+        echo = await _echo(engine, body, prompts) if body.echo else None
+        return await _respond(request, engine, prompts, params, body, chat=False, echo=echo)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -857,9 +858,56 @@ def _completion_logprobs(tokenizer: Any, entries: list[dict[str, Any]], offset: 
     return {
         "tokens": tokens,
         "token_logprobs": [e["logprob"] for e in entries],
-        "top_logprobs": [{_token_text(tokenizer, i): lp for i, lp in e["top"]} for e in entries],
+        "top_logprobs": [
+            None if e["top"] is None else {_token_text(tokenizer, i): lp for i, lp in e["top"]} for e in entries
+        ],  # (None: a prompt's first token, which nothing predicts)
         "text_offset": offsets,
     }
+
+
+@dataclass
+class Echo:
+    """A prompt as `echo: true` gives it back: its text, and its tokens' logprobs when logprobs are asked for."""
+
+    text: str
+    logprobs: dict[str, list[Any]] | None  # OpenAI's completions logprobs; the first token has none
+
+
+async def _echo(engine: Engine, body: CompletionRequest, prompts: list[list[int]]) -> list[Echo]:
+    """Each prompt's echo: the text as sent (token ids decoded) and, with `logprobs`, every prompt token's
+    log-probability given the tokens before it, from one forward of the model over the prompt (on the scheduler
+    thread, between steps), as vLLM answers `echo` with `logprobs` (e.g. for lm-evaluation-harness)."""
+    prompt = body.prompt
+    if isinstance(prompt, str):
+        texts = [prompt]
+    elif all(isinstance(p, str) for p in prompt):
+        texts = list(prompt)
+    else:  # token ids
+        texts = [engine.tokenizer.decode(ids) for ids in prompts]
+    if body.logprobs is None:
+        return [Echo(t, None) for t in texts]
+    top, model = body.logprobs, engine.model
+
+    def score() -> list[list[dict[str, Any]]]:
+        out = []
+        with torch.inference_mode():
+            for ids in prompts:
+                x = torch.tensor([ids], device=model.device)
+                logits = model(x).logits[0, :-1]  # (L-1, V): what each position predicts for the next token
+                out.append([token_logprobs(row, token, top) for row, token in zip(logits, ids[1:])])
+        return out
+
+    entries = await _job(engine, score)
+    echoes = []
+    for text, ids, scored in zip(texts, prompts, entries):
+        logprobs = _completion_logprobs(engine.tokenizer, [{"id": ids[0], "logprob": None, "top": None}, *scored])
+        echoes.append(Echo(text, logprobs))
+    return echoes
+
+
+def _joined(first: dict[str, list[Any]], then: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """Two completions logprobs, one after the other."""
+    return {key: first[key] + then[key] for key in first}
 
 
 def _chat_logprobs(tokenizer: Any, entries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -883,7 +931,11 @@ def _start(engine: Engine, prompts: list[list[int]], params: SamplingParams, n: 
 
     generation = Generation(prompts, params, n, emit)
     engine.metrics.prompt_tokens.inc(generation.prompt_tokens)
-    if engine.kind == "causal-lm":
+    if params.max_tokens == 0:  # the prompt echoed, nothing generated
+        for i in range(generation.size):
+            events.put(Piece(i, "", [], [] if params.logprobs is not None else None, "length"))
+        events.put(None)
+    elif engine.kind == "causal-lm":
         try:
             engine.scheduler.submit(generation)
         except QueueFull as error:
@@ -908,16 +960,24 @@ async def _gather(request: Request, generation: Generation, events: Inbox) -> _C
 
 
 async def _respond(
-    request: Request, engine: Engine, prompts: list[list[int]], params: SamplingParams, body: Any, chat: bool
+    request: Request,
+    engine: Engine,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    body: Any,
+    chat: bool,
+    echo: list[Echo] | None = None,
 ) -> Response:
-    """Run the generation and answer completions or chat, streamed or whole."""
+    """Run the generation and answer completions (each choice after its prompt's `echo`, if given) or chat,
+    streamed or whole."""
     generation, events = _start(engine, prompts, params, body.n)
     rid = engine.new_id("chatcmpl" if chat else "cmpl")
     head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": engine.config.name}  # fmt: skip
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventStream(_stream(engine, generation, events, head, chat, include_usage), generation.cancel)
+        chunks = _stream(engine, generation, events, head, chat, include_usage, echo)
+        return EventStream(chunks, generation.cancel)
     choices = await _gather(request, generation, events)
     if choices is None:  # the client is gone: nobody to answer
         return Response(status_code=499)
@@ -929,9 +989,11 @@ async def _respond(
             choice["logprobs"] = _chat_logprobs(engine.tokenizer, choices.tokens[i]) if params.logprobs is not None \
                 else None  # fmt: skip
         else:
-            choice = {"index": i, "text": choices.text[i]}
-            choice["logprobs"] = _completion_logprobs(engine.tokenizer, choices.tokens[i]) \
-                if params.logprobs is not None else None  # fmt: skip
+            said = echo[i // body.n] if echo else Echo("", None)
+            choice = {"index": i, "text": said.text + choices.text[i], "logprobs": None}
+            if params.logprobs is not None:
+                logprobs = _completion_logprobs(engine.tokenizer, choices.tokens[i], len(said.text))
+                choice["logprobs"] = _joined(said.logprobs, logprobs) if said.logprobs else logprobs
         choice["finish_reason"] = choices.finish[i]
         out.append(choice)
     return JSONResponse({**head, "choices": out, "usage": usage})
@@ -1097,18 +1159,30 @@ def _around_text(head: dict, index: int, chat: bool, extra: dict) -> tuple[bytes
 
 
 async def _stream(
-    engine: Engine, generation: Generation, events: Inbox, head: dict, chat: bool, include_usage: bool
+    engine: Engine,
+    generation: Generation,
+    events: Inbox,
+    head: dict,
+    chat: bool,
+    include_usage: bool,
+    echo: list[Echo] | None = None,
 ) -> AsyncIterator[bytes]:
-    """Server-sent events: a chunk per piece, the usage chunk if asked, then [DONE]. Events already waiting go
-    out together, in one write (a request's last piece, its usage and [DONE] arrive in the same step). If the
-    client goes away, the generation is cancelled (the scheduler drops it at its next step)."""
+    """Server-sent events: the prompts' echoes first (if given), a chunk per piece, the usage chunk if asked,
+    then [DONE]. Events already waiting go out together, in one write (a request's last piece, its usage and
+    [DONE] arrive in the same step). If the client goes away, the generation is cancelled (the scheduler drops
+    it at its next step)."""
     head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
     tok = engine.tokenizer
     extra = {"usage": None} if include_usage else {}
     out: list[bytes] = []  # events ready to send
     around: dict[int, tuple[bytes, bytes]] = {}  # choice index -> a text chunk's bytes before and after its text
+    offsets = [0] * generation.size  # each choice's text so far, in characters (completions' text_offset)
     finished = False
     try:
+        for i, said in enumerate(echo[i // generation.n] for i in range(generation.size)) if echo else ():
+            choice = {"index": i, "text": said.text, "logprobs": said.logprobs, "finish_reason": None}
+            out.append(_sse({**head, "choices": [choice], **extra}))
+            offsets[i] = len(said.text)
         if chat:
             for i in range(generation.size):
                 choice = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -1128,8 +1202,11 @@ async def _stream(
             if not piece.text and piece.finish_reason is None and piece.logprobs is None:
                 continue  # text held back (an unfinished character or a possible stop string)
             logprobs = None
-            if piece.logprobs is not None:
-                logprobs = _chat_logprobs(tok, piece.logprobs) if chat else _completion_logprobs(tok, piece.logprobs)
+            if piece.logprobs is not None and chat:
+                logprobs = _chat_logprobs(tok, piece.logprobs)
+            elif piece.logprobs is not None:
+                logprobs = _completion_logprobs(tok, piece.logprobs, offsets[piece.index])
+                offsets[piece.index] += sum(len(t) for t in logprobs["tokens"])
             if piece.text and logprobs is None and piece.finish_reason is None:  # most pieces: text only
                 if piece.index not in around:
                     around[piece.index] = _around_text(head, piece.index, chat, extra)

@@ -531,7 +531,7 @@ class Scheduler:
             request.first_token_at = now
         seq.last_token_at = now
         top = request.params.logprobs
-        logprobs = _logprobs(logits[row], token, top) if top is not None else None
+        logprobs = [token_logprobs(logits[row], token, top)] if top is not None else None
         finish = None
         if token in seq.eos:
             text, finish = seq.text.finish(), "stop"
@@ -605,11 +605,12 @@ def _lines(logits: Tensor, index: list[int]) -> Tensor:
     return logits.index_select(0, torch.tensor(index, device=logits.device))
 
 
-def _logprobs(logits: Tensor, token: int, top: int) -> list[dict[str, Any]]:
-    """[{"id", "logprob", "top": [(id, logprob), ...]}] for the chosen token under the model's distribution."""
+def token_logprobs(logits: Tensor, token: int, top: int) -> dict[str, Any]:
+    """{"id", "logprob", "top": [(id, logprob), ...]} for `token` under the distribution of `logits` (V,) (the
+    model's own, before penalties and biases), with the `top` most likely tokens."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     alternatives: list[tuple[int, float]] = []
     if top > 0:
         values, ids = logp.topk(min(top, logp.numel()))
         alternatives = list(zip(ids.tolist(), values.tolist()))
-    return [{"id": token, "logprob": float(logp[token]), "top": alternatives}]
+    return {"id": token, "logprob": float(logp[token]), "top": alternatives}

@@ -91,7 +91,7 @@ class _Sampling(_Body):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+    max_tokens: int | None = Field(16, ge=0)  # OpenAI's default for completions; 0 only with echo
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None
@@ -101,8 +101,9 @@ class CompletionRequest(_Sampling):
         """A 400 for contradicting options and for the OpenAI options this server does not implement (rather than
         answering without them)."""
         super().check_options()
-        if self.echo:
-            raise APIError(400, "echo is not supported; prepend the prompt to the answer yourself", param="echo")
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError(400, "max_tokens must be at least 1 (0 only with echo: true, to score the prompt)",
+                           param="max_tokens")  # fmt: skip
         if self.suffix:
             raise APIError(400, "suffix (fill-in-the-middle) is not supported; leave it out", param="suffix")
         if self.best_of is not None and self.best_of > 1:
