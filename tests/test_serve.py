@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import os
 import random
 import re
@@ -1557,6 +1558,52 @@ def test_metrics_route_labels_stay_few() -> None:
 
 
 # ------------------------------------------------------------------------------ servers with other options
+def test_every_answer_carries_a_request_id_that_the_log_names(tiny_dir: Path, monkeypatch, caplog) -> None:
+    """An `x-request-id` header on every answer (OpenAI's; the client's `_request_id`), streamed or not, errors
+    too: a client's own plausible X-Request-Id is kept, otherwise a fresh one; the access log line and a 500's
+    message and logged traceback name it."""
+    s = Server(tiny_dir)
+    try:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="x", timeout=TIMEOUT, max_retries=0)
+        first = client.completions.with_raw_response.create(model=tiny_dir.name, prompt="the", max_tokens=2)
+        second = client.completions.with_raw_response.create(model=tiny_dir.name, prompt="the", max_tokens=2)
+        ids = [first.headers["x-request-id"], second.headers["x-request-id"]]
+        assert all(re.fullmatch(r"req_[0-9a-f]{24}", i) for i in ids) and ids[0] != ids[1]
+        assert first.parse()._request_id == ids[0]
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": ""}, headers={"X-Request-Id": "trace-42.a:b"})
+        assert r.status_code == 400 and r.headers["x-request-id"] == "trace-42.a:b"
+        body = {"prompt": "the", "max_tokens": 3, "stream": True}
+        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=TIMEOUT) as streamed:
+            assert re.fullmatch(r"req_[0-9a-f]{24}", streamed.headers["x-request-id"])
+            streamed.read()
+        odd = httpx.get(s.url + "/health", headers={"X-Request-Id": "x" * 129})  # too long: not kept
+        assert re.fullmatch(r"req_[0-9a-f]{24}", odd.headers["x-request-id"])
+    finally:
+        output = s.stop()
+    logged = [json.loads(line) for line in output.splitlines() if line.startswith('{"time"')]
+    assert {(e["request_id"], e["status"]) for e in logged} >= {(ids[0], 200), (ids[1], 200), ("trace-42.a:b", 400)}
+
+    from fastapi.testclient import TestClient
+
+    from lmforge.serving import ServerConfig, app, create_app
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(app, "_completion_prompts", broken)
+    caplog.set_level(logging.INFO, logger="lmforge.serve")
+    served = create_app(ServerConfig(model=str(tiny_dir)), load_in_background=False)
+    with TestClient(served, raise_server_exceptions=False) as test_client:
+        r = test_client.post("/v1/completions", json={"prompt": "the"}, headers={"X-Request-Id": "bug-1"})
+    assert r.status_code == 500 and r.headers["x-request-id"] == "bug-1"
+    assert r.json()["error"]["message"].endswith("under request id bug-1") and "a bug" not in r.text
+    assert any("bug-1" in record.getMessage() and record.exc_info for record in caplog.records)
+    access = [json.loads(r.getMessage()) for r in caplog.records if r.getMessage().startswith('{"time"')]
+    assert [(e["status"], e["request_id"]) for e in access if e["path"] == "/v1/completions"] == [(500, "bug-1")]
+    counted = served.state.engine.metrics.registry.get_sample_value
+    assert counted("lmforge_requests_total", {"route": "/v1/completions", "status": "500"}) == 1
+
+
 def test_api_key_queue_limit_and_drain_on_sigterm(tiny_dir: Path) -> None:
     s = Server(tiny_dir, "--api-key", "s3cret", "--max-num-seqs", "1", "--max-queue", "1", "--drain-timeout", "20")
     try:

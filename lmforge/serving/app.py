@@ -22,6 +22,7 @@ import importlib.util
 import itertools
 import json
 import logging
+import re
 import secrets
 import threading
 import time
@@ -330,15 +331,23 @@ def _error_response(error: APIError) -> JSONResponse:
 
 # ---------------------------------------------------------------------------------------------- the gate
 BODY_SEND = "lmforge.body_send"  # where Gate leaves, in the ASGI scope, the `send` a streamed body's chunks may use
+REQUEST_ID = "lmforge.request_id"  # and the request's id (the `x-request-id` header of its answer)
+_GIVEN_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")  # a client's own X-Request-Id, kept if it looks like one
 
 
 class Gate:
-    """Pure ASGI middleware in front of every route: the API key, the body size limit, the access log and the
-    request metrics. (Pure ASGI, so streamed responses and client disconnects pass through untouched.)"""
+    """Pure ASGI middleware in front of every route: the API key, the body size limit, the request id, the access
+    log and the request metrics. (Pure ASGI, so streamed responses and client disconnects pass through untouched.)
+
+    Every answer carries an `x-request-id` header (as OpenAI's API does; the `openai` client shows it as
+    `_request_id`): the client's own `X-Request-Id` if it sent a plausible one (a proxy's, to follow a request
+    across services), else a fresh one. The access log line and any error logged for the request name it."""
 
     def __init__(self, app: Any, config: ServerConfig, metrics: Metrics) -> None:
         self.app, self.config, self.metrics = app, config, metrics
         self.key = ("Bearer " + config.api_key).encode() if config.api_key else None
+        self._ids = itertools.count()  # fresh ids: a random prefix and a counter (no system call per request)
+        self._id_prefix = "req_" + secrets.token_hex(6)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -346,10 +355,14 @@ class Gate:
             return
         start, status, path = time.perf_counter(), [0], scope["path"]
         headers = dict(scope.get("headers") or [])
+        given = headers.get(b"x-request-id", b"")
+        rid = given.decode() if _GIVEN_ID.fullmatch(given) else f"{self._id_prefix}{next(self._ids):012x}"
+        scope[REQUEST_ID] = rid
 
         async def send_logged(message: dict) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
             await send(message)
 
         async def refuse(error: APIError) -> None:
@@ -388,6 +401,11 @@ class Gate:
             except _BodyTooLarge:
                 if not status[0]:
                     await refuse(too_large)
+            except Exception:  # a bug: the traceback stays in the server's log, the client gets a 500 naming the id
+                log.exception("internal error on %s (request %s)", path, rid)
+                if not status[0]:  # (after the answer has started, nothing more can be said: it ends there)
+                    await refuse(APIError(500, "internal server error: the server's log has the details under "
+                                          f"request id {rid}", type="server_error"))  # fmt: skip
         finally:
             seconds = time.perf_counter() - start
             self.metrics.requests.labels(_route_label(path, status[0]), str(status[0])).inc()
@@ -395,7 +413,7 @@ class Gate:
             client = scope.get("client")
             log.info(json.dumps({
                 "time": round(time.time(), 3), "client": client[0] if client else None, "method": scope["method"],
-                "path": path, "status": status[0], "ms": round(1e3 * seconds, 1),
+                "path": path, "status": status[0], "ms": round(1e3 * seconds, 1), "request_id": rid,
             }))  # fmt: skip
 
 
@@ -443,12 +461,6 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         message = f"no route {request.method} {request.url.path}" if error.status_code in (404, 405) else error.detail
         return _error_response(APIError(error.status_code, str(message), code="not_found"))
-
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, error: Exception) -> JSONResponse:
-        log.exception("internal error on %s", request.url.path)  # the traceback stays in the server's log
-        return _error_response(APIError(500, "internal server error (the server's log has the details)",
-                                        type="server_error"))  # fmt: skip
 
     @app.get("/health")
     async def health() -> JSONResponse:
