@@ -1706,8 +1706,9 @@ def test_the_models_own_chat_template_renders_as_transformers_does(tiny_dir: Pat
         s.stop()
 
 
-def test_an_encoder_decoder_answers_completions(tmp_path: Path) -> None:
-    """A seq2seq model: the prompt is the source (with the tokenizer's </s>), the answer its greedy output."""
+@pytest.fixture(scope="module")
+def s2s_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A seeded random encoder-decoder (context 64) with a translation BPE."""
     from lmforge.models.seq2seq import Seq2SeqConfig, Seq2SeqForConditionalGeneration
 
     pairs = [("the king rode a horse.", "el rey montó un caballo."), ("the moon is bright.", "la luna brilla.")] * 4
@@ -1716,13 +1717,22 @@ def test_an_encoder_decoder_answers_completions(tmp_path: Path) -> None:
     config = Seq2SeqConfig(vocab_size=len(tok), d_model=16, encoder_layers=1, decoder_layers=1,
                            encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
                            decoder_ffn_dim=32, max_position_embeddings=64, dropout=0.0)  # fmt: skip
-    model = Seq2SeqForConditionalGeneration(config).eval()
-    model.save_pretrained(tmp_path / "s2s", tokenizer=tok)
+    directory = tmp_path_factory.mktemp("serve-s2s") / "s2s"
+    Seq2SeqForConditionalGeneration(config).eval().save_pretrained(directory, tokenizer=tok)
+    return directory
+
+
+def test_an_encoder_decoder_answers_completions(s2s_dir: Path) -> None:
+    """A seq2seq model: the prompt is the source (with the tokenizer's </s>), the answer its greedy output."""
+    from lmforge.models.seq2seq import Seq2SeqForConditionalGeneration
+
+    model = Seq2SeqForConditionalGeneration.from_pretrained(s2s_dir).eval()
+    tok, config = Tokenizer.from_pretrained(s2s_dir), model.config
     source = tok.encode("the king rode a horse.", add_special_tokens=True)
     out = model.generate(torch.tensor([source]), max_new_tokens=10)[0, 1:].tolist()
     ended = config.eos_token_id in out
     ref = out[: out.index(config.eos_token_id)] if ended else out
-    s = Server(tmp_path / "s2s")
+    s = Server(s2s_dir)
     try:
         r = httpx.post(s.url + "/v1/completions", json={"prompt": "the king rode a horse.", "max_tokens": 10,
                                                         "temperature": 0}, timeout=TIMEOUT)  # fmt: skip
@@ -1778,6 +1788,111 @@ def test_an_encoder_decoder_answers_completions(tmp_path: Path) -> None:
         assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
     finally:
         s.stop()
+
+
+S2S_TEXTS = ["the king rode a horse.", "the moon is bright.", "a horse.", "the king is bright and the moon rode.",
+             "bright", "the moon rode a king.", "king", "the horse is the moon."]  # fmt: skip
+
+
+def alone(model, tok, text: str, max_tokens: int) -> tuple[list[int], float]:
+    """A source's greedy decoding by itself (up to its first EOS), and the smallest gap between its best two
+    logits on the way (so that equality with a batched decoding is asserted where rounding cannot flip it)."""
+    from test_seq2seq_generate import GreedyGap
+
+    gap = GreedyGap()
+    ids = torch.tensor([tok.encode(text, add_special_tokens=True)])
+    out = model.generate(ids, max_new_tokens=max_tokens, logits_processors=[gap])[0, 1:].tolist()
+    eos = model.config.eos_token_id
+    return (out[: out.index(eos)] if eos in out else out), gap.gap
+
+
+def test_waiting_greedy_encoder_decoder_requests_are_answered_by_one_batched_generate(s2s_dir: Path) -> None:
+    """Seq2SeqRunner: the waiting greedy requests with the same end tokens go into one `generate` (up to
+    max_rows sources, in arrival order; a sampled one, or one with other end tokens, waits for a call of its
+    own); each answer is its source's decoding alone, cut at its own max_tokens; a client gone before its turn
+    is dropped; a full queue raises QueueFull; a failure reaches the group's requests."""
+    from lmforge.models.seq2seq import Seq2SeqForConditionalGeneration
+    from lmforge.serving.scheduler import QueueFull
+    from lmforge.serving.seq2seq import Seq2SeqRunner
+
+    model = Seq2SeqForConditionalGeneration.from_pretrained(s2s_dir).eval()
+    tok = Tokenizer.from_pretrained(s2s_dir)
+    jobs: list = []
+    scheduler = type("Stub", (), {"eos": {model.config.eos_token_id}, "run_job": lambda self, fn: jobs.append(fn)})()
+    runner = Seq2SeqRunner(model, tok, scheduler, max_rows=4, max_queue=9)
+    calls: list[int] = []
+    generate = model.generate
+    model.generate = lambda ids, **kw: calls.append(ids.size(0)) or generate(ids, **kw)  # (B, S): sources per call
+    got: dict[int, list] = {}
+
+    def request(k: int, text: str, max_tokens: int, **options) -> Request:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0, **options)
+        return Request(
+            [tok.encode(text, add_special_tokens=True)], params, 1, lambda e, k=k: got.setdefault(k, []).append(e)
+        )
+
+    lengths = [10, 4, 7, 10, 3, 9, 10]
+    requests = [request(k, S2S_TEXTS[k], n) for k, n in enumerate(lengths)]
+    requests.insert(2, request(90, "the moon", 6, stop_token_ids=[5]))  # other end tokens: a call of its own
+    requests.insert(4, Request([tok.encode("the king", add_special_tokens=True)],
+                               SamplingParams(max_tokens=5, temperature=0.9, seed=1), 1,
+                               lambda e: got.setdefault(91, []).append(e)))  # sampled: alone  # fmt: skip
+    for r in requests:
+        runner.submit(r)
+    requests[-1].cancel()  # its client went away before its turn
+    with pytest.raises(QueueFull):
+        runner.submit(request(99, "bright", 3))
+    assert len(jobs) == 1  # one job queued at a time
+    while jobs:
+        with torch.inference_mode():
+            jobs.pop(0)()
+    # arrival order: [0, 1, 90, 2, 91, 3, 4, 5, 6 (gone)]: 0, 1, 2, 3 (max_rows), then 90, then 91, then 4, 5
+    assert calls == [4, 1, 1, 2]
+    for k, n in enumerate(lengths[:6]):
+        tokens, gap = alone(model, tok, S2S_TEXTS[k], n)
+        assert gap > GREEDY_MARGIN
+        piece, end = got[k]
+        assert end is None and piece.token_ids == tokens and piece.text == tok.decode(tokens, skip_special_tokens=True)
+        assert piece.finish_reason == ("stop" if len(tokens) < n else "length")
+        assert requests[[0, 1, 3, 5, 6, 7][k]].completion_tokens == len(tokens) + (len(tokens) < n)
+    assert got[6] == [None] and got[90][-1] is None and got[91][-1] is None and runner.queue_length == 0
+
+    def broken(ids, **kw):
+        raise ValueError("no")
+
+    model.generate = broken
+    runner.submit(request(7, "bright", 3))
+    jobs.pop(0)()
+    assert isinstance(got[7][0], ValueError) and not jobs
+
+
+def test_concurrent_encoder_decoder_requests_through_the_server_equal_generate(s2s_dir: Path) -> None:
+    """Eight greedy requests at once through HTTP (batched by the server): each answer is its source's own."""
+    from lmforge.models.seq2seq import Seq2SeqForConditionalGeneration
+
+    model = Seq2SeqForConditionalGeneration.from_pretrained(s2s_dir).eval()
+    tok = Tokenizer.from_pretrained(s2s_dir)
+    expected = [alone(model, tok, text, 6 + k % 5) for k, text in enumerate(S2S_TEXTS)]
+    assert min(gap for _, gap in expected) > GREEDY_MARGIN
+    s = Server(s2s_dir)
+    try:
+
+        async def ask() -> list[dict]:
+            async with httpx.AsyncClient(base_url=s.url, timeout=TIMEOUT) as client:
+                replies = await asyncio.gather(*(
+                    client.post("/v1/completions", json={"prompt": text, "max_tokens": 6 + k % 5, "temperature": 0})
+                    for k, text in enumerate(S2S_TEXTS)
+                ))  # fmt: skip
+            return [r.json() for r in replies]
+
+        answers = asyncio.run(ask())
+        written = sum(a["usage"]["completion_tokens"] for a in answers)
+        assert _metric(s, "lmforge_generation_tokens_total") == written  # /metrics counts them too
+        assert _metric(s, "lmforge_batch_size_sum") == len(S2S_TEXTS)  # every source in some batched call
+    finally:
+        s.stop()
+    for answer, (tokens, _) in zip(answers, expected):
+        assert answer["choices"][0]["text"] == tok.decode(tokens, skip_special_tokens=True), answer
 
 
 def test_audio_transcriptions_through_the_openai_client(tmp_path: Path, server: Server) -> None:

@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP server: a FastAPI app over one `Scheduler` that owns the model.
 
-    POST /v1/completions, /v1/chat/completions   causal LMs (continuous batching), encoder-decoders (one at a time)
+    POST /v1/completions, /v1/chat/completions   causal LMs (continuous batching), encoder-decoders (greedy batched)
     POST /v1/responses                           the same models through OpenAI's Responses API (text, stateless)
     POST /v1/embeddings                          encoder models: mean-pooled, normalised (as `lmforge embed`)
     POST /v1/audio/transcriptions, translations  speech models (Whisper, lmforge's CTC): an uploaded file -> text
@@ -53,6 +53,7 @@ from lmforge.serving.schemas import (
     TokenizeRequest,
     parse,
 )
+from lmforge.serving.seq2seq import Seq2SeqRunner
 
 log = logging.getLogger("lmforge.serve")
 STATIC = Path(__file__).parent / "static"
@@ -221,6 +222,7 @@ class Engine:
         self.kind = "loading"  # then "causal-lm", "seq2seq-lm", "speech" or "encoder"
         self.template: ChatTemplate | None = None
         self.scheduler: Scheduler | None = None
+        self.seq2seq: Seq2SeqRunner | None = None  # an encoder-decoder's queue and batches
         self.mailbox = Mailbox()  # the scheduler's events, on their way to the event loop
         self.pipelines: dict[str, Any] = {}
         self.created = int(time.time())
@@ -277,6 +279,9 @@ class Engine:
             eager=self.config.enforce_eager,
         )
         self.scheduler.after_step = self.mailbox.flush
+        if self.kind == "seq2seq-lm":
+            self.seq2seq = Seq2SeqRunner(self.model, self.tokenizer, self.scheduler, self.config.max_num_seqs,
+                                         self.config.max_queue)  # fmt: skip
         self.scheduler.start()
 
     def describe(self) -> str:
@@ -947,13 +952,14 @@ def _start(engine: Engine, prompts: list[list[int]], params: SamplingParams, n: 
         for i in range(generation.size):
             events.put(Piece(i, "", [], [] if params.logprobs is not None else None, "length"))
         events.put(None)
-    elif engine.kind == "causal-lm":
-        try:
+        return generation, events
+    try:
+        if engine.kind == "causal-lm":
             engine.scheduler.submit(generation)
-        except QueueFull as error:
-            raise APIError(429, str(error), type="rate_limit_exceeded", code="rate_limit_exceeded") from None
-    else:
-        engine.scheduler.run_job(lambda: _seq2seq_generate(engine, generation))
+        else:
+            engine.seq2seq.submit(generation)
+    except QueueFull as error:
+        raise APIError(429, str(error), type="rate_limit_exceeded", code="rate_limit_exceeded") from None
     return generation, events
 
 
@@ -1241,50 +1247,3 @@ async def _stream(
     finally:
         if not finished:
             generation.cancel()
-
-
-def _adjusted(p: SamplingParams) -> Any:
-    """A logits processor for `generate` (an encoder-decoder's decoder ids (B, t), logits (B, V)) applying the
-    presence/frequency penalties over the generated tokens and logit_bias, as the scheduler does for causal LMs
-    (generate applies the repetition penalty itself)."""
-
-    def process(ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        counts = None
-        if p.presence_penalty or p.frequency_penalty:
-            out = ids[:, 1:]  # after the decoder start token: the tokens generated so far
-            counts = torch.zeros_like(logits).scatter_add_(1, out, torch.ones(out.shape, dtype=logits.dtype))
-        return p.adjust(logits.float().clone(), None, counts)
-
-    return process
-
-
-def _seq2seq_generate(engine: Engine, generation: Generation) -> None:
-    """An encoder-decoder's completions (on the scheduler thread, one request at a time): each prompt is a
-    source; each choice is generated with the request's options and given as one piece."""
-    p = generation.params
-    model, tok = engine.model, engine.tokenizer
-    for i, source in enumerate(generation.prompts):
-        ids = torch.tensor([source], device=model.device)
-        for j in range(generation.n):
-            if generation.cancelled:
-                generation.emit(None)
-                return
-            ends = p.ends(set(engine.scheduler.eos))
-            options: dict[str, Any] = {"max_new_tokens": p.max_tokens, "repetition_penalty": p.repetition_penalty,
-                                       "logits_processors": [_adjusted(p)] if p.penalised else [],
-                                       "min_new_tokens": p.min_tokens, "eos_token_id": sorted(ends)}  # fmt: skip
-            if p.temperature > 0:
-                seed = p.seed + j if p.seed is not None else None
-                options.update(do_sample=True, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k or None,
-                               seed=seed)  # fmt: skip
-            out = model.generate(ids, **options)[0, 1:].tolist()  # after the decoder start token
-            ended = next((k for k, t in enumerate(out) if t in ends), None)
-            kept = out if ended is None else out[:ended]
-            text = tok.decode(kept, skip_special_tokens=True)
-            cut = min((text.find(s) for s in p.stop if s in text), default=-1)
-            finish = "stop" if ended is not None or cut >= 0 else "length"
-            if cut >= 0:
-                text = text[:cut]
-            generation.completion_tokens += len(kept) + (ended is not None)  # EOS is a generated token too
-            generation.emit(Piece(i * generation.n + j, text, kept, None, finish))
-    generation.emit(None)
