@@ -1774,6 +1774,11 @@ def test_an_encoder_decoder_answers_completions(s2s_dir: Path) -> None:
         assert r.json()["choices"][0]["finish_reason"] == "stop" and r.json()["usage"]["completion_tokens"] == k + 1
         r = httpx.post(s.url + "/tokenize", json={"prompt": "the king rode a horse."}, timeout=TIMEOUT)
         assert r.json()["tokens"] == source  # the source as the model reads it: with the tokenizer's </s>
+        streamed = {"prompt": "the king rode a horse.", "max_tokens": 10, "temperature": 0, "stream": True}
+        with httpx.stream("POST", s.url + "/v1/completions", json=streamed, timeout=TIMEOUT) as r:
+            chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        texts = [c["choices"][0]["text"] for c in chunks]
+        assert "".join(texts) == tok.decode(ref, skip_special_tokens=True) and sum(map(bool, texts)) > 1
         echoed = {"prompt": "the king rode a horse.", "max_tokens": 10, "temperature": 0, "echo": True}
         r = httpx.post(s.url + "/v1/completions", json=echoed, timeout=TIMEOUT)
         assert r.json()["choices"][0]["text"] == "the king rode a horse." + tok.decode(ref, skip_special_tokens=True)
@@ -1809,8 +1814,9 @@ def alone(model, tok, text: str, max_tokens: int) -> tuple[list[int], float]:
 def test_waiting_greedy_encoder_decoder_requests_are_answered_by_one_batched_generate(s2s_dir: Path) -> None:
     """Seq2SeqRunner: the waiting greedy requests with the same end tokens go into one `generate` (up to
     max_rows sources, in arrival order; a sampled one, or one with other end tokens, waits for a call of its
-    own); each answer is its source's decoding alone, cut at its own max_tokens; a client gone before its turn
-    is dropped; a full queue raises QueueFull; a failure reaches the group's requests."""
+    own); each answer is its source's decoding alone, cut at its own max_tokens, handed over step by step in
+    pieces; a client gone before its turn is dropped; a full queue raises QueueFull; a failure reaches the
+    group's requests."""
     from lmforge.models.seq2seq import Seq2SeqForConditionalGeneration
     from lmforge.serving.scheduler import QueueFull
     from lmforge.serving.seq2seq import Seq2SeqRunner
@@ -1818,7 +1824,11 @@ def test_waiting_greedy_encoder_decoder_requests_are_answered_by_one_batched_gen
     model = Seq2SeqForConditionalGeneration.from_pretrained(s2s_dir).eval()
     tok = Tokenizer.from_pretrained(s2s_dir)
     jobs: list = []
-    scheduler = type("Stub", (), {"eos": {model.config.eos_token_id}, "run_job": lambda self, fn: jobs.append(fn)})()
+    order: list[tuple[int, object]] = []  # (request, event) in the order they were emitted
+    hand_overs: list[int] = []  # how many events had been emitted at each hand-over to the event loop
+    stub = {"eos": {model.config.eos_token_id}, "run_job": lambda self, fn: jobs.append(fn),
+            "after_step": lambda self: hand_overs.append(len(order))}  # fmt: skip
+    scheduler = type("Stub", (), stub)()
     runner = Seq2SeqRunner(model, tok, scheduler, max_rows=4, max_queue=9)
     calls: list[int] = []
     generate = model.generate
@@ -1827,9 +1837,12 @@ def test_waiting_greedy_encoder_decoder_requests_are_answered_by_one_batched_gen
 
     def request(k: int, text: str, max_tokens: int, **options) -> Request:
         params = SamplingParams(max_tokens=max_tokens, temperature=0, **options)
-        return Request(
-            [tok.encode(text, add_special_tokens=True)], params, 1, lambda e, k=k: got.setdefault(k, []).append(e)
-        )
+
+        def emit(event: object, k: int = k) -> None:
+            got.setdefault(k, []).append(event)
+            order.append((k, event))
+
+        return Request([tok.encode(text, add_special_tokens=True)], params, 1, emit)
 
     lengths = [10, 4, 7, 10, 3, 9, 10]
     requests = [request(k, S2S_TEXTS[k], n) for k, n in enumerate(lengths)]
@@ -1851,11 +1864,19 @@ def test_waiting_greedy_encoder_decoder_requests_are_answered_by_one_batched_gen
     for k, n in enumerate(lengths[:6]):
         tokens, gap = alone(model, tok, S2S_TEXTS[k], n)
         assert gap > GREEDY_MARGIN
-        piece, end = got[k]
-        assert end is None and piece.token_ids == tokens and piece.text == tok.decode(tokens, skip_special_tokens=True)
-        assert piece.finish_reason == ("stop" if len(tokens) < n else "length")
+        *pieces, end = got[k]
+        assert end is None and [t for piece in pieces for t in piece.token_ids] == tokens
+        assert "".join(piece.text for piece in pieces) == tok.decode(tokens, skip_special_tokens=True)
+        assert [piece.finish_reason for piece in pieces] == [None] * (len(pieces) - 1) + [
+            "stop" if len(tokens) < n else "length"
+        ]
+        assert len(pieces) > 1 or n < 4  # handed over as they were written
         assert requests[[0, 1, 3, 5, 6, 7][k]].completion_tokens == len(tokens) + (len(tokens) < n)
     assert got[6] == [None] and got[90][-1] is None and got[91][-1] is None and runner.queue_length == 0
+    # a hand-over after every decoding step (10 in the first batch alone), the first after its first step
+    assert len(hand_overs) >= 10 and hand_overs == sorted(hand_overs) and 0 < hand_overs[0] <= 4
+    # request 1 (4 tokens at most) is answered while request 0 (10) is still being written in the same batch
+    assert order.index((1, None)) < max(i for i, (k, e) in enumerate(order) if k == 0 and e is not None)
 
     def broken(ids, **kw):
         raise ValueError("no")

@@ -132,6 +132,11 @@ class Request:
     def cancel(self) -> None:
         self.cancelled = True
 
+    def ended(self, choices: int = 1) -> bool:
+        """`choices` of its choices have ended: True when none is left (the request's None is then due)."""
+        self._left -= choices
+        return self._left == 0
+
     @property
     def size(self) -> int:
         """Rows this request needs in the batch."""

@@ -13,8 +13,11 @@ model's own `generate`, not with the causal LMs' continuous-batching step. Reque
 - other requests (sampling, whose seeds must give the same text whatever else waits; penalties) run alone, one
   `generate` per choice.
 
-Each choice arrives as one piece, with its whole text, once generated; a request whose client went away before
-its turn is dropped. A failure answers the requests it concerned with the error (the server stays up).
+Text is handed to the event loop after every decoding step (`generate`'s streamer), as the causal LMs' steps
+hand theirs over: streamed answers arrive token by token, never splitting a UTF-8 character, and end at an end
+token, a stop string or the request's max_tokens; a request is answered as soon as its own rows have ended, even
+if others in its batch go on. A request whose client went away before its turn is dropped, and a decoding whose
+clients have all gone stops. A failure answers the requests it concerned with the error (the server stays up).
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from lmforge.generation import TextStream
 from lmforge.serving.scheduler import Piece, QueueFull, Request, SamplingParams, Scheduler
 
 
@@ -108,71 +113,119 @@ class Seq2SeqRunner:
         return p.greedy
 
     def _greedy(self, group: list[Request]) -> None:
-        """One batched greedy `generate` over the group's sources; each choice of a source is its decoding
-        (greedy: the n choices of one source are the same text)."""
-        sources = [ids for generation in group for ids in generation.prompts]
-        pad = self.model.config.pad_token_id or 0
-        width = max(len(s) for s in sources)
-        ids = torch.full((len(sources), width), pad, dtype=torch.long)  # (B, S): right-padded sources
-        mask = torch.zeros((len(sources), width), dtype=torch.long)
-        for row, source in enumerate(sources):
-            ids[row, : len(source)] = torch.tensor(source)
-            mask[row, : len(source)] = 1
+        """One batched greedy decoding of the group's sources (the n choices of a source are the same text)."""
+        rows = [self._row(generation, i, range(i * generation.n, (i + 1) * generation.n))
+                for generation in group for i in range(len(generation.prompts))]  # fmt: skip
         ends = group[0].params.ends(set(self.scheduler.eos))
         longest = max(g.params.max_tokens for g in group)
-        if self.metrics is not None:
-            self.metrics.batch_size.observe(len(sources))
-        device = self.model.device
-        out = self.model.generate(
-            ids.to(device), attention_mask=mask.to(device), max_new_tokens=longest, eos_token_id=sorted(ends)
-        )[:, 1:].tolist()  # fmt: skip  (after the start token)
-        row = 0
-        for generation in group:
-            for i in range(len(generation.prompts)):
-                tokens = out[row][: generation.params.max_tokens]
-                row += 1
-                for j in range(generation.n):
-                    self._answer(generation, i * generation.n + j, tokens, ends)
-            generation.emit(None)
+        self._decode(rows, {"max_new_tokens": longest, "eos_token_id": sorted(ends)}, ends)
 
     def _alone(self, generation: Request) -> None:
-        """Each choice of each source by its own `generate` call, with the request's options."""
+        """Each choice of each source by its own decoding, with the request's options (its seed + the choice's
+        number, as the causal LMs' rows are seeded)."""
         p = generation.params
         ends = p.ends(set(self.scheduler.eos))
-        for i, source in enumerate(generation.prompts):
-            ids = torch.tensor([source], device=self.model.device)
+        options: dict[str, Any] = {"max_new_tokens": p.max_tokens, "repetition_penalty": p.repetition_penalty,
+                                   "logits_processors": [_adjusted(p)] if p.penalised else [],
+                                   "min_new_tokens": p.min_tokens, "eos_token_id": sorted(ends)}  # fmt: skip
+        for i in range(len(generation.prompts)):
             for j in range(generation.n):
-                if generation.cancelled:
+                if generation.cancelled:  # its client went away: the rest is not decoded
                     generation.emit(None)
                     return
-                options: dict[str, Any] = {"max_new_tokens": p.max_tokens, "repetition_penalty": p.repetition_penalty,
-                                           "logits_processors": [_adjusted(p)] if p.penalised else [],
-                                           "min_new_tokens": p.min_tokens, "eos_token_id": sorted(ends)}  # fmt: skip
                 if p.temperature > 0:
                     seed = p.seed + j if p.seed is not None else None
                     options.update(do_sample=True, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k or None,
                                    seed=seed)  # fmt: skip
-                tokens = self.model.generate(ids, **options)[0, 1:].tolist()  # after the decoder start token
-                self._answer(generation, i * generation.n + j, tokens, ends)
-        generation.emit(None)
+                self._decode([self._row(generation, i, [i * generation.n + j])], options, ends)
 
-    def _answer(self, generation: Request, index: int, tokens: list[int], ends: set[int]) -> None:
-        """Choice `index` from its generated tokens: the text up to the first end token or stop string."""
-        p = generation.params
-        ended = next((k for k, t in enumerate(tokens) if t in ends), None)
-        kept = tokens if ended is None else tokens[:ended]
-        text = self.tokenizer.decode(kept, skip_special_tokens=True)
-        cut = min((text.find(s) for s in p.stop if s in text), default=-1)
-        finish = "stop" if ended is not None or cut >= 0 else "length"
-        if cut >= 0:
-            text = text[:cut]
-        written = len(kept) + (ended is not None)  # the end token is a generated token too
+    def _row(self, generation: Request, source: int, choices: Any) -> _Row:
+        return _Row(
+            generation, generation.prompts[source], list(choices), TextStream(self.tokenizer, generation.params.stop)
+        )
+
+    def _decode(self, rows: list[_Row], options: dict[str, Any], ends: set[int]) -> None:
+        """`generate` over the rows' sources (right-padded, with their mask), each row's text handed over as it is
+        written (after every decoding step, as the causal LMs' steps are): never a broken UTF-8 character, ending
+        at an end token, a stop string or the row's own max_tokens. It stops early once every row has ended or
+        every request has gone; a request gets its None as soon as its last choice has ended."""
+        pad = self.model.config.pad_token_id or 0
+        width = max(len(row.source) for row in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)  # (B, S): right-padded sources
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for b, row in enumerate(rows):
+            ids[b, : len(row.source)] = torch.tensor(row.source)
+            mask[b, : len(row.source)] = 1
+        if self.metrics is not None:
+            self.metrics.batch_size.observe(len(rows))
+        hand_over = getattr(self.scheduler, "after_step", None)  # the mailbox's flush to the event loop
+
+        def step(tokens: torch.Tensor) -> None:  # (B,): this step's token of every row
+            for row, token in zip(rows, tokens.tolist()):
+                if not row.done:
+                    self._push(row, token, ends)
+            if hand_over is not None:
+                hand_over()
+            if all(row.done or row.generation.cancelled for row in rows):
+                raise _Ended
+
+        device = self.model.device
+        try:
+            self.model.generate(ids.to(device), attention_mask=mask.to(device), streamer=step, **options)
+        except _Ended:
+            pass
+        for row in rows:  # generate reached max_new_tokens first, or every request went away
+            if not row.done:
+                self._finish(row, [], row.text.finish(), "length")
+
+    def _push(self, row: _Row, token: int, ends: set[int]) -> None:
+        """One generated token of a row: the text it completes (if any) to each of the row's choices, or the end."""
+        row.written += 1  # (an end token is a generated token too)
+        if token in ends:
+            self._finish(row, [], row.text.finish(), "stop")
+            return
+        text = row.text.push(token)
+        if row.text.stopped:  # a stop string: the text ends before it
+            self._finish(row, [token], text, "stop")
+        elif row.written >= row.generation.params.max_tokens:
+            self._finish(row, [token], text + row.text.finish(), "length")
+        elif text:
+            self._emit(row, [token], text, None)
+
+    def _finish(self, row: _Row, tokens: list[int], text: str, reason: str) -> None:
+        row.done = True
+        self._emit(row, tokens, text, reason)
+        generation, written = row.generation, row.written * len(row.choices)
         generation.completion_tokens += written
         if self.metrics is not None:
             self.metrics.generation_tokens.inc(written)
-            if index == 0:  # the whole answer arrives at once: its first token with it
-                self.metrics.ttft.observe(time.perf_counter() - generation.arrival)
-        generation.emit(Piece(index, text, kept, None, finish))
+        if generation.ended(len(row.choices)):
+            generation.emit(None)
+
+    def _emit(self, row: _Row, tokens: list[int], text: str, reason: str | None) -> None:
+        generation = row.generation
+        if generation.first_token_at is None:
+            generation.first_token_at = time.perf_counter()
+            if self.metrics is not None:
+                self.metrics.ttft.observe(generation.first_token_at - generation.arrival)
+        for index in row.choices:
+            generation.emit(Piece(index, text, tokens, None, reason))
+
+
+@dataclass
+class _Row:
+    """One source being decoded for a request: the choices it answers, its text so far, whether it has ended."""
+
+    generation: Request
+    source: list[int]
+    choices: list[int]
+    text: TextStream
+    written: int = 0  # tokens generated (an end token included)
+    done: bool = False
+
+
+class _Ended(Exception):
+    """Raised from generate's streamer once every row has ended (or its client gone): generate stops there."""
 
 
 def _adjusted(p: SamplingParams) -> Any:
