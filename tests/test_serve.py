@@ -1782,13 +1782,22 @@ def test_an_encoder_decoder_answers_completions(s2s_dir: Path) -> None:
         echoed = {"prompt": "the king rode a horse.", "max_tokens": 10, "temperature": 0, "echo": True}
         r = httpx.post(s.url + "/v1/completions", json=echoed, timeout=TIMEOUT)
         assert r.json()["choices"][0]["text"] == "the king rode a horse." + tok.decode(ref, skip_special_tokens=True)
-        # the Responses API answers what chat answers for the same message (the rendered chat is the source)
-        chat = {"messages": [{"role": "user", "content": "the king"}], "max_tokens": 6, "temperature": 0}
+        # chat and the Responses API: the last user message is the source (no chat template in the directory),
+        # so they answer what completions answer for it
+        chat = {"messages": [{"role": "system", "content": "Translate."}, {"role": "user", "content": "the moon"},
+                             {"role": "assistant", "content": "la luna"},
+                             {"role": "user", "content": "the king rode a horse."}],
+                "max_tokens": 10, "temperature": 0}  # fmt: skip
         r = httpx.post(s.url + "/v1/chat/completions", json=chat, timeout=TIMEOUT).json()
-        answer = httpx.post(s.url + "/v1/responses", json={"input": "the king", "max_output_tokens": 6,
+        assert r["choices"][0]["message"]["content"] == tok.decode(ref, skip_special_tokens=True)
+        assert r["usage"]["prompt_tokens"] == len(source)
+        answer = httpx.post(s.url + "/v1/responses", json={"input": "the king rode a horse.", "max_output_tokens": 10,
                                                            "temperature": 0}, timeout=TIMEOUT).json()  # fmt: skip
         assert answer["output"][0]["content"][0]["text"] == r["choices"][0]["message"]["content"]
-        assert answer["usage"]["input_tokens"] == r["usage"]["prompt_tokens"]
+        assert answer["usage"]["input_tokens"] == len(source)
+        r = httpx.post(s.url + "/v1/chat/completions", json={"messages": [{"role": "system", "content": "x"}]},
+                       timeout=TIMEOUT)  # fmt: skip
+        assert r.status_code == 400 and "last user message" in r.json()["error"]["message"]
         r = httpx.post(s.url + "/v1/responses", json={"input": "x", "top_logprobs": 2}, timeout=TIMEOUT)
         assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
     finally:

@@ -734,10 +734,18 @@ async def _pipeline(engine: Engine, task: str) -> Any:
 
 
 def _chat_text(engine: Engine, messages: list[Any]) -> str:
-    """Chat messages rendered by the model's chat template (or lmforge's default), ready to encode."""
+    """Chat messages rendered by the model's chat template (or lmforge's default), ready to encode. An
+    encoder-decoder without a template of its own (a translator, a summariser: trained on plain sources, not on
+    "User: ... Assistant:" turns) reads the last user message as its source."""
     if engine.template is None:
         raise APIError(400, f"'{engine.config.name}' is {engine.describe()}; chat needs a causal LM or an "
                        "encoder-decoder", param="messages")  # fmt: skip
+    if engine.kind == "seq2seq-lm" and engine.template.is_default:
+        said = [m for m in messages if m.role == "user"]
+        if not said:
+            raise APIError(400, "an encoder-decoder reads the last user message as its source: send one",
+                           param="messages")  # fmt: skip
+        return said[-1].text()
     rendered = [{"role": m.role, "content": m.text()} for m in messages]
     try:
         return engine.template.render(rendered)
