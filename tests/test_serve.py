@@ -1098,6 +1098,143 @@ def test_a_continuations_log_likelihood_as_lm_evaluation_harness_asks_for_it(
     assert greedy == all(logp[i].argmax().item() == t for i, t in zip(positions, continuation))
 
 
+# ------------------------------------------------------------------------------ JSON mode
+def random_json(rng: random.Random, depth: int = 0) -> object:
+    """A random JSON value: nested objects and arrays, strings with escapes and Chinese, numbers, literals."""
+    kind = rng.choice(["obj", "arr", "str", "num", "lit"] if depth < 3 else ["str", "num", "lit"])
+    if kind == "obj":
+        return {
+            rng.choice(["a", "键", 'q"\\', "x\n", ""]) + str(i): random_json(rng, depth + 1)
+            for i in range(rng.randint(0, 3))
+        }
+    if kind == "arr":
+        return [random_json(rng, depth + 1) for _ in range(rng.randint(0, 3))]
+    if kind == "str":
+        return "".join(
+            rng.choice(["a", " ", "明月", '"', "\\", "\n", "\t", "\u0001", "🙂", "/"]) for _ in range(rng.randint(0, 5))
+        )
+    if kind == "num":
+        return rng.choice([0, -1, 12, 3.5, -0.25, 1e21, -2.5e-7, 10**20])
+    return rng.choice([True, False, None])
+
+
+def fed(machine, text: bytes):
+    """The machine's state after `text`, or None where a byte was refused."""
+    state = machine.START
+    for byte in text:
+        state = machine.step(state, byte)
+        if state is None:
+            return None
+    return state
+
+
+def test_the_json_machine_accepts_json_objects_and_nothing_else() -> None:
+    """JSONMachine against json.loads: every object json.dumps writes (compact, indented, ASCII or not) is read to
+    the end and complete there and not before; random edits of them are accepted and complete only when
+    json.loads reads a dict (and they start with "{", whitespace runs within the limit)."""
+    from lmforge.serving.json_mode import MAX_WHITESPACE, JSONMachine
+
+    machine, rng = JSONMachine(), random.Random(0)
+    checked = edited = 0
+    for _ in range(300):
+        value = {"k": random_json(rng)} if rng.random() < 0.5 else random_json(rng)
+        if not isinstance(value, dict):
+            continue
+        text = json.dumps(value, ensure_ascii=rng.random() < 0.5, indent=rng.choice([None, 2]),
+                          separators=rng.choice([None, (",", ":")])).encode()  # fmt: skip
+        state = machine.START
+        for i, byte in enumerate(text):
+            assert not machine.complete(state), text[:i]
+            state = machine.step(state, byte)
+            assert state is not None, (text[: i + 1], text)
+        assert machine.complete(state)
+        checked += 1
+        for _ in range(5):  # an edit: a byte replaced, inserted or dropped
+            at = rng.randrange(len(text))
+            b = rng.choice(b'{}[]",:\\ 0123456789.-eEtrufalsn\nx')
+            mutant = rng.choice([text[:at] + bytes([b]) + text[at + 1 :], text[:at] + bytes([b]) + text[at:],
+                                 text[:at] + text[at + 1 :]])  # fmt: skip
+            state = fed(machine, mutant)
+            try:
+                parsed = json.loads(mutant)
+            except ValueError:
+                parsed = None
+            runs = max((len(m) for m in re.findall(rb"[ \t\n\r]+", mutant)), default=0)
+            plain = isinstance(parsed, dict) and mutant.startswith(b"{") and runs <= MAX_WHITESPACE
+            accepted = state is not None and machine.complete(state)
+            assert accepted == plain, mutant
+            edited += accepted != (mutant == text)
+    assert checked > 100 and edited > 0
+    for text in (b"{}", b'{"a":-0.5e+10}', b'{"a":[true,false,null,{}]}', b'{"\\u00e9":"\\""}'):
+        assert machine.complete(fed(machine, text)), text
+    for text in (b" {}", b"[]", b'{"a":01}', b'{"a":1.}', b'{"a":tru}', b"{'a':1}", b'{"a":"\x01"}', b'{"a":1,}'):
+        state = fed(machine, text)
+        assert state is None or not machine.complete(state), text
+
+
+def test_json_mode_allows_exactly_the_tokens_that_continue_the_object() -> None:
+    """JSONConstraint.allowed (a trie walk, cached) equals checking every token's bytes one by one, in states along
+    a JSON text; tokens without bytes (EOS, special tokens) and ids past the byte table are never allowed."""
+    from lmforge.serving.json_mode import JSONConstraint
+
+    rng = random.Random(1)
+    pieces = [b"{", b"}", b'{"', b'"}', b'":', b", ", b"[", b"]", b"1", b"-0", b".5", b"e+", b"true", b"tr", b"ue",
+              b"null", b"\\", b"\\u", b"00", b'"', b" ", b"\n  ", b"a", "明".encode(), "明".encode()[:2], b"\x01",
+              b"", b'":"', b"},", b"]}"]  # fmt: skip
+    table = pieces + [
+        bytes(rng.choice(b'{}[]":,0123456789 abc\\') for _ in range(rng.randint(1, 4))) for _ in range(200)
+    ]
+    constraint = JSONConstraint(table, vocab=len(table) + 3)
+    text = json.dumps({"a": [1, -0.5, '明"', {"b": None}], "c": True}, ensure_ascii=False).encode()
+    state = constraint.machine.START
+    for byte in text:
+        expected = torch.zeros(len(table) + 3, dtype=torch.bool)
+        for token, data in enumerate(table):
+            expected[token] = bool(data) and fed_from(constraint.machine, state, data) is not None
+        assert torch.equal(constraint.allowed(state), expected) and torch.equal(constraint.allowed(state), expected)
+        state = constraint.machine.step(state, byte)
+    assert constraint.complete(state)
+
+
+def fed_from(machine, state, data: bytes):
+    for byte in data:
+        state = machine.step(state, byte)
+        if state is None:
+            return None
+    return state
+
+
+def test_json_mode_answers_are_json_objects(client: openai.OpenAI, tiny_dir: Path, server: Server) -> None:
+    """response_format json_object (chat) and text.format json_object (the Responses API): each answer that ends
+    ("stop") is one JSON object (json.loads gives a dict), and one cut at max_tokens is its beginning; streamed,
+    the same text. Schemas are refused; so is JSON mode for a model that is not a causal LM (see the
+    encoder-decoder test)."""
+    kw = dict(model=tiny_dir.name, messages=[{"role": "user", "content": "hi"}], max_tokens=90, temperature=1.0,
+              response_format={"type": "json_object"})  # fmt: skip
+    ended = 0
+    for seed in range(8):
+        out = client.chat.completions.create(**kw, seed=seed)
+        text, reason = out.choices[0].message.content, out.choices[0].finish_reason
+        assert text.startswith("{")
+        if reason == "stop":
+            assert isinstance(json.loads(text), dict)
+            ended += 1
+        else:
+            assert reason == "length" and out.usage.completion_tokens == 90
+    assert ended >= 2
+    streamed = client.chat.completions.create(**kw, seed=2, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == \
+        client.chat.completions.create(**kw, seed=2).choices[0].message.content  # fmt: skip
+    answer = client.responses.create(model=tiny_dir.name, input="hi", max_output_tokens=90, temperature=1.0,
+                                     text={"format": {"type": "json_object"}}, extra_body={"seed": 3})  # fmt: skip
+    assert answer.output_text.startswith("{") and answer.text.format.type == "json_object"
+    if answer.status == "completed":
+        assert isinstance(json.loads(answer.output_text), dict)
+    schema = {**kw, "model": None, "response_format": {"type": "json_schema", "json_schema": {}}}
+    r = httpx.post(server.url + "/v1/chat/completions", json=schema, timeout=TIMEOUT)
+    assert r.status_code == 400 and "'json_schema' is not supported" in r.json()["error"]["message"]
+
+
 # ------------------------------------------------------------------------------ the Responses API
 RESPONSE_EVENTS = ["response.created", "response.in_progress", "response.output_item.added",
                    "response.content_part.added"]  # fmt: skip
@@ -1223,7 +1360,7 @@ def test_truncation_auto_drops_the_earliest_messages_until_the_input_fits(
         ({"conversation": "conv_1"}, "conversation", "stores no responses"),
         ({"background": True}, "background", "stream: true"),
         ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools", "tool_choice='none'"),
-        ({"text": {"format": {"type": "json_object"}}}, "text.format", "json_object"),
+        ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {}}}}, "text.format", "no schemas"),
         ({"reasoning": {"effort": "low"}}, "reasoning", "no reasoning mode"),
         ({"n": 2}, "n", "one answer"),
         ({"input": []}, "input", "empty"),
@@ -1320,7 +1457,7 @@ def test_bad_requests_get_openai_errors(server: Server, body: dict, status: int,
         ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools",
          "tool_choice='none'"),
         ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions", "function_call='none'"),
-        ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format", "'json_object'"),
+        ("/v1/chat/completions", {"response_format": {"type": "json_schema"}}, "response_format", "no schemas"),
         ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs", "needs logprobs: true"),
         ("/v1/chat/completions", {"modalities": ["text", "audio"]}, "modalities", "only text output"),
         ("/v1/chat/completions", {"audio": {"voice": "alloy", "format": "wav"}}, "audio", "only text output"),
@@ -1360,7 +1497,8 @@ def test_logit_bias_through_the_openai_client(client: openai.OpenAI, tiny_dir: P
     plain = client.chat.completions.create(model=tiny_dir.name, messages=messages, max_tokens=2, temperature=0)
     assert listed.choices[0].message.content == plain.choices[0].message.content
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model=tiny_dir.name, messages=messages, response_format={"type": "json_object"})
+        schema = {"type": "json_schema", "json_schema": {"name": "x"}}
+        client.chat.completions.create(model=tiny_dir.name, messages=messages, response_format=schema)
     assert info.value.body["param"] == "response_format"
     # vLLM's extras go through the client's extra_body
     plain = client.completions.create(model=tiny_dir.name, prompt="the king", max_tokens=6, temperature=0)
@@ -1798,6 +1936,9 @@ def test_an_encoder_decoder_answers_completions(s2s_dir: Path) -> None:
         r = httpx.post(s.url + "/v1/chat/completions", json={"messages": [{"role": "system", "content": "x"}]},
                        timeout=TIMEOUT)  # fmt: skip
         assert r.status_code == 400 and "last user message" in r.json()["error"]["message"]
+        r = httpx.post(s.url + "/v1/chat/completions", timeout=TIMEOUT,
+                       json={**chat, "response_format": {"type": "json_object"}})  # fmt: skip
+        assert r.status_code == 400 and "JSON mode is offered for causal LMs" in r.json()["error"]["message"]
         r = httpx.post(s.url + "/v1/responses", json={"input": "x", "top_logprobs": 2}, timeout=TIMEOUT)
         assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
     finally:

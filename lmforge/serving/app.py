@@ -40,6 +40,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.serving.chat import DEFAULT_CHAT_STOP, ChatTemplate, read_chat_template
+from lmforge.serving.json_mode import JSONConstraint
 from lmforge.serving.responses import ResponseBuilder, responses_usage
 from lmforge.serving.scheduler import Piece, QueueFull, SamplingParams, Scheduler, token_logprobs
 from lmforge.serving.scheduler import Request as Generation
@@ -223,6 +224,7 @@ class Engine:
         self.template: ChatTemplate | None = None
         self.scheduler: Scheduler | None = None
         self.seq2seq: Seq2SeqRunner | None = None  # an encoder-decoder's queue and batches
+        self._json: JSONConstraint | None = None  # JSON mode's token sets, once asked for
         self.mailbox = Mailbox()  # the scheduler's events, on their way to the event loop
         self.pipelines: dict[str, Any] = {}
         self.created = int(time.time())
@@ -283,6 +285,20 @@ class Engine:
             self.seq2seq = Seq2SeqRunner(self.model, self.tokenizer, self.scheduler, self.config.max_num_seqs,
                                          self.config.max_queue)  # fmt: skip
         self.scheduler.start()
+
+    def json_constraint(self) -> JSONConstraint:
+        """JSON mode's token sets for this model (made at the first request that asks for it)."""
+        if self.kind != "causal-lm":
+            raise APIError(400, f"JSON mode is offered for causal LMs; '{self.config.name}' is {self.describe()}",
+                           param="response_format")  # fmt: skip
+        if self._json is None:
+            table = getattr(self.tokenizer, "token_bytes", None)
+            data = table(True) if callable(table) else None
+            if data is None:
+                raise APIError(400, "JSON mode needs a byte-level BPE tokenizer (GPT-2's), whose tokens are bytes; "
+                               "this model's tokenizer is not one", param="response_format")  # fmt: skip
+            self._json = JSONConstraint(data, self.model.config.vocab_size)
+        return self._json
 
     def describe(self) -> str:
         """What the served model is, and where to send its requests (for errors that name a wrong route)."""
@@ -524,7 +540,7 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
         stop = body.stop_list() + (DEFAULT_CHAT_STOP if engine.template.is_default else [])
         top = (body.top_logprobs or 0) if body.logprobs else None
         max_tokens = body.max_completion_tokens or body.max_tokens
-        params = _sampling(engine, body, max_tokens, prompts, stop, top)
+        params = _sampling(engine, body, max_tokens, prompts, stop, top, json_object=body.json_object)
         return await _respond(request, engine, prompts, params, body, chat=True)
 
     @app.post("/v1/responses")
@@ -536,7 +552,7 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
         prompts = [_response_prompt(engine, body)]
         stop = body.stop_list() + (DEFAULT_CHAT_STOP if engine.template.is_default else [])
         params = _sampling(engine, body, body.max_output_tokens, prompts, stop, body.logprobs,
-                           names=("input", "max_output_tokens"))  # fmt: skip
+                           names=("input", "max_output_tokens"), json_object=body.json_object)  # fmt: skip
         return await _respond_responses(request, engine, prompts, params, body)
 
     @app.post("/tokenize")
@@ -802,9 +818,10 @@ def _sampling(
     stop: list[str],
     logprobs: int | None,
     names: tuple[str, str] = ("prompt", "max_tokens"),
+    json_object: bool = False,
 ) -> SamplingParams:
     """The request's SamplingParams, after checking the prompt and max_tokens fit the model's context (errors
-    name the request's fields for them: `names`, the prompt's and max_tokens')."""
+    name the request's fields for them: `names`, the prompt's and max_tokens'); `json_object`: JSON mode."""
     prompt_param, max_param = names
     if engine.model is None:
         raise APIError(400, f"'{engine.config.name}' is {engine.describe()}: it does not generate text from a "
@@ -846,11 +863,12 @@ def _sampling(
         raise APIError(400, f"{len(prompts)} prompt(s) x n={body.n} is {rows} sequences, more than the server's "
                        f"--max-num-seqs={limit}; send fewer prompts per request or a smaller n",
                        param="n" if len(prompts) == 1 else "prompt")  # fmt: skip
+    constraint = engine.json_constraint() if json_object else None
     return SamplingParams(
         max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed,
         stop=stop, presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
         repetition_penalty=body.repetition_penalty, logprobs=logprobs, logit_bias=body.bias(vocab),
-        min_tokens=body.min_tokens, stop_token_ids=stop_ids, ignore_eos=body.ignore_eos,
+        min_tokens=body.min_tokens, stop_token_ids=stop_ids, ignore_eos=body.ignore_eos, constraint=constraint,
     )  # fmt: skip
 
 

@@ -63,6 +63,7 @@ class SamplingParams:
     min_tokens: int = 0  # vLLM's extras: no end (EOS, stop_token_ids) before this many tokens,
     stop_token_ids: list[int] = field(default_factory=list)  # more tokens that end a sequence as EOS does,
     ignore_eos: bool = False  # the model's EOS does not end it (stop_token_ids still do)
+    constraint: Any = None  # a json_mode.JSONConstraint: the answer is one JSON object (JSON mode)
 
     def ends(self, eos: set[int]) -> set[int]:
         """The tokens that end a sequence of this request, given the model's EOS ids."""
@@ -74,13 +75,15 @@ class SamplingParams:
 
     @property
     def penalised(self) -> bool:
-        """Whether a row's logits are changed before it picks (penalties, logit_bias): such rows pick alone."""
+        """Whether a row's logits are changed before it picks (penalties, logit_bias, min_tokens, JSON mode): such
+        rows pick alone."""
         return bool(
             self.presence_penalty
             or self.frequency_penalty
             or self.repetition_penalty != 1.0
             or self.logit_bias
             or self.min_tokens
+            or self.constraint is not None
         )
 
     def adjust(self, logits: Tensor, seen: Tensor | None, counts: Tensor | None) -> Tensor:
@@ -159,6 +162,7 @@ class Sequence:
         if not p.greedy:
             self.generator = random.Random(p.seed + index if p.seed is not None else random.getrandbits(62))
         self.counts: Tensor | None = None  # (V,) how often each token was generated (presence/frequency penalties)
+        self.json_state = p.constraint.machine.START if p.constraint is not None else None  # JSON mode: where it is
         self.last_token_at = 0.0
 
     def pick(self, logits: Tensor) -> int:
@@ -169,6 +173,8 @@ class Sequence:
             logits = p.adjust(logits[None].float().clone(), seen, self.counts)[0]
             if len(self.out) < p.min_tokens and self.eos:  # not the end yet
                 logits[list(self.eos)] = float("-inf")
+            if self.json_state is not None:  # only tokens that keep the answer a JSON object's beginning
+                logits = logits.masked_fill(~p.constraint.allowed(self.json_state), float("-inf"))
         if p.temperature == 0:
             return int(logits.argmax())
         return sample_rows(logits[None], [self])[0]
@@ -176,6 +182,8 @@ class Sequence:
     def record(self, token: int, vocab: int) -> None:
         self.out.append(token)
         p = self.request.params
+        if self.json_state is not None:
+            self.json_state = p.constraint.advance(self.json_state, token)
         if p.presence_penalty or p.frequency_penalty:
             if self.counts is None:
                 self.counts = torch.zeros(vocab)
@@ -543,6 +551,9 @@ class Scheduler:
         else:
             text = seq.text.push(token)
             if seq.text.stopped:
+                finish = "stop"
+            elif seq.json_state is not None and request.params.constraint.complete(seq.json_state):
+                text += seq.text.finish()  # JSON mode: the object is closed
                 finish = "stop"
             elif len(seq.out) >= request.params.max_tokens or seq.length + 1 >= self.cache.ctx:
                 text += seq.text.finish()

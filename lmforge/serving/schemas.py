@@ -147,10 +147,15 @@ class ChatRequest(_Sampling):
     reasoning_effort: str | None = None
     web_search_options: dict[str, Any] | None = None
 
+    @property
+    def json_object(self) -> bool:
+        """JSON mode: response_format {"type": "json_object"}."""
+        return (self.response_format or {}).get("type") == "json_object"
+
     def check_options(self) -> None:
         """A 400 for contradicting options and for the OpenAI options this server does not implement (rather than
         answering without them): tool calls (tools may be listed with tool_choice "none") and output formats other
-        than text."""
+        than text and JSON mode."""
         super().check_options()
         if self.top_logprobs and not self.logprobs:  # (0 asks for nothing: let it pass)
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
@@ -161,9 +166,9 @@ class ChatRequest(_Sampling):
                                f"'{name}' or send {'tool_choice' if name == 'tools' else 'function_call'}='none'",
                                param=name)  # fmt: skip
         kind = (self.response_format or {}).get("type", "text")
-        if kind != "text":
-            raise APIError(400, f"response_format {kind!r} is not supported (no constrained decoding); leave it out "
-                           "or send {'type': 'text'}", param="response_format")  # fmt: skip
+        if kind not in ("text", "json_object"):
+            raise APIError(400, f"response_format {kind!r} is not supported (no schemas); send {{'type': "
+                           "'json_object'}} for JSON output, or {'type': 'text'}", param="response_format")  # fmt: skip
         if self.audio or any(m != "text" for m in self.modalities or []):
             raise APIError(400, "only text output is supported; leave out 'audio' and send modalities ['text']",
                            param="modalities" if self.modalities else "audio")  # fmt: skip
@@ -241,6 +246,11 @@ class ResponsesRequest(_Sampling):
             return self.top_logprobs or 0
         return None
 
+    @property
+    def json_object(self) -> bool:
+        """JSON mode: text.format {"type": "json_object"}."""
+        return ((self.text or {}).get("format") or {}).get("type") == "json_object"
+
     def check_options(self) -> None:
         """A 400 for what this server cannot honour: stored state (`previous_response_id`, `conversation`,
         `background`), prompt templates, tool calls, output formats other than text, reasoning, n > 1."""
@@ -259,9 +269,10 @@ class ResponsesRequest(_Sampling):
             raise APIError(400, "tool calling is not supported: the model has no tool-call format; leave out "
                            "'tools' or send tool_choice='none'", param="tools")  # fmt: skip
         kind = ((self.text or {}).get("format") or {}).get("type", "text")
-        if kind != "text":
-            raise APIError(400, f"text.format {kind!r} is not supported (no constrained decoding); leave it out or "
-                           "send {'format': {'type': 'text'}}", param="text.format")  # fmt: skip
+        if kind not in ("text", "json_object"):
+            raise APIError(400, f"text.format {kind!r} is not supported (no schemas); send {{'format': {{'type': "
+                           "'json_object'}}} for JSON output, or {'format': {'type': 'text'}}",
+                           param="text.format")  # fmt: skip
         if (self.reasoning or {}).get("effort") or (self.reasoning or {}).get("summary"):
             raise APIError(400, "reasoning is not supported: the model has no reasoning mode; leave it out",
                            param="reasoning")  # fmt: skip
