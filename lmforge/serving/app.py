@@ -965,8 +965,9 @@ def _chat_logprobs(tokenizer: Any, entries: list[dict[str, Any]]) -> dict[str, A
 
 
 def _start(engine: Engine, prompts: list[list[int]], params: SamplingParams, n: int) -> tuple[Generation, Inbox]:
-    """Start the generation (the scheduler's continuous batching for a causal LM, a job for an encoder-decoder);
-    its pieces arrive in the returned inbox, then None."""
+    """Start the generation (the scheduler's continuous batching for a causal LM, the encoder-decoder's queue
+    otherwise; nothing to generate for max_tokens 0, the echo's); its pieces arrive in the returned inbox, then
+    None. A full queue is a 429."""
     events = Inbox(asyncio.get_running_loop())
 
     def emit(event: Any) -> None:  # called on the scheduler thread; handed to the loop after its step
