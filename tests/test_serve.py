@@ -1184,6 +1184,9 @@ def test_json_mode_allows_exactly_the_tokens_that_continue_the_object() -> None:
     table = pieces + [
         bytes(rng.choice(b'{}[]":,0123456789 abc\\') for _ in range(rng.randint(1, 4))) for _ in range(200)
     ]
+    table += [bytes([b]) for b in range(0x20, 0x7F)]  # every printable ASCII byte, as JSON mode requires
+    with pytest.raises(ValueError, match="lacks 1 "):
+        JSONConstraint([t for t in table if t != b"{"])
     constraint = JSONConstraint(table, vocab=len(table) + 3)
     text = json.dumps({"a": [1, -0.5, '明"', {"b": None}], "c": True}, ensure_ascii=False).encode()
     state = constraint.machine.START

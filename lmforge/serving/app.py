@@ -297,7 +297,10 @@ class Engine:
             if data is None:
                 raise APIError(400, "JSON mode needs a byte-level BPE tokenizer (GPT-2's), whose tokens are bytes; "
                                "this model's tokenizer is not one", param="response_format")  # fmt: skip
-            self._json = JSONConstraint(data, self.model.config.vocab_size)
+            try:
+                self._json = JSONConstraint(data, self.model.config.vocab_size)
+            except ValueError as error:
+                raise APIError(400, str(error), param="response_format") from None
         return self._json
 
     def describe(self) -> str:

@@ -180,6 +180,11 @@ class JSONConstraint:
     object closes)."""
 
     def __init__(self, token_bytes: list[bytes], vocab: int | None = None, cache_size: int = 4096) -> None:
+        missing = set(range(0x20, 0x7F)) - {data[0] for data in token_bytes if len(data) == 1}
+        if missing:  # then some states could have no token at all (every printable ASCII byte keeps one going)
+            shown = "".join(sorted(chr(b) for b in missing))[:20]
+            raise ValueError(f"JSON mode needs every printable ASCII character as a token of its own; this "
+                             f"tokenizer lacks {len(missing)} (e.g. {shown!r})")  # fmt: skip
         self.machine = JSONMachine()
         self.vocab = max(len(token_bytes), vocab or 0)  # the model's logits may have more rows (padding): never allowed
         self.token_bytes = token_bytes
