@@ -324,6 +324,23 @@ def test_chinese_chat_arrives_whole_and_keeps_the_conversation(server: str, brow
     ]
 
 
+def test_json_output_in_chat_asks_for_json_mode(server: str, browser: Any) -> None:
+    """The chat view's JSON checkbox sends response_format json_object: the reply shown is the server's JSON-mode
+    answer for the same request (an object, or its beginning when max tokens cut it)."""
+    body = {"messages": [{"role": "user", "content": "hi"}], "temperature": 0, "max_tokens": 40,
+            "response_format": {"type": "json_object"}}  # fmt: skip
+    response = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60)
+    expected = reply(response.json())
+    assert expected.startswith("{") and expected != reply(chat(server, body["messages"], 40))
+
+    page = Page(browser, server)
+    page.settings("chat", "0", "40")
+    page.el("json_mode").click()
+    page.fill("prompt", "hi")
+    assert page.send().startswith("done"), page.text("status")
+    assert page.text("output") == expected
+
+
 def test_stop_ends_a_long_reply_early(server: str, browser: Any) -> None:
     prompt = "All that glitters"
     full = completion(server, prompt, 200)
