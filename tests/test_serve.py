@@ -1906,8 +1906,18 @@ def test_an_encoder_decoder_answers_completions(s2s_dir: Path) -> None:
         out = model.generate(torch.tensor([source]), max_new_tokens=10, logits_processors=[penalise])[0, 1:].tolist()
         kept = out[: out.index(config.eos_token_id)] if config.eos_token_id in out else out
         assert r.json()["choices"][0]["text"] == tok.decode(kept, skip_special_tokens=True)
-        r = httpx.post(s.url + "/v1/completions", json={"prompt": "x", "max_tokens": 3, "logprobs": 1}, timeout=TIMEOUT)
-        assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
+        # logprobs: each written token's (the end token's too) under the decoder's own distribution
+        body = {"prompt": "the king rode a horse.", "max_tokens": 10, "temperature": 0, "logprobs": 2}
+        lp = httpx.post(s.url + "/v1/completions", json=body, timeout=TIMEOUT).json()["choices"][0]["logprobs"]
+        written = ref + ([config.eos_token_id] if ended else [])
+        decoder = torch.tensor([[config.decoder_start_token_id, *written[:-1]]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([source]), decoder_input_ids=decoder).logits[0], -1)
+        assert lp["token_logprobs"] == pytest.approx([logp[i, t].item() for i, t in enumerate(written)], abs=1e-4)
+        assert [max(top.values()) for top in lp["top_logprobs"]] == pytest.approx(lp["token_logprobs"], abs=1e-6)
+        assert all(len(top) == 2 for top in lp["top_logprobs"])  # greedy: the chosen token is the best of two
+        r = httpx.post(s.url + "/v1/completions", json={**body, "echo": True}, timeout=TIMEOUT)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
         k = next(i for i, t in enumerate(ref) if t != ref[0])  # the first token unlike the first ends the answer
         stopped = {**banned, "logit_bias": None, "stop_token_ids": [ref[k]]}
         r = httpx.post(s.url + "/v1/completions", json=stopped, timeout=TIMEOUT)
@@ -1942,8 +1952,10 @@ def test_an_encoder_decoder_answers_completions(s2s_dir: Path) -> None:
         r = httpx.post(s.url + "/v1/chat/completions", timeout=TIMEOUT,
                        json={**chat, "response_format": {"type": "json_object"}})  # fmt: skip
         assert r.status_code == 400 and "JSON mode is offered for causal LMs" in r.json()["error"]["message"]
-        r = httpx.post(s.url + "/v1/responses", json={"input": "x", "top_logprobs": 2}, timeout=TIMEOUT)
-        assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
+        scored = {"input": "the king rode a horse.", "top_logprobs": 2, "max_output_tokens": 10}
+        r = httpx.post(s.url + "/v1/responses", json=scored, timeout=TIMEOUT)
+        part = r.json()["output"][0]["content"][0]
+        assert len(part["logprobs"]) == r.json()["usage"]["output_tokens"] and part["logprobs"][0]["logprob"] <= 0
     finally:
         s.stop()
 

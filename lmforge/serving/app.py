@@ -530,6 +530,9 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
         body.check_options()
         prompts = _completion_prompts(engine, body)
         params = _sampling(engine, body, body.max_tokens, prompts, body.stop_list(), body.logprobs)
+        if body.echo and body.logprobs is not None and engine.kind != "causal-lm":
+            raise APIError(400, "echo with logprobs scores the prompt, which only a causal LM predicts; an "
+                           "encoder-decoder reads its source: leave out echo or logprobs", param="echo")  # fmt: skip
         echo = await _echo(engine, body, prompts) if body.echo else None
         return await _respond(request, engine, prompts, params, body, chat=False, echo=echo)
 
@@ -844,9 +847,6 @@ def _sampling(
                 "or shorten the prompt", param=max_param, code="context_length_exceeded",
             )  # fmt: skip
     else:  # an encoder-decoder: the prompt is the source, the output has its own positions
-        if logprobs is not None:
-            raise APIError(400, "logprobs are not available from an encoder-decoder model; leave them out",
-                           param="logprobs")  # fmt: skip
         if longest > ctx:
             raise APIError(400, f"the prompt has {longest} tokens but the model reads at most {ctx}",
                            param=prompt_param, code="context_length_exceeded")  # fmt: skip

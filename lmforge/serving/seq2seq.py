@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from lmforge.generation import TextStream
-from lmforge.serving.scheduler import Piece, QueueFull, Request, SamplingParams, Scheduler
+from lmforge.serving.scheduler import Piece, QueueFull, Request, SamplingParams, Scheduler, token_logprobs
 
 
 class Seq2SeqRunner:
@@ -159,11 +159,23 @@ class Seq2SeqRunner:
         if self.metrics is not None:
             self.metrics.batch_size.observe(len(rows))
         hand_over = getattr(self.scheduler, "after_step", None)  # the mailbox's flush to the event loop
+        tops = [row.generation.params.logprobs for row in rows]  # alternatives per token; None: no logprobs
+        seen: list[torch.Tensor] = []  # this step's logits (B, V), as the pick sees them, when logprobs are asked
+
+        if any(top is not None for top in tops):
+
+            def record(ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:  # (after generate's min_tokens and
+                # repetition penalty, before the presence/frequency penalties and logit_bias)
+                seen[:] = [logits.float()]
+                return logits
+
+            options = {**options, "logits_processors": [record, *options.get("logits_processors", [])]}
 
         def step(tokens: torch.Tensor) -> None:  # (B,): this step's token of every row
-            for row, token in zip(rows, tokens.tolist()):
+            for b, (row, token) in enumerate(zip(rows, tokens.tolist())):
                 if not row.done:
-                    self._push(row, token, ends)
+                    top = tops[b]
+                    self._push(row, token, ends, None if top is None else token_logprobs(seen[0][b], token, top))
             if hand_over is not None:
                 hand_over()
             if all(row.done or row.generation.cancelled for row in rows):
@@ -178,23 +190,27 @@ class Seq2SeqRunner:
             if not row.done:
                 self._finish(row, [], row.text.finish(), "length")
 
-    def _push(self, row: _Row, token: int, ends: set[int]) -> None:
-        """One generated token of a row: the text it completes (if any) to each of the row's choices, or the end."""
+    def _push(self, row: _Row, token: int, ends: set[int], logprobs: dict[str, Any] | None) -> None:
+        """One generated token of a row: the text it completes (if any) to each of the row's choices, or the end;
+        with its logprobs (then a piece for every token, as the causal LMs' rows give)."""
         row.written += 1  # (an end token is a generated token too)
+        entries = None if logprobs is None else [logprobs]
         if token in ends:
-            self._finish(row, [], row.text.finish(), "stop")
+            self._finish(row, [], row.text.finish(), "stop", entries)
             return
         text = row.text.push(token)
         if row.text.stopped:  # a stop string: the text ends before it
-            self._finish(row, [token], text, "stop")
+            self._finish(row, [token], text, "stop", entries)
         elif row.written >= row.generation.params.max_tokens:
-            self._finish(row, [token], text + row.text.finish(), "length")
-        elif text:
-            self._emit(row, [token], text, None)
+            self._finish(row, [token], text + row.text.finish(), "length", entries)
+        elif text or entries:
+            self._emit(row, [token], text, None, entries)
 
-    def _finish(self, row: _Row, tokens: list[int], text: str, reason: str) -> None:
+    def _finish(
+        self, row: _Row, tokens: list[int], text: str, reason: str, logprobs: list[dict[str, Any]] | None = None
+    ) -> None:
         row.done = True
-        self._emit(row, tokens, text, reason)
+        self._emit(row, tokens, text, reason, logprobs)
         generation, written = row.generation, row.written * len(row.choices)
         generation.completion_tokens += written
         if self.metrics is not None:
@@ -202,14 +218,16 @@ class Seq2SeqRunner:
         if generation.ended(len(row.choices)):
             generation.emit(None)
 
-    def _emit(self, row: _Row, tokens: list[int], text: str, reason: str | None) -> None:
+    def _emit(
+        self, row: _Row, tokens: list[int], text: str, reason: str | None, logprobs: list[dict[str, Any]] | None = None
+    ) -> None:
         generation = row.generation
         if generation.first_token_at is None:
             generation.first_token_at = time.perf_counter()
             if self.metrics is not None:
                 self.metrics.ttft.observe(generation.first_token_at - generation.arrival)
         for index in row.choices:
-            generation.emit(Piece(index, text, tokens, None, reason))
+            generation.emit(Piece(index, text, tokens, logprobs, reason))
 
 
 @dataclass
