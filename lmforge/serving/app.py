@@ -298,7 +298,8 @@ class Engine:
                 raise APIError(400, "JSON mode needs a byte-level BPE tokenizer (GPT-2's), whose tokens are bytes; "
                                "this model's tokenizer is not one", param="response_format")  # fmt: skip
             try:
-                self._json = JSONConstraint(data, self.model.config.vocab_size)
+                vocab = self.model.config.vocab_size  # the logits' size (the tokenizer may have fewer, or more, ids)
+                self._json = JSONConstraint(data[:vocab], vocab)
             except ValueError as error:
                 raise APIError(400, str(error), param="response_format") from None
         return self._json
