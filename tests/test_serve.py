@@ -1299,6 +1299,9 @@ def test_a_streamed_response_sends_openais_events_in_order(client: openai.OpenAI
     assert last.output_text == whole.output_text and last.usage == whole.usage and last.status == whole.status
     assert events[0].response.status == "in_progress" and events[0].response.id == last.id != whole.id
     assert {e.item_id for e in events if hasattr(e, "item_id")} == {last.output[0].id}
+    with pytest.raises(openai.NotFoundError) as info:  # nothing is stored to retrieve
+        client.responses.retrieve(whole.id)
+    assert "stores no responses" in info.value.body["message"] and whole.id in info.value.body["message"]
     with client.responses.stream(**kw) as stream:  # the client's helper keeps a snapshot of the answer
         helped = list(stream)
     assert [e.snapshot for e in helped if e.type == "response.output_text.delta"][-1] == whole.output_text

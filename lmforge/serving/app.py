@@ -73,7 +73,7 @@ ROUTES = {
     "/v1/audio/transcriptions",
     "/v1/audio/translations",
 }
-TEMPLATES = ("/v1/pipelines/{task}", "/v1/models/{name}")  # the routes with a part in the path
+TEMPLATES = ("/v1/pipelines/{task}", "/v1/models/{name}", "/v1/responses/{id}")  # the routes with a part in the path
 
 
 def _route_label(path: str, status: int) -> str:
@@ -561,6 +561,12 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
         params = _sampling(engine, body, body.max_output_tokens, prompts, stop, body.logprobs,
                            names=("input", "max_output_tokens"), json_object=body.json_object)  # fmt: skip
         return await _respond_responses(request, engine, prompts, params, body)
+
+    @app.api_route("/v1/responses/{rest:path}", methods=["GET", "POST", "DELETE"])
+    async def stored_response(rest: str) -> Response:  # retrieve, delete, cancel, input_items: nothing is stored
+        raise APIError(404, f"no stored response '{rest.split('/')[0]}': this server stores no responses (every "
+                       "answer is reported with store: false); send the whole conversation in 'input'",
+                       code="not_found")  # fmt: skip
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> JSONResponse:
