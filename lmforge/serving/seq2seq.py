@@ -96,9 +96,8 @@ class Seq2SeqRunner:
             ends, rows = first.params.ends(eos), len(first.prompts)
             kept: deque[Request] = deque()
             for other in self.waiting:
-                p = other.params
-                if other.cancelled or not self._batchable(p) or p.ends(eos) != ends or rows + len(other.prompts) > \
-                        self.max_rows:  # fmt: skip
+                p, fits = other.params, rows + len(other.prompts) <= self.max_rows
+                if other.cancelled or not self._batchable(p) or p.ends(eos) != ends or not fits:
                     kept.append(other)
                     continue
                 group.append(other)
