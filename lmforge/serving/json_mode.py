@@ -7,7 +7,8 @@ runs on bytes, so it needs the tokenizer's byte table (a byte-level BPE, GPT-2's
 `JSONConstraint` turns a machine state into the set of allowed tokens by walking a trie of the vocabulary's byte
 strings from that state (tokens sharing a prefix are checked once for it). Sets are cached per state: a string's
 inside, the place after a comma, ... recur all through an answer, so most steps find their set ready; a new state
-costs one walk (~10 ms for a 4,096-token vocabulary on a 2-core CPU) on the scheduler thread.
+costs one walk on the scheduler thread (4,096 tokens, a 2-core AMD EPYC: 0.1 ms where few tokens fit, up to
+14 ms inside a string, where nearly all do; the trie is built once, 78 ms).
 
 What it guarantees: an answer that ends with "stop" parses with `json.loads` as a dict. It says nothing about
 the keys or values (that would be `json_schema`, not offered) and an answer cut by max_tokens ("length") is a
