@@ -9,12 +9,17 @@ from __future__ import annotations
 import json
 import os
 import platform
+import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -331,3 +336,35 @@ def print_table(headers: list[str], rows: list[list[Any]]) -> None:
 
 def print_json(summary: dict[str, Any]) -> None:
     print("JSON " + json.dumps(summary, sort_keys=False, default=float))
+
+
+@contextmanager
+def lmforge_server(model_dir: Path, root: Path | None = None, timeout: float = 180.0) -> Iterator[str]:
+    """`python -m lmforge serve model_dir` on 127.0.0.1 at a free port, from the lmforge tree at `root` (default:
+    the one importable here), ready (GET /health == 200); yields its URL and stops it afterwards."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, **({"PYTHONPATH": str(root)} if root is not None else {})}
+    server = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", str(model_dir), "--port", str(port)],
+                              cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if server.poll() is not None:
+                raise RuntimeError(f"lmforge serve {model_dir} exited with status {server.returncode}")
+            time.sleep(0.2)
+        else:
+            raise RuntimeError(f"lmforge serve {model_dir} was not ready in {timeout:.0f} s")
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -17,12 +17,8 @@ from __future__ import annotations
 
 import argparse
 import lzma
-import os
 import random
-import socket
-import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -30,6 +26,8 @@ import httpx
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from common import lmforge_server  # noqa: E402
 
 
 def main() -> None:
@@ -115,33 +113,13 @@ def encoder_decoder(a: argparse.Namespace) -> None:
 
 def ask_all(model_dir: Path, bodies: list[dict]) -> list[dict]:
     """Serve model_dir on 127.0.0.1 and send every completion body at once; the answers, in order."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "lmforge", "serve", str(model_dir), "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ},
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+    with lmforge_server(model_dir) as url:
 
         def ask(body: dict) -> dict:
             return httpx.post(url + "/v1/completions", json=body, timeout=300).json()
 
         with ThreadPoolExecutor(len(bodies)) as pool:
             return list(pool.map(ask, bodies))
-    finally:
-        server.terminate()
-        server.wait(30)
 
 
 if __name__ == "__main__":

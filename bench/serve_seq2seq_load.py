@@ -18,8 +18,6 @@ import asyncio
 import json
 import lzma
 import os
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,6 +26,8 @@ import httpx
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from common import lmforge_server  # noqa: E402
 
 
 def build(work: Path) -> Path:
@@ -49,12 +49,6 @@ def build(work: Path) -> Path:
     Seq2SeqForConditionalGeneration(config).eval().save_pretrained(model_dir, tokenizer=tok)
     (model_dir / "prompts.json").write_text(json.dumps([en for en, _ in pairs[100:400]]), encoding="utf-8")
     return model_dir
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def level(url: str, prompts: list[str], concurrency: int, requests: int, max_tokens: int) -> float:
@@ -79,25 +73,9 @@ async def level(url: str, prompts: list[str], concurrency: int, requests: int, m
 
 def measure(root: Path, model_dir: Path, prompts: list[str], max_tokens: int) -> dict[int, float]:
     """Serve the model from the lmforge tree at `root` and measure both levels."""
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    server = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", str(model_dir), "--port", str(port)],
-                              cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+    with lmforge_server(model_dir, root) as url:
         asyncio.run(level(url, prompts, 1, 2, 8))  # warm up
         return {c: asyncio.run(level(url, prompts, c, n, max_tokens)) for c, n in ((1, 8), (16, 32))}
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def main() -> None:

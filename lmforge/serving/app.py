@@ -523,28 +523,27 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
         engine.check_model(name)
         return JSONResponse(model_card())
 
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        body = parse(CompletionRequest, await _json(request))
+    async def generation_request(request: Request, schema: type) -> Any:
+        """The body of a completions / chat / responses request, parsed and checked (model, readiness, options)."""
+        body = parse(schema, await _json(request))
         engine.check_model(body.model)
         engine.check_ready()
         body.check_options()
+        return body
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        body = await generation_request(request, CompletionRequest)
         prompts = _completion_prompts(engine, body)
         params = _sampling(engine, body, body.max_tokens, prompts, body.stop_list(), body.logprobs)
-        if body.echo and body.logprobs is not None and engine.kind != "causal-lm":
-            raise APIError(400, "echo with logprobs scores the prompt, which only a causal LM predicts; an "
-                           "encoder-decoder reads its source: leave out echo or logprobs", param="echo")  # fmt: skip
         echo = await _echo(engine, body, prompts) if body.echo else None
         return await _respond(request, engine, prompts, params, body, chat=False, echo=echo)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        body = parse(ChatRequest, await _json(request))
-        engine.check_model(body.model)
-        engine.check_ready()
-        body.check_options()
+        body = await generation_request(request, ChatRequest)
         prompts = [_encode(engine, _chat_text(engine, body.messages), "messages")]
-        stop = body.stop_list() + (DEFAULT_CHAT_STOP if engine.template.is_default else [])
+        stop = _chat_stop(engine, body)
         top = (body.top_logprobs or 0) if body.logprobs else None
         max_tokens = body.max_completion_tokens or body.max_tokens
         params = _sampling(engine, body, max_tokens, prompts, stop, top, json_object=body.json_object)
@@ -552,13 +551,9 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
 
     @app.post("/v1/responses")
     async def responses(request: Request) -> Response:
-        body = parse(ResponsesRequest, await _json(request))
-        engine.check_model(body.model)
-        engine.check_ready()
-        body.check_options()
+        body = await generation_request(request, ResponsesRequest)
         prompts = [_response_prompt(engine, body)]
-        stop = body.stop_list() + (DEFAULT_CHAT_STOP if engine.template.is_default else [])
-        params = _sampling(engine, body, body.max_output_tokens, prompts, stop, body.logprobs,
+        params = _sampling(engine, body, body.max_output_tokens, prompts, _chat_stop(engine, body), body.logprobs,
                            names=("input", "max_output_tokens"), json_object=body.json_object)  # fmt: skip
         return await _respond_responses(request, engine, prompts, params, body)
 
@@ -782,6 +777,11 @@ def _chat_text(engine: Engine, messages: list[Any]) -> str:
         raise APIError(400, f"the chat template cannot render these messages: {error}", param="messages") from None
 
 
+def _chat_stop(engine: Engine, body: Any) -> list[str]:
+    """A chat's stop strings: the request's, and with lmforge's default template the start of a next turn."""
+    return body.stop_list() + (DEFAULT_CHAT_STOP if engine.template.is_default else [])
+
+
 def _adds_special_tokens(engine: Engine) -> bool:
     """Whether a prompt is encoded with the tokenizer's special tokens: a causal LM continues the text as it is;
     an encoder-decoder reads its source with them (e.g. Marian's </s>), as its pipelines do."""
@@ -930,6 +930,9 @@ async def _echo(engine: Engine, body: CompletionRequest, prompts: list[list[int]
     """Each prompt's echo: the text as sent (token ids decoded) and, with `logprobs`, every prompt token's
     log-probability given the tokens before it, from one forward of the model over the prompt (on the scheduler
     thread, between steps), as vLLM answers `echo` with `logprobs` (e.g. for lm-evaluation-harness)."""
+    if body.logprobs is not None and engine.kind != "causal-lm":
+        raise APIError(400, "echo with logprobs scores the prompt, which only a causal LM predicts; an "
+                       "encoder-decoder reads its source: leave out echo or logprobs", param="echo")  # fmt: skip
     prompt = body.prompt
     if isinstance(prompt, str):
         texts = [prompt]

@@ -561,8 +561,7 @@ class Scheduler:
         request.emit(Piece(seq.index, text, [token], logprobs, finish))
         if finish is not None:
             seq.text.stopped = True
-            request._left -= 1
-            if request._left == 0:
+            if request.ended():
                 request.emit(None)
         return 1
 
