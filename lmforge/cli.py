@@ -944,8 +944,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve a model over HTTP with OpenAI's API (completions, chat, responses, embeddings, pipelines)",
         description="Serve MODEL over HTTP with OpenAI's API: /v1/completions, /v1/chat/completions and "
         "/v1/responses (causal LMs with continuous batching; encoder-decoders), /v1/embeddings (encoder models), "
-        "/v1/audio/transcriptions (speech models), /v1/pipelines/TASK, /v1/models, /health, /metrics "
-        "(Prometheus) and a playground page at /. Binds 127.0.0.1 unless --host "
+        "/v1/audio/transcriptions (speech models), /v1/pipelines/TASK, /v1/models, /tokenize, /detokenize, "
+        "/tokenizer_info, /health, /metrics (Prometheus) and a playground page at /. Binds 127.0.0.1 unless --host "
         "says otherwise. SIGTERM or Ctrl+C: stop taking requests, finish those in flight, exit.",
     )
     p.add_argument("model", help="model directory or cached model id")

@@ -1078,24 +1078,92 @@ def test_echo_gives_the_prompt_back_with_the_models_logprobs(client: openai.Open
     ] * 2
 
 
-def test_a_continuations_log_likelihood_as_lm_evaluation_harness_asks_for_it(
-    client: openai.OpenAI, tiny_dir: Path, loaded
-) -> None:
-    """lm-evaluation-harness's `local-completions` scores a continuation with token ids, `echo`, `logprobs: 1`,
-    `max_tokens: 1`, and reads token_logprobs[len(context):-1]: that sum is log p(continuation | context), and
-    the continuation is greedy where each token is the top one."""
+def _scores(model, ids: list[int], start: int) -> tuple[float, bool]:
+    """log p(ids[start:] | ids[:start]) by the model itself, and whether each of those tokens is the argmax."""
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+    picks = [(logp[i - 1, ids[i]].item(), logp[i - 1].argmax().item() == ids[i]) for i in range(start, len(ids))]
+    return sum(p for p, _ in picks), all(g for _, g in picks)
+
+
+def test_lm_evaluation_harness_scores_and_generates_through_the_server(server: Server, tiny_dir: Path, loaded) -> None:
+    """lm-evaluation-harness's own `local-completions` model against the server: it finds the server's tokenizer
+    (GET /tokenizer_info, then /tokenize), and its log-likelihoods (echo + logprobs, one prompt or a batch of
+    three, sequential or concurrent), rolling log-likelihoods of a text longer than the context (windows of
+    token ids) and greedy generations are the model's own."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
     model, tok = loaded
-    context, continuation = tok.encode("To be, or not"), tok.encode(" to be")
-    out = client.completions.create(model=tiny_dir.name, prompt=[context + continuation], max_tokens=1, echo=True,
-                                    logprobs=1, temperature=0)  # fmt: skip
-    lp = out.choices[0].logprobs
-    scores = lp.token_logprobs[len(context) : -1]
-    logp = torch.log_softmax(model(torch.tensor([context + continuation])).logits[0].float(), -1)
-    positions = range(len(context) - 1, len(context) + len(continuation) - 1)
-    assert sum(scores) == pytest.approx(sum(logp[i, t].item() for i, t in zip(positions, continuation)), abs=1e-3)
-    greedy = all(max(top, key=top.get) == tok.decode([t]) for top, t in zip(lp.top_logprobs[len(context) : -1],
-                                                                             continuation))  # fmt: skip
-    assert greedy == all(logp[i].argmax().item() == t for i, t in zip(positions, continuation))
+    info = httpx.get(server.url + "/tokenizer_info", timeout=TIMEOUT).json()
+    assert info["eos_token"] == tok.eos_token and info["model_max_length"] == 128 and info["vocab_size"] == len(tok)
+    assert "Assistant:" in info["chat_template"]  # the default template, which the chat route renders
+
+    pairs = [("To be, or not", " to be, that is the question."), ("床前明月光，", "疑是地上霜。"),
+             ("the king rode a horse", " to the castle."), ("el rey ", "montó un caballo.")]  # fmt: skip
+    expected = []
+    for context, continuation in pairs:  # lm-eval moves a context's trailing spaces to the continuation
+        stripped = context.rstrip()
+        expected.append(_scores(model, tok.encode(context + continuation), len(tok.encode(stripped))))
+    long_text = " ".join(TEXTS * 4)  # longer than the context: scored in windows
+    tokens = tok.encode(long_text)
+    assert len(tokens) > 128
+    rolling = 0.0
+    for context, target in map(make_disjoint_window, get_rolling_token_windows(tokens, tok.eos_token_id, 126, 1)):
+        rolling += _scores(model, context + target, len(context))[0]
+
+    url = server.url + "/v1/completions"
+    for options in ({}, {"batch_size": 3}, {"num_concurrent": 3}, {"tokenizer_backend": "huggingface",
+                                                                    "tokenizer": str(tiny_dir)}):  # fmt: skip
+        lm = LocalCompletionsAPI(base_url=url, model=tiny_dir.name, max_length=128, timeout=TIMEOUT, **options)
+        assert lm.tokenizer_backend == options.get("tokenizer_backend", "remote")
+        got = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)],
+                               disable_tqdm=True)  # fmt: skip
+        for (score, greedy), (want, want_greedy) in zip(got, expected, strict=True):
+            assert score == pytest.approx(want, abs=1e-3), options
+            assert greedy == want_greedy
+        [whole] = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (long_text,), 0)], disable_tqdm=True)
+        assert whole == pytest.approx(rolling, abs=1e-2)
+    ids = tok.encode("To be, or not")
+    ref = tok.decode(model.generate(torch.tensor([ids]), max_new_tokens=12)[0, len(ids) :].tolist())
+    stop = ref[5:7]  # the answer ends before the first place these two characters appear
+    [text] = lm.generate_until([Instance("generate_until", {}, ("To be, or not", {"until": [stop],
+                                                                                 "max_gen_toks": 12}), 0)])  # fmt: skip
+    assert text == ref[: ref.index(stop)]
+
+
+def test_lm_eval_runs_the_example_task_against_the_server(server: Server, tiny_dir: Path, loaded, tmp_path) -> None:
+    """The command docs/serving.md gives: `lm_eval` on examples/lm_eval's word-order task (its first 12 items)
+    against the server; its accuracy is the share of items whose true line the model itself scores highest."""
+    model, tok = loaded
+    root = Path(__file__).resolve().parents[1]
+    items = [json.loads(line) for line in (root / "examples/lm_eval/shakespeare_word_order.jsonl").open()]
+    sys.path.insert(0, str(root / "examples/lm_eval"))
+    try:
+        from make_word_order import items as made
+    finally:
+        sys.path.remove(str(root / "examples/lm_eval"))
+    assert made() == items  # the committed task is what its script makes from the bundled corpus
+    items = items[:12]
+    right = 0
+    for item in items:
+        start = len(tok.encode(item["context"]))
+        scores = [_scores(model, tok.encode(item["context"] + choice), start)[0] for choice in item["choices"]]
+        assert max(len(tok.encode(item["context"] + c)) for c in item["choices"]) < 128  # no truncation
+        right += max(range(len(scores)), key=scores.__getitem__) == item["label"]
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_CACHE": str(tmp_path / "cache")}  # fmt: skip
+    args = f"model={tiny_dir.name},base_url={server.url}/v1/completions,max_length=128"
+    run = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "local-completions", "--include_path",
+                          "examples/lm_eval", "--tasks", "shakespeare_word_order", "--model_args", args, "--limit",
+                          "12", "--output_path", str(tmp_path / "out")], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    [results] = (tmp_path / "out").rglob("results_*.json")
+    acc = json.loads(results.read_text())["results"]["shakespeare_word_order"]["acc,none"]
+    assert 0 < right < len(items)  # (a random model: the check below tells right scores from wrong ones)
+    assert acc == pytest.approx(right / len(items))
 
 
 # ------------------------------------------------------------------------------ JSON mode

@@ -70,6 +70,7 @@ ROUTES = {
     "/v1/embeddings",
     "/tokenize",
     "/detokenize",
+    "/tokenizer_info",
     "/v1/audio/transcriptions",
     "/v1/audio/translations",
 }
@@ -577,6 +578,20 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
         answer: dict[str, Any] = {"count": len(ids), "tokens": ids}
         if engine.model is not None:
             answer["max_model_len"] = engine.context
+        return JSONResponse(answer)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> JSONResponse:
+        """vLLM's route: what a client needs to tokenize as the server does (lm-evaluation-harness's `remote`
+        tokenizer reads it, then sends text to /tokenize and /detokenize)."""
+        engine.check_ready()
+        tok = engine.tokenizer
+        special = {name: getattr(tok, name, None) for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
+        answer: dict[str, Any] = {"tokenizer_class": type(tok).__name__, **special, "vocab_size": len(tok)}
+        if engine.model is not None:
+            answer["model_max_length"] = engine.context
+        if engine.template is not None:  # the template the chat route renders (the model's own, or the default)
+            answer["chat_template"] = engine.template.source
         return JSONResponse(answer)
 
     @app.post("/detokenize")

@@ -46,6 +46,7 @@ class ChatTemplate:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         self.is_default = source is None
+        self.source = source or DEFAULT_CHAT_TEMPLATE  # the Jinja text (GET /tokenizer_info hands it out)
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
 
         def raise_exception(message: str) -> None:
