@@ -226,6 +226,7 @@ class Engine:
         self.scheduler: Scheduler | None = None
         self.seq2seq: Seq2SeqRunner | None = None  # an encoder-decoder's queue and batches
         self._json: JSONConstraint | None = None  # JSON mode's token sets, once asked for
+        self._json_lock = threading.Lock()  # (first requests at once build them once)
         self.mailbox = Mailbox()  # the scheduler's events, on their way to the event loop
         self.pipelines: dict[str, Any] = {}
         self.created = int(time.time())
@@ -292,18 +293,19 @@ class Engine:
         if self.kind != "causal-lm":
             raise APIError(400, f"JSON mode is offered for causal LMs; '{self.config.name}' is {self.describe()}",
                            param="response_format")  # fmt: skip
-        if self._json is None:
-            table = getattr(self.tokenizer, "token_bytes", None)
-            data = table(True) if callable(table) else None
-            if data is None:
-                raise APIError(400, "JSON mode needs a byte-level BPE tokenizer (GPT-2's), whose tokens are bytes; "
-                               "this model's tokenizer is not one", param="response_format")  # fmt: skip
-            try:
-                vocab = self.model.config.vocab_size  # the logits' size (the tokenizer may have fewer, or more, ids)
-                self._json = JSONConstraint(data[:vocab], vocab)
-            except ValueError as error:
-                raise APIError(400, str(error), param="response_format") from None
-        return self._json
+        with self._json_lock:
+            if self._json is None:
+                table = getattr(self.tokenizer, "token_bytes", None)
+                data = table(True) if callable(table) else None
+                if data is None:
+                    raise APIError(400, "JSON mode needs a byte-level BPE tokenizer (GPT-2's), whose tokens are "
+                                   "bytes; this model's tokenizer is not one", param="response_format")  # fmt: skip
+                try:
+                    vocab = self.model.config.vocab_size  # the logits' size (the tokenizer may have other ids)
+                    self._json = JSONConstraint(data[:vocab], vocab)
+                except ValueError as error:
+                    raise APIError(400, str(error), param="response_format") from None
+            return self._json
 
     def describe(self) -> str:
         """What the served model is, and where to send its requests (for errors that name a wrong route)."""
@@ -530,6 +532,9 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
         engine.check_model(body.model)
         engine.check_ready()
         body.check_options()
+        if getattr(body, "json_object", False) and engine.kind == "causal-lm":
+            # JSON mode's vocabulary trie (~80 ms for 4,096 tokens) is built once, off the event loop
+            await asyncio.to_thread(engine.json_constraint)
         return body
 
     @app.post("/v1/completions")
