@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -124,14 +125,25 @@ class Server:
             text=True,
             env=env,
         )
+        # its output read as it comes: a pipe nobody drains fills (64 KiB of access log lines) and then blocks
+        # the server's logging, and so the server
+        self._output: list[str] = []
+        self._reader = threading.Thread(target=lambda: self._output.extend(self.proc.stdout), daemon=True)
+        self._reader.start()
         if ready:
             self.wait_ready()
+
+    def output(self) -> str:
+        """What the server has written so far (all of it once it has exited)."""
+        if self.proc.poll() is not None:
+            self._reader.join(TIMEOUT)
+        return "".join(self._output)
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + TIMEOUT
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"the server exited: {self.proc.stdout.read()}")
+                raise AssertionError(f"the server exited: {self.output()}")
             try:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
                     return
@@ -149,7 +161,7 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        return self.proc.stdout.read()
+        return self.output()
 
 
 # ---------------------------------------------------------------------------------------------- a tiny Whisper
