@@ -1303,7 +1303,212 @@ def test_json_mode_answers_are_json_objects(client: openai.OpenAI, tiny_dir: Pat
         assert isinstance(json.loads(answer.output_text), dict)
     schema = {**kw, "model": None, "response_format": {"type": "json_schema", "json_schema": {}}}
     r = httpx.post(server.url + "/v1/chat/completions", json=schema, timeout=TIMEOUT)
-    assert r.status_code == 400 and "'json_schema' is not supported" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "needs 'schema'" in r.json()["error"]["message"]
+
+
+# ------------------------------------------------------------------------------ structured outputs (JSON schemas)
+SCHEMAS = [
+    {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                                      "height": {"type": "number"}, "ok": {"type": "boolean"}}},
+    {"type": "object", "properties": {"mood": {"enum": ["喜", "怒", "sad", 3, None, 'a"b']},
+                                      "tags": {"type": "array", "items": {"type": "string"}, "minItems": 1,
+                                               "maxItems": 3},
+                                      "nick": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+                                      "code": {"type": ["integer", "null"]}, "v": {"const": -2.5},
+                                      "free": {}, "empty": {"type": "object", "properties": {}}}},
+    {"$defs": {"Node": {"type": "object", "properties": {"label": {"type": "string"},
+                                                         "kids": {"type": "array", "items": {"$ref": "#/$defs/Node"},
+                                                                  "maxItems": 2}}}},
+     "type": "object", "properties": {"root": {"$ref": "#/$defs/Node"}, "n": {"type": "number"}},
+     "additionalProperties": False, "required": ["root", "n"]},
+]  # fmt: skip
+
+
+def random_instance(schema: dict, rng: random.Random, root: dict, depth: int = 0) -> object:
+    """A random value of `schema` (the subset SchemaMachine follows), its objects' properties in schema order."""
+    if "$ref" in schema:
+        return random_instance(root["$defs"][schema["$ref"].split("/")[-1]], rng, root, depth + 1)
+    if "enum" in schema or "const" in schema:
+        return rng.choice(schema["enum"]) if "enum" in schema else schema["const"]
+    if "anyOf" in schema:
+        return random_instance(rng.choice(schema["anyOf"]), rng, root, depth)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = rng.choice(kind)
+    if kind is None:
+        return random_json(rng, 2)
+    if kind == "object":
+        return {k: random_instance(v, rng, root, depth + 1) for k, v in schema.get("properties", {}).items()}
+    if kind == "array":
+        lo, hi = schema.get("minItems", 0), schema.get("maxItems", 3)
+        count = rng.randint(lo, hi if depth < 4 else lo)
+        return [random_instance(schema.get("items", {}), rng, root, depth + 1) for _ in range(count)]
+    if kind == "string":
+        return random_json(rng, 3) if False else "".join(rng.choice(["a", "明月", '"', "\\", "\n", "🙂"])
+                                                         for _ in range(rng.randint(0, 4)))  # fmt: skip
+    if kind == "integer":
+        return rng.choice([0, -7, 12, 10**18])
+    if kind == "number":
+        return rng.choice([0, -1.5, 2.5e-7, 3, 1e21])
+    if kind == "boolean":
+        return rng.random() < 0.5
+    return None
+
+
+def test_the_schema_machine_reads_exactly_the_instances_of_its_schema() -> None:
+    """SchemaMachine against jsonschema: random instances of each schema (json.dumps: compact or indented, ASCII
+    or not; properties in the schema's order) are read to the end and complete there and not before; random
+    edits that it accepts whole are valid instances (jsonschema.validate); wrong orders, missing and extra
+    properties, fractions for integers, values outside an enum, arrays too long or short are refused."""
+    import jsonschema
+
+    from lmforge.serving.json_mode import MAX_WHITESPACE, SchemaMachine
+
+    rng = random.Random(0)
+    for schema in SCHEMAS:
+        machine, checked, edited = SchemaMachine(schema), 0, 0
+        for _ in range(150):
+            value = random_instance(schema, rng, schema)
+            jsonschema.validate(value, schema)
+            ascii_ = rng.random() < 0.5 and schema is not SCHEMAS[1]  # (its Chinese enum: as characters)
+            text = json.dumps(value, ensure_ascii=ascii_, indent=rng.choice([None, 1]),
+                              separators=rng.choice([None, (",", ":")])).encode()  # fmt: skip
+            if max((len(m) for m in re.findall(rb"[ \t\n\r]+", text)), default=0) > MAX_WHITESPACE:
+                continue  # (a deeply indented text)
+            state = machine.START
+            for i, byte in enumerate(text):
+                assert not machine.complete(state), text[:i]
+                state = machine.step(state, byte)
+                assert state is not None, (text[: i + 1], text)
+            assert machine.complete(state)
+            checked += 1
+            for _ in range(4):
+                at = rng.randrange(len(text))
+                b = rng.choice(b'{}[]",:\\ 0123456789.-eEtrufalsn\nx')
+                mutant = rng.choice([text[:at] + bytes([b]) + text[at + 1 :], text[:at] + bytes([b]) + text[at:],
+                                     text[:at] + text[at + 1 :]])  # fmt: skip
+                state = fed(machine, mutant)
+                if state is not None and machine.complete(state):
+                    jsonschema.validate(json.loads(mutant), schema)
+                    edited += mutant != text
+        assert checked > 100 and edited > 0, (checked, edited)
+    person = SchemaMachine(SCHEMAS[0])
+    assert person.complete(fed(person, b'{"name":"x","age":-3,"height":1e5,"ok":false}'))
+    for text in (b'{"age":1,"name":"x","height":1,"ok":true}', b'{"name":"x","age":1,"height":1}',
+                 b'{"name":"x","age":1,"height":1,"ok":true,"more":1}', b'{"name":"x","age":1.5,"height":1,"ok":true}',
+                 b'{"name":"x","age":1e3,"height":1,"ok":true}', b'{"name":1,"age":1,"height":1,"ok":true}',
+                 b' {"name":"x","age":1,"height":1,"ok":true}'):  # fmt: skip
+        state = fed(person, text)
+        assert state is None or not person.complete(state), text
+    other = SchemaMachine(SCHEMAS[1])
+    for text in ('{"mood":"乐"', '{"mood":4', '{"mood":"sad","tags":[]', '{"mood":"sad","tags":["a","b","c","d"]'):
+        assert fed(other, text.encode()) is None, text
+
+
+@pytest.mark.parametrize(
+    ("schema", "words"),
+    [
+        ({"type": "object", "properties": {"a": {"type": "string", "pattern": "^x"}}}, "'pattern' is not supported"),
+        ({"type": "object", "properties": {"d": {"type": "string", "format": "date"}}}, "schema.d: 'format'"),
+        ({"type": "array", "items": {}}, "root must be an object"),
+        ({"type": "object", "properties": {"a": {"anyOf": [{"type": "object"}, {"type": "object"}]}}},
+         "must start differently"),
+        ({"type": "object", "properties": {"a": {"$ref": "#/$defs/Missing"}}}, "names no definition"),
+        ({"type": "object", "properties": {"a": {"$ref": "other.json#/x"}}}, "is not supported"),
+        ({"type": "object", "properties": {"a": {"type": "date"}}}, "unknown type 'date'"),
+        ({"type": "object", "properties": {"a": {"const": {"b": 1}}}}, "must be strings, numbers, booleans or null"),
+    ],
+)  # fmt: skip
+def test_schemas_the_machine_cannot_follow_are_refused_by_name(schema: dict, words: str) -> None:
+    from lmforge.serving.json_mode import SchemaError, SchemaMachine
+
+    with pytest.raises(SchemaError, match=re.escape(words)):
+        SchemaMachine(schema)
+
+
+def test_a_schemas_tokens_are_exactly_those_that_continue_an_instance() -> None:
+    """JSONConstraint.following(a SchemaMachine): the allowed sets equal checking every token byte by byte, in
+    states along an instance, and share the vocabulary's trie; a byte no token spells alone is refused."""
+    from lmforge.serving.json_mode import JSONConstraint, SchemaError, SchemaMachine
+
+    rng = random.Random(2)
+    table = [b"{", b'{"', b'"}', b'":', b", ", b"[", b"]", b"1", b"-0", b".5", b"e+", b"true", b"null", b"\\",
+             b'"', b" ", b"\n  ", b"a", "喜".encode(), "喜".encode()[:2], b"", b'":"', b"},", b"]}", b'"mood"',
+             b'"tags":["', b'null,"'] + [bytes([b]) for b in range(0x20, 0x7F)]  # fmt: skip
+    table += [bytes(rng.choice(b'{}[]":,0123456789 abcnul\\') for _ in range(rng.randint(1, 4))) for _ in range(150)]
+    with pytest.raises(SchemaError, match="no token of its own"):
+        JSONConstraint(table).following(SchemaMachine(SCHEMAS[1]))
+    table += [bytes([b]) for b in "喜怒".encode()]
+    base = JSONConstraint(table, vocab=len(table) + 2)
+    constraint = base.following(SchemaMachine(SCHEMAS[1]))
+    assert constraint.root is base.root and constraint.machine is not base.machine
+    value = {"mood": "喜", "tags": ["a", "b"], "nick": None, "code": -12, "v": -2.5, "free": [1.5, "x"],
+             "empty": {}}  # fmt: skip
+    text = json.dumps(value, ensure_ascii=False).encode()
+    state = constraint.machine.START
+    for byte in text:
+        expected = torch.zeros(len(table) + 2, dtype=torch.bool)
+        for token, data in enumerate(table):
+            expected[token] = bool(data) and fed_from(constraint.machine, state, data) is not None
+        assert torch.equal(constraint.allowed(state), expected)
+        state = constraint.machine.step(state, byte)
+    assert constraint.complete(state)
+
+
+def test_structured_outputs_through_the_openai_clients_parse(client: openai.OpenAI, tiny_dir: Path, server: Server,
+                                                             loaded) -> None:  # fmt: skip
+    """`client.chat.completions.parse(response_format=Model)` and `client.responses.parse(text_format=Model)`
+    (the official client's strict schemas from pydantic models) give answers that are instances of the model; a
+    schema of enums and booleans always ends within the budget; streamed, the same text; schemas the server
+    cannot follow are 400s naming the keyword."""
+    from typing import Literal
+
+    import jsonschema
+    from pydantic import BaseModel
+
+    class Verdict(BaseModel):
+        mood: Literal["喜", "怒", "sad"]
+        sure: bool
+        note: None
+        alt: Literal["a", "b"] | None
+
+    _, tok = loaded
+    no_space = {str(i): -100 for i, data in enumerate(tok.token_bytes(True)) if data and not data.strip()}
+    messages = [{"role": "user", "content": "How do you feel?"}]
+    for seed in range(4):  # (whitespace banned through logit_bias: then the answer has at most ~50 tokens)
+        out = client.chat.completions.parse(model=tiny_dir.name, messages=messages, response_format=Verdict,
+                                            max_tokens=90, temperature=1.0, seed=seed, logit_bias=no_space)  # fmt: skip
+        choice = out.choices[0]
+        assert choice.finish_reason == "stop"
+        assert isinstance(choice.message.parsed, Verdict)
+        assert choice.message.parsed == Verdict.model_validate_json(choice.message.content)
+    answer = client.responses.parse(model=tiny_dir.name, input="How do you feel?", text_format=Verdict,
+                                    max_output_tokens=90, extra_body={"logit_bias": no_space})  # fmt: skip
+    assert answer.status == "completed" and isinstance(answer.output_parsed, Verdict)
+
+    schema = {"type": "object", "properties": {"word": {"type": "string"}, "n": {"type": "integer"}}}
+    kw = dict(model=tiny_dir.name, messages=messages, max_tokens=60, temperature=1.0,
+              response_format={"type": "json_schema", "json_schema": {"name": "w", "schema": schema}})  # fmt: skip
+    ended = 0
+    for seed in range(6):
+        out = client.chat.completions.create(**kw, seed=seed)
+        text = out.choices[0].message.content
+        assert re.match(r'\{\s*"word"\s*:', text), text  # the schema's first key, written for the model
+        if out.choices[0].finish_reason == "stop":
+            jsonschema.validate(json.loads(text), schema)
+            ended += 1
+    streamed = client.chat.completions.create(**kw, seed=1, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == \
+        client.chat.completions.create(**kw, seed=1).choices[0].message.content  # fmt: skip
+
+    bad = {"type": "object", "properties": {"when": {"type": "string", "format": "date-time"}}}
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=TIMEOUT, json={**kw, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "b", "schema": bad}}})  # fmt: skip
+    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
+    assert "schema.when: 'format' is not supported" in r.json()["error"]["message"]
+    r = httpx.post(server.url + "/v1/responses", timeout=TIMEOUT, json={"input": "hi", "text": {"format": {
+        "type": "json_schema", "name": "b", "schema": bad}}})  # fmt: skip
+    assert r.status_code == 400 and r.json()["error"]["param"] == "text.format"
 
 
 # ------------------------------------------------------------------------------ the Responses API
@@ -1434,7 +1639,10 @@ def test_truncation_auto_drops_the_earliest_messages_until_the_input_fits(
         ({"conversation": "conv_1"}, "conversation", "stores no responses"),
         ({"background": True}, "background", "stream: true"),
         ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools", "tool_choice='none'"),
-        ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {}}}}, "text.format", "no schemas"),
+        ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {}}}}, "text.format",
+         "root must be an object"),
+        ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format", "needs 'schema'"),
+        ({"text": {"format": {"type": "grammar"}}}, "text.format", "'grammar' is not supported"),
         ({"reasoning": {"effort": "low"}}, "reasoning", "no reasoning mode"),
         ({"n": 2}, "n", "one answer"),
         ({"input": []}, "input", "empty"),
@@ -1531,7 +1739,8 @@ def test_bad_requests_get_openai_errors(server: Server, body: dict, status: int,
         ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools",
          "tool_choice='none'"),
         ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions", "function_call='none'"),
-        ("/v1/chat/completions", {"response_format": {"type": "json_schema"}}, "response_format", "no schemas"),
+        ("/v1/chat/completions", {"response_format": {"type": "json_schema"}}, "response_format", "needs 'schema'"),
+        ("/v1/chat/completions", {"response_format": {"type": "regex"}}, "response_format", "'regex' is not supported"),
         ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs", "needs logprobs: true"),
         ("/v1/chat/completions", {"modalities": ["text", "audio"]}, "modalities", "only text output"),
         ("/v1/chat/completions", {"audio": {"voice": "alloy", "format": "wav"}}, "audio", "only text output"),
@@ -2022,7 +2231,7 @@ def test_an_encoder_decoder_answers_completions(s2s_dir: Path) -> None:
         assert r.status_code == 400 and "last user message" in r.json()["error"]["message"]
         r = httpx.post(s.url + "/v1/chat/completions", timeout=TIMEOUT,
                        json={**chat, "response_format": {"type": "json_object"}})  # fmt: skip
-        assert r.status_code == 400 and "JSON mode is offered for causal LMs" in r.json()["error"]["message"]
+        assert r.status_code == 400 and "JSON output is offered for causal LMs" in r.json()["error"]["message"]
         scored = {"input": "the king rode a horse.", "top_logprobs": 2, "max_output_tokens": 10}
         r = httpx.post(s.url + "/v1/responses", json=scored, timeout=TIMEOUT)
         part = r.json()["output"][0]["content"][0]

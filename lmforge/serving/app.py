@@ -26,7 +26,7 @@ import re
 import secrets
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -40,7 +40,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.serving.chat import DEFAULT_CHAT_STOP, ChatTemplate, read_chat_template
-from lmforge.serving.json_mode import JSONConstraint
+from lmforge.serving.json_mode import JSONConstraint, SchemaError, SchemaMachine
 from lmforge.serving.responses import ResponseBuilder, responses_usage
 from lmforge.serving.scheduler import Piece, QueueFull, SamplingParams, Scheduler, token_logprobs
 from lmforge.serving.scheduler import Request as Generation
@@ -226,6 +226,7 @@ class Engine:
         self.scheduler: Scheduler | None = None
         self.seq2seq: Seq2SeqRunner | None = None  # an encoder-decoder's queue and batches
         self._json: JSONConstraint | None = None  # JSON mode's token sets, once asked for
+        self._schemas: OrderedDict[str, JSONConstraint] = OrderedDict()  # structured outputs' (recent schemas)
         self._json_lock = threading.Lock()  # (first requests at once build them once)
         self.mailbox = Mailbox()  # the scheduler's events, on their way to the event loop
         self.pipelines: dict[str, Any] = {}
@@ -288,24 +289,39 @@ class Engine:
                                          self.config.max_queue)  # fmt: skip
         self.scheduler.start()
 
-    def json_constraint(self) -> JSONConstraint:
-        """JSON mode's token sets for this model (made at the first request that asks for it)."""
+    def json_constraint(self, schema: dict[str, Any] | None = None, param: str = "response_format") -> JSONConstraint:
+        """The token sets of JSON mode, or of a JSON schema's structured output, for this model (the vocabulary's
+        trie made at the first request that asks for either; the last 32 schemas' kept)."""
         if self.kind != "causal-lm":
-            raise APIError(400, f"JSON mode is offered for causal LMs; '{self.config.name}' is {self.describe()}",
-                           param="response_format")  # fmt: skip
+            raise APIError(400, f"JSON output is offered for causal LMs; '{self.config.name}' is {self.describe()}",
+                           param=param)  # fmt: skip
         with self._json_lock:
             if self._json is None:
                 table = getattr(self.tokenizer, "token_bytes", None)
                 data = table(True) if callable(table) else None
                 if data is None:
-                    raise APIError(400, "JSON mode needs a byte-level BPE tokenizer (GPT-2's), whose tokens are "
-                                   "bytes; this model's tokenizer is not one", param="response_format")  # fmt: skip
+                    raise APIError(400, "JSON output needs a byte-level BPE tokenizer (GPT-2's), whose tokens are "
+                                   "bytes; this model's tokenizer is not one", param=param)  # fmt: skip
                 try:
                     vocab = self.model.config.vocab_size  # the logits' size (the tokenizer may have other ids)
                     self._json = JSONConstraint(data[:vocab], vocab)
                 except ValueError as error:
-                    raise APIError(400, str(error), param="response_format") from None
-            return self._json
+                    raise APIError(400, str(error), param=param) from None
+            if schema is None:
+                return self._json
+            key = json.dumps(schema, sort_keys=True)
+            constraint = self._schemas.get(key)
+            if constraint is None:
+                try:
+                    constraint = self._json.following(SchemaMachine(schema))
+                except (SchemaError, RecursionError) as error:
+                    why = "nested too deeply" if isinstance(error, RecursionError) else str(error)
+                    raise APIError(400, f"the JSON schema cannot be followed: {why}", param=param) from None
+                self._schemas[key] = constraint
+                if len(self._schemas) > 32:
+                    self._schemas.popitem(last=False)
+            self._schemas.move_to_end(key)
+            return constraint
 
     def describe(self) -> str:
         """What the served model is, and where to send its requests (for errors that name a wrong route)."""
@@ -532,9 +548,9 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
         engine.check_model(body.model)
         engine.check_ready()
         body.check_options()
-        if getattr(body, "json_object", False) and engine.kind == "causal-lm":
-            # JSON mode's vocabulary trie (~80 ms for 4,096 tokens) is built once, off the event loop
-            await asyncio.to_thread(engine.json_constraint)
+        if (getattr(body, "json_object", False) or getattr(body, "json_schema", None)) and engine.kind == "causal-lm":
+            # JSON output's vocabulary trie (~80 ms for 4,096 tokens) and a schema's machine, off the event loop
+            await asyncio.to_thread(_constraint, engine, body)
         return body
 
     @app.post("/v1/completions")
@@ -552,7 +568,7 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
         stop = _chat_stop(engine, body)
         top = (body.top_logprobs or 0) if body.logprobs else None
         max_tokens = body.max_completion_tokens or body.max_tokens
-        params = _sampling(engine, body, max_tokens, prompts, stop, top, json_object=body.json_object)
+        params = _sampling(engine, body, max_tokens, prompts, stop, top)
         return await _respond(request, engine, prompts, params, body, chat=True)
 
     @app.post("/v1/responses")
@@ -560,7 +576,7 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
         body = await generation_request(request, ResponsesRequest)
         prompts = [_response_prompt(engine, body)]
         params = _sampling(engine, body, body.max_output_tokens, prompts, _chat_stop(engine, body), body.logprobs,
-                           names=("input", "max_output_tokens"), json_object=body.json_object)  # fmt: skip
+                           names=("input", "max_output_tokens"))  # fmt: skip
         return await _respond_responses(request, engine, prompts, params, body)
 
     @app.api_route("/v1/responses/{rest:path}", methods=["GET", "POST", "DELETE"])
@@ -843,6 +859,14 @@ def _completion_prompts(engine: Engine, body: CompletionRequest) -> list[list[in
     return prompts
 
 
+def _constraint(engine: Engine, body: Any) -> JSONConstraint | None:
+    """JSON output's token sets where a chat or Responses request asks for JSON mode or a schema, else None."""
+    schema = getattr(body, "json_schema", None)
+    if schema is None and not getattr(body, "json_object", False):
+        return None
+    return engine.json_constraint(schema, "text.format" if isinstance(body, ResponsesRequest) else "response_format")
+
+
 def _sampling(
     engine: Engine,
     body: Any,
@@ -851,10 +875,10 @@ def _sampling(
     stop: list[str],
     logprobs: int | None,
     names: tuple[str, str] = ("prompt", "max_tokens"),
-    json_object: bool = False,
 ) -> SamplingParams:
     """The request's SamplingParams, after checking the prompt and max_tokens fit the model's context (errors
-    name the request's fields for them: `names`, the prompt's and max_tokens'); `json_object`: JSON mode."""
+    name the request's fields for them: `names`, the prompt's and max_tokens'), with JSON output's constraint
+    where the request asks for it."""
     prompt_param, max_param = names
     if engine.model is None:
         raise APIError(400, f"'{engine.config.name}' is {engine.describe()}: it does not generate text from a "
@@ -893,7 +917,7 @@ def _sampling(
         raise APIError(400, f"{len(prompts)} prompt(s) x n={body.n} is {rows} sequences, more than the server's "
                        f"--max-num-seqs={limit}; send fewer prompts per request or a smaller n",
                        param="n" if len(prompts) == 1 else "prompt")  # fmt: skip
-    constraint = engine.json_constraint() if json_object else None
+    constraint = _constraint(engine, body)
     return SamplingParams(
         max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed,
         stop=stop, presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,

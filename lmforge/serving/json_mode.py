@@ -18,6 +18,8 @@ cannot pad forever between values.
 
 from __future__ import annotations
 
+import copy
+import json
 from collections import OrderedDict
 from typing import Any
 
@@ -181,12 +183,13 @@ class JSONConstraint:
     object closes)."""
 
     def __init__(self, token_bytes: list[bytes], vocab: int | None = None, cache_size: int = 4096) -> None:
-        missing = set(range(0x20, 0x7F)) - {data[0] for data in token_bytes if len(data) == 1}
+        self.singles = {data[0] for data in token_bytes if len(data) == 1}  # the bytes that are tokens alone
+        missing = set(range(0x20, 0x7F)) - self.singles
         if missing:  # then some states could have no token at all (every printable ASCII byte keeps one going)
             shown = "".join(sorted(chr(b) for b in missing))[:20]
             raise ValueError(f"JSON mode needs every printable ASCII character as a token of its own; this "
                              f"tokenizer lacks {len(missing)} (e.g. {shown!r})")  # fmt: skip
-        self.machine = JSONMachine()
+        self.machine: JSONMachine | SchemaMachine = JSONMachine()
         self.vocab = max(len(token_bytes), vocab or 0)  # the model's logits may have more rows (padding): never allowed
         self.token_bytes = token_bytes
         self.root = _Node()
@@ -199,6 +202,16 @@ class JSONConstraint:
             node.ids.append(token)
         self._masks: OrderedDict[State, Tensor] = OrderedDict()
         self._cache_size = cache_size
+
+    def following(self, machine: SchemaMachine) -> JSONConstraint:
+        """The same vocabulary (its trie shared) for a schema's machine, with a cache of its own."""
+        missing = machine.literal_bytes - self.singles
+        if missing:  # a key or an enum value this tokenizer could not always spell
+            raise SchemaError(f"the schema's keys and values use bytes this tokenizer has no token of its own for: "
+                              f"{bytes(sorted(missing))[:20]!r}")  # fmt: skip
+        other = copy.copy(self)
+        other.machine, other._masks = machine, OrderedDict()
+        return other
 
     def allowed(self, state: State) -> Tensor:
         """(V,) bool: the tokens that may come next in `state` (cached, least recently used dropped first)."""
@@ -236,3 +249,253 @@ class JSONConstraint:
 
     def complete(self, state: State) -> bool:
         return self.machine.complete(state)
+
+
+# ---------------------------------------------------------------------------------------------- JSON schemas
+#: schema keywords that constrain values in ways the schema machine does not follow: a schema using one is refused
+UNSUPPORTED_KEYWORDS = (
+    "pattern", "format", "minLength", "maxLength", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
+    "multipleOf", "minProperties", "maxProperties", "uniqueItems", "contains", "minContains", "maxContains", "not",
+    "if", "then", "else", "patternProperties", "prefixItems", "propertyNames", "dependentRequired",
+    "dependentSchemas", "unevaluatedProperties", "unevaluatedItems",
+)  # fmt: skip
+VALUE_STARTS = frozenset(b'{["-0123456789tfn')
+NUMBER_STARTS = frozenset(b"-0123456789")
+TYPE_STARTS = {"object": b"{", "array": b"[", "string": b'"', "number": NUMBER_STARTS, "integer": NUMBER_STARTS,
+               "boolean": b"tf", "null": b"n"}  # fmt: skip
+
+
+class SchemaError(ValueError):
+    """A JSON schema the schema machine cannot follow (the message names the keyword and where it is)."""
+
+
+class SchemaMachine:
+    """A byte-at-a-time reader of a JSON object that follows a JSON schema (`response_format: {"type":
+    "json_schema"}`), with the same `START` / `step` / `complete` as `JSONMachine`, so `JSONConstraint` gives its
+    tokens.
+
+    The schema is compiled into nodes: "obj" (its properties, every one written, in the schema's order, as OpenAI's
+    strict mode asks), "arr" (items, minItems / maxItems), "str", "num" (integer or not), "lit" (enum, const,
+    booleans, null: their compact JSON texts), "union" (anyOf / oneOf / a list of types, told apart by their first
+    byte) and "any" (no constraint). Keys and enum strings are written as their characters (UTF-8), not as
+    `\\u` escapes; whitespace between tokens as in JSON mode. Strings, numbers and free values are read by a
+    `JSONMachine` inside the state; `$ref` to `#`, `#/$defs/...` or `#/definitions/...` may recurse. A state is
+    (frames, mode, whitespace run): a frame per open object ("o", node, property) or array ("a", node, values
+    written)."""
+
+    def __init__(self, schema: dict[str, Any]) -> None:
+        if not isinstance(schema, dict):
+            raise SchemaError("the schema must be a JSON object")
+        self.json = JSONMachine()
+        self.nodes: list[tuple] = []
+        self._root_schema = schema
+        self._refs: dict[str, int] = {}
+        root = self._compile(schema, "schema")
+        if self.nodes[root][0] != "obj":
+            raise SchemaError("the schema's root must be an object ({'type': 'object', 'properties': ...})")
+        self.START: State = ((), ("V", root), 0)
+        self.literal_bytes = {b for node in self.nodes if node[0] in ("lit", "obj") for data in node[1] for b in data}
+
+    # -------------------------------------------------------------------------------------------- compiling
+    def _new(self, node: tuple) -> int:
+        self.nodes.append(node)
+        return len(self.nodes) - 1
+
+    def _ref(self, ref: str, where: str) -> int:
+        if ref in self._refs:  # compiled, or being compiled (a recursive schema)
+            return self._refs[ref]
+        target: Any = self._root_schema
+        if ref != "#":
+            parts = ref.split("/")
+            if parts[0] != "#" or len(parts) != 3 or parts[1] not in ("$defs", "definitions"):
+                raise SchemaError(f"{where}: $ref {ref!r} is not supported (only '#', '#/$defs/NAME', "
+                                  "'#/definitions/NAME')")  # fmt: skip
+            target = (self._root_schema.get(parts[1]) or {}).get(parts[2])
+            if not isinstance(target, dict):
+                raise SchemaError(f"{where}: $ref {ref!r} names no definition")
+        self._refs[ref] = index = self._new(("ref",))  # a placeholder, filled below
+        self.nodes[index] = self.nodes[self._compile(target, ref)]
+        return index
+
+    def _compile(self, schema: Any, where: str) -> int:
+        if schema is True or schema == {}:
+            return self._new(("any",))
+        if not isinstance(schema, dict):
+            raise SchemaError(f"{where}: a schema must be an object, not {schema!r}")
+        if "$ref" in schema:
+            return self._ref(schema["$ref"], where)
+        for keyword in UNSUPPORTED_KEYWORDS:
+            if keyword in schema:
+                raise SchemaError(f"{where}: {keyword!r} is not supported in JSON schemas here; leave it out")
+        if "const" in schema or "enum" in schema:
+            values = [schema["const"]] if "const" in schema else schema["enum"]
+            if not isinstance(values, list) or not values:
+                raise SchemaError(f"{where}: 'enum' must be a non-empty list")
+            if any(isinstance(v, (dict, list)) for v in values):  # (their whitespace would be free)
+                raise SchemaError(f"{where}: enum and const values must be strings, numbers, booleans or null")
+            texts = [json.dumps(v, ensure_ascii=False, separators=(",", ":")).encode() for v in values]
+            return self._literals(texts)
+        for keyword in ("anyOf", "oneOf"):
+            if keyword in schema:
+                options = schema[keyword]
+                if not isinstance(options, list) or not options:
+                    raise SchemaError(f"{where}: {keyword!r} must be a non-empty list")
+                rest = {k: v for k, v in schema.items() if k != keyword}
+                alternatives = [
+                    self._compile({**rest, **option} if isinstance(option, dict) else option, f"{where}.{keyword}[{i}]")
+                    for i, option in enumerate(options)
+                ]
+                return self._union(alternatives, where)
+        if "allOf" in schema:
+            parts = schema["allOf"]
+            if not isinstance(parts, list) or len(parts) != 1:
+                raise SchemaError(f"{where}: 'allOf' is supported with one schema only")
+            rest = {k: v for k, v in schema.items() if k != "allOf"}
+            return self._compile({**rest, **parts[0]}, where)
+        kind = schema.get("type")
+        if kind is None:
+            return self._new(("any",))
+        if isinstance(kind, list):
+            return self._union([self._compile({**schema, "type": k}, f"{where}.type[{k}]") for k in kind], where)
+        if kind == "object":
+            properties = schema.get("properties") or {}
+            if not isinstance(properties, dict):
+                raise SchemaError(f"{where}: 'properties' must be an object")
+            keys = tuple(json.dumps(k, ensure_ascii=False).encode() for k in properties)
+            index = self._new(("obj", keys, ()))
+            children = tuple(self._compile(s, f"{where}.{k}") for k, s in properties.items())
+            self.nodes[index] = ("obj", keys, children)
+            return index
+        if kind == "array":
+            lo, hi = schema.get("minItems", 0), schema.get("maxItems")
+            if not isinstance(lo, int) or (hi is not None and (not isinstance(hi, int) or hi < lo)):
+                raise SchemaError(f"{where}: minItems / maxItems must be integers, minItems <= maxItems")
+            index = self._new(("arr", -1, lo, hi))
+            self.nodes[index] = ("arr", self._compile(schema.get("items", True), f"{where}[]"), lo, hi)
+            return index
+        if kind == "string":
+            return self._new(("str",))
+        if kind in ("number", "integer"):
+            return self._new(("num", kind == "integer"))
+        if kind == "boolean":
+            return self._literals([b"true", b"false"])
+        if kind == "null":
+            return self._literals([b"null"])
+        raise SchemaError(f"{where}: unknown type {kind!r}")
+
+    def _literals(self, texts: list[bytes]) -> int:
+        prefixes = frozenset(t[:i] for t in texts for i in range(1, len(t) + 1))
+        return self._new(("lit", frozenset(texts), prefixes))
+
+    def _starts(self, index: int, where: str) -> frozenset[int]:
+        node = self.nodes[index]
+        kind = node[0]
+        if kind == "ref":
+            raise SchemaError(f"{where}: a recursive $ref cannot be one of anyOf's alternatives")
+        if kind == "union":
+            return frozenset(node[1])
+        if kind == "lit":
+            return frozenset(t[0] for t in node[1])
+        starts = {"obj": b"{", "arr": b"[", "str": b'"', "num": NUMBER_STARTS, "any": VALUE_STARTS}[kind]
+        return frozenset(starts)
+
+    def _union(self, alternatives: list[int], where: str) -> int:
+        dispatch: dict[int, int] = {}
+        literals: list[bytes] = []
+        for index in alternatives:  # literals merge into one node; other alternatives must start differently
+            if self.nodes[index][0] == "lit":
+                literals += self.nodes[index][1]
+        if literals:
+            alternatives = [i for i in alternatives if self.nodes[i][0] != "lit"] + [self._literals(literals)]
+        for index in alternatives:
+            for byte in self._starts(index, where):
+                if byte in dispatch and dispatch[byte] != index:
+                    raise SchemaError(f"{where}: anyOf's alternatives must start differently (two may start with "
+                                      f"{chr(byte)!r}); e.g. a string or null, not two objects")  # fmt: skip
+                dispatch[byte] = index
+        return self._new(("union", dispatch))
+
+    # -------------------------------------------------------------------------------------------- reading
+    def complete(self, state: State) -> bool:
+        return state[0] == () and state[1] == ("E",)
+
+    def step(self, state: State, byte: int) -> State | None:
+        stack, mode, ws = state
+        kind = mode[0]
+        if kind == "J":  # a string, number or free value, read by the JSON machine
+            _, index, sub = mode
+            if sub[0] == "" and sub[1] == "E":  # the value ended: the byte belongs to what follows
+                return self.step((stack, ("E",), 0), byte)
+            nxt = self.json.step(sub, byte)
+            if nxt is not None and not (self.nodes[index][0] == "num" and self.nodes[index][1]
+                                        and nxt[1] in ("N.", "Ne")):  # fmt: skip
+                return (stack, ("J", index, nxt), 0)
+            if sub[0] == "" and sub[1] in NUMBER_ENDS:
+                return self.step((stack, ("E",), 0), byte)
+            return None
+        if kind == "L":
+            _, index, prefix = mode
+            grown = prefix + bytes((byte,))
+            if grown in self.nodes[index][2]:
+                return (stack, ("L", index, grown), 0)
+            return self.step((stack, ("E",), 0), byte) if prefix in self.nodes[index][1] else None
+        if kind == "K" and mode[1] > 0:  # inside a key (written exactly as the schema names it)
+            frame = stack[-1]
+            key = self.nodes[frame[1]][1][frame[2]]
+            if key[mode[1]] != byte:
+                return None
+            return (stack, (":",) if mode[1] + 1 == len(key) else ("K", mode[1] + 1), 0)
+        if byte in WHITESPACE:
+            if not stack or ws >= MAX_WHITESPACE:
+                return None  # none before the answer's "{" or after its "}"; runs of at most 16
+            return (stack, mode, ws + 1)
+        if kind == "V":
+            return self._value(stack, mode[1], byte)
+        if kind == "K":  # a key's opening quote
+            return (stack, ("K", 1), 0) if byte == 0x22 else None
+        if kind == ":":
+            frame = stack[-1]
+            return (stack, ("V", self.nodes[frame[1]][2][frame[2]]), 0) if byte == 0x3A else None
+        if kind == "O1":  # after "{"
+            if not self.nodes[stack[-1][1]][1]:
+                return (stack[:-1], ("E",), 0) if byte == 0x7D else None
+            return self.step((stack, ("K", 0), 0), byte)
+        if kind == "A1":  # after "["
+            _, index, _ = stack[-1]
+            _, item, lo, hi = self.nodes[index]
+            if byte == 0x5D:
+                return (stack[:-1], ("E",), 0) if lo == 0 else None
+            return None if hi == 0 else self._value(stack, item, byte)
+        if kind == "E" and stack:  # after a value: the open object or array says what may follow
+            frame = stack[-1]
+            node = self.nodes[frame[1]]
+            if frame[0] == "o":
+                if frame[2] + 1 < len(node[1]):
+                    return (stack[:-1] + (("o", frame[1], frame[2] + 1),), ("K", 0), 0) if byte == 0x2C else None
+                return (stack[:-1], ("E",), 0) if byte == 0x7D else None
+            written, (_, item, lo, hi) = frame[2] + 1, node
+            if byte == 0x2C and (hi is None or written < hi):
+                return (stack[:-1] + (("a", frame[1], written),), ("V", item), 0)
+            if byte == 0x5D and written >= lo:
+                return (stack[:-1], ("E",), 0)
+        return None
+
+    def _value(self, stack: tuple, index: int, byte: int) -> State | None:
+        """The first byte of a value of node `index`."""
+        node = self.nodes[index]
+        kind = node[0]
+        if kind == "union":
+            target = node[1].get(byte)
+            return None if target is None else self._value(stack, target, byte)
+        if kind == "obj":
+            return (stack + (("o", index, 0),), ("O1",), 0) if byte == 0x7B else None
+        if kind == "arr":
+            return (stack + (("a", index, 0),), ("A1",), 0) if byte == 0x5B else None
+        if kind == "lit":
+            first = bytes((byte,))
+            return (stack, ("L", index, first), 0) if first in node[2] else None
+        starts = {"str": b'"', "num": NUMBER_STARTS, "any": VALUE_STARTS}[kind]
+        if byte not in starts:
+            return None
+        sub = self.json.step(("", "V", 0), byte)
+        return None if sub is None else (stack, ("J", index, sub), 0)

@@ -152,6 +152,14 @@ class ChatRequest(_Sampling):
         """JSON mode: response_format {"type": "json_object"}."""
         return (self.response_format or {}).get("type") == "json_object"
 
+    @property
+    def json_schema(self) -> dict[str, Any] | None:
+        """Structured output: the schema of response_format {"type": "json_schema", "json_schema": {"schema"}}."""
+        if (self.response_format or {}).get("type") != "json_schema":
+            return None
+        form = (self.response_format or {}).get("json_schema")
+        return _schema_of(form, "response_format.json_schema", "response_format")
+
     def check_options(self) -> None:
         """A 400 for contradicting options and for the OpenAI options this server does not implement (rather than
         answering without them): tool calls (tools may be listed with tool_choice "none") and output formats other
@@ -166,9 +174,11 @@ class ChatRequest(_Sampling):
                                f"'{name}' or send {'tool_choice' if name == 'tools' else 'function_call'}='none'",
                                param=name)  # fmt: skip
         kind = (self.response_format or {}).get("type", "text")
-        if kind not in ("text", "json_object"):
-            raise APIError(400, f"response_format {kind!r} is not supported (no schemas); send {{'type': "
-                           "'json_object'}} for JSON output, or {'type': 'text'}", param="response_format")  # fmt: skip
+        if kind not in ("text", "json_object", "json_schema"):
+            raise APIError(400, f"response_format {kind!r} is not supported; send {{'type': 'json_schema', "
+                           "'json_schema': {'name': ..., 'schema': {...}}}, {'type': 'json_object'} or "
+                           "{'type': 'text'}", param="response_format")  # fmt: skip
+        self.json_schema  # noqa: B018 (a 400 now for a json_schema without a schema)
         if self.audio or any(m != "text" for m in self.modalities or []):
             raise APIError(400, "only text output is supported; leave out 'audio' and send modalities ['text']",
                            param="modalities" if self.modalities else "audio")  # fmt: skip
@@ -251,6 +261,12 @@ class ResponsesRequest(_Sampling):
         """JSON mode: text.format {"type": "json_object"}."""
         return ((self.text or {}).get("format") or {}).get("type") == "json_object"
 
+    @property
+    def json_schema(self) -> dict[str, Any] | None:
+        """Structured output: the schema of text.format {"type": "json_schema", "name", "schema"}."""
+        form = (self.text or {}).get("format") or {}
+        return _schema_of(form, "text.format", "text.format") if form.get("type") == "json_schema" else None
+
     def check_options(self) -> None:
         """A 400 for what this server cannot honour: stored state (`previous_response_id`, `conversation`,
         `background`), prompt templates, tool calls, output formats other than text, reasoning, n > 1."""
@@ -269,10 +285,11 @@ class ResponsesRequest(_Sampling):
             raise APIError(400, "tool calling is not supported: the model has no tool-call format; leave out "
                            "'tools' or send tool_choice='none'", param="tools")  # fmt: skip
         kind = ((self.text or {}).get("format") or {}).get("type", "text")
-        if kind not in ("text", "json_object"):
-            raise APIError(400, f"text.format {kind!r} is not supported (no schemas); send {{'format': {{'type': "
-                           "'json_object'}}} for JSON output, or {'format': {'type': 'text'}}",
-                           param="text.format")  # fmt: skip
+        if kind not in ("text", "json_object", "json_schema"):
+            raise APIError(400, f"text.format {kind!r} is not supported; send {{'format': {{'type': 'json_schema', "
+                           "'name': ..., 'schema': {...}}}}, {'format': {'type': 'json_object'}} or {'format': "
+                           "{'type': 'text'}}", param="text.format")  # fmt: skip
+        self.json_schema  # noqa: B018 (a 400 now for a json_schema without a schema)
         if (self.reasoning or {}).get("effort") or (self.reasoning or {}).get("summary"):
             raise APIError(400, "reasoning is not supported: the model has no reasoning mode; leave it out",
                            param="reasoning")  # fmt: skip
@@ -329,3 +346,12 @@ def parse(model: type[BaseModel], data: Any) -> Any:
         given = first.get("input")
         shown = repr(given) if not isinstance(given, dict | list) else type(given).__name__
         raise APIError(400, f"invalid '{param}': {problem} (got {shown})", param=param, code="invalid_value") from None
+
+
+def _schema_of(form: Any, where: str, param: str) -> dict[str, Any]:
+    """The `schema` of a json_schema output format (OpenAI's: {"name", "schema", "strict", "description"})."""
+    schema = form.get("schema") if isinstance(form, dict) else None
+    if not isinstance(schema, dict):
+        raise APIError(400, f"{where} needs 'schema': a JSON schema object (e.g. {{'type': 'object', "
+                       "'properties': {...}})", param=param)  # fmt: skip
+    return schema
