@@ -11,9 +11,9 @@ costs one walk on the scheduler thread (4,096 tokens, a 2-core AMD EPYC: 0.1 ms 
 14 ms inside a string, where nearly all do; the trie is built once, 78 ms).
 
 What it guarantees: an answer that ends with "stop" parses with `json.loads` as a dict. It says nothing about
-the keys or values (that would be `json_schema`, not offered) and an answer cut by max_tokens ("length") is a
-prefix. The answer starts with its "{", and whitespace outside strings is limited to 16 bytes in a row, so a model
-cannot pad forever between values.
+the keys or values (`SchemaMachine`, below, does: structured outputs) and an answer cut by max_tokens ("length")
+is a prefix. The answer starts with its "{", and whitespace between tokens is laid out as JSON writers do (one
+space, or a line break and indentation: `spaced`), so a small model cannot spend its tokens on blank lines.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-# A state: (open containers, "o" object / "a" array, innermost last; what comes next; whitespace bytes in a row)
+# A state: (open containers, "o" object / "a" array, innermost last; what comes next; the whitespace run: `spaced`)
 State = tuple[str, Any, int]
 WHITESPACE = frozenset(b" \t\n\r")
-MAX_WHITESPACE = 16
+MAX_INDENT = 16  # spaces or tabs after a line break (json.dumps: indent=2 eight levels deep)
 DIGITS = frozenset(b"0123456789")
 HEX = frozenset(b"0123456789abcdefABCDEF")
 ESCAPES = frozenset(b'"\\/bfnrt')
@@ -42,6 +42,18 @@ UTF8_LEADS = {
     0xE0: (2, 0xA0, 0xBF), **{b: (2, 0x80, 0xBF) for b in (*range(0xE1, 0xED), 0xEE, 0xEF)}, 0xED: (2, 0x80, 0x9F),
     0xF0: (3, 0x90, 0xBF), **{b: (3, 0x80, 0xBF) for b in range(0xF1, 0xF4)}, 0xF4: (3, 0x80, 0x8F),
 }  # fmt: skip
+
+
+def spaced(run: int, byte: int) -> int | None:
+    """Whitespace between tokens as JSON writers lay it out: one space, or a line break and its indentation. `run`
+    says what came since the last token: 0 nothing, 1 a space, 2 + n a line break and n spaces or tabs (at most
+    MAX_INDENT); the run after `byte`, or None where it cannot come (so a model cannot pad an answer with blank
+    lines, or forever)."""
+    if byte == 0x0A:
+        return 2 if run == 0 else None
+    if run >= 2:
+        return run + 1 if byte in (0x20, 0x09) and run - 2 < MAX_INDENT else None
+    return 1 if byte == 0x20 and run == 0 else None
 
 
 class JSONMachine:
@@ -83,7 +95,8 @@ class JSONMachine:
         if mode == "T":  # the answer starts with its "{" (no whitespace before it)
             return ("o", "K1", 0) if byte == 0x7B else None
         if byte in WHITESPACE:
-            return None if ws >= MAX_WHITESPACE else (stack, mode, ws + 1)
+            run = spaced(ws, byte)
+            return None if run is None else (stack, mode, run)
         if mode in ("V", "A1"):
             if mode == "A1" and byte == 0x5D:  # ']': an empty array
                 return self._close(stack)
@@ -446,9 +459,8 @@ class SchemaMachine:
                 return None
             return (stack, (":",) if mode[1] + 1 == len(key) else ("K", mode[1] + 1), 0)
         if byte in WHITESPACE:
-            if not stack or ws >= MAX_WHITESPACE:
-                return None  # none before the answer's "{" or after its "}"; runs of at most 16
-            return (stack, mode, ws + 1)
+            run = spaced(ws, byte) if stack else None  # none before the answer's "{" or after its "}"
+            return None if run is None else (stack, mode, run)
         if kind == "V":
             return self._value(stack, mode[1], byte)
         if kind == "K":  # a key's opening quote
