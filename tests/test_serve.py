@@ -1347,7 +1347,9 @@ SCHEMAS = [
                                                "maxItems": 3},
                                       "nick": {"anyOf": [{"type": "string"}, {"type": "null"}]},
                                       "code": {"type": ["integer", "null"]}, "v": {"const": -2.5},
-                                      "free": {}, "empty": {"type": "object", "properties": {}}}},
+                                      "free": {}, "empty": {"type": "object", "additionalProperties": False},
+                                      "scores": {"type": "object", "additionalProperties": {"type": "integer"}},
+                                      "any_object": {"type": "object"}}},
     {"$defs": {"Node": {"type": "object", "properties": {"label": {"type": "string"},
                                                          "kids": {"type": "array", "items": {"$ref": "#/$defs/Node"},
                                                                   "maxItems": 2}}}},
@@ -1370,7 +1372,13 @@ def random_instance(schema: dict, rng: random.Random, root: dict, depth: int = 0
     if kind is None:
         return random_json(rng, 2)
     if kind == "object":
-        return {k: random_instance(v, rng, root, depth + 1) for k, v in schema.get("properties", {}).items()}
+        extra = schema.get("additionalProperties", True)
+        if "properties" in schema or extra is False:
+            return {k: random_instance(v, rng, root, depth + 1) for k, v in schema.get("properties", {}).items()}
+        keys = ["k", "键", 'q"\\', "x\n", ""]  # a map: any keys, values of additionalProperties
+        value = extra if isinstance(extra, dict) else {}
+        count = rng.randint(0, 3)
+        return {rng.choice(keys) + str(i): random_instance(value, rng, root, depth + 1) for i in range(count)}
     if kind == "array":
         lo, hi = schema.get("minItems", 0), schema.get("maxItems", 3)
         count = rng.randint(lo, hi if depth < 4 else lo)
@@ -1432,7 +1440,14 @@ def test_the_schema_machine_reads_exactly_the_instances_of_its_schema() -> None:
         state = fed(person, text)
         assert state is None or not person.complete(state), text
     other = SchemaMachine(SCHEMAS[1])
-    for text in ('{"mood":"乐"', '{"mood":4', '{"mood":"sad","tags":[]', '{"mood":"sad","tags":["a","b","c","d"]'):
+    for text in (
+        '{"mood":"乐"',
+        '{"mood":4',
+        '{"mood":"sad","tags":[]',
+        '{"mood":"sad","tags":["a","b","c","d"]',
+        '{"mood":3,"tags":["a"],"nick":null,"code":1,"v":-2.5,"free":1,"empty":{"a"',
+        '{"mood":3,"tags":["a"],"nick":null,"code":1,"v":-2.5,"free":1,"empty":{},"scores":{"a":1.5',
+    ):
         assert fed(other, text.encode()) is None, text
 
 
@@ -1474,7 +1489,7 @@ def test_a_schemas_tokens_are_exactly_those_that_continue_an_instance() -> None:
     constraint = base.following(SchemaMachine(SCHEMAS[1]))
     assert constraint.root is base.root and constraint.machine is not base.machine
     value = {"mood": "喜", "tags": ["a", "b"], "nick": None, "code": -12, "v": -2.5, "free": [1.5, "x"],
-             "empty": {}}  # fmt: skip
+             "empty": {}, "scores": {"a": 1, '喜"': -2}, "any_object": {"b": [None]}}  # fmt: skip
     text = json.dumps(value, ensure_ascii=False).encode()
     state = constraint.machine.START
     for byte in text:

@@ -288,13 +288,14 @@ class SchemaMachine:
     tokens.
 
     The schema is compiled into nodes: "obj" (its properties, every one written, in the schema's order, as OpenAI's
-    strict mode asks), "arr" (items, minItems / maxItems), "str", "num" (integer or not), "lit" (enum, const,
-    booleans, null: their compact JSON texts), "union" (anyOf / oneOf / a list of types, told apart by their first
-    byte) and "any" (no constraint). Keys and enum strings are written as their characters (UTF-8), not as
+    strict mode asks), "map" (an object without properties: any keys, each value of `additionalProperties`),
+    "arr" (items, minItems / maxItems), "str", "num" (integer or not), "lit" (enum, const, booleans, null: their
+    compact JSON texts), "union" (anyOf / oneOf / a list of types, told apart by their first byte) and "any" (no
+    constraint). Keys and enum strings are written as their characters (UTF-8), not as
     `\\u` escapes; whitespace between tokens as in JSON mode. Strings, numbers and free values are read by a
     `JSONMachine` inside the state; `$ref` to `#`, `#/$defs/...` or `#/definitions/...` may recurse. A state is
-    (frames, mode, whitespace run): a frame per open object ("o", node, property) or array ("a", node, values
-    written)."""
+    (frames, mode, whitespace run): a frame per open object ("o", node, property), map ("m", node, 0) or array
+    ("a", node, values written)."""
 
     def __init__(self, schema: dict[str, Any]) -> None:
         if not isinstance(schema, dict):
@@ -374,6 +375,11 @@ class SchemaMachine:
             properties = schema.get("properties") or {}
             if not isinstance(properties, dict):
                 raise SchemaError(f"{where}: 'properties' must be an object")
+            extra = schema.get("additionalProperties", True)
+            if not properties and extra is not False:  # a map: any keys, values of additionalProperties
+                index = self._new(("map", -1))
+                self.nodes[index] = ("map", self._compile(extra, f"{where}.*"))
+                return index
             keys = tuple(json.dumps(k, ensure_ascii=False).encode() for k in properties)
             index = self._new(("obj", keys, ()))
             children = tuple(self._compile(s, f"{where}.{k}") for k, s in properties.items())
@@ -409,7 +415,7 @@ class SchemaMachine:
             return frozenset(node[1])
         if kind == "lit":
             return frozenset(t[0] for t in node[1])
-        starts = {"obj": b"{", "arr": b"[", "str": b'"', "num": NUMBER_STARTS, "any": VALUE_STARTS}[kind]
+        starts = {"obj": b"{", "map": b"{", "arr": b"[", "str": b'"', "num": NUMBER_STARTS, "any": VALUE_STARTS}[kind]
         return frozenset(starts)
 
     def _union(self, alternatives: list[int], where: str) -> int:
@@ -446,6 +452,11 @@ class SchemaMachine:
             if sub[0] == "" and sub[1] in NUMBER_ENDS:
                 return self.step((stack, ("E",), 0), byte)
             return None
+        if kind == "MS":  # a map's key, read by the JSON machine as a string
+            if mode[1][1] == "E":  # the key ended: a colon (after whitespace) follows
+                return self.step((stack, (":",), 0), byte)
+            nxt = self.json.step(mode[1], byte)
+            return None if nxt is None else (stack, ("MS", nxt), 0)
         if kind == "L":
             _, index, prefix = mode
             grown = prefix + bytes((byte,))
@@ -467,7 +478,13 @@ class SchemaMachine:
             return (stack, ("K", 1), 0) if byte == 0x22 else None
         if kind == ":":
             frame = stack[-1]
-            return (stack, ("V", self.nodes[frame[1]][2][frame[2]]), 0) if byte == 0x3A else None
+            node = self.nodes[frame[1]]
+            value = node[1] if frame[0] == "m" else node[2][frame[2]]
+            return (stack, ("V", value), 0) if byte == 0x3A else None
+        if kind in ("M1", "MK"):  # after a map's "{" (its end, or a key), or after a comma (a key)
+            if kind == "M1" and byte == 0x7D:
+                return (stack[:-1], ("E",), 0)
+            return (stack, ("MS", ("", "S", 0)), 0) if byte == 0x22 else None
         if kind == "O1":  # after "{"
             if not self.nodes[stack[-1][1]][1]:
                 return (stack[:-1], ("E",), 0) if byte == 0x7D else None
@@ -478,9 +495,11 @@ class SchemaMachine:
             if byte == 0x5D:
                 return (stack[:-1], ("E",), 0) if lo == 0 else None
             return None if hi == 0 else self._value(stack, item, byte)
-        if kind == "E" and stack:  # after a value: the open object or array says what may follow
+        if kind == "E" and stack:  # after a value: the open object, map or array says what may follow
             frame = stack[-1]
             node = self.nodes[frame[1]]
+            if frame[0] == "m":
+                return (stack, ("MK",), 0) if byte == 0x2C else (stack[:-1], ("E",), 0) if byte == 0x7D else None
             if frame[0] == "o":
                 if frame[2] + 1 < len(node[1]):
                     return (stack[:-1] + (("o", frame[1], frame[2] + 1),), ("K", 0), 0) if byte == 0x2C else None
@@ -501,6 +520,8 @@ class SchemaMachine:
             return None if target is None else self._value(stack, target, byte)
         if kind == "obj":
             return (stack + (("o", index, 0),), ("O1",), 0) if byte == 0x7B else None
+        if kind == "map":
+            return (stack + (("m", index, 0),), ("M1",), 0) if byte == 0x7B else None
         if kind == "arr":
             return (stack + (("a", index, 0),), ("A1",), 0) if byte == 0x5B else None
         if kind == "lit":
