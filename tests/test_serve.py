@@ -1531,6 +1531,7 @@ def test_structured_outputs_through_the_openai_clients_parse(client: openai.Open
     answer = client.responses.parse(model=tiny_dir.name, input="How do you feel?", text_format=Verdict,
                                     max_output_tokens=90, extra_body={"logit_bias": no_space})  # fmt: skip
     assert answer.status == "completed" and isinstance(answer.output_parsed, Verdict)
+    assert answer.text.format.type == "json_schema" and answer.text.format.name == "Verdict"  # the request's, echoed
 
     schema = {"type": "object", "properties": {"word": {"type": "string"}, "n": {"type": "integer"}}}
     kw = dict(model=tiny_dir.name, messages=messages, max_tokens=60, temperature=1.0,

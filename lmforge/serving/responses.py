@@ -58,7 +58,7 @@ class ResponseBuilder:
             "instructions": b.instructions, "max_output_tokens": b.max_output_tokens, "max_tool_calls": None,
             "model": self.model, "output": output or [], "parallel_tool_calls": b.parallel_tool_calls,
             "previous_response_id": None, "reasoning": {"effort": None, "summary": None}, "store": False,
-            "temperature": b.temperature, "text": {"format": {"type": "json_object" if b.json_object else "text"}},
+            "temperature": b.temperature, "text": {"format": (b.text or {}).get("format") or {"type": "text"}},
             "tool_choice": "auto",
             "tools": [], "top_logprobs": b.top_logprobs or 0, "top_p": b.top_p, "truncation": b.truncation,
             "usage": usage, "user": b.user, "metadata": b.metadata or {},
