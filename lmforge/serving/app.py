@@ -548,7 +548,7 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
         engine.check_model(body.model)
         engine.check_ready()
         body.check_options()
-        if (getattr(body, "json_object", False) or getattr(body, "json_schema", None)) and engine.kind == "causal-lm":
+        if _wants_json(body) and engine.kind == "causal-lm":
             # JSON output's vocabulary trie (~80 ms for 4,096 tokens) and a schema's machine, off the event loop
             await asyncio.to_thread(_constraint, engine, body)
         return body
@@ -859,12 +859,17 @@ def _completion_prompts(engine: Engine, body: CompletionRequest) -> list[list[in
     return prompts
 
 
+def _wants_json(body: Any) -> bool:
+    """Whether a chat or Responses request asks for JSON mode or a schema (completions never do)."""
+    return getattr(body, "json_object", False) or getattr(body, "json_schema", None) is not None
+
+
 def _constraint(engine: Engine, body: Any) -> JSONConstraint | None:
-    """JSON output's token sets where a chat or Responses request asks for JSON mode or a schema, else None."""
-    schema = getattr(body, "json_schema", None)
-    if schema is None and not getattr(body, "json_object", False):
+    """JSON output's token sets where the request asks for JSON mode or a schema, else None."""
+    if not _wants_json(body):
         return None
-    return engine.json_constraint(schema, "text.format" if isinstance(body, ResponsesRequest) else "response_format")
+    param = "text.format" if isinstance(body, ResponsesRequest) else "response_format"
+    return engine.json_constraint(body.json_schema, param)
 
 
 def _sampling(
