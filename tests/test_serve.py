@@ -1558,6 +1558,57 @@ def test_structured_outputs_through_the_openai_clients_parse(client: openai.Open
     assert r.status_code == 400 and r.json()["error"]["param"] == "text.format"
 
 
+def test_a_named_tool_choice_makes_the_answer_a_call_of_that_function(
+    client: openai.OpenAI, tiny_dir: Path, loaded
+) -> None:
+    """tool_choice naming a function (or "required" with one): the answer is a call of it, whose arguments follow
+    its parameters (jsonschema), with finish_reason "tool_calls"; streamed, the call's id and name come first and
+    the arguments' pieces add up to the same text; the client's parse() reads a pydantic tool's arguments."""
+    from typing import Literal
+
+    import jsonschema
+    from pydantic import BaseModel
+
+    _, tok = loaded
+    no_space = {str(i): -100 for i, data in enumerate(tok.token_bytes(True)) if data and not data.strip()}
+    weather = {"type": "object", "properties": {"city": {"enum": ["巴黎", "Rome"]}, "celsius": {"type": "boolean"},
+                                                "when": {"enum": ["today", "tomorrow", None]}},
+               "required": ["city", "celsius", "when"], "additionalProperties": False}  # fmt: skip
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": weather}},
+             {"type": "function", "function": {"name": "noop"}}]  # fmt: skip
+    kw = dict(model=tiny_dir.name, messages=[{"role": "user", "content": "Weather in Paris?"}], max_tokens=80,
+              temperature=1.0, logit_bias=no_space, tools=tools)  # fmt: skip
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for seed in range(3):
+        out = client.chat.completions.create(**kw, tool_choice=named, seed=seed, n=2)
+        for choice in out.choices:
+            assert choice.finish_reason == "tool_calls" and choice.message.content is None
+            [call] = choice.message.tool_calls
+            assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+            jsonschema.validate(json.loads(call.function.arguments), weather)
+        assert out.choices[0].message.tool_calls[0].id != out.choices[1].message.tool_calls[0].id
+    whole = client.chat.completions.create(**kw, tool_choice=named, seed=5).choices[0].message.tool_calls[0]
+    chunks = list(client.chat.completions.create(**kw, tool_choice=named, seed=5, stream=True))
+    first = chunks[0].choices[0].delta.tool_calls[0]
+    assert first.index == 0 and first.function.name == "get_weather" and first.function.arguments == ""
+    pieces = [c.choices[0].delta.tool_calls[0].function.arguments for c in chunks[1:]
+              if c.choices and c.choices[0].delta.tool_calls]  # fmt: skip
+    assert "".join(pieces) == whole.function.arguments and len(pieces) > 1
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+    only = client.chat.completions.create(**{**kw, "tools": tools[1:]}, tool_choice="required")
+    assert only.choices[0].message.tool_calls[0].function.name == "noop"
+    assert only.choices[0].message.tool_calls[0].function.arguments == "{}"  # no parameters: no arguments
+
+    class Lookup(BaseModel):
+        city: Literal["巴黎", "Rome"]
+        exact: bool
+
+    tool = openai.pydantic_function_tool(Lookup)
+    parsed = client.chat.completions.parse(**{**kw, "tools": [tool]}, tool_choice={"type": "function", "function": {
+        "name": "Lookup"}})  # fmt: skip
+    assert isinstance(parsed.choices[0].message.tool_calls[0].function.parsed_arguments, Lookup)
+
+
 # ------------------------------------------------------------------------------ the Responses API
 RESPONSE_EVENTS = ["response.created", "response.in_progress", "response.output_item.added",
                    "response.content_part.added"]  # fmt: skip
@@ -1783,9 +1834,25 @@ def test_bad_requests_get_openai_errors(server: Server, body: dict, status: int,
         ("/v1/completions", {"max_tokens": 0}, "max_tokens", "0 only with echo: true"),
         ("/v1/completions", {"suffix": "end"}, "suffix", "fill-in-the-middle"),
         ("/v1/completions", {"best_of": 3}, "best_of", "ask for n choices"),
-        ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools",
-         "tool_choice='none'"),
-        ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions", "function_call='none'"),
+        ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice",
+         "tool_choice 'auto' is not supported"),
+        ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto"},
+         "tool_choice", "name the function to call"),
+        ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}},
+                                            {"type": "function", "function": {"name": "g"}}],
+                                  "tool_choice": "required"}, "tool_choice", "'required' with 2 functions"),
+        ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}],
+                                  "tool_choice": {"type": "function", "function": {"name": "h"}}}, "tool_choice",
+         "names no function in tools: 'h' (tools: 'f')"),
+        ("/v1/chat/completions", {"tools": [{"type": "web_search"}], "tool_choice": "required"}, "tools",
+         "tools[0] is not a function tool"),
+        ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}],
+                                  "tool_choice": "required", "response_format": {"type": "json_object"}},
+         "response_format", "leave out response_format"),
+        ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"d": {"type": "string", "format": "date"}}}}}], "tool_choice": "required"},
+         "tools", "schema.d: 'format' is not supported"),
+        ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions", "send 'tools'"),
         ("/v1/chat/completions", {"response_format": {"type": "json_schema"}}, "response_format", "needs 'schema'"),
         ("/v1/chat/completions", {"response_format": {"type": "regex"}}, "response_format", "'regex' is not supported"),
         ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs", "needs logprobs: true"),

@@ -869,6 +869,8 @@ def _constraint(engine: Engine, body: Any) -> JSONConstraint | None:
     if not _wants_json(body):
         return None
     param = "text.format" if isinstance(body, ResponsesRequest) else "response_format"
+    if getattr(body, "forced_tool", None) is not None:
+        param = "tools"
     return engine.json_constraint(body.json_schema, param)
 
 
@@ -1081,9 +1083,11 @@ async def _respond(
     rid = engine.new_id("chatcmpl" if chat else "cmpl")
     head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": engine.config.name}  # fmt: skip
+    forced = body.forced_tool if chat else None
+    calls = [ToolCall(engine.new_id("call", "_"), forced[0]) for _ in range(generation.size)] if forced else None
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        chunks = _stream(engine, generation, events, head, chat, include_usage, echo)
+        chunks = _stream(engine, generation, events, head, chat, include_usage, echo, calls)
         return EventStream(chunks, generation.cancel)
     choices = await _gather(request, generation, events)
     if choices is None:  # the client is gone: nobody to answer
@@ -1092,7 +1096,10 @@ async def _respond(
     out = []
     for i in range(generation.size):
         if chat:
-            choice: dict[str, Any] = {"index": i, "message": {"role": "assistant", "content": choices.text[i]}}
+            message = {"role": "assistant", "content": choices.text[i]}
+            if calls:  # the answer is the function's arguments
+                message = {"role": "assistant", "content": None, "tool_calls": [calls[i].json(choices.text[i])]}
+            choice: dict[str, Any] = {"index": i, "message": message}
             choice["logprobs"] = _chat_logprobs(engine.tokenizer, choices.tokens[i]) if params.logprobs is not None \
                 else None  # fmt: skip
         else:
@@ -1101,9 +1108,27 @@ async def _respond(
             if params.logprobs is not None:
                 logprobs = _completion_logprobs(engine.tokenizer, choices.tokens[i], len(said.text))
                 choice["logprobs"] = _joined(said.logprobs, logprobs) if said.logprobs else logprobs
-        choice["finish_reason"] = choices.finish[i]
+        choice["finish_reason"] = _finish(choices.finish[i], calls)
         out.append(choice)
     return JSONResponse({**head, "choices": out, "usage": usage})
+
+
+@dataclass
+class ToolCall:
+    """A chat answer that calls a function (tool_choice naming it): its arguments are the answer's text."""
+
+    id: str  # "call_" + 24 hex digits
+    name: str
+
+    def json(self, arguments: str, index: int | None = None) -> dict[str, Any]:
+        """The call as OpenAI writes it in a message (or, with `index`, in a streamed delta's first piece)."""
+        call = {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": arguments}}
+        return call if index is None else {"index": index, **call}
+
+
+def _finish(reason: str | None, calls: list[ToolCall] | None) -> str | None:
+    """A choice's finish_reason: "tool_calls" for a function call whose arguments are complete."""
+    return "tool_calls" if calls and reason == "stop" else reason
 
 
 def _response_prompt(engine: Engine, body: ResponsesRequest) -> list[int]:
@@ -1255,11 +1280,20 @@ def _sse(data: Any) -> bytes:
     return b"data: " + _JSON.encode(data).encode("utf-8") + b"\n\n"
 
 
-def _around_text(head: dict, index: int, chat: bool, extra: dict) -> tuple[bytes, bytes]:
+def _delta(text: str | None, calls: list[ToolCall] | None) -> dict[str, Any]:
+    """A chat chunk's delta for a piece of text: content, or a function call's arguments."""
+    if not text:
+        return {}
+    return {"tool_calls": [{"index": 0, "function": {"arguments": text}}]} if calls else {"content": text}
+
+
+def _around_text(
+    head: dict, index: int, chat: bool, extra: dict, calls: list[ToolCall] | None = None
+) -> tuple[bytes, bytes]:
     """The event of a piece of text for choice `index`, cut where the text goes: the text's JSON string is
     spliced in between, instead of encoding the whole chunk for every token (3 us of the event loop's time)."""
     mark = "\x00"  # written as "\u0000", which nothing else in a chunk contains
-    text = {"delta": {"content": mark}} if chat else {"text": mark}
+    text = {"delta": _delta(mark, calls)} if chat else {"text": mark}
     choice = {"index": index, **text, "logprobs": None, "finish_reason": None}
     before, _, after = _sse({**head, "choices": [choice], **extra}).rpartition(b'"\\u0000"')
     return before, after
@@ -1273,11 +1307,12 @@ async def _stream(
     chat: bool,
     include_usage: bool,
     echo: list[Echo] | None = None,
+    calls: list[ToolCall] | None = None,
 ) -> AsyncIterator[bytes]:
-    """Server-sent events: the prompts' echoes first (if given), a chunk per piece, the usage chunk if asked,
-    then [DONE]. Events already waiting go out together, in one write (a request's last piece, its usage and
-    [DONE] arrive in the same step). If the client goes away, the generation is cancelled (the scheduler drops
-    it at its next step)."""
+    """Server-sent events: the prompts' echoes first (if given), a chunk per piece (a chat's function call: its
+    id and name first, then the arguments piece by piece), the usage chunk if asked, then [DONE]. Events already
+    waiting go out together, in one write (a request's last piece, its usage and [DONE] arrive in the same step).
+    If the client goes away, the generation is cancelled (the scheduler drops it at its next step)."""
     head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
     tok = engine.tokenizer
     extra = {"usage": None} if include_usage else {}
@@ -1292,8 +1327,9 @@ async def _stream(
             offsets[i] = len(said.text)
         if chat:
             for i in range(generation.size):
-                choice = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None}  # fmt: skip
+                delta = {"role": "assistant", "content": None, "tool_calls": [calls[i].json("", 0)]} if calls \
+                    else {"role": "assistant", "content": ""}  # fmt: skip
+                choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": None}
                 out.append(_sse({**head, "choices": [choice], **extra}))
         while True:
             if out and events.empty():  # nothing more to add without waiting: send what is ready
@@ -1316,14 +1352,13 @@ async def _stream(
                 offsets[piece.index] += sum(len(t) for t in logprobs["tokens"])
             if piece.text and logprobs is None and piece.finish_reason is None:  # most pieces: text only
                 if piece.index not in around:
-                    around[piece.index] = _around_text(head, piece.index, chat, extra)
+                    around[piece.index] = _around_text(head, piece.index, chat, extra, calls)
                 before, after = around[piece.index]
                 out.append(before + _JSON.encode(piece.text).encode("utf-8") + after)
                 continue
             if chat:
-                delta = {"content": piece.text} if piece.text else {}
-                choice = {"index": piece.index, "delta": delta, "logprobs": logprobs,
-                          "finish_reason": piece.finish_reason}  # fmt: skip
+                choice = {"index": piece.index, "delta": _delta(piece.text, calls), "logprobs": logprobs,
+                          "finish_reason": _finish(piece.finish_reason, calls)}  # fmt: skip
             else:
                 choice = {"index": piece.index, "text": piece.text, "logprobs": logprobs,
                           "finish_reason": piece.finish_reason}  # fmt: skip

@@ -154,25 +154,67 @@ class ChatRequest(_Sampling):
 
     @property
     def json_schema(self) -> dict[str, Any] | None:
-        """Structured output: the schema of response_format {"type": "json_schema", "json_schema": {"schema"}}."""
+        """The schema the answer follows: a called function's parameters (`forced_tool`), or response_format
+        {"type": "json_schema", "json_schema": {"schema"}} (structured output)."""
+        tool = self.forced_tool
+        if tool is not None:
+            return tool[1]
         if (self.response_format or {}).get("type") != "json_schema":
             return None
         form = (self.response_format or {}).get("json_schema")
         return _schema_of(form, "response_format.json_schema", "response_format")
 
+    @property
+    def forced_tool(self) -> tuple[str, dict[str, Any]] | None:
+        """The function the answer calls: tool_choice {"type": "function", "function": {"name"}}, or "required"
+        with one function in `tools`; (its name, its parameters' schema), or None (no call asked for)."""
+        choice = self.tool_choice
+        if not self.tools or choice in (None, "none", "auto"):
+            return None
+        functions = {}
+        for i, tool in enumerate(self.tools):
+            function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                raise APIError(400, f"tools[{i}] is not a function tool ({{'type': 'function', 'function': "
+                               "{'name': ..., 'parameters': {...}}}); only function tools are supported",
+                               param="tools")  # fmt: skip
+            functions[function["name"]] = function
+        if choice == "required":
+            if len(functions) != 1:
+                raise APIError(400, f"tool_choice 'required' with {len(functions)} functions: the model has no "
+                               "tool-call format to choose one; name the one to call in tool_choice "
+                               "({'type': 'function', 'function': {'name': ...}})", param="tool_choice")  # fmt: skip
+            name = next(iter(functions))
+        else:
+            name = ((choice.get("function") or {}).get("name") if isinstance(choice, dict) else None) or ""
+            if name not in functions:
+                raise APIError(400, f"tool_choice names no function in tools: {name!r} (tools: "
+                               f"{', '.join(map(repr, functions))})", param="tool_choice")  # fmt: skip
+        parameters = functions[name].get("parameters")
+        if parameters is None:  # a function without arguments
+            parameters = {"type": "object", "properties": {}, "additionalProperties": False}
+        if not isinstance(parameters, dict):
+            raise APIError(400, f"the parameters of {name!r} must be a JSON schema object", param="tools")
+        return name, parameters
+
     def check_options(self) -> None:
         """A 400 for contradicting options and for the OpenAI options this server does not implement (rather than
-        answering without them): tool calls (tools may be listed with tool_choice "none") and output formats other
-        than text and JSON mode."""
+        answering without them): a choice between calling tools and answering (tool_choice "auto"), and output
+        formats other than text, JSON mode and JSON schemas."""
         super().check_options()
         if self.top_logprobs and not self.logprobs:  # (0 asks for nothing: let it pass)
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        for tools, choice, name in ((self.tools, self.tool_choice, "tools"),
-                                    (self.functions, self.function_call, "functions")):  # fmt: skip
-            if tools and choice != "none":
-                raise APIError(400, f"tool calling is not supported: the model has no tool-call format; leave out "
-                               f"'{name}' or send {'tool_choice' if name == 'tools' else 'function_call'}='none'",
-                               param=name)  # fmt: skip
+        if self.functions and self.function_call != "none":
+            raise APIError(400, "'functions' is not supported (OpenAI's older name for tools): send 'tools' with "
+                           "tool_choice naming the function to call", param="functions")  # fmt: skip
+        if self.tools and self.tool_choice in (None, "auto"):
+            raise APIError(400, "tool_choice 'auto' is not supported: the model has no tool-call format to choose "
+                           "between calling a function and answering; name the function to call in tool_choice "
+                           "({'type': 'function', 'function': {'name': ...}}), or send tool_choice 'none'",
+                           param="tool_choice")  # fmt: skip
+        if self.forced_tool is not None and (self.response_format or {}).get("type", "text") != "text":
+            raise APIError(400, "a tool call's arguments follow the function's parameters: leave out "
+                           "response_format when tool_choice names a function", param="response_format")  # fmt: skip
         kind = (self.response_format or {}).get("type", "text")
         if kind not in ("text", "json_object", "json_schema"):
             raise APIError(400, f"response_format {kind!r} is not supported; send {{'type': 'json_schema', "
