@@ -2231,18 +2231,41 @@ def test_the_models_own_chat_template_renders_as_transformers_does(tiny_dir: Pat
         "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>{% endif %}"
     )
+    template = template.replace(  # a template that shows earlier function calls and the results answering them
+        "{{ m['content'] }}",
+        "{{ m['content'] }}{% for c in m.get('tool_calls', []) %}[{{ c['function']['name'] }} "
+        "{{ c['function']['arguments'] }}]{% endfor %}"
+        "{% if m.get('tool_call_id') %}#{{ m['tool_call_id'] }}{% endif %}",
+    )
     config = json.loads((d / "tokenizer_config.json").read_text())
     (d / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
-    messages = [{"role": "user", "content": "床前明月光"}]
-    ref = AutoTokenizer.from_pretrained(str(d)).apply_chat_template(messages, add_generation_prompt=True)
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"巴黎"}'}}
+    messages = [{"role": "user", "content": "床前明月光"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "晴"}]  # fmt: skip
+    hf = AutoTokenizer.from_pretrained(str(d))
+    ref = hf.apply_chat_template(messages, add_generation_prompt=True)
     ref = ref["input_ids"] if isinstance(ref, dict) or hasattr(ref, "keys") else ref  # transformers 5: an encoding
+    assert "[get_weather" in hf.decode(ref) and "#call_1" in hf.decode(ref)
     s = Server(d)
     try:
         r = httpx.post(s.url + "/v1/chat/completions", json={"messages": messages, "max_tokens": 2}, timeout=TIMEOUT)
         assert r.status_code == 200
         assert r.json()["usage"]["prompt_tokens"] == len(ref)
+        r = httpx.post(s.url + "/tokenize", json={"messages": messages}, timeout=TIMEOUT)
+        assert r.json()["tokens"] == list(ref)
     finally:
         s.stop()
+
+
+def test_the_default_template_shows_earlier_function_calls_and_their_results(server: Server) -> None:
+    """A conversation that goes on after a call: the assistant's call as name(arguments), the tool's answer."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}
+    messages = [{"role": "user", "content": "Weather in Rome?"}, {"role": "assistant", "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees"}]  # fmt: skip
+    ids = httpx.post(server.url + "/tokenize", json={"messages": messages}, timeout=TIMEOUT).json()["tokens"]
+    text = httpx.post(server.url + "/detokenize", json={"tokens": ids}, timeout=TIMEOUT).json()["prompt"]
+    assert text == ('User: Weather in Rome?\n\nAssistant: get_weather({"city": "Rome"})\n\nTool: 18 degrees\n\n'
+                    "Assistant:")  # fmt: skip
 
 
 @pytest.fixture(scope="module")

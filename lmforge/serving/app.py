@@ -806,11 +806,25 @@ def _chat_text(engine: Engine, messages: list[Any]) -> str:
             raise APIError(400, "an encoder-decoder reads the last user message as its source: send one",
                            param="messages")  # fmt: skip
         return said[-1].text()
-    rendered = [{"role": m.role, "content": m.text()} for m in messages]
+    rendered = []
+    for m in messages:  # what a model's own template may read, as transformers passes it
+        item: dict[str, Any] = {"role": m.role, "content": m.text()}
+        item.update({k: v for k, v in (("tool_calls", m.tool_calls), ("tool_call_id", m.tool_call_id),
+                                       ("name", m.name)) if v})  # fmt: skip
+        if m.tool_calls and not item["content"] and engine.template.is_default:  # the default shows calls as text
+            item["content"] = "\n".join(_call_text(call) for call in m.tool_calls)
+        rendered.append(item)
     try:
         return engine.template.render(rendered)
     except Exception as error:  # the model's own template refused these messages (raise_exception)
         raise APIError(400, f"the chat template cannot render these messages: {error}", param="messages") from None
+
+
+def _call_text(call: dict[str, Any]) -> str:
+    """An earlier function call as the default chat template shows it: name(arguments)."""
+    function = call.get("function") if isinstance(call.get("function"), dict) else {}
+    arguments = function.get("arguments", "")
+    return f"{function.get('name', '')}({arguments if isinstance(arguments, str) else json.dumps(arguments)})"
 
 
 def _chat_stop(engine: Engine, body: Any) -> list[str]:
