@@ -1225,6 +1225,24 @@ def fed(machine, text: bytes):
     return state
 
 
+def read_to_the_end(machine, text: bytes) -> None:
+    """The machine reads every byte of `text` and is complete after the last one, not before."""
+    state = machine.START
+    for i, byte in enumerate(text):
+        assert not machine.complete(state), text[:i]
+        state = machine.step(state, byte)
+        assert state is not None, (text[: i + 1], text)
+    assert machine.complete(state)
+
+
+def an_edit(rng: random.Random, text: bytes) -> bytes:
+    """`text` with one byte replaced, inserted or dropped (a byte that matters to JSON, mostly)."""
+    at = rng.randrange(len(text))
+    b = rng.choice(b'{}[]",:\\ 0123456789.-eEtrufalsn\nx')
+    return rng.choice([text[:at] + bytes([b]) + text[at + 1 :], text[:at] + bytes([b]) + text[at:],
+                       text[:at] + text[at + 1 :]])  # fmt: skip
+
+
 def test_the_json_machine_accepts_json_objects_and_nothing_else() -> None:
     """JSONMachine against json.loads: every object json.dumps writes (compact, indented, ASCII or not) is read to
     the end and complete there and not before; random edits of them are accepted and complete only when
@@ -1239,18 +1257,10 @@ def test_the_json_machine_accepts_json_objects_and_nothing_else() -> None:
             continue
         text = json.dumps(value, ensure_ascii=rng.random() < 0.5, indent=rng.choice([None, 2]),
                           separators=rng.choice([None, (",", ":")])).encode()  # fmt: skip
-        state = machine.START
-        for i, byte in enumerate(text):
-            assert not machine.complete(state), text[:i]
-            state = machine.step(state, byte)
-            assert state is not None, (text[: i + 1], text)
-        assert machine.complete(state)
+        read_to_the_end(machine, text)
         checked += 1
-        for _ in range(5):  # an edit: a byte replaced, inserted or dropped
-            at = rng.randrange(len(text))
-            b = rng.choice(b'{}[]",:\\ 0123456789.-eEtrufalsn\nx')
-            mutant = rng.choice([text[:at] + bytes([b]) + text[at + 1 :], text[:at] + bytes([b]) + text[at:],
-                                 text[:at] + text[at + 1 :]])  # fmt: skip
+        for _ in range(5):
+            mutant = an_edit(rng, text)
             state = fed(machine, mutant)
             try:
                 parsed = json.loads(mutant)
@@ -1425,18 +1435,10 @@ def test_the_schema_machine_reads_exactly_the_instances_of_its_schema() -> None:
             text = json.dumps(value, ensure_ascii=ascii_, indent=rng.choice([None, 1]),
                               separators=rng.choice([None, (",", ":")])).encode()  # fmt: skip
             assert laid_out(text)
-            state = machine.START
-            for i, byte in enumerate(text):
-                assert not machine.complete(state), text[:i]
-                state = machine.step(state, byte)
-                assert state is not None, (text[: i + 1], text)
-            assert machine.complete(state)
+            read_to_the_end(machine, text)
             checked += 1
             for _ in range(4):
-                at = rng.randrange(len(text))
-                b = rng.choice(b'{}[]",:\\ 0123456789.-eEtrufalsn\nx')
-                mutant = rng.choice([text[:at] + bytes([b]) + text[at + 1 :], text[:at] + bytes([b]) + text[at:],
-                                     text[:at] + text[at + 1 :]])  # fmt: skip
+                mutant = an_edit(rng, text)
                 state = fed(machine, mutant)
                 if state is not None and machine.complete(state):
                     jsonschema.validate(json.loads(mutant), schema)

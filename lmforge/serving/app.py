@@ -542,20 +542,21 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
         engine.check_model(name)
         return JSONResponse(model_card())
 
-    async def generation_request(request: Request, schema: type) -> Any:
-        """The body of a completions / chat / responses request, parsed and checked (model, readiness, options)."""
+    async def generation_request(request: Request, schema: type) -> tuple[Any, JSONConstraint | None]:
+        """The body of a completions / chat / responses request, parsed and checked (model, readiness, options),
+        and JSON output's constraint where it asks for JSON mode, a schema or a function call."""
         body = parse(schema, await _json(request))
         engine.check_model(body.model)
         engine.check_ready()
         body.check_options()
-        if _wants_json(body) and engine.kind == "causal-lm":
-            # JSON output's vocabulary trie (~80 ms for 4,096 tokens) and a schema's machine, off the event loop
-            await asyncio.to_thread(_constraint, engine, body)
-        return body
+        constraint = None
+        if _wants_json(body):  # the vocabulary's trie (~80 ms for 4,096 tokens) and a schema's machine are made
+            constraint = await asyncio.to_thread(_constraint, engine, body)  # once each, off the event loop
+        return body, constraint
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        body = await generation_request(request, CompletionRequest)
+        body, _ = await generation_request(request, CompletionRequest)  # (completions never ask for JSON output)
         prompts = _completion_prompts(engine, body)
         params = _sampling(engine, body, body.max_tokens, prompts, body.stop_list(), body.logprobs)
         echo = await _echo(engine, body, prompts) if body.echo else None
@@ -563,20 +564,20 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        body = await generation_request(request, ChatRequest)
+        body, constraint = await generation_request(request, ChatRequest)
         prompts = [_encode(engine, _chat_text(engine, body.messages), "messages")]
         stop = _chat_stop(engine, body)
         top = (body.top_logprobs or 0) if body.logprobs else None
         max_tokens = body.max_completion_tokens or body.max_tokens
-        params = _sampling(engine, body, max_tokens, prompts, stop, top)
+        params = _sampling(engine, body, max_tokens, prompts, stop, top, constraint=constraint)
         return await _respond(request, engine, prompts, params, body, chat=True)
 
     @app.post("/v1/responses")
     async def responses(request: Request) -> Response:
-        body = await generation_request(request, ResponsesRequest)
+        body, constraint = await generation_request(request, ResponsesRequest)
         prompts = [_response_prompt(engine, body)]
         params = _sampling(engine, body, body.max_output_tokens, prompts, _chat_stop(engine, body), body.logprobs,
-                           names=("input", "max_output_tokens"))  # fmt: skip
+                           names=("input", "max_output_tokens"), constraint=constraint)  # fmt: skip
         return await _respond_responses(request, engine, prompts, params, body)
 
     @app.api_route("/v1/responses/{rest:path}", methods=["GET", "POST", "DELETE"])
@@ -874,14 +875,12 @@ def _completion_prompts(engine: Engine, body: CompletionRequest) -> list[list[in
 
 
 def _wants_json(body: Any) -> bool:
-    """Whether a chat or Responses request asks for JSON mode or a schema (completions never do)."""
+    """Whether a chat or Responses request asks for JSON output: JSON mode, a schema or a function call."""
     return getattr(body, "json_object", False) or getattr(body, "json_schema", None) is not None
 
 
-def _constraint(engine: Engine, body: Any) -> JSONConstraint | None:
-    """JSON output's token sets where the request asks for JSON mode or a schema, else None."""
-    if not _wants_json(body):
-        return None
+def _constraint(engine: Engine, body: Any) -> JSONConstraint:
+    """The token sets of the JSON output a chat or Responses request asks for (`_wants_json`)."""
     param = "text.format" if isinstance(body, ResponsesRequest) else "response_format"
     if getattr(body, "forced_tool", None) is not None:
         param = "tools"
@@ -896,10 +895,10 @@ def _sampling(
     stop: list[str],
     logprobs: int | None,
     names: tuple[str, str] = ("prompt", "max_tokens"),
+    constraint: JSONConstraint | None = None,
 ) -> SamplingParams:
     """The request's SamplingParams, after checking the prompt and max_tokens fit the model's context (errors
-    name the request's fields for them: `names`, the prompt's and max_tokens'), with JSON output's constraint
-    where the request asks for it."""
+    name the request's fields for them: `names`, the prompt's and max_tokens'); `constraint`: JSON output's."""
     prompt_param, max_param = names
     if engine.model is None:
         raise APIError(400, f"'{engine.config.name}' is {engine.describe()}: it does not generate text from a "
@@ -938,7 +937,6 @@ def _sampling(
         raise APIError(400, f"{len(prompts)} prompt(s) x n={body.n} is {rows} sequences, more than the server's "
                        f"--max-num-seqs={limit}; send fewer prompts per request or a smaller n",
                        param="n" if len(prompts) == 1 else "prompt")  # fmt: skip
-    constraint = _constraint(engine, body)
     return SamplingParams(
         max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed,
         stop=stop, presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,

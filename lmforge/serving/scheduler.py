@@ -63,7 +63,7 @@ class SamplingParams:
     min_tokens: int = 0  # vLLM's extras: no end (EOS, stop_token_ids) before this many tokens,
     stop_token_ids: list[int] = field(default_factory=list)  # more tokens that end a sequence as EOS does,
     ignore_eos: bool = False  # the model's EOS does not end it (stop_token_ids still do)
-    constraint: Any = None  # a json_mode.JSONConstraint: the answer is one JSON object (JSON mode)
+    constraint: Any = None  # a json_mode.JSONConstraint: the answer is one JSON object (JSON mode, a schema)
 
     def ends(self, eos: set[int]) -> set[int]:
         """The tokens that end a sequence of this request, given the model's EOS ids."""

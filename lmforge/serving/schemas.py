@@ -9,6 +9,7 @@ ignored. A bad value is an `APIError` with OpenAI's shape: `{"error": {"message"
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -155,7 +156,7 @@ class ChatRequest(_Sampling):
         """JSON mode: response_format {"type": "json_object"}."""
         return (self.response_format or {}).get("type") == "json_object"
 
-    @property
+    @cached_property
     def json_schema(self) -> dict[str, Any] | None:
         """The schema the answer follows: a called function's parameters (`forced_tool`), or response_format
         {"type": "json_schema", "json_schema": {"schema"}} (structured output)."""
@@ -167,7 +168,7 @@ class ChatRequest(_Sampling):
         form = (self.response_format or {}).get("json_schema")
         return _schema_of(form, "response_format.json_schema", "response_format")
 
-    @property
+    @cached_property
     def forced_tool(self) -> tuple[str, dict[str, Any]] | None:
         """The function the answer calls: tool_choice {"type": "function", "function": {"name"}}, or "required"
         with one function in `tools`; (its name, its parameters' schema), or None (no call asked for)."""
@@ -306,7 +307,7 @@ class ResponsesRequest(_Sampling):
         """JSON mode: text.format {"type": "json_object"}."""
         return ((self.text or {}).get("format") or {}).get("type") == "json_object"
 
-    @property
+    @cached_property
     def json_schema(self) -> dict[str, Any] | None:
         """Structured output: the schema of text.format {"type": "json_schema", "name", "schema"}."""
         form = (self.text or {}).get("format") or {}
